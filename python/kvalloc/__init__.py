@@ -1,0 +1,33 @@
+"""kvalloc: an SWA-aware KV-cache memory manager for hybrid-attention LLMs.
+
+The heavy lifting is in Rust (``kvalloc._core``); this package re-exports it with a small
+Python layer (CLI, presentation). Every error kvalloc raises derives from ``KvAllocError``.
+"""
+
+from kvalloc._core import (
+    ConfigError,
+    InvalidArgumentError,
+    InvariantError,
+    KVGroup,
+    KvAllocError,
+    ModelSpec,
+    OutOfMemoryError,
+    SlabArena,
+    StaleHandleError,
+    __version__,
+    presets,
+)
+
+__all__ = [
+    "ConfigError",
+    "InvalidArgumentError",
+    "InvariantError",
+    "KVGroup",
+    "KvAllocError",
+    "ModelSpec",
+    "OutOfMemoryError",
+    "SlabArena",
+    "StaleHandleError",
+    "__version__",
+    "presets",
+]

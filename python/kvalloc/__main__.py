@@ -1,0 +1,5 @@
+import sys
+
+from kvalloc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""Type stubs for the Rust extension module ``kvalloc._core`` (hand-written)."""
+
+import os
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+class KvAllocError(Exception):
+    """Base class of every error kvalloc raises."""
+
+class ConfigError(KvAllocError, ValueError):
+    """A model config is missing a field, contradicts itself or uses an unsupported layer kind."""
+
+class OutOfMemoryError(KvAllocError, MemoryError):
+    """An allocation could not be satisfied; nothing was allocated."""
+
+class StaleHandleError(KvAllocError, ValueError):
+    """A handle that is not live (double free, reused slot, or from another arena); nothing changed."""
+
+class InvalidArgumentError(KvAllocError, ValueError):
+    """An argument has the wrong type, dtype, shape or range; nothing changed."""
+
+class InvariantError(KvAllocError, RuntimeError):
+    """validate() found a broken internal invariant: a bug in kvalloc, please report it."""
+
+def presets() -> list[str]:
+    """Names of the built-in model presets."""
+
+class KVGroup:
+    """One KV group: the layers of one attention kind and geometry."""
+
+    @property
+    def kind(self) -> Literal["full", "sliding"]: ...
+    @property
+    def window(self) -> int | None: ...
+    @property
+    def layers(self) -> tuple[int, ...]: ...
+    @property
+    def kv_heads(self) -> int: ...
+    @property
+    def k_dim(self) -> int: ...
+    @property
+    def v_dim(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of one token over all layers of the group."""
+    @property
+    def layer_bytes_per_token(self) -> int:
+        """Bytes of one token in one layer of the group."""
+    def block_bytes(self, block_tokens: int = 16) -> int:
+        """Bytes of one block of ``block_tokens`` tokens (all layers of the group)."""
+
+class ModelSpec:
+    """A model's KV-cache geometry: its groups of layers and their per-token bytes."""
+
+    @staticmethod
+    def from_hf_config(
+        path_or_dict: str | os.PathLike[str] | dict[str, Any], dtype: str | None = None
+    ) -> ModelSpec:
+        """Reads a Hugging Face ``config.json`` (a path or an already-loaded dict).
+
+        Raises ``ConfigError`` naming the field (or the layer index and kind) that is missing,
+        contradictory or unsupported."""
+    @staticmethod
+    def preset(name: str) -> ModelSpec:
+        """A built-in model; see ``kvalloc.presets()``."""
+    @staticmethod
+    def presets() -> list[str]:
+        """Names accepted by ``ModelSpec.preset``."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def groups(self) -> list[KVGroup]:
+        """The KV groups: full-attention groups first, then sliding ones."""
+    @property
+    def max_window(self) -> int | None:
+        """The largest sliding window, or None when no layer slides."""
+    @property
+    def bytes_per_token_dense(self) -> int:
+        """Bytes of one token when every layer keeps it."""
+    @property
+    def fingerprint(self) -> int:
+        """A 64-bit digest of the geometry (not the name)."""
+    def kv_bytes(self, context_tokens: int, block_tokens: int = 16) -> int:
+        """Bytes one sequence holds when sliding groups keep only their window (whole blocks)."""
+    def kv_bytes_dense(self, context_tokens: int) -> int:
+        """Bytes one sequence holds when every layer keeps every token."""
+    def block_bytes(self, block_tokens: int = 16) -> list[int]:
+        """Block size in bytes of each group, in group order."""
+
+class SlabArena:
+    """One byte budget carved into slabs; each slab serves blocks of one size class at a time."""
+
+    def __init__(
+        self, capacity_bytes: int, block_bytes: int | list[int], slab_bytes: int | None = None
+    ) -> None: ...
+    def alloc(self, class_index: int, n: int) -> npt.NDArray[np.uint64]:
+        """Allocates ``n`` blocks, all or nothing (``OutOfMemoryError``); returns uint64 handles."""
+    def free(self, handles: npt.NDArray[np.uint64]) -> None:
+        """Frees handles, all or nothing (``StaleHandleError`` on a stale, foreign or repeated one)."""
+    def offsets(self, handles: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """Byte offset of each block from the start of the arena."""
+    def pages(self, handles: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """Page index of each block in its class's view of the arena."""
+    def available(self, class_index: int) -> int:
+        """Blocks of a class an allocation could get right now."""
+    def num_pages(self, class_index: int) -> int:
+        """Pages in a class's view of the arena."""
+    @property
+    def capacity_bytes(self) -> int: ...
+    @property
+    def slab_bytes(self) -> int: ...
+    @property
+    def block_bytes(self) -> list[int]: ...
+    def stats(self) -> dict[str, Any]:
+        """Arena totals and per-class figures (``classes``: a list of dicts)."""
+    def validate(self) -> None:
+        """Checks every invariant; raises ``InvariantError`` on a violation."""

@@ -1,0 +1,66 @@
+//! Argument conversions with kvalloc's own error messages (the default pyo3 ones name Rust types).
+
+use numpy::{PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+
+use crate::errors::invalid;
+
+/// A non-negative integer argument; negative values and non-integers are `InvalidArgumentError`.
+pub fn non_negative(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    let v: i128 = obj
+        .extract()
+        .map_err(|_| invalid(what, format!("expected an integer, got {}", type_name(obj))))?;
+    u64::try_from(v).map_err(|_| invalid(what, format!("must be >= 0, got {v}")))
+}
+
+/// A strictly positive integer argument.
+pub fn positive(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    let v = non_negative(obj, what)?;
+    if v == 0 {
+        return Err(invalid(what, "must be positive, got 0"));
+    }
+    Ok(v)
+}
+
+pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
+    obj.get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "?".into())
+}
+
+/// Describes what an array-like argument actually was, for error messages.
+fn describe(obj: &Bound<'_, PyAny>) -> String {
+    match obj.cast::<numpy::PyUntypedArray>() {
+        Ok(arr) => format!(
+            "a {}-D numpy array of dtype {}",
+            arr.ndim(),
+            arr.dtype()
+                .str()
+                .map(|s| s.to_string())
+                .unwrap_or_else(|_| "?".into())
+        ),
+        Err(_) => format!("a {}", type_name(obj)),
+    }
+}
+
+/// A 1-D, C-contiguous numpy array of uint64 (handles). Anything else is an
+/// `InvalidArgumentError` saying what was expected and what came.
+pub fn u64_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonlyArray1<'py, u64>> {
+    let arr: PyReadonlyArray1<'py, u64> = obj.extract().map_err(|_| {
+        invalid(
+            what,
+            format!(
+                "expected a 1-D numpy array of uint64, got {}",
+                describe(obj)
+            ),
+        )
+    })?;
+    if !arr.is_c_contiguous() {
+        return Err(invalid(
+            what,
+            "the array must be C-contiguous (use np.ascontiguousarray)",
+        ));
+    }
+    Ok(arr)
+}

@@ -1,0 +1,241 @@
+//! `ModelSpec` and `KVGroup`: a model's KV geometry.
+
+use kvalloc::{DType, KVGroup, ModelSpec};
+use pyo3::prelude::*;
+use pyo3::types::{PyDict, PyString, PyTuple};
+
+/// Tokens per block when the caller does not say.
+pub(crate) const DEFAULT_BLOCK_TOKENS: u32 = 16;
+
+use crate::convert::{non_negative, positive, type_name};
+use crate::errors::{invalid, IntoPyResult};
+
+/// One KV group: the layers of one attention kind and geometry.
+#[pyclass(frozen, name = "KVGroup", module = "kvalloc._core", eq)]
+#[derive(Clone, PartialEq)]
+pub struct PyKVGroup {
+    pub inner: KVGroup,
+}
+
+#[pymethods]
+impl PyKVGroup {
+    /// "full" or "sliding".
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.inner.kind.name()
+    }
+    #[getter]
+    fn window(&self) -> Option<u32> {
+        self.inner.window
+    }
+    #[getter]
+    fn layers<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyTuple>> {
+        PyTuple::new(py, &self.inner.layers)
+    }
+    #[getter]
+    fn kv_heads(&self) -> u32 {
+        self.inner.kv_heads
+    }
+    #[getter]
+    fn k_dim(&self) -> u32 {
+        self.inner.k_dim
+    }
+    #[getter]
+    fn v_dim(&self) -> u32 {
+        self.inner.v_dim
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype.name()
+    }
+    /// Bytes of one token over all layers of the group.
+    #[getter]
+    fn bytes_per_token(&self) -> u64 {
+        self.inner.bytes_per_token()
+    }
+    /// Bytes of one token in one layer of the group.
+    #[getter]
+    fn layer_bytes_per_token(&self) -> u64 {
+        self.inner.layer_bytes_per_token()
+    }
+    /// Bytes of one block of `block_tokens` tokens (all layers of the group).
+    #[pyo3(signature = (block_tokens = None))]
+    fn block_bytes(&self, block_tokens: Option<&Bound<'_, PyAny>>) -> PyResult<u64> {
+        let b = block_tokens_arg(block_tokens)?;
+        Ok(self.inner.block_bytes(b))
+    }
+    fn __repr__(&self) -> String {
+        let g = &self.inner;
+        format!(
+            "KVGroup(kind={:?}, window={}, layers={} layers, kv_heads={}, k_dim={}, v_dim={}, bytes_per_token={})",
+            g.kind.name(),
+            g.window.map_or("None".to_string(), |w| w.to_string()),
+            g.layers.len(),
+            g.kv_heads,
+            g.k_dim,
+            g.v_dim,
+            g.bytes_per_token()
+        )
+    }
+}
+
+/// A model's KV-cache geometry: its groups of layers and their per-token bytes.
+#[pyclass(frozen, name = "ModelSpec", module = "kvalloc._core", eq)]
+#[derive(Clone, PartialEq)]
+pub struct PyModelSpec {
+    pub inner: ModelSpec,
+}
+
+/// `block_tokens`, defaulting to 16 when absent.
+pub(crate) fn block_tokens_arg(obj: Option<&Bound<'_, PyAny>>) -> PyResult<u32> {
+    let Some(obj) = obj.filter(|o| !o.is_none()) else {
+        return Ok(DEFAULT_BLOCK_TOKENS);
+    };
+    let b = positive(obj, "block_tokens")?;
+    u32::try_from(b).map_err(|_| invalid("block_tokens", format!("{b} is too large")))
+}
+
+fn dtype_arg(dtype: Option<&Bound<'_, PyAny>>) -> PyResult<Option<DType>> {
+    let Some(d) = dtype else { return Ok(None) };
+    if d.is_none() {
+        return Ok(None);
+    }
+    // Accept "bf16", numpy/torch dtype objects (via str()) alike.
+    let s: String = if let Ok(s) = d.cast::<PyString>() {
+        s.to_string()
+    } else {
+        d.str()?.to_string()
+    };
+    Ok(Some(DType::parse(&s).py()?))
+}
+
+#[pymethods]
+impl PyModelSpec {
+    /// Reads a Hugging Face `config.json` (a path or an already-loaded dict).
+    #[staticmethod]
+    #[pyo3(signature = (path_or_dict, dtype = None))]
+    fn from_hf_config(
+        py: Python<'_>,
+        path_or_dict: &Bound<'_, PyAny>,
+        dtype: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let dtype = dtype_arg(dtype)?;
+        let inner = if path_or_dict.is_instance_of::<PyDict>() {
+            let json: String = py
+                .import("json")?
+                .call_method1("dumps", (path_or_dict,))
+                .map_err(|e| {
+                    invalid(
+                        "path_or_dict",
+                        format!("the dict is not JSON-serialisable: {e}"),
+                    )
+                })?
+                .extract()?;
+            py.detach(|| ModelSpec::from_hf_config_str(&json, dtype))
+                .py()?
+        } else {
+            let path: std::path::PathBuf = py
+                .import("os")?
+                .call_method1("fspath", (path_or_dict,))
+                .and_then(|p| p.extract())
+                .map_err(|_| {
+                    invalid(
+                        "path_or_dict",
+                        format!("expected a path or a dict, got {}", type_name(path_or_dict)),
+                    )
+                })?;
+            py.detach(|| ModelSpec::from_hf_config_path(&path, dtype))
+                .py()?
+        };
+        Ok(PyModelSpec { inner })
+    }
+
+    /// A built-in model; see `kvalloc.presets()`.
+    #[staticmethod]
+    fn preset(name: &str) -> PyResult<Self> {
+        Ok(PyModelSpec {
+            inner: ModelSpec::preset(name).py()?,
+        })
+    }
+
+    /// Names accepted by `ModelSpec.preset`.
+    #[staticmethod]
+    #[pyo3(name = "presets")]
+    fn presets_static() -> Vec<&'static str> {
+        ModelSpec::presets().to_vec()
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+    #[getter]
+    fn num_layers(&self) -> u32 {
+        self.inner.num_layers
+    }
+    #[getter]
+    fn dtype(&self) -> &'static str {
+        self.inner.dtype.name()
+    }
+    /// The KV groups: full-attention groups first, then sliding ones.
+    #[getter]
+    fn groups(&self) -> Vec<PyKVGroup> {
+        self.inner
+            .groups
+            .iter()
+            .map(|g| PyKVGroup { inner: g.clone() })
+            .collect()
+    }
+    /// The largest sliding window, or None when no layer slides.
+    #[getter]
+    fn max_window(&self) -> Option<u32> {
+        self.inner.max_window()
+    }
+    /// Bytes of one token when every layer keeps it.
+    #[getter]
+    fn bytes_per_token_dense(&self) -> u64 {
+        self.inner.bytes_per_token_dense()
+    }
+    /// A 64-bit digest of the geometry (not the name): equal for models whose KV is interchangeable.
+    #[getter]
+    fn fingerprint(&self) -> u64 {
+        self.inner.fingerprint()
+    }
+    /// Bytes one sequence of `context_tokens` holds when sliding groups keep only their window.
+    #[pyo3(signature = (context_tokens, block_tokens = None))]
+    fn kv_bytes(
+        &self,
+        context_tokens: &Bound<'_, PyAny>,
+        block_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let ctx = non_negative(context_tokens, "context_tokens")?;
+        let b = block_tokens_arg(block_tokens)?;
+        Ok(self.inner.kv_bytes(ctx, b))
+    }
+    /// Bytes one sequence of `context_tokens` holds when every layer keeps every token.
+    fn kv_bytes_dense(&self, context_tokens: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let ctx = non_negative(context_tokens, "context_tokens")?;
+        Ok(self.inner.kv_bytes_dense(ctx))
+    }
+    /// Block size in bytes of each group, in group order.
+    #[pyo3(signature = (block_tokens = None))]
+    fn block_bytes(&self, block_tokens: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<u64>> {
+        Ok(self.inner.block_bytes(block_tokens_arg(block_tokens)?))
+    }
+    fn __repr__(&self) -> String {
+        let s = &self.inner;
+        format!(
+            "ModelSpec(name={:?}, num_layers={}, dtype={:?}, groups={})",
+            s.name,
+            s.num_layers,
+            s.dtype.name(),
+            s.groups.len()
+        )
+    }
+}
+
+/// Names of the built-in model presets.
+#[pyfunction]
+pub fn presets() -> Vec<&'static str> {
+    ModelSpec::presets().to_vec()
+}

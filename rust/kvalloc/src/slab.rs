@@ -1,0 +1,750 @@
+//! The slab arena: one byte budget, carved into equal slabs, each serving blocks of one size class.
+//!
+//! A *class* is a block size in bytes (in kvalloc: one class per KV group, block =
+//! `block_tokens x bytes_per_token`). The slab size is a common multiple of every class's block
+//! size, so a slab holds a whole number of blocks of any class: there is no padding inside a slab.
+//! A slab that becomes empty goes back to the arena and may next serve another class, so memory
+//! flows between the full-attention and sliding-window classes as demand shifts, with no static
+//! split (the failure of SGLang's two pools) and no padding of small pages to large ones (vLLM's).
+//!
+//! Allocation takes blocks from the *fullest* partial slab of the class first, so that lightly
+//! used slabs drain and return to the arena.
+//!
+//! ## Handles
+//! A [`Handle`] is `generation << 32 | slot_id`, with `slot_id = slab * stride + slot`. Each slab
+//! issues generations from its own counter (31 bits, never 0), so a freed or reallocated block's
+//! old handle never matches a live one: using it is an [`Error::StaleHandle`], never an alias.
+//! (After 2^31 allocations within one slab the counter wraps; a handle kept that long could alias.)
+//!
+//! ## Invariants (checked by [`SlabArena::validate`])
+//! - every slab is either free (no class, no blocks, listed once in the free-slab stack) or held by
+//!   exactly one class, with `used + free slots = blocks_per_slab`;
+//! - a held slab with free slots is in its class's partial set under its current free count; a full
+//!   slab is not; an empty slab is never held;
+//! - per-class counters equal the sums over slabs; `bytes_in_use + bytes_free = capacity`.
+
+use std::collections::BTreeSet;
+
+use crate::error::{Error, Result, StaleReason};
+
+/// An allocated block: `generation << 32 | slot_id`. Opaque to users; `0` is never valid.
+pub type Handle = u64;
+
+/// Marks a slot as "seen in this batch" while a batch free validates its handles.
+const PENDING_FREE: u32 = 1 << 31;
+/// Generations use the low 31 bits.
+const GEN_MASK: u32 = PENDING_FREE - 1;
+/// Smallest slab we aim for when the block sizes' common multiple is tiny: small slabs make
+/// the per-slab bookkeeping dominate, large ones make memory flow in coarse steps.
+const TARGET_MIN_SLAB_BYTES: u64 = 1 << 20;
+/// Keep at least this many slabs when the budget is small, so that memory can still flow.
+const MIN_SLABS_WANTED: u64 = 64;
+
+#[derive(Debug)]
+struct Slab {
+    /// Class served, or `None` when the slab is free.
+    class: Option<u32>,
+    /// Live blocks.
+    used: u32,
+    /// Free slot indices (a stack); meaningful only while held.
+    free: Vec<u32>,
+    /// Generation of each slot while live; 0 = free. Sized to the class's blocks per slab.
+    gens: Vec<u32>,
+    /// Last generation issued by this slab (monotone across classes, wraps at 2^31).
+    gen_counter: u32,
+}
+
+#[derive(Debug)]
+struct Class {
+    block_bytes: u64,
+    blocks_per_slab: u32,
+    /// Held slabs with at least one free slot, keyed by (free slots, slab): the first entry is
+    /// the fullest partial slab.
+    partial: BTreeSet<(u32, u32)>,
+    slabs_held: u32,
+    blocks_in_use: u64,
+}
+
+impl Class {
+    fn free_in_partial(&self) -> u64 {
+        self.partial.iter().map(|&(f, _)| u64::from(f)).sum()
+    }
+}
+
+/// Per-class figures from [`SlabArena::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClassStats {
+    /// Block size of the class in bytes.
+    pub block_bytes: u64,
+    /// Blocks of this class that fit in one slab.
+    pub blocks_per_slab: u32,
+    /// Live blocks of this class.
+    pub blocks_in_use: u64,
+    /// Slabs currently serving this class.
+    pub slabs_held: u32,
+    /// Free blocks inside the slabs this class holds.
+    pub blocks_free_in_slabs: u64,
+}
+
+/// Arena-wide figures from [`SlabArena::stats`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArenaStats {
+    /// The byte budget the arena was given.
+    pub capacity_bytes: u64,
+    /// Size of every slab.
+    pub slab_bytes: u64,
+    /// Number of slabs carved from the budget.
+    pub num_slabs: u32,
+    /// Slabs serving no class.
+    pub slabs_free: u32,
+    /// Bytes of live blocks.
+    pub bytes_in_use: u64,
+    /// Bytes that can still be allocated (free slabs plus free blocks in held slabs).
+    pub bytes_free: u64,
+    /// Bytes inside held slabs that no block can use; 0 by construction (every block size
+    /// divides the slab size).
+    pub padding_waste_bytes: u64,
+    /// The remainder of the budget that is smaller than one slab.
+    pub tail_bytes: u64,
+    /// One entry per class, in class order.
+    pub classes: Vec<ClassStats>,
+}
+
+/// One byte budget carved into slabs, each serving blocks of exactly one size class at a time.
+///
+/// ```
+/// use kvalloc::SlabArena;
+/// // Two classes: 4 KiB and 12 KiB blocks; the slab size is a common multiple of both.
+/// let mut arena = SlabArena::new(16 << 20, &[4096, 12288], None)?;
+/// assert_eq!(arena.slab_bytes() % 12288, 0);
+/// let a = arena.alloc(0, 10)?;
+/// let b = arena.alloc(1, 3)?;
+/// assert!(arena.free(&a).is_ok());
+/// assert!(arena.free(&a).is_err()); // double free is refused and changes nothing
+/// arena.free(&b)?;
+/// assert_eq!(arena.stats().slabs_free, arena.stats().num_slabs); // everything flowed back
+/// # Ok::<(), kvalloc::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct SlabArena {
+    capacity_bytes: u64,
+    slab_bytes: u64,
+    /// Slot-id spacing between slabs: the most blocks any class fits in one slab.
+    stride: u64,
+    classes: Vec<Class>,
+    slabs: Vec<Slab>,
+    /// Free slabs, used as a stack (the most recently freed slab is reused first).
+    free_slabs: Vec<u32>,
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+fn lcm(a: u64, b: u64) -> Option<u64> {
+    (a / gcd(a, b)).checked_mul(b)
+}
+
+impl SlabArena {
+    /// Creates an arena of `capacity_bytes` serving one class per entry of `block_bytes`.
+    ///
+    /// `slab_bytes`, when given, must be a multiple of every block size; when `None`, the arena
+    /// picks the least common multiple of the block sizes, scaled up towards 1 MiB while leaving
+    /// at least 64 slabs in small budgets.
+    pub fn new(capacity_bytes: u64, block_bytes: &[u64], slab_bytes: Option<u64>) -> Result<Self> {
+        if capacity_bytes == 0 {
+            return Err(Error::invalid("capacity_bytes", "must be positive"));
+        }
+        if block_bytes.is_empty() {
+            return Err(Error::invalid(
+                "block_bytes",
+                "at least one class is needed",
+            ));
+        }
+        if block_bytes.len() > u32::MAX as usize {
+            return Err(Error::invalid("block_bytes", "too many classes"));
+        }
+        if let Some(i) = block_bytes.iter().position(|&b| b == 0) {
+            return Err(Error::invalid(
+                "block_bytes",
+                format!("class {i} has a block size of 0"),
+            ));
+        }
+        let mut common = 1u64;
+        for &b in block_bytes {
+            common = lcm(common, b).ok_or_else(|| {
+                Error::invalid(
+                    "block_bytes",
+                    "the least common multiple of the block sizes overflows 64 bits",
+                )
+            })?;
+        }
+        let slab = match slab_bytes {
+            Some(s) => {
+                if s == 0 {
+                    return Err(Error::invalid("slab_bytes", "must be positive"));
+                }
+                if let Some((i, b)) = block_bytes.iter().enumerate().find(|(_, &b)| s % b != 0) {
+                    return Err(Error::invalid(
+                        "slab_bytes",
+                        format!(
+                            "{s} is not a multiple of class {i}'s block size {b} \
+                             (the smallest valid slab is {common} bytes)"
+                        ),
+                    ));
+                }
+                s
+            }
+            None => {
+                let target = TARGET_MIN_SLAB_BYTES.min(capacity_bytes / MIN_SLABS_WANTED);
+                common * (target / common).max(1)
+            }
+        };
+        if slab > capacity_bytes {
+            return Err(Error::invalid(
+                "capacity_bytes",
+                format!(
+                    "{capacity_bytes} bytes is less than one slab ({slab} bytes, a common \
+                     multiple of the block sizes {block_bytes:?})"
+                ),
+            ));
+        }
+        let num_slabs = capacity_bytes / slab;
+        let min_block = *block_bytes.iter().min().expect("non-empty");
+        let stride = slab / min_block;
+        if num_slabs > u64::from(u32::MAX) || num_slabs.saturating_mul(stride) > u64::from(u32::MAX)
+        {
+            return Err(Error::invalid(
+                "capacity_bytes",
+                format!(
+                    "{capacity_bytes} bytes holds more than 2^32 blocks of {min_block} bytes; \
+                     use larger blocks"
+                ),
+            ));
+        }
+        let classes = block_bytes
+            .iter()
+            .map(|&b| Class {
+                block_bytes: b,
+                blocks_per_slab: (slab / b) as u32,
+                partial: BTreeSet::new(),
+                slabs_held: 0,
+                blocks_in_use: 0,
+            })
+            .collect();
+        let slabs = (0..num_slabs)
+            .map(|_| Slab {
+                class: None,
+                used: 0,
+                free: Vec::new(),
+                gens: Vec::new(),
+                gen_counter: 0,
+            })
+            .collect();
+        // Reverse order so that slab 0 is handed out first.
+        let free_slabs = (0..num_slabs as u32).rev().collect();
+        Ok(SlabArena {
+            capacity_bytes,
+            slab_bytes: slab,
+            stride,
+            classes,
+            slabs,
+            free_slabs,
+        })
+    }
+
+    /// The byte budget.
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    /// The size of every slab.
+    pub fn slab_bytes(&self) -> u64 {
+        self.slab_bytes
+    }
+
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Block size of `class`.
+    pub fn block_bytes(&self, class: usize) -> Result<u64> {
+        Ok(self.class(class)?.block_bytes)
+    }
+
+    /// Live blocks of `class`.
+    pub fn blocks_in_use(&self, class: usize) -> Result<u64> {
+        Ok(self.class(class)?.blocks_in_use)
+    }
+
+    /// Number of pages in `class`'s view of the whole arena (`capacity / block_bytes`): every
+    /// page index this arena can return for the class is below it.
+    pub fn num_pages(&self, class: usize) -> Result<u64> {
+        let c = self.class(class)?;
+        Ok(self.slabs.len() as u64 * self.slab_bytes / c.block_bytes)
+    }
+
+    /// Blocks of `class` that an allocation could get right now (free slots in the class's
+    /// slabs plus every free slab).
+    pub fn available(&self, class: usize) -> Result<u64> {
+        let c = self.class(class)?;
+        Ok(c.free_in_partial() + self.free_slabs.len() as u64 * u64::from(c.blocks_per_slab))
+    }
+
+    /// Whether all the requests `(class, n)` could be allocated together right now.
+    /// Each class first fills its own partial slabs, then takes whole free slabs.
+    pub fn can_alloc_all(&self, requests: &[(usize, u64)]) -> Result<bool> {
+        let mut need = vec![0u64; self.classes.len()];
+        for &(class, n) in requests {
+            self.class(class)?;
+            need[class] += n;
+        }
+        let mut slabs_needed = 0u64;
+        for (c, &n) in self.classes.iter().zip(&need) {
+            let from_partial = c.free_in_partial();
+            if n > from_partial {
+                slabs_needed += (n - from_partial).div_ceil(u64::from(c.blocks_per_slab));
+            }
+        }
+        Ok(slabs_needed <= self.free_slabs.len() as u64)
+    }
+
+    /// Allocates `n` blocks of `class`, all or nothing.
+    pub fn alloc(&mut self, class: usize, n: usize) -> Result<Vec<Handle>> {
+        let mut out = Vec::with_capacity(n);
+        self.alloc_into(class, n, &mut out)?;
+        Ok(out)
+    }
+
+    /// Allocates `n` blocks of `class` and appends their handles to `out`, all or nothing
+    /// (on error `out` is unchanged).
+    pub fn alloc_into(&mut self, class: usize, n: usize, out: &mut Vec<Handle>) -> Result<()> {
+        let available = self.available(class)?;
+        if n as u64 > available {
+            return Err(Error::OutOfMemory {
+                class,
+                block_bytes: self.classes[class].block_bytes,
+                requested: n,
+                available: available as usize,
+            });
+        }
+        out.reserve(n);
+        let mut remaining = n as u32;
+        while remaining > 0 {
+            let slab_idx = match self.classes[class].partial.pop_first() {
+                Some((_, s)) => s,
+                None => self.take_free_slab(class as u32),
+            };
+            let take = remaining.min(self.slabs[slab_idx as usize].free.len() as u32);
+            let base = u64::from(slab_idx) * self.stride;
+            let slab = &mut self.slabs[slab_idx as usize];
+            for _ in 0..take {
+                let slot = slab.free.pop().expect("counted free slots");
+                slab.gen_counter = (slab.gen_counter % GEN_MASK) + 1; // 1..=GEN_MASK, never 0
+                slab.gens[slot as usize] = slab.gen_counter;
+                out.push((u64::from(slab.gen_counter) << 32) | (base + u64::from(slot)));
+            }
+            slab.used += take;
+            let free_left = slab.free.len() as u32;
+            if free_left > 0 {
+                self.classes[class].partial.insert((free_left, slab_idx));
+            }
+            remaining -= take;
+        }
+        let c = &mut self.classes[class];
+        c.blocks_in_use += n as u64;
+        Ok(())
+    }
+
+    fn take_free_slab(&mut self, class: u32) -> u32 {
+        let s = self.free_slabs.pop().expect("availability was checked");
+        let c = &mut self.classes[class as usize];
+        let bps = c.blocks_per_slab;
+        c.slabs_held += 1;
+        let slab = &mut self.slabs[s as usize];
+        slab.class = Some(class);
+        slab.used = 0;
+        slab.gens.clear();
+        slab.gens.resize(bps as usize, 0);
+        slab.free.clear();
+        // Pop order hands out slot 0 first.
+        slab.free.extend((0..bps).rev());
+        s
+    }
+
+    /// Frees a batch of handles, all or nothing: if any handle is stale, foreign or repeated,
+    /// nothing is freed and the error names the first bad handle.
+    pub fn free(&mut self, handles: &[Handle]) -> Result<()> {
+        // Phase 1: check every handle and mark its slot, so that a repeat is caught.
+        for (i, &h) in handles.iter().enumerate() {
+            if let Err(e) = self.check_and_mark(h) {
+                for &done in &handles[..i] {
+                    let (s, slot, _) = self.split(done);
+                    self.slabs[s].gens[slot] &= GEN_MASK;
+                }
+                return Err(e);
+            }
+        }
+        // Phase 2: release. Partial-set keys are fixed up once per slab touched.
+        for &h in handles {
+            let (s, slot, _) = self.split(h);
+            let slab = &mut self.slabs[s];
+            let class = slab.class.expect("checked live") as usize;
+            let old_free = slab.free.len() as u32;
+            slab.gens[slot] = 0;
+            slab.free.push(slot as u32);
+            slab.used -= 1;
+            let c = &mut self.classes[class];
+            c.blocks_in_use -= 1;
+            if old_free > 0 {
+                c.partial.remove(&(old_free, s as u32));
+            }
+            if slab.used == 0 {
+                slab.class = None;
+                slab.free.clear();
+                slab.gens.clear();
+                c.slabs_held -= 1;
+                self.free_slabs.push(s as u32);
+            } else {
+                c.partial.insert((old_free + 1, s as u32));
+            }
+        }
+        Ok(())
+    }
+
+    fn split(&self, h: Handle) -> (usize, usize, u32) {
+        let id = h & 0xFFFF_FFFF;
+        (
+            (id / self.stride) as usize,
+            (id % self.stride) as usize,
+            (h >> 32) as u32,
+        )
+    }
+
+    fn check_and_mark(&mut self, h: Handle) -> Result<()> {
+        let (s, slot, gen) = self.locate(h)?;
+        let g = &mut self.slabs[s].gens[slot];
+        *g |= PENDING_FREE;
+        debug_assert_eq!(*g & GEN_MASK, gen);
+        Ok(())
+    }
+
+    /// Checks that `h` is live and returns (slab, slot, generation).
+    fn locate(&self, h: Handle) -> Result<(usize, usize, u32)> {
+        let stale = |reason| Error::StaleHandle { handle: h, reason };
+        let (s, slot, gen) = self.split(h);
+        if gen == 0 || gen > GEN_MASK || s >= self.slabs.len() {
+            return Err(stale(StaleReason::OutOfRange));
+        }
+        let slab = &self.slabs[s];
+        let Some(live) = slab.gens.get(slot).copied() else {
+            return Err(if slab.class.is_some() {
+                stale(StaleReason::OutOfRange)
+            } else {
+                stale(StaleReason::NotLive)
+            });
+        };
+        if live & PENDING_FREE != 0 {
+            return Err(stale(StaleReason::Duplicate));
+        }
+        if live == 0 {
+            return Err(stale(StaleReason::NotLive));
+        }
+        if live != gen {
+            return Err(stale(StaleReason::OldGeneration));
+        }
+        Ok((s, slot, gen))
+    }
+
+    /// Whether `h` is a live handle of this arena.
+    pub fn is_live(&self, h: Handle) -> bool {
+        self.locate(h).is_ok()
+    }
+
+    /// The class of a live handle.
+    pub fn class_of(&self, h: Handle) -> Result<usize> {
+        let (s, _, _) = self.locate(h)?;
+        Ok(self.slabs[s].class.expect("live") as usize)
+    }
+
+    /// Byte offset of a live block from the start of the arena.
+    pub fn offset(&self, h: Handle) -> Result<u64> {
+        let (s, slot, _) = self.locate(h)?;
+        let class = self.slabs[s].class.expect("live") as usize;
+        Ok(s as u64 * self.slab_bytes + slot as u64 * self.classes[class].block_bytes)
+    }
+
+    /// Page index of a live block in its class's view of the arena (`offset / block_bytes`),
+    /// so an engine can view one buffer per class as an array of blocks.
+    pub fn page(&self, h: Handle) -> Result<u64> {
+        let (s, slot, _) = self.locate(h)?;
+        let class = self.slabs[s].class.expect("live") as usize;
+        let per_slab = self.slab_bytes / self.classes[class].block_bytes;
+        Ok(s as u64 * per_slab + slot as u64)
+    }
+
+    fn class(&self, class: usize) -> Result<&Class> {
+        self.classes.get(class).ok_or_else(|| {
+            Error::invalid(
+                "class_index",
+                format!(
+                    "{class} is out of range: the arena has {} class(es)",
+                    self.classes.len()
+                ),
+            )
+        })
+    }
+
+    /// A snapshot of the arena's accounting.
+    pub fn stats(&self) -> ArenaStats {
+        let classes: Vec<ClassStats> = self
+            .classes
+            .iter()
+            .map(|c| ClassStats {
+                block_bytes: c.block_bytes,
+                blocks_per_slab: c.blocks_per_slab,
+                blocks_in_use: c.blocks_in_use,
+                slabs_held: c.slabs_held,
+                blocks_free_in_slabs: c.free_in_partial(),
+            })
+            .collect();
+        let bytes_in_use: u64 = classes
+            .iter()
+            .map(|c| c.blocks_in_use * c.block_bytes)
+            .sum();
+        let free_in_slabs: u64 = classes
+            .iter()
+            .map(|c| c.blocks_free_in_slabs * c.block_bytes)
+            .sum();
+        let padding: u64 = classes
+            .iter()
+            .map(|c| {
+                u64::from(c.slabs_held)
+                    * (self.slab_bytes - u64::from(c.blocks_per_slab) * c.block_bytes)
+            })
+            .sum();
+        let num_slabs = self.slabs.len() as u64;
+        ArenaStats {
+            capacity_bytes: self.capacity_bytes,
+            slab_bytes: self.slab_bytes,
+            num_slabs: num_slabs as u32,
+            slabs_free: self.free_slabs.len() as u32,
+            bytes_in_use,
+            bytes_free: free_in_slabs + self.free_slabs.len() as u64 * self.slab_bytes,
+            padding_waste_bytes: padding,
+            tail_bytes: self.capacity_bytes - num_slabs * self.slab_bytes,
+            classes,
+        }
+    }
+
+    /// Checks every invariant listed in the module docs; `Err(Error::Invariant)` names the
+    /// first violation.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invariant(m));
+        let mut in_free_stack = vec![false; self.slabs.len()];
+        for &s in &self.free_slabs {
+            let s = s as usize;
+            if s >= self.slabs.len() || in_free_stack[s] {
+                return bad(format!(
+                    "slab {s} is listed twice or out of range in the free stack"
+                ));
+            }
+            in_free_stack[s] = true;
+        }
+        let mut used_per_class = vec![0u64; self.classes.len()];
+        let mut held_per_class = vec![0u32; self.classes.len()];
+        for (i, slab) in self.slabs.iter().enumerate() {
+            match slab.class {
+                None => {
+                    if !in_free_stack[i] || slab.used != 0 {
+                        return bad(format!("free slab {i} is not cleanly in the free stack"));
+                    }
+                }
+                Some(c) => {
+                    let c = c as usize;
+                    let class = &self.classes[c];
+                    if in_free_stack[i] {
+                        return bad(format!("held slab {i} is also in the free stack"));
+                    }
+                    if slab.used == 0 {
+                        return bad(format!("slab {i} is held by class {c} but empty"));
+                    }
+                    if slab.gens.len() != class.blocks_per_slab as usize
+                        || slab.used as usize + slab.free.len() != slab.gens.len()
+                    {
+                        return bad(format!("slab {i}: used + free != blocks per slab"));
+                    }
+                    let live = slab.gens.iter().filter(|&&g| g != 0).count();
+                    if live != slab.used as usize
+                        || slab.gens.iter().any(|&g| g & PENDING_FREE != 0)
+                    {
+                        return bad(format!("slab {i}: live generations disagree with used"));
+                    }
+                    let mut seen = vec![false; slab.gens.len()];
+                    for &f in &slab.free {
+                        let f = f as usize;
+                        if f >= seen.len() || seen[f] || slab.gens[f] != 0 {
+                            return bad(format!("slab {i}: free slot {f} is live or repeated"));
+                        }
+                        seen[f] = true;
+                    }
+                    let free = slab.free.len() as u32;
+                    let listed = class.partial.contains(&(free, i as u32));
+                    if (free > 0) != listed {
+                        return bad(format!("slab {i}: partial-set membership is wrong"));
+                    }
+                    used_per_class[c] += u64::from(slab.used);
+                    held_per_class[c] += 1;
+                }
+            }
+        }
+        for (c, class) in self.classes.iter().enumerate() {
+            if class.blocks_in_use != used_per_class[c] || class.slabs_held != held_per_class[c] {
+                return bad(format!("class {c}: counters disagree with the slabs"));
+            }
+            if class.partial.len() as u32 > class.slabs_held {
+                return bad(format!(
+                    "class {c}: partial set lists slabs it does not hold"
+                ));
+            }
+        }
+        let st = self.stats();
+        if st.bytes_in_use + st.bytes_free + st.padding_waste_bytes + st.tail_bytes
+            != self.capacity_bytes
+        {
+            return bad("bytes in use + free + waste != capacity".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slab_size_is_common_multiple() {
+        let a = SlabArena::new(100 << 20, &[819_200, 4_915_200], None).unwrap();
+        assert_eq!(a.slab_bytes() % 819_200, 0);
+        assert_eq!(a.slab_bytes() % 4_915_200, 0);
+        assert_eq!(a.stats().padding_waste_bytes, 0);
+    }
+
+    #[test]
+    fn given_slab_must_divide() {
+        let e = SlabArena::new(1 << 20, &[3, 4], Some(16)).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument { ref what, .. } if what == "slab_bytes"));
+        assert!(SlabArena::new(1 << 20, &[3, 4], Some(24)).is_ok());
+    }
+
+    #[test]
+    fn capacity_below_one_slab_is_an_error() {
+        assert!(SlabArena::new(100, &[64, 96], None).is_err());
+        assert!(SlabArena::new(0, &[64], None).is_err());
+        assert!(SlabArena::new(100, &[0], None).is_err());
+        assert!(SlabArena::new(100, &[], None).is_err());
+    }
+
+    #[test]
+    fn alloc_is_all_or_nothing() {
+        let mut a = SlabArena::new(4096, &[64], Some(1024)).unwrap();
+        assert_eq!(a.available(0).unwrap(), 64);
+        let h = a.alloc(0, 60).unwrap();
+        let e = a.alloc(0, 5).unwrap_err();
+        assert!(matches!(
+            e,
+            Error::OutOfMemory {
+                requested: 5,
+                available: 4,
+                ..
+            }
+        ));
+        assert_eq!(a.blocks_in_use(0).unwrap(), 60);
+        a.free(&h).unwrap();
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn stale_double_and_foreign_handles_change_nothing() {
+        let mut a = SlabArena::new(4096, &[64], Some(1024)).unwrap();
+        let h = a.alloc(0, 3).unwrap();
+        a.free(&h[..1]).unwrap();
+        let before = a.stats();
+        for bad in [
+            vec![h[1], h[0]],
+            vec![h[1], h[1]],
+            vec![0],
+            vec![u64::MAX],
+            vec![h[2] + (1 << 32)],
+        ] {
+            assert!(
+                matches!(a.free(&bad), Err(Error::StaleHandle { .. })),
+                "{bad:?}"
+            );
+            assert_eq!(a.stats(), before);
+            a.validate().unwrap();
+        }
+        // A reused slot gets a new generation: the old handle stays stale.
+        let again = a.alloc(0, 1).unwrap();
+        assert_ne!(again[0], h[0]);
+        assert!(matches!(
+            a.free(&h[..1]),
+            Err(Error::StaleHandle {
+                reason: StaleReason::OldGeneration,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn memory_flows_between_classes() {
+        let mut a = SlabArena::new(8 * 1024, &[64, 256], Some(1024)).unwrap();
+        let small = a.alloc(0, 8 * 16).unwrap(); // every slab to class 0
+        assert!(a.alloc(1, 1).is_err());
+        a.free(&small).unwrap();
+        let big = a.alloc(1, 8 * 4).unwrap(); // every slab to class 1
+        assert_eq!(a.stats().classes[1].slabs_held, 8);
+        a.free(&big).unwrap();
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn prefers_fuller_slabs() {
+        let mut a = SlabArena::new(4 * 1024, &[64], Some(1024)).unwrap();
+        let first = a.alloc(0, 16).unwrap(); // slab A full
+        let second = a.alloc(0, 16).unwrap(); // slab B full
+        a.free(&first[..10]).unwrap(); // A has 6 used
+        a.free(&second[..2]).unwrap(); // B has 14 used
+        let h = a.alloc(0, 1).unwrap();
+        // The new block lands in B, the fuller slab.
+        assert_eq!(
+            a.offset(h[0]).unwrap() / 1024,
+            a.offset(second[5]).unwrap() / 1024
+        );
+    }
+
+    #[test]
+    fn pages_and_offsets_agree() {
+        let mut a = SlabArena::new(1 << 20, &[64, 192], Some(3 * 1024)).unwrap();
+        for class in 0..2 {
+            let bb = a.block_bytes(class).unwrap();
+            for h in a.alloc(class, 40).unwrap() {
+                assert_eq!(a.page(h).unwrap() * bb, a.offset(h).unwrap());
+                assert!(a.page(h).unwrap() < a.num_pages(class).unwrap());
+            }
+        }
+        a.validate().unwrap();
+    }
+
+    #[test]
+    fn can_alloc_all_counts_shared_slabs() {
+        let a = SlabArena::new(2 * 1024, &[64, 512], Some(1024)).unwrap();
+        assert!(a.can_alloc_all(&[(0, 16), (1, 2)]).unwrap());
+        assert!(!a.can_alloc_all(&[(0, 17), (1, 2)]).unwrap());
+    }
+}
