@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module ``kvalloc._core`` (hand-written)."""
 
 import os
-from typing import Any, Literal
+from typing import Any, Literal, final
 
 import numpy as np
 import numpy.typing as npt
@@ -29,6 +29,7 @@ class InvariantError(KvAllocError, RuntimeError):
 def presets() -> list[str]:
     """Names of the built-in model presets."""
 
+@final
 class KVGroup:
     """One KV group: the layers of one attention kind and geometry."""
 
@@ -52,9 +53,10 @@ class KVGroup:
     @property
     def layer_bytes_per_token(self) -> int:
         """Bytes of one token in one layer of the group."""
-    def block_bytes(self, block_tokens: int = 16) -> int:
-        """Bytes of one block of ``block_tokens`` tokens (all layers of the group)."""
+    def block_bytes(self, block_tokens: int | None = None) -> int:
+        """Bytes of one block of ``block_tokens`` tokens (default 16), all layers of the group."""
 
+@final
 class ModelSpec:
     """A model's KV-cache geometry: its groups of layers and their per-token bytes."""
 
@@ -90,19 +92,21 @@ class ModelSpec:
     @property
     def fingerprint(self) -> int:
         """A 64-bit digest of the geometry (not the name)."""
-    def kv_bytes(self, context_tokens: int, block_tokens: int = 16) -> int:
-        """Bytes one sequence holds when sliding groups keep only their window (whole blocks)."""
+    def kv_bytes(self, context_tokens: int, block_tokens: int | None = None) -> int:
+        """Bytes one sequence holds when sliding groups keep only their window (blocks of
+        ``block_tokens``, default 16)."""
     def kv_bytes_dense(self, context_tokens: int) -> int:
         """Bytes one sequence holds when every layer keeps every token."""
-    def block_bytes(self, block_tokens: int = 16) -> list[int]:
-        """Block size in bytes of each group, in group order."""
+    def block_bytes(self, block_tokens: int | None = None) -> list[int]:
+        """Block size in bytes of each group, in group order (blocks of ``block_tokens``, default 16)."""
 
+@final
 class SlabArena:
     """One byte budget carved into slabs; each slab serves blocks of one size class at a time."""
 
-    def __init__(
-        self, capacity_bytes: int, block_bytes: int | list[int], slab_bytes: int | None = None
-    ) -> None: ...
+    def __new__(
+        cls, capacity_bytes: int, block_bytes: int | list[int], slab_bytes: int | None = None
+    ) -> SlabArena: ...
     def alloc(self, class_index: int, n: int) -> npt.NDArray[np.uint64]:
         """Allocates ``n`` blocks, all or nothing (``OutOfMemoryError``); returns uint64 handles."""
     def free(self, handles: npt.NDArray[np.uint64]) -> None:

@@ -36,7 +36,7 @@ const PENDING_FREE: u32 = 1 << 31;
 const GEN_MASK: u32 = PENDING_FREE - 1;
 /// Smallest slab we aim for when the block sizes' common multiple is tiny: small slabs make
 /// the per-slab bookkeeping dominate, large ones make memory flow in coarse steps.
-const TARGET_MIN_SLAB_BYTES: u64 = 1 << 20;
+const TARGET_MIN_SLAB_BYTES: u64 = 4 << 20;
 /// Keep at least this many slabs when the budget is small, so that memory can still flow.
 const MIN_SLABS_WANTED: u64 = 64;
 
@@ -52,6 +52,8 @@ struct Slab {
     gens: Vec<u32>,
     /// Last generation issued by this slab (monotone across classes, wraps at 2^31).
     gen_counter: u32,
+    /// Set while a batch free is releasing blocks of this slab.
+    in_batch: bool,
 }
 
 #[derive(Debug)]
@@ -61,13 +63,26 @@ struct Class {
     /// Held slabs with at least one free slot, keyed by (free slots, slab): the first entry is
     /// the fullest partial slab.
     partial: BTreeSet<(u32, u32)>,
+    /// Sum of the free counts in `partial` (kept exact, so availability is O(1)).
+    free_in_partial: u64,
     slabs_held: u32,
     blocks_in_use: u64,
 }
 
 impl Class {
     fn free_in_partial(&self) -> u64 {
-        self.partial.iter().map(|&(f, _)| u64::from(f)).sum()
+        self.free_in_partial
+    }
+
+    fn insert_partial(&mut self, free: u32, slab: u32) {
+        self.partial.insert((free, slab));
+        self.free_in_partial += u64::from(free);
+    }
+
+    fn remove_partial(&mut self, free: u32, slab: u32) {
+        if self.partial.remove(&(free, slab)) {
+            self.free_in_partial -= u64::from(free);
+        }
     }
 }
 
@@ -129,8 +144,10 @@ pub struct ArenaStats {
 pub struct SlabArena {
     capacity_bytes: u64,
     slab_bytes: u64,
-    /// Slot-id spacing between slabs: the most blocks any class fits in one slab.
+    /// Slot-id spacing between slabs: the most blocks any class fits in one slab, rounded up
+    /// to a power of two (`1 << stride_shift`).
     stride: u64,
+    stride_shift: u32,
     classes: Vec<Class>,
     slabs: Vec<Slab>,
     /// Free slabs, used as a stack (the most recently freed slab is reused first).
@@ -153,7 +170,7 @@ impl SlabArena {
     /// Creates an arena of `capacity_bytes` serving one class per entry of `block_bytes`.
     ///
     /// `slab_bytes`, when given, must be a multiple of every block size; when `None`, the arena
-    /// picks the least common multiple of the block sizes, scaled up towards 1 MiB while leaving
+    /// picks the least common multiple of the block sizes, scaled up towards 4 MiB while leaving
     /// at least 64 slabs in small budgets.
     pub fn new(capacity_bytes: u64, block_bytes: &[u64], slab_bytes: Option<u64>) -> Result<Self> {
         if capacity_bytes == 0 {
@@ -215,7 +232,8 @@ impl SlabArena {
         }
         let num_slabs = capacity_bytes / slab;
         let min_block = *block_bytes.iter().min().expect("non-empty");
-        let stride = slab / min_block;
+        // A power of two, so that decoding a handle is a shift and a mask, not a division.
+        let stride = (slab / min_block).next_power_of_two();
         if num_slabs > u64::from(u32::MAX) || num_slabs.saturating_mul(stride) > u64::from(u32::MAX)
         {
             return Err(Error::invalid(
@@ -232,6 +250,7 @@ impl SlabArena {
                 block_bytes: b,
                 blocks_per_slab: (slab / b) as u32,
                 partial: BTreeSet::new(),
+                free_in_partial: 0,
                 slabs_held: 0,
                 blocks_in_use: 0,
             })
@@ -243,6 +262,7 @@ impl SlabArena {
                 free: Vec::new(),
                 gens: Vec::new(),
                 gen_counter: 0,
+                in_batch: false,
             })
             .collect();
         // Reverse order so that slab 0 is handed out first.
@@ -251,6 +271,7 @@ impl SlabArena {
             capacity_bytes,
             slab_bytes: slab,
             stride,
+            stride_shift: stride.trailing_zeros(),
             classes,
             slabs,
             free_slabs,
@@ -337,7 +358,10 @@ impl SlabArena {
         let mut remaining = n as u32;
         while remaining > 0 {
             let slab_idx = match self.classes[class].partial.pop_first() {
-                Some((_, s)) => s,
+                Some((f, s)) => {
+                    self.classes[class].free_in_partial -= u64::from(f);
+                    s
+                }
                 None => self.take_free_slab(class as u32),
             };
             let take = remaining.min(self.slabs[slab_idx as usize].free.len() as u32);
@@ -345,14 +369,19 @@ impl SlabArena {
             let slab = &mut self.slabs[slab_idx as usize];
             for _ in 0..take {
                 let slot = slab.free.pop().expect("counted free slots");
-                slab.gen_counter = (slab.gen_counter % GEN_MASK) + 1; // 1..=GEN_MASK, never 0
+                // 1..=GEN_MASK, never 0 (a compare, not a modulo: this is the hot loop).
+                slab.gen_counter = if slab.gen_counter >= GEN_MASK {
+                    1
+                } else {
+                    slab.gen_counter + 1
+                };
                 slab.gens[slot as usize] = slab.gen_counter;
                 out.push((u64::from(slab.gen_counter) << 32) | (base + u64::from(slot)));
             }
             slab.used += take;
             let free_left = slab.free.len() as u32;
             if free_left > 0 {
-                self.classes[class].partial.insert((free_left, slab_idx));
+                self.classes[class].insert_partial(free_left, slab_idx);
             }
             remaining -= take;
         }
@@ -390,28 +419,46 @@ impl SlabArena {
                 return Err(e);
             }
         }
-        // Phase 2: release. Partial-set keys are fixed up once per slab touched.
+        // Phase 2: release. Partial-set keys are fixed once per slab touched, not per block:
+        // `touched` remembers each slab's free count before the batch.
+        let mut touched: Vec<(u32, u32)> = Vec::new();
         for &h in handles {
             let (s, slot, _) = self.split(h);
             let slab = &mut self.slabs[s];
-            let class = slab.class.expect("checked live") as usize;
-            let old_free = slab.free.len() as u32;
+            debug_assert!(
+                slab.gens[slot] & PENDING_FREE != 0,
+                "phase 1 marks every slot"
+            );
+            if !slab.in_batch {
+                slab.in_batch = true;
+                touched.push((s as u32, slab.free.len() as u32));
+            }
             slab.gens[slot] = 0;
             slab.free.push(slot as u32);
             slab.used -= 1;
-            let c = &mut self.classes[class];
-            c.blocks_in_use -= 1;
-            if old_free > 0 {
-                c.partial.remove(&(old_free, s as u32));
-            }
-            if slab.used == 0 {
+        }
+        for (s, old_free) in touched {
+            let slab = &mut self.slabs[s as usize];
+            slab.in_batch = false;
+            let class = slab.class.expect("checked live") as usize;
+            let freed = slab.free.len() as u32 - old_free;
+            let now_empty = slab.used == 0;
+            let free_now = slab.free.len() as u32;
+            if now_empty {
                 slab.class = None;
                 slab.free.clear();
                 slab.gens.clear();
+            }
+            let c = &mut self.classes[class];
+            c.blocks_in_use -= u64::from(freed);
+            if old_free > 0 {
+                c.remove_partial(old_free, s);
+            }
+            if now_empty {
                 c.slabs_held -= 1;
-                self.free_slabs.push(s as u32);
+                self.free_slabs.push(s);
             } else {
-                c.partial.insert((old_free + 1, s as u32));
+                c.insert_partial(free_now, s);
             }
         }
         Ok(())
@@ -568,7 +615,7 @@ impl SlabArena {
                 Some(c) => {
                     let c = c as usize;
                     let class = &self.classes[c];
-                    if in_free_stack[i] {
+                    if in_free_stack[i] || slab.in_batch {
                         return bad(format!("held slab {i} is also in the free stack"));
                     }
                     if slab.used == 0 {
@@ -606,6 +653,12 @@ impl SlabArena {
         for (c, class) in self.classes.iter().enumerate() {
             if class.blocks_in_use != used_per_class[c] || class.slabs_held != held_per_class[c] {
                 return bad(format!("class {c}: counters disagree with the slabs"));
+            }
+            let listed: u64 = class.partial.iter().map(|&(f, _)| u64::from(f)).sum();
+            if listed != class.free_in_partial {
+                return bad(format!(
+                    "class {c}: free-block counter disagrees with its slabs"
+                ));
             }
             if class.partial.len() as u32 > class.slabs_held {
                 return bad(format!(
