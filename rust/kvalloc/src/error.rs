@@ -50,6 +50,15 @@ pub enum Error {
         message: String,
     },
 
+    /// A request id that is unknown (not running) or already in use.
+    #[error("request {req} {message}")]
+    Request {
+        /// The request id.
+        req: u64,
+        /// What is wrong with it.
+        message: String,
+    },
+
     /// An internal invariant does not hold (reported by `validate()`); a bug in kvalloc.
     #[error("invariant violated: {0}")]
     Invariant(String),

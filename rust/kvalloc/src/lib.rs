@@ -40,9 +40,18 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod hash;
+pub mod manager;
+pub mod policy;
+pub mod prefix;
 pub mod slab;
 pub mod spec;
 
 pub use error::{Error, Result, StaleReason};
+pub use manager::{
+    Admission, Extension, GroupStats, KVCacheManager, ManagerConfig, ManagerStats, Policy, Prompt,
+    Step, StepOutcome, NULL_PAGE,
+};
+pub use policy::Eviction;
 pub use slab::{ArenaStats, ClassStats, Handle, SlabArena};
 pub use spec::{AttentionKind, DType, KVGroup, ModelSpec};

@@ -467,8 +467,8 @@ impl SlabArena {
     fn split(&self, h: Handle) -> (usize, usize, u32) {
         let id = h & 0xFFFF_FFFF;
         (
-            (id / self.stride) as usize,
-            (id % self.stride) as usize,
+            (id >> self.stride_shift) as usize,
+            (id & (self.stride - 1)) as usize,
             (h >> 32) as u32,
         )
     }

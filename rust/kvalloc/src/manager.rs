@@ -1,0 +1,1130 @@
+//! The scheduler-facing KV cache manager.
+//!
+//! One [`SlabArena`] holds every group's blocks (one class per KV group). A [`PrefixTree`]
+//! indexes cached blocks. Requests go through `admit` → `extend`* → `finish` (or `abort`).
+//!
+//! ## What a request holds
+//! Token positions `[0, len)` of a running request are *scheduled*: their KV is in the cache or
+//! is being computed by the engine in the current step. Its block table for group `g` has one
+//! entry per block of `[0, len)`:
+//! - positions below the hit come from the prefix tree (shared, read-only);
+//! - positions at or above the hit are written by the engine this step or were written in an
+//!   earlier one; each such block is either private to the request or was attached to the tree
+//!   by this request (in-flight sharing);
+//! - in a sliding group (swa-aware policy) only blocks overlapping the running window
+//!   `[len - W, len)` and blocks of planned checkpoints are present; every other entry is
+//!   [`NULL_PAGE`]. An engine's prefill kernel writes KV only where the table has a page and
+//!   attends to the chunk's own freshly computed keys elsewhere (as flash-attention prefill does).
+//!   A running request therefore never holds more than `ceil(W / B) + 1` private blocks per
+//!   sliding group.
+//!
+//! ## Checkpoints (swa-aware policy)
+//! SWA KV is kept as windows ending where later requests resume:
+//! - the end of each prompt's last whole block `Pc`: the blocks overlapping `[Pc - W - B, Pc)`,
+//!   so that a resume at `Pc` and at `Pc - B` (a prompt that diverges inside the last block, or
+//!   an identical prompt) are both window-safe;
+//! - the end of each finished request's last whole block `E`: the window `[E - W, E)` its
+//!   running window still holds;
+//! - a branch point: when a prompt's full-attention KV matches the tree deeper than its
+//!   window-safe hit, it recomputes the window before the divergence; that window is kept;
+//! - optionally every `checkpoint_interval` tokens of long prompts.
+//!
+//! ## Failed steps
+//! Prompt blocks become matchable as soon as they are scheduled, so a request admitted later in
+//! the same step can reuse them (the engine computes both in one forward pass). If a step fails,
+//! the engine must `abort` every request scheduled in it: abort removes what a request created,
+//! and anything another aborted request still pinned is removed when that request is aborted.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::hash;
+use crate::policy::Eviction;
+use crate::prefix::{Evicted, Freed, Layout, NodeId, PrefixTree, NONE};
+use crate::slab::{Handle, SlabArena};
+use crate::spec::ModelSpec;
+
+/// Page index marking "no block here" in a block table (a released or never-written SWA
+/// position).
+pub const NULL_PAGE: i32 = -1;
+
+/// How sliding-window groups are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// SWA KV kept only as checkpoints at resume points.
+    #[default]
+    SwaAware,
+    /// Every group keeps every cached token (what a non-SWA-aware prefix cache does).
+    Dense,
+}
+
+impl Policy {
+    /// Parses "swa-aware" or "dense".
+    pub fn parse(s: &str) -> Result<Policy> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "swa-aware" | "swa" => Ok(Policy::SwaAware),
+            "dense" => Ok(Policy::Dense),
+            other => Err(Error::invalid(
+                "policy",
+                format!("unknown policy {other:?}; expected \"swa-aware\" or \"dense\""),
+            )),
+        }
+    }
+
+    /// The policy's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::SwaAware => "swa-aware",
+            Policy::Dense => "dense",
+        }
+    }
+}
+
+/// Manager settings beyond the model and the budget.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Tokens per block (the unit of allocation and hashing).
+    pub block_tokens: u32,
+    /// How sliding groups are cached.
+    pub policy: Policy,
+    /// Eviction order.
+    pub eviction: Eviction,
+    /// Also keep a checkpoint every this many tokens of a prompt (None: only at resume points).
+    pub checkpoint_interval: Option<u64>,
+    /// Slab size; chosen from the block sizes when None.
+    pub slab_bytes: Option<u64>,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            block_tokens: 16,
+            policy: Policy::SwaAware,
+            eviction: Eviction::Value,
+            checkpoint_interval: None,
+            slab_bytes: None,
+        }
+    }
+}
+
+/// A prompt: token ids, or precomputed block hashes (one per whole block; a trailing partial
+/// block's id may be included and is ignored).
+#[derive(Debug, Clone, Copy)]
+pub enum Prompt<'a> {
+    /// Token ids.
+    Tokens(&'a [i64]),
+    /// Block hashes plus the prompt's length in tokens.
+    BlockHashes {
+        /// One id per block of `block_tokens`.
+        hashes: &'a [u64],
+        /// Prompt length in tokens.
+        num_tokens: u64,
+    },
+}
+
+impl Prompt<'_> {
+    fn len(&self) -> u64 {
+        match self {
+            Prompt::Tokens(t) => t.len() as u64,
+            Prompt::BlockHashes { num_tokens, .. } => *num_tokens,
+        }
+    }
+}
+
+/// Tokens appended to a running request.
+#[derive(Debug, Clone, Copy)]
+pub enum Extension<'a> {
+    /// New token ids (after the prompt is fully scheduled).
+    Tokens(&'a [i64]),
+    /// Schedule this many more tokens: the rest of the prompt first (chunked prefill), then, for
+    /// requests admitted with block hashes, opaque output tokens.
+    Count(u64),
+}
+
+/// One admission in a batched step.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    /// Request id (unique among running requests).
+    pub req: u64,
+    /// The prompt.
+    pub prompt: Prompt<'a>,
+    /// Tenant salt: requests with different salts never share KV.
+    pub salt: Option<&'a [u8]>,
+    /// Schedule at most this many prompt tokens now (chunked prefill); None: all.
+    pub max_tokens: Option<u64>,
+}
+
+/// A whole scheduler step: finishes and aborts first (they free memory), then extensions of
+/// running requests, then admissions.
+#[derive(Debug, Clone, Default)]
+pub struct Step<'a> {
+    /// Requests that finished.
+    pub finish: Vec<u64>,
+    /// Requests to drop without caching anything.
+    pub abort: Vec<u64>,
+    /// Running requests to extend.
+    pub extend: Vec<(u64, Extension<'a>)>,
+    /// New requests.
+    pub admit: Vec<Admission<'a>>,
+}
+
+/// What a step did, in the order of its inputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepOutcome {
+    /// Per extension: whether it fit.
+    pub extended: Vec<bool>,
+    /// Per admission: tokens served from cache, or None when it did not fit.
+    pub admitted: Vec<Option<u64>>,
+}
+
+/// Per-group accounting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStats {
+    /// Blocks held privately by running requests.
+    pub running: u64,
+    /// Blocks held by the prefix cache (including those running requests share).
+    pub cached: u64,
+    /// Blocks the arena could still allocate for this group.
+    pub free: u64,
+    /// Cached nodes without this group's block (sliding groups).
+    pub tombstones: u64,
+}
+
+/// A snapshot of the manager's accounting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManagerStats {
+    /// One entry per KV group.
+    pub groups: Vec<GroupStats>,
+    /// Running requests.
+    pub running_requests: u64,
+    /// Cached blocks (tree nodes).
+    pub cached_blocks: u64,
+    /// Registered SWA checkpoints.
+    pub checkpoints: u64,
+    /// Prompt tokens served from cache.
+    pub hit_tokens: u64,
+    /// Prompt tokens computed.
+    pub miss_tokens: u64,
+    /// Admissions refused for lack of memory.
+    pub admissions_refused: u64,
+    /// Extensions refused for lack of memory.
+    pub extensions_refused: u64,
+    /// Leaf nodes evicted (full-attention prefix shortened).
+    pub evicted_leaves: u64,
+    /// Interior checkpoints evicted (SWA only; tombstones left).
+    pub evicted_checkpoints: u64,
+    /// Blocks released by aborts.
+    pub aborted_blocks: u64,
+    /// SWA blocks released as they left a running window.
+    pub window_released_blocks: u64,
+    /// Bytes of live blocks.
+    pub bytes_in_use: u64,
+    /// The budget.
+    pub capacity_bytes: u64,
+    /// Bytes no block can use (slab padding plus the tail below one slab).
+    pub padding_waste_bytes: u64,
+}
+
+#[derive(Debug)]
+struct Request {
+    seed: u64,
+    by_ids: bool,
+    /// Chained hashes of the whole blocks known so far.
+    hashes: Vec<u64>,
+    /// Token ids after the last whole block (ids mode), for hashing output blocks.
+    tail: Vec<i64>,
+    prompt_len: u64,
+    /// Scheduled tokens: the block tables cover `[0, len)`.
+    len: u64,
+    hit: u64,
+    /// Pinned tree nodes; `path[i]` is block i's node.
+    path: Vec<NodeId>,
+    /// Nodes this request inserted (removed again on abort).
+    created: Vec<NodeId>,
+    /// Checkpoints this request registered (removed again on abort).
+    created_ckpts: Vec<NodeId>,
+    /// Per group, per block index: the block, or 0.
+    tables: Vec<Vec<Handle>>,
+    /// Planned prompt checkpoints: (end block, run includes one extra block), ascending.
+    plans: Vec<(u32, bool)>,
+    /// Plans registered so far.
+    plans_done: usize,
+    /// Serial for synthetic output-block ids (hash mode).
+    serial: u64,
+    /// Per group: blocks below this index hold nothing any more (released out of the window).
+    swa_floor: Vec<u64>,
+}
+
+/// The KV cache manager. See the module docs.
+#[derive(Debug)]
+pub struct KVCacheManager {
+    spec: ModelSpec,
+    config: ManagerConfig,
+    arena: SlabArena,
+    tree: PrefixTree,
+    requests: HashMap<u64, Request>,
+    serial: u64,
+    hit_tokens: u64,
+    miss_tokens: u64,
+    admissions_refused: u64,
+    extensions_refused: u64,
+    evicted_leaves: u64,
+    evicted_checkpoints: u64,
+    aborted_blocks: u64,
+    window_released: u64,
+    scratch: Freed,
+}
+
+fn div_ceil(a: u64, b: u64) -> u64 {
+    a.div_ceil(b)
+}
+
+impl KVCacheManager {
+    /// A manager for `spec` over `capacity_bytes` of memory.
+    pub fn new(spec: ModelSpec, capacity_bytes: u64, config: ManagerConfig) -> Result<Self> {
+        if config.block_tokens == 0 {
+            return Err(Error::invalid("block_tokens", "must be positive"));
+        }
+        if config.checkpoint_interval == Some(0) {
+            return Err(Error::invalid("checkpoint_interval", "must be positive (or None)"));
+        }
+        if spec.groups.is_empty() {
+            return Err(Error::invalid("spec", "the model has no KV groups"));
+        }
+        let block_bytes = spec.block_bytes(config.block_tokens);
+        let arena = SlabArena::new(capacity_bytes, &block_bytes, config.slab_bytes)?;
+        let layout = Layout {
+            windows: spec.groups.iter().map(|g| g.window).collect(),
+            block_bytes,
+            block_tokens: config.block_tokens,
+            swa_aware: config.policy == Policy::SwaAware,
+        };
+        let tree = PrefixTree::new(layout, config.eviction);
+        Ok(KVCacheManager {
+            spec,
+            config,
+            arena,
+            tree,
+            requests: HashMap::new(),
+            serial: 0,
+            hit_tokens: 0,
+            miss_tokens: 0,
+            admissions_refused: 0,
+            extensions_refused: 0,
+            evicted_leaves: 0,
+            evicted_checkpoints: 0,
+            aborted_blocks: 0,
+            window_released: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// The model.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &ManagerConfig {
+        &self.config
+    }
+
+    /// The arena (read-only: pages, offsets, class sizes).
+    pub fn arena(&self) -> &SlabArena {
+        &self.arena
+    }
+
+    fn b(&self) -> u64 {
+        u64::from(self.config.block_tokens)
+    }
+
+    fn swa_aware(&self) -> bool {
+        self.config.policy == Policy::SwaAware
+    }
+
+    fn window(&self, g: usize) -> Option<u32> {
+        self.spec.groups[g].window
+    }
+
+    /// First block overlapping the window `[end - w, end)`.
+    fn window_first(&self, end: u64, w: u32) -> u64 {
+        end.saturating_sub(u64::from(w)) / self.b()
+    }
+
+    /// Checks a prompt's shape without hashing it.
+    fn check_prompt(&self, prompt: &Prompt<'_>) -> Result<()> {
+        match *prompt {
+            Prompt::Tokens(t) => {
+                if t.is_empty() {
+                    return Err(Error::invalid("tokens", "the prompt is empty"));
+                }
+            }
+            Prompt::BlockHashes { hashes, num_tokens } => {
+                if num_tokens == 0 {
+                    return Err(Error::invalid("num_tokens", "the prompt is empty"));
+                }
+                let whole = num_tokens / self.b();
+                let all = div_ceil(num_tokens, self.b());
+                if (hashes.len() as u64) < whole || hashes.len() as u64 > all {
+                    return Err(Error::invalid(
+                        "block_hashes",
+                        format!(
+                            "{} hashes for {num_tokens} tokens; expected {whole} (whole blocks of \
+                             {}) or {all} (with the partial last block)",
+                            hashes.len(),
+                            self.b()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn prompt_hashes(&self, prompt: &Prompt<'_>, seed: u64) -> Result<Vec<u64>> {
+        self.check_prompt(prompt)?;
+        let b = self.b() as usize;
+        let mut out = Vec::with_capacity(prompt.len() as usize / b);
+        match *prompt {
+            Prompt::Tokens(t) => hash::chain_tokens(seed, t, b, &mut out),
+            Prompt::BlockHashes { hashes, num_tokens } => {
+                let whole = (num_tokens / self.b()) as usize;
+                hash::chain_ids(seed, &hashes[..whole], &mut out);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Window-safe hit length in tokens for a prompt, without changing anything.
+    pub fn match_prefix(&self, prompt: Prompt<'_>, salt: Option<&[u8]>) -> Result<u64> {
+        let seed = hash::root_seed(salt);
+        let hashes = self.prompt_hashes(&prompt, seed)?;
+        let max_safe = ((prompt.len() - 1) / self.b()) as u32;
+        let mut path = Vec::new();
+        Ok(u64::from(self.tree.walk(&hashes, max_safe, &mut path).safe) * self.b())
+    }
+
+    /// Admits a request (see the module docs). Returns the prompt tokens served from cache, or
+    /// `None` when even eviction cannot make room; then nothing changed but cache evictions.
+    pub fn admit(
+        &mut self,
+        req: u64,
+        prompt: Prompt<'_>,
+        salt: Option<&[u8]>,
+        max_tokens: Option<u64>,
+    ) -> Result<Option<u64>> {
+        if self.requests.contains_key(&req) {
+            return Err(Error::Request {
+                req,
+                message: "is already running".into(),
+            });
+        }
+        if max_tokens == Some(0) {
+            return Err(Error::invalid("max_tokens", "must be positive (or None)"));
+        }
+        let seed = hash::root_seed(salt);
+        let hashes = self.prompt_hashes(&prompt, seed)?;
+        let len = prompt.len();
+        let b = self.b();
+        let max_safe = ((len - 1) / b) as u32;
+        let mut path = Vec::with_capacity(hashes.len());
+        let walk = self.tree.walk(&hashes, max_safe, &mut path);
+        let hit = u64::from(walk.safe) * b;
+        let n_full = (len / b) as u32;
+
+        self.serial += 1;
+        let mut r = Request {
+            seed,
+            by_ids: matches!(prompt, Prompt::Tokens(_)),
+            hashes,
+            tail: match prompt {
+                Prompt::Tokens(t) => t[(n_full as usize * b as usize)..].to_vec(),
+                Prompt::BlockHashes { .. } => Vec::new(),
+            },
+            prompt_len: len,
+            len: hit,
+            hit,
+            path,
+            created: Vec::new(),
+            created_ckpts: Vec::new(),
+            tables: vec![Vec::new(); self.spec.groups.len()],
+            plans: self.plan_checkpoints(walk.safe, walk.depth, n_full),
+            plans_done: 0,
+            serial: self.serial,
+            swa_floor: vec![0; self.spec.groups.len()],
+        };
+        // Pin the matched path so eviction cannot take it while we make room.
+        for &n in &r.path {
+            self.tree.pin(n);
+        }
+        // Blocks below the hit come from the tree: full groups everywhere, sliding groups in
+        // the hit's window.
+        for g in 0..self.spec.groups.len() {
+            let first = match self.window(g) {
+                Some(w) => self.window_first(hit, w),
+                None => 0,
+            };
+            let tree = &self.tree;
+            r.tables[g] = (0..u64::from(walk.safe))
+                .map(|i| {
+                    if i >= first {
+                        tree.block(r.path[i as usize], g)
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+        }
+        let end = match max_tokens {
+            Some(m) => len.min(hit + m),
+            None => len,
+        };
+        if !self.schedule(&mut r, end)? {
+            let mut freed = std::mem::take(&mut self.scratch);
+            for &n in &r.path {
+                self.tree.unpin(n, &mut freed);
+            }
+            self.release(&mut freed);
+            self.scratch = freed;
+            self.admissions_refused += 1;
+            return Ok(None);
+        }
+        if walk.safe > 0 {
+            self.tree.record_hit(r.path[walk.safe as usize - 1]);
+        }
+        self.hit_tokens += hit;
+        self.miss_tokens += len - hit;
+        self.requests.insert(req, r);
+        Ok(Some(hit))
+    }
+
+    /// Planned prompt checkpoints: (end block, with the extra block).
+    fn plan_checkpoints(&self, safe: u32, depth: u32, n_full: u32) -> Vec<(u32, bool)> {
+        if !self.swa_aware() || !self.spec.groups.iter().any(|g| g.window.is_some()) {
+            return Vec::new();
+        }
+        let mut plans = Vec::new();
+        if safe < depth && depth < n_full {
+            plans.push((depth, false)); // branch point: this request computes the window
+        }
+        if let Some(iv) = self.config.checkpoint_interval {
+            let b = self.b();
+            let mut t = iv;
+            while t < u64::from(n_full) * b {
+                let e = (t / b) as u32;
+                if e > safe && e != depth {
+                    plans.push((e, false));
+                }
+                t += iv;
+            }
+        }
+        if n_full > 0 {
+            plans.push((n_full, true));
+        }
+        plans.sort_unstable();
+        plans.dedup_by_key(|p| p.0);
+        plans
+    }
+
+    /// Whether block `i` of sliding group `g` belongs to a planned checkpoint run.
+    fn in_plan(&self, r: &Request, g: usize, i: u64) -> bool {
+        let w = self.window(g).expect("sliding");
+        r.plans.iter().any(|&(e, extra)| {
+            let e = u64::from(e);
+            let first = self.window_first(e * self.b(), w).saturating_sub(u64::from(extra));
+            i >= first && i < e
+        })
+    }
+
+    /// Extends `r`'s scheduled range to `end`: allocates what the new positions need (evicting
+    /// cached entries if necessary), links prompt blocks into the tree, registers checkpoints
+    /// whose windows are complete, and releases SWA blocks that left the window. Returns false,
+    /// changing nothing, when it does not fit.
+    fn schedule(&mut self, r: &mut Request, end: u64) -> Result<bool> {
+        let b = self.b();
+        let start = r.len;
+        debug_assert!(end > start);
+        let first_blk = start / b;
+        let end_blk = div_ceil(end, b);
+        let n_full_prompt = r.prompt_len / b;
+        let groups = self.spec.groups.len();
+
+        // 1. What to allocate: (group, block index, attach-to-node).
+        let mut want: Vec<(usize, u64, bool)> = Vec::new();
+        let mut counts = vec![0u64; groups];
+        for g in 0..groups {
+            let table = &r.tables[g];
+            let window_first = self.window(g).map(|w| self.window_first(end, w));
+            for i in first_blk..end_blk {
+                if (i as usize) < table.len() && table[i as usize] != 0 {
+                    continue;
+                }
+                let is_prompt_block = i < n_full_prompt;
+                let node = r.path.get(i as usize).copied();
+                let node_has = node.is_some_and(|n| self.tree.block(n, g) != 0);
+                let (need, attach) = match window_first {
+                    Some(wf) if self.swa_aware() => {
+                        if is_prompt_block && !node_has && self.in_plan(r, g, i) {
+                            (true, true) // a checkpoint block: it goes to the tree
+                        } else {
+                            (i >= wf, false) // the running window, private
+                        }
+                    }
+                    // Full groups, and every group under the dense policy.
+                    _ => (true, is_prompt_block && !node_has),
+                };
+                if need {
+                    want.push((g, i, attach));
+                    counts[g] += 1;
+                }
+            }
+        }
+        // 2. Make room, all or nothing.
+        let need: Vec<(usize, u64)> = counts.iter().copied().enumerate().collect();
+        if !self.make_room(&need)? {
+            return Ok(false);
+        }
+        let mut handles: Vec<Vec<Handle>> = vec![Vec::new(); groups];
+        for (g, &n) in counts.iter().enumerate() {
+            if n > 0 {
+                handles[g] = self.arena.alloc(g, n as usize)?;
+                handles[g].reverse(); // pop() hands them out in order
+            }
+        }
+        // 3. Fill the tables.
+        for t in r.tables.iter_mut() {
+            if (t.len() as u64) < end_blk {
+                t.resize(end_blk as usize, 0);
+            }
+        }
+        // attach[g][i - first_blk]: block i of group g goes to the tree.
+        let span = (end_blk - first_blk) as usize;
+        let mut attach = vec![vec![false; span]; groups];
+        for &(g, i, to_tree) in &want {
+            let h = handles[g].pop().expect("allocated");
+            r.tables[g][i as usize] = h;
+            attach[g][(i - first_blk) as usize] = to_tree;
+        }
+        // 4. Link whole prompt blocks into the tree (in-flight sharing).
+        let whole_end = (end / b).min(n_full_prompt);
+        for i in r.path.len() as u64..whole_end {
+            let hash = r.hashes[i as usize];
+            let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
+            if let Some(n) = self.tree.lookup(hash).filter(|&n| u64::from(self.tree.depth(n)) == i) {
+                // Another running request linked it meanwhile: share its node; our blocks stay
+                // private.
+                self.tree.pin(n);
+                r.path.push(n);
+                continue;
+            }
+            let blocks: Vec<Handle> = (0..groups)
+                .map(|g| {
+                    if attach[g][(i - first_blk) as usize] {
+                        r.tables[g][i as usize]
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let n = self.tree.insert(hash, parent, i as u32, &blocks);
+            r.path.push(n);
+            r.created.push(n);
+        }
+        // Checkpoint blocks for nodes that already existed (a branch window, or a node another
+        // request linked first).
+        for (g, mask) in attach.iter().enumerate() {
+            for (k, &to_tree) in mask.iter().enumerate() {
+                let i = first_blk as usize + k;
+                if to_tree && i < r.path.len() && self.tree.block(r.path[i], g) == 0 {
+                    self.tree.attach(r.path[i], g, r.tables[g][i]);
+                }
+            }
+        }
+        r.len = end;
+        // 5. Register planned checkpoints whose runs are complete.
+        while r.plans_done < r.plans.len() && u64::from(r.plans[r.plans_done].0) <= whole_end {
+            let (e, extra) = r.plans[r.plans_done];
+            r.plans_done += 1;
+            let max_blocks = self.run_lengths(e, extra);
+            let n = r.path[e as usize - 1];
+            if self.tree.add_checkpoint(n, &max_blocks) {
+                r.created_ckpts.push(n);
+            }
+        }
+        // 6. Release SWA blocks that left the window: private ones go back to the arena, tree
+        // blocks are simply no longer referenced.
+        if self.swa_aware() {
+            let mut freed = std::mem::take(&mut self.scratch);
+            for g in 0..groups {
+                let Some(w) = self.window(g) else { continue };
+                let wf = self.window_first(end, w).min(r.tables[g].len() as u64);
+                for i in r.swa_floor[g]..wf {
+                    let h = r.tables[g][i as usize];
+                    if h != 0 {
+                        if self.is_private(r, g, i) {
+                            freed.push((g, h));
+                            self.window_released += 1;
+                        }
+                        r.tables[g][i as usize] = 0;
+                    }
+                }
+                r.swa_floor[g] = r.swa_floor[g].max(wf);
+            }
+            self.release(&mut freed);
+            self.scratch = freed;
+        }
+        Ok(true)
+    }
+
+    /// Per sliding group, the longest run a checkpoint ending at block `e` may cover.
+    fn run_lengths(&self, e: u32, extra: bool) -> Vec<u32> {
+        self.spec
+            .groups
+            .iter()
+            .filter_map(|g| g.window)
+            .map(|w| {
+                let t = self.tree.layout().window_blocks(e, w);
+                (t + u32::from(extra)).min(e)
+            })
+            .collect()
+    }
+
+    fn is_private(&self, r: &Request, g: usize, i: u64) -> bool {
+        let h = r.tables[g][i as usize];
+        h != 0
+            && r
+                .path
+                .get(i as usize)
+                .is_none_or(|&n| self.tree.block(n, g) != h)
+    }
+
+    /// Evicts until `need` fits. False if it cannot (the pre-check keeps a hopeless request
+    /// from emptying the cache).
+    fn make_room(&mut self, need: &[(usize, u64)]) -> Result<bool> {
+        if self.arena.can_alloc_all(need)? {
+            return Ok(true);
+        }
+        let need_bytes: u64 = need
+            .iter()
+            .map(|&(g, n)| n * self.tree.layout().block_bytes[g])
+            .sum();
+        let st = self.arena.stats();
+        if need_bytes > st.bytes_free + self.tree.evictable_bytes() {
+            return Ok(false);
+        }
+        let mut freed = std::mem::take(&mut self.scratch);
+        let ok = loop {
+            match self.tree.evict_one(&mut freed) {
+                None => break false,
+                Some(Evicted::Leaf) => self.evicted_leaves += 1,
+                Some(Evicted::Checkpoint) => self.evicted_checkpoints += 1,
+            }
+            self.release(&mut freed);
+            if self.arena.can_alloc_all(need)? {
+                break true;
+            }
+        };
+        self.scratch = freed;
+        Ok(ok)
+    }
+
+    fn release(&mut self, freed: &mut Freed) {
+        if freed.is_empty() {
+            return;
+        }
+        let hs: Vec<Handle> = freed.iter().map(|&(_, h)| h).collect();
+        freed.clear();
+        self.arena
+            .free(&hs)
+            .expect("blocks released by the manager are live and owned once");
+    }
+
+    /// Appends tokens to a running request (see [`Extension`]). Returns false, changing
+    /// nothing, when there is no room even after eviction.
+    pub fn extend(&mut self, req: u64, ext: Extension<'_>) -> Result<bool> {
+        let mut r = self.requests.remove(&req).ok_or(Error::Request {
+            req,
+            message: "is not running".into(),
+        })?;
+        let res = self.extend_inner(&mut r, ext);
+        self.requests.insert(req, r);
+        if res == Ok(false) {
+            self.extensions_refused += 1;
+        }
+        res
+    }
+
+    fn extend_inner(&mut self, r: &mut Request, ext: Extension<'_>) -> Result<bool> {
+        let (n, tokens) = match ext {
+            Extension::Tokens(t) => {
+                if r.len < r.prompt_len {
+                    return Err(Error::invalid(
+                        "tokens",
+                        format!(
+                            "the prompt is not fully scheduled ({} of {} tokens); continue it \
+                             with a count",
+                            r.len, r.prompt_len
+                        ),
+                    ));
+                }
+                if !r.by_ids {
+                    return Err(Error::invalid(
+                        "tokens",
+                        "the request was admitted with block hashes; extend it with a count",
+                    ));
+                }
+                (t.len() as u64, Some(t))
+            }
+            Extension::Count(n) => {
+                if r.by_ids && r.len + n > r.prompt_len {
+                    return Err(Error::invalid(
+                        "count",
+                        format!(
+                            "{n} tokens would go past the prompt ({} of {} scheduled); output \
+                             tokens of a token-id request must be given as ids",
+                            r.len, r.prompt_len
+                        ),
+                    ));
+                }
+                (n, None)
+            }
+        };
+        if n == 0 {
+            return Ok(true);
+        }
+        let end = r.len + n;
+        if !self.schedule(r, end)? {
+            return Ok(false);
+        }
+        // Hash output blocks as they complete (prompt blocks were hashed at admission).
+        let b = self.b() as usize;
+        if let Some(t) = tokens {
+            r.tail.extend_from_slice(t);
+            let whole = r.tail.len() / b * b;
+            if whole > 0 {
+                hash::chain_tokens(r.seed, &r.tail[..whole], b, &mut r.hashes);
+                r.tail.drain(..whole);
+            }
+        } else {
+            while (r.hashes.len() as u64) < end / self.b() {
+                let i = r.hashes.len() as u64;
+                // Opaque output: an id unique to this request and position.
+                let id = hash::digest(&[r.serial.to_le_bytes(), i.to_le_bytes()].concat());
+                hash::chain_ids(r.seed, &[id], &mut r.hashes);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Finishes a request: its computed whole blocks (prompt and output) enter the prefix cache,
+    /// with the output-end checkpoint; everything else it held is freed.
+    pub fn finish(&mut self, req: u64) -> Result<()> {
+        let mut r = self.requests.remove(&req).ok_or(Error::Request {
+            req,
+            message: "is not running".into(),
+        })?;
+        let b = self.b();
+        let groups = self.spec.groups.len();
+        let e = (r.len / b).min(r.hashes.len() as u64);
+        // Link output blocks.
+        for i in r.path.len() as u64..e {
+            let hash = r.hashes[i as usize];
+            if let Some(n) = self.tree.lookup(hash).filter(|&n| u64::from(self.tree.depth(n)) == i) {
+                self.tree.pin(n);
+                r.path.push(n);
+                continue;
+            }
+            let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
+            let blocks: Vec<Handle> = (0..groups)
+                .map(|g| {
+                    if self.window(g).is_none() || !self.swa_aware() {
+                        r.tables[g][i as usize]
+                    } else {
+                        0
+                    }
+                })
+                .collect();
+            let n = self.tree.insert(hash, parent, i as u32, &blocks);
+            r.path.push(n);
+        }
+        // Keep the window ending at E (swa-aware) or every sliding block (dense).
+        for g in 0..groups {
+            let Some(w) = self.window(g) else { continue };
+            let first = if self.swa_aware() {
+                self.window_first(e * b, w)
+            } else {
+                0
+            };
+            for i in first..e {
+                let h = r.tables[g][i as usize];
+                let n = r.path[i as usize];
+                if h != 0 && self.tree.block(n, g) == 0 {
+                    self.tree.attach(n, g, h);
+                }
+            }
+        }
+        if e > 0 && self.swa_aware() {
+            let max_blocks = self.run_lengths(e as u32, false);
+            self.tree.add_checkpoint(r.path[e as usize - 1], &max_blocks);
+        }
+        let mut freed = std::mem::take(&mut self.scratch);
+        self.collect_private(&r, &mut freed);
+        for &n in &r.path {
+            self.tree.unpin(n, &mut freed);
+        }
+        self.release(&mut freed);
+        self.scratch = freed;
+        Ok(())
+    }
+
+    fn collect_private(&self, r: &Request, freed: &mut Freed) {
+        for g in 0..r.tables.len() {
+            for i in 0..r.tables[g].len() as u64 {
+                if self.is_private(r, g, i) {
+                    freed.push((g, r.tables[g][i as usize]));
+                }
+            }
+        }
+    }
+
+    /// Drops a request: nothing of it stays in the cache.
+    pub fn abort(&mut self, req: u64) -> Result<()> {
+        let r = self.requests.remove(&req).ok_or(Error::Request {
+            req,
+            message: "is not running".into(),
+        })?;
+        let mut freed = std::mem::take(&mut self.scratch);
+        self.collect_private(&r, &mut freed);
+        for &n in &r.created_ckpts {
+            if self.tree.is_checkpoint(n) {
+                self.tree.remove_checkpoint(n, &mut freed);
+            }
+        }
+        for &n in &r.path {
+            self.tree.unpin(n, &mut freed);
+        }
+        for &n in r.created.iter().rev() {
+            self.tree.discard(n, &mut freed);
+        }
+        self.aborted_blocks += freed.len() as u64;
+        self.release(&mut freed);
+        self.scratch = freed;
+        Ok(())
+    }
+
+    /// Page indices of a running request's blocks in group `group`, one per block of its
+    /// scheduled tokens; [`NULL_PAGE`] where it holds no block.
+    pub fn block_table(&self, req: u64, group: usize) -> Result<Vec<i32>> {
+        let r = self.requests.get(&req).ok_or(Error::Request {
+            req,
+            message: "is not running".into(),
+        })?;
+        let t = r.tables.get(group).ok_or_else(|| {
+            Error::invalid(
+                "group",
+                format!("{group} is out of range: the model has {} groups", r.tables.len()),
+            )
+        })?;
+        t.iter()
+            .map(|&h| {
+                if h == 0 {
+                    Ok(NULL_PAGE)
+                } else {
+                    let p = self.arena.page(h)?;
+                    i32::try_from(p).map_err(|_| Error::invalid("group", "page index exceeds i32"))
+                }
+            })
+            .collect()
+    }
+
+    /// Tokens scheduled for a running request (the length its block tables cover).
+    pub fn num_tokens(&self, req: u64) -> Result<u64> {
+        self.requests.get(&req).map(|r| r.len).ok_or(Error::Request {
+            req,
+            message: "is not running".into(),
+        })
+    }
+
+    /// Whether a request is running.
+    pub fn is_running(&self, req: u64) -> bool {
+        self.requests.contains_key(&req)
+    }
+
+    /// Serves a whole scheduler step in one call. Every id is checked before anything changes:
+    /// an unknown or repeated id is an error and the step does nothing.
+    pub fn step(&mut self, step: &Step<'_>) -> Result<StepOutcome> {
+        let mut seen = std::collections::HashSet::new();
+        for &id in step.finish.iter().chain(&step.abort) {
+            if !self.requests.contains_key(&id) || !seen.insert(id) {
+                return Err(Error::Request {
+                    req: id,
+                    message: "is not running or appears twice in finish/abort".into(),
+                });
+            }
+        }
+        let mut ext_seen = std::collections::HashSet::new();
+        for &(id, ext) in &step.extend {
+            if !self.requests.contains_key(&id) || seen.contains(&id) || !ext_seen.insert(id) {
+                return Err(Error::Request {
+                    req: id,
+                    message: "is not running, repeated, or also finished/aborted in this step"
+                        .into(),
+                });
+            }
+            self.check_extension(id, ext)?;
+        }
+        let mut adm_seen = std::collections::HashSet::new();
+        for a in &step.admit {
+            if self.requests.contains_key(&a.req) || !adm_seen.insert(a.req) {
+                return Err(Error::Request {
+                    req: a.req,
+                    message: "is already running or admitted twice in this step".into(),
+                });
+            }
+            self.check_prompt(&a.prompt)?;
+            if a.max_tokens == Some(0) {
+                return Err(Error::invalid("max_tokens", "must be positive (or None)"));
+            }
+        }
+        for &id in &step.finish {
+            self.finish(id)?;
+        }
+        for &id in &step.abort {
+            self.abort(id)?;
+        }
+        let mut out = StepOutcome::default();
+        for &(id, ext) in &step.extend {
+            out.extended.push(self.extend(id, ext)?);
+        }
+        for a in &step.admit {
+            out.admitted
+                .push(self.admit(a.req, a.prompt, a.salt, a.max_tokens)?);
+        }
+        Ok(out)
+    }
+
+    fn check_extension(&self, id: u64, ext: Extension<'_>) -> Result<()> {
+        let r = &self.requests[&id];
+        match ext {
+            Extension::Tokens(_) if r.len < r.prompt_len || !r.by_ids => Err(Error::invalid(
+                "tokens",
+                format!("request {id}: extend with a count (prompt pending or hash-mode request)"),
+            )),
+            Extension::Count(n) if r.by_ids && r.len + n > r.prompt_len => Err(Error::invalid(
+                "count",
+                format!("request {id}: a count may only continue the prompt of a token-id request"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// A snapshot of the accounting.
+    pub fn stats(&self) -> ManagerStats {
+        let (held, tomb) = self.tree.block_counts();
+        let mut running = vec![0u64; self.spec.groups.len()];
+        for r in self.requests.values() {
+            for (g, run) in running.iter_mut().enumerate() {
+                *run += (0..r.tables[g].len() as u64)
+                    .filter(|&i| self.is_private(r, g, i))
+                    .count() as u64;
+            }
+        }
+        let a = self.arena.stats();
+        let groups = (0..self.spec.groups.len())
+            .map(|g| GroupStats {
+                running: running[g],
+                cached: held[g],
+                free: self.arena.available(g).unwrap_or(0),
+                tombstones: if self.window(g).is_some() { tomb[g] } else { 0 },
+            })
+            .collect();
+        ManagerStats {
+            groups,
+            running_requests: self.requests.len() as u64,
+            cached_blocks: self.tree.num_nodes(),
+            checkpoints: self.tree.num_checkpoints(),
+            hit_tokens: self.hit_tokens,
+            miss_tokens: self.miss_tokens,
+            admissions_refused: self.admissions_refused,
+            extensions_refused: self.extensions_refused,
+            evicted_leaves: self.evicted_leaves,
+            evicted_checkpoints: self.evicted_checkpoints,
+            aborted_blocks: self.aborted_blocks,
+            window_released_blocks: self.window_released,
+            bytes_in_use: a.bytes_in_use,
+            capacity_bytes: a.capacity_bytes,
+            padding_waste_bytes: a.padding_waste_bytes + a.tail_bytes,
+        }
+    }
+
+    /// Checks every invariant: each live block is owned exactly once (by the tree or one
+    /// request) and the arena agrees; tree invariants; pins match the running requests; running
+    /// requests' private SWA is bounded by their window.
+    pub fn validate(&self) -> Result<()> {
+        self.arena.validate()?;
+        let bad = |m: String| Err(Error::Invariant(format!("manager: {m}")));
+        let mut pins: HashMap<NodeId, u32> = HashMap::new();
+        let mut owner: HashMap<Handle, &'static str> = HashMap::new();
+        let mut per_group = vec![0u64; self.spec.groups.len()];
+        let mut dup = None;
+        self.tree.for_each_block(|g, h| {
+            per_group[g] += 1;
+            if owner.insert(h, "tree").is_some() {
+                dup = Some(h);
+            }
+        });
+        if let Some(h) = dup {
+            return bad(format!("block {h:#x} is held twice by the tree"));
+        }
+        let b = self.b();
+        for (&id, r) in &self.requests {
+            for &n in &r.path {
+                *pins.entry(n).or_default() += 1;
+            }
+            if r.len < r.hit || r.len > r.prompt_len.max(r.len) {
+                return bad(format!("request {id}: scheduled length out of range"));
+            }
+            for g in 0..r.tables.len() {
+                if r.tables[g].len() as u64 != div_ceil(r.len, b) {
+                    return bad(format!("request {id} group {g}: table length != blocks of len"));
+                }
+                let mut private_swa = 0;
+                for i in 0..r.tables[g].len() as u64 {
+                    let h = r.tables[g][i as usize];
+                    if self.window(g).is_none() && h == 0 {
+                        return bad(format!("request {id}: full-attention hole at block {i}"));
+                    }
+                    if self.is_private(r, g, i) {
+                        per_group[g] += 1;
+                        private_swa += u64::from(self.window(g).is_some());
+                        if owner.insert(h, "request").is_some() {
+                            return bad(format!("block {h:#x} owned twice (request {id})"));
+                        }
+                    } else if h != 0 && !self.arena.is_live(h) {
+                        return bad(format!("request {id} references a dead block"));
+                    }
+                }
+                if let (Some(w), true) = (self.window(g), self.swa_aware()) {
+                    let bound = div_ceil(u64::from(w), b) + 1;
+                    if private_swa > bound {
+                        return bad(format!(
+                            "request {id} group {g}: {private_swa} private SWA blocks > {bound}"
+                        ));
+                    }
+                }
+            }
+            if r.path.len() as u64 > div_ceil(r.len, b) {
+                return bad(format!("request {id}: path longer than its blocks"));
+            }
+        }
+        for (g, &n) in per_group.iter().enumerate() {
+            if self.arena.blocks_in_use(g)? != n {
+                return bad(format!(
+                    "group {g}: arena has {} live blocks, owners account for {n}",
+                    self.arena.blocks_in_use(g)?
+                ));
+            }
+        }
+        self.tree.validate(&pins)
+    }
+}

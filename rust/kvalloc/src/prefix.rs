@@ -1,0 +1,751 @@
+//! The prefix index: a tree of cached blocks keyed by chained block hash.
+//!
+//! Each node is one whole block of some cached sequence. It always holds the block's KV for every
+//! full-attention group; for a sliding group it holds the block's SWA KV only where it is kept
+//! (part of a *checkpoint*), and is a *tombstone* for that group otherwise.
+//!
+//! A checkpoint is the SWA KV of the blocks just before a resume point, so that a request can
+//! resume there: it ends at a node (`ckpt_end`) and covers, per sliding group, the blocks from
+//! `ckpt_start` to the end node. Blocks can belong to several checkpoints (`ckpt_refs` counts
+//! them); a block's SWA KV is freed when no checkpoint covers it and no running request pins it.
+//!
+//! The tree returns freed blocks as data (`Freed`); the manager gives them back to the arena.
+//!
+//! ## Invariants (checked by [`PrefixTree::validate`])
+//! - `index` maps exactly the live nodes' hashes; a node's depth is its parent's plus one and
+//!   `children` counts its live children: a cached prefix has no holes in the full groups;
+//! - every live node holds a block for every full group;
+//! - `ckpt_refs` equals the number of registered checkpoints covering the block, and a kept SWA
+//!   block is covered by a checkpoint or its node is pinned (swa-aware policy); under the dense
+//!   policy every node holds every sliding block;
+//! - the eviction sets hold exactly the unpinned leaves and the unpinned interior checkpoints.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
+
+use crate::error::{Error, Result};
+use crate::policy::{Candidate, Eviction, EvictionOrder};
+use crate::slab::Handle;
+
+/// Node id; `NONE` marks "no node" (the parent of depth-0 nodes).
+pub type NodeId = u32;
+/// No node.
+pub const NONE: NodeId = u32::MAX;
+
+/// Keys are already uniformly distributed hashes: hashing them again is wasted work.
+#[derive(Default, Clone, Copy)]
+pub struct IdentityHasher(u64);
+
+impl Hasher for IdentityHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
+
+/// Blocks released by a tree operation: (group, handle).
+pub type Freed = Vec<(usize, Handle)>;
+
+#[derive(Debug, Clone)]
+struct Node {
+    hash: u64,
+    parent: NodeId,
+    depth: u32,
+    children: u32,
+    /// Running requests that pin this node (their path runs through it).
+    refs: u32,
+    /// Requests that resumed exactly at the end of this node.
+    hits: u32,
+    last_access: u64,
+    /// A registered checkpoint ends at this node.
+    ckpt_end: bool,
+    /// Created by an aborted request while others still pinned it: never matched again and
+    /// removed as soon as it is unpinned and childless.
+    doomed: bool,
+    alive: bool,
+    /// Current key in `leaves` or `ckpts`, if the node is in one of them.
+    key: Option<(SetKind, u64)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SetKind {
+    Leaf,
+    Ckpt,
+}
+
+/// What an eviction removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Evicted {
+    /// A leaf node (its full block and any SWA block).
+    Leaf,
+    /// An interior checkpoint's SWA blocks.
+    Checkpoint,
+}
+
+/// Result of walking a prompt's block hashes down the tree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Walk {
+    /// Leading blocks whose full-attention KV is cached.
+    pub depth: u32,
+    /// Leading blocks that form a window-safe hit (`safe <= depth`).
+    pub safe: u32,
+}
+
+/// Static description of the KV groups the tree serves.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// Window of each group (`None` for full attention).
+    pub windows: Vec<Option<u32>>,
+    /// Block size in bytes of each group.
+    pub block_bytes: Vec<u64>,
+    /// Tokens per block.
+    pub block_tokens: u32,
+    /// `false`: the dense policy (every group keeps every cached block).
+    pub swa_aware: bool,
+}
+
+impl Layout {
+    fn groups(&self) -> usize {
+        self.windows.len()
+    }
+
+    /// Blocks that must hold SWA KV, ending at block boundary `k` (exclusive), for a resume at
+    /// token `k * B` to be window-safe in a group with window `w`: those overlapping
+    /// `[kB - w, kB)`, counted at token granularity.
+    pub fn window_blocks(&self, k: u32, w: u32) -> u32 {
+        let b = u64::from(self.block_tokens);
+        let p = u64::from(k) * b;
+        let first = p.saturating_sub(u64::from(w)) / b;
+        k - first as u32
+    }
+}
+
+/// The prefix tree.
+#[derive(Debug)]
+pub struct PrefixTree {
+    layout: Layout,
+    sliding: Vec<usize>,
+    nodes: Vec<Node>,
+    /// `blocks[node * G + g]`: the node's block of group g, 0 when absent.
+    blocks: Vec<Handle>,
+    /// Checkpoints covering the node's block of group g.
+    ckpt_refs: Vec<u32>,
+    /// For a checkpoint ending at the node: first block index it covers in group g.
+    ckpt_start: Vec<u32>,
+    free_ids: Vec<NodeId>,
+    index: IdMap<NodeId>,
+    leaves: BTreeSet<(u64, NodeId)>,
+    ckpts: BTreeSet<(u64, NodeId)>,
+    order: EvictionOrder,
+    tick: u64,
+    live_nodes: u64,
+    checkpoints: u64,
+}
+
+impl PrefixTree {
+    /// An empty tree for the given layout and eviction order.
+    pub fn new(layout: Layout, eviction: Eviction) -> Self {
+        let sliding = (0..layout.groups())
+            .filter(|&g| layout.windows[g].is_some())
+            .collect();
+        PrefixTree {
+            layout,
+            sliding,
+            nodes: Vec::new(),
+            blocks: Vec::new(),
+            ckpt_refs: Vec::new(),
+            ckpt_start: Vec::new(),
+            free_ids: Vec::new(),
+            index: IdMap::default(),
+            leaves: BTreeSet::new(),
+            ckpts: BTreeSet::new(),
+            order: EvictionOrder::new(eviction),
+            tick: 0,
+            live_nodes: 0,
+            checkpoints: 0,
+        }
+    }
+
+    /// The layout served.
+    pub fn layout(&self) -> &Layout {
+        &self.layout
+    }
+
+    fn g(&self) -> usize {
+        self.layout.groups()
+    }
+
+    fn slot(&self, n: NodeId, g: usize) -> usize {
+        n as usize * self.g() + g
+    }
+
+    /// Advances and returns the logical clock.
+    pub fn now(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
+    }
+
+    /// The live node for a chained hash, if any (doomed nodes are not found).
+    pub fn lookup(&self, hash: u64) -> Option<NodeId> {
+        self.index
+            .get(&hash)
+            .copied()
+            .filter(|&n| !self.nodes[n as usize].doomed)
+    }
+
+    /// The block of group `g` held by node `n` (0 when absent).
+    pub fn block(&self, n: NodeId, g: usize) -> Handle {
+        self.blocks[self.slot(n, g)]
+    }
+
+    /// Depth (block index) of a node.
+    pub fn depth(&self, n: NodeId) -> u32 {
+        self.nodes[n as usize].depth
+    }
+
+    /// Running requests pinning `n`.
+    pub fn refs(&self, n: NodeId) -> u32 {
+        self.nodes[n as usize].refs
+    }
+
+    /// Whether a checkpoint ends at `n`.
+    pub fn is_checkpoint(&self, n: NodeId) -> bool {
+        self.nodes[n as usize].ckpt_end
+    }
+
+    /// Walks `hashes` from the root, collecting the matched nodes into `path`, and finds the
+    /// longest window-safe prefix of at most `max_safe` blocks.
+    pub fn walk(&self, hashes: &[u64], max_safe: u32, path: &mut Vec<NodeId>) -> Walk {
+        let mut runs = vec![0u32; self.sliding.len()];
+        let mut safe = 0;
+        for (i, &h) in hashes.iter().enumerate() {
+            let Some(n) = self.lookup(h) else { break };
+            if self.nodes[n as usize].depth as usize != i {
+                break; // a hash collision across depths: treat as a miss
+            }
+            path.push(n);
+            let k = i as u32 + 1;
+            let mut ok = true;
+            for (r, &g) in runs.iter_mut().zip(&self.sliding) {
+                *r = if self.block(n, g) != 0 { *r + 1 } else { 0 };
+                let w = self.layout.windows[g].expect("sliding");
+                ok &= *r >= self.layout.window_blocks(k, w);
+            }
+            if ok && k <= max_safe {
+                safe = k;
+            }
+        }
+        Walk {
+            depth: path.len() as u32,
+            safe,
+        }
+    }
+
+    /// Inserts a node for block `depth` under `parent` (NONE at depth 0). `blocks` holds one
+    /// handle per group (0 for an absent sliding block). The node starts pinned once.
+    pub fn insert(&mut self, hash: u64, parent: NodeId, depth: u32, blocks: &[Handle]) -> NodeId {
+        debug_assert_eq!(blocks.len(), self.g());
+        debug_assert!(!self.index.contains_key(&hash));
+        let tick = self.now();
+        let node = Node {
+            hash,
+            parent,
+            depth,
+            children: 0,
+            refs: 1,
+            hits: 0,
+            last_access: tick,
+            ckpt_end: false,
+            doomed: false,
+            alive: true,
+            key: None,
+        };
+        let id = match self.free_ids.pop() {
+            Some(id) => {
+                self.nodes[id as usize] = node;
+                id
+            }
+            None => {
+                let id = self.nodes.len() as NodeId;
+                self.nodes.push(node);
+                let g = self.g();
+                self.blocks.resize(self.blocks.len() + g, 0);
+                self.ckpt_refs.resize(self.ckpt_refs.len() + g, 0);
+                self.ckpt_start.resize(self.ckpt_start.len() + g, 0);
+                id
+            }
+        };
+        for (g, &h) in blocks.iter().enumerate() {
+            let s = self.slot(id, g);
+            self.blocks[s] = h;
+            self.ckpt_refs[s] = 0;
+            self.ckpt_start[s] = 0;
+        }
+        self.index.insert(hash, id);
+        self.live_nodes += 1;
+        if parent != NONE {
+            self.nodes[parent as usize].children += 1;
+            self.refresh(parent);
+        }
+        id
+    }
+
+    /// Gives node `n` the SWA block `h` of sliding group `g` (it had none).
+    pub fn attach(&mut self, n: NodeId, g: usize, h: Handle) {
+        let s = self.slot(n, g);
+        debug_assert_eq!(self.blocks[s], 0);
+        self.blocks[s] = h;
+    }
+
+    /// Pins a node for a running request.
+    pub fn pin(&mut self, n: NodeId) {
+        let node = &mut self.nodes[n as usize];
+        node.refs += 1;
+        if node.refs == 1 {
+            self.refresh(n);
+        }
+    }
+
+    /// Counts a resume at the end of `n`.
+    pub fn record_hit(&mut self, n: NodeId) {
+        self.nodes[n as usize].hits += 1;
+    }
+
+    /// Unpins a node. When the last pin goes, SWA blocks no checkpoint covers are freed
+    /// (swa-aware policy), a doomed node is removed, and the node becomes evictable.
+    pub fn unpin(&mut self, n: NodeId, freed: &mut Freed) {
+        let tick = self.now();
+        let node = &mut self.nodes[n as usize];
+        debug_assert!(node.refs > 0);
+        node.refs -= 1;
+        node.last_access = tick;
+        if node.refs > 0 {
+            return;
+        }
+        if self.layout.swa_aware {
+            for i in 0..self.sliding.len() {
+                let g = self.sliding[i];
+                let s = self.slot(n, g);
+                if self.blocks[s] != 0 && self.ckpt_refs[s] == 0 {
+                    freed.push((g, self.blocks[s]));
+                    self.blocks[s] = 0;
+                }
+            }
+        }
+        if self.nodes[n as usize].doomed && self.nodes[n as usize].children == 0 {
+            self.remove(n, freed);
+            return;
+        }
+        self.refresh(n);
+    }
+
+    /// Registers a checkpoint ending at node `end`: for each sliding group, the run of blocks
+    /// holding SWA KV that ends at `end`, at most `max_blocks[g]` long. Returns false (and
+    /// registers nothing) when `end` already ends a checkpoint or some group lacks the blocks a
+    /// window-safe resume at `end` needs.
+    pub fn add_checkpoint(&mut self, end: NodeId, max_blocks: &[u32]) -> bool {
+        if !self.layout.swa_aware || self.nodes[end as usize].ckpt_end || self.sliding.is_empty() {
+            return false;
+        }
+        let k = self.nodes[end as usize].depth + 1;
+        let mut starts = Vec::with_capacity(self.sliding.len());
+        for (i, &g) in self.sliding.iter().enumerate() {
+            let w = self.layout.windows[g].expect("sliding");
+            let need = self.layout.window_blocks(k, w);
+            let mut len = 0;
+            let mut n = end;
+            while n != NONE && len < max_blocks[i].max(need) && self.block(n, g) != 0 {
+                len += 1;
+                n = self.nodes[n as usize].parent;
+            }
+            if len < need {
+                return false;
+            }
+            starts.push(k - len);
+        }
+        for (i, &g) in self.sliding.clone().iter().enumerate() {
+            let s = self.slot(end, g);
+            self.ckpt_start[s] = starts[i];
+            let mut n = end;
+            while n != NONE && self.nodes[n as usize].depth >= starts[i] {
+                let s = self.slot(n, g);
+                self.ckpt_refs[s] += 1;
+                n = self.nodes[n as usize].parent;
+            }
+        }
+        self.nodes[end as usize].ckpt_end = true;
+        self.checkpoints += 1;
+        self.refresh(end);
+        true
+    }
+
+    /// Unregisters the checkpoint ending at `end`, freeing SWA blocks no longer covered by any
+    /// checkpoint whose nodes are unpinned.
+    pub fn remove_checkpoint(&mut self, end: NodeId, freed: &mut Freed) {
+        debug_assert!(self.nodes[end as usize].ckpt_end);
+        self.nodes[end as usize].ckpt_end = false;
+        self.checkpoints -= 1;
+        for i in 0..self.sliding.len() {
+            let g = self.sliding[i];
+            let start = self.ckpt_start[self.slot(end, g)];
+            let mut n = end;
+            while n != NONE && self.nodes[n as usize].depth >= start {
+                let s = self.slot(n, g);
+                self.ckpt_refs[s] -= 1;
+                if self.ckpt_refs[s] == 0 && self.nodes[n as usize].refs == 0 {
+                    freed.push((g, self.blocks[s]));
+                    self.blocks[s] = 0;
+                }
+                n = self.nodes[n as usize].parent;
+            }
+        }
+        self.refresh(end);
+    }
+
+    /// Removes an unpinned, childless node and its blocks (its checkpoint first).
+    fn remove(&mut self, n: NodeId, freed: &mut Freed) {
+        debug_assert!(self.nodes[n as usize].refs == 0 && self.nodes[n as usize].children == 0);
+        if self.nodes[n as usize].ckpt_end {
+            self.remove_checkpoint(n, freed);
+        }
+        self.take_key(n);
+        for g in 0..self.g() {
+            let s = self.slot(n, g);
+            if self.blocks[s] != 0 {
+                freed.push((g, self.blocks[s]));
+                self.blocks[s] = 0;
+            }
+            debug_assert_eq!(self.ckpt_refs[s], 0);
+        }
+        let node = &mut self.nodes[n as usize];
+        node.alive = false;
+        let (hash, parent) = (node.hash, node.parent);
+        self.index.remove(&hash);
+        self.free_ids.push(n);
+        self.live_nodes -= 1;
+        if parent != NONE {
+            let p = &mut self.nodes[parent as usize];
+            p.children -= 1;
+            if p.doomed && p.children == 0 && p.refs == 0 {
+                self.remove(parent, freed);
+            } else {
+                self.refresh(parent);
+            }
+        }
+    }
+
+    /// Removes what an aborted request created: `n` goes now if nothing else holds it,
+    /// otherwise it is doomed (never matched again, removed when released).
+    pub fn discard(&mut self, n: NodeId, freed: &mut Freed) {
+        let node = &self.nodes[n as usize];
+        if !node.alive {
+            return;
+        }
+        if node.refs == 0 && node.children == 0 {
+            self.remove(n, freed);
+        } else {
+            self.nodes[n as usize].doomed = true;
+            self.take_key(n);
+        }
+    }
+
+    /// Evicts the entry with the smallest key. Returns what kind it was, or None when nothing
+    /// is evictable.
+    pub fn evict_one(&mut self, freed: &mut Freed) -> Option<Evicted> {
+        let leaf = self.leaves.first().copied();
+        let ckpt = self.ckpts.first().copied();
+        let (key, n, kind) = match (leaf, ckpt) {
+            (None, None) => return None,
+            (Some((k, n)), None) => (k, n, Evicted::Leaf),
+            (None, Some((k, n))) => (k, n, Evicted::Checkpoint),
+            (Some(l), Some(c)) => {
+                if c.0 < l.0 {
+                    (c.0, c.1, Evicted::Checkpoint)
+                } else {
+                    (l.0, l.1, Evicted::Leaf)
+                }
+            }
+        };
+        self.order.evicted(key);
+        match kind {
+            Evicted::Leaf => self.remove(n, freed),
+            Evicted::Checkpoint => self.remove_checkpoint(n, freed),
+        }
+        Some(kind)
+    }
+
+    fn take_key(&mut self, n: NodeId) {
+        if let Some((kind, key)) = self.nodes[n as usize].key.take() {
+            match kind {
+                SetKind::Leaf => self.leaves.remove(&(key, n)),
+                SetKind::Ckpt => self.ckpts.remove(&(key, n)),
+            };
+        }
+    }
+
+    /// Re-files node `n` in the eviction sets after its state changed.
+    fn refresh(&mut self, n: NodeId) {
+        self.take_key(n);
+        let node = &self.nodes[n as usize];
+        if !node.alive || node.refs > 0 || node.doomed {
+            return;
+        }
+        let kind = if node.children == 0 {
+            SetKind::Leaf
+        } else if node.ckpt_end {
+            SetKind::Ckpt
+        } else {
+            return;
+        };
+        let cand = self.candidate(n, kind);
+        let key = self.order.key(&cand);
+        self.nodes[n as usize].key = Some((kind, key));
+        match kind {
+            SetKind::Leaf => self.leaves.insert((key, n)),
+            SetKind::Ckpt => self.ckpts.insert((key, n)),
+        };
+    }
+
+    fn node_bytes(&self, n: NodeId) -> u64 {
+        (0..self.g())
+            .filter(|&g| self.block(n, g) != 0)
+            .map(|g| self.layout.block_bytes[g])
+            .sum()
+    }
+
+    /// The unit a candidate stands for: see the policy docs.
+    fn candidate(&self, n: NodeId, kind: SetKind) -> Candidate {
+        let node = &self.nodes[n as usize];
+        let saved = if node.ckpt_end {
+            u64::from(node.depth + 1) * u64::from(self.layout.block_tokens)
+        } else {
+            0
+        };
+        let bytes = if self.order.kind() == Eviction::Lru {
+            0
+        } else {
+            match kind {
+                // The checkpoint plus the prefix only it unlocks.
+                SetKind::Leaf => {
+                    let mut bytes = self.node_bytes(n);
+                    let mut p = node.parent;
+                    let mut steps = 0;
+                    while p != NONE && steps < 256 {
+                        let pn = &self.nodes[p as usize];
+                        if pn.children != 1 || pn.refs > 0 || pn.ckpt_end {
+                            break;
+                        }
+                        bytes += self.node_bytes(p);
+                        p = pn.parent;
+                        steps += 1;
+                    }
+                    bytes
+                }
+                // The SWA blocks only this checkpoint holds.
+                SetKind::Ckpt => {
+                    let mut bytes = 0;
+                    for &g in &self.sliding {
+                        let start = self.ckpt_start[self.slot(n, g)];
+                        let mut m = n;
+                        while m != NONE && self.nodes[m as usize].depth >= start {
+                            if self.ckpt_refs[self.slot(m, g)] == 1 {
+                                bytes += self.layout.block_bytes[g];
+                            }
+                            m = self.nodes[m as usize].parent;
+                        }
+                    }
+                    bytes
+                }
+            }
+        };
+        Candidate {
+            saved_tokens: saved,
+            bytes,
+            hits: node.hits,
+            last_access: node.last_access,
+        }
+    }
+
+    /// Live nodes.
+    pub fn num_nodes(&self) -> u64 {
+        self.live_nodes
+    }
+
+    /// Registered checkpoints.
+    pub fn num_checkpoints(&self) -> u64 {
+        self.checkpoints
+    }
+
+    /// Counts per group: (blocks held by the tree, tombstones).
+    pub fn block_counts(&self) -> (Vec<u64>, Vec<u64>) {
+        let g = self.g();
+        let mut held = vec![0u64; g];
+        let mut tomb = vec![0u64; g];
+        for (i, node) in self.nodes.iter().enumerate() {
+            if !node.alive {
+                continue;
+            }
+            for (gi, (h, t)) in held.iter_mut().zip(tomb.iter_mut()).enumerate() {
+                if self.blocks[i * g + gi] != 0 {
+                    *h += 1;
+                } else {
+                    *t += 1;
+                }
+            }
+        }
+        (held, tomb)
+    }
+
+    /// Every block the tree holds, as (group, handle).
+    pub fn for_each_block(&self, mut f: impl FnMut(usize, Handle)) {
+        let g = self.g();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.alive {
+                for gi in 0..g {
+                    let h = self.blocks[i * g + gi];
+                    if h != 0 {
+                        f(gi, h);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unpinned bytes the tree could give back by evicting everything evictable (an upper bound
+    /// used to refuse hopeless admissions before evicting anything).
+    pub fn evictable_bytes(&self) -> u64 {
+        self.nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.alive && n.refs == 0)
+            .map(|(i, _)| self.node_bytes(i as NodeId))
+            .sum()
+    }
+
+    /// Checks the invariants in the module docs. `pins` holds, per node id, how many running
+    /// requests the manager believes pin it.
+    pub fn validate(&self, pins: &HashMap<NodeId, u32>) -> Result<()> {
+        let bad = |m: String| Err(Error::Invariant(format!("prefix tree: {m}")));
+        let g = self.g();
+        let mut children = vec![0u32; self.nodes.len()];
+        let mut live = 0u64;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.alive {
+                continue;
+            }
+            live += 1;
+            if self.index.get(&n.hash) != Some(&(i as NodeId)) {
+                return bad(format!("node {i} is not indexed under its hash"));
+            }
+            if n.parent != NONE {
+                let p = &self.nodes[n.parent as usize];
+                if !p.alive || p.depth + 1 != n.depth {
+                    return bad(format!("node {i}: parent missing or at the wrong depth"));
+                }
+                children[n.parent as usize] += 1;
+            } else if n.depth != 0 {
+                return bad(format!("node {i}: no parent but depth {}", n.depth));
+            }
+            for gi in 0..g {
+                let full = self.layout.windows[gi].is_none();
+                let has = self.blocks[i * g + gi] != 0;
+                if full && !has {
+                    return bad(format!("node {i} lacks its full-attention block (group {gi})"));
+                }
+                if !full && !self.layout.swa_aware && !has {
+                    return bad(format!("dense policy: node {i} lacks sliding block (group {gi})"));
+                }
+            }
+            if n.refs != pins.get(&(i as NodeId)).copied().unwrap_or(0) {
+                return bad(format!(
+                    "node {i}: {} pins recorded, {} running requests hold it",
+                    n.refs,
+                    pins.get(&(i as NodeId)).copied().unwrap_or(0)
+                ));
+            }
+        }
+        if live != self.live_nodes || self.index.len() as u64 != live {
+            return bad("live-node count disagrees with the index".into());
+        }
+        // Checkpoint coverage recomputed from the registered checkpoints.
+        let mut refs = vec![0u32; self.blocks.len()];
+        let mut ckpts = 0;
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.alive {
+                continue;
+            }
+            if children[i] != n.children {
+                return bad(format!("node {i}: child count {} != {}", n.children, children[i]));
+            }
+            if !n.ckpt_end {
+                continue;
+            }
+            ckpts += 1;
+            for &gi in &self.sliding {
+                let start = self.ckpt_start[i * g + gi];
+                let w = self.layout.windows[gi].expect("sliding");
+                if n.depth + 1 - start < self.layout.window_blocks(n.depth + 1, w) {
+                    return bad(format!("checkpoint at node {i} is shorter than its window"));
+                }
+                let mut m = i as NodeId;
+                while m != NONE && self.nodes[m as usize].depth >= start {
+                    if self.blocks[m as usize * g + gi] == 0 {
+                        return bad(format!("checkpoint at node {i} covers a tombstone at {m}"));
+                    }
+                    refs[m as usize * g + gi] += 1;
+                    m = self.nodes[m as usize].parent;
+                }
+            }
+        }
+        if ckpts != self.checkpoints {
+            return bad("checkpoint count disagrees".into());
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if !n.alive {
+                continue;
+            }
+            for &gi in &self.sliding {
+                let s = i * g + gi;
+                if refs[s] != self.ckpt_refs[s] {
+                    return bad(format!("node {i} group {gi}: ckpt_refs {} != {}", self.ckpt_refs[s], refs[s]));
+                }
+                if self.layout.swa_aware && self.blocks[s] != 0 && refs[s] == 0 && n.refs == 0 {
+                    return bad(format!("node {i} group {gi}: SWA block kept by no checkpoint"));
+                }
+            }
+            let want = if n.refs > 0 || n.doomed {
+                None
+            } else if n.children == 0 {
+                Some(SetKind::Leaf)
+            } else if n.ckpt_end {
+                Some(SetKind::Ckpt)
+            } else {
+                None
+            };
+            let have = n.key.map(|(k, _)| k);
+            if want != have {
+                return bad(format!("node {i}: eviction set {have:?}, expected {want:?}"));
+            }
+            if let Some((kind, key)) = n.key {
+                let set = if kind == SetKind::Leaf { &self.leaves } else { &self.ckpts };
+                if !set.contains(&(key, i as NodeId)) {
+                    return bad(format!("node {i}: key missing from its set"));
+                }
+            }
+        }
+        let filed = self.nodes.iter().filter(|n| n.alive && n.key.is_some()).count();
+        if filed != self.leaves.len() + self.ckpts.len() {
+            return bad("eviction sets hold stale entries".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+//! Scenario tests of the KV cache manager: the worked example of CONTEXT.md, in-flight sharing,
+//! aborts, bounded SWA while decoding, and the dense policy on the same code path.
+
+use kvalloc::{
+    Extension, KVCacheManager, ManagerConfig, ModelSpec, Policy, Prompt, NULL_PAGE,
+};
+
+/// One full layer and three sliding layers (window 128), small heads: cheap blocks.
+fn small_spec() -> ModelSpec {
+    let cfg = serde_json::json!({
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "sliding_window": 128, "hybrid_layer_pattern": [0, 1, 1, 1],
+    });
+    ModelSpec::from_hf_config(&cfg, None).unwrap()
+}
+
+fn manager(policy: Policy, capacity: u64) -> KVCacheManager {
+    let config = ManagerConfig {
+        policy,
+        ..ManagerConfig::default()
+    };
+    KVCacheManager::new(small_spec(), capacity, config).unwrap()
+}
+
+fn seq(start: i64, n: usize) -> Vec<i64> {
+    (start..start + n as i64).collect()
+}
+
+/// Runs a request to completion: admit, decode `gen` tokens (the last one's KV is never
+/// computed), finish. Returns the hit.
+fn run(m: &mut KVCacheManager, id: u64, prompt: &[i64], gen: &[i64]) -> u64 {
+    let hit = m.admit(id, Prompt::Tokens(prompt), None, None).unwrap().expect("fits");
+    m.validate().unwrap();
+    for t in gen.iter().take(gen.len().saturating_sub(1)) {
+        assert!(m.extend(id, Extension::Tokens(std::slice::from_ref(t))).unwrap());
+    }
+    m.validate().unwrap();
+    m.finish(id).unwrap();
+    m.validate().unwrap();
+    hit
+}
+
+fn hit(m: &KVCacheManager, prompt: &[i64]) -> u64 {
+    m.match_prefix(Prompt::Tokens(prompt), None).unwrap()
+}
+
+#[test]
+fn worked_example_from_context() {
+    let mut m = manager(Policy::SwaAware, 256 << 20);
+    let a_prompt = seq(0, 1024);
+    let a_out = seq(50_000, 100);
+    assert_eq!(run(&mut m, 1, &a_prompt, &a_out), 0);
+    // 1,123 computed tokens: 70 whole blocks cached.
+    assert_eq!(m.stats().cached_blocks, 70);
+
+    let mut follow = a_prompt.clone();
+    follow.extend(&a_out);
+    follow.extend(seq(90_000, 50));
+    assert_eq!(hit(&m, &follow), 1120, "prompt + output + new text");
+
+    let mut shares_prompt = a_prompt.clone();
+    shares_prompt.extend(seq(70_000, 40));
+    assert_eq!(hit(&m, &shares_prompt), 1024, "shares the whole prompt");
+
+    let mut diverges_in_last_block = a_prompt[..1020].to_vec();
+    diverges_in_last_block.extend(seq(80_000, 40));
+    assert_eq!(hit(&m, &diverges_in_last_block), 1008, "diverges inside the last block");
+
+    assert_eq!(hit(&m, &a_prompt), 1008, "identical prompt: at least one token computed");
+
+    let mut early = a_prompt[..700].to_vec();
+    early.extend(seq(60_000, 300));
+    assert_eq!(hit(&m, &early), 0, "no window ends at or below 700");
+    // Its branch point (688) becomes a checkpoint for the next request on that path.
+    assert_eq!(run(&mut m, 2, &early, &seq(61_000, 5)), 0);
+    let mut next = a_prompt[..700].to_vec();
+    next.extend(seq(62_000, 100));
+    assert_eq!(hit(&m, &next), 688);
+    m.validate().unwrap();
+}
+
+#[test]
+fn shared_system_prompt_reused_from_the_third_request() {
+    let mut m = manager(Policy::SwaAware, 256 << 20);
+    let system = seq(0, 300);
+    let with = |user: i64| {
+        let mut p = system.clone();
+        p.extend(seq(user, 200));
+        p
+    };
+    assert_eq!(run(&mut m, 1, &with(10_000), &seq(1, 3)), 0);
+    assert_eq!(run(&mut m, 2, &with(20_000), &seq(2, 3)), 0);
+    assert_eq!(run(&mut m, 3, &with(30_000), &seq(3, 3)), 288);
+    assert_eq!(run(&mut m, 4, &with(40_000), &seq(4, 3)), 288);
+}
+
+#[test]
+fn in_flight_prompt_blocks_are_shared_in_the_same_step() {
+    let mut m = manager(Policy::SwaAware, 256 << 20);
+    let p = seq(0, 500);
+    assert_eq!(m.admit(1, Prompt::Tokens(&p), None, None).unwrap(), Some(0));
+    let mut q = p.clone();
+    q.extend(seq(9_000, 10));
+    // Request 2 is admitted while request 1 is still running: 31 whole blocks are cached.
+    assert_eq!(m.admit(2, Prompt::Tokens(&q), None, None).unwrap(), Some(496));
+    m.validate().unwrap();
+    // Its table reads request 1's blocks for the hit.
+    let t1 = m.block_table(1, 0).unwrap();
+    let t2 = m.block_table(2, 0).unwrap();
+    assert_eq!(&t1[..31], &t2[..31]);
+    m.finish(1).unwrap();
+    m.finish(2).unwrap();
+    m.validate().unwrap();
+}
+
+#[test]
+fn abort_leaves_nothing() {
+    let mut m = manager(Policy::SwaAware, 256 << 20);
+    run(&mut m, 1, &seq(0, 400), &seq(1, 10));
+    let before = m.stats();
+    let mut p = seq(0, 400);
+    p.extend(seq(5_000, 300));
+    assert_eq!(m.admit(2, Prompt::Tokens(&p), None, None).unwrap(), Some(400));
+    m.abort(2).unwrap();
+    m.validate().unwrap();
+    let after = m.stats();
+    assert_eq!(after.cached_blocks, before.cached_blocks);
+    assert_eq!(after.bytes_in_use, before.bytes_in_use);
+    assert_eq!(after.checkpoints, before.checkpoints);
+    assert!(m.abort(2).is_err(), "unknown request");
+}
+
+#[test]
+fn long_decode_holds_bounded_swa_blocks() {
+    let mut m = manager(Policy::SwaAware, 256 << 20);
+    m.admit(1, Prompt::Tokens(&seq(0, 100)), None, None).unwrap().unwrap();
+    for t in 0..2000 {
+        assert!(m.extend(1, Extension::Tokens(&[t])).unwrap());
+        let st = m.stats();
+        assert!(st.groups[1].running <= 128 / 16 + 1, "{} SWA blocks", st.groups[1].running);
+    }
+    m.validate().unwrap();
+    let table = m.block_table(1, 1).unwrap();
+    let live = table.iter().filter(|&&p| p != NULL_PAGE).count();
+    assert!(live <= 9);
+    assert!(table[0] == NULL_PAGE && table[table.len() - 1] != NULL_PAGE);
+    assert!(m.block_table(1, 0).unwrap().iter().all(|&p| p != NULL_PAGE));
+    m.finish(1).unwrap();
+    m.validate().unwrap();
+}
+
+#[test]
+fn dense_keeps_every_sliding_block_and_matches_longest_prefix() {
+    let mut m = manager(Policy::Dense, 256 << 20);
+    let p = seq(0, 1024);
+    run(&mut m, 1, &p, &seq(5, 4));
+    let mut early = p[..700].to_vec();
+    early.extend(seq(60_000, 300));
+    assert_eq!(hit(&m, &early), 688, "dense: every block keeps its SWA KV");
+    let st = m.stats();
+    assert_eq!(st.groups[1].cached, st.groups[0].cached);
+    assert_eq!(st.groups[1].tombstones, 0);
+}
+
+#[test]
+fn no_room_is_none_and_changes_nothing() {
+    let mut m = manager(Policy::SwaAware, 8 << 20);
+    let st = m.stats();
+    let per_token = small_spec().bytes_per_token_dense();
+    let too_long = (st.capacity_bytes / per_token * 4) as usize;
+    assert_eq!(m.admit(1, Prompt::Tokens(&seq(0, too_long)), None, None).unwrap(), None);
+    assert_eq!(m.stats().bytes_in_use, 0);
+    assert!(!m.is_running(1));
+    m.validate().unwrap();
+}
+
+#[test]
+fn salts_never_share() {
+    let mut m = manager(Policy::SwaAware, 256 << 20);
+    let p = seq(0, 600);
+    m.admit(1, Prompt::Tokens(&p), Some(b"tenant-a"), None).unwrap();
+    m.finish(1).unwrap();
+    assert!(m.match_prefix(Prompt::Tokens(&p), Some(b"tenant-a")).unwrap() > 0);
+    assert_eq!(m.match_prefix(Prompt::Tokens(&p), Some(b"tenant-b")).unwrap(), 0);
+    assert_eq!(m.match_prefix(Prompt::Tokens(&p), None).unwrap(), 0);
+}
+
+#[test]
+fn chunked_prefill_matches_one_shot() {
+    let mut a = manager(Policy::SwaAware, 256 << 20);
+    let mut b = manager(Policy::SwaAware, 256 << 20);
+    let p = seq(0, 1000);
+    a.admit(1, Prompt::Tokens(&p), None, None).unwrap();
+    b.admit(1, Prompt::Tokens(&p), None, Some(256)).unwrap();
+    while b.num_tokens(1).unwrap() < 1000 {
+        let left = 1000 - b.num_tokens(1).unwrap();
+        assert!(b.extend(1, Extension::Count(left.min(256))).unwrap());
+        b.validate().unwrap();
+        assert!(b.stats().groups[1].running <= 9);
+    }
+    for m in [&mut a, &mut b] {
+        m.extend(1, Extension::Tokens(&[7, 8, 9])).unwrap();
+        m.finish(1).unwrap();
+        m.validate().unwrap();
+    }
+    let mut q = p.clone();
+    q.extend(seq(77_000, 20));
+    assert_eq!(hit(&a, &q), hit(&b, &q));
+    assert_eq!(hit(&a, &q), 992);
+}
+
+#[test]
+fn block_hash_prompts() {
+    let mut m = manager(Policy::SwaAware, 256 << 20);
+    let ids: Vec<u64> = (100..164).collect(); // 64 blocks of 16 = 1024 tokens
+    let h = m
+        .admit(1, Prompt::BlockHashes { hashes: &ids, num_tokens: 1024 }, None, None)
+        .unwrap();
+    assert_eq!(h, Some(0));
+    assert!(m.extend(1, Extension::Count(40)).unwrap());
+    m.finish(1).unwrap();
+    m.validate().unwrap();
+    let mut longer = ids.clone();
+    longer.extend([1, 2, 3]);
+    let p = Prompt::BlockHashes { hashes: &longer, num_tokens: 67 * 16 };
+    assert_eq!(m.match_prefix(p, None).unwrap(), 1024);
+    assert!(m
+        .match_prefix(Prompt::BlockHashes { hashes: &ids[..3], num_tokens: 1024 }, None)
+        .is_err());
+}
