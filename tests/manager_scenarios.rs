@@ -1,9 +1,7 @@
 //! Scenario tests of the KV cache manager: the worked example of CONTEXT.md, in-flight sharing,
 //! aborts, bounded SWA while decoding, and the dense policy on the same code path.
 
-use kvalloc::{
-    Extension, KVCacheManager, ManagerConfig, ModelSpec, Policy, Prompt, NULL_PAGE,
-};
+use kvalloc::{Extension, KVCacheManager, ManagerConfig, ModelSpec, Policy, Prompt, NULL_PAGE};
 
 /// One full layer and three sliding layers (window 128), small heads: cheap blocks.
 fn small_spec() -> ModelSpec {
@@ -29,10 +27,15 @@ fn seq(start: i64, n: usize) -> Vec<i64> {
 /// Runs a request to completion: admit, decode `gen` tokens (the last one's KV is never
 /// computed), finish. Returns the hit.
 fn run(m: &mut KVCacheManager, id: u64, prompt: &[i64], gen: &[i64]) -> u64 {
-    let hit = m.admit(id, Prompt::Tokens(prompt), None, None).unwrap().expect("fits");
+    let hit = m
+        .admit(id, Prompt::Tokens(prompt), None, None)
+        .unwrap()
+        .expect("fits");
     m.validate().unwrap();
     for t in gen.iter().take(gen.len().saturating_sub(1)) {
-        assert!(m.extend(id, Extension::Tokens(std::slice::from_ref(t))).unwrap());
+        assert!(m
+            .extend(id, Extension::Tokens(std::slice::from_ref(t)))
+            .unwrap());
     }
     m.validate().unwrap();
     m.finish(id).unwrap();
@@ -64,9 +67,17 @@ fn worked_example_from_context() {
 
     let mut diverges_in_last_block = a_prompt[..1020].to_vec();
     diverges_in_last_block.extend(seq(80_000, 40));
-    assert_eq!(hit(&m, &diverges_in_last_block), 1008, "diverges inside the last block");
+    assert_eq!(
+        hit(&m, &diverges_in_last_block),
+        1008,
+        "diverges inside the last block"
+    );
 
-    assert_eq!(hit(&m, &a_prompt), 1008, "identical prompt: at least one token computed");
+    assert_eq!(
+        hit(&m, &a_prompt),
+        1008,
+        "identical prompt: at least one token computed"
+    );
 
     let mut early = a_prompt[..700].to_vec();
     early.extend(seq(60_000, 300));
@@ -102,7 +113,10 @@ fn in_flight_prompt_blocks_are_shared_in_the_same_step() {
     let mut q = p.clone();
     q.extend(seq(9_000, 10));
     // Request 2 is admitted while request 1 is still running: 31 whole blocks are cached.
-    assert_eq!(m.admit(2, Prompt::Tokens(&q), None, None).unwrap(), Some(496));
+    assert_eq!(
+        m.admit(2, Prompt::Tokens(&q), None, None).unwrap(),
+        Some(496)
+    );
     m.validate().unwrap();
     // Its table reads request 1's blocks for the hit.
     let t1 = m.block_table(1, 0).unwrap();
@@ -120,7 +134,10 @@ fn abort_leaves_nothing() {
     let before = m.stats();
     let mut p = seq(0, 400);
     p.extend(seq(5_000, 300));
-    assert_eq!(m.admit(2, Prompt::Tokens(&p), None, None).unwrap(), Some(400));
+    assert_eq!(
+        m.admit(2, Prompt::Tokens(&p), None, None).unwrap(),
+        Some(400)
+    );
     m.abort(2).unwrap();
     m.validate().unwrap();
     let after = m.stats();
@@ -133,11 +150,17 @@ fn abort_leaves_nothing() {
 #[test]
 fn long_decode_holds_bounded_swa_blocks() {
     let mut m = manager(Policy::SwaAware, 256 << 20);
-    m.admit(1, Prompt::Tokens(&seq(0, 100)), None, None).unwrap().unwrap();
+    m.admit(1, Prompt::Tokens(&seq(0, 100)), None, None)
+        .unwrap()
+        .unwrap();
     for t in 0..2000 {
         assert!(m.extend(1, Extension::Tokens(&[t])).unwrap());
         let st = m.stats();
-        assert!(st.groups[1].running <= 128 / 16 + 1, "{} SWA blocks", st.groups[1].running);
+        assert!(
+            st.groups[1].running <= 128 / 16 + 1,
+            "{} SWA blocks",
+            st.groups[1].running
+        );
     }
     m.validate().unwrap();
     let table = m.block_table(1, 1).unwrap();
@@ -168,7 +191,11 @@ fn no_room_is_none_and_changes_nothing() {
     let st = m.stats();
     let per_token = small_spec().bytes_per_token_dense();
     let too_long = (st.capacity_bytes / per_token * 4) as usize;
-    assert_eq!(m.admit(1, Prompt::Tokens(&seq(0, too_long)), None, None).unwrap(), None);
+    assert_eq!(
+        m.admit(1, Prompt::Tokens(&seq(0, too_long)), None, None)
+            .unwrap(),
+        None
+    );
     assert_eq!(m.stats().bytes_in_use, 0);
     assert!(!m.is_running(1));
     m.validate().unwrap();
@@ -178,10 +205,19 @@ fn no_room_is_none_and_changes_nothing() {
 fn salts_never_share() {
     let mut m = manager(Policy::SwaAware, 256 << 20);
     let p = seq(0, 600);
-    m.admit(1, Prompt::Tokens(&p), Some(b"tenant-a"), None).unwrap();
+    m.admit(1, Prompt::Tokens(&p), Some(b"tenant-a"), None)
+        .unwrap();
     m.finish(1).unwrap();
-    assert!(m.match_prefix(Prompt::Tokens(&p), Some(b"tenant-a")).unwrap() > 0);
-    assert_eq!(m.match_prefix(Prompt::Tokens(&p), Some(b"tenant-b")).unwrap(), 0);
+    assert!(
+        m.match_prefix(Prompt::Tokens(&p), Some(b"tenant-a"))
+            .unwrap()
+            > 0
+    );
+    assert_eq!(
+        m.match_prefix(Prompt::Tokens(&p), Some(b"tenant-b"))
+            .unwrap(),
+        0
+    );
     assert_eq!(m.match_prefix(Prompt::Tokens(&p), None).unwrap(), 0);
 }
 
@@ -214,7 +250,15 @@ fn block_hash_prompts() {
     let mut m = manager(Policy::SwaAware, 256 << 20);
     let ids: Vec<u64> = (100..164).collect(); // 64 blocks of 16 = 1024 tokens
     let h = m
-        .admit(1, Prompt::BlockHashes { hashes: &ids, num_tokens: 1024 }, None, None)
+        .admit(
+            1,
+            Prompt::BlockHashes {
+                hashes: &ids,
+                num_tokens: 1024,
+            },
+            None,
+            None,
+        )
         .unwrap();
     assert_eq!(h, Some(0));
     assert!(m.extend(1, Extension::Count(40)).unwrap());
@@ -222,9 +266,18 @@ fn block_hash_prompts() {
     m.validate().unwrap();
     let mut longer = ids.clone();
     longer.extend([1, 2, 3]);
-    let p = Prompt::BlockHashes { hashes: &longer, num_tokens: 67 * 16 };
+    let p = Prompt::BlockHashes {
+        hashes: &longer,
+        num_tokens: 67 * 16,
+    };
     assert_eq!(m.match_prefix(p, None).unwrap(), 1024);
     assert!(m
-        .match_prefix(Prompt::BlockHashes { hashes: &ids[..3], num_tokens: 1024 }, None)
+        .match_prefix(
+            Prompt::BlockHashes {
+                hashes: &ids[..3],
+                num_tokens: 1024
+            },
+            None
+        )
         .is_err());
 }

@@ -5,13 +5,17 @@ Python layer (CLI, presentation). Every error kvalloc raises derives from ``KvAl
 """
 
 from kvalloc._core import (
+    NULL_PAGE,
+    BlockHashes,
     ConfigError,
     InvalidArgumentError,
     InvariantError,
+    KVCacheManager,
     KVGroup,
     KvAllocError,
     ModelSpec,
     OutOfMemoryError,
+    RequestError,
     SlabArena,
     StaleHandleError,
     __version__,
@@ -19,13 +23,17 @@ from kvalloc._core import (
 )
 
 __all__ = [
+    "NULL_PAGE",
+    "BlockHashes",
     "ConfigError",
     "InvalidArgumentError",
     "InvariantError",
+    "KVCacheManager",
     "KVGroup",
     "KvAllocError",
     "ModelSpec",
     "OutOfMemoryError",
+    "RequestError",
     "SlabArena",
     "StaleHandleError",
     "__version__",

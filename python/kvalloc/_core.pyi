@@ -7,6 +7,8 @@ import numpy as np
 import numpy.typing as npt
 
 __version__: str
+NULL_PAGE: int
+"""Page index marking "no block here" in a block table (-1)."""
 
 class KvAllocError(Exception):
     """Base class of every error kvalloc raises."""
@@ -22,6 +24,9 @@ class StaleHandleError(KvAllocError, ValueError):
 
 class InvalidArgumentError(KvAllocError, ValueError):
     """An argument has the wrong type, dtype, shape or range; nothing changed."""
+
+class RequestError(KvAllocError, LookupError):
+    """A request id that is not running (finish, extend, ...) or already running (admit)."""
 
 class InvariantError(KvAllocError, RuntimeError):
     """validate() found a broken internal invariant: a bug in kvalloc, please report it."""
@@ -129,3 +134,84 @@ class SlabArena:
         """Arena totals and per-class figures (``classes``: a list of dicts)."""
     def validate(self) -> None:
         """Checks every invariant; raises ``InvariantError`` on a violation."""
+
+_TokenArray = npt.NDArray[np.int32] | npt.NDArray[np.int64] | list[int]
+_IdArray = npt.NDArray[np.integer[Any]] | list[int]
+
+@final
+class BlockHashes:
+    """A prompt given as precomputed block hashes (one per block of ``block_tokens``)."""
+
+    def __new__(cls, hashes: npt.NDArray[np.uint64], num_tokens: int) -> BlockHashes: ...
+    @property
+    def num_tokens(self) -> int: ...
+    def __len__(self) -> int: ...
+
+@final
+class KVCacheManager:
+    """The SWA-aware KV cache manager an engine scheduler drives.
+
+    Memory is one SlabArena with one class per KV group. Full-attention KV is kept for every
+    cached token; with ``policy="swa-aware"`` sliding-window KV only as checkpoints at resume
+    points (``policy="dense"`` keeps every group for every cached token, for comparison).
+    """
+
+    def __new__(
+        cls,
+        spec: ModelSpec,
+        capacity_bytes: int,
+        block_tokens: int | None = None,
+        policy: Literal["swa-aware", "dense"] | str = "swa-aware",
+        eviction: Literal["value", "lru"] | str = "value",
+        checkpoint_interval: int | None = None,
+        slab_bytes: int | None = None,
+    ) -> KVCacheManager: ...
+    def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
+        """Window-safe hit length in tokens for a prompt; changes nothing."""
+    def admit(
+        self,
+        req_id: int,
+        tokens: _TokenArray | BlockHashes,
+        salt: str | bytes | None = None,
+        max_tokens: int | None = None,
+    ) -> int | None:
+        """Admits a request; returns prompt tokens served from cache, or None when it does not fit."""
+    def extend(self, req_id: int, tokens: _TokenArray | int) -> bool:
+        """Appends token ids (decode) or continues a chunked prefill by a count; False when no room."""
+    def finish(self, req_id: int) -> None:
+        """The request's prompt and output enter the prefix cache."""
+    def abort(self, req_id: int) -> None:
+        """Drops a request; nothing of it stays."""
+    def block_table(self, req_id: int, group: int) -> npt.NDArray[np.int32]:
+        """Page indices of the request's blocks in group ``group`` (NULL_PAGE where none)."""
+    def num_tokens(self, req_id: int) -> int:
+        """Tokens scheduled for a running request."""
+    def __contains__(self, req_id: object, /) -> bool: ...
+    def step(
+        self,
+        finish: _IdArray | None = None,
+        abort: _IdArray | None = None,
+        extend_ids: _IdArray | None = None,
+        extend_tokens: _TokenArray | None = None,
+        extend_lens: _IdArray | None = None,
+        extend_counts: _IdArray | None = None,
+        admit: list[tuple[int, _TokenArray | BlockHashes] | tuple[int, _TokenArray | BlockHashes, str | bytes | None]] | None = None,
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        """One scheduler step in one call (GIL released); returns (hits per admission, -1 if
+        refused; whether each extension fit)."""
+    def stats(self) -> dict[str, Any]:
+        """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes."""
+    def validate(self) -> None:
+        """Checks every invariant; raises ``InvariantError`` on a violation."""
+    @property
+    def spec(self) -> ModelSpec: ...
+    @property
+    def block_tokens(self) -> int: ...
+    @property
+    def policy(self) -> str: ...
+    @property
+    def eviction(self) -> str: ...
+    @property
+    def capacity_bytes(self) -> int: ...
+    def num_pages(self, group: int) -> int:
+        """Blocks in group ``group``'s view of the arena (the size of the engine's buffer)."""

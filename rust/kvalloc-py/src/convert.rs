@@ -64,3 +64,78 @@ pub fn u64_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonl
     }
     Ok(arr)
 }
+
+/// Token ids: a 1-D C-contiguous numpy array of int32 or int64 (or a list of ints), copied to
+/// `i64`s while attached.
+pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i64>>() {
+        return Ok(contiguous(&a, what)?.to_vec());
+    }
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i32>>() {
+        return Ok(contiguous(&a, what)?
+            .iter()
+            .map(|&t| i64::from(t))
+            .collect());
+    }
+    if obj.cast::<numpy::PyUntypedArray>().is_err() {
+        if let Ok(v) = obj.extract::<Vec<i64>>() {
+            return Ok(v);
+        }
+    }
+    Err(invalid(
+        what,
+        format!(
+            "expected a 1-D numpy array of int32 or int64 token ids, got {}",
+            describe(obj)
+        ),
+    ))
+}
+
+fn contiguous<'a, T: numpy::Element>(
+    a: &'a PyReadonlyArray1<'_, T>,
+    what: &str,
+) -> PyResult<&'a [T]> {
+    a.as_slice().map_err(|_| {
+        invalid(
+            what,
+            "the array must be C-contiguous (use np.ascontiguousarray)",
+        )
+    })
+}
+
+/// Request ids: a 1-D array of non-negative integers (any integer dtype) or a list of ints.
+pub fn id_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
+    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, u64>>() {
+        return Ok(contiguous(&a, what)?.to_vec());
+    }
+    let signed: Vec<i64> = if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i64>>() {
+        contiguous(&a, what)?.to_vec()
+    } else if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i32>>() {
+        contiguous(&a, what)?
+            .iter()
+            .map(|&x| i64::from(x))
+            .collect()
+    } else if obj.cast::<numpy::PyUntypedArray>().is_err() {
+        obj.extract::<Vec<i64>>().map_err(|_| {
+            invalid(
+                what,
+                format!(
+                    "expected a list or 1-D integer array of request ids, got {}",
+                    describe(obj)
+                ),
+            )
+        })?
+    } else {
+        return Err(invalid(
+            what,
+            format!("expected a 1-D integer array, got {}", describe(obj)),
+        ));
+    };
+    signed
+        .into_iter()
+        .map(|x| {
+            u64::try_from(x)
+                .map_err(|_| invalid(what, format!("request ids must be >= 0, got {x}")))
+        })
+        .collect()
+}

@@ -5,7 +5,7 @@
 //! `create_exception!` cannot express (it takes one base).
 
 use kvalloc::Error;
-use pyo3::exceptions::{PyException, PyMemoryError, PyRuntimeError, PyValueError};
+use pyo3::exceptions::{PyException, PyLookupError, PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::{PyDict, PyTuple, PyType};
@@ -17,6 +17,7 @@ pub struct Classes {
     pub stale_handle: Py<PyType>,
     pub invalid_argument: Py<PyType>,
     pub invariant: Py<PyType>,
+    pub request: Py<PyType>,
 }
 
 static CLASSES: PyOnceLock<Classes> = PyOnceLock::new();
@@ -71,6 +72,12 @@ fn build(py: Python<'_>) -> PyResult<Classes> {
             "An argument has the wrong type, dtype, shape or range; nothing changed.",
             &[b(), py.get_type::<PyValueError>()],
         )?,
+        request: make(
+            py,
+            "RequestError",
+            "A request id that is not running (finish, extend, ...) or already running (admit).",
+            &[b(), py.get_type::<PyLookupError>()],
+        )?,
         invariant: make(
             py,
             "InvariantError",
@@ -95,6 +102,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("StaleHandleError", c.stale_handle.bind(py))?;
     m.add("InvalidArgumentError", c.invalid_argument.bind(py))?;
     m.add("InvariantError", c.invariant.bind(py))?;
+    m.add("RequestError", c.request.bind(py))?;
     Ok(())
 }
 
@@ -119,6 +127,7 @@ pub fn to_py(e: Error) -> PyErr {
             Error::StaleHandle { .. } => &c.stale_handle,
             Error::InvalidArgument { .. } => &c.invalid_argument,
             Error::Invariant(_) => &c.invariant,
+            Error::Request { .. } => &c.request,
         };
         raise(py, ty, e.to_string())
     })

@@ -7,6 +7,7 @@
 mod arena;
 mod convert;
 mod errors;
+mod manager;
 mod spec;
 
 use pyo3::prelude::*;
@@ -17,6 +18,9 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<spec::PyModelSpec>()?;
     m.add_class::<spec::PyKVGroup>()?;
     m.add_class::<arena::PySlabArena>()?;
+    m.add_class::<manager::PyKVCacheManager>()?;
+    m.add_class::<manager::PyBlockHashes>()?;
+    m.add("NULL_PAGE", kvalloc::NULL_PAGE)?;
     m.add_function(wrap_pyfunction!(spec::presets, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

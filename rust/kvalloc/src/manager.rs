@@ -36,13 +36,35 @@
 //! and anything another aborted request still pinned is removed when that request is aborted.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{Error, Result};
 use crate::hash;
 use crate::policy::Eviction;
-use crate::prefix::{Evicted, Freed, Layout, NodeId, PrefixTree, NONE};
+use crate::prefix::{Evicted, Freed, Layout, Link, NodeId, PrefixTree, NONE};
 use crate::slab::{Handle, SlabArena};
 use crate::spec::ModelSpec;
+
+/// Request ids are often sequential integers: spread them with one multiply (Fibonacci
+/// hashing) rather than SipHash, which costs more than the rest of a decode step.
+#[derive(Default, Clone, Copy)]
+struct ReqIdHasher(u64);
+
+impl Hasher for ReqIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type ReqMap<V> = HashMap<u64, V, BuildHasherDefault<ReqIdHasher>>;
 
 /// Page index marking "no block here" in a block table (a released or never-written SWA
 /// position).
@@ -262,7 +284,7 @@ pub struct KVCacheManager {
     config: ManagerConfig,
     arena: SlabArena,
     tree: PrefixTree,
-    requests: HashMap<u64, Request>,
+    requests: ReqMap<Request>,
     serial: u64,
     hit_tokens: u64,
     miss_tokens: u64,
@@ -286,7 +308,10 @@ impl KVCacheManager {
             return Err(Error::invalid("block_tokens", "must be positive"));
         }
         if config.checkpoint_interval == Some(0) {
-            return Err(Error::invalid("checkpoint_interval", "must be positive (or None)"));
+            return Err(Error::invalid(
+                "checkpoint_interval",
+                "must be positive (or None)",
+            ));
         }
         if spec.groups.is_empty() {
             return Err(Error::invalid("spec", "the model has no KV groups"));
@@ -305,7 +330,7 @@ impl KVCacheManager {
             config,
             arena,
             tree,
-            requests: HashMap::new(),
+            requests: ReqMap::default(),
             serial: 0,
             hit_tokens: 0,
             miss_tokens: 0,
@@ -531,7 +556,9 @@ impl KVCacheManager {
         let w = self.window(g).expect("sliding");
         r.plans.iter().any(|&(e, extra)| {
             let e = u64::from(e);
-            let first = self.window_first(e * self.b(), w).saturating_sub(u64::from(extra));
+            let first = self
+                .window_first(e * self.b(), w)
+                .saturating_sub(u64::from(extra));
             i >= first && i < e
         })
     }
@@ -548,6 +575,14 @@ impl KVCacheManager {
         let end_blk = div_ceil(end, b);
         let n_full_prompt = r.prompt_len / b;
         let groups = self.spec.groups.len();
+
+        // Fast path (most decode steps): output tokens that fit in the current last block need
+        // no allocation and link nothing; only the window may move.
+        if start >= r.prompt_len && r.tables.iter().all(|t| t.len() as u64 >= end_blk) {
+            r.len = end;
+            self.release_out_of_window(r, end);
+            return Ok(true);
+        }
 
         // 1. What to allocate: (group, block index, attach-to-node).
         let mut want: Vec<(usize, u64, bool)> = Vec::new();
@@ -608,14 +643,21 @@ impl KVCacheManager {
         // 4. Link whole prompt blocks into the tree (in-flight sharing).
         let whole_end = (end / b).min(n_full_prompt);
         for i in r.path.len() as u64..whole_end {
+            if r.path.len() as u64 != i {
+                break; // linking stopped at a conflict: the rest stays private
+            }
             let hash = r.hashes[i as usize];
             let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
-            if let Some(n) = self.tree.lookup(hash).filter(|&n| u64::from(self.tree.depth(n)) == i) {
-                // Another running request linked it meanwhile: share its node; our blocks stay
-                // private.
-                self.tree.pin(n);
-                r.path.push(n);
-                continue;
+            match self.tree.find_child(hash, parent, i as u32) {
+                Link::Present(n) => {
+                    // Another running request linked it meanwhile: share its node; our blocks
+                    // stay private.
+                    self.tree.pin(n);
+                    r.path.push(n);
+                    continue;
+                }
+                Link::Conflict => break,
+                Link::Absent => {}
             }
             let blocks: Vec<Handle> = (0..groups)
                 .map(|g| {
@@ -645,35 +687,44 @@ impl KVCacheManager {
         while r.plans_done < r.plans.len() && u64::from(r.plans[r.plans_done].0) <= whole_end {
             let (e, extra) = r.plans[r.plans_done];
             r.plans_done += 1;
+            if e as usize > r.path.len() {
+                continue; // not linked (a hash conflict): no checkpoint there
+            }
             let max_blocks = self.run_lengths(e, extra);
             let n = r.path[e as usize - 1];
             if self.tree.add_checkpoint(n, &max_blocks) {
                 r.created_ckpts.push(n);
             }
         }
-        // 6. Release SWA blocks that left the window: private ones go back to the arena, tree
-        // blocks are simply no longer referenced.
-        if self.swa_aware() {
-            let mut freed = std::mem::take(&mut self.scratch);
-            for g in 0..groups {
-                let Some(w) = self.window(g) else { continue };
-                let wf = self.window_first(end, w).min(r.tables[g].len() as u64);
-                for i in r.swa_floor[g]..wf {
-                    let h = r.tables[g][i as usize];
-                    if h != 0 {
-                        if self.is_private(r, g, i) {
-                            freed.push((g, h));
-                            self.window_released += 1;
-                        }
-                        r.tables[g][i as usize] = 0;
-                    }
-                }
-                r.swa_floor[g] = r.swa_floor[g].max(wf);
-            }
-            self.release(&mut freed);
-            self.scratch = freed;
-        }
+        // 6. Release SWA blocks that left the window.
+        self.release_out_of_window(r, end);
         Ok(true)
+    }
+
+    /// Releases SWA blocks that left the window `[end - W, end)`: private ones go back to the
+    /// arena, tree blocks are simply no longer referenced.
+    fn release_out_of_window(&mut self, r: &mut Request, end: u64) {
+        if !self.swa_aware() {
+            return;
+        }
+        let mut freed = std::mem::take(&mut self.scratch);
+        for g in 0..self.spec.groups.len() {
+            let Some(w) = self.window(g) else { continue };
+            let wf = self.window_first(end, w).min(r.tables[g].len() as u64);
+            for i in r.swa_floor[g]..wf {
+                let h = r.tables[g][i as usize];
+                if h != 0 {
+                    if self.is_private(r, g, i) {
+                        freed.push((g, h));
+                        self.window_released += 1;
+                    }
+                    r.tables[g][i as usize] = 0;
+                }
+            }
+            r.swa_floor[g] = r.swa_floor[g].max(wf);
+        }
+        self.release(&mut freed);
+        self.scratch = freed;
     }
 
     /// Per sliding group, the longest run a checkpoint ending at block `e` may cover.
@@ -692,8 +743,7 @@ impl KVCacheManager {
     fn is_private(&self, r: &Request, g: usize, i: u64) -> bool {
         let h = r.tables[g][i as usize];
         h != 0
-            && r
-                .path
+            && r.path
                 .get(i as usize)
                 .is_none_or(|&n| self.tree.block(n, g) != h)
     }
@@ -828,13 +878,20 @@ impl KVCacheManager {
         let e = (r.len / b).min(r.hashes.len() as u64);
         // Link output blocks.
         for i in r.path.len() as u64..e {
-            let hash = r.hashes[i as usize];
-            if let Some(n) = self.tree.lookup(hash).filter(|&n| u64::from(self.tree.depth(n)) == i) {
-                self.tree.pin(n);
-                r.path.push(n);
-                continue;
+            if r.path.len() as u64 != i {
+                break; // linking stopped at a conflict: the rest stays private
             }
+            let hash = r.hashes[i as usize];
             let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
+            match self.tree.find_child(hash, parent, i as u32) {
+                Link::Present(n) => {
+                    self.tree.pin(n);
+                    r.path.push(n);
+                    continue;
+                }
+                Link::Conflict => break,
+                Link::Absent => {}
+            }
             let blocks: Vec<Handle> = (0..groups)
                 .map(|g| {
                     if self.window(g).is_none() || !self.swa_aware() {
@@ -847,6 +904,7 @@ impl KVCacheManager {
             let n = self.tree.insert(hash, parent, i as u32, &blocks);
             r.path.push(n);
         }
+        let e = e.min(r.path.len() as u64);
         // Keep the window ending at E (swa-aware) or every sliding block (dense).
         for g in 0..groups {
             let Some(w) = self.window(g) else { continue };
@@ -865,7 +923,8 @@ impl KVCacheManager {
         }
         if e > 0 && self.swa_aware() {
             let max_blocks = self.run_lengths(e as u32, false);
-            self.tree.add_checkpoint(r.path[e as usize - 1], &max_blocks);
+            self.tree
+                .add_checkpoint(r.path[e as usize - 1], &max_blocks);
         }
         let mut freed = std::mem::take(&mut self.scratch);
         self.collect_private(&r, &mut freed);
@@ -922,7 +981,10 @@ impl KVCacheManager {
         let t = r.tables.get(group).ok_or_else(|| {
             Error::invalid(
                 "group",
-                format!("{group} is out of range: the model has {} groups", r.tables.len()),
+                format!(
+                    "{group} is out of range: the model has {} groups",
+                    r.tables.len()
+                ),
             )
         })?;
         t.iter()
@@ -939,10 +1001,13 @@ impl KVCacheManager {
 
     /// Tokens scheduled for a running request (the length its block tables cover).
     pub fn num_tokens(&self, req: u64) -> Result<u64> {
-        self.requests.get(&req).map(|r| r.len).ok_or(Error::Request {
-            req,
-            message: "is not running".into(),
-        })
+        self.requests
+            .get(&req)
+            .map(|r| r.len)
+            .ok_or(Error::Request {
+                req,
+                message: "is not running".into(),
+            })
     }
 
     /// Whether a request is running.
@@ -1086,7 +1151,9 @@ impl KVCacheManager {
             }
             for g in 0..r.tables.len() {
                 if r.tables[g].len() as u64 != div_ceil(r.len, b) {
-                    return bad(format!("request {id} group {g}: table length != blocks of len"));
+                    return bad(format!(
+                        "request {id} group {g}: table length != blocks of len"
+                    ));
                 }
                 let mut private_swa = 0;
                 for i in 0..r.tables[g].len() as u64 {
@@ -1113,7 +1180,9 @@ impl KVCacheManager {
                     }
                 }
             }
-            if r.path.len() as u64 > div_ceil(r.len, b) {
+            // The path holds every node the prompt matched at admission, which can reach past a
+            // chunked prefill's first chunk (full match deeper than the window-safe hit).
+            if r.path.len() as u64 > div_ceil(r.len, b).max(r.prompt_len / b) {
                 return bad(format!("request {id}: path longer than its blocks"));
             }
         }

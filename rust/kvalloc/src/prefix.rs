@@ -12,7 +12,7 @@
 //! The tree returns freed blocks as data (`Freed`); the manager gives them back to the arena.
 //!
 //! ## Invariants (checked by [`PrefixTree::validate`])
-//! - `index` maps exactly the live nodes' hashes; a node's depth is its parent's plus one and
+//! - `index` maps exactly the live, non-doomed nodes' hashes; a node's depth is its parent's plus one and
 //!   `children` counts its live children: a cached prefix has no holes in the full groups;
 //! - every live node holds a block for every full group;
 //! - `ckpt_refs` equals the number of registered checkpoints covering the block, and a kept SWA
@@ -89,6 +89,17 @@ pub enum Evicted {
     Leaf,
     /// An interior checkpoint's SWA blocks.
     Checkpoint,
+}
+
+/// What [`PrefixTree::find_child`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// No node has the hash: insert one.
+    Absent,
+    /// The node for this block under this parent.
+    Present(NodeId),
+    /// The hash belongs to a node elsewhere in the tree.
+    Conflict,
 }
 
 /// Result of walking a prompt's block hashes down the tree.
@@ -194,12 +205,26 @@ impl PrefixTree {
         self.tick
     }
 
-    /// The live node for a chained hash, if any (doomed nodes are not found).
+    /// The live node for a chained hash, if any (doomed nodes are not indexed).
     pub fn lookup(&self, hash: u64) -> Option<NodeId> {
-        self.index
-            .get(&hash)
-            .copied()
-            .filter(|&n| !self.nodes[n as usize].doomed)
+        self.index.get(&hash).copied()
+    }
+
+    /// What linking block `depth` with `hash` under `parent` finds in the tree.
+    pub fn find_child(&self, hash: u64, parent: NodeId, depth: u32) -> Link {
+        match self.lookup(hash) {
+            None => Link::Absent,
+            Some(n) => {
+                let node = &self.nodes[n as usize];
+                if node.depth == depth && node.parent == parent {
+                    Link::Present(n)
+                } else {
+                    // Another subtree holds this hash (a collision, or a path through a node
+                    // an aborted request left behind): this block cannot be linked.
+                    Link::Conflict
+                }
+            }
+        }
     }
 
     /// The block of group `g` held by node `n` (0 when absent).
@@ -227,11 +252,12 @@ impl PrefixTree {
     pub fn walk(&self, hashes: &[u64], max_safe: u32, path: &mut Vec<NodeId>) -> Walk {
         let mut runs = vec![0u32; self.sliding.len()];
         let mut safe = 0;
+        let mut parent = NONE;
         for (i, &h) in hashes.iter().enumerate() {
-            let Some(n) = self.lookup(h) else { break };
-            if self.nodes[n as usize].depth as usize != i {
-                break; // a hash collision across depths: treat as a miss
-            }
+            let Link::Present(n) = self.find_child(h, parent, i as u32) else {
+                break;
+            };
+            parent = n;
             path.push(n);
             let k = i as u32 + 1;
             let mut ok = true;
@@ -429,7 +455,10 @@ impl PrefixTree {
         let node = &mut self.nodes[n as usize];
         node.alive = false;
         let (hash, parent) = (node.hash, node.parent);
-        self.index.remove(&hash);
+        // A doomed node was unindexed already; its hash may now name a newer node.
+        if self.index.get(&hash) == Some(&n) {
+            self.index.remove(&hash);
+        }
         self.free_ids.push(n);
         self.live_nodes -= 1;
         if parent != NONE {
@@ -455,6 +484,12 @@ impl PrefixTree {
         } else {
             self.nodes[n as usize].doomed = true;
             self.take_key(n);
+            // A doomed node is never matched again: unindex it now, or a later request with the
+            // same prefix would insert a second node under the same hash (the index keeps one).
+            let hash = self.nodes[n as usize].hash;
+            if self.index.get(&hash) == Some(&n) {
+                self.index.remove(&hash);
+            }
         }
     }
 
@@ -638,12 +673,15 @@ impl PrefixTree {
         let g = self.g();
         let mut children = vec![0u32; self.nodes.len()];
         let mut live = 0u64;
+        let mut doomed = 0u64;
         for (i, n) in self.nodes.iter().enumerate() {
             if !n.alive {
                 continue;
             }
             live += 1;
-            if self.index.get(&n.hash) != Some(&(i as NodeId)) {
+            if n.doomed {
+                doomed += 1; // unindexed (see `discard`)
+            } else if self.index.get(&n.hash) != Some(&(i as NodeId)) {
                 return bad(format!("node {i} is not indexed under its hash"));
             }
             if n.parent != NONE {
@@ -659,10 +697,14 @@ impl PrefixTree {
                 let full = self.layout.windows[gi].is_none();
                 let has = self.blocks[i * g + gi] != 0;
                 if full && !has {
-                    return bad(format!("node {i} lacks its full-attention block (group {gi})"));
+                    return bad(format!(
+                        "node {i} lacks its full-attention block (group {gi})"
+                    ));
                 }
                 if !full && !self.layout.swa_aware && !has {
-                    return bad(format!("dense policy: node {i} lacks sliding block (group {gi})"));
+                    return bad(format!(
+                        "dense policy: node {i} lacks sliding block (group {gi})"
+                    ));
                 }
             }
             if n.refs != pins.get(&(i as NodeId)).copied().unwrap_or(0) {
@@ -673,7 +715,7 @@ impl PrefixTree {
                 ));
             }
         }
-        if live != self.live_nodes || self.index.len() as u64 != live {
+        if live != self.live_nodes || self.index.len() as u64 != live - doomed {
             return bad("live-node count disagrees with the index".into());
         }
         // Checkpoint coverage recomputed from the registered checkpoints.
@@ -684,7 +726,10 @@ impl PrefixTree {
                 continue;
             }
             if children[i] != n.children {
-                return bad(format!("node {i}: child count {} != {}", n.children, children[i]));
+                return bad(format!(
+                    "node {i}: child count {} != {}",
+                    n.children, children[i]
+                ));
             }
             if !n.ckpt_end {
                 continue;
@@ -716,10 +761,15 @@ impl PrefixTree {
             for &gi in &self.sliding {
                 let s = i * g + gi;
                 if refs[s] != self.ckpt_refs[s] {
-                    return bad(format!("node {i} group {gi}: ckpt_refs {} != {}", self.ckpt_refs[s], refs[s]));
+                    return bad(format!(
+                        "node {i} group {gi}: ckpt_refs {} != {}",
+                        self.ckpt_refs[s], refs[s]
+                    ));
                 }
                 if self.layout.swa_aware && self.blocks[s] != 0 && refs[s] == 0 && n.refs == 0 {
-                    return bad(format!("node {i} group {gi}: SWA block kept by no checkpoint"));
+                    return bad(format!(
+                        "node {i} group {gi}: SWA block kept by no checkpoint"
+                    ));
                 }
             }
             let want = if n.refs > 0 || n.doomed {
@@ -733,16 +783,26 @@ impl PrefixTree {
             };
             let have = n.key.map(|(k, _)| k);
             if want != have {
-                return bad(format!("node {i}: eviction set {have:?}, expected {want:?}"));
+                return bad(format!(
+                    "node {i}: eviction set {have:?}, expected {want:?}"
+                ));
             }
             if let Some((kind, key)) = n.key {
-                let set = if kind == SetKind::Leaf { &self.leaves } else { &self.ckpts };
+                let set = if kind == SetKind::Leaf {
+                    &self.leaves
+                } else {
+                    &self.ckpts
+                };
                 if !set.contains(&(key, i as NodeId)) {
                     return bad(format!("node {i}: key missing from its set"));
                 }
             }
         }
-        let filed = self.nodes.iter().filter(|n| n.alive && n.key.is_some()).count();
+        let filed = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive && n.key.is_some())
+            .count();
         if filed != self.leaves.len() + self.ckpts.len() {
             return bad("eviction sets hold stale entries".into());
         }

@@ -1,0 +1,494 @@
+//! `KVCacheManager` and `BlockHashes`: the scheduler-facing API.
+
+use std::sync::{Mutex, MutexGuard};
+
+use kvalloc::{
+    Admission, Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt, Step,
+};
+use numpy::PyArray1;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+
+use crate::convert::{id_list, non_negative, positive, token_ids, type_name, u64_array};
+use crate::errors::{invalid, to_py, IntoPyResult};
+use crate::spec::{block_tokens_arg, PyModelSpec};
+
+/// A prompt given as precomputed block hashes (one per block of `block_tokens`, as traces
+/// carry them) instead of token ids.
+#[pyclass(frozen, name = "BlockHashes", module = "kvalloc._core")]
+pub struct PyBlockHashes {
+    hashes: Vec<u64>,
+    num_tokens: u64,
+}
+
+#[pymethods]
+impl PyBlockHashes {
+    /// `hashes`: uint64 array, one id per block (the partial last block's id may be included);
+    /// `num_tokens`: the prompt length in tokens.
+    #[new]
+    fn new(hashes: &Bound<'_, PyAny>, num_tokens: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let arr = u64_array(hashes, "hashes")?;
+        Ok(PyBlockHashes {
+            hashes: arr.as_slice()?.to_vec(),
+            num_tokens: positive(num_tokens, "num_tokens")?,
+        })
+    }
+    #[getter]
+    fn num_tokens(&self) -> u64 {
+        self.num_tokens
+    }
+    fn __len__(&self) -> usize {
+        self.hashes.len()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "BlockHashes({} blocks, num_tokens={})",
+            self.hashes.len(),
+            self.num_tokens
+        )
+    }
+}
+
+/// A prompt extracted while attached: owned, so the core can run detached.
+enum OwnedPrompt {
+    Tokens(Vec<i64>),
+    Hashes(Vec<u64>, u64),
+}
+
+impl OwnedPrompt {
+    fn extract(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+        if let Ok(bh) = obj.cast::<PyBlockHashes>() {
+            let bh = bh.get();
+            return Ok(OwnedPrompt::Hashes(bh.hashes.clone(), bh.num_tokens));
+        }
+        Ok(OwnedPrompt::Tokens(token_ids(obj, "tokens")?))
+    }
+
+    fn as_prompt(&self) -> Prompt<'_> {
+        match self {
+            OwnedPrompt::Tokens(t) => Prompt::Tokens(t),
+            OwnedPrompt::Hashes(h, n) => Prompt::BlockHashes {
+                hashes: h,
+                num_tokens: *n,
+            },
+        }
+    }
+}
+
+fn salt_arg(salt: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
+    let Some(s) = salt.filter(|s| !s.is_none()) else {
+        return Ok(None);
+    };
+    if let Ok(s) = s.cast::<PyString>() {
+        return Ok(Some(s.to_str()?.as_bytes().to_vec()));
+    }
+    if let Ok(b) = s.cast::<PyBytes>() {
+        return Ok(Some(b.as_bytes().to_vec()));
+    }
+    Err(invalid(
+        "salt",
+        format!("expected str or bytes, got {}", type_name(s)),
+    ))
+}
+
+fn req_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+    non_negative(obj, "req_id")
+}
+
+fn opt_positive(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<u64>> {
+    match obj.filter(|o| !o.is_none()) {
+        Some(o) => Ok(Some(positive(o, what)?)),
+        None => Ok(None),
+    }
+}
+
+/// The SWA-aware KV cache manager an engine scheduler drives.
+#[pyclass(frozen, name = "KVCacheManager", module = "kvalloc._core")]
+pub struct PyKVCacheManager {
+    inner: Mutex<KVCacheManager>,
+    spec: Py<PyModelSpec>,
+}
+
+impl PyKVCacheManager {
+    fn lock(&self) -> PyResult<MutexGuard<'_, KVCacheManager>> {
+        self.inner.lock().map_err(|_| {
+            to_py(kvalloc::Error::Invariant(
+                "the manager lock is poisoned by an earlier panic".into(),
+            ))
+        })
+    }
+}
+
+#[pymethods]
+impl PyKVCacheManager {
+    #[new]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None))]
+    fn new(
+        py: Python<'_>,
+        spec: &Bound<'_, PyAny>,
+        capacity_bytes: &Bound<'_, PyAny>,
+        block_tokens: Option<&Bound<'_, PyAny>>,
+        policy: &str,
+        eviction: &str,
+        checkpoint_interval: Option<&Bound<'_, PyAny>>,
+        slab_bytes: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let spec = spec.cast::<PyModelSpec>().map_err(|_| {
+            invalid(
+                "spec",
+                format!("expected a kvalloc.ModelSpec, got {}", type_name(spec)),
+            )
+        })?;
+        let config = ManagerConfig {
+            block_tokens: block_tokens_arg(block_tokens)?,
+            policy: Policy::parse(policy).py()?,
+            eviction: Eviction::parse(eviction).py()?,
+            checkpoint_interval: opt_positive(checkpoint_interval, "checkpoint_interval")?,
+            slab_bytes: opt_positive(slab_bytes, "slab_bytes")?,
+        };
+        let capacity = positive(capacity_bytes, "capacity_bytes")?;
+        let core_spec = spec.get().inner.clone();
+        let m = py
+            .detach(|| KVCacheManager::new(core_spec, capacity, config))
+            .py()?;
+        Ok(PyKVCacheManager {
+            inner: Mutex::new(m),
+            spec: spec.clone().unbind(),
+        })
+    }
+
+    /// Window-safe hit length in tokens for a prompt (token ids or `BlockHashes`); changes
+    /// nothing.
+    #[pyo3(signature = (tokens, salt = None))]
+    fn match_prefix(
+        &self,
+        py: Python<'_>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<u64> {
+        let prompt = OwnedPrompt::extract(tokens)?;
+        let salt = salt_arg(salt)?;
+        py.detach(|| {
+            self.lock()?
+                .match_prefix(prompt.as_prompt(), salt.as_deref())
+                .py()
+        })
+    }
+
+    /// Admits a request: returns the prompt tokens served from cache, or None when even
+    /// eviction cannot make room. `max_tokens` schedules only that many prompt tokens now
+    /// (chunked prefill; continue with `extend(req_id, n)`).
+    #[pyo3(signature = (req_id, tokens, salt = None, max_tokens = None))]
+    fn admit(
+        &self,
+        py: Python<'_>,
+        req_id: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+        max_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Option<u64>> {
+        let req = req_arg(req_id)?;
+        let prompt = OwnedPrompt::extract(tokens)?;
+        let salt = salt_arg(salt)?;
+        let max_tokens = opt_positive(max_tokens, "max_tokens")?;
+        py.detach(|| {
+            self.lock()?
+                .admit(req, prompt.as_prompt(), salt.as_deref(), max_tokens)
+                .py()
+        })
+    }
+
+    /// Appends tokens to a running request: an array of token ids (decode), or an int count
+    /// (continue a chunked prefill; for `BlockHashes` requests also opaque output tokens).
+    /// Returns False, changing nothing, when there is no room.
+    fn extend(
+        &self,
+        py: Python<'_>,
+        req_id: &Bound<'_, PyAny>,
+        tokens: &Bound<'_, PyAny>,
+    ) -> PyResult<bool> {
+        let req = req_arg(req_id)?;
+        if tokens.extract::<i128>().is_ok() {
+            let n = non_negative(tokens, "tokens")?;
+            return py.detach(|| self.lock()?.extend(req, Extension::Count(n)).py());
+        }
+        let t = token_ids(tokens, "tokens")?;
+        py.detach(|| self.lock()?.extend(req, Extension::Tokens(&t)).py())
+    }
+
+    /// The request's prompt and output enter the prefix cache; its other blocks are freed.
+    fn finish(&self, py: Python<'_>, req_id: &Bound<'_, PyAny>) -> PyResult<()> {
+        let req = req_arg(req_id)?;
+        py.detach(|| self.lock()?.finish(req).py())
+    }
+
+    /// Drops a request; nothing of it stays in the cache.
+    fn abort(&self, py: Python<'_>, req_id: &Bound<'_, PyAny>) -> PyResult<()> {
+        let req = req_arg(req_id)?;
+        py.detach(|| self.lock()?.abort(req).py())
+    }
+
+    /// Page indices (int32) of the request's blocks in group `group` of `spec.groups`, one per
+    /// block of its scheduled tokens; `kvalloc.NULL_PAGE` (-1) where it holds no block.
+    fn block_table<'py>(
+        &self,
+        py: Python<'py>,
+        req_id: &Bound<'py, PyAny>,
+        group: &Bound<'py, PyAny>,
+    ) -> PyResult<Bound<'py, PyArray1<i32>>> {
+        let req = req_arg(req_id)?;
+        let g = non_negative(group, "group")? as usize;
+        let t = self.lock()?.block_table(req, g).py()?;
+        Ok(PyArray1::from_vec(py, t))
+    }
+
+    /// Tokens scheduled for a running request.
+    fn num_tokens(&self, req_id: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let req = req_arg(req_id)?;
+        self.lock()?.num_tokens(req).py()
+    }
+
+    fn __contains__(&self, req_id: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(match non_negative(req_id, "req_id") {
+            Ok(r) => self.lock()?.is_running(r),
+            Err(_) => false,
+        })
+    }
+
+    /// One scheduler step in one call, with the GIL released: finishes and aborts first, then
+    /// extensions, then admissions. Every id is checked before anything changes.
+    ///
+    /// - `finish`, `abort`: request ids (list or integer array);
+    /// - `extend_ids` with `extend_tokens` (flat int32/int64 token ids) and `extend_lens`
+    ///   (tokens per request; default 1 each), or with `extend_counts` (counts);
+    /// - `admit`: a list of `(req_id, tokens)` or `(req_id, tokens, salt)` tuples, where tokens
+    ///   may be a `BlockHashes`.
+    ///
+    /// Returns `(admitted, extended)`: int64 hits per admission (-1 where it did not fit) and
+    /// bools per extension.
+    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn step<'py>(
+        &self,
+        py: Python<'py>,
+        finish: Option<&Bound<'py, PyAny>>,
+        abort: Option<&Bound<'py, PyAny>>,
+        extend_ids: Option<&Bound<'py, PyAny>>,
+        extend_tokens: Option<&Bound<'py, PyAny>>,
+        extend_lens: Option<&Bound<'py, PyAny>>,
+        extend_counts: Option<&Bound<'py, PyAny>>,
+        admit: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<bool>>)> {
+        let ids = |o: Option<&Bound<'py, PyAny>>, what| match o.filter(|o| !o.is_none()) {
+            Some(o) => id_list(o, what),
+            None => Ok(Vec::new()),
+        };
+        let finish = ids(finish, "finish")?;
+        let abort = ids(abort, "abort")?;
+        let ext_ids = ids(extend_ids, "extend_ids")?;
+        let ext_tokens = match extend_tokens.filter(|o| !o.is_none()) {
+            Some(t) => Some(token_ids(t, "extend_tokens")?),
+            None => None,
+        };
+        let ext_lens = ids(extend_lens, "extend_lens")?;
+        let ext_counts = ids(extend_counts, "extend_counts")?;
+        // Admissions: (req, prompt, salt).
+        let mut admits: Vec<(u64, OwnedPrompt, Option<Vec<u8>>)> = Vec::new();
+        if let Some(a) = admit.filter(|o| !o.is_none()) {
+            let list = a.cast::<PyList>().map_err(|_| {
+                invalid(
+                    "admit",
+                    "expected a list of (req_id, tokens[, salt]) tuples",
+                )
+            })?;
+            for item in list.iter() {
+                let t = item.cast::<PyTuple>().map_err(|_| {
+                    invalid(
+                        "admit",
+                        format!("each entry must be a tuple, got {}", type_name(&item)),
+                    )
+                })?;
+                if !(2..=3).contains(&t.len()) {
+                    return Err(invalid(
+                        "admit",
+                        "each entry is (req_id, tokens) or (req_id, tokens, salt)",
+                    ));
+                }
+                let salt = if t.len() == 3 {
+                    salt_arg(Some(&t.get_item(2)?))?
+                } else {
+                    None
+                };
+                admits.push((
+                    req_arg(&t.get_item(0)?)?,
+                    OwnedPrompt::extract(&t.get_item(1)?)?,
+                    salt,
+                ));
+            }
+        }
+        // Extensions, as slices of the flat token array.
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        match (&ext_tokens, ext_counts.is_empty()) {
+            (Some(_), false) => {
+                return Err(invalid(
+                    "extend_counts",
+                    "give extend_tokens or extend_counts, not both",
+                ))
+            }
+            (Some(tokens), true) => {
+                let lens: Vec<u64> = if ext_lens.is_empty() {
+                    vec![1; ext_ids.len()]
+                } else {
+                    ext_lens
+                };
+                if lens.len() != ext_ids.len() {
+                    return Err(invalid(
+                        "extend_lens",
+                        format!("{} lengths for {} ids", lens.len(), ext_ids.len()),
+                    ));
+                }
+                let total: u64 = lens.iter().sum();
+                if total != tokens.len() as u64 {
+                    return Err(invalid(
+                        "extend_tokens",
+                        format!(
+                            "{} tokens, but extend_lens adds up to {total}",
+                            tokens.len()
+                        ),
+                    ));
+                }
+                let mut at = 0usize;
+                for &l in &lens {
+                    spans.push((at, at + l as usize));
+                    at += l as usize;
+                }
+            }
+            (None, false) => {
+                if ext_counts.len() != ext_ids.len() {
+                    return Err(invalid(
+                        "extend_counts",
+                        format!("{} counts for {} ids", ext_counts.len(), ext_ids.len()),
+                    ));
+                }
+            }
+            (None, true) => {
+                if !ext_ids.is_empty() {
+                    return Err(invalid(
+                        "extend_ids",
+                        "give extend_tokens or extend_counts with extend_ids",
+                    ));
+                }
+            }
+        }
+        let outcome = py.detach(|| {
+            let mut step = Step {
+                finish,
+                abort,
+                ..Step::default()
+            };
+            for (k, &id) in ext_ids.iter().enumerate() {
+                let ext = match &ext_tokens {
+                    Some(t) => Extension::Tokens(&t[spans[k].0..spans[k].1]),
+                    None => Extension::Count(ext_counts[k]),
+                };
+                step.extend.push((id, ext));
+            }
+            for (req, prompt, salt) in &admits {
+                step.admit.push(Admission {
+                    req: *req,
+                    prompt: prompt.as_prompt(),
+                    salt: salt.as_deref(),
+                    max_tokens: None,
+                });
+            }
+            self.lock()?.step(&step).py()
+        })?;
+        let admitted: Vec<i64> = outcome
+            .admitted
+            .iter()
+            .map(|h| h.map_or(-1, |h| h as i64))
+            .collect();
+        Ok((
+            PyArray1::from_vec(py, admitted),
+            PyArray1::from_vec(py, outcome.extended),
+        ))
+    }
+
+    /// Accounting: per-group blocks (running / cached / free / tombstones), checkpoints, hit
+    /// and miss tokens, evictions by cause, bytes and padding waste.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.lock()?.stats();
+        let d = PyDict::new(py);
+        let groups = PyList::empty(py);
+        for g in &s.groups {
+            let gd = PyDict::new(py);
+            gd.set_item("running", g.running)?;
+            gd.set_item("cached", g.cached)?;
+            gd.set_item("free", g.free)?;
+            gd.set_item("tombstones", g.tombstones)?;
+            groups.append(gd)?;
+        }
+        d.set_item("groups", groups)?;
+        d.set_item("running_requests", s.running_requests)?;
+        d.set_item("cached_blocks", s.cached_blocks)?;
+        d.set_item("checkpoints", s.checkpoints)?;
+        d.set_item("hit_tokens", s.hit_tokens)?;
+        d.set_item("miss_tokens", s.miss_tokens)?;
+        d.set_item("admissions_refused", s.admissions_refused)?;
+        d.set_item("extensions_refused", s.extensions_refused)?;
+        let ev = PyDict::new(py);
+        ev.set_item("leaf", s.evicted_leaves)?;
+        ev.set_item("checkpoint", s.evicted_checkpoints)?;
+        ev.set_item("abort_blocks", s.aborted_blocks)?;
+        ev.set_item("window_released_blocks", s.window_released_blocks)?;
+        d.set_item("evictions", ev)?;
+        d.set_item("bytes_in_use", s.bytes_in_use)?;
+        d.set_item("capacity_bytes", s.capacity_bytes)?;
+        d.set_item("padding_waste_bytes", s.padding_waste_bytes)?;
+        Ok(d)
+    }
+
+    /// Checks every invariant; raises `InvariantError` naming the first violation.
+    fn validate(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| self.lock()?.validate().py())
+    }
+
+    /// The model.
+    #[getter]
+    fn spec(&self, py: Python<'_>) -> Py<PyModelSpec> {
+        self.spec.clone_ref(py)
+    }
+    #[getter]
+    fn block_tokens(&self) -> PyResult<u32> {
+        Ok(self.lock()?.config().block_tokens)
+    }
+    #[getter]
+    fn policy(&self) -> PyResult<&'static str> {
+        Ok(self.lock()?.config().policy.name())
+    }
+    #[getter]
+    fn eviction(&self) -> PyResult<&'static str> {
+        Ok(self.lock()?.config().eviction.name())
+    }
+    #[getter]
+    fn capacity_bytes(&self) -> PyResult<u64> {
+        Ok(self.lock()?.arena().capacity_bytes())
+    }
+    /// Pages in group `group`'s view of the arena: an engine's buffer for the group holds this
+    /// many blocks (block tables index into it).
+    fn num_pages(&self, group: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let g = non_negative(group, "group")? as usize;
+        self.lock()?.arena().num_pages(g).py()
+    }
+    fn __repr__(&self) -> PyResult<String> {
+        let m = self.lock()?;
+        Ok(format!(
+            "KVCacheManager(model={:?}, capacity_bytes={}, block_tokens={}, policy={:?}, eviction={:?})",
+            m.spec().name,
+            m.arena().capacity_bytes(),
+            m.config().block_tokens,
+            m.config().policy.name(),
+            m.config().eviction.name()
+        ))
+    }
+}

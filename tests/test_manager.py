@@ -1,0 +1,326 @@
+"""KVCacheManager through Python: lifecycle, the worked example, batched steps, bad input,
+a hypothesis state machine against a reference, and threads."""
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import kvalloc
+from kvalloc import (
+    NULL_PAGE,
+    BlockHashes,
+    InvalidArgumentError,
+    KVCacheManager,
+    ModelSpec,
+    RequestError,
+)
+
+B = 16
+W = 128
+
+
+def small_spec() -> ModelSpec:
+    return ModelSpec.from_hf_config(
+        {"num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
+         "sliding_window": W, "hybrid_layer_pattern": [0, 1, 1, 1]}
+    )
+
+
+def seq(start: int, n: int) -> np.ndarray:
+    return np.arange(start, start + n, dtype=np.int64)
+
+
+def run(m: KVCacheManager, rid: int, prompt: np.ndarray, gen: np.ndarray) -> int:
+    hit = m.admit(rid, prompt)
+    assert hit is not None
+    for t in gen[:-1]:
+        assert m.extend(rid, np.array([t], dtype=np.int64))
+    m.finish(rid)
+    m.validate()
+    return hit
+
+
+def test_worked_example():
+    m = KVCacheManager(small_spec(), 256 << 20)
+    a = seq(0, 1024)
+    out = seq(50_000, 100)
+    assert run(m, 1, a, out) == 0
+    assert m.match_prefix(np.concatenate([a, out, seq(9, 30)])) == 1120
+    assert m.match_prefix(np.concatenate([a, seq(70_000, 40)])) == 1024
+    assert m.match_prefix(np.concatenate([a[:1020], seq(80_000, 40)])) == 1008
+    assert m.match_prefix(a) == 1008
+    assert m.match_prefix(np.concatenate([a[:700], seq(60_000, 300)])) == 0
+    assert m.match_prefix(a.astype(np.int32)) == 1008  # int32 token ids work the same
+
+
+def test_block_tables_and_null_page():
+    m = KVCacheManager(small_spec(), 256 << 20)
+    assert m.admit(7, seq(0, 300)) == 0
+    full = m.block_table(7, 0)
+    swa = m.block_table(7, 1)
+    assert full.dtype == np.int32 and len(full) == len(swa) == 19
+    assert (full != NULL_PAGE).all()
+    assert NULL_PAGE == -1
+    assert swa[0] == NULL_PAGE and (swa[-9:] != NULL_PAGE).all()
+    assert (full < m.num_pages(0)).all() and (swa[swa >= 0] < m.num_pages(1)).all()
+    assert 7 in m and 8 not in m
+    assert m.num_tokens(7) == 300
+    m.finish(7)
+    m.validate()
+
+
+def test_step_batches_a_scheduler_step():
+    m = KVCacheManager(small_spec(), 256 << 20)
+    admitted, extended = m.step(admit=[(i, seq(1000 * i, 100)) for i in range(4)])
+    assert admitted.tolist() == [0, 0, 0, 0] and extended.shape == (0,)
+    ids = np.arange(4)
+    admitted, extended = m.step(extend_ids=ids, extend_tokens=np.arange(4, dtype=np.int64))
+    assert extended.tolist() == [True] * 4
+    admitted, extended = m.step(
+        finish=[0, 1], extend_ids=[2, 3], extend_tokens=np.arange(6, dtype=np.int32), extend_lens=[2, 4],
+        admit=[(10, np.concatenate([seq(0, 100), seq(5, 20)])), (11, seq(77, 30), "tenant")],
+    )
+    assert admitted.tolist() == [96, 0]
+    assert extended.tolist() == [True, True]
+    assert m.num_tokens(3) == 105
+    m.validate()
+    # Any bad id: the whole step is refused and nothing changes.
+    before = m.stats()
+    with pytest.raises(RequestError):
+        m.step(finish=[2], extend_ids=[99], extend_tokens=np.array([1], dtype=np.int64))
+    assert m.stats() == before and 2 in m
+
+
+def test_block_hashes_prompts():
+    m = KVCacheManager(small_spec(), 256 << 20)
+    ids = np.arange(100, 164, dtype=np.uint64)
+    assert m.admit(1, BlockHashes(ids, 1024)) == 0
+    assert m.extend(1, 40)
+    m.finish(1)
+    longer = BlockHashes(np.concatenate([ids, np.array([1, 2], dtype=np.uint64)]), 66 * 16)
+    assert m.match_prefix(longer) == 1024
+    with pytest.raises(InvalidArgumentError, match="block_hashes"):
+        m.match_prefix(BlockHashes(ids[:3], 1024))
+
+
+def test_salt_isolates_tenants():
+    m = KVCacheManager(small_spec(), 256 << 20)
+    p = seq(0, 600)
+    m.admit(1, p, salt="a")
+    m.finish(1)
+    assert m.match_prefix(p, salt="a") > 0
+    assert m.match_prefix(p, salt=b"b") == 0
+    assert m.match_prefix(p) == 0
+
+
+def test_refused_admission_returns_none():
+    m = KVCacheManager(small_spec(), 8 << 20)
+    assert m.admit(1, seq(0, 200_000)) is None
+    assert 1 not in m
+    assert m.stats()["admissions_refused"] == 1
+    m.validate()
+
+
+@pytest.mark.parametrize(
+    "tokens",
+    [
+        np.array([], dtype=np.int64),
+        np.zeros((2, 3), dtype=np.int64),
+        np.arange(20, dtype=np.int64)[::2],
+        np.arange(5, dtype=np.float32),
+        "abc",
+    ],
+)
+def test_bad_tokens(tokens):
+    m = KVCacheManager(small_spec(), 64 << 20)
+    with pytest.raises(InvalidArgumentError, match="tokens"):
+        m.admit(1, tokens)
+    assert 1 not in m
+    m.validate()
+
+
+def test_bad_arguments():
+    spec = small_spec()
+    with pytest.raises(InvalidArgumentError, match="policy"):
+        KVCacheManager(spec, 1 << 30, policy="sometimes")
+    with pytest.raises(InvalidArgumentError, match="eviction"):
+        KVCacheManager(spec, 1 << 30, eviction="random")
+    with pytest.raises(InvalidArgumentError, match="capacity_bytes"):
+        KVCacheManager(spec, 0)
+    with pytest.raises(InvalidArgumentError, match="block_tokens"):
+        KVCacheManager(spec, 1 << 30, block_tokens=-16)
+    with pytest.raises(InvalidArgumentError, match="spec"):
+        KVCacheManager("mimo", 1 << 30)
+    m = KVCacheManager(spec, 64 << 20)
+    with pytest.raises(RequestError):
+        m.finish(3)
+    with pytest.raises(RequestError):
+        m.extend(3, np.array([1], dtype=np.int64))
+    with pytest.raises(InvalidArgumentError, match="req_id"):
+        m.admit(-1, seq(0, 10))
+    m.admit(3, seq(0, 10))
+    with pytest.raises(RequestError):
+        m.admit(3, seq(0, 10))
+    with pytest.raises(InvalidArgumentError, match="group"):
+        m.block_table(3, 5)
+    with pytest.raises(InvalidArgumentError, match="salt"):
+        m.match_prefix(seq(0, 10), salt=5)
+    with pytest.raises(InvalidArgumentError, match="count"):
+        m.extend(3, 5)  # a token-id request's output must be ids
+    assert isinstance(RequestError("x"), LookupError)
+    m.validate()
+
+
+def test_dense_policy_same_api():
+    m = KVCacheManager(small_spec(), 256 << 20, policy="dense", eviction="lru")
+    assert (m.policy, m.eviction) == ("dense", "lru")
+    run(m, 1, seq(0, 1024), seq(5, 3))
+    assert m.match_prefix(np.concatenate([seq(0, 700), seq(60_000, 10)])) == 688
+    s = m.stats()
+    assert s["groups"][1]["cached"] == s["groups"][0]["cached"]
+
+
+class ManagerMachine(RuleBasedStateMachine):
+    """Random admit/extend/finish/abort against a reference: validate() after every step; hits
+    never exceed the longest cached whole-block prefix; under an unbounded dense cache they equal
+    it; running sliding-window blocks stay bounded."""
+
+    SEGMENTS = [np.arange(s * 1000, s * 1000 + n, dtype=np.int64) for s, n in
+                [(1, 40), (2, 96), (3, 7), (4, 150), (5, 16), (6, 61), (7, 300)]]
+
+    def __init__(self):
+        super().__init__()
+        self.policy = "swa-aware"
+        self.capacity = 256 << 20
+        self.m = None
+        self.running: dict[int, list[int]] = {}
+        self.prompts: dict[int, list[int]] = {}
+        self.finished: set[tuple[int, ...]] = set()  # whole-block prefixes of finished requests
+        self.next_id = 0
+        self.aborted = False
+
+    @rule(policy=st.sampled_from(["swa-aware", "dense"]), small=st.booleans())
+    @precondition(lambda self: self.m is None)
+    def create(self, policy, small):
+        self.policy = policy
+        self.capacity = (3 << 20) if small else (256 << 20)
+        self.m = KVCacheManager(small_spec(), self.capacity, policy=policy)
+
+    def upper(self, tokens: np.ndarray) -> int:
+        """Longest prefix (whole blocks, short of the last token) that finished requests or
+        running prompts have cached: no hit can exceed it."""
+        cached = set(self.finished)
+        for p in self.prompts.values():
+            cached.update(self.prefixes(p))
+        best = 0
+        for k in range(1, (len(tokens) - 1) // B + 1):
+            if tuple(tokens[: k * B].tolist()) not in cached:
+                break
+            best = k * B
+        return best
+
+    @staticmethod
+    def prefixes(tokens: list[int]) -> list[tuple[int, ...]]:
+        return [tuple(tokens[: k * B]) for k in range(1, len(tokens) // B + 1)]
+
+    @precondition(lambda self: self.m is not None)
+    @rule(parts=st.lists(st.integers(0, 6), min_size=1, max_size=4), cut=st.integers(0, 20))
+    def admit(self, parts, cut):
+        tokens = np.concatenate([self.SEGMENTS[p] for p in parts])
+        if cut and cut < len(tokens):
+            tokens = tokens[:-cut]
+        rid = self.next_id
+        self.next_id += 1
+        expected = self.m.match_prefix(tokens)
+        assert expected % B == 0 and expected < len(tokens)
+        assert expected <= self.upper(tokens)
+        # Exact for an unbounded dense cache. (After an abort, blocks the aborted request linked
+        # stop matching even while another running request still reads them.)
+        if self.policy == "dense" and self.capacity > (100 << 20) and not self.aborted:
+            assert expected == self.upper(tokens)
+        hit = self.m.admit(rid, tokens)
+        if hit is not None:
+            assert hit == expected
+            self.running[rid] = tokens.tolist()
+            self.prompts[rid] = tokens.tolist()
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data(), n=st.integers(1, 40))
+    def extend(self, data, n):
+        rid = data.draw(st.sampled_from(sorted(self.running)))
+        new = list(range(900_000 + rid * 1000, 900_000 + rid * 1000 + n))
+        if self.m.extend(rid, np.array(new, dtype=np.int64)):
+            self.running[rid] += new
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def finish(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.running)))
+        self.m.finish(rid)
+        self.finished.update(self.prefixes(self.running.pop(rid)))
+        del self.prompts[rid]
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
+    def abort(self, data):
+        rid = data.draw(st.sampled_from(sorted(self.running)))
+        self.m.abort(rid)
+        del self.running[rid]
+        del self.prompts[rid]
+        self.aborted = True
+
+    @invariant()
+    def consistent(self):
+        if self.m is None:
+            return
+        self.m.validate()
+        s = self.m.stats()
+        assert s["bytes_in_use"] <= s["capacity_bytes"]
+        assert s["running_requests"] == len(self.running)
+        if self.policy == "swa-aware":
+            assert s["groups"][1]["running"] <= len(self.running) * (W // B + 1)
+
+
+TestManagerMachine = ManagerMachine.TestCase
+TestManagerMachine.settings = settings(max_examples=40, stateful_step_count=30, deadline=None)
+
+
+def test_threads_share_one_manager():
+    """Eight threads drive their own requests on one manager at once (the GIL is released)."""
+    m = KVCacheManager(small_spec(), 64 << 20)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            rng = np.random.default_rng(t)
+            for i in range(40):
+                rid = t * 1000 + i
+                shared = seq(0, int(rng.integers(16, 400)))
+                own = seq(100_000 * (t + 1) + i * 500, int(rng.integers(1, 200)))
+                if m.admit(rid, np.concatenate([shared, own])) is None:
+                    continue
+                for _ in range(int(rng.integers(0, 20))):
+                    if not m.extend(rid, np.array([int(rng.integers(1 << 30))], dtype=np.int64)):
+                        break
+                if rng.random() < 0.2:
+                    m.abort(rid)
+                else:
+                    m.finish(rid)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    m.validate()
+    s = m.stats()
+    assert s["running_requests"] == 0
+    assert all(g["running"] == 0 for g in s["groups"])
+    assert s["hit_tokens"] > 0
