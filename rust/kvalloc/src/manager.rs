@@ -12,9 +12,11 @@
 //!   earlier one; each such block is either private to the request or was attached to the tree
 //!   by this request (in-flight sharing);
 //! - in a sliding group (swa-aware policy) only blocks overlapping the running window
-//!   `[len - W, len)` and blocks of planned checkpoints are present; every other entry is
-//!   [`NULL_PAGE`]. An engine's prefill kernel writes KV only where the table has a page and
-//!   attends to the chunk's own freshly computed keys elsewhere (as flash-attention prefill does).
+//!   `[len - W, len)` (or `[E - W, E)` for the last whole-block boundary `E`, one block more
+//!   when W is not a multiple of B) and blocks of planned checkpoints are present; every other
+//!   entry is [`NULL_PAGE`]. An engine's prefill kernel writes KV only where the table has a page
+//!   and attends to the chunk's own freshly computed keys elsewhere (as flash-attention prefill
+//!   does).
 //!   A running request therefore never holds more than `ceil(W / B) + 1` private blocks per
 //!   sliding group.
 //!
@@ -587,14 +589,24 @@ impl KVCacheManager {
         // 1. What to allocate: (group, block index, attach-to-node).
         let mut want: Vec<(usize, u64, bool)> = Vec::new();
         let mut counts = vec![0u64; groups];
+        // A block a previous chunk left partial is already in the table but not yet linked: it
+        // still has to go to the tree once whole (its full KV, or its checkpoint SWA KV), else
+        // the node would be inserted without it.
+        let mut carried: Vec<(usize, u64)> = Vec::new();
         for g in 0..groups {
             let table = &r.tables[g];
-            let window_first = self.window(g).map(|w| self.window_first(end, w));
+            // Keep the window of the last whole-block boundary too (see `release_out_of_window`).
+            let window_first = self.window(g).map(|w| self.window_first(end / b * b, w));
             for i in first_blk..end_blk {
+                let is_prompt_block = i < n_full_prompt;
                 if (i as usize) < table.len() && table[i as usize] != 0 {
+                    let unlinked = is_prompt_block && i >= r.path.len() as u64;
+                    let sliding = window_first.is_some() && self.swa_aware();
+                    if unlinked && (!sliding || self.in_plan(r, g, i)) {
+                        carried.push((g, i));
+                    }
                     continue;
                 }
-                let is_prompt_block = i < n_full_prompt;
                 let node = r.path.get(i as usize).copied();
                 let node_has = node.is_some_and(|n| self.tree.block(n, g) != 0);
                 let (need, attach) = match window_first {
@@ -640,15 +652,24 @@ impl KVCacheManager {
             r.tables[g][i as usize] = h;
             attach[g][(i - first_blk) as usize] = to_tree;
         }
+        for &(g, i) in &carried {
+            attach[g][(i - first_blk) as usize] = true;
+        }
         // 4. Link whole prompt blocks into the tree (in-flight sharing).
         let whole_end = (end / b).min(n_full_prompt);
         for i in r.path.len() as u64..whole_end {
-            if r.path.len() as u64 != i {
+            // `i < first_blk`: a conflict in an earlier call stopped linking; those blocks'
+            // attach state is not in this call's span (and `i - first_blk` would underflow).
+            if r.path.len() as u64 != i || i < first_blk {
                 break; // linking stopped at a conflict: the rest stays private
             }
             let hash = r.hashes[i as usize];
             let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
-            match self.tree.find_child(hash, parent, i as u32) {
+            let mut freed = std::mem::take(&mut self.scratch);
+            let link = self.tree.claim_child(hash, parent, i as u32, &mut freed);
+            self.release(&mut freed);
+            self.scratch = freed;
+            match link {
                 Link::Present(n) => {
                     // Another running request linked it meanwhile: share its node; our blocks
                     // stay private.
@@ -710,7 +731,13 @@ impl KVCacheManager {
         let mut freed = std::mem::take(&mut self.scratch);
         for g in 0..self.spec.groups.len() {
             let Some(w) = self.window(g) else { continue };
-            let wf = self.window_first(end, w).min(r.tables[g].len() as u64);
+            // Release below the window ending at the last whole block `E = end / B * B`, not at
+            // `end`: the output-end checkpoint at finish needs `[E - W, E)`, which reaches one
+            // block lower when W is not a multiple of B. Still at most ceil(W / B) + 1 blocks.
+            let bt = self.b();
+            let wf = self
+                .window_first(end / bt * bt, w)
+                .min(r.tables[g].len() as u64);
             for i in r.swa_floor[g]..wf {
                 let h = r.tables[g][i as usize];
                 if h != 0 {
@@ -883,7 +910,11 @@ impl KVCacheManager {
             }
             let hash = r.hashes[i as usize];
             let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
-            match self.tree.find_child(hash, parent, i as u32) {
+            let mut freed = std::mem::take(&mut self.scratch);
+            let link = self.tree.claim_child(hash, parent, i as u32, &mut freed);
+            self.release(&mut freed);
+            self.scratch = freed;
+            match link {
                 Link::Present(n) => {
                     self.tree.pin(n);
                     r.path.push(n);

@@ -12,8 +12,8 @@
 //! The tree returns freed blocks as data (`Freed`); the manager gives them back to the arena.
 //!
 //! ## Invariants (checked by [`PrefixTree::validate`])
-//! - `index` maps exactly the live, non-doomed nodes' hashes; a node's depth is its parent's plus one and
-//!   `children` counts its live children: a cached prefix has no holes in the full groups;
+//! - `index` maps exactly the live, non-doomed nodes' hashes; a node's depth is its parent's plus
+//!   one and `children` counts its live children: a cached prefix has no holes in the full groups;
 //! - every live node holds a block for every full group;
 //! - `ckpt_refs` equals the number of registered checkpoints covering the block, and a kept SWA
 //!   block is covered by a checkpoint or its node is pinned (swa-aware policy); under the dense
@@ -160,6 +160,10 @@ pub struct PrefixTree {
     tick: u64,
     live_nodes: u64,
     checkpoints: u64,
+    /// Bytes of every block the tree holds, and of those in pinned nodes (kept exact, so the
+    /// evictable amount is O(1)).
+    held_bytes: u64,
+    pinned_bytes: u64,
 }
 
 impl PrefixTree {
@@ -183,6 +187,8 @@ impl PrefixTree {
             tick: 0,
             live_nodes: 0,
             checkpoints: 0,
+            held_bytes: 0,
+            pinned_bytes: 0,
         }
     }
 
@@ -197,6 +203,32 @@ impl PrefixTree {
 
     fn slot(&self, n: NodeId, g: usize) -> usize {
         n as usize * self.g() + g
+    }
+
+    /// Like [`find_child`](Self::find_child), for linking: a node whose parent is doomed (left
+    /// behind under a node an aborted request created) can never be matched again, so it gives
+    /// up its hash (and goes, if nothing holds it) instead of blocking the new link.
+    pub fn claim_child(
+        &mut self,
+        hash: u64,
+        parent: NodeId,
+        depth: u32,
+        freed: &mut Freed,
+    ) -> Link {
+        match self.find_child(hash, parent, depth) {
+            Link::Conflict => {
+                let n = self.lookup(hash).expect("conflict means indexed");
+                let old_parent = self.nodes[n as usize].parent;
+                if old_parent != NONE && self.nodes[old_parent as usize].doomed {
+                    self.discard(n, freed);
+                    if self.lookup(hash).is_none() {
+                        return Link::Absent;
+                    }
+                }
+                Link::Conflict
+            }
+            other => other,
+        }
     }
 
     /// Advances and returns the logical clock.
@@ -316,6 +348,9 @@ impl PrefixTree {
             self.ckpt_refs[s] = 0;
             self.ckpt_start[s] = 0;
         }
+        let nb = self.node_bytes(id);
+        self.held_bytes += nb;
+        self.pinned_bytes += nb; // a new node starts pinned
         self.index.insert(hash, id);
         self.live_nodes += 1;
         if parent != NONE {
@@ -330,6 +365,24 @@ impl PrefixTree {
         let s = self.slot(n, g);
         debug_assert_eq!(self.blocks[s], 0);
         self.blocks[s] = h;
+        let bb = self.layout.block_bytes[g];
+        self.held_bytes += bb;
+        if self.nodes[n as usize].refs > 0 {
+            self.pinned_bytes += bb;
+        }
+    }
+
+    /// Takes node `n`'s block of group `g` out of the tree into `freed`.
+    fn drop_block(&mut self, n: NodeId, g: usize, freed: &mut Freed) {
+        let s = self.slot(n, g);
+        let h = std::mem::replace(&mut self.blocks[s], 0);
+        debug_assert_ne!(h, 0);
+        let bb = self.layout.block_bytes[g];
+        self.held_bytes -= bb;
+        if self.nodes[n as usize].refs > 0 {
+            self.pinned_bytes -= bb;
+        }
+        freed.push((g, h));
     }
 
     /// Pins a node for a running request.
@@ -337,6 +390,7 @@ impl PrefixTree {
         let node = &mut self.nodes[n as usize];
         node.refs += 1;
         if node.refs == 1 {
+            self.pinned_bytes += self.node_bytes(n);
             self.refresh(n);
         }
     }
@@ -357,13 +411,13 @@ impl PrefixTree {
         if node.refs > 0 {
             return;
         }
+        self.pinned_bytes -= self.node_bytes(n);
         if self.layout.swa_aware {
             for i in 0..self.sliding.len() {
                 let g = self.sliding[i];
                 let s = self.slot(n, g);
                 if self.blocks[s] != 0 && self.ckpt_refs[s] == 0 {
-                    freed.push((g, self.blocks[s]));
-                    self.blocks[s] = 0;
+                    self.drop_block(n, g, freed);
                 }
             }
         }
@@ -428,8 +482,7 @@ impl PrefixTree {
                 let s = self.slot(n, g);
                 self.ckpt_refs[s] -= 1;
                 if self.ckpt_refs[s] == 0 && self.nodes[n as usize].refs == 0 {
-                    freed.push((g, self.blocks[s]));
-                    self.blocks[s] = 0;
+                    self.drop_block(n, g, freed);
                 }
                 n = self.nodes[n as usize].parent;
             }
@@ -447,8 +500,7 @@ impl PrefixTree {
         for g in 0..self.g() {
             let s = self.slot(n, g);
             if self.blocks[s] != 0 {
-                freed.push((g, self.blocks[s]));
-                self.blocks[s] = 0;
+                self.drop_block(n, g, freed);
             }
             debug_assert_eq!(self.ckpt_refs[s], 0);
         }
@@ -565,7 +617,9 @@ impl PrefixTree {
         } else {
             0
         };
-        let bytes = if self.order.kind() == Eviction::Lru {
+        // LRU ignores size, and a value key with nothing saved is `L` whatever the size: skip
+        // the walk in both cases (it dominates eviction otherwise).
+        let bytes = if self.order.kind() == Eviction::Lru || saved == 0 {
             0
         } else {
             match kind {
@@ -658,12 +712,7 @@ impl PrefixTree {
     /// Unpinned bytes the tree could give back by evicting everything evictable (an upper bound
     /// used to refuse hopeless admissions before evicting anything).
     pub fn evictable_bytes(&self) -> u64 {
-        self.nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.alive && n.refs == 0)
-            .map(|(i, _)| self.node_bytes(i as NodeId))
-            .sum()
+        self.held_bytes - self.pinned_bytes
     }
 
     /// Checks the invariants in the module docs. `pins` holds, per node id, how many running
@@ -750,6 +799,22 @@ impl PrefixTree {
                     m = self.nodes[m as usize].parent;
                 }
             }
+        }
+        let (mut held, mut pinned) = (0u64, 0u64);
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.alive {
+                let nb = self.node_bytes(i as NodeId);
+                held += nb;
+                if n.refs > 0 {
+                    pinned += nb;
+                }
+            }
+        }
+        if held != self.held_bytes || pinned != self.pinned_bytes {
+            return bad(format!(
+                "byte counters: held {} (counted {held}), pinned {} (counted {pinned})",
+                self.held_bytes, self.pinned_bytes
+            ));
         }
         if ckpts != self.checkpoints {
             return bad("checkpoint count disagrees".into());

@@ -170,8 +170,8 @@ impl SlabArena {
     /// Creates an arena of `capacity_bytes` serving one class per entry of `block_bytes`.
     ///
     /// `slab_bytes`, when given, must be a multiple of every block size; when `None`, the arena
-    /// picks the least common multiple of the block sizes, scaled up towards 4 MiB while leaving
-    /// at least 64 slabs in small budgets.
+    /// picks the least common multiple of the block sizes (for a single class: scaled up towards
+    /// 4 MiB while leaving at least 64 slabs in small budgets).
     pub fn new(capacity_bytes: u64, block_bytes: &[u64], slab_bytes: Option<u64>) -> Result<Self> {
         if capacity_bytes == 0 {
             return Err(Error::invalid("capacity_bytes", "must be positive"));
@@ -216,6 +216,11 @@ impl SlabArena {
                 }
                 s
             }
+            // Several classes: the least common multiple itself, so that a slab holds as few
+            // blocks of the largest class as possible and frees up for another class as soon
+            // as those few blocks go (larger slabs strand free blocks of one class that another
+            // class cannot use). One class: nothing flows, so scale up to amortise per-slab work.
+            None if block_bytes.len() > 1 => common,
             None => {
                 let target = TARGET_MIN_SLAB_BYTES.min(capacity_bytes / MIN_SLABS_WANTED);
                 common * (target / common).max(1)

@@ -1,0 +1,95 @@
+//! KV cache manager operations in Rust (`cargo bench --bench manager`): match, admit, extend,
+//! finish and evict, on mimo-v2.5-pro with 16-token blocks.
+
+use std::hint::black_box;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use kvalloc::{Extension, KVCacheManager, ManagerConfig, ModelSpec, Prompt};
+
+const SHARED: i64 = 768;
+const PROMPT: i64 = 1024;
+
+fn prompt(id: u64) -> Vec<i64> {
+    let own = 1_000_000 + id as i64 * PROMPT;
+    (0..SHARED).chain(own..own + PROMPT - SHARED).collect()
+}
+
+/// A manager with `n` finished requests cached (all sharing the system prompt).
+fn warm(capacity: u64, n: u64) -> KVCacheManager {
+    let spec = ModelSpec::preset("mimo-v2.5-pro").unwrap();
+    let mut m = KVCacheManager::new(spec, capacity, ManagerConfig::default()).unwrap();
+    for id in 0..n {
+        m.admit(id, Prompt::Tokens(&prompt(id)), None, None)
+            .unwrap();
+        m.finish(id).unwrap();
+    }
+    m
+}
+
+fn bench(c: &mut Criterion) {
+    let mut g = c.benchmark_group("manager");
+    g.throughput(Throughput::Elements(1));
+
+    let m = warm(512 << 30, 200);
+    let p = prompt(7);
+    g.bench_function("match_prefix_1024_tokens", |b| {
+        b.iter(|| black_box(m.match_prefix(Prompt::Tokens(&p), None).unwrap()))
+    });
+
+    // admit + finish of a new request that hits the shared prefix (room available).
+    let mut m = warm(512 << 30, 200);
+    let mut id = 10_000;
+    g.bench_function("admit_finish_1024_tokens_hit_768", |b| {
+        b.iter(|| {
+            id += 1;
+            let p = prompt(id);
+            black_box(m.admit(id, Prompt::Tokens(&p), None, None).unwrap());
+            m.finish(id).unwrap();
+        })
+    });
+
+    // One decode token for a running request (mostly the no-allocation fast path). Every 4,096
+    // tokens the request is finished and a fresh one admitted, so memory stays bounded.
+    let mut m = warm(512 << 30, 10);
+    let mut t = 0i64;
+    let mut rid = 1_000_000u64;
+    m.admit(rid, Prompt::Tokens(&prompt(rid)), None, None)
+        .unwrap();
+    g.bench_function("extend_one_token", |b| {
+        b.iter(|| {
+            t += 1;
+            if t % 4096 == 0 {
+                m.abort(rid).unwrap();
+                rid += 1;
+                m.admit(rid, Prompt::Tokens(&prompt(rid)), None, None)
+                    .unwrap();
+            }
+            assert!(m.extend(rid, Extension::Tokens(&[t])).unwrap());
+        })
+    });
+
+    // Admission into a full cache: every admit evicts about one cached request's blocks.
+    let per_req = 64 * (819_200 + 4_915_200 / 6);
+    let mut m = warm(400 * per_req, 2_000);
+    let mut id = 100_000;
+    g.bench_function("admit_finish_with_eviction", |b| {
+        b.iter_batched(
+            || {
+                id += 1;
+                (id, prompt(id))
+            },
+            |(id, p)| {
+                assert!(m
+                    .admit(id, Prompt::Tokens(&p), None, None)
+                    .unwrap()
+                    .is_some());
+                m.finish(id).unwrap();
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
