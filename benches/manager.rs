@@ -48,6 +48,32 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // Admission alone (no finish, ample memory): 512-token prompts sharing 384 tokens.
+    let mut m = warm(4 << 40, 10);
+    let mut id = 50_000_000u64;
+    g.bench_function("admit_512_tokens_hit_384", |b| {
+        b.iter_batched(
+            || {
+                id += 1;
+                let own = id as i64 * 512;
+                let p: Vec<i64> = (0..384).chain(own..own + 128).collect();
+                (id, p)
+            },
+            |(id, p)| black_box(m.admit(id, Prompt::Tokens(&p), None, None).unwrap()),
+            BatchSize::SmallInput,
+        )
+    });
+
+    // Admission then abort (no growth): the per-admission cost without memory effects.
+    let mut m = warm(4 << 40, 10);
+    let p512: Vec<i64> = (0..384).chain(7_000_000..7_000_128).collect();
+    g.bench_function("admit_abort_512_tokens_hit_384", |b| {
+        b.iter(|| {
+            black_box(m.admit(1, Prompt::Tokens(&p512), None, None).unwrap());
+            m.abort(1).unwrap();
+        })
+    });
+
     // One decode token for a running request (mostly the no-allocation fast path). Every 4,096
     // tokens the request is finished and a fresh one admitted, so memory stays bounded.
     let mut m = warm(512 << 30, 10);

@@ -1,8 +1,14 @@
-"""One scheduler step through the batched Python call (issue #3 target: <= 50 us per step).
+"""Scheduler steps through the batched Python call (issue #3 target: <= 50 us per step).
 
-Steady state with mimo-v2.5-pro and 16-token blocks: 256 running requests each extended by one
-decode token, 16 finishing and 16 admitted, each new prompt 1,024 tokens that share a 768-token
-system prompt (so every admission does real prefix matching and hits).
+mimo-v2.5-pro, 16-token blocks. Two shapes, each timed as one `KVCacheManager.step` call whose
+inputs are prepared beforehand:
+
+- `decode256_admit16`: the issue's step: 256 running requests each extended by one decode token
+  plus 16 admissions with prefix matching (512-token prompts sharing a 384-token system prompt,
+  so each admission matches and hits). Memory is ample (no eviction).
+- `steady_state_full_cache`: 256 running requests; per step 16 finish, 240 decode one token and
+  16 are admitted with 1,024-token prompts (768 shared), in a cache that is full, so every step
+  also evicts about 16 requests' blocks.
 
     .venv/bin/python -m pytest benches/test_bench_manager.py --benchmark-only
 """
@@ -16,51 +22,73 @@ from kvalloc import KVCacheManager, ModelSpec
 
 RUNNING = 256
 ADMITS = 16
-PROMPT = 1024
-SHARED = 768
 
 
-def make_prompt(rid: int) -> np.ndarray:
-    own = np.arange(1_000_000 + rid * PROMPT, 1_000_000 + rid * PROMPT + PROMPT - SHARED, dtype=np.int64)
-    return np.concatenate([np.arange(SHARED, dtype=np.int64), own])
+def make_prompt(rid: int, length: int, shared: int) -> np.ndarray:
+    own = np.arange(1_000_000 + rid * length, 1_000_000 + rid * length + length - shared, dtype=np.int64)
+    return np.concatenate([np.arange(shared, dtype=np.int64), own])
 
 
-@pytest.fixture
-def warm_manager():
-    spec = ModelSpec.preset("mimo-v2.5-pro")
-    m = KVCacheManager(spec, 512 << 30)
+def start(capacity: int, length: int, shared: int):
+    m = KVCacheManager(ModelSpec.preset("mimo-v2.5-pro"), capacity)
     ids = itertools.count()
-    running: list[int] = []
+    running = []
     for _ in range(RUNNING):
         rid = next(ids)
-        assert m.admit(rid, make_prompt(rid)) is not None
+        assert m.admit(rid, make_prompt(rid, length, shared)) is not None
         running.append(rid)
     return m, ids, running
 
 
 @pytest.mark.benchmark(group="scheduler step")
-def test_step_256_decode_16_admit(benchmark, warm_manager):
-    m, ids, running = warm_manager
+def test_step_decode256_admit16(benchmark):
+    length, shared, rounds = 512, 384, 400
+    m, ids, running = start(4 << 40, length, shared)
     rng = np.random.default_rng(0)
-    # Prepare every step's inputs up front, so the timed call is the step alone.
     steps = []
-    for _ in range(2000):
+    for _ in range(rounds + 20):
+        new = [next(ids) for _ in range(ADMITS)]
+        steps.append((
+            np.array(running[-RUNNING:], dtype=np.int64),
+            rng.integers(0, 150_000, RUNNING, dtype=np.int64),
+            [(rid, make_prompt(rid, length, shared)) for rid in new],
+        ))
+        running.extend(new)
+    it = iter(steps)
+
+    def step():
+        ext_ids, ext_tokens, admit = next(it)
+        admitted, extended = m.step(extend_ids=ext_ids, extend_tokens=ext_tokens, admit=admit)
+        assert extended.all() and (admitted == shared).all()
+
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=20)
+    m.validate()
+
+
+@pytest.mark.benchmark(group="scheduler step")
+def test_step_steady_state_full_cache(benchmark):
+    length, shared, rounds = 1024, 768, 1000
+    m, ids, running = start(64 << 30, length, shared)
+    rng = np.random.default_rng(0)
+    steps = []
+    for _ in range(rounds + 50):
         finish = running[:ADMITS]
         del running[:ADMITS]
         new = [next(ids) for _ in range(ADMITS)]
-        running.extend(new)
         steps.append((
             np.array(finish, dtype=np.int64),
-            np.array(running[: RUNNING - ADMITS], dtype=np.int64),
-            rng.integers(0, 150_000, RUNNING - ADMITS, dtype=np.int64),
-            [(rid, make_prompt(rid)) for rid in new],
+            np.array(running, dtype=np.int64),
+            rng.integers(0, 150_000, len(running), dtype=np.int64),
+            [(rid, make_prompt(rid, length, shared)) for rid in new],
         ))
+        running.extend(new)
     it = iter(steps)
 
     def step():
         finish, ext_ids, ext_tokens, admit = next(it)
         admitted, extended = m.step(finish=finish, extend_ids=ext_ids, extend_tokens=ext_tokens, admit=admit)
-        assert extended.all() and (admitted == SHARED).all()
+        assert extended.all() and (admitted == shared).all()
 
-    benchmark.pedantic(step, rounds=1500, iterations=1, warmup_rounds=50)
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=50)
     m.validate()
+    assert m.stats()["evictions"]["leaf"] > 0

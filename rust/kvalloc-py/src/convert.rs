@@ -1,6 +1,6 @@
 //! Argument conversions with kvalloc's own error messages (the default pyo3 ones name Rust types).
 
-use numpy::{PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 
 use crate::errors::invalid;
@@ -65,17 +65,41 @@ pub fn u64_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonl
     Ok(arr)
 }
 
+/// Copies a 1-D C-contiguous numpy array of `T`, or returns None if `obj` is not one of `T`.
+/// No borrow is taken: the copy happens while attached, so no other Python code can mutate
+/// the array meanwhile (a readonly borrow costs more than copying a prompt).
+fn copy_array<T: numpy::Element + Copy>(
+    obj: &Bound<'_, PyAny>,
+    what: &str,
+) -> PyResult<Option<Vec<T>>> {
+    let Ok(a) = obj.cast::<PyArray1<T>>() else {
+        return Ok(None);
+    };
+    if !a.is_c_contiguous() {
+        return Err(invalid(
+            what,
+            "the array must be C-contiguous (use np.ascontiguousarray)",
+        ));
+    }
+    // SAFETY: we are attached to the interpreter for the whole copy and call no Python code,
+    // so nothing can resize, free or write the array while the slice is alive.
+    let slice = unsafe { a.as_slice() }.map_err(|_| {
+        invalid(
+            what,
+            "the array must be C-contiguous (use np.ascontiguousarray)",
+        )
+    })?;
+    Ok(Some(slice.to_vec()))
+}
+
 /// Token ids: a 1-D C-contiguous numpy array of int32 or int64 (or a list of ints), copied to
 /// `i64`s while attached.
 pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
-    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i64>>() {
-        return Ok(contiguous(&a, what)?.to_vec());
+    if let Some(v) = copy_array::<i64>(obj, what)? {
+        return Ok(v);
     }
-    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i32>>() {
-        return Ok(contiguous(&a, what)?
-            .iter()
-            .map(|&t| i64::from(t))
-            .collect());
+    if let Some(v) = copy_array::<i32>(obj, what)? {
+        return Ok(v.into_iter().map(i64::from).collect());
     }
     if obj.cast::<numpy::PyUntypedArray>().is_err() {
         if let Ok(v) = obj.extract::<Vec<i64>>() {
@@ -91,30 +115,15 @@ pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
     ))
 }
 
-fn contiguous<'a, T: numpy::Element>(
-    a: &'a PyReadonlyArray1<'_, T>,
-    what: &str,
-) -> PyResult<&'a [T]> {
-    a.as_slice().map_err(|_| {
-        invalid(
-            what,
-            "the array must be C-contiguous (use np.ascontiguousarray)",
-        )
-    })
-}
-
 /// Request ids: a 1-D array of non-negative integers (any integer dtype) or a list of ints.
 pub fn id_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
-    if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, u64>>() {
-        return Ok(contiguous(&a, what)?.to_vec());
+    if let Some(v) = copy_array::<u64>(obj, what)? {
+        return Ok(v);
     }
-    let signed: Vec<i64> = if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i64>>() {
-        contiguous(&a, what)?.to_vec()
-    } else if let Ok(a) = obj.extract::<PyReadonlyArray1<'_, i32>>() {
-        contiguous(&a, what)?
-            .iter()
-            .map(|&x| i64::from(x))
-            .collect()
+    let signed: Vec<i64> = if let Some(v) = copy_array::<i64>(obj, what)? {
+        v
+    } else if let Some(v) = copy_array::<i32>(obj, what)? {
+        v.into_iter().map(i64::from).collect()
     } else if obj.cast::<numpy::PyUntypedArray>().is_err() {
         obj.extract::<Vec<i64>>().map_err(|_| {
             invalid(

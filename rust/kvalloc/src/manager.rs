@@ -67,6 +67,10 @@ impl Hasher for ReqIdHasher {
 }
 
 type ReqMap<V> = HashMap<u64, V, BuildHasherDefault<ReqIdHasher>>;
+type ReqSet = std::collections::HashSet<u64, BuildHasherDefault<ReqIdHasher>>;
+
+/// Most KV groups a model may have (real hybrid models have 2 to 4).
+pub const MAX_GROUPS: usize = 16;
 
 /// Page index marking "no block here" in a block table (a released or never-written SWA
 /// position).
@@ -249,7 +253,7 @@ pub struct ManagerStats {
     pub padding_waste_bytes: u64,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Request {
     seed: u64,
     by_ids: bool,
@@ -297,6 +301,7 @@ pub struct KVCacheManager {
     aborted_blocks: u64,
     window_released: u64,
     scratch: Freed,
+    scratch_handles: Vec<Handle>,
 }
 
 fn div_ceil(a: u64, b: u64) -> u64 {
@@ -317,6 +322,15 @@ impl KVCacheManager {
         }
         if spec.groups.is_empty() {
             return Err(Error::invalid("spec", "the model has no KV groups"));
+        }
+        if spec.groups.len() > MAX_GROUPS {
+            return Err(Error::invalid(
+                "spec",
+                format!(
+                    "{} KV groups; kvalloc supports at most {MAX_GROUPS}",
+                    spec.groups.len()
+                ),
+            ));
         }
         let block_bytes = spec.block_bytes(config.block_tokens);
         let arena = SlabArena::new(capacity_bytes, &block_bytes, config.slab_bytes)?;
@@ -343,6 +357,7 @@ impl KVCacheManager {
             aborted_blocks: 0,
             window_released: 0,
             scratch: Vec::new(),
+            scratch_handles: Vec::new(),
         })
     }
 
@@ -680,16 +695,13 @@ impl KVCacheManager {
                 Link::Conflict => break,
                 Link::Absent => {}
             }
-            let blocks: Vec<Handle> = (0..groups)
-                .map(|g| {
-                    if attach[g][(i - first_blk) as usize] {
-                        r.tables[g][i as usize]
-                    } else {
-                        0
-                    }
-                })
-                .collect();
-            let n = self.tree.insert(hash, parent, i as u32, &blocks);
+            let mut blocks = [0 as Handle; MAX_GROUPS];
+            for (g, b) in blocks.iter_mut().enumerate().take(groups) {
+                if attach[g][(i - first_blk) as usize] {
+                    *b = r.tables[g][i as usize];
+                }
+            }
+            let n = self.tree.insert(hash, parent, i as u32, &blocks[..groups]);
             r.path.push(n);
             r.created.push(n);
         }
@@ -809,22 +821,27 @@ impl KVCacheManager {
         if freed.is_empty() {
             return;
         }
-        let hs: Vec<Handle> = freed.iter().map(|&(_, h)| h).collect();
+        let mut hs = std::mem::take(&mut self.scratch_handles);
+        hs.clear();
+        hs.extend(freed.iter().map(|&(_, h)| h));
         freed.clear();
         self.arena
             .free(&hs)
             .expect("blocks released by the manager are live and owned once");
+        self.scratch_handles = hs;
     }
 
     /// Appends tokens to a running request (see [`Extension`]). Returns false, changing
     /// nothing, when there is no room even after eviction.
     pub fn extend(&mut self, req: u64, ext: Extension<'_>) -> Result<bool> {
-        let mut r = self.requests.remove(&req).ok_or(Error::Request {
+        // Take the request out of its slot (leaving an empty one) rather than removing and
+        // re-inserting it: no rehashing on the decode hot path.
+        let mut r = std::mem::take(self.requests.get_mut(&req).ok_or(Error::Request {
             req,
             message: "is not running".into(),
-        })?;
+        })?);
         let res = self.extend_inner(&mut r, ext);
-        self.requests.insert(req, r);
+        *self.requests.get_mut(&req).expect("slot kept") = r;
         if res == Ok(false) {
             self.extensions_refused += 1;
         }
@@ -923,16 +940,13 @@ impl KVCacheManager {
                 Link::Conflict => break,
                 Link::Absent => {}
             }
-            let blocks: Vec<Handle> = (0..groups)
-                .map(|g| {
-                    if self.window(g).is_none() || !self.swa_aware() {
-                        r.tables[g][i as usize]
-                    } else {
-                        0
-                    }
-                })
-                .collect();
-            let n = self.tree.insert(hash, parent, i as u32, &blocks);
+            let mut blocks = [0 as Handle; MAX_GROUPS];
+            for (g, b) in blocks.iter_mut().enumerate().take(groups) {
+                if self.window(g).is_none() || !self.swa_aware() {
+                    *b = r.tables[g][i as usize];
+                }
+            }
+            let n = self.tree.insert(hash, parent, i as u32, &blocks[..groups]);
             r.path.push(n);
         }
         let e = e.min(r.path.len() as u64);
@@ -1049,7 +1063,7 @@ impl KVCacheManager {
     /// Serves a whole scheduler step in one call. Every id is checked before anything changes:
     /// an unknown or repeated id is an error and the step does nothing.
     pub fn step(&mut self, step: &Step<'_>) -> Result<StepOutcome> {
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = ReqSet::default();
         for &id in step.finish.iter().chain(&step.abort) {
             if !self.requests.contains_key(&id) || !seen.insert(id) {
                 return Err(Error::Request {
@@ -1058,7 +1072,7 @@ impl KVCacheManager {
                 });
             }
         }
-        let mut ext_seen = std::collections::HashSet::new();
+        let mut ext_seen = ReqSet::default();
         for &(id, ext) in &step.extend {
             if !self.requests.contains_key(&id) || seen.contains(&id) || !ext_seen.insert(id) {
                 return Err(Error::Request {
@@ -1069,7 +1083,7 @@ impl KVCacheManager {
             }
             self.check_extension(id, ext)?;
         }
-        let mut adm_seen = std::collections::HashSet::new();
+        let mut adm_seen = ReqSet::default();
         for a in &step.admit {
             if self.requests.contains_key(&a.req) || !adm_seen.insert(a.req) {
                 return Err(Error::Request {

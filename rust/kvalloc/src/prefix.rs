@@ -282,7 +282,8 @@ impl PrefixTree {
     /// Walks `hashes` from the root, collecting the matched nodes into `path`, and finds the
     /// longest window-safe prefix of at most `max_safe` blocks.
     pub fn walk(&self, hashes: &[u64], max_safe: u32, path: &mut Vec<NodeId>) -> Walk {
-        let mut runs = vec![0u32; self.sliding.len()];
+        let mut runs_buf = [0u32; 16];
+        let runs = &mut runs_buf[..self.sliding.len()];
         let mut safe = 0;
         let mut parent = NONE;
         for (i, &h) in hashes.iter().enumerate() {
