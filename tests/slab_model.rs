@@ -5,6 +5,8 @@
 //! live blocks overlap in bytes; offsets are stable for the life of a block; failed operations
 //! change nothing; and memory flows between classes (a slab emptied by one class serves another).
 
+#![allow(clippy::needless_range_loop)]
+
 use std::collections::HashMap;
 
 use kvalloc::{Error, SlabArena};

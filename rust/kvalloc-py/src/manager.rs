@@ -49,6 +49,9 @@ impl PyBlockHashes {
     }
 }
 
+/// What `step` returns: hits per admission (-1: refused) and whether each extension fit.
+type StepArrays<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<bool>>);
+
 /// A prompt extracted while attached: owned, so the core can run detached.
 enum OwnedPrompt {
     Tokens(Vec<i64>),
@@ -122,6 +125,7 @@ impl PyKVCacheManager {
 #[pymethods]
 impl PyKVCacheManager {
     #[new]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
     #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None))]
     fn new(
         py: Python<'_>,
@@ -278,7 +282,7 @@ impl PyKVCacheManager {
         extend_lens: Option<&Bound<'py, PyAny>>,
         extend_counts: Option<&Bound<'py, PyAny>>,
         admit: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<(Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<bool>>)> {
+    ) -> PyResult<StepArrays<'py>> {
         let ids = |o: Option<&Bound<'py, PyAny>>, what| match o.filter(|o| !o.is_none()) {
             Some(o) => id_list(o, what),
             None => Ok(Vec::new()),

@@ -281,6 +281,8 @@ struct Request {
     serial: u64,
     /// Per group: blocks below this index hold nothing any more (released out of the window).
     swa_floor: Vec<u64>,
+    /// Number of the last batched step that named this request.
+    stamp: u64,
 }
 
 /// The KV cache manager. See the module docs.
@@ -302,6 +304,9 @@ pub struct KVCacheManager {
     window_released: u64,
     scratch: Freed,
     scratch_handles: Vec<Handle>,
+    scratch_attach: Vec<bool>,
+    /// Batched steps served (stamps requests named in a step).
+    steps: u64,
 }
 
 fn div_ceil(a: u64, b: u64) -> u64 {
@@ -358,6 +363,8 @@ impl KVCacheManager {
             window_released: 0,
             scratch: Vec::new(),
             scratch_handles: Vec::new(),
+            scratch_attach: Vec::new(),
+            steps: 0,
         })
     }
 
@@ -494,6 +501,7 @@ impl KVCacheManager {
             plans_done: 0,
             serial: self.serial,
             swa_floor: vec![0; self.spec.groups.len()],
+            stamp: 0,
         };
         // Pin the matched path so eviction cannot take it while we make room.
         for &n in &r.path {
@@ -507,15 +515,17 @@ impl KVCacheManager {
                 None => 0,
             };
             let tree = &self.tree;
-            r.tables[g] = (0..u64::from(walk.safe))
-                .map(|i| {
-                    if i >= first {
-                        tree.block(r.path[i as usize], g)
-                    } else {
-                        0
-                    }
-                })
-                .collect();
+            let mut table = Vec::with_capacity(div_ceil(len, b) as usize + 1);
+            table.extend((0..u64::from(walk.safe)).map(|i| {
+                if i >= first {
+                    tree.block(r.path[i as usize], g)
+                } else {
+                    0
+                }
+            }));
+            r.tables[g] = table;
+            // Nothing below the hit's window is held: no need to scan it for release.
+            r.swa_floor[g] = first;
         }
         let end = match max_tokens {
             Some(m) => len.min(hit + m),
@@ -601,30 +611,32 @@ impl KVCacheManager {
             return Ok(true);
         }
 
-        // 1. What to allocate: (group, block index, attach-to-node).
-        let mut want: Vec<(usize, u64, bool)> = Vec::new();
-        let mut counts = vec![0u64; groups];
-        // A block a previous chunk left partial is already in the table but not yet linked: it
-        // still has to go to the tree once whole (its full KV, or its checkpoint SWA KV), else
-        // the node would be inserted without it.
-        let mut carried: Vec<(usize, u64)> = Vec::new();
+        // 1. What to allocate, and which blocks go to the tree: `attach[g * span + k]` for
+        // block `first_blk + k` of group g. Buffers are reused across calls (hot path).
+        let span = (end_blk - first_blk) as usize;
+        let mut attach = std::mem::take(&mut self.scratch_attach);
+        attach.clear();
+        attach.resize(groups * span, false);
+        let mut counts = [0u64; MAX_GROUPS];
         for g in 0..groups {
             let table = &r.tables[g];
             // Keep the window of the last whole-block boundary too (see `release_out_of_window`).
             let window_first = self.window(g).map(|w| self.window_first(end / b * b, w));
             for i in first_blk..end_blk {
+                let k = g * span + (i - first_blk) as usize;
                 let is_prompt_block = i < n_full_prompt;
                 if (i as usize) < table.len() && table[i as usize] != 0 {
+                    // A block a previous chunk left partial is in the table but not yet
+                    // linked: it still goes to the tree once whole (its full KV, or its
+                    // checkpoint SWA KV), else the node would be inserted without it.
                     let unlinked = is_prompt_block && i >= r.path.len() as u64;
                     let sliding = window_first.is_some() && self.swa_aware();
-                    if unlinked && (!sliding || self.in_plan(r, g, i)) {
-                        carried.push((g, i));
-                    }
+                    attach[k] = unlinked && (!sliding || self.in_plan(r, g, i));
                     continue;
                 }
                 let node = r.path.get(i as usize).copied();
                 let node_has = node.is_some_and(|n| self.tree.block(n, g) != 0);
-                let (need, attach) = match window_first {
+                let (need, to_tree) = match window_first {
                     Some(wf) if self.swa_aware() => {
                         if is_prompt_block && !node_has && self.in_plan(r, g, i) {
                             (true, true) // a checkpoint block: it goes to the tree
@@ -636,40 +648,51 @@ impl KVCacheManager {
                     _ => (true, is_prompt_block && !node_has),
                 };
                 if need {
-                    want.push((g, i, attach));
                     counts[g] += 1;
+                    attach[k] = to_tree;
                 }
             }
         }
         // 2. Make room, all or nothing.
-        let need: Vec<(usize, u64)> = counts.iter().copied().enumerate().collect();
-        if !self.make_room(&need)? {
+        let mut need = [(0usize, 0u64); MAX_GROUPS];
+        for (g, n) in need.iter_mut().enumerate().take(groups) {
+            *n = (g, counts[g]);
+        }
+        if !self.make_room(&need[..groups])? {
+            self.scratch_attach = attach;
             return Ok(false);
         }
-        let mut handles: Vec<Vec<Handle>> = vec![Vec::new(); groups];
-        for (g, &n) in counts.iter().enumerate() {
-            if n > 0 {
-                handles[g] = self.arena.alloc(g, n as usize)?;
-                handles[g].reverse(); // pop() hands them out in order
-            }
-        }
-        // 3. Fill the tables.
+        // 3. Allocate and fill the tables in block order (the same decisions as step 1).
         for t in r.tables.iter_mut() {
             if (t.len() as u64) < end_blk {
                 t.resize(end_blk as usize, 0);
             }
         }
-        // attach[g][i - first_blk]: block i of group g goes to the tree.
-        let span = (end_blk - first_blk) as usize;
-        let mut attach = vec![vec![false; span]; groups];
-        for &(g, i, to_tree) in &want {
-            let h = handles[g].pop().expect("allocated");
-            r.tables[g][i as usize] = h;
-            attach[g][(i - first_blk) as usize] = to_tree;
+        let mut handles = std::mem::take(&mut self.scratch_handles);
+        for g in 0..groups {
+            if counts[g] == 0 {
+                continue;
+            }
+            handles.clear();
+            self.arena.alloc_into(g, counts[g] as usize, &mut handles)?;
+            let mut next = handles.iter();
+            let window_first = self.window(g).map(|w| self.window_first(end / b * b, w));
+            for i in first_blk..end_blk {
+                if r.tables[g][i as usize] != 0 {
+                    continue;
+                }
+                let k = g * span + (i - first_blk) as usize;
+                let wanted = match window_first {
+                    Some(wf) if self.swa_aware() => attach[k] || i >= wf,
+                    _ => true,
+                };
+                if wanted {
+                    r.tables[g][i as usize] = *next.next().expect("allocated");
+                }
+            }
+            debug_assert!(next.next().is_none());
         }
-        for &(g, i) in &carried {
-            attach[g][(i - first_blk) as usize] = true;
-        }
+        self.scratch_handles = handles;
         // 4. Link whole prompt blocks into the tree (in-flight sharing).
         let whole_end = (end / b).min(n_full_prompt);
         for i in r.path.len() as u64..whole_end {
@@ -697,7 +720,7 @@ impl KVCacheManager {
             }
             let mut blocks = [0 as Handle; MAX_GROUPS];
             for (g, b) in blocks.iter_mut().enumerate().take(groups) {
-                if attach[g][(i - first_blk) as usize] {
+                if attach[g * span + (i - first_blk) as usize] {
                     *b = r.tables[g][i as usize];
                 }
             }
@@ -707,14 +730,15 @@ impl KVCacheManager {
         }
         // Checkpoint blocks for nodes that already existed (a branch window, or a node another
         // request linked first).
-        for (g, mask) in attach.iter().enumerate() {
-            for (k, &to_tree) in mask.iter().enumerate() {
+        for g in 0..groups {
+            for k in 0..span {
                 let i = first_blk as usize + k;
-                if to_tree && i < r.path.len() && self.tree.block(r.path[i], g) == 0 {
+                if attach[g * span + k] && i < r.path.len() && self.tree.block(r.path[i], g) == 0 {
                     self.tree.attach(r.path[i], g, r.tables[g][i]);
                 }
             }
         }
+        self.scratch_attach = attach;
         r.len = end;
         // 5. Register planned checkpoints whose runs are complete.
         while r.plans_done < r.plans.len() && u64::from(r.plans[r.plans_done].0) <= whole_end {
@@ -1063,25 +1087,31 @@ impl KVCacheManager {
     /// Serves a whole scheduler step in one call. Every id is checked before anything changes:
     /// an unknown or repeated id is an error and the step does nothing.
     pub fn step(&mut self, step: &Step<'_>) -> Result<StepOutcome> {
-        let mut seen = ReqSet::default();
+        // Each running request named in this step is stamped with the step's number: a second
+        // mention finds its stamp (one lookup per request, no temporary sets).
+        self.steps += 1;
+        let stamp = self.steps;
         for &id in step.finish.iter().chain(&step.abort) {
-            if !self.requests.contains_key(&id) || !seen.insert(id) {
-                return Err(Error::Request {
-                    req: id,
-                    message: "is not running or appears twice in finish/abort".into(),
-                });
+            match self.requests.get_mut(&id) {
+                Some(r) if r.stamp != stamp => r.stamp = stamp,
+                _ => {
+                    return Err(Error::Request {
+                        req: id,
+                        message: "is not running or appears twice in finish/abort".into(),
+                    })
+                }
             }
         }
-        let mut ext_seen = ReqSet::default();
         for &(id, ext) in &step.extend {
-            if !self.requests.contains_key(&id) || seen.contains(&id) || !ext_seen.insert(id) {
+            let Some(r) = self.requests.get_mut(&id).filter(|r| r.stamp != stamp) else {
                 return Err(Error::Request {
                     req: id,
                     message: "is not running, repeated, or also finished/aborted in this step"
                         .into(),
                 });
-            }
-            self.check_extension(id, ext)?;
+            };
+            r.stamp = stamp;
+            Self::check_extension(id, r, ext)?;
         }
         let mut adm_seen = ReqSet::default();
         for a in &step.admit {
@@ -1113,8 +1143,7 @@ impl KVCacheManager {
         Ok(out)
     }
 
-    fn check_extension(&self, id: u64, ext: Extension<'_>) -> Result<()> {
-        let r = &self.requests[&id];
+    fn check_extension(id: u64, r: &Request, ext: Extension<'_>) -> Result<()> {
         match ext {
             Extension::Tokens(_) if r.len < r.prompt_len || !r.by_ids => Err(Error::invalid(
                 "tokens",
