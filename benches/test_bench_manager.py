@@ -5,7 +5,8 @@ inputs are prepared beforehand:
 
 - `decode256_admit16`: the issue's step: 256 running requests each extended by one decode token
   plus 16 admissions with prefix matching (512-token prompts sharing a 384-token system prompt,
-  so each admission matches and hits). Memory is ample (no eviction).
+  so each admission matches and hits). Between steps, untimed, the 16 oldest requests finish,
+  so the running set stays at 256. Memory is ample (no eviction).
 - `steady_state_full_cache`: 256 running requests; per step 16 finish, 240 decode one token and
   16 are admitted with 1,024-token prompts (768 shared), in a cache that is full, so every step
   also evicts about 16 requests' blocks.
@@ -42,26 +43,30 @@ def start(capacity: int, length: int, shared: int):
 
 @pytest.mark.benchmark(group="scheduler step")
 def test_step_decode256_admit16(benchmark):
-    length, shared, rounds = 512, 384, 400
-    m, ids, running = start(4 << 40, length, shared)
+    """The issue's step. Between timed steps (untimed) the 16 oldest requests finish, so 256
+    stay running and memory stays level, as in a serving engine's steady state."""
+    length, shared, rounds = 512, 384, 1000
+    m, ids, running = start(1 << 40, length, shared)
     rng = np.random.default_rng(0)
-    steps = []
-    for _ in range(rounds + 20):
-        new = [next(ids) for _ in range(ADMITS)]
-        steps.append((
-            np.array(running[-RUNNING:], dtype=np.int64),
-            rng.integers(0, 150_000, RUNNING, dtype=np.int64),
-            [(rid, make_prompt(rid, length, shared)) for rid in new],
-        ))
-        running.extend(new)
-    it = iter(steps)
 
-    def step():
-        ext_ids, ext_tokens, admit = next(it)
-        admitted, extended = m.step(extend_ids=ext_ids, extend_tokens=ext_tokens, admit=admit)
+    def setup():
+        if len(running) > RUNNING:
+            m.step(finish=np.array(running[:ADMITS], dtype=np.int64))
+            del running[:ADMITS]
+        new = [next(ids) for _ in range(ADMITS)]
+        args = dict(
+            extend_ids=np.array(running, dtype=np.int64),
+            extend_tokens=rng.integers(0, 150_000, len(running), dtype=np.int64),
+            admit=[(rid, make_prompt(rid, length, shared)) for rid in new],
+        )
+        running.extend(new)
+        return (), args
+
+    def step(extend_ids, extend_tokens, admit):
+        admitted, extended = m.step(extend_ids=extend_ids, extend_tokens=extend_tokens, admit=admit)
         assert extended.all() and (admitted == shared).all()
 
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=20)
+    benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=20)
     m.validate()
 
 

@@ -292,7 +292,9 @@ pub struct KVCacheManager {
     config: ManagerConfig,
     arena: SlabArena,
     tree: PrefixTree,
-    requests: ReqMap<Request>,
+    /// Running requests, boxed so that taking one out for an operation moves a pointer, not
+    /// the whole record (the decode hot path does it for every request every step).
+    requests: ReqMap<Option<Box<Request>>>,
     serial: u64,
     hit_tokens: u64,
     miss_tokens: u64,
@@ -546,7 +548,7 @@ impl KVCacheManager {
         }
         self.hit_tokens += hit;
         self.miss_tokens += len - hit;
-        self.requests.insert(req, r);
+        self.requests.insert(req, Some(Box::new(r)));
         Ok(Some(hit))
     }
 
@@ -603,12 +605,38 @@ impl KVCacheManager {
         let n_full_prompt = r.prompt_len / b;
         let groups = self.spec.groups.len();
 
-        // Fast path (most decode steps): output tokens that fit in the current last block need
-        // no allocation and link nothing; only the window may move.
-        if start >= r.prompt_len && r.tables.iter().all(|t| t.len() as u64 >= end_blk) {
-            r.len = end;
-            self.release_out_of_window(r, end);
-            return Ok(true);
+        // Fast paths for decode (output tokens link nothing into the tree):
+        // - tokens that fit in the current last block need no allocation; only the window moves;
+        // - tokens that open exactly one new block need one block per group (the new block is
+        //   always inside every window), then the window moves.
+        if start >= r.prompt_len {
+            let have = r.tables[0].len() as u64;
+            if r.tables.iter().all(|t| t.len() as u64 >= end_blk) {
+                r.len = end;
+                self.release_out_of_window(r, end);
+                return Ok(true);
+            }
+            if end_blk == have + 1 && r.tables.iter().all(|t| t.len() as u64 == have) {
+                let mut need = [(0usize, 0u64); MAX_GROUPS];
+                for (g, n) in need.iter_mut().enumerate().take(groups) {
+                    *n = (g, 1);
+                }
+                if !self.make_room(&need[..groups])? {
+                    return Ok(false);
+                }
+                let mut handles = std::mem::take(&mut self.scratch_handles);
+                handles.clear();
+                for g in 0..groups {
+                    self.arena.alloc_into(g, 1, &mut handles)?;
+                }
+                for (t, &h) in r.tables.iter_mut().zip(&handles) {
+                    t.push(h);
+                }
+                self.scratch_handles = handles;
+                r.len = end;
+                self.release_out_of_window(r, end);
+                return Ok(true);
+            }
         }
 
         // 1. What to allocate, and which blocks go to the tree: `attach[g * span + k]` for
@@ -860,12 +888,16 @@ impl KVCacheManager {
     pub fn extend(&mut self, req: u64, ext: Extension<'_>) -> Result<bool> {
         // Take the request out of its slot (leaving an empty one) rather than removing and
         // re-inserting it: no rehashing on the decode hot path.
-        let mut r = std::mem::take(self.requests.get_mut(&req).ok_or(Error::Request {
-            req,
-            message: "is not running".into(),
-        })?);
+        let mut r = self
+            .requests
+            .get_mut(&req)
+            .and_then(Option::take)
+            .ok_or(Error::Request {
+                req,
+                message: "is not running".into(),
+            })?;
         let res = self.extend_inner(&mut r, ext);
-        *self.requests.get_mut(&req).expect("slot kept") = r;
+        *self.requests.get_mut(&req).expect("slot kept") = Some(r);
         if res == Ok(false) {
             self.extensions_refused += 1;
         }
@@ -937,7 +969,7 @@ impl KVCacheManager {
     /// Finishes a request: its computed whole blocks (prompt and output) enter the prefix cache,
     /// with the output-end checkpoint; everything else it held is freed.
     pub fn finish(&mut self, req: u64) -> Result<()> {
-        let mut r = self.requests.remove(&req).ok_or(Error::Request {
+        let mut r = self.requests.remove(&req).flatten().ok_or(Error::Request {
             req,
             message: "is not running".into(),
         })?;
@@ -1017,7 +1049,7 @@ impl KVCacheManager {
 
     /// Drops a request: nothing of it stays in the cache.
     pub fn abort(&mut self, req: u64) -> Result<()> {
-        let r = self.requests.remove(&req).ok_or(Error::Request {
+        let r = self.requests.remove(&req).flatten().ok_or(Error::Request {
             req,
             message: "is not running".into(),
         })?;
@@ -1043,10 +1075,14 @@ impl KVCacheManager {
     /// Page indices of a running request's blocks in group `group`, one per block of its
     /// scheduled tokens; [`NULL_PAGE`] where it holds no block.
     pub fn block_table(&self, req: u64, group: usize) -> Result<Vec<i32>> {
-        let r = self.requests.get(&req).ok_or(Error::Request {
-            req,
-            message: "is not running".into(),
-        })?;
+        let r = self
+            .requests
+            .get(&req)
+            .and_then(|s| s.as_deref())
+            .ok_or(Error::Request {
+                req,
+                message: "is not running".into(),
+            })?;
         let t = r.tables.get(group).ok_or_else(|| {
             Error::invalid(
                 "group",
@@ -1072,6 +1108,7 @@ impl KVCacheManager {
     pub fn num_tokens(&self, req: u64) -> Result<u64> {
         self.requests
             .get(&req)
+            .and_then(|s| s.as_deref())
             .map(|r| r.len)
             .ok_or(Error::Request {
                 req,
@@ -1092,7 +1129,7 @@ impl KVCacheManager {
         self.steps += 1;
         let stamp = self.steps;
         for &id in step.finish.iter().chain(&step.abort) {
-            match self.requests.get_mut(&id) {
+            match self.requests.get_mut(&id).and_then(|s| s.as_deref_mut()) {
                 Some(r) if r.stamp != stamp => r.stamp = stamp,
                 _ => {
                     return Err(Error::Request {
@@ -1103,7 +1140,12 @@ impl KVCacheManager {
             }
         }
         for &(id, ext) in &step.extend {
-            let Some(r) = self.requests.get_mut(&id).filter(|r| r.stamp != stamp) else {
+            let Some(r) = self
+                .requests
+                .get_mut(&id)
+                .and_then(|s| s.as_deref_mut())
+                .filter(|r| r.stamp != stamp)
+            else {
                 return Err(Error::Request {
                     req: id,
                     message: "is not running, repeated, or also finished/aborted in this step"
@@ -1161,7 +1203,7 @@ impl KVCacheManager {
     pub fn stats(&self) -> ManagerStats {
         let (held, tomb) = self.tree.block_counts();
         let mut running = vec![0u64; self.spec.groups.len()];
-        for r in self.requests.values() {
+        for r in self.requests.values().flatten() {
             for (g, run) in running.iter_mut().enumerate() {
                 *run += (0..r.tables[g].len() as u64)
                     .filter(|&i| self.is_private(r, g, i))
@@ -1216,7 +1258,11 @@ impl KVCacheManager {
             return bad(format!("block {h:#x} is held twice by the tree"));
         }
         let b = self.b();
-        for (&id, r) in &self.requests {
+        for (&id, r) in self
+            .requests
+            .iter()
+            .filter_map(|(id, s)| s.as_deref().map(|r| (id, r)))
+        {
             for &n in &r.path {
                 *pins.entry(n).or_default() += 1;
             }

@@ -214,11 +214,17 @@ impl KVGroup {
     }
 
     /// Blocks this group holds for one sequence of `ctx` tokens: all of them for full
-    /// attention, only those overlapping `[max(0, ctx - W), ctx)` for a sliding window.
+    /// attention; for a sliding window, those overlapping `[E - W, ctx)` where `E` is the last
+    /// whole-block boundary — what the manager keeps, so that the window ending at `E` can
+    /// become a checkpoint (one block more than `[ctx - W, ctx)` only when W is not a multiple
+    /// of the block size).
     fn live_blocks(&self, ctx: u64, block_tokens: u64) -> u64 {
         let total = ctx.div_ceil(block_tokens);
         match self.window {
-            Some(w) if self.is_sliding() => total - ctx.saturating_sub(u64::from(w)) / block_tokens,
+            Some(w) if self.is_sliding() => {
+                let whole_end = ctx / block_tokens * block_tokens;
+                total - whole_end.saturating_sub(u64::from(w)) / block_tokens
+            }
             _ => total,
         }
     }
@@ -358,7 +364,8 @@ impl ModelSpec {
 
     /// KV bytes one sequence of `context_tokens` tokens holds with blocks of `block_tokens`
     /// tokens: full groups hold `ceil(ctx / B)` blocks; a sliding group holds the blocks that
-    /// overlap `[max(0, ctx - W), ctx)` (at most `ceil(W / B) + 1`). Saturates at `u64::MAX`.
+    /// overlap its window (`[max(0, E - W), ctx)` with `E = floor(ctx / B) * B`, at most
+    /// `ceil(W / B) + 1`), as a running request does in the manager. Saturates at `u64::MAX`.
     ///
     /// # Panics
     ///
