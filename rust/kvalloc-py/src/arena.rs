@@ -26,6 +26,10 @@ impl PySlabArena {
     }
 }
 
+/// Batches up to this many blocks run without releasing the GIL (releasing and re-taking it
+/// costs about as much as allocating a few dozen blocks).
+const DETACH_ABOVE: usize = 64;
+
 fn class_arg(obj: &Bound<'_, PyAny>) -> PyResult<usize> {
     Ok(non_negative(obj, "class_index")? as usize)
 }
@@ -73,7 +77,9 @@ impl PySlabArena {
     ) -> PyResult<Bound<'py, PyArray1<u64>>> {
         let class = class_arg(class_index)?;
         let n = non_negative(n, "n")? as usize;
-        let handles = py.detach(|| self.lock().and_then(|mut a| a.alloc(class, n).py()))?;
+        let work = || self.lock().and_then(|mut a| a.alloc(class, n).py());
+        // Releasing the GIL costs more than a small batch: only large ones run detached.
+        let handles = if n > DETACH_ABOVE { py.detach(work)? } else { work()? };
         Ok(PyArray1::from_vec(py, handles))
     }
 
@@ -82,7 +88,12 @@ impl PySlabArena {
     fn free(&self, py: Python<'_>, handles: &Bound<'_, PyAny>) -> PyResult<()> {
         let arr = u64_array(handles, "handles")?;
         let hs = arr.as_slice()?;
-        py.detach(|| self.lock().and_then(|mut a| a.free(hs).py()))
+        let work = || self.lock().and_then(|mut a| a.free(hs).py());
+        if hs.len() > DETACH_ABOVE {
+            py.detach(work)
+        } else {
+            work()
+        }
     }
 
     /// Byte offset of each handle from the start of the arena (uint64).

@@ -217,7 +217,13 @@ impl PyKVCacheManager {
             return py.detach(|| self.lock()?.extend(req, Extension::Count(n)).py());
         }
         let t = token_ids(tokens, "tokens")?;
-        py.detach(|| self.lock()?.extend(req, Extension::Tokens(&t)).py())
+        let work = || self.lock()?.extend(req, Extension::Tokens(&t)).py();
+        // A decode step's few tokens cost less than releasing the GIL.
+        if t.len() > 64 {
+            py.detach(work)
+        } else {
+            work()
+        }
     }
 
     /// The request's prompt and output enter the prefix cache; its other blocks are freed.

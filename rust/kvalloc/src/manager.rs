@@ -849,8 +849,7 @@ impl KVCacheManager {
             .iter()
             .map(|&(g, n)| n * self.tree.layout().block_bytes[g])
             .sum();
-        let st = self.arena.stats();
-        if need_bytes > st.bytes_free + self.tree.evictable_bytes() {
+        if need_bytes > self.arena.bytes_free() + self.tree.evictable_bytes() {
             return Ok(false);
         }
         let mut freed = std::mem::take(&mut self.scratch);

@@ -322,6 +322,16 @@ impl SlabArena {
         Ok(c.free_in_partial() + self.free_slabs.len() as u64 * u64::from(c.blocks_per_slab))
     }
 
+    /// Bytes that can still be allocated (free slabs plus free blocks in held slabs), in O(classes).
+    pub fn bytes_free(&self) -> u64 {
+        let in_slabs: u64 = self
+            .classes
+            .iter()
+            .map(|c| c.free_in_partial * c.block_bytes)
+            .sum();
+        in_slabs + self.free_slabs.len() as u64 * self.slab_bytes
+    }
+
     /// Whether all the requests `(class, n)` could be allocated together right now.
     /// Each class first fills its own partial slabs, then takes whole free slabs.
     pub fn can_alloc_all(&self, requests: &[(usize, u64)]) -> Result<bool> {
@@ -672,6 +682,9 @@ impl SlabArena {
             }
         }
         let st = self.stats();
+        if st.bytes_free != self.bytes_free() {
+            return bad("bytes_free disagrees with the per-class counts".into());
+        }
         if st.bytes_in_use + st.bytes_free + st.padding_waste_bytes + st.tail_bytes
             != self.capacity_bytes
         {
