@@ -79,7 +79,11 @@ impl PySlabArena {
         let n = non_negative(n, "n")? as usize;
         let work = || self.lock().and_then(|mut a| a.alloc(class, n).py());
         // Releasing the GIL costs more than a small batch: only large ones run detached.
-        let handles = if n > DETACH_ABOVE { py.detach(work)? } else { work()? };
+        let handles = if n > DETACH_ABOVE {
+            py.detach(work)?
+        } else {
+            work()?
+        };
         Ok(PyArray1::from_vec(py, handles))
     }
 

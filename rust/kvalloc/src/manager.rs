@@ -729,32 +729,15 @@ impl KVCacheManager {
             if r.path.len() as u64 != i || i < first_blk {
                 break; // linking stopped at a conflict: the rest stays private
             }
-            let hash = r.hashes[i as usize];
-            let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
-            let mut freed = std::mem::take(&mut self.scratch);
-            let link = self.tree.claim_child(hash, parent, i as u32, &mut freed);
-            self.release(&mut freed);
-            self.scratch = freed;
-            match link {
-                Link::Present(n) => {
-                    // Another running request linked it meanwhile: share its node; our blocks
-                    // stay private.
-                    self.tree.pin(n);
-                    r.path.push(n);
-                    continue;
-                }
-                Link::Conflict => break,
-                Link::Absent => {}
+            let mut take = [false; MAX_GROUPS];
+            for (g, t) in take.iter_mut().enumerate().take(groups) {
+                *t = attach[g * span + (i - first_blk) as usize];
             }
-            let mut blocks = [0 as Handle; MAX_GROUPS];
-            for (g, b) in blocks.iter_mut().enumerate().take(groups) {
-                if attach[g * span + (i - first_blk) as usize] {
-                    *b = r.tables[g][i as usize];
-                }
+            match self.link_block(r, i, &take[..groups]) {
+                None => break,
+                Some(true) => r.created.push(*r.path.last().expect("just linked")),
+                Some(false) => {}
             }
-            let n = self.tree.insert(hash, parent, i as u32, &blocks[..groups]);
-            r.path.push(n);
-            r.created.push(n);
         }
         // Checkpoint blocks for nodes that already existed (a branch window, or a node another
         // request linked first).
@@ -837,6 +820,40 @@ impl KVCacheManager {
             && r.path
                 .get(i as usize)
                 .is_none_or(|&n| self.tree.block(n, g) != h)
+    }
+
+    /// Links block `i` of `r` (its parent is `r.path[i - 1]`) into the tree and pins it: shares
+    /// the node if one is there (the request's blocks stay private), else inserts one that takes
+    /// the request's block of each group with `take[g]`. Returns `Some(true)` for a new node,
+    /// `Some(false)` for a shared one, `None` when the hash belongs elsewhere (linking stops).
+    fn link_block(&mut self, r: &mut Request, i: u64, take: &[bool]) -> Option<bool> {
+        let hash = r.hashes[i as usize];
+        let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
+        let mut freed = std::mem::take(&mut self.scratch);
+        let link = self.tree.claim_child(hash, parent, i as u32, &mut freed);
+        self.release(&mut freed);
+        self.scratch = freed;
+        match link {
+            Link::Present(n) => {
+                self.tree.pin(n);
+                r.path.push(n);
+                Some(false)
+            }
+            Link::Conflict => None,
+            Link::Absent => {
+                let mut blocks = [0 as Handle; MAX_GROUPS];
+                for (g, b) in blocks.iter_mut().enumerate().take(take.len()) {
+                    if take[g] {
+                        *b = r.tables[g][i as usize];
+                    }
+                }
+                let n = self
+                    .tree
+                    .insert(hash, parent, i as u32, &blocks[..take.len()]);
+                r.path.push(n);
+                Some(true)
+            }
+        }
     }
 
     /// Evicts until `need` fits. False if it cannot (the pre-check keeps a hopeless request
@@ -975,34 +992,16 @@ impl KVCacheManager {
         let b = self.b();
         let groups = self.spec.groups.len();
         let e = (r.len / b).min(r.hashes.len() as u64);
-        // Link output blocks.
+        // Link output blocks: the tree takes their full-attention blocks (every block under
+        // the dense policy); SWA blocks are attached below for the output-end window only.
+        let mut take = [false; MAX_GROUPS];
+        for (g, t) in take.iter_mut().enumerate().take(groups) {
+            *t = self.window(g).is_none() || !self.swa_aware();
+        }
         for i in r.path.len() as u64..e {
-            if r.path.len() as u64 != i {
+            if r.path.len() as u64 != i || self.link_block(&mut r, i, &take[..groups]).is_none() {
                 break; // linking stopped at a conflict: the rest stays private
             }
-            let hash = r.hashes[i as usize];
-            let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
-            let mut freed = std::mem::take(&mut self.scratch);
-            let link = self.tree.claim_child(hash, parent, i as u32, &mut freed);
-            self.release(&mut freed);
-            self.scratch = freed;
-            match link {
-                Link::Present(n) => {
-                    self.tree.pin(n);
-                    r.path.push(n);
-                    continue;
-                }
-                Link::Conflict => break,
-                Link::Absent => {}
-            }
-            let mut blocks = [0 as Handle; MAX_GROUPS];
-            for (g, b) in blocks.iter_mut().enumerate().take(groups) {
-                if self.window(g).is_none() || !self.swa_aware() {
-                    *b = r.tables[g][i as usize];
-                }
-            }
-            let n = self.tree.insert(hash, parent, i as u32, &blocks[..groups]);
-            r.path.push(n);
         }
         let e = e.min(r.path.len() as u64);
         // Keep the window ending at E (swa-aware) or every sliding block (dense).
