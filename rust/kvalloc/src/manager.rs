@@ -307,6 +307,8 @@ pub struct KVCacheManager {
     scratch: Freed,
     scratch_handles: Vec<Handle>,
     scratch_attach: Vec<bool>,
+    /// log2(block_tokens) when it is a power of two, else u32::MAX.
+    block_shift: u32,
     /// Batched steps served (stamps requests named in a step).
     steps: u64,
 }
@@ -348,6 +350,11 @@ impl KVCacheManager {
             swa_aware: config.policy == Policy::SwaAware,
         };
         let tree = PrefixTree::new(layout, config.eviction);
+        let block_shift = if config.block_tokens.is_power_of_two() {
+            config.block_tokens.trailing_zeros()
+        } else {
+            u32::MAX
+        };
         Ok(KVCacheManager {
             spec,
             config,
@@ -366,6 +373,7 @@ impl KVCacheManager {
             scratch: Vec::new(),
             scratch_handles: Vec::new(),
             scratch_attach: Vec::new(),
+            block_shift,
             steps: 0,
         })
     }
@@ -389,6 +397,21 @@ impl KVCacheManager {
         u64::from(self.config.block_tokens)
     }
 
+    /// `x / B`: a shift when B is a power of two (it nearly always is), as this runs several
+    /// times per decode token.
+    fn blk_floor(&self, x: u64) -> u64 {
+        if self.block_shift != u32::MAX {
+            x >> self.block_shift
+        } else {
+            x / self.b()
+        }
+    }
+
+    /// `ceil(x / B)`.
+    fn blk_ceil(&self, x: u64) -> u64 {
+        self.blk_floor(x + self.b() - 1)
+    }
+
     fn swa_aware(&self) -> bool {
         self.config.policy == Policy::SwaAware
     }
@@ -399,7 +422,7 @@ impl KVCacheManager {
 
     /// First block overlapping the window `[end - w, end)`.
     fn window_first(&self, end: u64, w: u32) -> u64 {
-        end.saturating_sub(u64::from(w)) / self.b()
+        self.blk_floor(end.saturating_sub(u64::from(w)))
     }
 
     /// Checks a prompt's shape without hashing it.
@@ -600,9 +623,10 @@ impl KVCacheManager {
         let b = self.b();
         let start = r.len;
         debug_assert!(end > start);
-        let first_blk = start / b;
-        let end_blk = div_ceil(end, b);
-        let n_full_prompt = r.prompt_len / b;
+        let first_blk = self.blk_floor(start);
+        let end_blk = self.blk_ceil(end);
+        let n_full_prompt = self.blk_floor(r.prompt_len);
+        let whole_tokens = self.blk_floor(end) * b;
         let groups = self.spec.groups.len();
 
         // Fast paths for decode (output tokens link nothing into the tree):
@@ -649,7 +673,7 @@ impl KVCacheManager {
         for g in 0..groups {
             let table = &r.tables[g];
             // Keep the window of the last whole-block boundary too (see `release_out_of_window`).
-            let window_first = self.window(g).map(|w| self.window_first(end / b * b, w));
+            let window_first = self.window(g).map(|w| self.window_first(whole_tokens, w));
             for i in first_blk..end_blk {
                 let k = g * span + (i - first_blk) as usize;
                 let is_prompt_block = i < n_full_prompt;
@@ -704,7 +728,7 @@ impl KVCacheManager {
             handles.clear();
             self.arena.alloc_into(g, counts[g] as usize, &mut handles)?;
             let mut next = handles.iter();
-            let window_first = self.window(g).map(|w| self.window_first(end / b * b, w));
+            let window_first = self.window(g).map(|w| self.window_first(whole_tokens, w));
             for i in first_blk..end_blk {
                 if r.tables[g][i as usize] != 0 {
                     continue;
@@ -722,7 +746,7 @@ impl KVCacheManager {
         }
         self.scratch_handles = handles;
         // 4. Link whole prompt blocks into the tree (in-flight sharing).
-        let whole_end = (end / b).min(n_full_prompt);
+        let whole_end = self.blk_floor(end).min(n_full_prompt);
         for i in r.path.len() as u64..whole_end {
             // `i < first_blk`: a conflict in an earlier call stopped linking; those blocks'
             // attach state is not in this call's span (and `i - first_blk` would underflow).
@@ -781,9 +805,8 @@ impl KVCacheManager {
             // Release below the window ending at the last whole block `E = end / B * B`, not at
             // `end`: the output-end checkpoint at finish needs `[E - W, E)`, which reaches one
             // block lower when W is not a multiple of B. Still at most ceil(W / B) + 1 blocks.
-            let bt = self.b();
             let wf = self
-                .window_first(end / bt * bt, w)
+                .window_first(self.blk_floor(end) * self.b(), w)
                 .min(r.tables[g].len() as u64);
             for i in r.swa_floor[g]..wf {
                 let h = r.tables[g][i as usize];
@@ -966,13 +989,13 @@ impl KVCacheManager {
         let b = self.b() as usize;
         if let Some(t) = tokens {
             r.tail.extend_from_slice(t);
-            let whole = r.tail.len() / b * b;
+            let whole = self.blk_floor(r.tail.len() as u64) as usize * b;
             if whole > 0 {
                 hash::chain_tokens(r.seed, &r.tail[..whole], b, &mut r.hashes);
                 r.tail.drain(..whole);
             }
         } else {
-            while (r.hashes.len() as u64) < end / self.b() {
+            while (r.hashes.len() as u64) < self.blk_floor(end) {
                 let i = r.hashes.len() as u64;
                 // Opaque output: an id unique to this request and position.
                 let id = hash::digest(&[r.serial.to_le_bytes(), i.to_le_bytes()].concat());

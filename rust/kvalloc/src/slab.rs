@@ -152,6 +152,9 @@ pub struct SlabArena {
     slabs: Vec<Slab>,
     /// Free slabs, used as a stack (the most recently freed slab is reused first).
     free_slabs: Vec<u32>,
+    /// Scratch for `free`: slabs touched by the batch and their free counts before it (kept to
+    /// avoid an allocation per call).
+    touched: Vec<(u32, u32)>,
 }
 
 fn gcd(a: u64, b: u64) -> u64 {
@@ -280,6 +283,7 @@ impl SlabArena {
             classes,
             slabs,
             free_slabs,
+            touched: Vec::new(),
         })
     }
 
@@ -335,16 +339,23 @@ impl SlabArena {
     /// Whether all the requests `(class, n)` could be allocated together right now.
     /// Each class first fills its own partial slabs, then takes whole free slabs.
     pub fn can_alloc_all(&self, requests: &[(usize, u64)]) -> Result<bool> {
-        let mut need = vec![0u64; self.classes.len()];
-        for &(class, n) in requests {
-            self.class(class)?;
-            need[class] += n;
-        }
+        // Each class first fills its own partial slabs; the rest needs whole free slabs. A
+        // class named twice is summed first (rare: callers name each class once), so the
+        // common case needs no allocation.
         let mut slabs_needed = 0u64;
-        for (c, &n) in self.classes.iter().zip(&need) {
+        for (k, &(class, n)) in requests.iter().enumerate() {
+            let c = self.class(class)?;
+            if requests[..k].iter().any(|&(other, _)| other == class) {
+                continue; // counted with its first mention
+            }
+            let total: u64 = n + requests[k + 1..]
+                .iter()
+                .filter(|&&(other, _)| other == class)
+                .map(|&(_, m)| m)
+                .sum::<u64>();
             let from_partial = c.free_in_partial();
-            if n > from_partial {
-                slabs_needed += (n - from_partial).div_ceil(u64::from(c.blocks_per_slab));
+            if total > from_partial {
+                slabs_needed += (total - from_partial).div_ceil(u64::from(c.blocks_per_slab));
             }
         }
         Ok(slabs_needed <= self.free_slabs.len() as u64)
@@ -436,7 +447,8 @@ impl SlabArena {
         }
         // Phase 2: release. Partial-set keys are fixed once per slab touched, not per block:
         // `touched` remembers each slab's free count before the batch.
-        let mut touched: Vec<(u32, u32)> = Vec::new();
+        let mut touched = std::mem::take(&mut self.touched);
+        touched.clear();
         for &h in handles {
             let (s, slot, _) = self.split(h);
             let slab = &mut self.slabs[s];
@@ -452,7 +464,7 @@ impl SlabArena {
             slab.free.push(slot as u32);
             slab.used -= 1;
         }
-        for (s, old_free) in touched {
+        for &(s, old_free) in &touched {
             let slab = &mut self.slabs[s as usize];
             slab.in_batch = false;
             let class = slab.class.expect("checked live") as usize;
@@ -476,6 +488,7 @@ impl SlabArena {
                 c.insert_partial(free_now, s);
             }
         }
+        self.touched = touched;
         Ok(())
     }
 
