@@ -22,25 +22,23 @@ pub fn root_seed(salt: Option<&[u8]>) -> u64 {
     }
 }
 
-/// Hash of one block of token ids, chained to `prev`.
+/// Hash of one block of token ids, chained to `prev`: xxh3 of the ids' little-endian bytes.
 pub fn token_block(prev: u64, tokens: &[i64]) -> u64 {
-    // Hash the ids as little-endian bytes without allocating.
-    const CHUNK: usize = 64;
-    let mut buf = [0u8; CHUNK * 8];
-    if tokens.len() <= CHUNK {
-        for (i, t) in tokens.iter().enumerate() {
-            buf[i * 8..i * 8 + 8].copy_from_slice(&t.to_le_bytes());
-        }
-        return xxh3_64_with_seed(&buf[..tokens.len() * 8], prev);
+    #[cfg(target_endian = "little")]
+    {
+        // SAFETY: `i64` has no padding and any byte pattern is a valid `u8`; the byte slice
+        // covers exactly the same memory as `tokens` and lives no longer than it. On a
+        // little-endian target these are the ids' little-endian bytes, hashed without a copy.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(tokens.as_ptr().cast::<u8>(), std::mem::size_of_val(tokens))
+        };
+        xxh3_64_with_seed(bytes, prev)
     }
-    let mut h = prev;
-    for chunk in tokens.chunks(CHUNK) {
-        for (i, t) in chunk.iter().enumerate() {
-            buf[i * 8..i * 8 + 8].copy_from_slice(&t.to_le_bytes());
-        }
-        h = xxh3_64_with_seed(&buf[..chunk.len() * 8], h);
+    #[cfg(not(target_endian = "little"))]
+    {
+        let bytes: Vec<u8> = tokens.iter().flat_map(|t| t.to_le_bytes()).collect();
+        xxh3_64_with_seed(&bytes, prev)
     }
-    h
 }
 
 /// Hash of a block given by an external id (a trace's block hash), chained to `prev`. Chaining
@@ -103,8 +101,9 @@ mod tests {
         chain_tokens(7, &t[..32], 16, &mut parts);
         chain_tokens(7, &t[32..96], 16, &mut parts);
         assert_eq!(all, parts);
-        // Long blocks (more than one internal chunk) hash deterministically too.
-        assert_eq!(token_block(1, &t), token_block(1, &t));
+        // The hash is of the ids' little-endian bytes, whatever the target.
+        let bytes: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
+        assert_eq!(token_block(1, &t), xxh3_64_with_seed(&bytes, 1));
         assert_ne!(token_block(1, &t), token_block(2, &t));
     }
 

@@ -922,9 +922,96 @@ impl KVCacheManager {
         self.scratch_handles = hs;
     }
 
+    /// The decode hot path: appends a few output token ids to a request whose prompt is fully
+    /// scheduled, touching only that request, the arena and (read-only) the tree. Returns None
+    /// when the general path must handle the call (unknown request, prompt pending, hash-mode
+    /// request, more than one new block, or no free block without evicting).
+    fn try_decode(&mut self, req: u64, tokens: &[i64]) -> Option<bool> {
+        let b = self.b();
+        let shift = self.block_shift;
+        let floor = |x: u64| if shift != u32::MAX { x >> shift } else { x / b };
+        let swa_aware = self.swa_aware();
+        let KVCacheManager {
+            requests,
+            arena,
+            tree,
+            spec,
+            window_released,
+            scratch_handles,
+            ..
+        } = self;
+        let r = requests.get_mut(&req)?.as_deref_mut()?;
+        let n = tokens.len() as u64;
+        if !r.by_ids || r.len < r.prompt_len || n == 0 || n > b {
+            return None;
+        }
+        let end = r.len + n;
+        let have = r.tables[0].len() as u64;
+        let end_blk = floor(end + b - 1);
+        if end_blk > have + 1 {
+            return None;
+        }
+        let groups = spec.groups.len();
+        if end_blk == have + 1 {
+            // One new block per group (the newest block is inside every window).
+            let mut need = [(0usize, 0u64); MAX_GROUPS];
+            for (g, x) in need.iter_mut().enumerate().take(groups) {
+                *x = (g, 1);
+            }
+            if !arena.can_alloc_all(&need[..groups]).ok()? {
+                return None; // eviction needed: the general path
+            }
+            for g in 0..groups {
+                scratch_handles.clear();
+                arena.alloc_into(g, 1, scratch_handles).ok()?;
+                r.tables[g].push(scratch_handles[0]);
+            }
+        }
+        r.len = end;
+        // Release SWA blocks below the window ending at the last whole-block boundary.
+        if swa_aware {
+            scratch_handles.clear();
+            let whole = floor(end) * b;
+            for (g, group) in spec.groups.iter().enumerate() {
+                let Some(w) = group.window else { continue };
+                let wf = floor(whole.saturating_sub(u64::from(w))).min(r.tables[g].len() as u64);
+                for i in r.swa_floor[g]..wf {
+                    let h = std::mem::replace(&mut r.tables[g][i as usize], 0);
+                    let shared = r
+                        .path
+                        .get(i as usize)
+                        .is_some_and(|&node| tree.block(node, g) == h);
+                    if h != 0 && !shared {
+                        scratch_handles.push(h);
+                    }
+                }
+                r.swa_floor[g] = r.swa_floor[g].max(wf);
+            }
+            if !scratch_handles.is_empty() {
+                *window_released += scratch_handles.len() as u64;
+                arena
+                    .free(scratch_handles)
+                    .expect("a running request's private blocks are live");
+            }
+        }
+        // Hash output blocks as they complete.
+        r.tail.extend_from_slice(tokens);
+        if r.tail.len() as u64 >= b {
+            let whole = (floor(r.tail.len() as u64) * b) as usize;
+            hash::chain_tokens(r.seed, &r.tail[..whole], b as usize, &mut r.hashes);
+            r.tail.drain(..whole);
+        }
+        Some(true)
+    }
+
     /// Appends tokens to a running request (see [`Extension`]). Returns false, changing
     /// nothing, when there is no room even after eviction.
     pub fn extend(&mut self, req: u64, ext: Extension<'_>) -> Result<bool> {
+        if let Extension::Tokens(t) = ext {
+            if let Some(ok) = self.try_decode(req, t) {
+                return Ok(ok);
+            }
+        }
         // Take the request out of its slot (leaving an empty one) rather than removing and
         // re-inserting it: no rehashing on the decode hot path.
         let mut r = self

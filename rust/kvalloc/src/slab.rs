@@ -40,16 +40,19 @@ const TARGET_MIN_SLAB_BYTES: u64 = 4 << 20;
 /// Keep at least this many slabs when the budget is small, so that memory can still flow.
 const MIN_SLABS_WANTED: u64 = 64;
 
+/// End of a slab's free list.
+const NIL: u32 = u32::MAX;
+
 #[derive(Debug)]
 struct Slab {
     /// Class served, or `None` when the slab is free.
     class: Option<u32>,
     /// Live blocks.
     used: u32,
-    /// Free slot indices (a stack); meaningful only while held.
-    free: Vec<u32>,
-    /// Generation of each slot while live; 0 = free. Sized to the class's blocks per slab.
-    gens: Vec<u32>,
+    /// Head of the slab's free-slot list (threaded through `SlabArena::next`), or `NIL`.
+    free_head: u32,
+    /// Length of that list.
+    free_len: u32,
     /// Last generation issued by this slab (monotone across classes, wraps at 2^31).
     gen_counter: u32,
     /// Set while a batch free is releasing blocks of this slab.
@@ -150,6 +153,12 @@ pub struct SlabArena {
     stride_shift: u32,
     classes: Vec<Class>,
     slabs: Vec<Slab>,
+    /// Generation of every slot, `slab * stride + slot`; 0 = free. One flat array (zeroed
+    /// lazily by the OS) rather than a vector per slab: taking a fresh slab allocates nothing.
+    gens: Vec<u32>,
+    /// Free-list links, `slab * stride + slot` -> next free slot of that slab plus one (0 ends
+    /// the list), so that the array starts as zeroes the OS maps lazily.
+    next: Vec<u32>,
     /// Free slabs, used as a stack (the most recently freed slab is reused first).
     free_slabs: Vec<u32>,
     /// Scratch for `free`: slabs touched by the batch and their free counts before it (kept to
@@ -267,12 +276,13 @@ impl SlabArena {
             .map(|_| Slab {
                 class: None,
                 used: 0,
-                free: Vec::new(),
-                gens: Vec::new(),
+                free_head: NIL,
+                free_len: 0,
                 gen_counter: 0,
                 in_batch: false,
             })
             .collect();
+        let slots = (num_slabs * stride) as usize;
         // Reverse order so that slab 0 is handed out first.
         let free_slabs = (0..num_slabs as u32).rev().collect();
         Ok(SlabArena {
@@ -282,6 +292,8 @@ impl SlabArena {
             stride_shift: stride.trailing_zeros(),
             classes,
             slabs,
+            gens: vec![0; slots],
+            next: vec![0; slots],
             free_slabs,
             touched: Vec::new(),
         })
@@ -390,22 +402,25 @@ impl SlabArena {
                 }
                 None => self.take_free_slab(class as u32),
             };
-            let take = remaining.min(self.slabs[slab_idx as usize].free.len() as u32);
-            let base = u64::from(slab_idx) * self.stride;
             let slab = &mut self.slabs[slab_idx as usize];
+            let take = remaining.min(slab.free_len);
+            let base = u64::from(slab_idx) * self.stride;
             for _ in 0..take {
-                let slot = slab.free.pop().expect("counted free slots");
-                // 1..=GEN_MASK, never 0 (a compare, not a modulo: this is the hot loop).
+                let slot = slab.free_head;
+                let at = (base + u64::from(slot)) as usize;
+                slab.free_head = self.next[at].wrapping_sub(1); // 0 - 1 = NIL
+                                                                // 1..=GEN_MASK, never 0 (a compare, not a modulo: this is the hot loop).
                 slab.gen_counter = if slab.gen_counter >= GEN_MASK {
                     1
                 } else {
                     slab.gen_counter + 1
                 };
-                slab.gens[slot as usize] = slab.gen_counter;
+                self.gens[at] = slab.gen_counter;
                 out.push((u64::from(slab.gen_counter) << 32) | (base + u64::from(slot)));
             }
+            slab.free_len -= take;
             slab.used += take;
-            let free_left = slab.free.len() as u32;
+            let free_left = slab.free_len;
             if free_left > 0 {
                 self.classes[class].insert_partial(free_left, slab_idx);
             }
@@ -424,11 +439,14 @@ impl SlabArena {
         let slab = &mut self.slabs[s as usize];
         slab.class = Some(class);
         slab.used = 0;
-        slab.gens.clear();
-        slab.gens.resize(bps as usize, 0);
-        slab.free.clear();
-        // Pop order hands out slot 0 first.
-        slab.free.extend((0..bps).rev());
+        // Thread the free list 0 -> 1 -> ... so slot 0 is handed out first. Generations are
+        // already 0: a slab is only returned once every block in it is free.
+        let base = (u64::from(s) * self.stride) as usize;
+        for i in 0..bps {
+            self.next[base + i as usize] = if i + 1 < bps { i + 2 } else { 0 };
+        }
+        slab.free_head = 0;
+        slab.free_len = bps;
         s
     }
 
@@ -440,7 +458,7 @@ impl SlabArena {
             if let Err(e) = self.check_and_mark(h) {
                 for &done in &handles[..i] {
                     let (s, slot, _) = self.split(done);
-                    self.slabs[s].gens[slot] &= GEN_MASK;
+                    self.gens[s * self.stride as usize + slot] &= GEN_MASK;
                 }
                 return Err(e);
             }
@@ -451,30 +469,33 @@ impl SlabArena {
         touched.clear();
         for &h in handles {
             let (s, slot, _) = self.split(h);
-            let slab = &mut self.slabs[s];
+            let at = s * self.stride as usize + slot;
             debug_assert!(
-                slab.gens[slot] & PENDING_FREE != 0,
+                self.gens[at] & PENDING_FREE != 0,
                 "phase 1 marks every slot"
             );
+            let slab = &mut self.slabs[s];
             if !slab.in_batch {
                 slab.in_batch = true;
-                touched.push((s as u32, slab.free.len() as u32));
+                touched.push((s as u32, slab.free_len));
             }
-            slab.gens[slot] = 0;
-            slab.free.push(slot as u32);
+            self.gens[at] = 0;
+            self.next[at] = slab.free_head.wrapping_add(1); // NIL + 1 = 0
+            slab.free_head = slot as u32;
+            slab.free_len += 1;
             slab.used -= 1;
         }
         for &(s, old_free) in &touched {
             let slab = &mut self.slabs[s as usize];
             slab.in_batch = false;
             let class = slab.class.expect("checked live") as usize;
-            let freed = slab.free.len() as u32 - old_free;
+            let freed = slab.free_len - old_free;
             let now_empty = slab.used == 0;
-            let free_now = slab.free.len() as u32;
+            let free_now = slab.free_len;
             if now_empty {
                 slab.class = None;
-                slab.free.clear();
-                slab.gens.clear();
+                slab.free_head = NIL;
+                slab.free_len = 0;
             }
             let c = &mut self.classes[class];
             c.blocks_in_use -= u64::from(freed);
@@ -503,7 +524,7 @@ impl SlabArena {
 
     fn check_and_mark(&mut self, h: Handle) -> Result<()> {
         let (s, slot, gen) = self.locate(h)?;
-        let g = &mut self.slabs[s].gens[slot];
+        let g = &mut self.gens[s * self.stride as usize + slot];
         *g |= PENDING_FREE;
         debug_assert_eq!(*g & GEN_MASK, gen);
         Ok(())
@@ -517,13 +538,13 @@ impl SlabArena {
             return Err(stale(StaleReason::OutOfRange));
         }
         let slab = &self.slabs[s];
-        let Some(live) = slab.gens.get(slot).copied() else {
-            return Err(if slab.class.is_some() {
-                stale(StaleReason::OutOfRange)
-            } else {
-                stale(StaleReason::NotLive)
-            });
+        let Some(class) = slab.class else {
+            return Err(stale(StaleReason::NotLive));
         };
+        if slot >= self.classes[class as usize].blocks_per_slab as usize {
+            return Err(stale(StaleReason::OutOfRange));
+        }
+        let live = self.gens[s * self.stride as usize + slot];
         if live & PENDING_FREE != 0 {
             return Err(stale(StaleReason::Duplicate));
         }
@@ -636,7 +657,13 @@ impl SlabArena {
         for (i, slab) in self.slabs.iter().enumerate() {
             match slab.class {
                 None => {
-                    if !in_free_stack[i] || slab.used != 0 {
+                    let base = i * self.stride as usize;
+                    if !in_free_stack[i]
+                        || slab.used != 0
+                        || self.gens[base..base + self.stride as usize]
+                            .iter()
+                            .any(|&g| g != 0)
+                    {
                         return bad(format!("free slab {i} is not cleanly in the free stack"));
                     }
                 }
@@ -649,26 +676,38 @@ impl SlabArena {
                     if slab.used == 0 {
                         return bad(format!("slab {i} is held by class {c} but empty"));
                     }
-                    if slab.gens.len() != class.blocks_per_slab as usize
-                        || slab.used as usize + slab.free.len() != slab.gens.len()
-                    {
+                    let base = i * self.stride as usize;
+                    let bps = class.blocks_per_slab as usize;
+                    let gens = &self.gens[base..base + self.stride as usize];
+                    if slab.used as usize + slab.free_len as usize != bps {
                         return bad(format!("slab {i}: used + free != blocks per slab"));
                     }
-                    let live = slab.gens.iter().filter(|&&g| g != 0).count();
+                    let live = gens[..bps].iter().filter(|&&g| g != 0).count();
                     if live != slab.used as usize
-                        || slab.gens.iter().any(|&g| g & PENDING_FREE != 0)
+                        || gens.iter().any(|&g| g & PENDING_FREE != 0)
+                        || gens[bps..].iter().any(|&g| g != 0)
                     {
                         return bad(format!("slab {i}: live generations disagree with used"));
                     }
-                    let mut seen = vec![false; slab.gens.len()];
-                    for &f in &slab.free {
-                        let f = f as usize;
-                        if f >= seen.len() || seen[f] || slab.gens[f] != 0 {
+                    let mut seen = vec![false; bps];
+                    let mut f = slab.free_head;
+                    let mut n = 0;
+                    while f != NIL {
+                        let fu = f as usize;
+                        if fu >= bps || seen[fu] || gens[fu] != 0 || n >= bps {
                             return bad(format!("slab {i}: free slot {f} is live or repeated"));
                         }
-                        seen[f] = true;
+                        seen[fu] = true;
+                        n += 1;
+                        f = self.next[base + fu].wrapping_sub(1);
                     }
-                    let free = slab.free.len() as u32;
+                    if n != slab.free_len as usize {
+                        return bad(format!(
+                            "slab {i}: free list length {n} != {}",
+                            slab.free_len
+                        ));
+                    }
+                    let free = slab.free_len;
                     let listed = class.partial.contains(&(free, i as u32));
                     if (free > 0) != listed {
                         return bad(format!("slab {i}: partial-set membership is wrong"));
