@@ -309,6 +309,8 @@ pub struct KVCacheManager {
     scratch_attach: Vec<bool>,
     /// log2(block_tokens) when it is a power of two, else u32::MAX.
     block_shift: u32,
+    /// Records of finished requests, reused by admissions.
+    request_pool: Vec<Box<Request>>,
     /// Batched steps served (stamps requests named in a step).
     steps: u64,
 }
@@ -349,7 +351,13 @@ impl KVCacheManager {
             block_tokens: config.block_tokens,
             swa_aware: config.policy == Policy::SwaAware,
         };
-        let tree = PrefixTree::new(layout, config.eviction);
+        let mut tree = PrefixTree::new(layout, config.eviction);
+        // Every node holds one block of each full-attention group, so the arena bounds the
+        // node count: reserve it (capped, for absurd budgets) to avoid growth mid-step.
+        if let Some(g) = spec.groups.iter().position(|g| g.window.is_none()) {
+            const MAX_RESERVED_NODES: u64 = 4 << 20;
+            tree.reserve(arena.num_pages(g)?.min(MAX_RESERVED_NODES) as usize);
+        }
         let block_shift = if config.block_tokens.is_power_of_two() {
             config.block_tokens.trailing_zeros()
         } else {
@@ -374,6 +382,7 @@ impl KVCacheManager {
             scratch_handles: Vec::new(),
             scratch_attach: Vec::new(),
             block_shift,
+            request_pool: Vec::new(),
             steps: 0,
         })
     }
@@ -456,17 +465,32 @@ impl KVCacheManager {
     }
 
     fn prompt_hashes(&self, prompt: &Prompt<'_>, seed: u64) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
+        self.prompt_hashes_into(prompt, seed, &mut out)?;
+        Ok(out)
+    }
+
+    /// Appends the chained hashes of a prompt's whole blocks to `out` (empty on entry).
+    fn prompt_hashes_into(&self, prompt: &Prompt<'_>, seed: u64, out: &mut Vec<u64>) -> Result<()> {
         self.check_prompt(prompt)?;
         let b = self.b() as usize;
-        let mut out = Vec::with_capacity(prompt.len() as usize / b);
+        out.reserve(prompt.len() as usize / b);
         match *prompt {
-            Prompt::Tokens(t) => hash::chain_tokens(seed, t, b, &mut out),
+            Prompt::Tokens(t) => hash::chain_tokens(seed, t, b, out),
             Prompt::BlockHashes { hashes, num_tokens } => {
                 let whole = (num_tokens / self.b()) as usize;
-                hash::chain_ids(seed, &hashes[..whole], &mut out);
+                hash::chain_ids(seed, &hashes[..whole], out);
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// Keeps a finished request's record (and its vectors' capacity) for the next admission.
+    fn recycle(&mut self, r: Box<Request>) {
+        const POOL: usize = 1024;
+        if self.request_pool.len() < POOL {
+            self.request_pool.push(r);
+        }
     }
 
     /// Window-safe hit length in tokens for a prompt, without changing anything.
@@ -497,37 +521,44 @@ impl KVCacheManager {
             return Err(Error::invalid("max_tokens", "must be positive (or None)"));
         }
         let seed = hash::root_seed(salt);
-        let hashes = self.prompt_hashes(&prompt, seed)?;
+        // A recycled request keeps its vectors' capacity: admission allocates nothing in the
+        // steady state.
+        let mut r = self.request_pool.pop().unwrap_or_default();
+        r.hashes.clear();
+        if let Err(e) = self.prompt_hashes_into(&prompt, seed, &mut r.hashes) {
+            self.recycle(r);
+            return Err(e);
+        }
         let len = prompt.len();
         let b = self.b();
         let max_safe = ((len - 1) / b) as u32;
-        let mut path = Vec::with_capacity(hashes.len());
-        let walk = self.tree.walk(&hashes, max_safe, &mut path);
+        r.path.clear();
+        let walk = self.tree.walk(&r.hashes, max_safe, &mut r.path);
         let hit = u64::from(walk.safe) * b;
         let n_full = (len / b) as u32;
 
         self.serial += 1;
-        let mut r = Request {
-            seed,
-            by_ids: matches!(prompt, Prompt::Tokens(_)),
-            hashes,
-            tail: match prompt {
-                Prompt::Tokens(t) => t[(n_full as usize * b as usize)..].to_vec(),
-                Prompt::BlockHashes { .. } => Vec::new(),
-            },
-            prompt_len: len,
-            len: hit,
-            hit,
-            path,
-            created: Vec::new(),
-            created_ckpts: Vec::new(),
-            tables: vec![Vec::new(); self.spec.groups.len()],
-            plans: self.plan_checkpoints(walk.safe, walk.depth, n_full),
-            plans_done: 0,
-            serial: self.serial,
-            swa_floor: vec![0; self.spec.groups.len()],
-            stamp: 0,
-        };
+        r.seed = seed;
+        r.by_ids = matches!(prompt, Prompt::Tokens(_));
+        r.tail.clear();
+        if let Prompt::Tokens(t) = prompt {
+            r.tail
+                .extend_from_slice(&t[(n_full as usize * b as usize)..]);
+        }
+        r.prompt_len = len;
+        r.len = hit;
+        r.hit = hit;
+        r.created.clear();
+        r.created_ckpts.clear();
+        let groups = self.spec.groups.len();
+        r.tables.resize_with(groups, Vec::new);
+        r.swa_floor.clear();
+        r.swa_floor.resize(groups, 0);
+        r.plans.clear();
+        self.plan_checkpoints(walk.safe, walk.depth, n_full, &mut r.plans);
+        r.plans_done = 0;
+        r.serial = self.serial;
+        r.stamp = 0;
         // Pin the matched path so eviction cannot take it while we make room.
         for &n in &r.path {
             self.tree.pin(n);
@@ -540,7 +571,9 @@ impl KVCacheManager {
                 None => 0,
             };
             let tree = &self.tree;
-            let mut table = Vec::with_capacity(div_ceil(len, b) as usize + 1);
+            let table = &mut r.tables[g];
+            table.clear();
+            table.reserve(div_ceil(len, b) as usize + 1);
             table.extend((0..u64::from(walk.safe)).map(|i| {
                 if i >= first {
                     tree.block(r.path[i as usize], g)
@@ -548,7 +581,6 @@ impl KVCacheManager {
                     0
                 }
             }));
-            r.tables[g] = table;
             // Nothing below the hit's window is held: no need to scan it for release.
             r.swa_floor[g] = first;
         }
@@ -564,6 +596,7 @@ impl KVCacheManager {
             self.release(&mut freed);
             self.scratch = freed;
             self.admissions_refused += 1;
+            self.recycle(r);
             return Ok(None);
         }
         if walk.safe > 0 {
@@ -571,16 +604,15 @@ impl KVCacheManager {
         }
         self.hit_tokens += hit;
         self.miss_tokens += len - hit;
-        self.requests.insert(req, Some(Box::new(r)));
+        self.requests.insert(req, Some(r));
         Ok(Some(hit))
     }
 
     /// Planned prompt checkpoints: (end block, with the extra block).
-    fn plan_checkpoints(&self, safe: u32, depth: u32, n_full: u32) -> Vec<(u32, bool)> {
+    fn plan_checkpoints(&self, safe: u32, depth: u32, n_full: u32, plans: &mut Vec<(u32, bool)>) {
         if !self.swa_aware() || !self.spec.groups.iter().any(|g| g.window.is_some()) {
-            return Vec::new();
+            return;
         }
-        let mut plans = Vec::new();
         if safe < depth && depth < n_full {
             plans.push((depth, false)); // branch point: this request computes the window
         }
@@ -600,7 +632,6 @@ impl KVCacheManager {
         }
         plans.sort_unstable();
         plans.dedup_by_key(|p| p.0);
-        plans
     }
 
     /// Whether block `i` of sliding group `g` belongs to a planned checkpoint run.
@@ -1142,6 +1173,7 @@ impl KVCacheManager {
         }
         self.release(&mut freed);
         self.scratch = freed;
+        self.recycle(r);
         Ok(())
     }
 
@@ -1177,6 +1209,7 @@ impl KVCacheManager {
         self.aborted_blocks += freed.len() as u64;
         self.release(&mut freed);
         self.scratch = freed;
+        self.recycle(r);
         Ok(())
     }
 
