@@ -7,6 +7,10 @@ use crate::errors::invalid;
 
 /// A non-negative integer argument; negative values and non-integers are `InvalidArgumentError`.
 pub fn non_negative(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    // Fast path: an int that fits in u64 (the usual case); the rest explains the error.
+    if let Ok(v) = obj.extract::<u64>() {
+        return Ok(v);
+    }
     let v: i128 = obj
         .extract()
         .map_err(|_| invalid(what, format!("expected an integer, got {}", type_name(obj))))?;

@@ -132,11 +132,10 @@ impl Layout {
     /// Blocks that must hold SWA KV, ending at block boundary `k` (exclusive), for a resume at
     /// token `k * B` to be window-safe in a group with window `w`: those overlapping
     /// `[kB - w, kB)`, counted at token granularity.
+    ///
+    /// `kB` is a multiple of B, so this is `min(k, ceil(w / B))`.
     pub fn window_blocks(&self, k: u32, w: u32) -> u32 {
-        let b = u64::from(self.block_tokens);
-        let p = u64::from(k) * b;
-        let first = p.saturating_sub(u64::from(w)) / b;
-        k - first as u32
+        k.min(w.div_ceil(self.block_tokens))
     }
 }
 
@@ -299,6 +298,14 @@ impl PrefixTree {
         let runs = &mut runs_buf[..self.sliding.len()];
         let mut safe = 0;
         let mut parent = NONE;
+        // Blocks each sliding window spans (`ceil(W / B)`), hoisted out of the loop.
+        let mut spans_buf = [0u32; 16];
+        let spans = &mut spans_buf[..self.sliding.len()];
+        for (span, &g) in spans.iter_mut().zip(&self.sliding) {
+            *span = self
+                .layout
+                .window_blocks(u32::MAX, self.layout.windows[g].expect("sliding"));
+        }
         for (i, &h) in hashes.iter().enumerate() {
             let Link::Present(n) = self.find_child(h, parent, i as u32) else {
                 break;
@@ -307,10 +314,9 @@ impl PrefixTree {
             path.push(n);
             let k = i as u32 + 1;
             let mut ok = true;
-            for (r, &g) in runs.iter_mut().zip(&self.sliding) {
+            for ((r, &g), &span) in runs.iter_mut().zip(&self.sliding).zip(spans.iter()) {
                 *r = if self.block(n, g) != 0 { *r + 1 } else { 0 };
-                let w = self.layout.windows[g].expect("sliding");
-                ok &= *r >= self.layout.window_blocks(k, w);
+                ok &= *r >= k.min(span);
             }
             if ok && k <= max_safe {
                 safe = k;
