@@ -309,7 +309,9 @@ pub struct KVCacheManager {
     scratch_attach: Vec<bool>,
     /// log2(block_tokens) when it is a power of two, else u32::MAX.
     block_shift: u32,
-    /// Records of finished requests, reused by admissions.
+    /// Records of finished requests, reused by admissions. Boxed because the running map holds
+    /// boxes: recycling moves a pointer, not the record.
+    #[allow(clippy::vec_box)]
     request_pool: Vec<Box<Request>>,
     /// Batched steps served (stamps requests named in a step).
     steps: u64,
