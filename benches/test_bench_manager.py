@@ -57,13 +57,16 @@ def test_step_decode256_admit16(benchmark):
         args = dict(
             extend_ids=np.array(running, dtype=np.int64),
             extend_tokens=rng.integers(0, 150_000, len(running), dtype=np.int64),
-            admit=[(rid, make_prompt(rid, length, shared)) for rid in new],
+            # The flat admission form: three arrays instead of 16 tuples.
+            admit_ids=np.array(new, dtype=np.int64),
+            admit_tokens=np.concatenate([make_prompt(rid, length, shared) for rid in new]),
+            admit_lens=np.full(ADMITS, length, dtype=np.int64),
         )
         running.extend(new)
         return (), args
 
-    def step(extend_ids, extend_tokens, admit):
-        admitted, extended = m.step(extend_ids=extend_ids, extend_tokens=extend_tokens, admit=admit)
+    def step(**kwargs):
+        admitted, extended = m.step(**kwargs)
         assert extended.all() and (admitted == shared).all()
 
     benchmark.pedantic(step, setup=setup, rounds=rounds, warmup_rounds=20)

@@ -95,6 +95,25 @@ def test_step_batches_a_scheduler_step():
     assert m.stats() == before and 2 in m
 
 
+def test_step_flat_admissions_equal_listed_ones():
+    a = KVCacheManager(small_spec(), 256 << 20)
+    b = KVCacheManager(small_spec(), 256 << 20)
+    prompts = [np.concatenate([seq(0, 100), seq(1000 * i, 20 + i)]) for i in range(5)]
+    listed, _ = a.step(admit=[(i, p) for i, p in enumerate(prompts)])
+    flat, _ = b.step(
+        admit_ids=np.arange(5), admit_tokens=np.concatenate(prompts),
+        admit_lens=[len(p) for p in prompts],
+    )
+    assert listed.tolist() == flat.tolist() == [0, 96, 96, 96, 96]
+    for i in range(5):
+        assert (a.block_table(i, 0) >= 0).all() and len(a.block_table(i, 0)) == len(b.block_table(i, 0))
+    with pytest.raises(InvalidArgumentError, match="admit_lens"):
+        b.step(admit_ids=[9], admit_tokens=seq(0, 10), admit_lens=[4, 6])
+    with pytest.raises(InvalidArgumentError, match="admit_tokens"):
+        b.step(admit_ids=[9], admit_tokens=seq(0, 10), admit_lens=[4])
+    b.validate()
+
+
 def test_block_hashes_prompts():
     m = KVCacheManager(small_spec(), 256 << 20)
     ids = np.arange(100, 164, dtype=np.uint64)

@@ -196,9 +196,14 @@ class KVCacheManager:
         extend_lens: _IdArray | None = None,
         extend_counts: _IdArray | None = None,
         admit: list[tuple[int, _TokenArray | BlockHashes] | tuple[int, _TokenArray | BlockHashes, str | bytes | None]] | None = None,
+        admit_ids: _IdArray | None = None,
+        admit_tokens: _TokenArray | None = None,
+        admit_lens: _IdArray | None = None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-        """One scheduler step in one call (GIL released); returns (hits per admission, -1 if
-        refused; whether each extension fit)."""
+        """One scheduler step in one call (GIL released): finishes and aborts, then extensions,
+        then admissions (the ``admit`` list, then the flat ``admit_ids``/``admit_tokens``/
+        ``admit_lens`` form). Returns (hits per admission, -1 if refused; whether each extension
+        fit)."""
     def stats(self) -> dict[str, Any]:
         """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes."""
     def validate(self) -> None:

@@ -272,11 +272,13 @@ impl PyKVCacheManager {
     /// - `extend_ids` with `extend_tokens` (flat int32/int64 token ids) and `extend_lens`
     ///   (tokens per request; default 1 each), or with `extend_counts` (counts);
     /// - `admit`: a list of `(req_id, tokens)` or `(req_id, tokens, salt)` tuples, where tokens
-    ///   may be a `BlockHashes`.
+    ///   may be a `BlockHashes`; and/or, cheaper for many prompts, `admit_ids` with
+    ///   `admit_tokens` (all prompts' token ids, concatenated) and `admit_lens`. Flat
+    ///   admissions come after the listed ones.
     ///
     /// Returns `(admitted, extended)`: int64 hits per admission (-1 where it did not fit) and
     /// bools per extension.
-    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None))]
+    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None))]
     #[allow(clippy::too_many_arguments)]
     fn step<'py>(
         &self,
@@ -288,6 +290,9 @@ impl PyKVCacheManager {
         extend_lens: Option<&Bound<'py, PyAny>>,
         extend_counts: Option<&Bound<'py, PyAny>>,
         admit: Option<&Bound<'py, PyAny>>,
+        admit_ids: Option<&Bound<'py, PyAny>>,
+        admit_tokens: Option<&Bound<'py, PyAny>>,
+        admit_lens: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<StepArrays<'py>> {
         let ids = |o: Option<&Bound<'py, PyAny>>, what| match o.filter(|o| !o.is_none()) {
             Some(o) => id_list(o, what),
@@ -335,6 +340,34 @@ impl PyKVCacheManager {
                     salt,
                 ));
             }
+        }
+        // Admissions in flat form: ids, one token array, and each prompt's length (three
+        // conversions, whatever the number of requests).
+        let flat_ids = ids(admit_ids, "admit_ids")?;
+        let flat_lens = ids(admit_lens, "admit_lens")?;
+        let flat_tokens = match admit_tokens.filter(|o| !o.is_none()) {
+            Some(t) => token_ids(t, "admit_tokens")?,
+            None => Vec::new(),
+        };
+        if flat_lens.len() != flat_ids.len() {
+            return Err(invalid(
+                "admit_lens",
+                format!(
+                    "{} lengths for {} admit_ids",
+                    flat_lens.len(),
+                    flat_ids.len()
+                ),
+            ));
+        }
+        if flat_lens.iter().sum::<u64>() != flat_tokens.len() as u64 {
+            return Err(invalid(
+                "admit_tokens",
+                format!(
+                    "{} tokens, but admit_lens adds up to {}",
+                    flat_tokens.len(),
+                    flat_lens.iter().sum::<u64>()
+                ),
+            ));
         }
         // Extensions, as slices of the flat token array.
         let mut spans: Vec<(usize, usize)> = Vec::new();
@@ -410,6 +443,16 @@ impl PyKVCacheManager {
                     salt: salt.as_deref(),
                     max_tokens: None,
                 });
+            }
+            let mut at = 0usize;
+            for (&req, &len) in flat_ids.iter().zip(&flat_lens) {
+                step.admit.push(Admission {
+                    req,
+                    prompt: Prompt::Tokens(&flat_tokens[at..at + len as usize]),
+                    salt: None,
+                    max_tokens: None,
+                });
+                at += len as usize;
             }
             self.lock()?.step(&step).py()
         })?;
