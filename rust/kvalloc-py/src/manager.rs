@@ -5,7 +5,7 @@ use std::sync::{Mutex, MutexGuard};
 use kvalloc::{
     Admission, Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt, Step,
 };
-use numpy::PyArray1;
+use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
@@ -345,9 +345,22 @@ impl PyKVCacheManager {
         // conversions, whatever the number of requests).
         let flat_ids = ids(admit_ids, "admit_ids")?;
         let flat_lens = ids(admit_lens, "admit_lens")?;
-        let flat_tokens = match admit_tokens.filter(|o| !o.is_none()) {
-            Some(t) => token_ids(t, "admit_tokens")?,
-            None => Vec::new(),
+        // int64 tokens are borrowed, not copied (a step's prompts can be megabytes); other
+        // dtypes are converted.
+        let flat_borrowed: Option<PyReadonlyArray1<'py, i64>> = match admit_tokens {
+            Some(t) if !t.is_none() => t
+                .extract::<PyReadonlyArray1<'py, i64>>()
+                .ok()
+                .filter(|a| a.is_c_contiguous()),
+            _ => None,
+        };
+        let flat_owned: Vec<i64> = match admit_tokens.filter(|o| !o.is_none()) {
+            Some(t) if flat_borrowed.is_none() => token_ids(t, "admit_tokens")?,
+            _ => Vec::new(),
+        };
+        let flat_tokens: &[i64] = match &flat_borrowed {
+            Some(a) => a.as_slice()?,
+            None => &flat_owned,
         };
         if flat_lens.len() != flat_ids.len() {
             return Err(invalid(
