@@ -4,7 +4,7 @@ mimo-v2.5-pro, 16-token blocks. Two shapes, each timed as one `KVCacheManager.st
 inputs are prepared beforehand:
 
 - `decode256_admit16`: the issue's step: 256 running requests each extended by one decode token
-  plus 16 admissions with prefix matching (512-token prompts sharing a 384-token system prompt,
+  plus 16 admissions with prefix matching (128- or 512-token prompts sharing their first 3/4,
   so each admission matches and hits). Between steps, untimed, the 16 oldest requests finish,
   so the running set stays at 256. Memory is ample (no eviction).
 - `steady_state_full_cache`: 256 running requests; per step 16 finish, 240 decode one token and
@@ -41,11 +41,12 @@ def start(capacity: int, length: int, shared: int):
     return m, ids, running
 
 
+@pytest.mark.parametrize("length,shared", [(128, 96), (512, 384)])
 @pytest.mark.benchmark(group="scheduler step")
-def test_step_decode256_admit16(benchmark):
+def test_step_decode256_admit16(benchmark, length, shared):
     """The issue's step. Between timed steps (untimed) the 16 oldest requests finish, so 256
     stay running and memory stays level, as in a serving engine's steady state."""
-    length, shared, rounds = 512, 384, 1000
+    rounds = 1000
     m, ids, running = start(1 << 40, length, shared)
     rng = np.random.default_rng(0)
 
