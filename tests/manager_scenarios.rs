@@ -281,3 +281,34 @@ fn block_hash_prompts() {
         )
         .is_err());
 }
+
+#[test]
+fn absurd_counts_are_refused_not_looped_over() {
+    let mut m = manager(Policy::SwaAware, 64 << 20);
+    let ids: Vec<u64> = (0..4).collect();
+    m.admit(
+        1,
+        Prompt::BlockHashes {
+            hashes: &ids,
+            num_tokens: 64,
+        },
+        None,
+        None,
+    )
+    .unwrap()
+    .unwrap();
+    let before = m.stats();
+    assert!(m.extend(1, Extension::Count(u64::MAX)).is_err());
+    assert!(m.extend(1, Extension::Count(1 << 40)).is_err());
+    assert_eq!(m.stats(), before);
+    assert!(m
+        .match_prefix(
+            Prompt::BlockHashes {
+                hashes: &ids,
+                num_tokens: u64::MAX
+            },
+            None
+        )
+        .is_err());
+    m.validate().unwrap();
+}

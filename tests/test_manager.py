@@ -190,6 +190,10 @@ def test_bad_arguments():
         m.match_prefix(seq(0, 10), salt=5)
     with pytest.raises(InvalidArgumentError, match="count"):
         m.extend(3, 5)  # a token-id request's output must be ids
+    with pytest.raises(InvalidArgumentError, match="tokens"):
+        m.extend(3, 10**30)  # not even a u64
+    with pytest.raises(InvalidArgumentError, match="2\\*\\*64"):
+        m.admit(10**20, seq(0, 10))
     assert isinstance(RequestError("x"), LookupError)
     m.validate()
 

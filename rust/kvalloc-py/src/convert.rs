@@ -14,7 +14,13 @@ pub fn non_negative(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     let v: i128 = obj
         .extract()
         .map_err(|_| invalid(what, format!("expected an integer, got {}", type_name(obj))))?;
-    u64::try_from(v).map_err(|_| invalid(what, format!("must be >= 0, got {v}")))
+    u64::try_from(v).map_err(|_| {
+        if v < 0 {
+            invalid(what, format!("must be >= 0, got {v}"))
+        } else {
+            invalid(what, format!("must be below 2**64, got {v}"))
+        }
+    })
 }
 
 /// A strictly positive integer argument.

@@ -72,6 +72,10 @@ type ReqSet = std::collections::HashSet<u64, BuildHasherDefault<ReqIdHasher>>;
 /// Most KV groups a model may have (real hybrid models have 2 to 4).
 pub const MAX_GROUPS: usize = 16;
 
+/// Longest sequence a request may reach, in tokens (far beyond any model's context; it keeps a
+/// mistaken count from turning into a loop over billions of blocks).
+pub const MAX_SEQUENCE_TOKENS: u64 = 1 << 32;
+
 /// Page index marking "no block here" in a block table (a released or never-written SWA
 /// position).
 pub const NULL_PAGE: i32 = -1;
@@ -438,6 +442,15 @@ impl KVCacheManager {
 
     /// Checks a prompt's shape without hashing it.
     fn check_prompt(&self, prompt: &Prompt<'_>) -> Result<()> {
+        if prompt.len() > MAX_SEQUENCE_TOKENS {
+            return Err(Error::invalid(
+                "num_tokens",
+                format!(
+                    "{} tokens exceeds the limit of {MAX_SEQUENCE_TOKENS}",
+                    prompt.len()
+                ),
+            ));
+        }
         match *prompt {
             Prompt::Tokens(t) => {
                 if t.is_empty() {
@@ -1085,7 +1098,7 @@ impl KVCacheManager {
                 (t.len() as u64, Some(t))
             }
             Extension::Count(n) => {
-                if r.by_ids && r.len + n > r.prompt_len {
+                if r.by_ids && r.len.saturating_add(n) > r.prompt_len {
                     return Err(Error::invalid(
                         "count",
                         format!(
@@ -1100,6 +1113,12 @@ impl KVCacheManager {
         };
         if n == 0 {
             return Ok(true);
+        }
+        if n > MAX_SEQUENCE_TOKENS - r.len.min(MAX_SEQUENCE_TOKENS) {
+            return Err(Error::invalid(
+                "tokens",
+                format!("the request would exceed {MAX_SEQUENCE_TOKENS} tokens"),
+            ));
         }
         let end = r.len + n;
         if !self.schedule(r, end)? {
@@ -1334,10 +1353,20 @@ impl KVCacheManager {
                 "tokens",
                 format!("request {id}: extend with a count (prompt pending or hash-mode request)"),
             )),
-            Extension::Count(n) if r.by_ids && r.len + n > r.prompt_len => Err(Error::invalid(
-                "count",
-                format!("request {id}: a count may only continue the prompt of a token-id request"),
-            )),
+            Extension::Count(n) if r.len.saturating_add(n) > MAX_SEQUENCE_TOKENS => {
+                Err(Error::invalid(
+                    "count",
+                    format!("request {id} would exceed {MAX_SEQUENCE_TOKENS} tokens"),
+                ))
+            }
+            Extension::Count(n) if r.by_ids && r.len.saturating_add(n) > r.prompt_len => {
+                Err(Error::invalid(
+                    "count",
+                    format!(
+                        "request {id}: a count may only continue the prompt of a token-id request"
+                    ),
+                ))
+            }
             _ => Ok(()),
         }
     }
