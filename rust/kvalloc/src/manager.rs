@@ -502,8 +502,10 @@ impl KVCacheManager {
 
     /// Keeps a finished request's record (and its vectors' capacity) for the next admission.
     fn recycle(&mut self, r: Box<Request>) {
-        const POOL: usize = 1024;
-        if self.request_pool.len() < POOL {
+        // A bounded pool of modest records: a long request's vectors are not worth keeping.
+        const POOL: usize = 256;
+        const MAX_BLOCKS: usize = 4096;
+        if self.request_pool.len() < POOL && r.hashes.capacity() <= MAX_BLOCKS {
             self.request_pool.push(r);
         }
     }
