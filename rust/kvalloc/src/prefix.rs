@@ -167,7 +167,16 @@ pub struct PrefixTree {
 
 impl PrefixTree {
     /// An empty tree for the given layout and eviction order.
+    ///
+    /// # Panics
+    /// If the layout has more than 16 groups ([`crate::manager::MAX_GROUPS`]; the manager
+    /// checks this and returns an error instead).
     pub fn new(layout: Layout, eviction: Eviction) -> Self {
+        assert!(
+            layout.windows.len() <= crate::manager::MAX_GROUPS,
+            "kvalloc supports at most {} KV groups",
+            crate::manager::MAX_GROUPS
+        );
         let sliding = (0..layout.groups())
             .filter(|&g| layout.windows[g].is_some())
             .collect();
@@ -457,7 +466,8 @@ impl PrefixTree {
             return false;
         }
         let k = self.nodes[end as usize].depth + 1;
-        let mut starts = Vec::with_capacity(self.sliding.len());
+        let mut starts_buf = [0u32; 16];
+        let mut n_starts = 0;
         for (i, &g) in self.sliding.iter().enumerate() {
             let w = self.layout.windows[g].expect("sliding");
             let need = self.layout.window_blocks(k, w);
@@ -470,13 +480,16 @@ impl PrefixTree {
             if len < need {
                 return false;
             }
-            starts.push(k - len);
+            starts_buf[n_starts] = k - len;
+            n_starts += 1;
         }
-        for (i, &g) in self.sliding.clone().iter().enumerate() {
+        for i in 0..self.sliding.len() {
+            let g = self.sliding[i];
+            let start = starts_buf[i];
             let s = self.slot(end, g);
-            self.ckpt_start[s] = starts[i];
+            self.ckpt_start[s] = start;
             let mut n = end;
-            while n != NONE && self.nodes[n as usize].depth >= starts[i] {
+            while n != NONE && self.nodes[n as usize].depth >= start {
                 let s = self.slot(n, g);
                 self.ckpt_refs[s] += 1;
                 n = self.nodes[n as usize].parent;
