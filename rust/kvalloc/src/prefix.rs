@@ -467,7 +467,6 @@ impl PrefixTree {
         }
         let k = self.nodes[end as usize].depth + 1;
         let mut starts_buf = [0u32; 16];
-        let mut n_starts = 0;
         for (i, &g) in self.sliding.iter().enumerate() {
             let w = self.layout.windows[g].expect("sliding");
             let need = self.layout.window_blocks(k, w);
@@ -480,8 +479,7 @@ impl PrefixTree {
             if len < need {
                 return false;
             }
-            starts_buf[n_starts] = k - len;
-            n_starts += 1;
+            starts_buf[i] = k - len;
         }
         for i in 0..self.sliding.len() {
             let g = self.sliding[i];
