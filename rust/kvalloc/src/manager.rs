@@ -45,7 +45,7 @@ use crate::hash;
 use crate::policy::Eviction;
 use crate::prefix::{Evicted, Freed, Layout, Link, NodeId, PrefixTree, NONE};
 use crate::slab::{Handle, SlabArena};
-use crate::spec::ModelSpec;
+use crate::spec::{KVGroup, ModelSpec};
 
 /// Request ids are often sequential integers: spread them with one multiply (Fibonacci
 /// hashing) rather than SipHash, which costs more than the rest of a decode step.
@@ -310,9 +310,9 @@ pub struct KVCacheManager {
     window_released: u64,
     scratch: Freed,
     scratch_handles: Vec<Handle>,
-    scratch_attach: Vec<bool>,
-    /// log2(block_tokens) when it is a power of two, else u32::MAX.
-    block_shift: u32,
+    scratch_plan: Vec<Slot>,
+    /// Token <-> block arithmetic for `config.block_tokens`.
+    bm: BlockMath,
     /// Records of finished requests, reused by admissions. Boxed because the running map holds
     /// boxes: recycling moves a pointer, not the record.
     #[allow(clippy::vec_box)]
@@ -321,8 +321,123 @@ pub struct KVCacheManager {
     steps: u64,
 }
 
-fn div_ceil(a: u64, b: u64) -> u64 {
-    a.div_ceil(b)
+/// Token <-> block arithmetic; a shift when the block size is a power of two (it nearly always
+/// is), as this runs several times per decode token.
+#[derive(Debug, Clone, Copy)]
+struct BlockMath {
+    b: u64,
+    /// log2(b) when b is a power of two, else u32::MAX.
+    shift: u32,
+}
+
+impl BlockMath {
+    fn new(block_tokens: u32) -> Self {
+        let shift = if block_tokens.is_power_of_two() {
+            block_tokens.trailing_zeros()
+        } else {
+            u32::MAX
+        };
+        BlockMath {
+            b: u64::from(block_tokens),
+            shift,
+        }
+    }
+
+    /// `x / B`.
+    fn floor(self, x: u64) -> u64 {
+        if self.shift != u32::MAX {
+            x >> self.shift
+        } else {
+            x / self.b
+        }
+    }
+
+    /// `ceil(x / B)`.
+    fn ceil(self, x: u64) -> u64 {
+        self.floor(x + self.b - 1)
+    }
+}
+
+/// Releases a running request's sliding-window blocks below the window ending at its last
+/// whole-block boundary `E` (the window `[E - W, E)` may still become the output-end
+/// checkpoint): private blocks go back to the arena, tree blocks are simply no longer
+/// referenced. Returns how many blocks went back. A free function over the fields it needs, so
+/// the decode path can call it while holding the request.
+fn release_below_window(
+    bm: BlockMath,
+    groups: &[KVGroup],
+    tree: &PrefixTree,
+    arena: &mut SlabArena,
+    r: &mut Request,
+    scratch: &mut Vec<Handle>,
+) -> u64 {
+    scratch.clear();
+    let whole = bm.floor(r.len) * bm.b;
+    for (g, group) in groups.iter().enumerate() {
+        let Some(w) = group.window else { continue };
+        let wf = bm
+            .floor(whole.saturating_sub(u64::from(w)))
+            .min(r.tables[g].len() as u64);
+        for i in r.swa_floor[g]..wf {
+            let h = std::mem::replace(&mut r.tables[g][i as usize], 0);
+            let shared = r
+                .path
+                .get(i as usize)
+                .is_some_and(|&node| tree.block(node, g) == h);
+            if h != 0 && !shared {
+                scratch.push(h);
+            }
+        }
+        r.swa_floor[g] = r.swa_floor[g].max(wf);
+    }
+    if !scratch.is_empty() {
+        arena
+            .free(scratch)
+            .expect("a running request's private blocks are live");
+    }
+    scratch.len() as u64
+}
+
+/// Hashes a running request's newly completed output blocks (prompt blocks are hashed at
+/// admission): from its token ids, or, for a request admitted with block hashes, from ids
+/// unique to the request and position (opaque output nothing else can match).
+fn hash_output(bm: BlockMath, r: &mut Request, tokens: Option<&[i64]>) {
+    match tokens {
+        Some(t) => {
+            r.tail.extend_from_slice(t);
+            let whole = (bm.floor(r.tail.len() as u64) * bm.b) as usize;
+            if whole > 0 {
+                hash::chain_tokens(r.seed, &r.tail[..whole], bm.b as usize, &mut r.hashes);
+                r.tail.drain(..whole);
+            }
+        }
+        None => {
+            while (r.hashes.len() as u64) < bm.floor(r.len) {
+                let i = r.hashes.len() as u64;
+                let id = hash::digest(&[r.serial.to_le_bytes(), i.to_le_bytes()].concat());
+                hash::chain_ids(r.seed, &[id], &mut r.hashes);
+            }
+        }
+    }
+}
+
+/// What `schedule` does with one block of the range it extends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    /// Nothing (already held, or a sliding position outside every window and checkpoint).
+    Skip,
+    /// A new block the request keeps to itself.
+    Private,
+    /// A new block that goes to the tree (full KV of a prompt block, or a checkpoint block).
+    Tree,
+    /// A block allocated by an earlier chunk that goes to the tree now that it is whole.
+    Carried,
+}
+
+impl Slot {
+    fn to_tree(self) -> bool {
+        matches!(self, Slot::Tree | Slot::Carried)
+    }
 }
 
 impl KVCacheManager {
@@ -357,6 +472,7 @@ impl KVCacheManager {
             block_tokens: config.block_tokens,
             swa_aware: config.policy == Policy::SwaAware,
         };
+        let bm = BlockMath::new(config.block_tokens);
         let mut tree = PrefixTree::new(layout, config.eviction);
         // Every node holds one block of each full-attention group, so the arena bounds the
         // node count: reserve it (capped, for absurd budgets) to avoid growth mid-step.
@@ -364,11 +480,6 @@ impl KVCacheManager {
             const MAX_RESERVED_NODES: u64 = 4 << 20;
             tree.reserve(arena.num_pages(g)?.min(MAX_RESERVED_NODES) as usize);
         }
-        let block_shift = if config.block_tokens.is_power_of_two() {
-            config.block_tokens.trailing_zeros()
-        } else {
-            u32::MAX
-        };
         Ok(KVCacheManager {
             spec,
             config,
@@ -386,8 +497,8 @@ impl KVCacheManager {
             window_released: 0,
             scratch: Vec::new(),
             scratch_handles: Vec::new(),
-            scratch_attach: Vec::new(),
-            block_shift,
+            scratch_plan: Vec::new(),
+            bm,
             request_pool: Vec::new(),
             steps: 0,
         })
@@ -412,19 +523,12 @@ impl KVCacheManager {
         u64::from(self.config.block_tokens)
     }
 
-    /// `x / B`: a shift when B is a power of two (it nearly always is), as this runs several
-    /// times per decode token.
     fn blk_floor(&self, x: u64) -> u64 {
-        if self.block_shift != u32::MAX {
-            x >> self.block_shift
-        } else {
-            x / self.b()
-        }
+        self.bm.floor(x)
     }
 
-    /// `ceil(x / B)`.
     fn blk_ceil(&self, x: u64) -> u64 {
-        self.blk_floor(x + self.b() - 1)
+        self.bm.ceil(x)
     }
 
     fn swa_aware(&self) -> bool {
@@ -462,7 +566,7 @@ impl KVCacheManager {
                     return Err(Error::invalid("num_tokens", "the prompt is empty"));
                 }
                 let whole = num_tokens / self.b();
-                let all = div_ceil(num_tokens, self.b());
+                let all = self.blk_ceil(num_tokens);
                 if (hashes.len() as u64) < whole || hashes.len() as u64 > all {
                     return Err(Error::invalid(
                         "block_hashes",
@@ -590,7 +694,7 @@ impl KVCacheManager {
             let tree = &self.tree;
             let table = &mut r.tables[g];
             table.clear();
-            table.reserve(div_ceil(len, b) as usize + 1);
+            table.reserve(self.bm.ceil(len) as usize + 1);
             table.extend((0..u64::from(walk.safe)).map(|i| {
                 if i >= first {
                     tree.block(r.path[i as usize], g)
@@ -677,50 +781,16 @@ impl KVCacheManager {
         let whole_tokens = self.blk_floor(end) * b;
         let groups = self.spec.groups.len();
 
-        // Fast paths for decode (output tokens link nothing into the tree):
-        // - tokens that fit in the current last block need no allocation; only the window moves;
-        // - tokens that open exactly one new block need one block per group (the new block is
-        //   always inside every window), then the window moves.
-        if start >= r.prompt_len {
-            let have = r.tables[0].len() as u64;
-            if r.tables.iter().all(|t| t.len() as u64 >= end_blk) {
-                r.len = end;
-                self.release_out_of_window(r, end);
-                return Ok(true);
-            }
-            if end_blk == have + 1 && r.tables.iter().all(|t| t.len() as u64 == have) {
-                let mut need = [(0usize, 0u64); MAX_GROUPS];
-                for (g, n) in need.iter_mut().enumerate().take(groups) {
-                    *n = (g, 1);
-                }
-                if !self.make_room(&need[..groups])? {
-                    return Ok(false);
-                }
-                let mut handles = std::mem::take(&mut self.scratch_handles);
-                handles.clear();
-                for g in 0..groups {
-                    self.arena.alloc_into(g, 1, &mut handles)?;
-                }
-                for (t, &h) in r.tables.iter_mut().zip(&handles) {
-                    t.push(h);
-                }
-                self.scratch_handles = handles;
-                r.len = end;
-                self.release_out_of_window(r, end);
-                return Ok(true);
-            }
-        }
-
-        // 1. What to allocate, and which blocks go to the tree: `attach[g * span + k]` for
-        // block `first_blk + k` of group g. Buffers are reused across calls (hot path).
+        // 1. Decide each block of `[first_blk, end_blk)` once: `plan[g * span + k]` for block
+        // `first_blk + k` of group g. The buffer is reused across calls.
         let span = (end_blk - first_blk) as usize;
-        let mut attach = std::mem::take(&mut self.scratch_attach);
-        attach.clear();
-        attach.resize(groups * span, false);
+        let mut plan = std::mem::take(&mut self.scratch_plan);
+        plan.clear();
+        plan.resize(groups * span, Slot::Skip);
         let mut counts = [0u64; MAX_GROUPS];
         for g in 0..groups {
             let table = &r.tables[g];
-            // Keep the window of the last whole-block boundary too (see `release_out_of_window`).
+            // Keep the window of the last whole-block boundary too (see `release_below_window`).
             let window_first = self.window(g).map(|w| self.window_first(whole_tokens, w));
             for i in first_blk..end_blk {
                 let k = g * span + (i - first_blk) as usize;
@@ -731,25 +801,29 @@ impl KVCacheManager {
                     // checkpoint SWA KV), else the node would be inserted without it.
                     let unlinked = is_prompt_block && i >= r.path.len() as u64;
                     let sliding = window_first.is_some() && self.swa_aware();
-                    attach[k] = unlinked && (!sliding || self.in_plan(r, g, i));
+                    if unlinked && (!sliding || self.in_plan(r, g, i)) {
+                        plan[k] = Slot::Carried;
+                    }
                     continue;
                 }
                 let node = r.path.get(i as usize).copied();
                 let node_has = node.is_some_and(|n| self.tree.block(n, g) != 0);
-                let (need, to_tree) = match window_first {
+                plan[k] = match window_first {
                     Some(wf) if self.swa_aware() => {
                         if is_prompt_block && !node_has && self.in_plan(r, g, i) {
-                            (true, true) // a checkpoint block: it goes to the tree
+                            Slot::Tree // a checkpoint block
+                        } else if i >= wf {
+                            Slot::Private // the running window
                         } else {
-                            (i >= wf, false) // the running window, private
+                            Slot::Skip
                         }
                     }
                     // Full groups, and every group under the dense policy.
-                    _ => (true, is_prompt_block && !node_has),
+                    _ if is_prompt_block && !node_has => Slot::Tree,
+                    _ => Slot::Private,
                 };
-                if need {
+                if matches!(plan[k], Slot::Tree | Slot::Private) {
                     counts[g] += 1;
-                    attach[k] = to_tree;
                 }
             }
         }
@@ -759,10 +833,10 @@ impl KVCacheManager {
             *n = (g, counts[g]);
         }
         if !self.make_room(&need[..groups])? {
-            self.scratch_attach = attach;
+            self.scratch_plan = plan;
             return Ok(false);
         }
-        // 3. Allocate and fill the tables in block order (the same decisions as step 1).
+        // 3. Allocate and fill the tables in block order.
         for t in r.tables.iter_mut() {
             if (t.len() as u64) < end_blk {
                 t.resize(end_blk as usize, 0);
@@ -776,18 +850,9 @@ impl KVCacheManager {
             handles.clear();
             self.arena.alloc_into(g, counts[g] as usize, &mut handles)?;
             let mut next = handles.iter();
-            let window_first = self.window(g).map(|w| self.window_first(whole_tokens, w));
-            for i in first_blk..end_blk {
-                if r.tables[g][i as usize] != 0 {
-                    continue;
-                }
-                let k = g * span + (i - first_blk) as usize;
-                let wanted = match window_first {
-                    Some(wf) if self.swa_aware() => attach[k] || i >= wf,
-                    _ => true,
-                };
-                if wanted {
-                    r.tables[g][i as usize] = *next.next().expect("allocated");
+            for (k, slot) in plan[g * span..(g + 1) * span].iter().enumerate() {
+                if matches!(slot, Slot::Tree | Slot::Private) {
+                    r.tables[g][first_blk as usize + k] = *next.next().expect("allocated");
                 }
             }
             debug_assert!(next.next().is_none());
@@ -803,7 +868,7 @@ impl KVCacheManager {
             }
             let mut take = [false; MAX_GROUPS];
             for (g, t) in take.iter_mut().enumerate().take(groups) {
-                *t = attach[g * span + (i - first_blk) as usize];
+                *t = plan[g * span + (i - first_blk) as usize].to_tree();
             }
             match self.link_block(r, i, &take[..groups]) {
                 None => break,
@@ -816,12 +881,15 @@ impl KVCacheManager {
         for g in 0..groups {
             for k in 0..span {
                 let i = first_blk as usize + k;
-                if attach[g * span + k] && i < r.path.len() && self.tree.block(r.path[i], g) == 0 {
+                if plan[g * span + k].to_tree()
+                    && i < r.path.len()
+                    && self.tree.block(r.path[i], g) == 0
+                {
                     self.tree.attach(r.path[i], g, r.tables[g][i]);
                 }
             }
         }
-        self.scratch_attach = attach;
+        self.scratch_plan = plan;
         r.len = end;
         // 5. Register planned checkpoints whose runs are complete.
         while r.plans_done < r.plans.len() && u64::from(r.plans[r.plans_done].0) <= whole_end {
@@ -837,39 +905,17 @@ impl KVCacheManager {
             }
         }
         // 6. Release SWA blocks that left the window.
-        self.release_out_of_window(r, end);
+        if self.swa_aware() {
+            self.window_released += release_below_window(
+                self.bm,
+                &self.spec.groups,
+                &self.tree,
+                &mut self.arena,
+                r,
+                &mut self.scratch_handles,
+            );
+        }
         Ok(true)
-    }
-
-    /// Releases SWA blocks that left the window `[end - W, end)`: private ones go back to the
-    /// arena, tree blocks are simply no longer referenced.
-    fn release_out_of_window(&mut self, r: &mut Request, end: u64) {
-        if !self.swa_aware() {
-            return;
-        }
-        let mut freed = std::mem::take(&mut self.scratch);
-        for g in 0..self.spec.groups.len() {
-            let Some(w) = self.window(g) else { continue };
-            // Release below the window ending at the last whole block `E = end / B * B`, not at
-            // `end`: the output-end checkpoint at finish needs `[E - W, E)`, which reaches one
-            // block lower when W is not a multiple of B. Still at most ceil(W / B) + 1 blocks.
-            let wf = self
-                .window_first(self.blk_floor(end) * self.b(), w)
-                .min(r.tables[g].len() as u64);
-            for i in r.swa_floor[g]..wf {
-                let h = r.tables[g][i as usize];
-                if h != 0 {
-                    if self.is_private(r, g, i) {
-                        freed.push((g, h));
-                        self.window_released += 1;
-                    }
-                    r.tables[g][i as usize] = 0;
-                }
-            }
-            r.swa_floor[g] = r.swa_floor[g].max(wf);
-        }
-        self.release(&mut freed);
-        self.scratch = freed;
     }
 
     /// Per sliding group, the longest run a checkpoint ending at block `e` may cover.
@@ -970,14 +1016,17 @@ impl KVCacheManager {
         self.scratch_handles = hs;
     }
 
-    /// The decode hot path: appends a few output token ids to a request whose prompt is fully
-    /// scheduled, touching only that request, the arena and (read-only) the tree. Returns None
-    /// when the general path must handle the call (unknown request, prompt pending, hash-mode
-    /// request, more than one new block, or no free block without evicting).
-    fn try_decode(&mut self, req: u64, tokens: &[i64]) -> Option<bool> {
-        let b = self.b();
-        let shift = self.block_shift;
-        let floor = |x: u64| if shift != u32::MAX { x >> shift } else { x / b };
+    /// The decode hot path: appends up to one block of output tokens (ids, or a count for a
+    /// request admitted with block hashes) to a request whose prompt is fully scheduled,
+    /// touching only that request, the arena and (read-only) the tree. Returns None when the
+    /// general path must handle the call: unknown request, prompt pending, an extension the
+    /// request does not accept (the general path reports it), or no block without evicting.
+    fn try_decode(&mut self, req: u64, ext: Extension<'_>) -> Option<bool> {
+        let (n, tokens) = match ext {
+            Extension::Tokens(t) => (t.len() as u64, Some(t)),
+            Extension::Count(n) => (n, None),
+        };
+        let bm = self.bm;
         let swa_aware = self.swa_aware();
         let KVCacheManager {
             requests,
@@ -989,19 +1038,14 @@ impl KVCacheManager {
             ..
         } = self;
         let r = requests.get_mut(&req)?.as_deref_mut()?;
-        let n = tokens.len() as u64;
-        if !r.by_ids || r.len < r.prompt_len || n == 0 || n > b {
+        if r.len < r.prompt_len || r.by_ids != tokens.is_some() || n == 0 || n > bm.b {
             return None;
         }
         let end = r.len + n;
         let have = r.tables[0].len() as u64;
-        let end_blk = floor(end + b - 1);
-        if end_blk > have + 1 {
-            return None;
-        }
-        let groups = spec.groups.len();
-        if end_blk == have + 1 {
+        if bm.ceil(end) > have {
             // One new block per group (the newest block is inside every window).
+            let groups = spec.groups.len();
             let mut need = [(0usize, 0u64); MAX_GROUPS];
             for (g, x) in need.iter_mut().enumerate().take(groups) {
                 *x = (g, 1);
@@ -1016,49 +1060,19 @@ impl KVCacheManager {
             }
         }
         r.len = end;
-        // Release SWA blocks below the window ending at the last whole-block boundary.
         if swa_aware {
-            scratch_handles.clear();
-            let whole = floor(end) * b;
-            for (g, group) in spec.groups.iter().enumerate() {
-                let Some(w) = group.window else { continue };
-                let wf = floor(whole.saturating_sub(u64::from(w))).min(r.tables[g].len() as u64);
-                for i in r.swa_floor[g]..wf {
-                    let h = std::mem::replace(&mut r.tables[g][i as usize], 0);
-                    let shared = r
-                        .path
-                        .get(i as usize)
-                        .is_some_and(|&node| tree.block(node, g) == h);
-                    if h != 0 && !shared {
-                        scratch_handles.push(h);
-                    }
-                }
-                r.swa_floor[g] = r.swa_floor[g].max(wf);
-            }
-            if !scratch_handles.is_empty() {
-                *window_released += scratch_handles.len() as u64;
-                arena
-                    .free(scratch_handles)
-                    .expect("a running request's private blocks are live");
-            }
+            *window_released +=
+                release_below_window(bm, &spec.groups, tree, arena, r, scratch_handles);
         }
-        // Hash output blocks as they complete.
-        r.tail.extend_from_slice(tokens);
-        if r.tail.len() as u64 >= b {
-            let whole = (floor(r.tail.len() as u64) * b) as usize;
-            hash::chain_tokens(r.seed, &r.tail[..whole], b as usize, &mut r.hashes);
-            r.tail.drain(..whole);
-        }
+        hash_output(bm, r, tokens);
         Some(true)
     }
 
     /// Appends tokens to a running request (see [`Extension`]). Returns false, changing
     /// nothing, when there is no room even after eviction.
     pub fn extend(&mut self, req: u64, ext: Extension<'_>) -> Result<bool> {
-        if let Extension::Tokens(t) = ext {
-            if let Some(ok) = self.try_decode(req, t) {
-                return Ok(ok);
-            }
+        if let Some(ok) = self.try_decode(req, ext) {
+            return Ok(ok);
         }
         // Take the request out of its slot (leaving an empty one) rather than removing and
         // re-inserting it: no rehashing on the decode hot path.
@@ -1070,7 +1084,7 @@ impl KVCacheManager {
                 req,
                 message: "is not running".into(),
             })?;
-        let res = self.extend_inner(&mut r, ext);
+        let res = self.extend_inner(req, &mut r, ext);
         *self.requests.get_mut(&req).expect("slot kept") = Some(r);
         if res == Ok(false) {
             self.extensions_refused += 1;
@@ -1078,71 +1092,19 @@ impl KVCacheManager {
         res
     }
 
-    fn extend_inner(&mut self, r: &mut Request, ext: Extension<'_>) -> Result<bool> {
+    fn extend_inner(&mut self, req: u64, r: &mut Request, ext: Extension<'_>) -> Result<bool> {
+        Self::check_extension(req, r, ext)?;
         let (n, tokens) = match ext {
-            Extension::Tokens(t) => {
-                if r.len < r.prompt_len {
-                    return Err(Error::invalid(
-                        "tokens",
-                        format!(
-                            "the prompt is not fully scheduled ({} of {} tokens); continue it \
-                             with a count",
-                            r.len, r.prompt_len
-                        ),
-                    ));
-                }
-                if !r.by_ids {
-                    return Err(Error::invalid(
-                        "tokens",
-                        "the request was admitted with block hashes; extend it with a count",
-                    ));
-                }
-                (t.len() as u64, Some(t))
-            }
-            Extension::Count(n) => {
-                if r.by_ids && r.len.saturating_add(n) > r.prompt_len {
-                    return Err(Error::invalid(
-                        "count",
-                        format!(
-                            "{n} tokens would go past the prompt ({} of {} scheduled); output \
-                             tokens of a token-id request must be given as ids",
-                            r.len, r.prompt_len
-                        ),
-                    ));
-                }
-                (n, None)
-            }
+            Extension::Tokens(t) => (t.len() as u64, Some(t)),
+            Extension::Count(n) => (n, None),
         };
         if n == 0 {
             return Ok(true);
         }
-        if n > MAX_SEQUENCE_TOKENS - r.len.min(MAX_SEQUENCE_TOKENS) {
-            return Err(Error::invalid(
-                "tokens",
-                format!("the request would exceed {MAX_SEQUENCE_TOKENS} tokens"),
-            ));
-        }
-        let end = r.len + n;
-        if !self.schedule(r, end)? {
+        if !self.schedule(r, r.len + n)? {
             return Ok(false);
         }
-        // Hash output blocks as they complete (prompt blocks were hashed at admission).
-        let b = self.b() as usize;
-        if let Some(t) = tokens {
-            r.tail.extend_from_slice(t);
-            let whole = self.blk_floor(r.tail.len() as u64) as usize * b;
-            if whole > 0 {
-                hash::chain_tokens(r.seed, &r.tail[..whole], b, &mut r.hashes);
-                r.tail.drain(..whole);
-            }
-        } else {
-            while (r.hashes.len() as u64) < self.blk_floor(end) {
-                let i = r.hashes.len() as u64;
-                // Opaque output: an id unique to this request and position.
-                let id = hash::digest(&[r.serial.to_le_bytes(), i.to_le_bytes()].concat());
-                hash::chain_ids(r.seed, &[id], &mut r.hashes);
-            }
-        }
+        hash_output(self.bm, r, tokens);
         Ok(true)
     }
 
@@ -1349,26 +1311,40 @@ impl KVCacheManager {
         Ok(out)
     }
 
+    /// Whether request `id` accepts `ext` (used by `extend` and, for the whole batch before
+    /// anything changes, by `step`).
     fn check_extension(id: u64, r: &Request, ext: Extension<'_>) -> Result<()> {
+        let n = match ext {
+            Extension::Tokens(t) => t.len() as u64,
+            Extension::Count(n) => n,
+        };
+        if r.len.saturating_add(n) > MAX_SEQUENCE_TOKENS {
+            return Err(Error::invalid(
+                "count",
+                format!("request {id} would exceed {MAX_SEQUENCE_TOKENS} tokens"),
+            ));
+        }
         match ext {
-            Extension::Tokens(_) if r.len < r.prompt_len || !r.by_ids => Err(Error::invalid(
+            Extension::Tokens(_) if r.len < r.prompt_len => Err(Error::invalid(
                 "tokens",
-                format!("request {id}: extend with a count (prompt pending or hash-mode request)"),
+                format!(
+                    "request {id}: the prompt is not fully scheduled ({} of {} tokens); \
+                     continue it with a count",
+                    r.len, r.prompt_len
+                ),
             )),
-            Extension::Count(n) if r.len.saturating_add(n) > MAX_SEQUENCE_TOKENS => {
-                Err(Error::invalid(
-                    "count",
-                    format!("request {id} would exceed {MAX_SEQUENCE_TOKENS} tokens"),
-                ))
-            }
-            Extension::Count(n) if r.by_ids && r.len.saturating_add(n) > r.prompt_len => {
-                Err(Error::invalid(
-                    "count",
-                    format!(
-                        "request {id}: a count may only continue the prompt of a token-id request"
-                    ),
-                ))
-            }
+            Extension::Tokens(_) if !r.by_ids => Err(Error::invalid(
+                "tokens",
+                format!("request {id} was admitted with block hashes; extend it with a count"),
+            )),
+            Extension::Count(n) if r.by_ids && r.len + n > r.prompt_len => Err(Error::invalid(
+                "count",
+                format!(
+                    "request {id}: {n} tokens would go past the prompt ({} of {} scheduled); \
+                     output tokens of a token-id request must be given as ids",
+                    r.len, r.prompt_len
+                ),
+            )),
             _ => Ok(()),
         }
     }
@@ -1444,7 +1420,7 @@ impl KVCacheManager {
                 return bad(format!("request {id}: scheduled length out of range"));
             }
             for g in 0..r.tables.len() {
-                if r.tables[g].len() as u64 != div_ceil(r.len, b) {
+                if r.tables[g].len() as u64 != self.blk_ceil(r.len) {
                     return bad(format!(
                         "request {id} group {g}: table length != blocks of len"
                     ));
@@ -1466,7 +1442,7 @@ impl KVCacheManager {
                     }
                 }
                 if let (Some(w), true) = (self.window(g), self.swa_aware()) {
-                    let bound = div_ceil(u64::from(w), b) + 1;
+                    let bound = u64::from(w).div_ceil(b) + 1;
                     if private_swa > bound {
                         return bad(format!(
                             "request {id} group {g}: {private_swa} private SWA blocks > {bound}"
@@ -1476,7 +1452,7 @@ impl KVCacheManager {
             }
             // The path holds every node the prompt matched at admission, which can reach past a
             // chunked prefill's first chunk (full match deeper than the window-safe hit).
-            if r.path.len() as u64 > div_ceil(r.len, b).max(r.prompt_len / b) {
+            if r.path.len() as u64 > self.blk_ceil(r.len).max(r.prompt_len / b) {
                 return bad(format!("request {id}: path longer than its blocks"));
             }
         }
