@@ -114,6 +114,46 @@ fn bench(c: &mut Criterion) {
             BatchSize::SmallInput,
         )
     });
+    // The scheduler step, from Rust: 256 running requests each decode one token, then
+    // 16 admissions of 512-token prompts sharing 384 tokens. Between steps, untimed, the 16
+    // oldest requests finish so that 256 stay running.
+    let spec = ModelSpec::preset("mimo-v2.5-pro").unwrap();
+    let mut m = KVCacheManager::new(spec, 1 << 40, ManagerConfig::default()).unwrap();
+    let p512 = |id: u64| -> Vec<i64> {
+        let own = 3_000_000_000 + id as i64 * 512;
+        (0..384).chain(own..own + 128).collect()
+    };
+    let mut running: std::collections::VecDeque<u64> = (0..256).collect();
+    for &r in &running {
+        m.admit(r, Prompt::Tokens(&p512(r)), None, None).unwrap();
+    }
+    let mut next = 256u64;
+    let mut tok = 0i64;
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("step_decode256_admit16_512_tokens", |b| {
+        b.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            for _ in 0..iters {
+                let prompts: Vec<Vec<i64>> = (next..next + 16).map(p512).collect();
+                tok += 1;
+                let t = std::time::Instant::now();
+                for &r in &running {
+                    assert!(m.extend(r, Extension::Tokens(&[tok])).unwrap());
+                }
+                for (k, p) in prompts.iter().enumerate() {
+                    let hit = m.admit(next + k as u64, Prompt::Tokens(p), None, None);
+                    assert_eq!(hit.unwrap(), Some(384));
+                }
+                total += t.elapsed();
+                running.extend(next..next + 16);
+                next += 16;
+                for _ in 0..16 {
+                    m.finish(running.pop_front().unwrap()).unwrap();
+                }
+            }
+            total
+        })
+    });
     g.finish();
 }
 
