@@ -7,7 +7,7 @@ use numpy::PyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
 
-use crate::convert::{non_negative, positive, u64_array};
+use crate::convert::{figures, non_negative, positive, u64_array};
 use crate::errors::{invalid, to_py, IntoPyResult};
 
 /// One byte budget carved into slabs; each slab serves blocks of one size class at a time.
@@ -151,24 +151,31 @@ impl PySlabArena {
     /// Accounting snapshot: arena totals and a list of per-class figures.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.lock()?.stats();
-        let d = PyDict::new(py);
-        d.set_item("capacity_bytes", s.capacity_bytes)?;
-        d.set_item("slab_bytes", s.slab_bytes)?;
-        d.set_item("num_slabs", s.num_slabs)?;
-        d.set_item("slabs_free", s.slabs_free)?;
-        d.set_item("bytes_in_use", s.bytes_in_use)?;
-        d.set_item("bytes_free", s.bytes_free)?;
-        d.set_item("padding_waste_bytes", s.padding_waste_bytes)?;
-        d.set_item("tail_bytes", s.tail_bytes)?;
+        let d = figures(
+            py,
+            &[
+                ("capacity_bytes", s.capacity_bytes),
+                ("slab_bytes", s.slab_bytes),
+                ("num_slabs", u64::from(s.num_slabs)),
+                ("slabs_free", u64::from(s.slabs_free)),
+                ("bytes_in_use", s.bytes_in_use),
+                ("bytes_free", s.bytes_free),
+                ("padding_waste_bytes", s.padding_waste_bytes),
+                ("tail_bytes", s.tail_bytes),
+            ],
+        )?;
         let classes = PyList::empty(py);
         for c in &s.classes {
-            let cd = PyDict::new(py);
-            cd.set_item("block_bytes", c.block_bytes)?;
-            cd.set_item("blocks_per_slab", c.blocks_per_slab)?;
-            cd.set_item("blocks_in_use", c.blocks_in_use)?;
-            cd.set_item("slabs_held", c.slabs_held)?;
-            cd.set_item("blocks_free_in_slabs", c.blocks_free_in_slabs)?;
-            classes.append(cd)?;
+            classes.append(figures(
+                py,
+                &[
+                    ("block_bytes", c.block_bytes),
+                    ("blocks_per_slab", u64::from(c.blocks_per_slab)),
+                    ("blocks_in_use", c.blocks_in_use),
+                    ("slabs_held", u64::from(c.slabs_held)),
+                    ("blocks_free_in_slabs", c.blocks_free_in_slabs),
+                ],
+            )?)?;
         }
         d.set_item("classes", classes)?;
         Ok(d)

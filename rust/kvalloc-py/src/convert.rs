@@ -2,6 +2,7 @@
 
 use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 use crate::errors::invalid;
 
@@ -157,4 +158,13 @@ pub fn id_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
                 .map_err(|_| invalid(what, format!("request ids must be >= 0, got {x}")))
         })
         .collect()
+}
+
+/// A dict of named integer figures (what every `stats()` returns, level by level).
+pub fn figures<'py>(py: Python<'py>, items: &[(&str, u64)]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for &(k, v) in items {
+        d.set_item(k, v)?;
+    }
+    Ok(d)
 }

@@ -9,7 +9,7 @@ use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use crate::convert::{id_list, non_negative, positive, token_ids, type_name, u64_array};
+use crate::convert::{figures, id_list, non_negative, positive, token_ids, type_name, u64_array};
 use crate::errors::{invalid, to_py, IntoPyResult};
 use crate::spec::{block_tokens_arg, PyModelSpec};
 
@@ -484,33 +484,44 @@ impl PyKVCacheManager {
     /// and miss tokens, evictions by cause, bytes and padding waste.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.lock()?.stats();
-        let d = PyDict::new(py);
+        let d = figures(
+            py,
+            &[
+                ("running_requests", s.running_requests),
+                ("cached_blocks", s.cached_blocks),
+                ("checkpoints", s.checkpoints),
+                ("hit_tokens", s.hit_tokens),
+                ("miss_tokens", s.miss_tokens),
+                ("admissions_refused", s.admissions_refused),
+                ("extensions_refused", s.extensions_refused),
+                ("bytes_in_use", s.bytes_in_use),
+                ("capacity_bytes", s.capacity_bytes),
+                ("padding_waste_bytes", s.padding_waste_bytes),
+            ],
+        )?;
         let groups = PyList::empty(py);
         for g in &s.groups {
-            let gd = PyDict::new(py);
-            gd.set_item("running", g.running)?;
-            gd.set_item("cached", g.cached)?;
-            gd.set_item("free", g.free)?;
-            gd.set_item("tombstones", g.tombstones)?;
-            groups.append(gd)?;
+            groups.append(figures(
+                py,
+                &[
+                    ("running", g.running),
+                    ("cached", g.cached),
+                    ("free", g.free),
+                    ("tombstones", g.tombstones),
+                ],
+            )?)?;
         }
         d.set_item("groups", groups)?;
-        d.set_item("running_requests", s.running_requests)?;
-        d.set_item("cached_blocks", s.cached_blocks)?;
-        d.set_item("checkpoints", s.checkpoints)?;
-        d.set_item("hit_tokens", s.hit_tokens)?;
-        d.set_item("miss_tokens", s.miss_tokens)?;
-        d.set_item("admissions_refused", s.admissions_refused)?;
-        d.set_item("extensions_refused", s.extensions_refused)?;
-        let ev = PyDict::new(py);
-        ev.set_item("leaf", s.evicted_leaves)?;
-        ev.set_item("checkpoint", s.evicted_checkpoints)?;
-        ev.set_item("abort_blocks", s.aborted_blocks)?;
-        ev.set_item("window_released_blocks", s.window_released_blocks)?;
-        d.set_item("evictions", ev)?;
-        d.set_item("bytes_in_use", s.bytes_in_use)?;
-        d.set_item("capacity_bytes", s.capacity_bytes)?;
-        d.set_item("padding_waste_bytes", s.padding_waste_bytes)?;
+        let evictions = figures(
+            py,
+            &[
+                ("leaf", s.evicted_leaves),
+                ("checkpoint", s.evicted_checkpoints),
+                ("abort_blocks", s.aborted_blocks),
+                ("window_released_blocks", s.window_released_blocks),
+            ],
+        )?;
+        d.set_item("evictions", evictions)?;
         Ok(d)
     }
 
