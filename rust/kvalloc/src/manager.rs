@@ -473,13 +473,7 @@ impl KVCacheManager {
             swa_aware: config.policy == Policy::SwaAware,
         };
         let bm = BlockMath::new(config.block_tokens);
-        let mut tree = PrefixTree::new(layout, config.eviction);
-        // Every node holds one block of each full-attention group, so the arena bounds the
-        // node count: reserve it (capped, for absurd budgets) to avoid growth mid-step.
-        if let Some(g) = spec.groups.iter().position(|g| g.window.is_none()) {
-            const MAX_RESERVED_NODES: u64 = 4 << 20;
-            tree.reserve(arena.num_pages(g)?.min(MAX_RESERVED_NODES) as usize);
-        }
+        let tree = PrefixTree::new(layout, config.eviction);
         Ok(KVCacheManager {
             spec,
             config,

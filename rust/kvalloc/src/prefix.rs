@@ -200,19 +200,6 @@ impl PrefixTree {
         }
     }
 
-    /// Reserves room for `nodes` nodes up front, so that a growing cache never copies its node
-    /// arrays mid-step (the manager passes the most nodes its arena can hold). They fill in
-    /// order, so untouched reserved memory costs address space only.
-    pub fn reserve(&mut self, nodes: usize) {
-        let g = self.g();
-        self.nodes.reserve(nodes);
-        self.blocks.reserve(nodes * g);
-        self.ckpt_refs.reserve(nodes * g);
-        self.ckpt_start.reserve(nodes * g);
-        // Not the index: a huge sparse table turns every insert into a fault on a fresh page,
-        // which costs more than its occasional rehash.
-    }
-
     /// The layout served.
     pub fn layout(&self) -> &Layout {
         &self.layout
