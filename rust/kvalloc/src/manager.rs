@@ -517,14 +517,6 @@ impl KVCacheManager {
         u64::from(self.config.block_tokens)
     }
 
-    fn blk_floor(&self, x: u64) -> u64 {
-        self.bm.floor(x)
-    }
-
-    fn blk_ceil(&self, x: u64) -> u64 {
-        self.bm.ceil(x)
-    }
-
     fn swa_aware(&self) -> bool {
         self.config.policy == Policy::SwaAware
     }
@@ -535,7 +527,7 @@ impl KVCacheManager {
 
     /// First block overlapping the window `[end - w, end)`.
     fn window_first(&self, end: u64, w: u32) -> u64 {
-        self.blk_floor(end.saturating_sub(u64::from(w)))
+        self.bm.floor(end.saturating_sub(u64::from(w)))
     }
 
     /// Checks a prompt's shape without hashing it.
@@ -560,7 +552,7 @@ impl KVCacheManager {
                     return Err(Error::invalid("num_tokens", "the prompt is empty"));
                 }
                 let whole = num_tokens / self.b();
-                let all = self.blk_ceil(num_tokens);
+                let all = self.bm.ceil(num_tokens);
                 if (hashes.len() as u64) < whole || hashes.len() as u64 > all {
                     return Err(Error::invalid(
                         "block_hashes",
@@ -769,10 +761,10 @@ impl KVCacheManager {
         let b = self.b();
         let start = r.len;
         debug_assert!(end > start);
-        let first_blk = self.blk_floor(start);
-        let end_blk = self.blk_ceil(end);
-        let n_full_prompt = self.blk_floor(r.prompt_len);
-        let whole_tokens = self.blk_floor(end) * b;
+        let first_blk = self.bm.floor(start);
+        let end_blk = self.bm.ceil(end);
+        let n_full_prompt = self.bm.floor(r.prompt_len);
+        let whole_tokens = self.bm.floor(end) * b;
         let groups = self.spec.groups.len();
 
         // 1. Decide each block of `[first_blk, end_blk)` once: `plan[g * span + k]` for block
@@ -853,7 +845,7 @@ impl KVCacheManager {
         }
         self.scratch_handles = handles;
         // 4. Link whole prompt blocks into the tree (in-flight sharing).
-        let whole_end = self.blk_floor(end).min(n_full_prompt);
+        let whole_end = self.bm.floor(end).min(n_full_prompt);
         for i in r.path.len() as u64..whole_end {
             // `i < first_blk`: a conflict in an earlier call stopped linking; those blocks'
             // attach state is not in this call's span (and `i - first_blk` would underflow).
@@ -1414,7 +1406,7 @@ impl KVCacheManager {
                 return bad(format!("request {id}: scheduled length out of range"));
             }
             for g in 0..r.tables.len() {
-                if r.tables[g].len() as u64 != self.blk_ceil(r.len) {
+                if r.tables[g].len() as u64 != self.bm.ceil(r.len) {
                     return bad(format!(
                         "request {id} group {g}: table length != blocks of len"
                     ));
@@ -1446,7 +1438,7 @@ impl KVCacheManager {
             }
             // The path holds every node the prompt matched at admission, which can reach past a
             // chunked prefill's first chunk (full match deeper than the window-safe hit).
-            if r.path.len() as u64 > self.blk_ceil(r.len).max(r.prompt_len / b) {
+            if r.path.len() as u64 > self.bm.ceil(r.len).max(r.prompt_len / b) {
                 return bad(format!("request {id}: path longer than its blocks"));
             }
         }
