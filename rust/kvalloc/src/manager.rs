@@ -1045,8 +1045,10 @@ impl KVCacheManager {
                 r.tables[g].push(scratch_handles[0]);
             }
         }
+        // The window's floor moves only when a block boundary is crossed.
+        let crossed = bm.floor(end) != bm.floor(r.len);
         r.len = end;
-        if swa_aware {
+        if swa_aware && crossed {
             *window_released +=
                 release_below_window(bm, &spec.groups, tree, arena, r, scratch_handles);
         }
