@@ -48,6 +48,7 @@ pub mod policy;
 pub mod prefix;
 pub mod slab;
 pub mod spec;
+pub mod tiers;
 
 pub use error::{Error, Result, StaleReason};
 pub use manager::{
