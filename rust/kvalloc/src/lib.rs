@@ -52,7 +52,7 @@ pub mod tiers;
 
 pub use error::{Error, Result, StaleReason};
 pub use manager::{
-    Admission, Extension, GroupStats, KVCacheManager, ManagerConfig, ManagerStats, Policy, Prompt,
+    Admission, Extension, GroupStats, KVCacheManager, TierStats, ManagerConfig, ManagerStats, Policy, Prompt,
     Step, StepOutcome, NULL_PAGE,
 };
 pub use policy::Eviction;

@@ -40,10 +40,18 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
+mod tiering;
+
+pub use tiering::TierHits;
+
+use std::sync::Arc;
+
 use crate::error::{Error, Result};
 use crate::hash;
+use crate::tiers::loader::{LoadJob, Loader};
+use crate::tiers::{BlockStore, DeviceBuffer, LowerCapacity, LowerTiers, OverlapModel, Tier, TierCounters};
 use crate::policy::Eviction;
-use crate::prefix::{Evicted, Freed, Layout, Link, NodeId, PrefixTree, NONE};
+use crate::prefix::{Evicted, Freed, Layout, Link, NodeId, PrefixTree, Victim, NONE};
 use crate::slab::{Handle, SlabArena};
 use crate::spec::{KVGroup, ModelSpec};
 
@@ -125,6 +133,13 @@ pub struct ManagerConfig {
     pub checkpoint_interval: Option<u64>,
     /// Slab size; chosen from the block sizes when None.
     pub slab_bytes: Option<u64>,
+    /// Capacities of the lower tiers (host, disk, remote; 0: absent).
+    pub lower: LowerCapacity,
+    /// Write each finished request's cached blocks through to the remote store, so other
+    /// instances can use them at once.
+    pub write_through: bool,
+    /// Bandwidths and compute speed for the exposed-load-time model.
+    pub overlap: OverlapModel,
 }
 
 impl Default for ManagerConfig {
@@ -135,6 +150,9 @@ impl Default for ManagerConfig {
             eviction: Eviction::Value,
             checkpoint_interval: None,
             slab_bytes: None,
+            lower: LowerCapacity::default(),
+            write_through: false,
+            overlap: OverlapModel::default(),
         }
     }
 }
@@ -255,6 +273,35 @@ pub struct ManagerStats {
     pub capacity_bytes: u64,
     /// Bytes no block can use (slab padding plus the tail below one slab).
     pub padding_waste_bytes: u64,
+    /// The lower tiers that are configured (host, disk, remote, in that order).
+    pub tiers: Vec<TierStats>,
+    /// Exposed (not hidden by compute) load seconds of all promotions, from the overlap model.
+    pub exposed_load_seconds: f64,
+    /// Promotions abandoned because a lower-tier read failed (checksum, store down).
+    pub promotion_failures: u64,
+    /// Loads from host memory still in flight.
+    pub loads_in_flight: u64,
+}
+
+/// One lower tier's accounting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierStats {
+    /// "host", "disk" or "remote".
+    pub name: &'static str,
+    /// Capacity in bytes.
+    pub capacity_bytes: u64,
+    /// Payload bytes held.
+    pub used_bytes: u64,
+    /// Blocks (records) held.
+    pub records: u64,
+    /// Prompt tokens promoted from this tier (as the deepest source of their promotion).
+    pub promoted_tokens: u64,
+    /// Whether bytes really move (false: virtual, counted only).
+    pub real: bool,
+    /// Traffic and failure counters.
+    pub counters: TierCounters,
+    /// The byte store's own counters (disk, remote), when it is real.
+    pub store: Option<crate::tiers::StoreCounters>,
 }
 
 #[derive(Debug, Default)]
@@ -287,6 +334,8 @@ struct Request {
     swa_floor: Vec<u64>,
     /// Number of the last batched step that named this request.
     stamp: u64,
+    /// Loads its hit waits for (promotions from host memory in flight at admission).
+    loads: Vec<Arc<LoadJob>>,
 }
 
 /// The KV cache manager. See the module docs.
@@ -319,6 +368,20 @@ pub struct KVCacheManager {
     request_pool: Vec<Box<Request>>,
     /// Batched steps served (stamps requests named in a step).
     steps: u64,
+    /// Host memory, disk and remote store below L1.
+    lower: LowerTiers,
+    /// The engine's buffer, once registered (bytes move only then).
+    device: Option<Arc<dyn DeviceBuffer>>,
+    loader: Option<Loader>,
+    inflight: Vec<tiering::Inflight>,
+    node_jobs: HashMap<NodeId, Arc<LoadJob>>,
+    /// Per model layer: whether it slides (the loader copies those first).
+    layer_sliding: Vec<bool>,
+    victims: Vec<Victim>,
+    /// Prompt tokens served by promotion, by the deepest tier they came from.
+    promoted_tokens: [u64; 3],
+    promotion_failures: u64,
+    exposed_load_seconds: f64,
 }
 
 /// Token <-> block arithmetic; a shift when the block size is a power of two (it nearly always
@@ -360,8 +423,8 @@ impl BlockMath {
 
 /// Releases a running request's sliding-window blocks below the window ending at its last
 /// whole-block boundary `E` (the window `[E - W, E)` may still become the output-end
-/// checkpoint): private blocks go back to the arena, tree blocks are simply no longer
-/// referenced. Returns how many blocks went back. A free function over the fields it needs, so
+/// checkpoint) and below block `keep_from`: private blocks go back to the arena, tree blocks are
+/// simply no longer referenced. Returns how many blocks went back. A free function over the fields it needs, so
 /// the decode path can call it while holding the request.
 fn release_below_window(
     bm: BlockMath,
@@ -370,6 +433,7 @@ fn release_below_window(
     arena: &mut SlabArena,
     r: &mut Request,
     scratch: &mut Vec<Handle>,
+    keep_from: u64,
 ) -> u64 {
     scratch.clear();
     let whole = bm.floor(r.len) * bm.b;
@@ -378,17 +442,24 @@ fn release_below_window(
         let wf = bm
             .floor(whole.saturating_sub(u64::from(w)))
             .min(r.tables[g].len() as u64);
+        let mut floor = wf;
         for i in r.swa_floor[g]..wf {
-            let h = std::mem::replace(&mut r.tables[g][i as usize], 0);
+            let h = r.tables[g][i as usize];
             let shared = r
                 .path
                 .get(i as usize)
                 .is_some_and(|&node| tree.block(node, g) == h);
+            if h != 0 && shared && i >= keep_from {
+                // A checkpoint block the engine writes in this step: it leaves the table later.
+                floor = floor.min(i);
+                continue;
+            }
+            r.tables[g][i as usize] = 0;
             if h != 0 && !shared {
                 scratch.push(h);
             }
         }
-        r.swa_floor[g] = r.swa_floor[g].max(wf);
+        r.swa_floor[g] = r.swa_floor[g].max(floor);
     }
     if !scratch.is_empty() {
         arena
@@ -443,6 +514,18 @@ impl Slot {
 impl KVCacheManager {
     /// A manager for `spec` over `capacity_bytes` of memory.
     pub fn new(spec: ModelSpec, capacity_bytes: u64, config: ManagerConfig) -> Result<Self> {
+        Self::with_stores(spec, capacity_bytes, config, None, None)
+    }
+
+    /// A manager whose disk (L3) and remote (L4) tiers keep real bytes in the given stores
+    /// (`None`: the tier, if it has a capacity, is virtual: counted, no bytes).
+    pub fn with_stores(
+        spec: ModelSpec,
+        capacity_bytes: u64,
+        config: ManagerConfig,
+        disk: Option<Box<dyn BlockStore>>,
+        remote: Option<Box<dyn BlockStore>>,
+    ) -> Result<Self> {
         if config.block_tokens == 0 {
             return Err(Error::invalid("block_tokens", "must be positive"));
         }
@@ -473,6 +556,33 @@ impl KVCacheManager {
             swa_aware: config.policy == Policy::SwaAware,
         };
         let bm = BlockMath::new(config.block_tokens);
+        let shape = crate::tiers::BlockShape {
+            block_bytes: layout.block_bytes.clone(),
+            layer_bytes: spec
+                .groups
+                .iter()
+                .map(|g| {
+                    u32::try_from(g.layer_bytes_per_token() * u64::from(config.block_tokens))
+                        .map_err(|_| Error::invalid("block_tokens", "a layer's block exceeds 4 GiB"))
+                })
+                .collect::<Result<_>>()?,
+            full_mask: spec
+                .groups
+                .iter()
+                .enumerate()
+                .filter(|(_, g)| g.window.is_none())
+                .fold(0u16, |m, (i, _)| m | (1 << i)),
+        };
+        if config.lower.disk == 0 && disk.is_some() || config.lower.remote == 0 && remote.is_some() {
+            return Err(Error::invalid("tiers", "a store was given for a tier with no capacity"));
+        }
+        let lower = LowerTiers::new(shape, config.lower, disk, remote)?;
+        let mut layer_sliding = vec![false; spec.num_layers as usize];
+        for g in &spec.groups {
+            for &l in &g.layers {
+                layer_sliding[l as usize] = g.window.is_some();
+            }
+        }
         let tree = PrefixTree::new(layout, config.eviction);
         Ok(KVCacheManager {
             spec,
@@ -495,6 +605,16 @@ impl KVCacheManager {
             bm,
             request_pool: Vec::new(),
             steps: 0,
+            lower,
+            device: None,
+            loader: None,
+            inflight: Vec::new(),
+            node_jobs: HashMap::new(),
+            layer_sliding,
+            victims: Vec::new(),
+            promoted_tokens: [0; 3],
+            promotion_failures: 0,
+            exposed_load_seconds: 0.0,
         })
     }
 
@@ -639,6 +759,16 @@ impl KVCacheManager {
         let len = prompt.len();
         let b = self.b();
         let max_safe = ((len - 1) / b) as u32;
+        if self.lower.active() {
+            self.reap_loads();
+            let hashes = std::mem::take(&mut r.hashes);
+            let promoted = self.promote(&hashes, max_safe);
+            r.hashes = hashes;
+            if let Err(e) = promoted {
+                self.recycle(r);
+                return Err(e);
+            }
+        }
         r.path.clear();
         let walk = self.tree.walk(&r.hashes, max_safe, &mut r.path);
         let hit = u64::from(walk.safe) * b;
@@ -708,6 +838,17 @@ impl KVCacheManager {
         }
         if walk.safe > 0 {
             self.tree.record_hit(r.path[walk.safe as usize - 1]);
+        }
+        r.loads.clear();
+        if self.lower.active() {
+            self.touch_lower(&r.hashes[..walk.safe as usize]);
+            for &n in &r.path[..walk.safe as usize] {
+                if let Some(j) = self.node_jobs.get(&n) {
+                    if !r.loads.iter().any(|x| Arc::ptr_eq(x, j)) {
+                        r.loads.push(j.clone());
+                    }
+                }
+            }
         }
         self.hit_tokens += hit;
         self.miss_tokens += len - hit;
@@ -890,7 +1031,9 @@ impl KVCacheManager {
                 r.created_ckpts.push(n);
             }
         }
-        // 6. Release SWA blocks that left the window.
+        // 6. Release SWA blocks that left the window, except those scheduled by this call: the
+        // engine has yet to write them (a checkpoint's extra block below the window is in the
+        // table until the next extension, or the tree would keep a block nobody computed).
         if self.swa_aware() {
             self.window_released += release_below_window(
                 self.bm,
@@ -899,6 +1042,7 @@ impl KVCacheManager {
                 &mut self.arena,
                 r,
                 &mut self.scratch_handles,
+                first_blk,
             );
         }
         Ok(true)
@@ -973,11 +1117,22 @@ impl KVCacheManager {
             return Ok(false);
         }
         let mut freed = std::mem::take(&mut self.scratch);
+        let tiers = self.lower.active();
+        let mut victims = std::mem::take(&mut self.victims);
         let ok = loop {
-            match self.tree.evict_one(&mut freed) {
+            victims.clear();
+            let evicted = if tiers {
+                self.tree.evict_one_logged(&mut freed, &mut victims)
+            } else {
+                self.tree.evict_one(&mut freed)
+            };
+            match evicted {
                 None => break false,
                 Some(Evicted::Leaf) => self.evicted_leaves += 1,
                 Some(Evicted::Checkpoint) => self.evicted_checkpoints += 1,
+            }
+            if tiers {
+                self.demote(&victims);
             }
             self.release(&mut freed);
             if self.arena.can_alloc_all(need)? {
@@ -985,6 +1140,7 @@ impl KVCacheManager {
             }
         };
         self.scratch = freed;
+        self.victims = victims;
         Ok(ok)
     }
 
@@ -1050,7 +1206,7 @@ impl KVCacheManager {
         r.len = end;
         if swa_aware && crossed {
             *window_released +=
-                release_below_window(bm, &spec.groups, tree, arena, r, scratch_handles);
+                release_below_window(bm, &spec.groups, tree, arena, r, scratch_handles, u64::MAX);
         }
         hash_output(bm, r, tokens);
         Some(true)
@@ -1139,6 +1295,11 @@ impl KVCacheManager {
             self.tree
                 .add_checkpoint(r.path[e as usize - 1], &max_blocks);
         }
+        if self.config.write_through {
+            let path = std::mem::take(&mut r.path);
+            self.write_through(&path[..e as usize]);
+            r.path = path;
+        }
         let mut freed = std::mem::take(&mut self.scratch);
         self.collect_private(&r, &mut freed);
         for &n in &r.path {
@@ -1146,7 +1307,9 @@ impl KVCacheManager {
         }
         self.release(&mut freed);
         self.scratch = freed;
+        r.loads.clear();
         self.recycle(r);
+        self.reap_loads();
         Ok(())
     }
 
@@ -1183,6 +1346,7 @@ impl KVCacheManager {
         self.release(&mut freed);
         self.scratch = freed;
         self.recycle(r);
+        self.reap_loads();
         Ok(())
     }
 
@@ -1242,6 +1406,7 @@ impl KVCacheManager {
         // mention finds its stamp (one lookup per request, no temporary sets).
         self.steps += 1;
         let stamp = self.steps;
+        self.reap_loads();
         for &id in step.finish.iter().chain(&step.abort) {
             match self.requests.get_mut(&id).and_then(|s| s.as_deref_mut()) {
                 Some(r) if r.stamp != stamp => r.stamp = stamp,
@@ -1373,6 +1538,28 @@ impl KVCacheManager {
             bytes_in_use: a.bytes_in_use,
             capacity_bytes: a.capacity_bytes,
             padding_waste_bytes: a.padding_waste_bytes + a.tail_bytes,
+            tiers: Tier::ALL
+                .iter()
+                .filter(|&&t| self.lower.present(t))
+                .map(|&t| TierStats {
+                    name: t.name(),
+                    capacity_bytes: match t {
+                        Tier::Host => self.config.lower.host,
+                        Tier::Disk => self.config.lower.disk,
+                        Tier::Remote => self.config.lower.remote,
+                    },
+                    used_bytes: self.lower.index.used(t),
+                    records: self.lower.index.count(t),
+                    promoted_tokens: self.promoted_tokens[t as usize],
+                    real: self.lower.materialized()
+                        && (t == Tier::Host || self.lower.store(t).is_some()),
+                    counters: self.lower.counters(t),
+                    store: self.lower.store(t).map(|s| s.counters()),
+                })
+                .collect(),
+            exposed_load_seconds: self.exposed_load_seconds,
+            promotion_failures: self.promotion_failures,
+            loads_in_flight: self.inflight.len() as u64,
         }
     }
 
@@ -1382,7 +1569,11 @@ impl KVCacheManager {
     pub fn validate(&self) -> Result<()> {
         self.arena.validate()?;
         let bad = |m: String| Err(Error::Invariant(format!("manager: {m}")));
+        self.lower.validate()?;
         let mut pins: HashMap<NodeId, u32> = HashMap::new();
+        for n in self.load_pins() {
+            *pins.entry(n).or_default() += 1;
+        }
         let mut owner: HashMap<Handle, &'static str> = HashMap::new();
         let mut per_group = vec![0u64; self.spec.groups.len()];
         let mut dup = None;

@@ -82,6 +82,22 @@ enum SetKind {
     Ckpt,
 }
 
+/// One cached block an eviction took out of the tree: where it came from, so it can be demoted
+/// to a lower tier before its memory is reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Victim {
+    /// The node's chained hash.
+    pub hash: u64,
+    /// The node's depth (block index).
+    pub depth: u32,
+    /// A checkpoint ended at the node.
+    pub ckpt_end: bool,
+    /// KV group.
+    pub group: usize,
+    /// The block (still live until the caller frees it).
+    pub handle: Handle,
+}
+
 /// What an eviction removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Evicted {
@@ -163,6 +179,10 @@ pub struct PrefixTree {
     /// evictable amount is O(1)).
     held_bytes: u64,
     pinned_bytes: u64,
+    /// While an eviction runs with a log: the blocks it takes out (see [`Victim`]).
+    victims: Option<Vec<Victim>>,
+    /// The node an eviction with a log removes, and whether a checkpoint ended there.
+    evicting: Option<(NodeId, bool)>,
 }
 
 impl PrefixTree {
@@ -197,6 +217,8 @@ impl PrefixTree {
             checkpoints: 0,
             held_bytes: 0,
             pinned_bytes: 0,
+            victims: None,
+            evicting: None,
         }
     }
 
@@ -398,7 +420,40 @@ impl PrefixTree {
         if self.nodes[n as usize].refs > 0 {
             self.pinned_bytes -= bb;
         }
+        if let Some(log) = self.victims.as_mut() {
+            let node = &self.nodes[n as usize];
+            if !node.doomed {
+                let ckpt_end = node.ckpt_end || self.evicting == Some((n, true));
+                log.push(Victim {
+                    hash: node.hash,
+                    depth: node.depth,
+                    ckpt_end,
+                    group: g,
+                    handle: h,
+                });
+            }
+        }
         freed.push((g, h));
+    }
+
+    /// Like [`evict_one`](Self::evict_one), also listing the cached blocks it takes out (for
+    /// demotion) in `victims`.
+    pub fn evict_one_logged(&mut self, freed: &mut Freed, victims: &mut Vec<Victim>) -> Option<Evicted> {
+        self.victims = Some(std::mem::take(victims));
+        let out = self.evict_one(freed);
+        *victims = self.victims.take().expect("log set above");
+        self.evicting = None;
+        out
+    }
+
+    /// Whether a checkpoint covers node `n`'s block of group `g`.
+    pub fn ckpt_covered(&self, n: NodeId, g: usize) -> bool {
+        self.ckpt_refs[self.slot(n, g)] > 0
+    }
+
+    /// The chained hash of node `n`.
+    pub fn hash_of(&self, n: NodeId) -> u64 {
+        self.nodes[n as usize].hash
     }
 
     /// Pins a node for a running request.
@@ -581,6 +636,7 @@ impl PrefixTree {
             }
         };
         self.order.evicted(key);
+        self.evicting = Some((n, self.nodes[n as usize].ckpt_end));
         match kind {
             Evicted::Leaf => self.remove(n, freed),
             Evicted::Checkpoint => self.remove_checkpoint(n, freed),

@@ -7,6 +7,16 @@
 //!
 //! [`store`] defines the byte-store interface and record format L3 and L4 share.
 
+pub mod device;
+pub mod index;
+pub mod loader;
+pub mod lower;
+pub mod overlap;
 pub mod store;
 
+pub use device::{DeviceBuffer, HostBuffer};
+pub use index::{LowerIndex, Record, Tier};
+pub use loader::{LoadHandle, LoadJob};
+pub use lower::{BlockShape, LowerCapacity, LowerTiers, TierCounters};
+pub use overlap::{LoadBytes, OverlapModel};
 pub use store::{BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError};

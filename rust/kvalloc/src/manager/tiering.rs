@@ -1,0 +1,526 @@
+//! The manager's side of the lower tiers: demotion on eviction, promotion on admission,
+//! write-through at finish, layer-wise loads and per-tier matching.
+//!
+//! Promotion happens before an admission's own walk of the prefix tree: when L1 together with
+//! the lower tiers gives a longer window-safe prefix than L1 alone, the missing blocks are
+//! allocated in L1 and linked into the tree as cached nodes (a checkpoint at the new resume point
+//! covers the SWA window), and their bytes are copied in: from disk and the remote store at once
+//! (each read verified; any failure abandons the promotion, so a hit never rests on bad bytes),
+//! from host memory by the background loader, layer by layer. Until its copies land, a load pins
+//! the nodes it fills and the L2 records it reads. The admission's walk then finds the longer
+//! prefix as an ordinary L1 hit.
+
+use std::sync::Arc;
+
+use super::{KVCacheManager, MAX_GROUPS};
+use crate::error::{Error, Result};
+use crate::prefix::{Link, NodeId, Victim, NONE};
+use crate::slab::Handle;
+use crate::tiers::loader::{CopyTask, LoadHandle, LoadJob, Loader};
+use crate::tiers::{BlockKey, DeviceBuffer, LoadBytes, Tier};
+
+/// A load in flight and what it keeps pinned.
+#[derive(Debug)]
+pub(super) struct Inflight {
+    job: Arc<LoadJob>,
+    nodes: Vec<NodeId>,
+    records: Vec<u64>,
+}
+
+/// Window-safe hit length in blocks using L1 only, then L1 plus each lower tier in turn.
+pub type TierHits = [u32; 4];
+
+impl KVCacheManager {
+    /// Registers the engine's device buffer (at least `capacity_bytes` long; group `g`'s page
+    /// `p` starts at `p * block_bytes[g]`). From then on demotions and promotions move real
+    /// bytes. Must happen before the first admission.
+    pub fn register_device(&mut self, device: Arc<dyn DeviceBuffer>) -> Result<()> {
+        if device.len() < self.arena.capacity_bytes() {
+            return Err(Error::invalid(
+                "device",
+                format!(
+                    "the buffer has {} bytes; the manager's arena needs {}",
+                    device.len(),
+                    self.arena.capacity_bytes()
+                ),
+            ));
+        }
+        if self.device.is_some() {
+            return Err(Error::invalid("device", "a device buffer is already registered"));
+        }
+        if self.serial > 0 {
+            return Err(Error::invalid(
+                "device",
+                "register the device buffer before the first admission",
+            ));
+        }
+        for t in [Tier::Disk, Tier::Remote] {
+            if self.lower.present(t) && self.lower.store(t).is_none() {
+                return Err(Error::invalid(
+                    "device",
+                    format!("the {} tier has a capacity but no store: real bytes need one", t.name()),
+                ));
+            }
+        }
+        self.lower.materialize();
+        if let Some(host) = self.lower.host_memory() {
+            self.loader = Some(Loader::start(host, device.clone()));
+        }
+        self.device = Some(device);
+        Ok(())
+    }
+
+    /// Unpins what finished loads held.
+    pub(super) fn reap_loads(&mut self) {
+        if self.inflight.is_empty() {
+            return;
+        }
+        let mut freed = std::mem::take(&mut self.scratch);
+        let mut i = 0;
+        while i < self.inflight.len() {
+            if !self.inflight[i].job.is_done() {
+                i += 1;
+                continue;
+            }
+            let done = self.inflight.swap_remove(i);
+            for &n in &done.nodes {
+                self.node_jobs.remove(&n);
+                self.tree.unpin(n, &mut freed);
+            }
+            for &h in &done.records {
+                self.lower.index.unpin(h);
+            }
+        }
+        self.release(&mut freed);
+        self.scratch = freed;
+    }
+
+    /// Waits for every load in flight (tests, shutdown).
+    pub fn wait_loads(&mut self) {
+        for f in &self.inflight {
+            f.job.wait_all(None);
+        }
+        self.reap_loads();
+    }
+
+    /// Node pins held by loads in flight (for validation).
+    pub(super) fn load_pins(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.inflight.iter().flat_map(|f| f.nodes.iter().copied())
+    }
+
+    /// What the engine waits on before computing request `req`'s first layers: the loads that
+    /// fill its hit (done at once when it hit only L1).
+    pub fn load_handle(&self, req: u64) -> Result<LoadHandle> {
+        let r = self
+            .requests
+            .get(&req)
+            .and_then(|s| s.as_deref())
+            .ok_or(Error::Request { req, message: "is not running".into() })?;
+        Ok(LoadHandle::new(r.loads.clone()))
+    }
+
+    /// Demotes what an eviction took out of L1 (write on eviction), before its blocks are freed.
+    pub(super) fn demote(&mut self, victims: &[Victim]) {
+        if !self.lower.active() {
+            return;
+        }
+        let mut i = 0;
+        let mut entries: Vec<(usize, u64)> = Vec::with_capacity(MAX_GROUPS);
+        while i < victims.len() {
+            let v = victims[i];
+            entries.clear();
+            let mut j = i;
+            let mut ckpt_end = false;
+            while j < victims.len() && victims[j].hash == v.hash {
+                let off = self.arena.offset(victims[j].handle).expect("victim is live");
+                entries.push((victims[j].group, off));
+                ckpt_end |= victims[j].ckpt_end;
+                j += 1;
+            }
+            let device = self.device.clone();
+            self.lower.put_block(
+                v.hash,
+                v.depth,
+                ckpt_end,
+                &entries,
+                device.as_deref(),
+                None,
+            );
+            i = j;
+        }
+    }
+
+    /// Writes a finished request's cached path through to the remote store (full KV of every
+    /// block, SWA KV where a checkpoint covers it).
+    pub(super) fn write_through(&mut self, path: &[NodeId]) {
+        if !self.config.write_through || !self.lower.present(Tier::Remote) {
+            return;
+        }
+        let device = self.device.clone();
+        let mut entries = Vec::with_capacity(MAX_GROUPS);
+        for &n in path {
+            entries.clear();
+            for g in 0..self.spec.groups.len() {
+                let h = self.tree.block(n, g);
+                let keep = self.window(g).is_none() || !self.swa_aware() || self.tree.ckpt_covered(n, g);
+                if h != 0 && keep {
+                    entries.push((g, self.arena.offset(h).expect("tree block is live")));
+                }
+            }
+            let hash = self.tree.hash_of(n);
+            let depth = self.tree.depth(n);
+            let ckpt = self.tree.is_checkpoint(n);
+            self.lower.put_block(hash, depth, ckpt, &entries, device.as_deref(), Some(Tier::Remote));
+        }
+    }
+
+    /// Marks the lower copies of a hit path as used now, so a lower tier never evicts the
+    /// prefixes of the hottest sequences because their hits were served from above.
+    pub(super) fn touch_lower(&mut self, hashes: &[u64]) {
+        if self.lower.index.is_empty() {
+            return;
+        }
+        let now = self.lower.index.now();
+        for &h in hashes {
+            self.lower.index.touch(h, now);
+        }
+    }
+
+    /// Asks the remote store which of the prompt's blocks past `from` it holds (blocks another
+    /// instance wrote) and indexes them.
+    fn discover_remote(&mut self, hashes: &[u64], from: usize) {
+        if !self.lower.present(Tier::Remote) || !self.lower.materialized() || from >= hashes.len() {
+            return;
+        }
+        let groups = self.spec.groups.len();
+        let mut keys = Vec::with_capacity((hashes.len() - from) * groups);
+        for &h in &hashes[from..] {
+            for g in 0..groups {
+                keys.push(BlockKey { hash: h, group: g as u16 });
+            }
+        }
+        let Some(store) = self.lower.store_mut(Tier::Remote) else {
+            return;
+        };
+        let Ok(found) = store.contains_many(&keys) else {
+            return; // unavailable: a miss, counted by the store
+        };
+        for (k, &h) in hashes[from..].iter().enumerate() {
+            let mut mask = 0u16;
+            for g in 0..groups {
+                if found[k * groups + g] {
+                    mask |= 1 << g;
+                }
+            }
+            if mask & self.full_mask() != self.full_mask() {
+                break;
+            }
+            self.lower.discovered(h, (from + k) as u32, mask);
+        }
+    }
+
+    pub(super) fn full_mask(&self) -> u16 {
+        let mut m = 0;
+        for g in 0..self.spec.groups.len() {
+            if self.window(g).is_none() {
+                m |= 1 << g;
+            }
+        }
+        m
+    }
+
+    /// Window-safe hits (in blocks) at each level: L1 alone, then adding host, disk, remote.
+    /// `path` is the L1 walk's matched nodes.
+    pub(super) fn tier_walk(&self, hashes: &[u64], max_safe: u32, path: &[NodeId]) -> TierHits {
+        let groups = self.spec.groups.len();
+        let full = self.full_mask();
+        let sliding: Vec<usize> = (0..groups).filter(|&g| self.window(g).is_some()).collect();
+        let spans: Vec<u32> = sliding
+            .iter()
+            .map(|&g| self.tree.layout().window_blocks(u32::MAX, self.window(g).expect("sliding")))
+            .collect();
+        let mut safe = [0u32; 4];
+        let mut broken = [false; 4];
+        let mut runs = vec![[0u32; 4]; sliding.len()];
+        for (i, &h) in hashes.iter().enumerate() {
+            let node = path.get(i).copied();
+            // A hash the tree holds elsewhere (a conflict) cannot be linked here.
+            if node.is_none() && self.tree.lookup(h).is_some() {
+                break;
+            }
+            let rec = self.lower.index.get(h);
+            let rec_level = rec.map_or(usize::MAX, |r| r.tier as usize + 1);
+            let k = i as u32 + 1;
+            for level in 0..4 {
+                if broken[level] {
+                    continue;
+                }
+                let rec_here = rec.filter(|_| rec_level <= level);
+                let full_ok = node.is_some() || rec_here.is_some_and(|r| r.groups & full == full);
+                if !full_ok {
+                    broken[level] = true;
+                    continue;
+                }
+                let mut ok = true;
+                for (s, &g) in sliding.iter().enumerate() {
+                    let have = node.is_some_and(|n| self.tree.block(n, g) != 0)
+                        || rec_here.is_some_and(|r| r.groups & (1 << g) != 0);
+                    runs[s][level] = if have { runs[s][level] + 1 } else { 0 };
+                    ok &= runs[s][level] >= k.min(spans[s]);
+                }
+                if ok && k <= max_safe {
+                    safe[level] = k;
+                }
+            }
+            if broken[3] {
+                break;
+            }
+        }
+        // A level never does worse than the one above it.
+        for level in 1..4 {
+            safe[level] = safe[level].max(safe[level - 1]);
+        }
+        safe
+    }
+
+    /// Promotes the lower-tier part of a prompt's best window-safe prefix into L1 (see the
+    /// module docs). Doing nothing is always correct: the admission's own walk decides the hit.
+    pub(super) fn promote(&mut self, hashes: &[u64], max_safe: u32) -> Result<()> {
+        let mut path = Vec::new();
+        let w1 = self.tree.walk(hashes, max_safe, &mut path);
+        // Blocks past local knowledge may be in the remote store (another instance's).
+        let mut from = path.len();
+        while from < hashes.len().min(max_safe as usize) && self.lower.index.get(hashes[from]).is_some() {
+            from += 1;
+        }
+        if from < max_safe as usize {
+            self.discover_remote(&hashes[..max_safe as usize], from);
+        }
+        let k = self.tier_walk(hashes, max_safe, &path)[3];
+        if k <= w1.safe {
+            return Ok(());
+        }
+        let groups = self.spec.groups.len();
+        let d1 = path.len() as u32;
+        // (block, group) pairs L1 lacks for a hit of k blocks.
+        let mut need: Vec<(u32, usize)> = Vec::new();
+        for i in d1.min(k)..k {
+            for g in 0..groups {
+                if self.window(g).is_none() || !self.swa_aware() {
+                    need.push((i, g));
+                }
+            }
+        }
+        if self.swa_aware() {
+            for g in (0..groups).filter(|&g| self.window(g).is_some()) {
+                let span = self.tree.layout().window_blocks(k, self.window(g).expect("sliding"));
+                for i in k - span..k {
+                    let have = (i < d1) && self.tree.block(path[i as usize], g) != 0;
+                    if !have {
+                        need.push((i, g));
+                    }
+                }
+            }
+        }
+        // Every needed block must have a lower copy (the walk says so); pin the records and the
+        // L1 path while room is made.
+        let mut records: Vec<u64> = need.iter().map(|&(i, _)| hashes[i as usize]).collect();
+        records.sort_unstable();
+        records.dedup();
+        if records.iter().any(|&h| self.lower.index.get(h).is_none()) {
+            return Ok(());
+        }
+        for &h in &records {
+            self.lower.index.pin(h);
+        }
+        for &n in &path {
+            self.tree.pin(n);
+        }
+        let mut counts = [(0usize, 0u64); MAX_GROUPS];
+        for (g, c) in counts.iter_mut().enumerate().take(groups) {
+            *c = (g, need.iter().filter(|x| x.1 == g).count() as u64);
+        }
+        let room = self.make_room(&counts[..groups])?;
+        let undo_pins = |m: &mut KVCacheManager, path: &[NodeId], records: &[u64]| {
+            let mut freed = std::mem::take(&mut m.scratch);
+            for &n in path {
+                m.tree.unpin(n, &mut freed);
+            }
+            m.release(&mut freed);
+            m.scratch = freed;
+            for &h in records {
+                m.lower.index.unpin(h);
+            }
+        };
+        if !room {
+            undo_pins(self, &path, &records);
+            return Ok(());
+        }
+        // Allocate, then copy: disk and remote now (verified), host memory by the loader.
+        let mut handles: Vec<Handle> = Vec::with_capacity(need.len());
+        let mut per_group = Vec::new();
+        for g in 0..groups {
+            per_group.clear();
+            self.arena.alloc_into(g, counts[g].1 as usize, &mut per_group)?;
+            let mut it = per_group.iter();
+            for x in need.iter().filter(|x| x.1 == g) {
+                let _ = x;
+                handles.push(*it.next().expect("allocated"));
+            }
+        }
+        // `handles` is in group order; map back to `need` order.
+        let mut by_need = vec![0 as Handle; need.len()];
+        {
+            let mut next = 0;
+            for g in 0..groups {
+                for (idx, x) in need.iter().enumerate() {
+                    if x.1 == g {
+                        by_need[idx] = handles[next];
+                        next += 1;
+                    }
+                }
+            }
+        }
+        let device = self.device.clone();
+        let mut tasks = Vec::new();
+        let mut load = LoadBytes {
+            per_layer: vec![[0u64; 3]; self.spec.num_layers as usize],
+            sliding: self.layer_sliding.clone(),
+        };
+        let mut deepest = Tier::Host;
+        let mut failed = false;
+        for (idx, &(i, g)) in need.iter().enumerate() {
+            let hash = hashes[i as usize];
+            let tier = self.lower.index.get(hash).expect("pinned").tier;
+            deepest = deepest.max(tier);
+            let group = &self.spec.groups[g];
+            let layer_bytes = group.layer_bytes_per_token() * u64::from(self.config.block_tokens);
+            for &l in &group.layers {
+                load.per_layer[l as usize][tier as usize] += layer_bytes;
+            }
+            let dst = self.arena.offset(by_need[idx]).expect("allocated");
+            match (&device, tier) {
+                (Some(_), Tier::Host) => {
+                    let src = self.lower.host_offset(hash, g).expect("host record has the block");
+                    for (j, &l) in group.layers.iter().enumerate() {
+                        let off = j as u64 * layer_bytes;
+                        tasks.push(CopyTask { layer: l, src: src + off, dst: dst + off, len: layer_bytes });
+                    }
+                    self.lower.count_read(hash, g);
+                }
+                (Some(dev), _) => {
+                    if !self.lower.read_to_device(hash, g, dev.as_ref(), dst) {
+                        failed = true;
+                        self.lower.index.unpin(hash);
+                        records.retain(|&h| h != hash);
+                        self.lower.forget(hash);
+                        break;
+                    }
+                }
+                (None, _) => self.lower.count_read(hash, g),
+            }
+        }
+        if failed {
+            self.arena.free(&by_need).expect("just allocated");
+            undo_pins(self, &path, &records);
+            self.promotion_failures += 1;
+            return Ok(());
+        }
+        // Link the new blocks into the tree as cached nodes.
+        let placed: std::collections::HashMap<(u32, usize), Handle> =
+            need.iter().copied().zip(by_need.iter().copied()).collect();
+        let block_of = |i: u32, g: usize| -> Handle { placed.get(&(i, g)).copied().unwrap_or(0) };
+        let mut created: Vec<NodeId> = Vec::new();
+        let mut parent = path.last().copied().unwrap_or(NONE);
+        let mut freed = std::mem::take(&mut self.scratch);
+        for i in d1..k {
+            let hash = hashes[i as usize];
+            match self.tree.claim_child(hash, parent, i, &mut freed) {
+                Link::Absent => {}
+                _ => unreachable!("the tier walk stops at blocks the tree holds"),
+            }
+            let mut blocks = [0 as Handle; MAX_GROUPS];
+            for (g, b) in blocks.iter_mut().enumerate().take(groups) {
+                *b = block_of(i, g);
+            }
+            let n = self.tree.insert(hash, parent, i, &blocks[..groups]);
+            created.push(n);
+            parent = n;
+        }
+        let mut attached: Vec<NodeId> = Vec::new();
+        for &(i, g) in &need {
+            if i < d1 {
+                let n = path[i as usize];
+                self.tree.attach(n, g, block_of(i, g));
+                attached.push(n);
+            }
+        }
+        attached.sort_unstable();
+        attached.dedup();
+        let end = created.last().copied().unwrap_or_else(|| path[k as usize - 1]);
+        if self.swa_aware() {
+            let max_blocks = self.run_lengths(k, false);
+            self.tree.add_checkpoint(end, &max_blocks);
+        }
+        // Nodes being filled stay pinned until their copies land.
+        let mut pinned_nodes = created.clone();
+        for &n in &attached {
+            self.tree.pin(n);
+            pinned_nodes.push(n);
+        }
+        let host_records: Vec<u64> = records
+            .iter()
+            .copied()
+            .filter(|&h| self.lower.index.get(h).is_some_and(|r| r.tier == Tier::Host))
+            .collect();
+        if tasks.is_empty() {
+            for &n in &pinned_nodes {
+                self.tree.unpin(n, &mut freed);
+            }
+            for &h in &records {
+                self.lower.index.unpin(h);
+            }
+        } else {
+            for &h in records.iter().filter(|h| !host_records.contains(h)) {
+                self.lower.index.unpin(h);
+            }
+            let job = LoadJob::new(tasks, self.spec.num_layers as usize, &self.layer_sliding);
+            self.loader.as_ref().expect("a loader runs when L2 holds bytes").submit(job.clone());
+            for &n in &pinned_nodes {
+                self.node_jobs.insert(n, job.clone());
+            }
+            self.inflight.push(Inflight { job, nodes: pinned_nodes, records: host_records });
+        }
+        self.release(&mut freed);
+        self.scratch = freed;
+        // The temporary pins on the L1 path.
+        undo_pins(self, &path, &[]);
+        let new_tokens = u64::from(k - w1.safe) * u64::from(self.config.block_tokens);
+        self.promoted_tokens[deepest as usize] += new_tokens;
+        self.exposed_load_seconds += self.config.overlap.exposed_seconds(&load, new_tokens.max(1));
+        let now = self.lower.index.now();
+        for &h in &hashes[..k as usize] {
+            self.lower.index.touch(h, now);
+        }
+        Ok(())
+    }
+
+    /// Window-safe hit lengths in tokens for a prompt at each level (L1 alone, then adding host,
+    /// disk and remote), without changing anything.
+    pub fn match_prefix_tiers(&mut self, prompt: super::Prompt<'_>, salt: Option<&[u8]>) -> Result<[u64; 4]> {
+        let seed = crate::hash::root_seed(salt);
+        let hashes = self.prompt_hashes(&prompt, seed)?;
+        let max_safe = ((prompt.len() - 1) / self.b()) as u32;
+        let mut path = Vec::new();
+        self.tree.walk(&hashes, max_safe, &mut path);
+        let mut from = path.len();
+        while from < max_safe as usize && self.lower.index.get(hashes[from]).is_some() {
+            from += 1;
+        }
+        if from < max_safe as usize {
+            self.discover_remote(&hashes[..max_safe as usize], from);
+        }
+        let hits = self.tier_walk(&hashes, max_safe, &path);
+        Ok(hits.map(|k| u64::from(k) * self.b()))
+    }
+}

@@ -1,0 +1,595 @@
+//! Placement and migration below L1: where a demoted block goes, what makes room for it, and
+//! how bytes move between host memory (L2), disk (L3) and the remote store (L4).
+//!
+//! - A block leaving L1 goes to the highest configured lower tier ("write on eviction"),
+//!   unless it already has a lower copy (then nothing is written).
+//! - A tier over its capacity moves its least recently used record one tier down (reading its
+//!   bytes and writing them below); the last tier drops it.
+//! - A record is moved or dropped whole (all its groups together): an SWA checkpoint never
+//!   leaves without the full-attention KV it makes usable, nor vice versa.
+//! - A write that fails (disk full, store down) drops the record and is counted; a read that
+//!   fails its checksum is a miss and is counted. Nothing fails the caller.
+//!
+//! Without a registered device buffer ("virtual" tiers, used by the simulator) the same
+//! decisions are made and the same bytes are counted, but no bytes move.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::device::{DeviceBuffer, HostMemory};
+use super::index::{LowerIndex, Record, Tier, UNKNOWN_DEPTH};
+use super::store::{BlockKey, BlockStore, StoreError};
+use crate::error::Result;
+use crate::slab::{Handle, SlabArena};
+
+/// Capacities of the lower tiers (0: the tier is absent).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LowerCapacity {
+    /// L2 host memory, bytes.
+    pub host: u64,
+    /// L3 disk, bytes of payload.
+    pub disk: u64,
+    /// L4 remote, bytes of payload.
+    pub remote: u64,
+}
+
+impl LowerCapacity {
+    fn of(&self, t: Tier) -> u64 {
+        match t {
+            Tier::Host => self.host,
+            Tier::Disk => self.disk,
+            Tier::Remote => self.remote,
+        }
+    }
+}
+
+/// Per-tier traffic and failure counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TierCounters {
+    /// Payload bytes written into the tier (demotions and write-through).
+    pub bytes_written: u64,
+    /// Payload bytes read from the tier (promotions and moves down).
+    pub bytes_read: u64,
+    /// Records that entered the tier.
+    pub records_in: u64,
+    /// Records that left the tier by eviction (moved down or dropped).
+    pub evicted: u64,
+    /// Records dropped because a write into the tier failed (full, unavailable).
+    pub write_failures: u64,
+    /// Reads that failed (checksum mismatch, missing, unavailable): counted as misses.
+    pub read_failures: u64,
+}
+
+/// The static facts the tiers need about the model.
+#[derive(Debug, Clone)]
+pub struct BlockShape {
+    /// Block bytes per group.
+    pub block_bytes: Vec<u64>,
+    /// Bytes of one layer's slice of a block, per group.
+    pub layer_bytes: Vec<u32>,
+    /// Bit g set for full-attention groups.
+    pub full_mask: u16,
+}
+
+/// The lower tiers. See the module docs.
+pub struct LowerTiers {
+    /// The residency index.
+    pub index: LowerIndex,
+    capacity: LowerCapacity,
+    shape: BlockShape,
+    host_arena: Option<SlabArena>,
+    host_mem: Option<Arc<HostMemory>>,
+    host_blocks: HashMap<(u64, u16), Handle>,
+    /// `stores[1]`: disk, `stores[2]`: remote (`None`: virtual).
+    stores: [Option<Box<dyn BlockStore>>; 3],
+    counters: [TierCounters; 3],
+    staging: Vec<u8>,
+    materialized: bool,
+}
+
+impl std::fmt::Debug for LowerTiers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LowerTiers")
+            .field("capacity", &self.capacity)
+            .field("records", &[self.index.count(Tier::Host), self.index.count(Tier::Disk), self.index.count(Tier::Remote)])
+            .finish()
+    }
+}
+
+impl LowerTiers {
+    /// Lower tiers with the given capacities. `disk` and `remote` are the byte stores of L3 and
+    /// L4 (None: virtual, bytes counted but not moved).
+    pub fn new(
+        shape: BlockShape,
+        capacity: LowerCapacity,
+        disk: Option<Box<dyn BlockStore>>,
+        remote: Option<Box<dyn BlockStore>>,
+    ) -> Result<Self> {
+        let host_arena = if capacity.host > 0 {
+            Some(SlabArena::new(capacity.host, &shape.block_bytes, None)?)
+        } else {
+            None
+        };
+        let mut t = LowerTiers {
+            index: LowerIndex::default(),
+            capacity,
+            shape,
+            host_arena,
+            host_mem: None,
+            host_blocks: HashMap::new(),
+            stores: [None, disk, remote],
+            counters: [TierCounters::default(); 3],
+            staging: Vec::new(),
+            materialized: false,
+        };
+        t.recover();
+        Ok(t)
+    }
+
+    /// Whether any lower tier is configured.
+    pub fn active(&self) -> bool {
+        Tier::ALL.iter().any(|&t| self.present(t))
+    }
+
+    /// Whether tier `t` is configured.
+    pub fn present(&self, t: Tier) -> bool {
+        self.capacity.of(t) > 0
+    }
+
+    /// The configured capacities.
+    pub fn capacity(&self) -> LowerCapacity {
+        self.capacity
+    }
+
+    /// Counters of tier `t`.
+    pub fn counters(&self, t: Tier) -> TierCounters {
+        self.counters[t as usize]
+    }
+
+    /// The byte store behind tier `t`, if real.
+    pub fn store(&self, t: Tier) -> Option<&dyn BlockStore> {
+        self.stores[t as usize].as_deref()
+    }
+
+    /// The byte store behind tier `t`, if real (mutable).
+    pub fn store_mut(&mut self, t: Tier) -> Option<&mut (dyn BlockStore + 'static)> {
+        self.stores[t as usize].as_deref_mut()
+    }
+
+    /// Whether bytes really move (a device buffer is registered).
+    pub fn materialized(&self) -> bool {
+        self.materialized
+    }
+
+    /// Allocates L2's memory: from now on bytes move. Called when the engine registers its
+    /// device buffer.
+    pub fn materialize(&mut self) {
+        self.materialized = true;
+        if let (Some(a), None) = (&self.host_arena, &self.host_mem) {
+            self.host_mem = Some(Arc::new(HostMemory::zeroed(a.capacity_bytes() as usize)));
+        }
+    }
+
+    /// L2's memory (for the loader), once materialized.
+    pub fn host_memory(&self) -> Option<Arc<HostMemory>> {
+        self.host_mem.clone()
+    }
+
+    /// Byte offset of `(hash, group)` in L2's memory, if it is there.
+    pub fn host_offset(&self, hash: u64, g: usize) -> Option<u64> {
+        let h = *self.host_blocks.get(&(hash, g as u16))?;
+        self.host_arena.as_ref()?.offset(h).ok()
+    }
+
+    /// The highest configured tier at or below `t`.
+    fn next_present(&self, mut t: Option<Tier>) -> Option<Tier> {
+        while let Some(x) = t {
+            if self.present(x) {
+                return Some(x);
+            }
+            t = x.below();
+        }
+        None
+    }
+
+    /// Records found in the real stores at start (the disk survives restarts; remote records
+    /// are found by lookups instead).
+    fn recover(&mut self) {
+        let Some(store) = self.stores[Tier::Disk as usize].as_mut() else {
+            return;
+        };
+        let mut found: HashMap<u64, (u16, u64)> = HashMap::new();
+        for (k, bytes) in store.recovered() {
+            let e = found.entry(k.hash).or_insert((0, 0));
+            e.0 |= 1 << k.group;
+            e.1 += bytes;
+        }
+        for (hash, (groups, bytes)) in found {
+            if bytes > self.capacity.disk.saturating_sub(self.index.used(Tier::Disk)) {
+                continue; // over capacity after a restart with a smaller budget: not indexed
+            }
+            let access = self.index.now();
+            self.index.insert(
+                hash,
+                Record {
+                    tier: Tier::Disk,
+                    groups,
+                    depth: UNKNOWN_DEPTH,
+                    ckpt_end: false,
+                    access,
+                    pins: 0,
+                    bytes,
+                },
+            );
+        }
+    }
+
+    fn record_bytes(&self, groups: u16) -> u64 {
+        (0..self.shape.block_bytes.len())
+            .filter(|g| groups & (1 << g) != 0)
+            .map(|g| self.shape.block_bytes[g])
+            .sum()
+    }
+
+    /// Makes room in tier `t` for a record of `groups`, moving older records down. False when it
+    /// cannot (everything left is pinned).
+    fn make_room(&mut self, t: Tier, groups: u16, protect: u64) -> bool {
+        loop {
+            let fits = match t {
+                Tier::Host => {
+                    let arena = self.host_arena.as_ref().expect("host tier present");
+                    let mut need = Vec::new();
+                    for g in 0..self.shape.block_bytes.len() {
+                        if groups & (1 << g) != 0 {
+                            need.push((g, 1u64));
+                        }
+                    }
+                    arena.can_alloc_all(&need).unwrap_or(false)
+                }
+                _ => self.index.used(t) + self.record_bytes(groups) <= self.capacity.of(t),
+            };
+            if fits {
+                return true;
+            }
+            let Some(v) = self.index.victim(t) else {
+                return false;
+            };
+            if v == protect {
+                return false;
+            }
+            self.counters[t as usize].evicted += 1;
+            self.move_down(v);
+        }
+    }
+
+    /// Moves record `hash` one configured tier down, or drops it from the last one.
+    fn move_down(&mut self, hash: u64) {
+        let rec = self.index.get(hash).expect("victim exists").clone();
+        let below = self.next_present(rec.tier.below());
+        let Some(t2) = below else {
+            self.drop_record(hash);
+            return;
+        };
+        if !self.make_room(t2, rec.groups, hash) {
+            self.drop_record(hash);
+            return;
+        }
+        // Copy group by group through the staging buffer; any failure drops the record.
+        let mut ok = true;
+        let mut moved = Vec::new();
+        for g in 0..self.shape.block_bytes.len() {
+            if rec.groups & (1 << g) == 0 {
+                continue;
+            }
+            if self.materialized() {
+                let mut buf = std::mem::take(&mut self.staging);
+                buf.resize(self.shape.block_bytes[g] as usize, 0);
+                let res = self
+                    .read_entry(rec.tier, hash, g, &mut buf)
+                    .and_then(|()| self.write_entry(t2, hash, g, &buf));
+                self.staging = buf;
+                if res.is_err() {
+                    ok = false;
+                    break;
+                }
+            } else {
+                self.counters[rec.tier as usize].bytes_read += self.shape.block_bytes[g];
+                self.counters[t2 as usize].bytes_written += self.shape.block_bytes[g];
+                self.alloc_virtual_host(t2, hash, g);
+            }
+            moved.push(g);
+        }
+        if !ok {
+            for g in moved {
+                self.remove_entry(t2, hash, g);
+            }
+            self.drop_record(hash);
+            return;
+        }
+        for g in 0..self.shape.block_bytes.len() {
+            if rec.groups & (1 << g) != 0 {
+                self.remove_entry(rec.tier, hash, g);
+            }
+        }
+        self.counters[t2 as usize].records_in += 1;
+        self.index.update(hash, |r| r.tier = t2);
+    }
+
+    /// Host blocks are allocated even when no bytes move, so L2 capacity (slabs, classes) is
+    /// modelled exactly.
+    fn alloc_virtual_host(&mut self, t: Tier, hash: u64, g: usize) {
+        if t == Tier::Host {
+            let h = self
+                .host_arena
+                .as_mut()
+                .expect("host present")
+                .alloc(g, 1)
+                .expect("room was made")[0];
+            self.host_blocks.insert((hash, g as u16), h);
+        }
+    }
+
+    fn drop_record(&mut self, hash: u64) {
+        if let Some(rec) = self.index.remove(hash) {
+            for g in 0..self.shape.block_bytes.len() {
+                if rec.groups & (1 << g) != 0 {
+                    self.remove_entry(rec.tier, hash, g);
+                }
+            }
+        }
+    }
+
+    fn key(hash: u64, g: usize) -> BlockKey {
+        BlockKey {
+            hash,
+            group: g as u16,
+        }
+    }
+
+    /// Reads group `g` of record `hash` from tier `t` into `dst` (its whole block).
+    fn read_entry(&mut self, t: Tier, hash: u64, g: usize, dst: &mut [u8]) -> std::result::Result<(), StoreError> {
+        let res = match t {
+            Tier::Host => {
+                let off = self.host_offset(hash, g).ok_or(StoreError::Missing)?;
+                let mem = self.host_mem.as_ref().ok_or(StoreError::Missing)?;
+                mem.read(off, dst);
+                Ok(())
+            }
+            _ => match self.stores[t as usize].as_mut() {
+                Some(s) => s.get(Self::key(hash, g), dst),
+                None => Err(StoreError::Missing),
+            },
+        };
+        let c = &mut self.counters[t as usize];
+        match res {
+            Ok(()) => c.bytes_read += dst.len() as u64,
+            Err(_) => c.read_failures += 1,
+        }
+        res
+    }
+
+    /// Writes group `g` of record `hash` into tier `t` (room was made).
+    fn write_entry(&mut self, t: Tier, hash: u64, g: usize, src: &[u8]) -> std::result::Result<(), StoreError> {
+        let res = match t {
+            Tier::Host => {
+                self.alloc_virtual_host(t, hash, g);
+                let off = self.host_offset(hash, g).expect("just allocated");
+                self.host_mem.as_ref().expect("materialized").write(off, src);
+                Ok(())
+            }
+            _ => {
+                let lb = self.shape.layer_bytes[g];
+                match self.stores[t as usize].as_mut() {
+                    Some(s) => s.put(Self::key(hash, g), lb, src),
+                    None => Ok(()),
+                }
+            }
+        };
+        let c = &mut self.counters[t as usize];
+        match res {
+            Ok(()) => c.bytes_written += src.len() as u64,
+            Err(_) => c.write_failures += 1,
+        }
+        res
+    }
+
+    fn remove_entry(&mut self, t: Tier, hash: u64, g: usize) {
+        match t {
+            Tier::Host => {
+                if let Some(h) = self.host_blocks.remove(&(hash, g as u16)) {
+                    self.host_arena
+                        .as_mut()
+                        .expect("host present")
+                        .free(&[h])
+                        .expect("host blocks are live and owned once");
+                }
+            }
+            _ => {
+                if let Some(s) = self.stores[t as usize].as_mut() {
+                    let _ = s.remove(Self::key(hash, g)); // best effort: an orphan only wastes space
+                }
+            }
+        }
+    }
+
+    /// Takes a block leaving L1 (or written through): `entries` are its groups and their bytes
+    /// in L1 (device offsets), read through `device` when bytes move. Groups the block already
+    /// has below L1 are not written again. `first` is the tier to write into (None: the highest
+    /// configured one).
+    pub fn put_block(
+        &mut self,
+        hash: u64,
+        depth: u32,
+        ckpt_end: bool,
+        entries: &[(usize, u64)],
+        device: Option<&dyn DeviceBuffer>,
+        first: Option<Tier>,
+    ) {
+        let now = self.index.now();
+        let (tier, have) = match self.index.get(hash) {
+            Some(r) => (r.tier, r.groups),
+            None => match first.filter(|&t| self.present(t)).or_else(|| self.next_present(Some(Tier::Host))) {
+                Some(t) => (t, 0),
+                None => return,
+            },
+        };
+        let mut new_groups = 0u16;
+        for &(g, _) in entries {
+            if have & (1 << g) == 0 {
+                new_groups |= 1 << g;
+            }
+        }
+        if new_groups == 0 {
+            self.index.update(hash, |r| {
+                r.access = r.access.max(now);
+                r.ckpt_end |= ckpt_end;
+                if r.depth == UNKNOWN_DEPTH {
+                    r.depth = depth;
+                }
+            });
+            return;
+        }
+        // Room for the new groups; an existing record is protected from its own eviction.
+        if have != 0 {
+            self.index.pin(hash);
+        }
+        let room = self.make_room(tier, new_groups, hash);
+        if have != 0 {
+            self.index.unpin(hash);
+        }
+        if !room {
+            self.counters[tier as usize].write_failures += 1;
+            return;
+        }
+        let mut written = 0u16;
+        for &(g, off) in entries {
+            if new_groups & (1 << g) == 0 {
+                continue;
+            }
+            let ok = match device.filter(|_| self.materialized()) {
+                Some(dev) => {
+                    let mut buf = std::mem::take(&mut self.staging);
+                    buf.resize(self.shape.block_bytes[g] as usize, 0);
+                    dev.read(off, &mut buf);
+                    let r = self.write_entry(tier, hash, g, &buf);
+                    self.staging = buf;
+                    r.is_ok()
+                }
+                None => {
+                    self.alloc_virtual_host(tier, hash, g);
+                    self.counters[tier as usize].bytes_written += self.shape.block_bytes[g];
+                    true
+                }
+            };
+            if ok {
+                written |= 1 << g;
+            }
+        }
+        if written == 0 {
+            return;
+        }
+        let bytes = self.record_bytes(written);
+        if have != 0 {
+            self.index.update(hash, |r| {
+                r.groups |= written;
+                r.bytes += bytes;
+                r.access = r.access.max(now);
+                r.ckpt_end |= ckpt_end;
+            });
+        } else {
+            self.counters[tier as usize].records_in += 1;
+            self.index.insert(
+                hash,
+                Record {
+                    tier,
+                    groups: written,
+                    depth,
+                    ckpt_end,
+                    access: now,
+                    pins: 0,
+                    bytes,
+                },
+            );
+        }
+    }
+
+    /// Reads group `g` of `hash` from wherever it lives below L1 straight into the device at
+    /// `dst` (verified for disk and remote). Counts a failed read; the caller treats it as a
+    /// miss and drops the record with [`forget`](Self::forget).
+    pub fn read_to_device(&mut self, hash: u64, g: usize, device: &dyn DeviceBuffer, dst: u64) -> bool {
+        let Some(t) = self.index.get(hash).map(|r| r.tier) else {
+            return false;
+        };
+        let mut buf = std::mem::take(&mut self.staging);
+        buf.resize(self.shape.block_bytes[g] as usize, 0);
+        let ok = self.read_entry(t, hash, g, &mut buf).is_ok();
+        if ok {
+            device.write(dst, &buf);
+        }
+        self.staging = buf;
+        ok
+    }
+
+    /// Counts a read of group `g` of `hash` that a virtual tier (or the async loader) serves.
+    pub fn count_read(&mut self, hash: u64, g: usize) {
+        if let Some(t) = self.index.get(hash).map(|r| r.tier) {
+            self.counters[t as usize].bytes_read += self.shape.block_bytes[g];
+        }
+    }
+
+    /// Drops a record that failed a read.
+    pub fn forget(&mut self, hash: u64) {
+        self.drop_record(hash);
+    }
+
+    /// Adds records found in the remote store by a lookup (written by another instance).
+    pub fn discovered(&mut self, hash: u64, depth: u32, groups: u16) {
+        if self.index.get(hash).is_some() || groups == 0 || !self.present(Tier::Remote) {
+            return;
+        }
+        let access = self.index.now();
+        let bytes = self.record_bytes(groups);
+        self.index.insert(
+            hash,
+            Record {
+                tier: Tier::Remote,
+                groups,
+                depth,
+                ckpt_end: false,
+                access,
+                pins: 0,
+                bytes,
+            },
+        );
+    }
+
+    /// Checks the index and that L2's blocks match it.
+    pub fn validate(&self) -> Result<()> {
+        self.index.validate()?;
+        let mut host = 0usize;
+        for (h, r) in self.index.iter() {
+            if r.tier == Tier::Host {
+                for g in 0..self.shape.block_bytes.len() {
+                    if r.groups & (1 << g) != 0 {
+                        host += 1;
+                        if !self.host_blocks.contains_key(&(h, g as u16)) {
+                            return Err(crate::Error::Invariant(format!(
+                                "lower tiers: host record {h:#x} lacks group {g}'s block"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        if host != self.host_blocks.len() {
+            return Err(crate::Error::Invariant(format!(
+                "lower tiers: {} host blocks for {host} indexed entries",
+                self.host_blocks.len()
+            )));
+        }
+        if let Some(a) = &self.host_arena {
+            a.validate()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,100 @@
+//! The overlap model: how much of a cache load the engine's compute hides.
+//!
+//! A request that hits below L1 must load its KV before the layers that read it run. kvalloc's
+//! loader copies all sliding windows first (they are small), then the full-attention layers in
+//! layer order, so the read for full layer `k` runs while the layers before it compute
+//! ("cache read overlap"). With per-layer compute time `c` (the uncached part of the prompt, or
+//! one decode step, divided evenly over the layers) and each tier's bandwidth, layer `i` can
+//! start when both layer `i - 1` finished and its KV arrived:
+//!
+//! `start_i = max(end_{i-1}, arrival_i)`, `end_i = start_i + c`.
+//!
+//! The exposed load time is `end_last - layers * c`: the part of the load the compute did not
+//! hide.
+
+/// Bandwidths and compute speed for the overlap model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OverlapModel {
+    /// Bytes per second from each lower tier to L1: `[host, disk, remote]`.
+    pub bandwidth: [f64; 3],
+    /// Prefill throughput of the whole model, tokens per second.
+    pub prefill_tokens_per_second: f64,
+}
+
+impl Default for OverlapModel {
+    fn default() -> Self {
+        OverlapModel {
+            // PCIe 5 x16 host-to-device, an NVMe drive, a 100 Gb/s network.
+            bandwidth: [50e9, 6e9, 12e9],
+            prefill_tokens_per_second: 20_000.0,
+        }
+    }
+}
+
+/// Bytes one load brings per layer and tier.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadBytes {
+    /// `per_layer[layer][tier]`: bytes of that layer read from tier (host, disk, remote).
+    pub per_layer: Vec<[u64; 3]>,
+    /// Sliding-window layers (loaded first).
+    pub sliding: Vec<bool>,
+}
+
+impl OverlapModel {
+    /// Exposed seconds of a load that precedes computing `compute_tokens` tokens.
+    pub fn exposed_seconds(&self, load: &LoadBytes, compute_tokens: u64) -> f64 {
+        let layers = load.per_layer.len();
+        if layers == 0 {
+            return 0.0;
+        }
+        let per_layer_compute =
+            compute_tokens.max(1) as f64 / self.prefill_tokens_per_second / layers as f64;
+        let secs = |b: &[u64; 3]| -> f64 {
+            b.iter()
+                .zip(&self.bandwidth)
+                .map(|(&x, &bw)| x as f64 / bw)
+                .sum()
+        };
+        // Arrival times: sliding layers' reads first (in layer order), then full layers'.
+        let mut arrival = vec![0.0; layers];
+        let mut clock = 0.0;
+        for pass in [true, false] {
+            for i in 0..layers {
+                if load.sliding[i] == pass {
+                    clock += secs(&load.per_layer[i]);
+                    arrival[i] = clock;
+                }
+            }
+        }
+        let mut end: f64 = 0.0;
+        for &a in &arrival {
+            end = end.max(a) + per_layer_compute;
+        }
+        (end - layers as f64 * per_layer_compute).max(0.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_hide_behind_compute_when_fast_enough() {
+        let m = OverlapModel {
+            bandwidth: [1e9, 1e9, 1e9],
+            prefill_tokens_per_second: 1000.0,
+        };
+        // 4 layers, 1 ms each for 4 tokens; 1 full layer of 0.5 ms read at the end.
+        let load = LoadBytes {
+            per_layer: vec![[0; 3], [0; 3], [0; 3], [500_000, 0, 0]],
+            sliding: vec![true, true, true, false],
+        };
+        assert_eq!(m.exposed_seconds(&load, 4), 0.0);
+        // The same bytes needed by layer 0: nothing hides them.
+        let first = LoadBytes {
+            per_layer: vec![[500_000, 0, 0], [0; 3], [0; 3], [0; 3]],
+            sliding: vec![false, true, true, true],
+        };
+        assert!((m.exposed_seconds(&first, 4) - 0.0005).abs() < 1e-9);
+    }
+}
