@@ -4,103 +4,13 @@
 //! exactly the bytes that prefix produced, wherever it was served from (L1, or promoted from a
 //! lower tier). `validate()` runs after every operation.
 
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use kvalloc::hash::{chain_tokens, root_seed};
-use kvalloc::tiers::{DeviceBuffer, HostBuffer, LowerCapacity};
-use kvalloc::{KVCacheManager, ManagerConfig, ModelSpec, Policy, Prompt, NULL_PAGE};
+use common::{prompt_of, Engine};
+use kvalloc::tiers::LowerCapacity;
+use kvalloc::{Policy, Prompt};
 use proptest::prelude::*;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
-
-const B: usize = 16;
-
-fn small_spec() -> ModelSpec {
-    let cfg = serde_json::json!({
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 8, "sliding_window": 32, "hybrid_layer_pattern": [0, 1, 1, 1],
-    });
-    ModelSpec::from_hf_config(&cfg, None).unwrap()
-}
-
-/// The KV bytes of block `hash` in group `g`: a pure function of the prefix.
-fn content(hash: u64, g: usize, len: usize) -> Vec<u8> {
-    (0..len.div_ceil(8))
-        .flat_map(|i| xxh3_64_with_seed(&(i as u64).to_le_bytes(), hash ^ (g as u64) << 56).to_le_bytes())
-        .take(len)
-        .collect()
-}
-
-struct Engine {
-    m: KVCacheManager,
-    dev: Arc<HostBuffer>,
-    block_bytes: Vec<u64>,
-}
-
-impl Engine {
-    fn new(policy: Policy, l1: u64, lower: LowerCapacity) -> Engine {
-        let spec = small_spec();
-        let block_bytes = spec.block_bytes(B as u32);
-        let cfg = ManagerConfig {
-            policy,
-            lower,
-            ..ManagerConfig::default()
-        };
-        let mut m = KVCacheManager::new(spec, l1, cfg).unwrap();
-        let dev = Arc::new(HostBuffer::zeroed(l1 as usize));
-        m.register_device(dev.clone() as Arc<dyn DeviceBuffer>).unwrap();
-        Engine { m, dev, block_bytes }
-    }
-
-    fn page_bytes(&self, g: usize, page: i32) -> Vec<u8> {
-        let bb = self.block_bytes[g] as usize;
-        let mut out = vec![0u8; bb];
-        self.dev.read(page as u64 * bb as u64, &mut out);
-        out
-    }
-
-    /// Admits, checks the hit's bytes, then "computes" the rest of the prompt.
-    fn admit(&mut self, id: u64, prompt: &[i64]) -> Result<Option<u64>, TestCaseError> {
-        let Some(hit) = self.m.admit(id, Prompt::Tokens(prompt), None, None).unwrap() else {
-            return Ok(None);
-        };
-        assert!(self.m.load_handle(id).unwrap().wait_all(Some(Duration::from_secs(10))));
-        let mut hashes = Vec::new();
-        chain_tokens(root_seed(None), prompt, B, &mut hashes);
-        for g in 0..self.block_bytes.len() {
-            let table = self.m.block_table(id, g).unwrap();
-            for (i, &page) in table.iter().enumerate() {
-                if page == NULL_PAGE {
-                    continue;
-                }
-                let Some(&h) = hashes.get(i) else { continue };
-                let want = content(h, g, self.block_bytes[g] as usize);
-                if (i as u64) < hit / B as u64 {
-                    let got = self.page_bytes(g, page);
-                    prop_assert!(
-                        got == want,
-                        "request {} group {} block {} (hit {}): wrong bytes (first 8: {:?} vs {:?})",
-                        id, g, i, hit, &got[..8], &want[..8]
-                    );
-                } else {
-                    self.dev.write(page as u64 * self.block_bytes[g], &want);
-                }
-            }
-        }
-        Ok(Some(hit))
-    }
-}
-
-fn prompt_of(family: u8, turns: u8, tail: u8) -> Vec<i64> {
-    // Families share a 48-token system prompt; each turn adds 40 tokens of the family's
-    // conversation; the tail makes a partial last block.
-    let mut p: Vec<i64> = (0..48).collect();
-    for t in 0..turns {
-        p.extend((0..40).map(|j| 1000 * (i64::from(family) + 1) + 40 * i64::from(t) + j));
-    }
-    p.extend((0..i64::from(tail)).map(|j| 900_000 + j));
-    p
-}
+use proptest::test_runner::TestCaseError;
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -119,9 +29,6 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 }
 
 fn run(policy: Policy, ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let spec = small_spec();
-    let slab: u64 = spec.block_bytes(B as u32).iter().product::<u64>() / 1024; // LCM here
-    let _ = slab;
     let mut e = Engine::new(
         policy,
         96 << 10,

@@ -52,7 +52,7 @@ pub mod tiers;
 
 pub use error::{Error, Result, StaleReason};
 pub use manager::{
-    Admission, Extension, GroupStats, KVCacheManager, TierStats, ManagerConfig, ManagerStats, Policy, Prompt,
+    Admission, BlockResidency, Extension, GroupStats, KVCacheManager, TierStats, ManagerConfig, ManagerStats, Policy, Prompt,
     Step, StepOutcome, NULL_PAGE,
 };
 pub use policy::Eviction;

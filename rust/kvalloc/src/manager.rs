@@ -42,7 +42,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 mod tiering;
 
-pub use tiering::TierHits;
+pub use tiering::{BlockResidency, TierHits};
 
 use std::sync::Arc;
 

@@ -232,6 +232,32 @@ impl KVCacheManager {
     /// Window-safe hits (in blocks) at each level: L1 alone, then adding host, disk, remote.
     /// `path` is the L1 walk's matched nodes.
     pub(super) fn tier_walk(&self, hashes: &[u64], max_safe: u32, path: &[NodeId]) -> TierHits {
+        let mut safe = self.walk_levels(hashes, max_safe, Some(path), |level, tier| tier < level);
+        // A level never does worse than the one above it.
+        for level in 1..4 {
+            safe[level] = safe[level].max(safe[level - 1]);
+        }
+        safe
+    }
+
+    /// Window-safe hits (in blocks) that each lower tier gives on its own (host, disk, remote):
+    /// entry `t` counts only blocks tier `t` holds.
+    pub(super) fn lower_walk(&self, hashes: &[u64], max_safe: u32) -> [u32; 3] {
+        let s = self.walk_levels(hashes, max_safe, None, |level, tier| level == tier + 1);
+        [s[1], s[2], s[3]]
+    }
+
+    /// The walk behind [`tier_walk`](Self::tier_walk): at level `l` (0..4), a block counts from
+    /// L1 (`path`) or from a lower record of tier `t` where `include(l, t)`.
+    fn walk_levels(
+        &self,
+        hashes: &[u64],
+        max_safe: u32,
+        path: Option<&[NodeId]>,
+        include: impl Fn(usize, usize) -> bool,
+    ) -> TierHits {
+        let l1 = path.is_some();
+        let path = path.unwrap_or(&[]);
         let groups = self.spec.groups.len();
         let full = self.full_mask();
         let sliding: Vec<usize> = (0..groups).filter(|&g| self.window(g).is_some()).collect();
@@ -245,17 +271,16 @@ impl KVCacheManager {
         for (i, &h) in hashes.iter().enumerate() {
             let node = path.get(i).copied();
             // A hash the tree holds elsewhere (a conflict) cannot be linked here.
-            if node.is_none() && self.tree.lookup(h).is_some() {
+            if l1 && node.is_none() && self.tree.lookup(h).is_some() {
                 break;
             }
             let rec = self.lower.index.get(h);
-            let rec_level = rec.map_or(usize::MAX, |r| r.tier as usize + 1);
             let k = i as u32 + 1;
             for level in 0..4 {
                 if broken[level] {
                     continue;
                 }
-                let rec_here = rec.filter(|_| rec_level <= level);
+                let rec_here = rec.filter(|r| include(level, r.tier as usize));
                 let full_ok = node.is_some() || rec_here.is_some_and(|r| r.groups & full == full);
                 if !full_ok {
                     broken[level] = true;
@@ -272,13 +297,9 @@ impl KVCacheManager {
                     safe[level] = k;
                 }
             }
-            if broken[3] {
+            if broken.iter().all(|&b| b) {
                 break;
             }
-        }
-        // A level never does worse than the one above it.
-        for level in 1..4 {
-            safe[level] = safe[level].max(safe[level - 1]);
         }
         safe
     }
@@ -522,5 +543,53 @@ impl KVCacheManager {
         }
         let hits = self.tier_walk(&hashes, max_safe, &path);
         Ok(hits.map(|k| u64::from(k) * self.b()))
+    }
+}
+
+impl KVCacheManager {
+    /// Window-safe hit lengths in tokens that each lower tier (host, disk, remote) gives on its
+    /// own, without L1: what a request could resume from if L1 lost everything.
+    pub fn match_prefix_lower(&self, prompt: super::Prompt<'_>, salt: Option<&[u8]>) -> Result<[u64; 3]> {
+        let seed = crate::hash::root_seed(salt);
+        let hashes = self.prompt_hashes(&prompt, seed)?;
+        let max_safe = ((prompt.len() - 1) / self.b()) as u32;
+        Ok(self.lower_walk(&hashes, max_safe).map(|k| u64::from(k) * self.b()))
+    }
+}
+
+/// Where one block of a prompt lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockResidency {
+    /// Bit g set: L1 holds group g's block (its tree node).
+    pub device_groups: u16,
+    /// The lower tier holding a copy, and which groups it holds.
+    pub lower: Option<(Tier, u16)>,
+}
+
+impl KVCacheManager {
+    /// Where each whole block of a prompt lives, L1 and below (one entry per block, up to the
+    /// first block cached nowhere).
+    pub fn residency(&self, prompt: super::Prompt<'_>, salt: Option<&[u8]>) -> Result<Vec<BlockResidency>> {
+        let seed = crate::hash::root_seed(salt);
+        let hashes = self.prompt_hashes(&prompt, seed)?;
+        let mut path = Vec::new();
+        self.tree.walk(&hashes, 0, &mut path);
+        let mut out = Vec::new();
+        for (i, &h) in hashes.iter().enumerate() {
+            let mut device_groups = 0u16;
+            if let Some(&n) = path.get(i) {
+                for g in 0..self.spec.groups.len() {
+                    if self.tree.block(n, g) != 0 {
+                        device_groups |= 1 << g;
+                    }
+                }
+            }
+            let lower = self.lower.index.get(h).map(|r| (r.tier, r.groups));
+            if device_groups == 0 && lower.is_none() {
+                break;
+            }
+            out.push(BlockResidency { device_groups, lower });
+        }
+        Ok(out)
     }
 }
