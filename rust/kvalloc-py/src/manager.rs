@@ -2,6 +2,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+use kvalloc::tiers::{LowerCapacity, RemoteSetup, StoreSetup};
 use kvalloc::{
     Admission, Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt, Step,
 };
@@ -98,6 +99,13 @@ fn req_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     non_negative(obj, "req_id")
 }
 
+fn opt_non_negative(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<u64> {
+    match obj.filter(|o| !o.is_none()) {
+        Some(o) => non_negative(o, what),
+        None => Ok(0),
+    }
+}
+
 fn opt_positive(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<u64>> {
     match obj.filter(|o| !o.is_none()) {
         Some(o) => Ok(Some(positive(o, what)?)),
@@ -126,7 +134,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = false))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -136,6 +144,15 @@ impl PyKVCacheManager {
         eviction: &str,
         checkpoint_interval: Option<&Bound<'_, PyAny>>,
         slab_bytes: Option<&Bound<'_, PyAny>>,
+        host_bytes: Option<&Bound<'_, PyAny>>,
+        disk_dir: Option<std::path::PathBuf>,
+        disk_bytes: Option<&Bound<'_, PyAny>>,
+        remote_url: Option<String>,
+        remote_bytes: Option<&Bound<'_, PyAny>>,
+        remote_username: Option<String>,
+        remote_password: Option<String>,
+        remote_prefix: Option<String>,
+        write_through: bool,
     ) -> PyResult<Self> {
         let spec = spec.cast::<PyModelSpec>().map_err(|_| {
             invalid(
@@ -149,11 +166,27 @@ impl PyKVCacheManager {
             eviction: Eviction::parse(eviction).py()?,
             checkpoint_interval: opt_positive(checkpoint_interval, "checkpoint_interval")?,
             slab_bytes: opt_positive(slab_bytes, "slab_bytes")?,
+            lower: LowerCapacity {
+                host: opt_non_negative(host_bytes, "host_bytes")?,
+                disk: opt_non_negative(disk_bytes, "disk_bytes")?,
+                remote: opt_non_negative(remote_bytes, "remote_bytes")?,
+            },
+            write_through,
+            ..ManagerConfig::default()
+        };
+        let stores = StoreSetup {
+            disk_dir,
+            remote: remote_url.map(|url| RemoteSetup {
+                url,
+                username: remote_username,
+                password: remote_password,
+                key_prefix: remote_prefix,
+            }),
         };
         let capacity = positive(capacity_bytes, "capacity_bytes")?;
         let core_spec = spec.get().inner.clone();
         let m = py
-            .detach(|| KVCacheManager::new(core_spec, capacity, config))
+            .detach(|| KVCacheManager::with_setup(core_spec, capacity, config, stores))
             .py()?;
         Ok(PyKVCacheManager {
             inner: Mutex::new(m),
@@ -522,7 +555,122 @@ impl PyKVCacheManager {
             ],
         )?;
         d.set_item("evictions", evictions)?;
+        let tiers = PyDict::new(py);
+        for t in &s.tiers {
+            let c = t.counters;
+            let td = figures(
+                py,
+                &[
+                    ("capacity_bytes", t.capacity_bytes),
+                    ("used_bytes", t.used_bytes),
+                    ("records", t.records),
+                    ("promoted_tokens", t.promoted_tokens),
+                    ("bytes_written", c.bytes_written),
+                    ("bytes_read", c.bytes_read),
+                    ("records_in", c.records_in),
+                    ("evicted", c.evicted),
+                    ("write_failures", c.write_failures),
+                    ("read_failures", c.read_failures),
+                ],
+            )?;
+            td.set_item("real", t.real)?;
+            if let Some(sc) = t.store {
+                td.set_item(
+                    "store",
+                    figures(
+                        py,
+                        &[
+                            ("puts", sc.puts),
+                            ("gets", sc.gets),
+                            ("bytes_written", sc.bytes_written),
+                            ("bytes_read", sc.bytes_read),
+                            ("checksum_failures", sc.checksum_failures),
+                            ("writes_skipped_full", sc.writes_skipped_full),
+                            ("unavailable", sc.unavailable),
+                            ("io_errors", sc.io_errors),
+                        ],
+                    )?,
+                )?;
+            }
+            tiers.set_item(t.name, td)?;
+        }
+        d.set_item("tiers", tiers)?;
+        d.set_item("exposed_load_seconds", s.exposed_load_seconds)?;
+        d.set_item("promotion_failures", s.promotion_failures)?;
+        d.set_item("loads_in_flight", s.loads_in_flight)?;
         Ok(d)
+    }
+
+    /// Registers the engine's device buffer: a writable, C-contiguous numpy uint8 array of at
+    /// least `capacity_bytes` (group g's page p starts at byte `p * block_bytes[g]`). From then on
+    /// evictions write real bytes to the lower tiers and hits below L1 are copied back into it.
+    /// Call it before the first admission.
+    fn register_device(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<()> {
+        let dev = crate::tiers::device_from_numpy(buffer)?;
+        py.detach(|| {
+            self.lock()?
+                .register_device(std::sync::Arc::new(dev))
+                .py()
+        })
+    }
+
+    /// The loads a running request's hit waits for (promotions from host memory are copied
+    /// into the device buffer in the background, sliding layers first, then full layers in
+    /// order). Call `wait_layer(i)` before computing layer i.
+    fn load_handle(&self, req_id: &Bound<'_, PyAny>) -> PyResult<crate::tiers::PyLoadHandle> {
+        let req = req_arg(req_id)?;
+        Ok(crate::tiers::PyLoadHandle {
+            inner: self.lock()?.load_handle(req).py()?,
+        })
+    }
+
+    /// Blocks until every background load landed (tests, shutdown).
+    fn wait_loads(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            self.lock()?.wait_loads();
+            Ok(())
+        })
+    }
+
+    /// Window-safe hit lengths in tokens at each level: `{"device": L1 alone, "host": L1 and
+    /// host, "disk": ... and disk, "remote": ... and remote}`; changes nothing but may ask the
+    /// remote store which blocks it holds.
+    #[pyo3(signature = (tokens, salt = None))]
+    fn match_prefix_tiers<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        salt: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let prompt = OwnedPrompt::extract(tokens)?;
+        let salt = salt_arg(salt)?;
+        let h = py.detach(|| {
+            self.lock()?
+                .match_prefix_tiers(prompt.as_prompt(), salt.as_deref())
+                .py()
+        })?;
+        figures(py, &[("device", h[0]), ("host", h[1]), ("disk", h[2]), ("remote", h[3])])
+    }
+
+    /// Where each whole block of a prompt lives: a list of `(device_groups, tier, tier_groups)`
+    /// per block, where the groups are bit masks over `spec.groups` and `tier` is "host",
+    /// "disk", "remote" or None; it stops at the first block cached nowhere.
+    #[pyo3(signature = (tokens, salt = None))]
+    fn residency(
+        &self,
+        tokens: &Bound<'_, PyAny>,
+        salt: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Vec<(u16, Option<&'static str>, u16)>> {
+        let prompt = OwnedPrompt::extract(tokens)?;
+        let salt = salt_arg(salt)?;
+        let r = self.lock()?.residency(prompt.as_prompt(), salt.as_deref()).py()?;
+        Ok(r
+            .iter()
+            .map(|b| match b.lower {
+                Some((t, g)) => (b.device_groups, Some(t.name()), g),
+                None => (b.device_groups, None, 0),
+            })
+            .collect())
     }
 
     /// Checks every invariant; raises `InvariantError` naming the first violation.
