@@ -7,6 +7,10 @@
 //!
 //! [`store`] defines the byte-store interface and record format L3 and L4 share.
 
+pub mod disk;
+pub mod remote;
 pub mod store;
 
+pub use disk::{DiskOptions, DiskStore, RecoveryStats};
+pub use remote::{RemoteConfig, RemoteStore};
 pub use store::{BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError};
