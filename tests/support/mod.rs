@@ -141,6 +141,8 @@ impl RemoteServer {
                     return;
                 }
             }
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            assert!(exited.is_none(), "server on port {} exited: {exited:?} (bad arguments?)", self.port);
             assert!(Instant::now() < deadline, "server on port {} did not start", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }

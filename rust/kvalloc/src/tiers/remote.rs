@@ -179,7 +179,10 @@ impl RemoteStore {
     pub fn ping(&mut self) -> Result<(), StoreError> {
         self.buf.clear();
         push_command(&mut self.buf, &[b"PING"]);
-        self.exchange(1).map(|_| ())
+        match self.exchange(1)?.pop().expect("1 reply") {
+            Value::ServerError(e) => Err(self.server_error(e.into())),
+            _ => Ok(()),
+        }
     }
 
     /// Whether a connection is currently open.
