@@ -517,6 +517,24 @@ impl KVCacheManager {
         Self::with_stores(spec, capacity_bytes, config, None, None)
     }
 
+    /// A manager whose disk and remote tiers use the stores `setup` names (see
+    /// [`StoreSetup`](crate::tiers::StoreSetup)).
+    pub fn with_setup(
+        spec: ModelSpec,
+        capacity_bytes: u64,
+        config: ManagerConfig,
+        setup: crate::tiers::StoreSetup,
+    ) -> Result<Self> {
+        if setup.disk_dir.is_some() && config.lower.disk == 0 {
+            return Err(Error::invalid("disk_bytes", "a disk directory needs a positive disk_bytes"));
+        }
+        if setup.remote.is_some() && config.lower.remote == 0 {
+            return Err(Error::invalid("remote_bytes", "a remote store needs a positive remote_bytes"));
+        }
+        let (disk, remote) = setup.open(&spec, config.block_tokens)?;
+        Self::with_stores(spec, capacity_bytes, config, disk, remote)
+    }
+
     /// A manager whose disk (L3) and remote (L4) tiers keep real bytes in the given stores
     /// (`None`: the tier, if it has a capacity, is virtual: counted, no bytes).
     pub fn with_stores(

@@ -8,15 +8,21 @@
 //! [`store`] defines the byte-store interface and record format L3 and L4 share.
 
 pub mod device;
+pub mod disk;
 pub mod index;
 pub mod loader;
 pub mod lower;
 pub mod overlap;
+pub mod remote;
+pub mod setup;
 pub mod store;
 
 pub use device::{DeviceBuffer, HostBuffer};
+pub use disk::{DiskOptions, DiskStore, RecoveryStats};
 pub use index::{LowerIndex, Record, Tier};
 pub use loader::{LoadHandle, LoadJob};
 pub use lower::{BlockShape, LowerCapacity, LowerTiers, TierCounters};
 pub use overlap::{LoadBytes, OverlapModel};
+pub use remote::{RemoteConfig, RemoteStore};
+pub use setup::{namespace, RemoteSetup, StoreSetup};
 pub use store::{BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError};

@@ -1,0 +1,67 @@
+//! Opening the real byte stores behind the disk and remote tiers from plain settings.
+
+use std::path::PathBuf;
+
+use super::disk::DiskStore;
+use super::remote::{RemoteConfig, RemoteStore};
+use super::store::BlockStore;
+use crate::error::Result;
+use crate::spec::ModelSpec;
+
+/// Where the remote store is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteSetup {
+    /// `redis://[[user]:password@]host:port[/db]`.
+    pub url: String,
+    /// ACL user name (overrides the URL's).
+    pub username: Option<String>,
+    /// Password (overrides the URL's).
+    pub password: Option<String>,
+    /// Key prefix (default "kvalloc").
+    pub key_prefix: Option<String>,
+}
+
+/// The real stores to open (a tier with a capacity but no store is virtual: counted, no bytes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoreSetup {
+    /// Directory of the disk tier's files.
+    pub disk_dir: Option<PathBuf>,
+    /// The remote store.
+    pub remote: Option<RemoteSetup>,
+}
+
+/// The namespace of a model's records: its geometry and the block size, so that records of
+/// different models (or block sizes) never mix. Tenants are kept apart by the hash chain, which
+/// is seeded from the tenant salt.
+pub fn namespace(spec: &ModelSpec, block_tokens: u32) -> u64 {
+    let mut b = spec.fingerprint().to_le_bytes().to_vec();
+    b.extend_from_slice(&block_tokens.to_le_bytes());
+    crate::hash::digest(&b)
+}
+
+type Stores = (Option<Box<dyn BlockStore>>, Option<Box<dyn BlockStore>>);
+
+impl StoreSetup {
+    /// Opens the stores. A remote server that is down is not an error (its calls miss until it
+    /// is back); a malformed URL or an unusable directory is.
+    pub fn open(&self, spec: &ModelSpec, block_tokens: u32) -> Result<Stores> {
+        let ns = namespace(spec, block_tokens);
+        let disk: Option<Box<dyn BlockStore>> = match &self.disk_dir {
+            Some(dir) => Some(Box::new(DiskStore::open(dir, ns)?)),
+            None => None,
+        };
+        let remote: Option<Box<dyn BlockStore>> = match &self.remote {
+            Some(r) => {
+                let mut cfg = RemoteConfig::new(r.url.clone(), ns);
+                cfg.username = r.username.clone();
+                cfg.password = r.password.clone();
+                if let Some(p) = &r.key_prefix {
+                    cfg.key_prefix = p.clone();
+                }
+                Some(Box::new(RemoteStore::open(cfg)?))
+            }
+            None => None,
+        };
+        Ok((disk, remote))
+    }
+}

