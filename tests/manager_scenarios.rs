@@ -232,7 +232,9 @@ fn chunked_prefill_matches_one_shot() {
         let left = 1000 - b.num_tokens(1).unwrap();
         assert!(b.extend(1, Extension::Count(left.min(256))).unwrap());
         b.validate().unwrap();
-        assert!(b.stats().groups[1].running <= 9);
+        // The chunk's own window plus the window before it, which the step computing the
+        // chunk still reads: at most 2 * (ceil(128 / 16) + 1).
+        assert!(b.stats().groups[1].running <= 18);
     }
     for m in [&mut a, &mut b] {
         m.extend(1, Extension::Tokens(&[7, 8, 9])).unwrap();

@@ -624,6 +624,15 @@ impl PyKVCacheManager {
         })
     }
 
+    /// Writes every cached block that has no lower copy into the lower tiers, keeping it
+    /// cached: call it before a planned shutdown so a restart finds the cache on disk.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            self.lock()?.flush();
+            Ok(())
+        })
+    }
+
     /// Blocks until every background load landed (tests, shutdown).
     fn wait_loads(&self, py: Python<'_>) -> PyResult<()> {
         py.detach(|| {

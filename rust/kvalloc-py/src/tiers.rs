@@ -2,8 +2,8 @@
 
 use std::time::Duration;
 
-use kvalloc::tiers::{DeviceBuffer, HostBuffer, LoadHandle};
-use numpy::{PyUntypedArray, PyUntypedArrayMethods};
+use kvalloc::tiers::{HostBuffer, LoadHandle};
+use numpy::{PyReadwriteArrayDyn, PyUntypedArray};
 use pyo3::prelude::*;
 
 use crate::convert::type_name;
@@ -13,38 +13,30 @@ use crate::errors::invalid;
 /// kept alive by the buffer; kvalloc copies blocks in and out of it (see the block layout in
 /// the README) without holding the GIL.
 pub fn device_from_numpy(buffer: &Bound<'_, PyAny>) -> PyResult<HostBuffer> {
-    let arr = buffer.cast::<PyUntypedArray>().map_err(|_| {
-        invalid(
+    if buffer.cast::<PyUntypedArray>().is_err() {
+        return Err(invalid(
             "buffer",
             format!("expected a numpy uint8 array, got {}", type_name(buffer)),
+        ));
+    }
+    let mut arr = buffer.extract::<PyReadwriteArrayDyn<'_, u8>>().map_err(|e| {
+        invalid(
+            "buffer",
+            format!("expected a writeable numpy uint8 array not borrowed elsewhere ({e})"),
         )
     })?;
-    let dtype = arr.dtype();
-    if dtype.itemsize() != 1 || dtype.kind() != b'u' {
-        return Err(invalid("buffer", format!("expected dtype uint8, got {dtype}")));
-    }
-    if !arr.is_c_contiguous() {
-        return Err(invalid("buffer", "the array must be C-contiguous"));
-    }
-    // SAFETY: reading the flags field of a live array object.
-    let writeable = unsafe { (*arr.as_array_ptr()).flags & numpy::npyffi::NPY_ARRAY_WRITEABLE != 0 };
-    if !writeable {
-        return Err(invalid("buffer", "the array must be writeable"));
-    }
-    let len: usize = arr.shape().iter().product();
-    // SAFETY: a C-contiguous uint8 array's data pointer is valid for `len` bytes for as long as
-    // the array object lives; the buffer holds a strong reference to it, and numpy refuses to
-    // resize an array that other references point to.
-    let ptr = unsafe { (*arr.as_array_ptr()).data.cast::<u8>() };
+    let slice = arr
+        .as_slice_mut()
+        .map_err(|_| invalid("buffer", "the array must be C-contiguous"))?;
+    let (ptr, len) = (slice.as_mut_ptr(), slice.len());
+    drop(arr); // the pointer stays valid: the buffer keeps the array object alive
     let owner: Py<PyAny> = buffer.clone().unbind();
-    // SAFETY: as above.
+    // SAFETY: a contiguous array's data pointer is valid for `len` bytes for as long as the
+    // array object lives; the buffer holds a strong reference to it, and numpy refuses to
+    // resize an array that other references point to.
     Ok(unsafe { HostBuffer::from_raw(ptr, len, Box::new(owner)) })
 }
 
-/// Bytes of a device buffer (for error messages).
-pub fn device_len(d: &dyn DeviceBuffer) -> u64 {
-    d.len()
-}
 
 /// What an engine waits on before computing a request's layers: the loads that bring its hit
 /// into the device buffer (done at once for L1 hits).

@@ -17,8 +17,11 @@
 //!   entry is [`NULL_PAGE`]. An engine's prefill kernel writes KV only where the table has a page
 //!   and attends to the chunk's own freshly computed keys elsewhere (as flash-attention prefill
 //!   does).
-//!   A running request therefore never holds more than `ceil(W / B) + 1` private blocks per
-//!   sliding group.
+//!   Blocks leave the table at the request's *next* call, not in the call that schedules a
+//!   range: the engine's step over `[start, end)` still reads the window before `start` and
+//!   writes every block of the range (a checkpoint's extra block included). A decoding request
+//!   therefore never holds more than `ceil(W / B) + 1` private blocks per sliding group; while a
+//!   chunk of `n` tokens is computed, `ceil((W + n - 1) / B) + 1`.
 //!
 //! ## Checkpoints (swa-aware policy)
 //! SWA KV is kept as windows ending where later requests resume:
@@ -336,6 +339,8 @@ struct Request {
     stamp: u64,
     /// Loads its hit waits for (promotions from host memory in flight at admission).
     loads: Vec<Arc<LoadJob>>,
+    /// Where the last scheduled range began (its step still reads the window before it).
+    last_start: u64,
 }
 
 /// The KV cache manager. See the module docs.
@@ -423,8 +428,9 @@ impl BlockMath {
 
 /// Releases a running request's sliding-window blocks below the window ending at its last
 /// whole-block boundary `E` (the window `[E - W, E)` may still become the output-end
-/// checkpoint) and below block `keep_from`: private blocks go back to the arena, tree blocks are
-/// simply no longer referenced. Returns how many blocks went back. A free function over the fields it needs, so
+/// checkpoint), keeping what the step computing tokens from `keep_start` on reads and writes
+/// (`u64::MAX`: nothing extra): private blocks go back to the arena, tree blocks are simply no
+/// longer referenced. Returns how many blocks went back. A free function over the fields it needs, so
 /// the decode path can call it while holding the request.
 fn release_below_window(
     bm: BlockMath,
@@ -433,7 +439,7 @@ fn release_below_window(
     arena: &mut SlabArena,
     r: &mut Request,
     scratch: &mut Vec<Handle>,
-    keep_from: u64,
+    keep_start: u64,
 ) -> u64 {
     scratch.clear();
     let whole = bm.floor(r.len) * bm.b;
@@ -442,24 +448,24 @@ fn release_below_window(
         let wf = bm
             .floor(whole.saturating_sub(u64::from(w)))
             .min(r.tables[g].len() as u64);
-        let mut floor = wf;
+        // The step that computes `[keep_start, len)` reads keys from `keep_start + 1 - W` on
+        // and writes every block of the range: those stay in the table until the next call.
+        let keep_from = match keep_start {
+            u64::MAX => u64::MAX,
+            s => bm.floor((s + 1).saturating_sub(u64::from(w))),
+        };
+        let wf = wf.min(keep_from);
         for i in r.swa_floor[g]..wf {
-            let h = r.tables[g][i as usize];
+            let h = std::mem::replace(&mut r.tables[g][i as usize], 0);
             let shared = r
                 .path
                 .get(i as usize)
                 .is_some_and(|&node| tree.block(node, g) == h);
-            if h != 0 && shared && i >= keep_from {
-                // A checkpoint block the engine writes in this step: it leaves the table later.
-                floor = floor.min(i);
-                continue;
-            }
-            r.tables[g][i as usize] = 0;
             if h != 0 && !shared {
                 scratch.push(h);
             }
         }
-        r.swa_floor[g] = r.swa_floor[g].max(floor);
+        r.swa_floor[g] = r.swa_floor[g].max(wf);
     }
     if !scratch.is_empty() {
         arena
@@ -1049,9 +1055,9 @@ impl KVCacheManager {
                 r.created_ckpts.push(n);
             }
         }
-        // 6. Release SWA blocks that left the window, except those scheduled by this call: the
-        // engine has yet to write them (a checkpoint's extra block below the window is in the
-        // table until the next extension, or the tree would keep a block nobody computed).
+        // 6. Release SWA blocks that left the window, except what the engine's step over
+        // `[start, end)` still reads (the window before `start`) or writes (a checkpoint's extra
+        // block below the new window): those go at the request's next call.
         if self.swa_aware() {
             self.window_released += release_below_window(
                 self.bm,
@@ -1060,8 +1066,9 @@ impl KVCacheManager {
                 &mut self.arena,
                 r,
                 &mut self.scratch_handles,
-                first_blk,
+                start,
             );
+            r.last_start = start;
         }
         Ok(true)
     }
@@ -1219,8 +1226,10 @@ impl KVCacheManager {
                 r.tables[g].push(scratch_handles[0]);
             }
         }
-        // The window's floor moves only when a block boundary is crossed.
-        let crossed = bm.floor(end) != bm.floor(r.len);
+        // The window's floor moves only when a block boundary is crossed, or after a chunk
+        // (whose step kept the window before it).
+        let crossed = bm.floor(end) != bm.floor(r.len) || r.len - r.last_start.min(r.len) > 1;
+        r.last_start = r.len;
         r.len = end;
         if swa_aware && crossed {
             *window_released +=
@@ -1639,7 +1648,11 @@ impl KVCacheManager {
                     }
                 }
                 if let (Some(w), true) = (self.window(g), self.swa_aware()) {
-                    let bound = u64::from(w).div_ceil(b) + 1;
+                    // The running window, or, while a chunk is computed, the window before it
+                    // plus the chunk.
+                    let chunk = r.len - r.last_start.min(r.len);
+                    let bound = (u64::from(w).div_ceil(b) + 1)
+                        .max((u64::from(w) + chunk.saturating_sub(1)).div_ceil(b) + 1);
                     if private_swa > bound {
                         return bad(format!(
                             "request {id} group {g}: {private_swa} private SWA blocks > {bound}"

@@ -769,6 +769,15 @@ impl PrefixTree {
     }
 
     /// Every block the tree holds, as (group, handle).
+    /// Live, non-doomed nodes, deepest first.
+    pub fn nodes_deepest_first(&self) -> Vec<NodeId> {
+        let mut v: Vec<NodeId> = (0..self.nodes.len() as NodeId)
+            .filter(|&n| self.nodes[n as usize].alive && !self.nodes[n as usize].doomed)
+            .collect();
+        v.sort_by_key(|&n| std::cmp::Reverse(self.nodes[n as usize].depth));
+        v
+    }
+
     pub fn for_each_block(&self, mut f: impl FnMut(usize, Handle)) {
         let g = self.g();
         for (i, node) in self.nodes.iter().enumerate() {

@@ -150,12 +150,27 @@ impl KVCacheManager {
         }
     }
 
+    /// Writes every cached L1 block that has no lower copy into the lower tiers (full KV of
+    /// every block, SWA KV where a checkpoint covers it), keeping it in L1: call it before a
+    /// planned shutdown so a restart finds the whole cache on disk (or in the remote store).
+    pub fn flush(&mut self) {
+        if !self.lower.active() {
+            return;
+        }
+        let nodes = self.tree.nodes_deepest_first();
+        self.put_nodes(&nodes, None);
+    }
+
     /// Writes a finished request's cached path through to the remote store (full KV of every
     /// block, SWA KV where a checkpoint covers it).
     pub(super) fn write_through(&mut self, path: &[NodeId]) {
         if !self.config.write_through || !self.lower.present(Tier::Remote) {
             return;
         }
+        self.put_nodes(path, Some(Tier::Remote));
+    }
+
+    fn put_nodes(&mut self, path: &[NodeId], first: Option<Tier>) {
         let device = self.device.clone();
         let mut entries = Vec::with_capacity(MAX_GROUPS);
         for &n in path {
@@ -170,7 +185,7 @@ impl KVCacheManager {
             let hash = self.tree.hash_of(n);
             let depth = self.tree.depth(n);
             let ckpt = self.tree.is_checkpoint(n);
-            self.lower.put_block(hash, depth, ckpt, &entries, device.as_deref(), Some(Tier::Remote));
+            self.lower.put_block(hash, depth, ckpt, &entries, device.as_deref(), first);
         }
     }
 

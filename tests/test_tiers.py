@@ -1,0 +1,202 @@
+"""Tiers with real bytes through the Python API: host memory, disk files, a real Valkey/Redis
+server (started by scripts/remote-store.sh), restarts, corruption, a killed server, two
+processes sharing one store, and bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import kvalloc
+from tier_engine import Engine, conversation, resume, spec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_host_round_trip_random_bytes_layer_by_layer():
+    e = Engine(host_bytes=4 << 20)
+    first = conversation(0, 3)
+    assert e.serve(first) == 0
+    e.churn(range(10, 30))
+    nxt = conversation(0, 4)
+    hits = e.m.match_prefix_tiers(nxt)
+    assert hits["device"] < resume(first) == hits["host"], hits
+    assert e.serve(nxt) == resume(first)  # bytes checked inside, layer by layer
+    st = e.m.stats()
+    assert st["tiers"]["host"]["promoted_tokens"] > 0
+    assert st["tiers"]["host"]["real"] is True
+    assert st["exposed_load_seconds"] >= 0.0
+
+
+def test_disk_tier_round_trip_and_restart(tmp_path):
+    kw = dict(host_bytes=64 << 10, disk_dir=str(tmp_path), disk_bytes=64 << 20)
+    e = Engine(**kw)
+    convs = [conversation(f, 3) for f in range(6)]
+    for c in convs:
+        e.serve(c)
+    e.churn(range(10, 40))
+    assert e.m.stats()["tiers"]["disk"]["records"] > 0
+    files = list(tmp_path.rglob("*.kvb"))
+    assert files, "real files under the directory"
+    e.m.flush()  # a planned shutdown: everything cached goes to the lower tiers
+    e.m.validate()
+    del e  # the process "restarts": a new manager, a new (empty) device buffer, the same dir
+    e2 = Engine(**kw)
+    st = e2.m.stats()["tiers"]["disk"]
+    assert st["records"] > 0, "the disk index is recovered"
+    served_from_disk = 0
+    for c in convs:
+        nxt = np.concatenate([c, [7, 7, 7]])
+        hits = e2.m.match_prefix_tiers(nxt)
+        if hits["disk"] > hits["host"]:
+            assert e2.serve(nxt) == hits["disk"]  # bytes checked
+            served_from_disk += 1
+    assert served_from_disk > 0
+    assert e2.m.stats()["tiers"]["disk"]["promoted_tokens"] > 0
+
+
+def test_corrupted_disk_record_is_a_miss_never_wrong_bytes(tmp_path):
+    kw = dict(host_bytes=0, disk_dir=str(tmp_path), disk_bytes=64 << 20)
+    e = Engine(**kw)
+    first = conversation(0, 3)
+    e.serve(first)
+    e.churn(range(10, 30))
+    nxt = conversation(0, 4)
+    assert e.m.match_prefix_tiers(nxt)["disk"] == resume(first)
+    for f in tmp_path.rglob("*.kvb"):  # flip one payload byte in every record
+        data = bytearray(f.read_bytes())
+        data[-1] ^= 0xFF
+        f.write_bytes(bytes(data))
+    hit = e.serve(nxt)  # bytes of whatever is served are checked inside
+    assert hit is not None and hit < resume(first)
+    st = e.m.stats()
+    assert st["promotion_failures"] > 0
+    assert st["tiers"]["disk"]["store"]["checksum_failures"] > 0
+
+
+def test_torn_disk_record_detected_after_restart(tmp_path):
+    kw = dict(host_bytes=0, disk_dir=str(tmp_path), disk_bytes=64 << 20)
+    e = Engine(**kw)
+    e.serve(conversation(0, 3))
+    e.churn(range(10, 30))
+    n = e.m.stats()["tiers"]["disk"]["records"]
+    del e
+    files = sorted(tmp_path.rglob("*.kvb"))
+    f = files[0]
+    f.write_bytes(f.read_bytes()[:20])  # a torn write
+    e2 = Engine(**kw)
+    assert e2.m.stats()["tiers"]["disk"]["records"] < n
+    assert not f.exists(), "the torn record is removed on recovery"
+    e2.churn(range(50, 55))  # still serves, with checked bytes
+
+
+def test_remote_round_trip(remote_server):
+    e = Engine(remote_url=remote_server.url, remote_bytes=64 << 20)
+    first = conversation(0, 3)
+    e.serve(first)
+    e.churn(range(10, 30))
+    nxt = conversation(0, 4)
+    hits = e.m.match_prefix_tiers(nxt)
+    assert hits["remote"] == resume(first) > hits["device"], hits
+    assert e.serve(nxt) == resume(first)
+    st = e.m.stats()["tiers"]["remote"]
+    assert st["real"] and st["promoted_tokens"] > 0 and st["store"]["puts"] > 0
+
+
+def test_remote_killed_mid_run_then_back(remote_server):
+    e = Engine(remote_url=remote_server.url, remote_bytes=64 << 20)
+    e.churn(range(0, 10))
+    remote_server.stop()
+    # No exception reaches the engine's step; evictions that cannot be written are counted.
+    for f in range(10, 30):
+        out = e.m.step(admit=[(10_000 + f, conversation(f, 2))])
+        assert len(out[0]) == 1
+        if out[0][0] >= 0:
+            e.m.finish(10_000 + f)
+    st = e.m.stats()["tiers"]["remote"]
+    assert st["store"]["unavailable"] > 0 or st["write_failures"] > 0
+    e.m.validate()
+    remote_server.start()
+    import time
+
+    time.sleep(0.3)  # past the reconnect back-off
+    first = conversation(99, 3)
+    e.serve(first)
+    e.churn(range(40, 60))
+    assert e.serve(conversation(99, 4)) == resume(first), "service resumes once the store is back"
+
+
+def test_remote_password(remote_server_with_password):
+    s = remote_server_with_password
+    ok = Engine(remote_url=s.url, remote_bytes=64 << 20, remote_password=s.password)
+    first = conversation(0, 3)
+    ok.serve(first)
+    ok.churn(range(10, 30))
+    assert ok.m.match_prefix_tiers(conversation(0, 4))["remote"] == resume(first)
+    bad = Engine(remote_url=s.url, remote_bytes=64 << 20, remote_password="wrong")
+    bad.serve(first)
+    bad.churn(range(10, 30))  # no exception: the store is unavailable to it
+    assert bad.m.stats()["tiers"]["remote"]["store"]["unavailable"] > 0
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    from tier_engine import Engine, conversation
+    e = Engine(remote_url={url!r}, remote_bytes=64 << 20, write_through=True)
+    assert e.serve(conversation(5, 3)) == 0
+    print("ok")
+    """
+)
+
+
+def test_two_processes_share_the_remote_store(remote_server):
+    code = WRITER.format(tests=str(ROOT / "tests"), url=remote_server.url)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # A second instance (this process) never saw the conversation; the store has it.
+    e = Engine(remote_url=remote_server.url, remote_bytes=64 << 20)
+    nxt = conversation(5, 4)
+    hits = e.m.match_prefix_tiers(nxt)
+    assert hits["device"] == 0 and hits["remote"] == resume(conversation(5, 3)), hits
+    assert e.serve(nxt) == resume(conversation(5, 3))  # bytes written by the other process
+
+
+def test_other_models_never_share_remote_records(remote_server):
+    e = Engine(remote_url=remote_server.url, remote_bytes=64 << 20, write_through=True)
+    e.serve(conversation(5, 3))
+    other = kvalloc.ModelSpec.from_hf_config({**__import__("tier_engine").CONFIG, "head_dim": 16})
+    m = kvalloc.KVCacheManager(other, 1 << 20, remote_url=remote_server.url, remote_bytes=64 << 20)
+    m.register_device(np.zeros(1 << 20, np.uint8))
+    assert m.match_prefix_tiers(conversation(5, 4))["remote"] == 0
+
+
+def test_register_device_bad_input():
+    m = kvalloc.KVCacheManager(spec(), 96 << 10, host_bytes=1 << 20)
+    with pytest.raises(kvalloc.InvalidArgumentError, match="uint8"):
+        m.register_device(np.zeros(96 << 10, np.float32))
+    with pytest.raises(kvalloc.InvalidArgumentError, match="bytes"):
+        m.register_device(np.zeros(1024, np.uint8))
+    with pytest.raises(kvalloc.InvalidArgumentError):
+        m.register_device([0] * 10)
+    ro = np.zeros(96 << 10, np.uint8)
+    ro.flags.writeable = False
+    with pytest.raises(kvalloc.InvalidArgumentError):
+        m.register_device(ro)
+    m.admit(1, np.arange(40))
+    with pytest.raises(kvalloc.InvalidArgumentError, match="before the first admission"):
+        m.register_device(np.zeros(96 << 10, np.uint8))
+    with pytest.raises(kvalloc.InvalidArgumentError, match="disk_bytes"):
+        kvalloc.KVCacheManager(spec(), 96 << 10, disk_dir="/tmp/x")
+    with pytest.raises(kvalloc.InvalidArgumentError, match="url"):
+        kvalloc.KVCacheManager(spec(), 96 << 10, remote_url="not a url", remote_bytes=1 << 20)
+    with pytest.raises(kvalloc.InvalidArgumentError):
+        m.load_handle(1).wait_layer(0, timeout=-1)
+    with pytest.raises(kvalloc.RequestError):
+        m.load_handle(12345)
