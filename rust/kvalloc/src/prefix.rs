@@ -768,7 +768,6 @@ impl PrefixTree {
         (held, tomb)
     }
 
-    /// Every block the tree holds, as (group, handle).
     /// Live, non-doomed nodes, deepest first.
     pub fn nodes_deepest_first(&self) -> Vec<NodeId> {
         let mut v: Vec<NodeId> = (0..self.nodes.len() as NodeId)
@@ -778,6 +777,7 @@ impl PrefixTree {
         v
     }
 
+    /// Calls `f(group, handle)` for every block the tree holds.
     pub fn for_each_block(&self, mut f: impl FnMut(usize, Handle)) {
         let g = self.g();
         for (i, node) in self.nodes.iter().enumerate() {

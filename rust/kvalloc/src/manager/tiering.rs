@@ -150,15 +150,19 @@ impl KVCacheManager {
         }
     }
 
-    /// Writes every cached L1 block that has no lower copy into the lower tiers (full KV of
-    /// every block, SWA KV where a checkpoint covers it), keeping it in L1: call it before a
-    /// planned shutdown so a restart finds the whole cache on disk (or in the remote store).
+    /// Persists the cache for a planned shutdown: host-memory records move down to disk (or
+    /// the remote store), and every cached L1 block without a lower copy is written there too
+    /// (full KV of every block, SWA KV where a checkpoint covers it), staying cached in L1. A
+    /// restart then finds the whole cache on disk. Without a disk or remote tier it does
+    /// nothing.
     pub fn flush(&mut self) {
-        if !self.lower.active() {
+        let Some(durable) = self.lower.durable() else {
             return;
-        }
+        };
+        self.wait_loads();
+        self.lower.persist_host();
         let nodes = self.tree.nodes_deepest_first();
-        self.put_nodes(&nodes, None);
+        self.put_nodes(&nodes, Some(durable));
     }
 
     /// Writes a finished request's cached path through to the remote store (full KV of every

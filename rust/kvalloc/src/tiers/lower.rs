@@ -537,6 +537,28 @@ impl LowerTiers {
         }
     }
 
+    /// The tier a planned shutdown writes to: disk, else remote (None: nothing survives).
+    pub fn durable(&self) -> Option<Tier> {
+        self.next_present(Some(Tier::Disk))
+    }
+
+    /// Moves every host-memory record down to the durable tiers (host memory does not survive
+    /// a restart). Records that do not fit are dropped, as in any move down.
+    pub fn persist_host(&mut self) {
+        if self.durable().is_none() || !self.present(Tier::Host) {
+            return;
+        }
+        let hashes: Vec<u64> = self
+            .index
+            .iter()
+            .filter(|(_, r)| r.tier == Tier::Host && r.pins == 0)
+            .map(|(h, _)| h)
+            .collect();
+        for h in hashes {
+            self.move_down(h);
+        }
+    }
+
     /// Drops a record that failed a read.
     pub fn forget(&mut self, hash: u64) {
         self.drop_record(hash);
