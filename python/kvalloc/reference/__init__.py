@@ -15,10 +15,11 @@ those of the same model recomputing everything without a cache (``serving.mismat
 from kvalloc.reference.engine import Engine, EngineError, Request
 from kvalloc.reference.kv_buffer import MissingKVError, PagedKVBuffer
 from kvalloc.reference.model import TinyHybridModel, default_config, reference_logits
-from kvalloc.reference.serving import Conversation, mismatches, serve
+from kvalloc.reference.serving import Conversation, conversation_mismatches, mismatches, serve
 
 __all__ = [
     "Conversation",
+    "conversation_mismatches",
     "Engine",
     "EngineError",
     "MissingKVError",

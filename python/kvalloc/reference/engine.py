@@ -55,6 +55,8 @@ class Request:
     """Tokens whose KV the engine has computed in the current admission."""
     admitted_len: int = 0
     """Tokens given to the manager as this admission's prompt."""
+    admit_seq: int = 0
+    """Admission order (the newest is preempted first)."""
 
     @property
     def outputs(self) -> list[int]:
@@ -174,8 +176,8 @@ class Engine:
         self.stats.steps += 1
         finish = [r.req_id for r in self._finish_next]
         self._finish_next = []
-        preempted: list[Request] = []
         scheduled: list[tuple[Request, int, int]] = []
+        refused: list[Request] = []
 
         # 1a. Finishes and preemptions free memory first; then one decode token per request.
         decode = [r for r in self._running.values() if r.computed >= r.admitted_len]
@@ -184,23 +186,37 @@ class Engine:
             extend_ids=[r.req_id for r in decode],
             extend_tokens=np.array([r.tokens[r.computed] for r in decode], dtype=np.int64),
         )
-        self._take(decode, ok, 1, scheduled, preempted)
+        for r, fit in zip(decode, ok):
+            (scheduled.append((r, r.computed, r.computed + 1)) if fit else refused.append(r))
         # 1b. The next chunk of requests still in their prompt. (m.step takes token ids or
         # counts for its extensions, not both, hence a second call.)
         prefill = [r for r in self._running.values() if r.computed < r.admitted_len]
-        counts = [
-            self.prefill_end(r.computed, min(r.computed + self.prefill_chunk, r.admitted_len)) - r.computed
-            for r in prefill
-        ]
         if prefill:
-            _, ok = self.m.step(extend_ids=[r.req_id for r in prefill], extend_counts=counts)
-            for r, n, fit in zip(prefill, counts, ok):
-                self._take([r], [fit], n, scheduled, preempted)
-        # 1c. Admissions, oldest first, while there is room (none after a preemption: memory
-        # is short).
+            ends = [self.prefill_end(r.computed, min(r.computed + self.prefill_chunk, r.admitted_len)) for r in prefill]
+            _, ok = self.m.step(
+                extend_ids=[r.req_id for r in prefill],
+                extend_counts=[e - r.computed for r, e in zip(prefill, ends)],
+            )
+            for r, e, fit in zip(prefill, ends, ok):
+                (scheduled.append((r, r.computed, e)) if fit else refused.append(r))
+        # 1c. Out of memory: preempt the newest refused request (finish it next step, so its
+        # computed blocks stay cached, and admit it again before new requests). The others
+        # refused wait a step: the memory it frees lets the oldest requests go on.
+        if refused:
+            victim = max(refused, key=lambda r: r.admit_seq)
+            if len(self._running) == 1:
+                raise EngineError(f"request {victim.req_id} cannot grow past {victim.computed} tokens in the budget")
+            del self._running[victim.req_id]
+            victim.preemptions += 1
+            self.stats.preemptions += 1
+            self._finish_next.append(victim)
+            self._waiting.appendleft(victim)
+        # 1d. Admissions, oldest first, while there is room (none when memory is short).
         chunk = self._admission_chunk()
-        while self._waiting and len(self._running) < self.max_running and not preempted:
+        while self._waiting and len(self._running) < self.max_running and not refused:
             r = self._waiting[0]
+            if r in self._finish_next:
+                break  # preempted this step: not finished yet
             hit = self.m.admit(r.req_id, np.array(r.tokens, dtype=np.int64), max_tokens=chunk)
             if hit is None:
                 if not self._running and not finish:
@@ -208,11 +224,12 @@ class Engine:
                 break
             self._waiting.popleft()
             self._running[r.req_id] = r
+            self.stats.admissions += 1
+            self.stats.hit_tokens += hit
+            r.admit_seq = self.stats.admissions
             r.hits.append(hit)
             r.admitted_len = len(r.tokens)
             r.computed = hit
-            self.stats.admissions += 1
-            self.stats.hit_tokens += hit
             scheduled.append((r, hit, self.m.num_tokens(r.req_id)))
         if self.validate:
             self.m.validate()
@@ -225,28 +242,7 @@ class Engine:
                 del self._running[r.req_id]
                 self._finish_next.append(r)
                 completed.append(r)
-        # Preempted requests: finished next step, admitted again before new ones.
-        for r in reversed(preempted):
-            del self._running[r.req_id]
-            self._finish_next.append(r)
-            self._waiting.appendleft(r)
         return completed
-
-    def _take(
-        self,
-        reqs: list[Request],
-        ok: npt.ArrayLike,
-        counts: int,
-        scheduled: list[tuple[Request, int, int]],
-        preempted: list[Request],
-    ) -> None:
-        for r, fit in zip(reqs, np.asarray(ok)):
-            if fit:
-                scheduled.append((r, r.computed, r.computed + counts))
-            else:
-                r.preemptions += 1
-                self.stats.preemptions += 1
-                preempted.append(r)
 
     def run(self, max_steps: int = 100_000) -> None:
         """Steps until every submitted request has completed and been finished."""

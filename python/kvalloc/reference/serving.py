@@ -56,10 +56,14 @@ def serve(engine: Engine, conversations: list[Conversation], max_steps: int = 10
     raise EngineError(f"conversations not done after {max_steps} steps")
 
 
-def mismatches(model: TinyHybridModel, r: Request) -> list[str]:
+def mismatches(model: TinyHybridModel, r: Request, want: npt.NDArray[np.float32] | None = None) -> list[str]:
     """Differences between the logits the engine computed for a request and those of the
-    cache-free model over the same tokens, compared bit for bit (empty when identical)."""
-    want = reference_logits(model, r.tokens[:-1])
+    cache-free model over the same tokens, compared bit for bit (empty when identical).
+
+    ``want``: the cache-free logits of a sequence that starts with ``r.tokens[:-1]`` (the model
+    is causal, so one pass over a conversation's final history serves all its turns)."""
+    if want is None:
+        want = reference_logits(model, r.tokens[:-1])
     out = []
     positions = range(r.prompt_len - 1, len(r.tokens) - 1)
     if sorted(r.logits) != list(positions):
@@ -69,4 +73,17 @@ def mismatches(model: TinyHybridModel, r: Request) -> list[str]:
         if got is not None and not np.array_equal(got.view(np.uint32), want[pos].view(np.uint32)):
             diff = float(np.nanmax(np.abs(got - want[pos]))) if np.isfinite(got).all() else float("nan")
             out.append(f"request {r.req_id}: logits at position {pos} differ (max abs diff {diff})")
+    return out
+
+
+def conversation_mismatches(model: TinyHybridModel, c: Conversation) -> list[str]:
+    """:func:`mismatches` for every turn, against one cache-free pass over the conversation
+    (each turn's tokens are a prefix of the final history)."""
+    history = c.history
+    want = reference_logits(model, history[:-1])
+    out = []
+    for r in c.turns:
+        if history[: len(r.tokens)] != r.tokens:
+            out.append(f"request {r.req_id}: its tokens are not a prefix of the conversation")
+        out += mismatches(model, r, want)
     return out
