@@ -175,23 +175,22 @@ class TinyHybridModel:
         """Softmax attention of one query over ``keys [n, kv_heads, k_dim]`` and ``values
         [n, kv_heads, v_dim]`` in position order; returns ``[q_heads * v_dim]``."""
         g = self.layers[layer]
-        group = g.q_heads // g.kv_heads
-        kh = np.repeat(keys, group, axis=1)  # [n, q_heads, k_dim]
-        vh = np.repeat(values, group, axis=1)  # [n, q_heads, v_dim]
-        # Scores [n, q_heads]: sum over k_dim, moved to the first axis of a fresh array.
-        prod = np.ascontiguousarray(np.moveaxis(kh * q[None], 2, 0))
+        qg = q.reshape(g.kv_heads, g.q_heads // g.kv_heads, g.k_dim)  # query heads by KV head
+        # Scores [n, kv_heads, group]: the sum over k_dim, moved to the first axis.
+        prod = np.ascontiguousarray((keys[:, :, None, :] * qg[None]).transpose(3, 0, 1, 2))
         scores = np.add.reduce(prod, axis=0) * F32(1.0 / np.sqrt(g.k_dim))
         e = np.exp(scores - scores.max(axis=0))
         p = e / np.add.reduce(e, axis=0)
-        return np.add.reduce(p[:, :, None] * vh, axis=0).reshape(-1)
+        return np.add.reduce(p[..., None] * values[:, :, None, :], axis=0).reshape(-1)
 
     def after_attention(self, layer: int, x: Vec, attn: Vec) -> Vec:
         """Output projection, residual, and the gated MLP with its residual."""
         w = self.weights[layer]
         x = x + _matvec(attn, w.wo)
         h = _rms_norm(x, w.mlp_norm, self.eps)
-        gate, up = np.split(_matvec(h, w.w_gate_up), 2)
-        return x + _matvec(_silu(gate) * up, w.w_down)
+        gate_up = _matvec(h, w.w_gate_up)
+        half = gate_up.shape[0] // 2
+        return x + _matvec(_silu(gate_up[:half]) * gate_up[half:], w.w_down)
 
     def logits(self, x: Vec) -> Vec:
         return _matvec(_rms_norm(x, self.final_norm, self.eps), self.unembed)
