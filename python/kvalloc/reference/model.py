@@ -87,7 +87,8 @@ def _rms_norm(x: Vec, weight: Vec, eps: F32) -> Vec:
 
 
 def _silu(x: Vec) -> Vec:
-    return x / (F32(1) + np.exp(-x))
+    out: Vec = x / (F32(1) + np.exp(-x))
+    return out
 
 
 class TinyHybridModel:
