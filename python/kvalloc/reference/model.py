@@ -87,7 +87,7 @@ def _rms_norm(x: Vec, weight: Vec, eps: F32) -> Vec:
 
 
 def _silu(x: Vec) -> Vec:
-    out: Vec = x / (F32(1) + np.exp(-x))
+    out: Vec = x / (1 + np.exp(-x))
     return out
 
 
