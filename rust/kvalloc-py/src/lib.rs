@@ -8,6 +8,7 @@ mod arena;
 mod convert;
 mod errors;
 mod manager;
+mod sim;
 mod spec;
 
 use pyo3::prelude::*;
@@ -20,6 +21,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<arena::PySlabArena>()?;
     m.add_class::<manager::PyKVCacheManager>()?;
     m.add_class::<manager::PyBlockHashes>()?;
+    m.add_class::<sim::PyTrace>()?;
+    m.add_class::<sim::PySimulator>()?;
     m.add("NULL_PAGE", kvalloc::NULL_PAGE)?;
     m.add_function(wrap_pyfunction!(spec::presets, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

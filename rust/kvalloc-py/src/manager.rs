@@ -149,6 +149,7 @@ impl PyKVCacheManager {
             eviction: Eviction::parse(eviction).py()?,
             checkpoint_interval: opt_positive(checkpoint_interval, "checkpoint_interval")?,
             slab_bytes: opt_positive(slab_bytes, "slab_bytes")?,
+            ..ManagerConfig::default()
         };
         let capacity = positive(capacity_bytes, "capacity_bytes")?;
         let core_spec = spec.get().inner.clone();
