@@ -277,7 +277,15 @@ impl<'a> Replay<'a> {
                 }
             }
         }
-        debug_assert!(self.st.iter().all(|s| s.phase == Phase::Done));
+        debug_assert!(
+            self.st.iter().all(|s| s.phase == Phase::Done),
+            "{:?}",
+            self.st
+                .iter()
+                .filter(|s| s.phase != Phase::Done)
+                .map(|s| s.phase)
+                .collect::<Vec<_>>()
+        );
         if cfg!(debug_assertions) {
             self.m.validate()?;
         }
@@ -405,6 +413,8 @@ impl<'a> Replay<'a> {
         if !self.try_extend(i, t)? {
             self.st[i as usize].phase = Phase::Stalled;
             self.stalled.push_back(i);
+            // This may have been the last request able to move: check for a deadlock.
+            return self.pump(t);
         }
         Ok(())
     }
