@@ -154,10 +154,9 @@ fn generated_sessions_run_and_reuse_outputs() {
         let dense = run(&sim, Policy::Dense, budget);
         let swa = run(&sim, Policy::SwaAware, budget);
         assert_eq!(dense.hit_tokens, dense.upper_bound_hit_tokens, "{kind}");
-        assert!(
-            swa.hit_tokens <= dense.hit_tokens && swa.hit_tokens > 0,
-            "{kind}"
-        );
+        assert!(swa.hit_tokens <= dense.hit_tokens, "{kind}");
+        // Six single-turn requests: each shared prompt's first reuse is a first branch.
+        assert!(swa.hit_tokens > 0 || *kind == "shared-prompt", "{kind}");
         assert_eq!(swa.completed, swa.requests);
     }
     // Chat turns resume after the previous output: the bound exceeds what prompts alone share.
