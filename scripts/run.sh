@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-exec .venv/bin/kvalloc inspect "$@"
+exec .venv/bin/kvalloc simulate "$@"

@@ -17,7 +17,9 @@ from kvalloc._core import (
     OutOfMemoryError,
     RequestError,
     SlabArena,
+    Simulator,
     StaleHandleError,
+    Trace,
     __version__,
     presets,
 )
@@ -35,7 +37,9 @@ __all__ = [
     "OutOfMemoryError",
     "RequestError",
     "SlabArena",
+    "Simulator",
     "StaleHandleError",
+    "Trace",
     "__version__",
     "presets",
 ]

@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module ``kvalloc._core`` (hand-written)."""
 
 import os
-from typing import Any, Literal, final
+from typing import Any, Callable, Literal, final
 
 import numpy as np
 import numpy.typing as npt
@@ -220,3 +220,68 @@ class KVCacheManager:
     def capacity_bytes(self) -> int: ...
     def num_pages(self, group: int) -> int:
         """Blocks in group ``group``'s view of the arena (the size of the engine's buffer)."""
+
+@final
+class Trace:
+    """A request trace, read from a file (Mooncake or generic JSONL) or generated."""
+
+    @staticmethod
+    def load(path: str | os.PathLike[str], trace_block_tokens: int | None = None) -> Trace:
+        """Reads a trace; the format is detected from its first line. A malformed line raises
+        InvalidArgumentError naming the file, the line number and the field."""
+    @staticmethod
+    def generate(kind: str, seed: int | None = None, size: int | None = None) -> Trace:
+        """A seeded synthetic trace: "chat", "agent" or "shared-prompt"; ``size`` is sessions
+        (requests for "shared-prompt")."""
+    @staticmethod
+    def generators() -> list[str]:
+        """The generators' names."""
+    @property
+    def name(self) -> str: ...
+    @property
+    def num_requests(self) -> int: ...
+    @property
+    def prompt_tokens(self) -> int: ...
+    @property
+    def output_tokens(self) -> int: ...
+    @property
+    def duration_seconds(self) -> float: ...
+
+@final
+class Simulator:
+    """A model, a trace and a block size, ready for replays through the real manager."""
+
+    def __new__(cls, spec: ModelSpec, trace: Trace, block_tokens: int | None = None) -> Simulator: ...
+    @property
+    def block_tokens(self) -> int: ...
+    @property
+    def upper_bound_hit_rate(self) -> float:
+        """The trace's hit rate with an unbounded cache, at this block size."""
+    def run(
+        self,
+        device_bytes: int,
+        policy: str = "swa-aware",
+        eviction: str = "lru",
+        *,
+        host_bytes: int | None = None,
+        disk_bytes: int | None = None,
+        remote_bytes: int | None = None,
+        prefill_tokens_per_s: float = 60_000.0,
+        decode_tokens_per_s: float = 30.0,
+        progress: Callable[[str, float], object] | None = None,
+    ) -> dict[str, Any]:
+        """Replays the trace once (GIL released); returns the report as a dict."""
+    def budget_to_match(
+        self,
+        target_hit_rate: float,
+        start_bytes: int,
+        policy: str = "dense",
+        eviction: str = "lru",
+        *,
+        rel_tol: float = 0.02,
+        prefill_tokens_per_s: float = 60_000.0,
+        decode_tokens_per_s: float = 30.0,
+        progress: Callable[[str, float], object] | None = None,
+    ) -> dict[str, Any]:
+        """The smallest device budget at which ``policy`` reaches ``target_hit_rate``:
+        ``{"budget_bytes": int | None, "replays": int, "report": dict}``."""

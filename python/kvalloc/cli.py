@@ -10,7 +10,7 @@ import json
 import sys
 from typing import Sequence
 
-from kvalloc import KvAllocError, ModelSpec, presets
+from kvalloc import KvAllocError, ModelSpec, _simulate, presets
 
 DEFAULT_MODEL = "mimo-v2.5-pro"
 INSPECT_CONTEXTS = (8 * 1024, 32 * 1024, 128 * 1024)
@@ -147,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = sub.add_parser("presets", help="list the built-in model presets")
     pre.set_defaults(func=_cmd_presets)
+
+    _simulate.add_parsers(sub, DEFAULT_MODEL, _load_spec)
     return p
 
 

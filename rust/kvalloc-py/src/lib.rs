@@ -8,6 +8,7 @@ mod arena;
 mod convert;
 mod errors;
 mod manager;
+mod sim;
 mod spec;
 mod tiers;
 
@@ -22,6 +23,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<manager::PyKVCacheManager>()?;
     m.add_class::<manager::PyBlockHashes>()?;
     m.add_class::<tiers::PyLoadHandle>()?;
+    m.add_class::<sim::PyTrace>()?;
+    m.add_class::<sim::PySimulator>()?;
     m.add("NULL_PAGE", kvalloc::NULL_PAGE)?;
     m.add_function(wrap_pyfunction!(spec::presets, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -46,6 +46,7 @@ pub mod hash;
 pub mod manager;
 pub mod policy;
 pub mod prefix;
+pub mod sim;
 pub mod slab;
 pub mod spec;
 pub mod tiers;

@@ -143,6 +143,11 @@ pub struct ManagerConfig {
     pub write_through: bool,
     /// Bandwidths and compute speed for the exposed-load-time model.
     pub overlap: OverlapModel,
+    /// Prompts resume only at multiples of this many tokens (a block-hash trace whose blocks
+    /// are coarser than `block_tokens`: the next turn matches up to the previous prompt's last
+    /// whole trace block). The prompt-end checkpoint then goes there, without the extra block,
+    /// instead of at the prompt's last whole block. A multiple of `block_tokens`; None: any block.
+    pub resume_granularity: Option<u64>,
 }
 
 impl Default for ManagerConfig {
@@ -156,6 +161,7 @@ impl Default for ManagerConfig {
             lower: LowerCapacity::default(),
             write_through: false,
             overlap: OverlapModel::default(),
+            resume_granularity: None,
         }
     }
 }
@@ -559,6 +565,17 @@ impl KVCacheManager {
                 "must be positive (or None)",
             ));
         }
+        if let Some(a) = config.resume_granularity {
+            if a == 0 || a % u64::from(config.block_tokens) != 0 {
+                return Err(Error::invalid(
+                    "resume_granularity",
+                    format!(
+                        "{a} is not a positive multiple of block_tokens ({})",
+                        config.block_tokens
+                    ),
+                ));
+            }
+        }
         if spec.groups.is_empty() {
             return Err(Error::invalid("spec", "the model has no KV groups"));
         }
@@ -899,8 +916,17 @@ impl KVCacheManager {
                 t += iv;
             }
         }
-        if n_full > 0 {
-            plans.push((n_full, true));
+        match self.config.resume_granularity {
+            // The prompt's last resume point; one this request did not compute needs no plan.
+            Some(a) => {
+                let b = self.b();
+                let e = (u64::from(n_full) * b / a * a / b) as u32;
+                if e > safe {
+                    plans.push((e, false));
+                }
+            }
+            None if n_full > 0 => plans.push((n_full, true)),
+            None => {}
         }
         plans.sort_unstable();
         plans.dedup_by_key(|p| p.0);

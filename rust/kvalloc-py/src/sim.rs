@@ -1,0 +1,350 @@
+//! `Trace` and `Simulator`: the trace-driven replay of `kvalloc simulate`.
+//!
+//! Replays run in the core with the interpreter detached; an optional progress callable is
+//! called (attached) every few thousand events with `(label, fraction)`. If it raises, the
+//! replay stops and the exception propagates; Ctrl-C stops a replay the same way.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kvalloc::sim::{
+    generate, readers, RunConfig, ServiceModel, SimReport, Simulator, TierBudget, Trace,
+};
+use kvalloc::{Eviction, Policy};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::convert::{non_negative, positive, type_name};
+use crate::errors::{invalid, IntoPyResult};
+use crate::spec::PyModelSpec;
+
+/// Tokens per block of a replay when the caller does not say (see the README: the Mooncake
+/// trace resolves sharing to 512 tokens, and 128 is MiMo's sliding window).
+const DEFAULT_SIM_BLOCK_TOKENS: u32 = 128;
+
+/// A request trace, read from a file or generated.
+#[pyclass(frozen, name = "Trace", module = "kvalloc._core")]
+pub struct PyTrace {
+    inner: Arc<Trace>,
+}
+
+#[pymethods]
+impl PyTrace {
+    /// Reads a Mooncake or generic JSONL trace (detected from its first line).
+    #[staticmethod]
+    #[pyo3(signature = (path, trace_block_tokens = None))]
+    fn load(
+        py: Python<'_>,
+        path: PathBuf,
+        trace_block_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let tb = match trace_block_tokens.filter(|o| !o.is_none()) {
+            Some(o) => Some(u32_arg(o, "trace_block_tokens")?),
+            None => None,
+        };
+        let trace = py.detach(|| readers::read_trace(&path, tb)).py()?;
+        Ok(PyTrace {
+            inner: Arc::new(trace),
+        })
+    }
+
+    /// A seeded synthetic trace: "chat", "agent" or "shared-prompt"; `size` is sessions
+    /// (requests for "shared-prompt").
+    #[staticmethod]
+    #[pyo3(signature = (kind, seed = None, size = None))]
+    fn generate(
+        py: Python<'_>,
+        kind: &str,
+        seed: Option<&Bound<'_, PyAny>>,
+        size: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let seed = match seed.filter(|o| !o.is_none()) {
+            Some(o) => non_negative(o, "seed")?,
+            None => 0,
+        };
+        let size = match size.filter(|o| !o.is_none()) {
+            Some(o) => Some(u32_arg(o, "size")?),
+            None => None,
+        };
+        let kind = kind.to_string();
+        let trace = py.detach(|| generate::generate(&kind, seed, size)).py()?;
+        Ok(PyTrace {
+            inner: Arc::new(trace),
+        })
+    }
+
+    /// The generators' names.
+    #[staticmethod]
+    fn generators() -> Vec<&'static str> {
+        generate::GENERATORS.to_vec()
+    }
+
+    #[getter]
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+    #[getter]
+    fn num_requests(&self) -> usize {
+        self.inner.requests.len()
+    }
+    #[getter]
+    fn prompt_tokens(&self) -> u64 {
+        self.inner.prompt_tokens()
+    }
+    #[getter]
+    fn output_tokens(&self) -> u64 {
+        self.inner.output_tokens()
+    }
+    #[getter]
+    fn duration_seconds(&self) -> f64 {
+        self.inner.duration()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Trace({:?}, {} requests, {} prompt tokens)",
+            self.inner.name,
+            self.inner.requests.len(),
+            self.inner.prompt_tokens()
+        )
+    }
+}
+
+fn u32_arg(o: &Bound<'_, PyAny>, what: &str) -> PyResult<u32> {
+    let v = positive(o, what)?;
+    u32::try_from(v).map_err(|_| invalid(what, format!("{v} is too large")))
+}
+
+/// A model, a trace and a block size, ready for replays.
+#[pyclass(frozen, name = "Simulator", module = "kvalloc._core")]
+pub struct PySimulator {
+    inner: Simulator,
+}
+
+/// Settings shared by `run` and `budget_to_match`.
+#[allow(clippy::too_many_arguments)]
+fn run_config(
+    policy: &str,
+    eviction: &str,
+    device_bytes: &Bound<'_, PyAny>,
+    host_bytes: &Bound<'_, PyAny>,
+    disk_bytes: &Bound<'_, PyAny>,
+    remote_bytes: &Bound<'_, PyAny>,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+) -> PyResult<RunConfig> {
+    let mut lower_tiers = Vec::new();
+    for (tier, b) in [
+        ("host", host_bytes),
+        ("disk", disk_bytes),
+        ("remote", remote_bytes),
+    ] {
+        let bytes = non_negative(b, &format!("{tier}_bytes"))?;
+        if bytes > 0 {
+            lower_tiers.push(TierBudget {
+                tier: tier.into(),
+                bytes,
+            });
+        }
+    }
+    Ok(RunConfig {
+        policy: Policy::parse(policy).py()?,
+        eviction: Eviction::parse(eviction).py()?,
+        device_bytes: positive(device_bytes, "device_bytes")?,
+        lower_tiers,
+        service: ServiceModel {
+            prefill_tokens_per_s,
+            decode_tokens_per_s,
+        },
+    })
+}
+
+/// Runs `work` detached, with a progress closure that calls `progress` (attached) and checks
+/// for Ctrl-C; the first Python error stops the work and is returned.
+fn with_progress<T: Send>(
+    py: Python<'_>,
+    progress: Option<Py<PyAny>>,
+    work: impl FnOnce(&mut dyn FnMut(&str, f64) -> bool) -> kvalloc::Result<T> + Send,
+) -> PyResult<T> {
+    let mut failure: Option<PyErr> = None;
+    let out = py.detach(|| {
+        let mut report = |label: &str, fraction: f64| -> bool {
+            Python::attach(|py| {
+                let res = py.check_signals().and_then(|()| match &progress {
+                    Some(cb) => cb.call1(py, (label, fraction)).map(drop),
+                    None => Ok(()),
+                });
+                match res {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failure = Some(e);
+                        false
+                    }
+                }
+            })
+        };
+        work(&mut report)
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    out.py()
+}
+
+fn report_dict<'py>(py: Python<'py>, r: &SimReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("policy", r.policy.name())?;
+    d.set_item("eviction", r.eviction.name())?;
+    d.set_item("block_tokens", r.block_tokens)?;
+    d.set_item("device_bytes", r.device_bytes)?;
+    d.set_item("hit_rate", r.hit_rate())?;
+    d.set_item("upper_bound_hit_rate", r.upper_bound_hit_rate())?;
+    d.set_item("prefill_tokens_saved", r.prefill_tokens_saved())?;
+    d.set_item("cached_tokens_per_gib", r.cached_tokens_per_gib())?;
+    let written = PyDict::new(py);
+    let read = PyDict::new(py);
+    for t in &r.tiers {
+        written.set_item(&t.tier, t.bytes_written)?;
+        read.set_item(&t.tier, t.bytes_read)?;
+    }
+    d.set_item("tier_bytes_written", written)?;
+    d.set_item("tier_bytes_read", read)?;
+    d.set_item("exposed_load_seconds", r.exposed_load_seconds)?;
+    d.set_item("wall_seconds", r.wall_seconds)?;
+    d.set_item("requests", r.requests)?;
+    d.set_item("completed", r.completed)?;
+    d.set_item("rejected", r.rejected)?;
+    d.set_item("preemptions", r.preemptions)?;
+    d.set_item("prompt_tokens", r.prompt_tokens)?;
+    d.set_item("hit_tokens", r.hit_tokens)?;
+    d.set_item("upper_bound_hit_tokens", r.upper_bound_hit_tokens)?;
+    d.set_item("cached_tokens", r.cached_tokens)?;
+    d.set_item("cache_bytes", r.cache_bytes)?;
+    d.set_item("peak_running", r.peak_running)?;
+    d.set_item("admissions_refused", r.admissions_refused)?;
+    d.set_item("extensions_refused", r.extensions_refused)?;
+    d.set_item("evicted_leaves", r.evicted_leaves)?;
+    d.set_item("evicted_checkpoints", r.evicted_checkpoints)?;
+    d.set_item("ttft_mean_seconds", r.ttft_mean)?;
+    d.set_item("ttft_p50_seconds", r.ttft_p50)?;
+    d.set_item("ttft_p99_seconds", r.ttft_p99)?;
+    d.set_item("ttft_no_cache_mean_seconds", r.ttft_no_cache_mean)?;
+    d.set_item("ttft_change", r.ttft_change())?;
+    d.set_item("queue_wait_mean_seconds", r.queue_wait_mean)?;
+    d.set_item("simulated_seconds", r.simulated_seconds)?;
+    Ok(d)
+}
+
+#[pymethods]
+impl PySimulator {
+    #[new]
+    #[pyo3(signature = (spec, trace, block_tokens = None))]
+    fn new(
+        py: Python<'_>,
+        spec: &Bound<'_, PyAny>,
+        trace: &Bound<'_, PyAny>,
+        block_tokens: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<Self> {
+        let spec = spec.cast::<PyModelSpec>().map_err(|_| {
+            invalid(
+                "spec",
+                format!("expected a kvalloc.ModelSpec, got {}", type_name(spec)),
+            )
+        })?;
+        let trace = trace.cast::<PyTrace>().map_err(|_| {
+            invalid(
+                "trace",
+                format!("expected a kvalloc.Trace, got {}", type_name(trace)),
+            )
+        })?;
+        let b = match block_tokens.filter(|o| !o.is_none()) {
+            Some(o) => u32_arg(o, "block_tokens")?,
+            None => DEFAULT_SIM_BLOCK_TOKENS,
+        };
+        let (spec, trace) = (spec.get().inner.clone(), trace.get().inner.clone());
+        let inner = py.detach(|| Simulator::new(spec, trace, b)).py()?;
+        Ok(PySimulator { inner })
+    }
+
+    #[getter]
+    fn block_tokens(&self) -> u32 {
+        self.inner.block_tokens()
+    }
+
+    /// The trace's hit rate with an unbounded cache, at this block size.
+    #[getter]
+    fn upper_bound_hit_rate(&self) -> f64 {
+        self.inner.upper_bound().hit_rate()
+    }
+
+    /// Replays the trace once and returns the report as a dict.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (device_bytes, policy = "swa-aware", eviction = "lru", *, host_bytes = None, disk_bytes = None, remote_bytes = None, prefill_tokens_per_s = 60_000.0, decode_tokens_per_s = 30.0, progress = None))]
+    fn run<'py>(
+        &self,
+        py: Python<'py>,
+        device_bytes: &Bound<'py, PyAny>,
+        policy: &str,
+        eviction: &str,
+        host_bytes: Option<&Bound<'py, PyAny>>,
+        disk_bytes: Option<&Bound<'py, PyAny>>,
+        remote_bytes: Option<&Bound<'py, PyAny>>,
+        prefill_tokens_per_s: f64,
+        decode_tokens_per_s: f64,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let zero = 0u64.into_pyobject(py)?.into_any();
+        let cfg = run_config(
+            policy,
+            eviction,
+            device_bytes,
+            host_bytes.unwrap_or(&zero),
+            disk_bytes.unwrap_or(&zero),
+            remote_bytes.unwrap_or(&zero),
+            prefill_tokens_per_s,
+            decode_tokens_per_s,
+        )?;
+        let label = policy.to_string();
+        let r = with_progress(py, progress, |p| self.inner.run(&cfg, &label, p))?;
+        report_dict(py, &r)
+    }
+
+    /// The smallest device budget at which `policy` reaches `target_hit_rate`, searched from
+    /// `start_bytes` by doubling then bisection to `rel_tol`. Returns
+    /// `{"budget_bytes": int | None, "replays": int, "report": dict}`.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (target_hit_rate, start_bytes, policy = "dense", eviction = "lru", *, rel_tol = 0.02, prefill_tokens_per_s = 60_000.0, decode_tokens_per_s = 30.0, progress = None))]
+    fn budget_to_match<'py>(
+        &self,
+        py: Python<'py>,
+        target_hit_rate: f64,
+        start_bytes: &Bound<'py, PyAny>,
+        policy: &str,
+        eviction: &str,
+        rel_tol: f64,
+        prefill_tokens_per_s: f64,
+        decode_tokens_per_s: f64,
+        progress: Option<Py<PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let zero = 0u64.into_pyobject(py)?.into_any();
+        let cfg = run_config(
+            policy,
+            eviction,
+            start_bytes,
+            &zero,
+            &zero,
+            &zero,
+            prefill_tokens_per_s,
+            decode_tokens_per_s,
+        )?;
+        let m = with_progress(py, progress, |p| {
+            self.inner
+                .budget_to_match(&cfg, target_hit_rate, rel_tol, p)
+        })?;
+        let d = PyDict::new(py);
+        d.set_item("budget_bytes", m.budget_bytes)?;
+        d.set_item("replays", m.replays)?;
+        d.set_item("report", report_dict(py, &m.report)?)?;
+        Ok(d)
+    }
+}

@@ -1,0 +1,148 @@
+//! Trace-driven simulation: replays a request trace through a real [`KVCacheManager`](crate::KVCacheManager) and
+//! reports hit rate, memory efficiency and latency, so that a team can ask "what hit rate do I
+//! get from how much memory, and what does SWA-aware caching buy me?".
+//!
+//! - [`trace`]: the trace model (block-id or token-id prompts) and block-id splitting;
+//! - [`readers`]: Mooncake JSONL and the generic JSONL (formats documented there);
+//! - [`generate`]: seeded synthetic traffic (multi-turn chat, agent loops, shared prompts);
+//! - [`service`]: the service model (prefill and decode throughput) that makes requests overlap;
+//! - [`replay`]: the discrete-event replay that drives the manager;
+//! - [`bound`]: the trace's unbounded-cache upper bound;
+//! - [`capacity`]: the budget a policy needs to reach a hit rate (bisection over replays);
+//! - [`report`]: what a replay measured.
+//!
+//! ```
+//! use kvalloc::sim::{generate, RunConfig, Simulator};
+//! use kvalloc::{Eviction, ModelSpec, Policy};
+//!
+//! let trace = generate::generate("chat", 7, Some(20))?;
+//! let sim = Simulator::new(ModelSpec::preset("mimo-v2.5-pro")?, trace.into(), 64)?;
+//! let cfg = RunConfig {
+//!     policy: Policy::SwaAware,
+//!     eviction: Eviction::Value,
+//!     device_bytes: 64 << 30,
+//!     lower_tiers: vec![],
+//!     service: Default::default(),
+//! };
+//! let report = sim.run(&cfg, "swa-aware", &mut |_, _| true)?;
+//! assert!(report.hit_rate() <= report.upper_bound_hit_rate());
+//! # Ok::<(), kvalloc::Error>(())
+//! ```
+//!
+//! ## Where tiers plug in
+//! [`RunConfig::lower_tiers`] carries the host, disk and remote budgets; [`SimReport::tiers`]
+//! and [`SimReport::exposed_load_seconds`] carry their traffic and the overlap model's exposed
+//! load time; the service model adds that time to prefills. Until the manager has tiers, a
+//! non-zero lower-tier budget is refused rather than ignored.
+
+pub mod bound;
+pub mod capacity;
+pub mod generate;
+pub mod readers;
+pub mod replay;
+pub mod report;
+pub mod rng;
+pub mod service;
+pub mod trace;
+
+use std::sync::Arc;
+
+pub use bound::Bound;
+pub use capacity::BudgetMatch;
+pub use replay::{Progress, RunConfig, TierBudget};
+pub use report::{SimReport, TierTraffic};
+pub use service::ServiceModel;
+pub use trace::{Content, Trace, TraceRequest};
+
+use crate::error::{Error, Result};
+use crate::spec::ModelSpec;
+
+/// A model, a trace and a block size, prepared for any number of replays.
+#[derive(Debug, Clone)]
+pub struct Simulator {
+    spec: ModelSpec,
+    trace: Arc<Trace>,
+    block_tokens: u32,
+    /// Whole-block ids of block-id prompts at `block_tokens`, flat; `offsets[i]..offsets[i+1]`
+    /// is request i's (empty for token-id prompts).
+    ids: Vec<u64>,
+    offsets: Vec<usize>,
+    bound: Bound,
+}
+
+impl Simulator {
+    /// Prepares `trace` for replays of `spec` at `block_tokens` tokens per block.
+    pub fn new(spec: ModelSpec, trace: Arc<Trace>, block_tokens: u32) -> Result<Simulator> {
+        if block_tokens == 0 {
+            return Err(Error::invalid("block_tokens", "must be positive"));
+        }
+        trace.validate()?;
+        let mut ids = Vec::new();
+        let mut offsets = Vec::with_capacity(trace.requests.len() + 1);
+        offsets.push(0);
+        for r in &trace.requests {
+            if let Content::Blocks(b) = &r.content {
+                trace::sim_block_ids(
+                    b,
+                    trace.block_tokens,
+                    r.prompt_tokens,
+                    block_tokens,
+                    &mut ids,
+                )?;
+            }
+            offsets.push(ids.len());
+        }
+        let mut sim = Simulator {
+            spec,
+            trace,
+            block_tokens,
+            ids,
+            offsets,
+            bound: Bound::default(),
+        };
+        sim.bound = bound::upper_bound(&sim.trace, block_tokens, |i| sim.block_ids(i));
+        Ok(sim)
+    }
+
+    /// Request i's whole-block ids (block-id prompts), else None.
+    fn block_ids(&self, i: usize) -> Option<&[u64]> {
+        match self.trace.requests[i].content {
+            Content::Blocks(_) => Some(&self.ids[self.offsets[i]..self.offsets[i + 1]]),
+            Content::Stream(_) => None,
+        }
+    }
+
+    /// The model.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// The trace.
+    pub fn trace(&self) -> &Trace {
+        &self.trace
+    }
+
+    /// Tokens per block.
+    pub fn block_tokens(&self) -> u32 {
+        self.block_tokens
+    }
+
+    /// The trace's unbounded-cache upper bound at this block size.
+    pub fn upper_bound(&self) -> Bound {
+        self.bound
+    }
+
+    /// Replays the trace once. `label` is passed to `progress` with the fraction done.
+    pub fn run(&self, cfg: &RunConfig, label: &str, progress: Progress<'_>) -> Result<SimReport> {
+        let ids = |i: usize| self.block_ids(i);
+        replay::Replay::new(
+            &self.spec,
+            &self.trace,
+            self.block_tokens,
+            &ids,
+            cfg,
+            self.bound.hit_tokens,
+        )?
+        .run(label, progress)
+    }
+}

@@ -1,0 +1,485 @@
+//! The replay: a discrete-event simulation of one deployment serving a trace through a real
+//! [`KVCacheManager`], under the [`ServiceModel`](super::ServiceModel).
+//!
+//! Events, in time order (ties in the order they were scheduled):
+//! - *arrive*: the request joins the admission queue; a session's next turn arrives no earlier
+//!   than its previous turn's finish;
+//! - *prefill done*: the first token is out (TTFT); decoding starts;
+//! - *decode*: the request's output reaches the next block boundary, so it asks the manager for
+//!   the next block (`extend`); or its output is complete and it finishes (`finish`: its blocks
+//!   enter the prefix cache).
+//!
+//! After every arrival and finish, stalled decodes are retried first, then queued admissions in
+//! order (head-of-line: a refused head waits for memory). A head refused while nothing runs can
+//! never fit and is rejected. When every running request is stalled, the one admitted last is
+//! preempted (see `service`).
+//!
+//! Hit rates count each request's first admission only (a preempted request's re-admission
+//! is recompute, not traffic), so they compare directly with the trace's upper bound.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::time::Instant;
+
+use super::report::SimReport;
+use super::service::ServiceModel;
+use super::trace::Trace;
+use crate::error::{Error, Result};
+use crate::manager::{Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
+use crate::policy::Eviction;
+use crate::spec::ModelSpec;
+
+/// A budget for one tier below the device ("host", "disk" or "remote").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierBudget {
+    /// The tier's name.
+    pub tier: String,
+    /// Its capacity in bytes.
+    pub bytes: u64,
+}
+
+/// One replay's settings (the model, trace and block size are the simulator's).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunConfig {
+    /// How sliding-window groups are cached.
+    pub policy: Policy,
+    /// Eviction order.
+    pub eviction: Eviction,
+    /// Device (L1) budget in bytes.
+    pub device_bytes: u64,
+    /// Budgets of lower tiers. The manager has no tiers yet: a non-empty list is refused.
+    pub lower_tiers: Vec<TierBudget>,
+    /// Throughputs.
+    pub service: ServiceModel,
+}
+
+/// Progress callback: a label for what runs and the fraction done; returning false stops the
+/// replay with an error.
+pub type Progress<'a> = &'a mut dyn FnMut(&str, f64) -> bool;
+
+/// Where a request is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Pending,
+    Queued,
+    Prefill,
+    Decoding,
+    Stalled,
+    Done,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ReqState {
+    phase: Phase,
+    /// Arrival after waiting for the session's previous turn.
+    arrival: f64,
+    /// Output tokens scheduled so far.
+    generated: u64,
+    /// When the next output token can start generating.
+    clock: f64,
+    /// Admission serial (preemption picks the latest).
+    admitted_at: u64,
+    first_admission_done: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Arrive,
+    PrefillDone,
+    Decode,
+}
+
+/// Non-negative finite times order like their bit patterns.
+fn time_key(t: f64) -> u64 {
+    debug_assert!(t.is_finite() && t >= 0.0);
+    t.max(0.0).to_bits()
+}
+
+/// The per-run state of the event loop.
+pub(crate) struct Replay<'a> {
+    trace: &'a Trace,
+    /// Whole-block ids per request at the replay's block size (block-id prompts).
+    ids: &'a dyn Fn(usize) -> Option<&'a [u64]>,
+    service: ServiceModel,
+    b: u64,
+    m: KVCacheManager,
+    st: Vec<ReqState>,
+    next_in_session: Vec<u32>,
+    events: BinaryHeap<Reverse<(u64, u64, Kind, u32)>>,
+    seq: u64,
+    queue: VecDeque<u32>,
+    stalled: VecDeque<u32>,
+    running: u64,
+    admissions: u64,
+    prefill_free: f64,
+    no_cache_free: f64,
+    scratch: Vec<i64>,
+    report: SimReport,
+    ttfts: Vec<f64>,
+    ttft_no_cache_sum: f64,
+    queue_wait_sum: f64,
+    last_time: f64,
+}
+
+const NO_NEXT: u32 = u32::MAX;
+
+impl<'a> Replay<'a> {
+    pub(crate) fn new(
+        spec: &ModelSpec,
+        trace: &'a Trace,
+        block_tokens: u32,
+        ids: &'a dyn Fn(usize) -> Option<&'a [u64]>,
+        cfg: &RunConfig,
+        upper_bound_hit_tokens: u64,
+    ) -> Result<Self> {
+        cfg.service.validate()?;
+        if let Some(t) = cfg.lower_tiers.iter().find(|t| t.bytes > 0) {
+            return Err(Error::invalid(
+                t.tier.clone(),
+                "the manager has no lower tiers yet; simulate with the device budget alone",
+            ));
+        }
+        // A block-id trace coarser than the replay's blocks resumes only at its own block
+        // boundaries: checkpoint prompts there (see `trace`).
+        let t = trace.block_tokens;
+        let resume_granularity =
+            (t > block_tokens && t % block_tokens == 0).then_some(u64::from(t));
+        let config = ManagerConfig {
+            block_tokens,
+            policy: cfg.policy,
+            eviction: cfg.eviction,
+            resume_granularity,
+            ..ManagerConfig::default()
+        };
+        let m = KVCacheManager::new(spec.clone(), cfg.device_bytes, config)?;
+        let n = trace.requests.len();
+        if n >= NO_NEXT as usize {
+            return Err(Error::invalid("trace", format!("{n} requests is too many")));
+        }
+        let mut next_in_session = vec![NO_NEXT; n];
+        let mut last_of: std::collections::HashMap<u64, u32> = Default::default();
+        for (i, r) in trace.requests.iter().enumerate() {
+            if let Some(s) = r.session {
+                if let Some(prev) = last_of.insert(s, i as u32) {
+                    next_in_session[prev as usize] = i as u32;
+                }
+            }
+        }
+        let st = trace
+            .requests
+            .iter()
+            .map(|r| ReqState {
+                phase: Phase::Pending,
+                arrival: r.arrival,
+                generated: 0,
+                clock: 0.0,
+                admitted_at: 0,
+                first_admission_done: false,
+            })
+            .collect();
+        let report = SimReport {
+            policy: cfg.policy,
+            eviction: cfg.eviction,
+            block_tokens,
+            device_bytes: cfg.device_bytes,
+            requests: n as u64,
+            completed: 0,
+            rejected: 0,
+            preemptions: 0,
+            prompt_tokens: trace.prompt_tokens(),
+            hit_tokens: 0,
+            upper_bound_hit_tokens,
+            cached_tokens: 0,
+            cache_bytes: 0,
+            peak_running: 0,
+            admissions_refused: 0,
+            extensions_refused: 0,
+            evicted_leaves: 0,
+            evicted_checkpoints: 0,
+            ttft_mean: 0.0,
+            ttft_p50: 0.0,
+            ttft_p99: 0.0,
+            ttft_no_cache_mean: 0.0,
+            queue_wait_mean: 0.0,
+            simulated_seconds: 0.0,
+            wall_seconds: 0.0,
+            tiers: Vec::new(),
+            exposed_load_seconds: 0.0,
+        };
+        Ok(Replay {
+            trace,
+            ids,
+            service: cfg.service,
+            b: u64::from(block_tokens),
+            m,
+            st,
+            next_in_session,
+            events: BinaryHeap::new(),
+            seq: 0,
+            queue: VecDeque::new(),
+            stalled: VecDeque::new(),
+            running: 0,
+            admissions: 0,
+            prefill_free: 0.0,
+            no_cache_free: 0.0,
+            scratch: Vec::new(),
+            report,
+            ttfts: Vec::with_capacity(n),
+            ttft_no_cache_sum: 0.0,
+            queue_wait_sum: 0.0,
+            last_time: 0.0,
+        })
+    }
+
+    fn push(&mut self, t: f64, kind: Kind, i: u32) {
+        self.seq += 1;
+        self.events.push(Reverse((time_key(t), self.seq, kind, i)));
+    }
+
+    /// Runs the replay to the end.
+    pub(crate) fn run(mut self, label: &str, progress: Progress<'_>) -> Result<SimReport> {
+        let start = Instant::now();
+        // A session's later turns arrive when the earlier one finishes.
+        let mut later = vec![false; self.st.len()];
+        for &nx in &self.next_in_session {
+            if nx != NO_NEXT {
+                later[nx as usize] = true;
+            }
+        }
+        for i in 0..self.st.len() {
+            if !later[i] {
+                self.push(self.st[i].arrival, Kind::Arrive, i as u32);
+            }
+        }
+        let n = self.st.len() as f64;
+        let mut handled = 0u64;
+        if !progress(label, 0.0) {
+            return Err(stopped());
+        }
+        while let Some(Reverse((tk, _, kind, i))) = self.events.pop() {
+            let t = f64::from_bits(tk);
+            self.last_time = self.last_time.max(t);
+            match kind {
+                Kind::Arrive => {
+                    self.st[i as usize].arrival = t;
+                    self.st[i as usize].phase = Phase::Queued;
+                    self.queue.push_back(i);
+                    self.pump(t)?;
+                }
+                Kind::PrefillDone => self.prefill_done(i, t)?,
+                Kind::Decode => self.decode(i, t)?,
+            }
+            handled += 1;
+            if handled % 4096 == 0 {
+                let done = (self.report.completed + self.report.rejected) as f64;
+                if !progress(label, done / n) {
+                    return Err(stopped());
+                }
+            }
+        }
+        debug_assert!(
+            self.st.iter().all(|s| s.phase == Phase::Done),
+            "{:?}",
+            self.st
+                .iter()
+                .filter(|s| s.phase != Phase::Done)
+                .map(|s| s.phase)
+                .collect::<Vec<_>>()
+        );
+        if cfg!(debug_assertions) {
+            self.m.validate()?;
+        }
+        let stats = self.m.stats();
+        let r = &mut self.report;
+        r.cached_tokens = stats.cached_blocks * self.b;
+        r.cache_bytes = stats.bytes_in_use;
+        r.admissions_refused = stats.admissions_refused;
+        r.extensions_refused = stats.extensions_refused;
+        r.evicted_leaves = stats.evicted_leaves;
+        r.evicted_checkpoints = stats.evicted_checkpoints;
+        let k = self.ttfts.len().max(1) as f64;
+        r.ttft_mean = self.ttfts.iter().sum::<f64>() / k;
+        r.ttft_no_cache_mean = self.ttft_no_cache_sum / k;
+        r.queue_wait_mean = self.queue_wait_sum / k;
+        r.ttft_p50 = percentile(&mut self.ttfts, 0.50);
+        r.ttft_p99 = percentile(&mut self.ttfts, 0.99);
+        r.simulated_seconds = self.last_time;
+        r.wall_seconds = start.elapsed().as_secs_f64();
+        progress(label, 1.0);
+        Ok(self.report)
+    }
+
+    /// Retries stalled decodes, then admits queued requests, while memory allows.
+    fn pump(&mut self, t: f64) -> Result<()> {
+        loop {
+            while let Some(&j) = self.stalled.front() {
+                if !self.try_extend(j, t)? {
+                    break;
+                }
+                self.stalled.pop_front();
+            }
+            while let Some(&i) = self.queue.front() {
+                if self.try_admit(i, t)? {
+                    self.queue.pop_front();
+                } else if self.running == 0 {
+                    // Nothing will ever free memory for it: it cannot fit in this budget.
+                    self.queue.pop_front();
+                    self.report.rejected += 1;
+                    self.done(i, t);
+                } else {
+                    break;
+                }
+            }
+            if self.stalled.is_empty() || self.stalled.len() as u64 != self.running {
+                return Ok(());
+            }
+            // Every running request waits for memory only another could free: preempt the
+            // latest admitted. If it was the only one, its output can never fit: it ends.
+            let (pos, &j) = self
+                .stalled
+                .iter()
+                .enumerate()
+                .max_by_key(|(_, &j)| self.st[j as usize].admitted_at)
+                .expect("non-empty");
+            self.stalled.remove(pos);
+            self.m.finish(u64::from(j))?;
+            self.running -= 1;
+            if self.running == 0 {
+                self.report.rejected += 1;
+                self.done(j, t);
+            } else {
+                self.report.preemptions += 1;
+                let s = &mut self.st[j as usize];
+                s.phase = Phase::Queued;
+                s.generated = 0;
+                self.queue.push_front(j);
+            }
+        }
+    }
+
+    fn try_admit(&mut self, i: u32, t: f64) -> Result<bool> {
+        let trace = self.trace;
+        let r = &trace.requests[i as usize];
+        let prompt = match (self.ids)(i as usize) {
+            Some(hashes) => Prompt::BlockHashes {
+                hashes,
+                num_tokens: r.prompt_tokens,
+            },
+            None => Prompt::Tokens(trace.prompt_token_ids(r).expect("token prompt")),
+        };
+        let Some(hit) = self.m.admit(u64::from(i), prompt, None, None)? else {
+            return Ok(false);
+        };
+        self.running += 1;
+        self.report.peak_running = self.report.peak_running.max(self.running);
+        self.admissions += 1;
+        let service = self.service;
+        let s = &mut self.st[i as usize];
+        s.phase = Phase::Prefill;
+        s.admitted_at = self.admissions;
+        let start = self.prefill_free.max(t);
+        self.prefill_free = start + service.prefill_seconds(r.prompt_tokens - hit);
+        if !s.first_admission_done {
+            s.first_admission_done = true;
+            self.report.hit_tokens += hit;
+            self.queue_wait_sum += t - s.arrival;
+            self.no_cache_free =
+                self.no_cache_free.max(t) + service.prefill_seconds(r.prompt_tokens);
+            self.ttft_no_cache_sum += self.no_cache_free - s.arrival;
+            self.ttfts.push(self.prefill_free - s.arrival);
+        }
+        let done = self.prefill_free;
+        self.push(done, Kind::PrefillDone, i);
+        Ok(true)
+    }
+
+    fn prefill_done(&mut self, i: u32, t: f64) -> Result<()> {
+        let s = &mut self.st[i as usize];
+        s.phase = Phase::Decoding;
+        s.clock = t;
+        self.decode(i, t)
+    }
+
+    /// Takes the next output block, or finishes when the output is complete.
+    fn decode(&mut self, i: u32, t: f64) -> Result<()> {
+        let out = self.trace.requests[i as usize].output_tokens;
+        if self.st[i as usize].generated >= out {
+            self.m.finish(u64::from(i))?;
+            self.running -= 1;
+            self.report.completed += 1;
+            self.done(i, t);
+            return self.pump(t);
+        }
+        if !self.try_extend(i, t)? {
+            self.st[i as usize].phase = Phase::Stalled;
+            self.stalled.push_back(i);
+            // This may have been the last request able to move: check for a deadlock.
+            return self.pump(t);
+        }
+        Ok(())
+    }
+
+    /// Schedules request i's tokens up to its next block boundary (or its output's end).
+    /// Returns false when the manager has no room.
+    fn try_extend(&mut self, i: u32, t: f64) -> Result<bool> {
+        let trace = self.trace;
+        let r = &trace.requests[i as usize];
+        let s = self.st[i as usize];
+        let len = r.prompt_tokens + s.generated;
+        let n = (self.b - len % self.b).min(r.output_tokens - s.generated);
+        let ok = match trace.prompt_token_ids(r) {
+            None => self.m.extend(u64::from(i), Extension::Count(n))?,
+            Some(_) => {
+                let from = s.generated as usize..(s.generated + n) as usize;
+                let ids = match trace.output_token_ids(r) {
+                    Some(out) => &out[from],
+                    None => {
+                        // Opaque output: ids no prompt contains (negative, unique per position).
+                        self.scratch.clear();
+                        let base = i64::MIN.wrapping_add(i64::from(i) << 32);
+                        self.scratch
+                            .extend(from.map(|p| base.wrapping_add(p as i64)));
+                        &self.scratch[..]
+                    }
+                };
+                self.m.extend(u64::from(i), Extension::Tokens(ids))?
+            }
+        };
+        if !ok {
+            return Ok(false);
+        }
+        let service = self.service;
+        let s = &mut self.st[i as usize];
+        s.phase = Phase::Decoding;
+        s.generated += n;
+        s.clock = s.clock.max(t) + service.decode_seconds(n);
+        let at = s.clock;
+        self.push(at, Kind::Decode, i);
+        Ok(true)
+    }
+
+    /// Marks request i done and lets its session's next turn arrive.
+    fn done(&mut self, i: u32, t: f64) {
+        self.st[i as usize].phase = Phase::Done;
+        let nx = self.next_in_session[i as usize];
+        if nx != NO_NEXT {
+            let at = self.st[nx as usize].arrival.max(t);
+            self.push(at, Kind::Arrive, nx);
+        }
+    }
+}
+
+fn stopped() -> Error {
+    Error::invalid(
+        "progress",
+        "the replay was stopped by its progress callback",
+    )
+}
+
+fn percentile(xs: &mut [f64], q: f64) -> f64 {
+    if xs.is_empty() {
+        return 0.0;
+    }
+    let k = ((xs.len() - 1) as f64 * q).round() as usize;
+    *xs.select_nth_unstable_by(k, f64::total_cmp).1
+}
