@@ -165,16 +165,31 @@ fn generated_sessions_run_and_reuse_outputs() {
     assert!(sim.upper_bound().hit_rate() > 0.5);
 }
 
+/// Lower tiers serve what the device evicts: with a small device and a large host tier the
+/// replay gets more hits than the device alone, and the host tier's traffic is reported.
+#[test]
+fn lower_tiers_add_hits() {
+    let sim = Simulator::new(mimo(), Arc::new(conversation(400)), 128).unwrap();
+    let device_only = sim.run(&cfg(Policy::SwaAware, 8 << 30), "x", &mut |_, _| true).unwrap();
+    let mut c = cfg(Policy::SwaAware, 8 << 30);
+    c.lower_tiers = vec![TierBudget { tier: "host".into(), bytes: 1 << 40 }];
+    let tiered = sim.run(&c, "x", &mut |_, _| true).unwrap();
+    assert!(tiered.hit_tokens > device_only.hit_tokens, "{} vs {}", tiered.hit_tokens, device_only.hit_tokens);
+    assert_eq!(tiered.tiers.len(), 1);
+    assert!(tiered.tiers[0].bytes_written > 0 && tiered.tiers[0].bytes_read > 0);
+    assert!(tiered.exposed_load_seconds >= 0.0);
+}
+
 #[test]
 fn bad_settings_are_errors() {
     let sim = Simulator::new(mimo(), Arc::new(conversation(10)), 128).unwrap();
     let mut c = cfg(Policy::SwaAware, 1 << 30);
     c.lower_tiers = vec![TierBudget {
-        tier: "host".into(),
+        tier: "tape".into(),
         bytes: 1 << 40,
     }];
     let e = sim.run(&c, "x", &mut |_, _| true).unwrap_err().to_string();
-    assert!(e.contains("host"), "{e}");
+    assert!(e.contains("tape"), "{e}");
     let mut c = cfg(Policy::SwaAware, 1 << 30);
     c.service.decode_tokens_per_s = 0.0;
     assert!(sim.run(&c, "x", &mut |_, _| true).is_err());

@@ -111,7 +111,7 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help=f"eviction order (default {DEFAULT_EVICTION})")
     for tier in TIERS:
         p.add_argument(f"--{tier}", type=parse_size, default=0, metavar="SIZE",
-                       help=f"{tier} tier budget (e.g. 1TiB); needs tiers in the manager")
+                       help=f"{tier} tier budget below the device (e.g. 1TiB; virtual: counted, no bytes)")
     p.add_argument("--prefill-tps", type=float, default=60_000.0,
                    help="service model: prefill tokens per second, whole deployment (default 60000)")
     p.add_argument("--decode-tps", type=float, default=30.0,

@@ -1190,12 +1190,7 @@ impl KVCacheManager {
                 Some(Evicted::Leaf) => self.evicted_leaves += 1,
                 Some(Evicted::Checkpoint) => self.evicted_checkpoints += 1,
             }
-            // An interior checkpoint no request ever resumed at (a prompt end a longer turn
-            // superseded) is not worth lower-tier bytes: it is dropped, not demoted. Leaves
-            // (the latest resume points) and checkpoints that served hits go down.
-            let unused_interior = evicted == Some(Evicted::Checkpoint)
-                && self.tree.last_evicted().is_some_and(|n| self.tree.hits(n) == 0);
-            if tiers && !unused_interior {
+            if tiers {
                 self.demote(&victims);
             }
             self.release(&mut freed);

@@ -70,6 +70,11 @@ impl KVCacheManager {
         Ok(())
     }
 
+    /// Exposed load seconds so far (the overlap model's total over all promotions).
+    pub fn exposed_load_seconds(&self) -> f64 {
+        self.exposed_load_seconds
+    }
+
     /// Unpins what finished loads held.
     pub(super) fn reap_loads(&mut self) {
         if self.inflight.is_empty() {

@@ -21,7 +21,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Instant;
 
-use super::report::SimReport;
+use super::report::{SimReport, TierTraffic};
 use super::service::ServiceModel;
 use super::trace::Trace;
 use crate::error::{Error, Result};
@@ -47,7 +47,7 @@ pub struct RunConfig {
     pub eviction: Eviction,
     /// Device (L1) budget in bytes.
     pub device_bytes: u64,
-    /// Budgets of lower tiers. The manager has no tiers yet: a non-empty list is refused.
+    /// Budgets of lower tiers (virtual: decisions and byte counts, no bytes).
     pub lower_tiers: Vec<TierBudget>,
     /// Throughputs.
     pub service: ServiceModel,
@@ -133,11 +133,21 @@ impl<'a> Replay<'a> {
         upper_bound_hit_tokens: u64,
     ) -> Result<Self> {
         cfg.service.validate()?;
-        if let Some(t) = cfg.lower_tiers.iter().find(|t| t.bytes > 0) {
-            return Err(Error::invalid(
-                t.tier.clone(),
-                "the manager has no lower tiers yet; simulate with the device budget alone",
-            ));
+        // Lower tiers are virtual here: the manager makes every placement decision and counts
+        // every byte, but no bytes move.
+        let mut lower = crate::tiers::LowerCapacity::default();
+        for t in &cfg.lower_tiers {
+            match t.tier.as_str() {
+                "host" => lower.host = t.bytes,
+                "disk" => lower.disk = t.bytes,
+                "remote" => lower.remote = t.bytes,
+                other => {
+                    return Err(Error::invalid(
+                        "tier",
+                        format!("unknown tier {other:?}; expected host, disk or remote"),
+                    ))
+                }
+            }
         }
         // A block-id trace coarser than the replay's blocks resumes only at its own block
         // boundaries: checkpoint prompts there (see `trace`).
@@ -149,6 +159,11 @@ impl<'a> Replay<'a> {
             policy: cfg.policy,
             eviction: cfg.eviction,
             resume_granularity,
+            lower,
+            overlap: crate::tiers::OverlapModel {
+                prefill_tokens_per_second: cfg.service.prefill_tokens_per_s,
+                ..crate::tiers::OverlapModel::default()
+            },
             ..ManagerConfig::default()
         };
         let m = KVCacheManager::new(spec.clone(), cfg.device_bytes, config)?;
@@ -297,6 +312,16 @@ impl<'a> Replay<'a> {
         r.extensions_refused = stats.extensions_refused;
         r.evicted_leaves = stats.evicted_leaves;
         r.evicted_checkpoints = stats.evicted_checkpoints;
+        r.tiers = stats
+            .tiers
+            .iter()
+            .map(|t| TierTraffic {
+                tier: t.name.to_string(),
+                bytes_written: t.counters.bytes_written,
+                bytes_read: t.counters.bytes_read,
+            })
+            .collect();
+        r.exposed_load_seconds = stats.exposed_load_seconds;
         let k = self.ttfts.len().max(1) as f64;
         r.ttft_mean = self.ttfts.iter().sum::<f64>() / k;
         r.ttft_no_cache_mean = self.ttft_no_cache_sum / k;
@@ -367,9 +392,13 @@ impl<'a> Replay<'a> {
             },
             None => Prompt::Tokens(trace.prompt_token_ids(r).expect("token prompt")),
         };
+        let exposed_before = self.m.exposed_load_seconds();
         let Some(hit) = self.m.admit(u64::from(i), prompt, None, None)? else {
             return Ok(false);
         };
+        // A hit promoted from a lower tier delays the prefill by the part of its load that the
+        // overlap model says compute cannot hide.
+        let load_delay = self.m.exposed_load_seconds() - exposed_before;
         self.running += 1;
         self.report.peak_running = self.report.peak_running.max(self.running);
         self.admissions += 1;
@@ -378,7 +407,7 @@ impl<'a> Replay<'a> {
         s.phase = Phase::Prefill;
         s.admitted_at = self.admissions;
         let start = self.prefill_free.max(t);
-        self.prefill_free = start + service.prefill_seconds(r.prompt_tokens - hit);
+        self.prefill_free = start + load_delay + service.prefill_seconds(r.prompt_tokens - hit);
         if !s.first_admission_done {
             s.first_admission_done = true;
             self.report.hit_tokens += hit;
