@@ -131,13 +131,24 @@ def test_progress_is_called_and_can_stop_a_replay():
         sim.run(1 << 36, progress=stop)
 
 
+def test_lower_tiers_serve_what_the_device_evicts():
+    t = Trace.generate("chat", seed=1, size=40)
+    sim = Simulator(MIMO, t, 16)
+    small = sim.run(2 << 30)
+    tiered = sim.run(2 << 30, host_bytes=1 << 40, disk_bytes=1 << 40)
+    assert tiered["hit_rate"] >= small["hit_rate"]
+    assert tiered["tier_bytes_written"]["host"] > 0
+    assert set(tiered["tier_bytes_read"]) == {"host", "disk"}
+    assert tiered["exposed_load_seconds"] >= 0.0
+
+
 def test_bad_arguments():
     t = Trace.generate("chat", size=2)
     with pytest.raises(InvalidArgumentError, match="block_tokens"):
         Simulator(MIMO, Trace.load(default_trace_path()), block_tokens=48)
     sim = Simulator(MIMO, t, 16)
-    with pytest.raises(InvalidArgumentError, match="host"):
-        sim.run(1 << 30, host_bytes=1 << 40)
+    with pytest.raises(InvalidArgumentError, match="host_bytes"):
+        sim.run(1 << 30, host_bytes=-1)
     with pytest.raises(InvalidArgumentError, match="policy"):
         sim.run(1 << 30, "sometimes")
     with pytest.raises(InvalidArgumentError, match="device_bytes"):
