@@ -18,7 +18,7 @@ pip_install() { .venv/bin/python -m pip install -q "$@"; }
 
 pip_install "maturin>=1.7,<2" "numpy>=1.24"
 if [ "$extras" = "test" ]; then
-  pip_install "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" "mypy>=1.10"
+  pip_install "pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" "mypy>=1.10" "matplotlib>=3.7"
   # A real Valkey/Redis server binary for the remote-tier tests and benches.
   scripts/remote-store.sh install
 fi
