@@ -159,8 +159,13 @@ pub struct SlabArena {
     /// Free-list links, `slab * stride + slot` -> next free slot of that slab plus one (0 ends
     /// the list), so that the array starts as zeroes the OS maps lazily.
     next: Vec<u32>,
-    /// Free slabs, used as a stack (the most recently freed slab is reused first).
+    /// Free slabs that have been used before, as a stack (the most recently freed slab is
+    /// reused first). Slabs never used yet (`slabs.len()..num_slabs`) are free too: they are
+    /// materialized on first use, so a huge budget (a simulation's "unbounded" 1 PiB) costs
+    /// nothing up front.
     free_slabs: Vec<u32>,
+    /// Slabs the budget holds (materialized or not).
+    num_slabs: u32,
     /// Scratch for `free`: slabs touched by the batch and their free counts before it (kept to
     /// avoid an allocation per call).
     touched: Vec<(u32, u32)>,
@@ -272,29 +277,17 @@ impl SlabArena {
                 blocks_in_use: 0,
             })
             .collect();
-        let slabs = (0..num_slabs)
-            .map(|_| Slab {
-                class: None,
-                used: 0,
-                free_head: NIL,
-                free_len: 0,
-                gen_counter: 0,
-                in_batch: false,
-            })
-            .collect();
-        let slots = (num_slabs * stride) as usize;
-        // Reverse order so that slab 0 is handed out first.
-        let free_slabs = (0..num_slabs as u32).rev().collect();
         Ok(SlabArena {
             capacity_bytes,
             slab_bytes: slab,
             stride,
             stride_shift: stride.trailing_zeros(),
             classes,
-            slabs,
-            gens: vec![0; slots],
-            next: vec![0; slots],
-            free_slabs,
+            slabs: Vec::new(),
+            gens: Vec::new(),
+            next: Vec::new(),
+            free_slabs: Vec::new(),
+            num_slabs: num_slabs as u32,
             touched: Vec::new(),
         })
     }
@@ -328,14 +321,14 @@ impl SlabArena {
     /// page index this arena can return for the class is below it.
     pub fn num_pages(&self, class: usize) -> Result<u64> {
         let c = self.class(class)?;
-        Ok(self.slabs.len() as u64 * self.slab_bytes / c.block_bytes)
+        Ok(u64::from(self.num_slabs) * self.slab_bytes / c.block_bytes)
     }
 
     /// Blocks of `class` that an allocation could get right now (free slots in the class's
     /// slabs plus every free slab).
     pub fn available(&self, class: usize) -> Result<u64> {
         let c = self.class(class)?;
-        Ok(c.free_in_partial() + self.free_slabs.len() as u64 * u64::from(c.blocks_per_slab))
+        Ok(c.free_in_partial() + self.free_slab_count() * u64::from(c.blocks_per_slab))
     }
 
     /// Bytes that can still be allocated (free slabs plus free blocks in held slabs), in O(classes).
@@ -345,7 +338,12 @@ impl SlabArena {
             .iter()
             .map(|c| c.free_in_partial * c.block_bytes)
             .sum();
-        in_slabs + self.free_slabs.len() as u64 * self.slab_bytes
+        in_slabs + self.free_slab_count() * self.slab_bytes
+    }
+
+    /// Free slabs: recycled ones plus those never used.
+    fn free_slab_count(&self) -> u64 {
+        self.free_slabs.len() as u64 + u64::from(self.num_slabs) - self.slabs.len() as u64
     }
 
     /// Whether all the requests `(class, n)` could be allocated together right now.
@@ -370,7 +368,7 @@ impl SlabArena {
                 slabs_needed += (total - from_partial).div_ceil(u64::from(c.blocks_per_slab));
             }
         }
-        Ok(slabs_needed <= self.free_slabs.len() as u64)
+        Ok(slabs_needed <= self.free_slab_count())
     }
 
     /// Allocates `n` blocks of `class`, all or nothing.
@@ -432,7 +430,26 @@ impl SlabArena {
     }
 
     fn take_free_slab(&mut self, class: u32) -> u32 {
-        let s = self.free_slabs.pop().expect("availability was checked");
+        let s = match self.free_slabs.pop() {
+            Some(s) => s,
+            None => {
+                // Materialize the next never-used slab.
+                let s = self.slabs.len() as u32;
+                assert!(s < self.num_slabs, "availability was checked");
+                self.slabs.push(Slab {
+                    class: None,
+                    used: 0,
+                    free_head: NIL,
+                    free_len: 0,
+                    gen_counter: 0,
+                    in_batch: false,
+                });
+                let slots = self.slabs.len() * self.stride as usize;
+                self.gens.resize(slots, 0);
+                self.next.resize(slots, 0);
+                s
+            }
+        };
         let c = &mut self.classes[class as usize];
         let bps = c.blocks_per_slab;
         c.slabs_held += 1;
@@ -624,14 +641,14 @@ impl SlabArena {
                     * (self.slab_bytes - u64::from(c.blocks_per_slab) * c.block_bytes)
             })
             .sum();
-        let num_slabs = self.slabs.len() as u64;
+        let num_slabs = u64::from(self.num_slabs);
         ArenaStats {
             capacity_bytes: self.capacity_bytes,
             slab_bytes: self.slab_bytes,
             num_slabs: num_slabs as u32,
-            slabs_free: self.free_slabs.len() as u32,
+            slabs_free: self.free_slab_count() as u32,
             bytes_in_use,
-            bytes_free: free_in_slabs + self.free_slabs.len() as u64 * self.slab_bytes,
+            bytes_free: free_in_slabs + self.free_slab_count() * self.slab_bytes,
             padding_waste_bytes: padding,
             tail_bytes: self.capacity_bytes - num_slabs * self.slab_bytes,
             classes,
