@@ -112,10 +112,11 @@ def test_l1_hits_with_released_windows_dropped_checkpoints_and_tombstones(
     model: TinyHybridModel, eviction: str, turns: int
 ) -> None:
     # One request at a time in a budget that holds the running request but not every
-    # conversation: the cache drops interior checkpoints (and leaves).
+    # conversation: the cache drops interior checkpoints (and leaves). Chunks of 20 tokens
+    # release each chunk's private out-of-window blocks at the next chunk.
     m = kvalloc.KVCacheManager(model.spec, 400 << 10, block_tokens=B, eviction=eviction)
     convs = conversations(3, turns)
-    engine = serve_and_check(model, m, convs, max_running=1)
+    engine = serve_and_check(model, m, convs, max_running=1, prefill_chunk=20)
     st = m.stats()
     hits = [h for c in convs for r in c.turns for h in r.hits]
     assert sum(h > W for h in hits) >= 5, hits  # sliding layers resumed from checkpoints
@@ -126,9 +127,10 @@ def test_l1_hits_with_released_windows_dropped_checkpoints_and_tombstones(
 
 
 def test_tiny_budget_preempts_and_readmits_mid_conversation(model: TinyHybridModel) -> None:
+    # Two slabs of memory; 32-token chunks let three requests start, then run out mid-prompt.
     m = kvalloc.KVCacheManager(model.spec, 300 << 10, block_tokens=B)
     convs = conversations(3, 3)
-    engine = serve_and_check(model, m, convs, max_running=3)
+    engine = serve_and_check(model, m, convs, max_running=3, prefill_chunk=32)
     st = m.stats()
     readmitted = [r for c in convs for r in c.turns if len(r.hits) > 1]
     assert engine.stats.preemptions > 0 and readmitted
@@ -191,18 +193,14 @@ def test_the_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "bit for bit" in capsys.readouterr().out
 
 
-# -- known manager bugs (strict: these fail until kvalloc is fixed) -----------------------------
+# -- the chunk's window (regressions) -----------------------------------------------------------
 #
-# The manager releases a sliding group's blocks below the window of the *new* length's last
-# block boundary while it schedules a chunk, before the engine has computed that chunk. So the
-# block tables an engine gets back lack (1) the window before the chunk, which the chunk's first
-# tokens attend to, and (2) checkpoint blocks the chunk itself must write. The engine works
-# around it by ending chunks early (Engine.prefill_end); these tests show the bug without it.
-
-MANAGER_RELEASES_TOO_EARLY = "manager releases SWA blocks a scheduled chunk still needs (see report)"
+# A step's block tables must keep what its chunk reads and writes: the window before the chunk
+# (its first tokens attend to it) and every checkpoint block the chunk computes. The manager
+# once released both while it scheduled the chunk; they now leave the table at the request's
+# next call, so the engine's chunks are as large as it wants.
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=MANAGER_RELEASES_TOO_EARLY)
 def test_admission_table_shows_the_window_before_the_hit(model: TinyHybridModel) -> None:
     m = kvalloc.KVCacheManager(model.spec, 1 << 20, block_tokens=B)
     prompt = np.arange(100)
@@ -214,7 +212,6 @@ def test_admission_table_shows_the_window_before_the_hit(model: TinyHybridModel)
     assert m.block_table(2, 1)[(hit - W) // B] != kvalloc.NULL_PAGE
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=MANAGER_RELEASES_TOO_EARLY)
 def test_admission_table_shows_every_checkpoint_block_it_must_write(model: TinyHybridModel) -> None:
     m = kvalloc.KVCacheManager(model.spec, 1 << 20, block_tokens=B)
     m.admit(1, np.arange(100))
@@ -223,10 +220,11 @@ def test_admission_table_shows_every_checkpoint_block_it_must_write(model: TinyH
     assert m.block_table(1, 1)[4] != kvalloc.NULL_PAGE
 
 
-@pytest.mark.xfail(strict=True, raises=(MissingKVError, AssertionError), reason=MANAGER_RELEASES_TOO_EARLY)
-def test_engine_without_chunk_clipping(model: TinyHybridModel) -> None:
+def test_chunks_spanning_many_windows(model: TinyHybridModel) -> None:
     m = kvalloc.KVCacheManager(model.spec, 1 << 20, block_tokens=B)
     convs = conversations(2, 2)
-    engine = Engine(model, m, validate=True, clip_chunks_to_window=False)
-    serve(engine, convs)  # today: MissingKVError (window before a chunk), or NaN logits
+    engine = Engine(model, m, validate=True, prefill_chunk=64)
+    serve(engine, convs)
     assert not [msg for c in convs for msg in conversation_mismatches(model, c)]
+    assert max(r.prompt_len - r.hits[0] for c in convs for r in c.turns) > 2 * W  # chunks past W
+    assert_nothing_leaked(m)
