@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -148,85 +149,10 @@ class Engine:
     def step(self) -> list[Request]:
         """Schedules and computes one step; returns the requests that completed in it."""
         self.stats.steps += 1
-        finishing = self._finish_next
-        self._finish_next = []
-        scheduled: list[tuple[Request, int, int]] = []
-        refused: list[Request] = []
-        decode = [r for r in self._running.values() if r.computed >= r.admitted_len]
-        prefill = [r for r in self._running.values() if r.computed < r.admitted_len]
-        ends = [min(r.computed + self.prefill_chunk, r.admitted_len) for r in prefill]
-        finish = [r.req_id for r in finishing]
-
-        # 1. Finishes and preemptions free memory first, then one decode token per running
-        # request and the next chunk of those still in their prompt, then admissions. m.step
-        # takes token ids or counts for its extensions, not both: with decode and prefill
-        # requests both running, decode goes in a call of its own.
-        if decode and prefill:
-            self.stats.manager_calls += 1
-            _, ok = self.m.step(finish=finish, extend_ids=[r.req_id for r in decode], extend_tokens=self._decode_tokens(decode))
-            refused += [r for r, fit in zip(decode, ok) if not fit]
-            scheduled += [(r, r.computed, r.computed + 1) for r, fit in zip(decode, ok) if fit]
-            finish, decode = [], []
-        # Admissions, oldest first, while there is room (none when memory is short). A request
-        # finished (preempted) in this call cannot be admitted in it.
-        admit = [] if refused else self._admission_candidates({r.req_id for r in finishing})
-        extend: dict[str, object] = {}
-        if decode:
-            extend = {"extend_ids": [r.req_id for r in decode], "extend_tokens": self._decode_tokens(decode)}
-        elif prefill:
-            extend = {"extend_ids": [r.req_id for r in prefill], "extend_counts": [e - r.computed for r, e in zip(prefill, ends)]}
-        self.stats.manager_calls += 1
-        hits, ok = self.m.step(
-            finish=finish,
-            admit=[(r.req_id, np.array(r.tokens, dtype=np.int64), None, self.prefill_chunk) for r in admit],
-            **extend,  # type: ignore[arg-type]
-        )
-        for r, fit in zip(decode, ok):
-            (scheduled.append((r, r.computed, r.computed + 1)) if fit else refused.append(r))
-        if not decode:
-            for r, e, fit in zip(prefill, ends, ok):
-                (scheduled.append((r, r.computed, e)) if fit else refused.append(r))
-        if refused and any(h >= 0 for h in hits):
-            # Memory is short: this step's admissions (nothing computed yet) wait after all.
-            self.m.step(abort=[r.req_id for r, h in zip(admit, hits) if h >= 0])
-            self.stats.manager_calls += 1
-            hits[:] = -1
-        # Out of memory: preempt the newest refused request (finish it next step, so its
-        # computed blocks stay cached, and admit it again before new requests). The others
-        # refused wait a step: the memory it frees lets the oldest requests go on.
-        if refused:
-            victim = max(refused, key=lambda r: r.admit_seq)
-            if len(self._running) == 1:
-                raise EngineError(f"request {victim.req_id} cannot grow past {victim.computed} tokens in the budget")
-            del self._running[victim.req_id]
-            victim.preemptions += 1
-            self.stats.preemptions += 1
-            self._finish_next.append(victim)
-            self._waiting.appendleft(victim)
-        running_before = bool(self._running)
-        for r, hit in zip(admit, hits):
-            if hit < 0:
-                continue
-            self._waiting.remove(r)
-            self._running[r.req_id] = r
-            self.stats.admissions += 1
-            self.stats.hit_tokens += int(hit)
-            r.admit_seq = self.stats.admissions
-            r.hits.append(int(hit))
-            r.admitted_len = len(r.tokens)
-            r.computed = int(hit)
-            scheduled.append((r, r.computed, self.m.num_tokens(r.req_id)))
-            if hit > 0:
-                handle = self._load_handle(r.req_id)
-                if handle.bytes > 0 or not handle.done:  # the hit came (partly) from below L1
-                    self._loads[r.req_id] = handle
-                    self.stats.tier_loads += 1
-        if admit and hits[0] < 0 and not running_before and not finishing and not refused:
-            raise EngineError(f"request {admit[0].req_id} ({len(admit[0].tokens)} tokens) cannot fit in the budget")
+        scheduled = self._schedule()
         if self.validate:
             self.m.validate()
-
-        # 2. Compute, in scheduling order.
+        # Compute, in scheduling order.
         completed = []
         for r, start, end in scheduled:
             self._forward(r, start, end, self._loads.pop(r.req_id, None))
@@ -236,7 +162,97 @@ class Engine:
                 completed.append(r)
         return completed
 
-    def _decode_tokens(self, decode: list[Request]) -> npt.NDArray[np.int64]:
+    def _schedule(self) -> list[tuple[Request, int, int]]:
+        """Tells the manager what happened and what runs next; returns ``(request, start,
+        end)`` for every request to compute in this step, in the manager's order."""
+        finishing = self._finish_next
+        self._finish_next = []
+        finish = [r.req_id for r in finishing]
+        decode = [r for r in self._running.values() if r.computed >= r.admitted_len]
+        prefill = [r for r in self._running.values() if r.computed < r.admitted_len]
+        scheduled: list[tuple[Request, int, int]] = []
+        refused: list[Request] = []
+
+        def extended(reqs: list[Request], ends: list[int], ok: npt.NDArray[np.bool_]) -> None:
+            for r, e, fit in zip(reqs, ends, ok):
+                (scheduled.append((r, r.computed, e)) if fit else refused.append(r))
+
+        # Finishes and preemptions free memory first, then one decode token per running request
+        # and the next chunk of those still in their prompt, then admissions: one call. m.step
+        # takes token ids or counts for its extensions, not both, so with decode and prefill
+        # requests both running, decode goes first in a call of its own.
+        if decode and prefill:
+            _, ok = self._call(finish=finish, extend_ids=self._ids(decode), extend_tokens=self._decode_tokens(decode))
+            extended(decode, [r.computed + 1 for r in decode], ok)
+            finish, decode = [], []
+        ext = decode or prefill
+        ends = [r.computed + 1 if decode else min(r.computed + self.prefill_chunk, r.admitted_len) for r in ext]
+        # Admissions, oldest first, while there are free slots, none when memory is short. A
+        # request preempted last step is finished in this call, so it cannot be admitted in it.
+        admit = [] if refused else self._admission_candidates({r.req_id for r in finishing})
+        hits, ok = self._call(
+            finish=finish,
+            extend_ids=self._ids(ext),
+            extend_tokens=self._decode_tokens(decode) if decode else None,
+            extend_counts=None if decode else [e - r.computed for r, e in zip(ext, ends)],
+            admit=[(r.req_id, np.array(r.tokens, dtype=np.int64), None, self.prefill_chunk) for r in admit],
+        )
+        extended(ext, ends, ok)
+        if refused and (hits >= 0).any():
+            # Memory is short: this step's admissions (nothing computed yet) wait after all.
+            self._call(abort=[r.req_id for r, h in zip(admit, hits) if h >= 0])
+            hits[:] = -1
+        if refused:
+            self._preempt(refused)
+        elif admit and hits[0] < 0 and not self._running and not finishing:
+            r = admit[0]
+            raise EngineError(f"request {r.req_id} ({len(r.tokens)} tokens) cannot fit in the budget")
+        for r, hit in zip(admit, hits.tolist()):
+            if hit >= 0:
+                scheduled.append(self._admitted(r, hit))
+        return scheduled
+
+    def _call(self, **kw: Any) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        self.stats.manager_calls += 1
+        return self.m.step(**kw)
+
+    def _preempt(self, refused: list[Request]) -> None:
+        """Out of memory: preempts the newest refused request (finished next step, so its
+        computed blocks stay cached, and admitted again before new requests). The others wait a
+        step: the memory it frees lets the oldest requests go on."""
+        victim = max(refused, key=lambda r: r.admit_seq)
+        if len(self._running) == 1:
+            raise EngineError(f"request {victim.req_id} cannot grow past {victim.computed} tokens in the budget")
+        del self._running[victim.req_id]
+        victim.preemptions += 1
+        self.stats.preemptions += 1
+        self._finish_next.append(victim)
+        self._waiting.appendleft(victim)
+
+    def _admitted(self, r: Request, hit: int) -> tuple[Request, int, int]:
+        """Books an admission that served ``hit`` tokens from cache; takes its load handle when
+        they (partly) come from below the device."""
+        self._waiting.remove(r)
+        self._running[r.req_id] = r
+        self.stats.admissions += 1
+        self.stats.hit_tokens += hit
+        r.admit_seq = self.stats.admissions
+        r.hits.append(hit)
+        r.admitted_len = len(r.tokens)
+        r.computed = hit
+        if hit > 0:
+            handle = self._load_handle(r.req_id)
+            if handle.bytes > 0 or not handle.done:
+                self._loads[r.req_id] = handle
+                self.stats.tier_loads += 1
+        return r, hit, self.m.num_tokens(r.req_id)
+
+    @staticmethod
+    def _ids(reqs: list[Request]) -> list[int]:
+        return [r.req_id for r in reqs]
+
+    @staticmethod
+    def _decode_tokens(decode: list[Request]) -> npt.NDArray[np.int64]:
         return np.array([r.tokens[r.computed] for r in decode], dtype=np.int64)
 
     def _admission_candidates(self, finishing: set[int]) -> list[Request]:
