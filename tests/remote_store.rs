@@ -62,6 +62,39 @@ fn random_records_round_trip_with_both_read_modes() {
     }
 }
 
+/// Range reads guess a group's geometry from the last record read; records of another
+/// geometry in the same group (longer or shorter headers) must still read exactly.
+#[test]
+fn range_reads_of_records_with_different_geometries() {
+    let server = RemoteServer::start(&[]);
+    let mut s = store(&server, 12);
+    let shapes = [(2u32, 512u32), (40, 512), (3, 2048), (40, 512), (1, 64)];
+    for (i, &(layers, lb)) in shapes.iter().enumerate() {
+        s.put(key(i as u64, 0), lb, &random_bytes(i as u64, (layers * lb) as usize)).unwrap();
+    }
+    for _ in 0..2 {
+        for (i, &(layers, lb)) in shapes.iter().enumerate() {
+            let data = random_bytes(i as u64, (layers * lb) as usize);
+            let mut out = vec![0; data.len()];
+            s.get(key(i as u64, 0), &mut out).unwrap();
+            assert!(out == data, "record {i}");
+            let mut last = vec![0; lb as usize];
+            s.get_layers(key(i as u64, 0), layers - 1, &mut last).unwrap();
+            assert!(last[..] == data[data.len() - lb as usize..], "record {i} last layer");
+        }
+    }
+    // First layer of a short record, then of a long one of the same layer size: the guess
+    // (2 layers) fetches too short a header for the 40-layer record.
+    for i in [0u64, 1, 4, 3, 0] {
+        let (layers, lb) = shapes[i as usize];
+        let data = random_bytes(i, (layers * lb) as usize);
+        let mut first = vec![0; lb as usize];
+        s.get_layers(key(i, 0), 0, &mut first).unwrap();
+        assert!(first[..] == data[..lb as usize], "record {i} first layer");
+    }
+    assert_eq!(s.counters().checksum_failures, 0);
+}
+
 #[test]
 fn killed_server_is_unavailable_quickly_then_service_resumes() {
     let mut server = RemoteServer::start(&[]);
@@ -88,10 +121,46 @@ fn killed_server_is_unavailable_quickly_then_service_resumes() {
     assert!(!s.is_connected());
 
     server.restart(); // same port, empty (no persistence)
-    std::thread::sleep(s.config().reconnect_interval + Duration::from_millis(20));
-    assert_eq!(s.get(k, &mut out), Err(StoreError::Missing));
+    assert_eq!(retry_until_up(&mut s, k, &mut out), Err(StoreError::Missing));
     s.put(k, lb, &data).unwrap();
     s.get(k, &mut out).unwrap();
+    assert_eq!(out, data);
+}
+
+/// Calls `get` until the store reconnects (within its back-off cap) and returns that result.
+fn retry_until_up(s: &mut RemoteStore, k: BlockKey, out: &mut [u8]) -> Result<(), StoreError> {
+    let deadline = Instant::now() + s.config().max_reconnect_interval + Duration::from_secs(2);
+    loop {
+        match s.get(k, out) {
+            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
+
+/// A hung server (SIGSTOP): calls time out after `io_timeout` instead of hanging, later ones
+/// fail at once during the back-off, and service resumes after SIGCONT.
+#[test]
+fn hung_server_times_out_then_resumes() {
+    let server = RemoteServer::start(&[]);
+    let mut cfg = RemoteConfig::new(server.url(), 2);
+    cfg.io_timeout = Duration::from_millis(200);
+    cfg.connect_timeout = Duration::from_millis(100);
+    let mut s = RemoteStore::connect(cfg).unwrap();
+    let (k, data) = (key(4, 0), random_bytes(9, 8192));
+    s.put(k, 1024, &data).unwrap();
+    server.signal(libc::SIGSTOP);
+    let mut out = vec![0; data.len()];
+    let t = Instant::now();
+    for _ in 0..20 {
+        assert!(matches!(s.get(k, &mut out), Err(StoreError::Unavailable(_))));
+    }
+    // One io_timeout, then at most a few back-off attempts of connect_timeout each.
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    server.signal(libc::SIGCONT);
+    assert_eq!(retry_until_up(&mut s, k, &mut out), Ok(()));
     assert_eq!(out, data);
 }
 

@@ -148,6 +148,13 @@ impl RemoteServer {
         }
     }
 
+    /// Sends `sig` to the server process (by its pid), e.g. SIGSTOP to make it hang.
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("server running").id() as i32;
+        // SAFETY: kill(2) on our own child's pid; no memory is passed.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
     /// Kills the server (SIGKILL, by its pid) and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

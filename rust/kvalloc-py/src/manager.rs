@@ -573,6 +573,7 @@ impl PyKVCacheManager {
                     ("records", t.records),
                     ("promoted_tokens", t.promoted_tokens),
                     ("bytes_written", c.bytes_written),
+                    ("full_bytes_written", c.full_bytes_written),
                     ("bytes_read", c.bytes_read),
                     ("records_in", c.records_in),
                     ("evicted", c.evicted),

@@ -1139,7 +1139,15 @@ impl KVCacheManager {
             .map(|&(g, n)| n * self.tree.layout().block_bytes[g])
             .sum();
         if need_bytes > self.arena.bytes_free() + self.tree.evictable_bytes() {
-            return Ok(false);
+            // Blocks that loads in flight are filling cannot be evicted until their copies land:
+            // wait for them (milliseconds) rather than refuse.
+            if self.inflight.is_empty() {
+                return Ok(false);
+            }
+            self.wait_loads();
+            if need_bytes > self.arena.bytes_free() + self.tree.evictable_bytes() {
+                return Ok(false);
+            }
         }
         let mut freed = std::mem::take(&mut self.scratch);
         let tiers = self.lower.active();
@@ -1156,7 +1164,12 @@ impl KVCacheManager {
                 Some(Evicted::Leaf) => self.evicted_leaves += 1,
                 Some(Evicted::Checkpoint) => self.evicted_checkpoints += 1,
             }
-            if tiers {
+            // An interior checkpoint no request ever resumed at (a prompt end a longer turn
+            // superseded) is not worth lower-tier bytes: it is dropped, not demoted. Leaves
+            // (the latest resume points) and checkpoints that served hits go down.
+            let unused_interior = evicted == Some(Evicted::Checkpoint)
+                && self.tree.last_evicted().is_some_and(|n| self.tree.hits(n) == 0);
+            if tiers && !unused_interior {
                 self.demote(&victims);
             }
             self.release(&mut freed);

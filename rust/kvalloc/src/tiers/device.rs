@@ -75,6 +75,17 @@ impl HostBuffer {
         unsafe { HostBuffer::from_raw(ptr, len, Box::new(SendBox(v))) }
     }
 
+    /// Writes one byte per page so the memory is resident before the first copy.
+    pub fn prefault(&self) {
+        const PAGE: usize = 4096;
+        let mut o = 0;
+        while o < self.len {
+            // SAFETY: in bounds; called before the buffer is shared with any copy.
+            unsafe { self.ptr.add(o).write_volatile(0) };
+            o += PAGE;
+        }
+    }
+
     fn check(&self, offset: u64, n: usize) -> usize {
         let o = usize::try_from(offset).expect("offset fits usize");
         assert!(

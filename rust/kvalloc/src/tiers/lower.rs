@@ -48,6 +48,9 @@ impl LowerCapacity {
 pub struct TierCounters {
     /// Payload bytes written into the tier (demotions and write-through).
     pub bytes_written: u64,
+    /// The part of `bytes_written` that is full-attention KV (every written block carries its
+    /// full KV, so this over the full bytes per token counts the tokens written).
+    pub full_bytes_written: u64,
     /// Payload bytes read from the tier (promotions and moves down).
     pub bytes_read: u64,
     /// Records that entered the tier.
@@ -166,7 +169,11 @@ impl LowerTiers {
     pub fn materialize(&mut self) {
         self.materialized = true;
         if let (Some(a), None) = (&self.host_arena, &self.host_mem) {
-            self.host_mem = Some(Arc::new(HostMemory::zeroed(a.capacity_bytes() as usize)));
+            let mem = HostMemory::zeroed(a.capacity_bytes() as usize);
+            // Touch every page now: a first-touch fault per 4 KiB in the demotion path would
+            // cost more than the copy (engines pin this memory up front for DMA anyway).
+            mem.prefault();
+            self.host_mem = Some(Arc::new(mem));
         }
     }
 
@@ -294,7 +301,7 @@ impl LowerTiers {
                 }
             } else {
                 self.counters[rec.tier as usize].bytes_read += self.shape.block_bytes[g];
-                self.counters[t2 as usize].bytes_written += self.shape.block_bytes[g];
+                self.count_write(t2, g);
                 self.alloc_virtual_host(t2, hash, g);
             }
             moved.push(g);
@@ -313,6 +320,15 @@ impl LowerTiers {
         }
         self.counters[t2 as usize].records_in += 1;
         self.index.update(hash, |r| r.tier = t2);
+    }
+
+    fn count_write(&mut self, t: Tier, g: usize) {
+        let bytes = self.shape.block_bytes[g];
+        let c = &mut self.counters[t as usize];
+        c.bytes_written += bytes;
+        if self.shape.full_mask & (1 << g) != 0 {
+            c.full_bytes_written += bytes;
+        }
     }
 
     /// Host blocks are allocated even when no bytes move, so L2 capacity (slabs, classes) is
@@ -385,10 +401,9 @@ impl LowerTiers {
                 }
             }
         };
-        let c = &mut self.counters[t as usize];
         match res {
-            Ok(()) => c.bytes_written += src.len() as u64,
-            Err(_) => c.write_failures += 1,
+            Ok(()) => self.count_write(t, g),
+            Err(_) => self.counters[t as usize].write_failures += 1,
         }
         res
     }
@@ -467,6 +482,18 @@ impl LowerTiers {
                 continue;
             }
             let ok = match device.filter(|_| self.materialized()) {
+                Some(dev) if tier == Tier::Host => {
+                    // Straight from the device into host memory: one copy.
+                    self.alloc_virtual_host(tier, hash, g);
+                    let dst = self.host_offset(hash, g).expect("just allocated");
+                    let len = self.shape.block_bytes[g] as usize;
+                    let mem = self.host_mem.as_ref().expect("materialized");
+                    // SAFETY: the block was just allocated to this record; nothing else reads
+                    // or writes it until this copy is done.
+                    dev.read(off, unsafe { mem.slice_mut(dst, len) });
+                    self.count_write(tier, g);
+                    true
+                }
                 Some(dev) => {
                     let mut buf = std::mem::take(&mut self.staging);
                     buf.resize(self.shape.block_bytes[g] as usize, 0);
@@ -477,7 +504,7 @@ impl LowerTiers {
                 }
                 None => {
                     self.alloc_virtual_host(tier, hash, g);
-                    self.counters[tier as usize].bytes_written += self.shape.block_bytes[g];
+                    self.count_write(tier, g);
                     true
                 }
             };

@@ -29,9 +29,11 @@
 //! - Every socket operation has a deadline ([`RemoteConfig::connect_timeout`],
 //!   [`RemoteConfig::io_timeout`]); a server that is down or killed mid-call yields
 //!   [`StoreError::Unavailable`] and counts `unavailable`, never a panic or a long hang.
-//! - After a connection fails, it is dropped and rebuilt on a later call, at most one attempt
-//!   per [`RemoteConfig::reconnect_interval`]: between attempts calls fail at once, so a dead
-//!   server does not slow every scheduler step.
+//! - After a connection fails, it is dropped and rebuilt on a later call. Attempts are spaced
+//!   by [`RemoteConfig::reconnect_interval`], doubling per consecutive failure up to
+//!   [`RemoteConfig::max_reconnect_interval`]; between attempts calls fail at once, so a dead
+//!   or hung server does not slow every scheduler step. A failed call counts `unavailable`
+//!   once (a failed `put_many` returns `Unavailable` for each of its records).
 //! - A server out of memory (`OOM` reply, `maxmemory` with `noeviction`) is
 //!   [`StoreError::Full`] for that record (`writes_skipped_full`).
 //! - A wrong password or ACL user is `Unavailable` with "authentication failed" in its message.
@@ -62,8 +64,11 @@ pub struct RemoteConfig {
     pub connect_timeout: Duration,
     /// Deadline for each socket read or write.
     pub io_timeout: Duration,
-    /// Least time between two connection attempts after a failure.
+    /// Least time between two connection attempts after a failure; doubles with each
+    /// consecutive failed attempt, up to [`max_reconnect_interval`](Self::max_reconnect_interval).
     pub reconnect_interval: Duration,
+    /// Cap of the reconnect back-off (a hung server costs one `connect_timeout` per attempt).
+    pub max_reconnect_interval: Duration,
     /// Most bytes of commands in one pipeline (bounds the client's buffer).
     pub max_batch_bytes: usize,
     /// Read layer ranges with `GETRANGE` (header and range in one pipeline) rather than `GET`
@@ -72,8 +77,8 @@ pub struct RemoteConfig {
 }
 
 impl RemoteConfig {
-    /// Defaults: prefix `kvalloc`, 200 ms connect, 1 s per socket operation, one reconnect
-    /// attempt per 100 ms, 64 MiB pipelines, range reads.
+    /// Defaults: prefix `kvalloc`, 200 ms connect, 1 s per socket operation, reconnect
+    /// attempts 100 ms apart doubling up to 2 s, 64 MiB pipelines, range reads.
     pub fn new(url: impl Into<String>, namespace: u64) -> Self {
         RemoteConfig {
             url: url.into(),
@@ -84,6 +89,7 @@ impl RemoteConfig {
             connect_timeout: Duration::from_millis(200),
             io_timeout: Duration::from_secs(1),
             reconnect_interval: Duration::from_millis(100),
+            max_reconnect_interval: Duration::from_secs(2),
             max_batch_bytes: 64 << 20,
             range_reads: true,
         }
@@ -99,6 +105,8 @@ pub struct RemoteStore {
     retry_at: Option<Instant>,
     /// Why the last connection failed, for the next `Unavailable` message.
     last_failure: String,
+    /// Consecutive failures since the last good connection (sets the back-off).
+    failures: u32,
     counters: StoreCounters,
     /// Layers and layer bytes last seen per group, so a range read is one round trip.
     geometry: HashMap<u16, (u32, u32)>,
@@ -155,6 +163,7 @@ impl RemoteStore {
             conn: None,
             retry_at: None,
             last_failure: String::new(),
+            failures: 0,
             counters: StoreCounters::default(),
             geometry: HashMap::new(),
             buf: Vec::new(),
@@ -228,10 +237,10 @@ impl RemoteStore {
                 Ok(c) => {
                     self.conn = Some(c);
                     self.retry_at = None;
+                    self.failures = 0;
                 }
                 Err(e) => {
-                    self.last_failure = describe(&e);
-                    self.retry_at = Some(now + self.cfg.reconnect_interval);
+                    self.schedule_retry(describe(&e));
                     return Err(StoreError::Unavailable(self.last_failure.clone()));
                 }
             }
@@ -261,10 +270,21 @@ impl RemoteStore {
     /// Drops the connection (its stream state is unknown) and schedules the next attempt.
     fn transport_failure(&mut self, why: String) -> StoreError {
         self.conn = None;
-        self.retry_at = Some(Instant::now() + self.cfg.reconnect_interval);
-        self.last_failure = why.clone();
+        self.schedule_retry(why.clone());
         self.counters.unavailable += 1;
         StoreError::Unavailable(why)
+    }
+
+    /// No attempt before `reconnect_interval * 2^(failures - 1)` (capped) from now.
+    fn schedule_retry(&mut self, why: String) {
+        let backoff = self
+            .cfg
+            .reconnect_interval
+            .saturating_mul(1 << self.failures.min(16))
+            .min(self.cfg.max_reconnect_interval.max(self.cfg.reconnect_interval));
+        self.failures = self.failures.saturating_add(1);
+        self.retry_at = Some(Instant::now() + backoff);
+        self.last_failure = why;
     }
 
     /// Classifies one command's server error reply.
@@ -301,12 +321,15 @@ impl RemoteStore {
                 push_getrange(&mut self.buf, &rkey, start, dst.len());
                 let mut replies = self.exchange(2)?.into_iter();
                 let head = self.bulk(replies.next().expect("2 replies"))?;
-                let header = self.decode_header(&head, key)?;
-                if (header.layers(), header.layer_bytes) == (layers, lb) {
-                    let body = self.bulk(replies.next().expect("2 replies"))?;
-                    return finish_read(&header, first_layer, &body, dst);
+                // A record of another geometry than the guess (its header may be longer than
+                // what was fetched) falls through to the exact path below.
+                if let Ok(header) = RecordHeader::decode(&head) {
+                    if (header.layers(), header.layer_bytes) == (layers, lb) {
+                        header.check(self.cfg.namespace, key)?;
+                        let body = self.bulk(replies.next().expect("2 replies"))?;
+                        return finish_read(&header, first_layer, &body, dst);
+                    }
                 }
-                // Another geometry than last time: fall through with the real one.
             }
         }
         self.buf.clear();

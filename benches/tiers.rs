@@ -1,0 +1,160 @@
+//! Lower-tier byte stores (`cargo bench --bench tiers`), issue #4.
+//!
+//! - L3 disk: `DiskStore` put/get of many 1-4 MB records against plain sequential `std::fs`
+//!   write/read of the same bytes in one file, in the same run. Target: at least 0.7x.
+//! - L4 remote: `RemoteStore` batched put (`put_many`, one pipeline) and get (range reads and
+//!   whole-value reads) against a real Valkey/Redis server on loopback, started here.
+//!
+//! Both media are the page cache and loopback here, so these measure the stores' own cost
+//! (syscalls, copies, checksums), not a device.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use kvalloc::tiers::{BlockKey, BlockStore, DiskStore, RemoteConfig, RemoteStore};
+use support::{random_bytes, RemoteServer, Rng, TempDir};
+
+/// `n` records of 1-4 MB, each a whole number of 80 KiB layers (a mimo-v2.5-pro layer slice
+/// of a 16-token block is 81,920 bytes).
+fn records(n: u64) -> Vec<(BlockKey, u32, Vec<u8>)> {
+    let lb = 81_920u32;
+    let mut rng = Rng(0xfeed_f00d);
+    (0..n)
+        .map(|i| {
+            let layers = 13 + rng.below(39) as u32; // 1.06-4.1 MB
+            let hash = rng.below(u64::MAX);
+            (BlockKey { hash, group: (i % 2) as u16 }, lb, random_bytes(i, (layers * lb) as usize))
+        })
+        .collect()
+}
+
+fn disk(c: &mut Criterion) {
+    let recs = records(32);
+    let total: u64 = recs.iter().map(|r| r.2.len() as u64).sum();
+    let dir = TempDir::new("bench-disk");
+    let mut store = DiskStore::open(dir.path(), 1).unwrap();
+    let plain = dir.path().join("plain.bin");
+    let mut bufs: Vec<Vec<u8>> = recs.iter().map(|r| vec![0; r.2.len()]).collect();
+
+    // Correctness once, untimed: the benches below read what they wrote.
+    for (k, lb, d) in &recs {
+        store.put(*k, *lb, d).unwrap();
+    }
+    for ((k, _, d), buf) in recs.iter().zip(bufs.iter_mut()) {
+        store.get(*k, buf).unwrap();
+        assert!(d == buf, "disk store returned other bytes");
+    }
+
+    let mut g = c.benchmark_group("l3_disk");
+    g.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(1));
+    g.throughput(Throughput::Bytes(total));
+    // Each iteration writes new records and drops the previous ones, as a cache tier does
+    // (blocks are named by content hash, so a tier never rewrites a record in place; ext4
+    // would flush a file renamed over another at once). The plain baseline likewise deletes
+    // its file and writes a new one.
+    let mut generation = 0u64;
+    let mut live: Vec<BlockKey> = recs.iter().map(|r| r.0).collect();
+    g.bench_function("write/std_fs_sequential", |b| {
+        b.iter(|| {
+            let _ = std::fs::remove_file(&plain);
+            let mut f = File::create(&plain).unwrap();
+            for r in &recs {
+                f.write_all(&r.2).unwrap();
+            }
+        })
+    });
+    g.bench_function("write/disk_store", |b| {
+        b.iter(|| {
+            generation += 1;
+            for (old, (k, lb, d)) in live.iter_mut().zip(&recs) {
+                store.remove(*old).unwrap();
+                *old = BlockKey { hash: k.hash ^ generation.rotate_right(8), group: k.group };
+                store.put(*old, *lb, d).unwrap();
+            }
+        })
+    });
+    g.bench_function("read/std_fs_sequential", |b| {
+        b.iter(|| {
+            let mut f = File::open(&plain).unwrap();
+            for buf in bufs.iter_mut() {
+                f.read_exact(buf).unwrap();
+            }
+        })
+    });
+    g.bench_function("read/disk_store", |b| {
+        b.iter(|| {
+            for (k, buf) in live.iter().zip(bufs.iter_mut()) {
+                store.get(*k, buf).unwrap();
+            }
+        })
+    });
+    g.finish();
+}
+
+fn remote(c: &mut Criterion) {
+    let server = RemoteServer::start(&[]);
+    let recs = records(16);
+    let total: u64 = recs.iter().map(|r| r.2.len() as u64).sum();
+    let items: Vec<(BlockKey, u32, &[u8])> = recs.iter().map(|(k, lb, d)| (*k, *lb, &d[..])).collect();
+    let mut bufs: Vec<Vec<u8>> = recs.iter().map(|r| vec![0; r.2.len()]).collect();
+    let mut ranged = RemoteStore::connect(RemoteConfig::new(server.url(), 1)).unwrap();
+    let mut cfg = RemoteConfig::new(server.url(), 1);
+    cfg.range_reads = false;
+    let mut whole = RemoteStore::connect(cfg).unwrap();
+
+    assert!(ranged.put_many(&items).iter().all(|r| r.is_ok()));
+    for s in [&mut ranged, &mut whole] {
+        for ((k, _, d), buf) in recs.iter().zip(bufs.iter_mut()) {
+            s.get(*k, buf).unwrap();
+            assert!(d == buf, "remote store returned other bytes");
+        }
+    }
+
+    let mut g = c.benchmark_group("l4_remote");
+    g.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(1));
+    g.throughput(Throughput::Bytes(total));
+    g.bench_function("put_many_16_records", |b| {
+        b.iter(|| assert!(ranged.put_many(&items).iter().all(|r| r.is_ok())))
+    });
+    g.bench_function("put_one_by_one_16_records", |b| {
+        b.iter(|| {
+            for &(k, lb, d) in &items {
+                ranged.put(k, lb, d).unwrap();
+            }
+        })
+    });
+    for (name, s) in [("get_getrange", &mut ranged), ("get_whole_value", &mut whole)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                for ((k, _, _), buf) in recs.iter().zip(bufs.iter_mut()) {
+                    s.get(*k, buf).unwrap();
+                }
+            })
+        });
+    }
+    // Layer-wise loading reads one 80 KiB layer at a time.
+    let layers_total: u64 = recs.iter().map(|r| r.2.len() as u64 / u64::from(r.1)).sum();
+    g.throughput(Throughput::Bytes(layers_total * 81_920));
+    let mut layer = vec![0u8; 81_920];
+    g.bench_function("get_layer_by_layer_getrange", |b| {
+        b.iter(|| {
+            for (k, lb, d) in &recs {
+                for i in 0..(d.len() / *lb as usize) as u32 {
+                    ranged.get_layers(*k, i, &mut layer).unwrap();
+                }
+            }
+        })
+    });
+    let keys: Vec<BlockKey> = (0..1000u64).map(|i| BlockKey { hash: i, group: 0 }).collect();
+    g.throughput(Throughput::Elements(keys.len() as u64));
+    g.bench_function("contains_many_1000", |b| b.iter(|| ranged.contains_many(&keys).unwrap()));
+    g.finish();
+}
+
+criterion_group!(benches, disk, remote);
+criterion_main!(benches);

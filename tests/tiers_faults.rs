@@ -1,0 +1,159 @@
+//! Tiers under faults, through the manager, with real bytes: residency model runs over a real
+//! disk store and a real remote server, a full disk, a killed server, a corrupted record.
+//! Every hit's bytes are checked against what the engine wrote; `validate()` after every step.
+
+mod common;
+mod support;
+
+use common::{prompt_of, serve, Engine, B};
+use kvalloc::tiers::{BlockStore, DiskStore, LowerCapacity, RemoteConfig, RemoteStore, Tier};
+use kvalloc::{Policy, Prompt};
+use proptest::prelude::*;
+use support::{RemoteServer, TempDir, Tmpfs};
+
+fn ns() -> u64 {
+    kvalloc::tiers::namespace(&common::small_spec(), B as u32)
+}
+
+fn disk_engine(dir: &std::path::Path, host: u64, disk: u64) -> Engine {
+    let store: Box<dyn BlockStore> = Box::new(DiskStore::open(dir, ns()).unwrap());
+    Engine::with_stores(
+        Policy::SwaAware,
+        96 << 10,
+        LowerCapacity { host, disk, remote: 0 },
+        Some(store),
+        None,
+        false,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+    /// Random conversations over L1, a small host tier and a small disk tier: records move
+    /// host -> disk and come back; every hit's bytes are right.
+    #[test]
+    fn bytes_survive_host_and_disk(turns in prop::collection::vec((0u8..8, 1u8..6), 1..40)) {
+        let dir = TempDir::new("kvalloc-tiers-model");
+        let mut e = disk_engine(dir.path(), 48 << 10, 256 << 10);
+        let mut id = 0;
+        for (family, t) in turns {
+            id += 1;
+            serve(&mut e, id, &prompt_of(family, t, 0));
+            e.m.validate().map_err(|x| TestCaseError::fail(x.to_string()))?;
+        }
+        e.m.wait_loads();
+        e.m.validate().map_err(|x| TestCaseError::fail(x.to_string()))?;
+    }
+}
+
+#[test]
+fn full_disk_skips_writes_and_keeps_serving() {
+    let fs = Tmpfs::mount(256 << 10);
+    // The disk tier believes it has 64 MiB; the filesystem holds 256 KiB.
+    let mut e = disk_engine(fs.path(), 0, 64 << 20);
+    for f in 0..40u8 {
+        serve(&mut e, u64::from(f) + 1, &prompt_of(f, 3, 0));
+        e.m.validate().unwrap();
+    }
+    let st = e.m.stats();
+    let disk = st.tiers.iter().find(|t| t.name == "disk").unwrap();
+    assert!(disk.store.unwrap().writes_skipped_full > 0, "{disk:?}");
+    assert!(disk.counters.write_failures > 0);
+    // What did fit still serves, with the right bytes.
+    assert!(serve(&mut e, 1000, &prompt_of(39, 4, 0)).is_some());
+}
+
+#[test]
+fn corrupted_disk_record_is_a_miss() {
+    let dir = TempDir::new("kvalloc-tiers-corrupt");
+    let mut e = disk_engine(dir.path(), 0, 64 << 20);
+    serve(&mut e, 1, &prompt_of(0, 3, 0));
+    for f in 10..30u8 {
+        serve(&mut e, u64::from(f), &prompt_of(f, 2, 0));
+    }
+    let next = prompt_of(0, 4, 0);
+    let before = e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
+    assert!(before[2] > before[0], "{before:?}");
+    for entry in walk(dir.path()) {
+        let mut data = std::fs::read(&entry).unwrap();
+        let n = data.len();
+        data[n - 1] ^= 0x5a;
+        std::fs::write(&entry, data).unwrap();
+    }
+    let hit = serve(&mut e, 100, &next).unwrap(); // bytes checked inside
+    assert!(hit < before[2]);
+    let st = e.m.stats();
+    assert!(st.promotion_failures > 0);
+    assert!(st.tiers[0].store.unwrap().checksum_failures > 0);
+    e.m.validate().unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else if p.extension().is_some_and(|x| x == "kvb") {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn remote_engine(server: &RemoteServer, write_through: bool) -> Engine {
+    let store: Box<dyn BlockStore> = Box::new(RemoteStore::open(RemoteConfig::new(server.url(), ns())).unwrap());
+    Engine::with_stores(
+        Policy::SwaAware,
+        96 << 10,
+        LowerCapacity { host: 32 << 10, disk: 0, remote: 64 << 20 },
+        None,
+        Some(store),
+        write_through,
+    )
+}
+
+#[test]
+fn killed_remote_server_is_misses_not_errors_then_service_resumes() {
+    let mut server = RemoteServer::start(&[]);
+    let mut e = remote_engine(&server, false);
+    for f in 0..10u8 {
+        serve(&mut e, u64::from(f) + 1, &prompt_of(f, 3, 0));
+    }
+    server.kill();
+    for f in 10..30u8 {
+        serve(&mut e, u64::from(f) + 1, &prompt_of(f, 3, 0)).expect("admission never fails for the store");
+        e.m.validate().unwrap();
+    }
+    let st = e.m.stats();
+    let remote = st.tiers.iter().find(|t| t.name == "remote").unwrap();
+    assert!(remote.store.unwrap().unavailable > 0);
+    server.restart();
+    std::thread::sleep(std::time::Duration::from_millis(2500)); // past the reconnect back-off
+    serve(&mut e, 500, &prompt_of(50, 3, 0));
+    for f in 60..80u8 {
+        serve(&mut e, u64::from(f) + 500, &prompt_of(f, 3, 0));
+    }
+    let next = prompt_of(50, 4, 0);
+    let h = e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
+    assert_eq!(h[3], (48 + 120) / B as u64 * B as u64, "served from the remote store again: {h:?}");
+    assert_eq!(serve(&mut e, 900, &next), Some(h[3]));
+}
+
+#[test]
+fn two_instances_share_one_remote_store() {
+    let server = RemoteServer::start(&[]);
+    let mut writer = remote_engine(&server, true);
+    let mut reader = remote_engine(&server, false);
+    serve(&mut writer, 1, &prompt_of(3, 3, 0));
+    let next = prompt_of(3, 4, 0);
+    let h = reader.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
+    assert_eq!(h[0], 0);
+    assert_eq!(h[3], 160, "{h:?}");
+    // The reader's device buffer receives the writer's bytes.
+    assert_eq!(serve(&mut reader, 1, &next), Some(160));
+    let st = reader.m.stats();
+    assert!(st.tiers.iter().any(|t| t.name == "remote" && t.promoted_tokens > 0));
+    let _ = Tier::Remote;
+}
