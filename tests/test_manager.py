@@ -95,6 +95,27 @@ def test_step_batches_a_scheduler_step():
     assert m.stats() == before and 2 in m
 
 
+def test_step_admissions_take_max_tokens_like_admit():
+    a = KVCacheManager(small_spec(), 256 << 20)
+    b = KVCacheManager(small_spec(), 256 << 20)
+    prompts = [seq(0, 100), np.concatenate([seq(0, 100), seq(500, 60)])]
+    hits = []
+    for i, p in enumerate(prompts):
+        hits.append(int(b.step(admit=[(i, p, None, 40)])[0][0]))
+        assert a.admit(i, p, None, 40) == hits[-1]
+        assert a.num_tokens(i) == b.num_tokens(i) == hits[-1] + 40
+        assert a.block_table(i, 1).tolist() == b.block_table(i, 1).tolist()
+    assert hits == [0, 32]  # the second shares the first's scheduled whole blocks
+    assert b.step(admit=[(2, seq(900, 50), "tenant", None)])[0].tolist() == [0] and b.num_tokens(2) == 50
+    for bad in (0, -1, "8", 1.5):
+        with pytest.raises(InvalidArgumentError, match="max_tokens"):
+            b.step(admit=[(3, seq(0, 10), None, bad)])
+    with pytest.raises(InvalidArgumentError, match="admit"):
+        b.step(admit=[(3, seq(0, 10), None, 4, 5)])
+    assert 3 not in b
+    b.validate()
+
+
 def test_step_flat_admissions_equal_listed_ones():
     a = KVCacheManager(small_spec(), 256 << 20)
     b = KVCacheManager(small_spec(), 256 << 20)

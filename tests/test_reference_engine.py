@@ -1,10 +1,16 @@
 """The reference engine: a tiny hybrid model served through kvalloc's block tables produces,
 for every turn, the logits of the same model recomputing everything without a cache, bit for
-bit (L1, device-only paths)."""
+bit: hits served from L1, from host memory (L2, loaded layer by layer in the background), from
+disk after a restart (L3) and from a remote store (L4, including another instance's prefixes)."""
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 import pytest
 
 import kvalloc
@@ -20,6 +26,7 @@ from kvalloc.reference import (
     serve,
 )
 from kvalloc.reference.__main__ import main as reference_main
+from kvalloc.reference.engine import Request
 
 B = 16  # block tokens
 W = 16  # the model's window
@@ -44,11 +51,15 @@ def conversations(n: int, turns: int, *, seed: int = 1, stagger: int = 2, new_to
     ]
 
 
-def serve_and_check(model: TinyHybridModel, m: kvalloc.KVCacheManager, convs: list[Conversation], **kw: int) -> Engine:
+def serve_and_check(
+    model: TinyHybridModel, m: kvalloc.KVCacheManager, convs: list[Conversation], engine: Engine | None = None, **kw: int
+) -> Engine:
     """Serves with m.validate() after every step, then checks every turn bit for bit and that
     nothing leaked: no request holds a block, and every byte in use is a cached block."""
-    engine = Engine(model, m, validate=True, **kw)
+    if engine is None:
+        engine = Engine(model, m, validate=True, **kw)
     serve(engine, convs)
+    m.wait_loads()
     bad = [msg for c in convs for msg in conversation_mismatches(model, c)]
     assert not bad, "\n".join(bad)
     assert all(len(c.turns) == len(c.messages) for c in convs)
@@ -59,7 +70,7 @@ def serve_and_check(model: TinyHybridModel, m: kvalloc.KVCacheManager, convs: li
 def assert_nothing_leaked(m: kvalloc.KVCacheManager) -> None:
     m.validate()
     st = m.stats()
-    assert st["running_requests"] == 0
+    assert st["running_requests"] == 0 and st["loads_in_flight"] == 0
     assert [g["running"] for g in st["groups"]] == [0] * len(st["groups"])
     block_bytes = m.spec.block_bytes(m.block_tokens)
     assert st["bytes_in_use"] == sum(g["cached"] * b for g, b in zip(st["groups"], block_bytes))
@@ -112,10 +123,11 @@ def test_l1_hits_with_released_windows_dropped_checkpoints_and_tombstones(
     model: TinyHybridModel, eviction: str, turns: int
 ) -> None:
     # One request at a time in a budget that holds the running request but not every
-    # conversation: the cache drops interior checkpoints (and leaves).
+    # conversation: the cache drops interior checkpoints (and leaves). Chunks of 20 tokens
+    # release each chunk's private out-of-window blocks at the next chunk.
     m = kvalloc.KVCacheManager(model.spec, 400 << 10, block_tokens=B, eviction=eviction)
     convs = conversations(3, turns)
-    engine = serve_and_check(model, m, convs, max_running=1)
+    engine = serve_and_check(model, m, convs, max_running=1, prefill_chunk=20)
     st = m.stats()
     hits = [h for c in convs for r in c.turns for h in r.hits]
     assert sum(h > W for h in hits) >= 5, hits  # sliding layers resumed from checkpoints
@@ -126,9 +138,10 @@ def test_l1_hits_with_released_windows_dropped_checkpoints_and_tombstones(
 
 
 def test_tiny_budget_preempts_and_readmits_mid_conversation(model: TinyHybridModel) -> None:
+    # Two slabs of memory; 32-token chunks let three requests start, then run out mid-prompt.
     m = kvalloc.KVCacheManager(model.spec, 300 << 10, block_tokens=B)
     convs = conversations(3, 3)
-    engine = serve_and_check(model, m, convs, max_running=3)
+    engine = serve_and_check(model, m, convs, max_running=3, prefill_chunk=32)
     st = m.stats()
     readmitted = [r for c in convs for r in c.turns if len(r.hits) > 1]
     assert engine.stats.preemptions > 0 and readmitted
@@ -164,6 +177,176 @@ def test_chunk_size_does_not_change_the_logits(model: TinyHybridModel, chunk: in
     serve_and_check(model, m, convs, prefill_chunk=chunk)
 
 
+# -- hits from the lower tiers ----------------------------------------------------------------
+#
+# A device budget of two slabs keeps one conversation's turn; the lower tiers keep the rest. The
+# engine's buffer is registered, so every hit below L1 is served from bytes kvalloc wrote out on
+# eviction (or flush, or write-through) and copied back in.
+
+DEVICE = 300 << 10  # two slabs of this model's blocks
+
+
+def more_turns(convs: list[Conversation], n: int, seed: int = 7) -> None:
+    """Continues each conversation by n more user messages (served by a later engine)."""
+    rng = np.random.default_rng(seed)
+    for c in convs:
+        c.messages += [rng.integers(0, 128, 14) for _ in range(n)]
+
+
+def next_prompts(convs: list[Conversation]) -> list[npt.NDArray[np.int64]]:
+    """What each conversation's next turn starts with (its history, then a new token)."""
+    return [np.array(c.history + [1], dtype=np.int64) for c in convs]
+
+
+def tier(m: kvalloc.KVCacheManager, name: str) -> dict[str, Any]:
+    t: dict[str, Any] = m.stats()["tiers"][name]
+    return t
+
+
+def test_host_hits_with_released_windows_dropped_checkpoints_and_tombstones(model: TinyHybridModel) -> None:
+    m = kvalloc.KVCacheManager(model.spec, DEVICE, block_tokens=B, host_bytes=1 << 20)
+    convs = conversations(3, 4)
+    engine = serve_and_check(model, m, convs, max_running=1, prefill_chunk=20)
+    st = m.stats()
+    host = st["tiers"]["host"]
+    assert host["real"] and host["records_in"] > 0 and host["bytes_read"] > 0
+    assert host["promoted_tokens"] > 0
+    assert engine.stats.tier_loads > 0  # admissions that waited on background loads
+    assert st["evictions"]["leaf"] > 0 and st["evictions"]["checkpoint"] > 0
+    assert st["evictions"]["window_released_blocks"] > 0
+    assert st["groups"][1]["tombstones"] > 0
+    assert all(h > W for c in convs for r in c.turns[1:] for h in r.hits)  # each turn resumed
+
+
+class WatchedLoads:
+    """A load handle that logs each wait_layer into the engine's event log."""
+
+    def __init__(self, handle: kvalloc.LoadHandle, req_id: int, events: list[tuple[Any, ...]]) -> None:
+        self.handle, self.req_id, self.events = handle, req_id, events
+        self.pending_at_admission = not handle.done
+        self.bytes = handle.bytes
+        self.done = handle.done
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        ok = self.handle.wait_layer(layer, timeout)
+        self.events.append(("wait", self.req_id, layer, ok))
+        return ok
+
+
+class WatchedEngine(Engine):
+    """Logs, per computed chunk, its load waits and the reads of cached KV, in order."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.events: list[tuple[Any, ...]] = []
+        self.handles: list[WatchedLoads] = []
+        read = self.kv.read
+
+        def logged_read(layer: int, table: Any, lo: int, hi: int) -> Any:
+            self.events.append(("read", layer))
+            return read(layer, table, lo, hi)
+
+        self.kv.read = logged_read  # type: ignore[method-assign]
+
+    def _load_handle(self, req_id: int) -> Any:
+        h = WatchedLoads(super()._load_handle(req_id), req_id, self.events)
+        self.handles.append(h)
+        return h
+
+    def _forward(self, r: Request, start: int, end: int, loads: Any) -> None:
+        self.events.append(("forward", r.req_id, loads is not None))
+        super()._forward(r, start, end, loads)
+
+
+def test_layer_wise_loads_are_awaited_before_each_layer_reads(model: TinyHybridModel) -> None:
+    m = kvalloc.KVCacheManager(model.spec, DEVICE, block_tokens=B, host_bytes=1 << 20)
+    convs = conversations(3, 3)
+    engine = WatchedEngine(model, m, validate=True, max_running=1, prefill_chunk=20)
+    serve_and_check(model, m, convs, engine)
+    assert tier(m, "host")["promoted_tokens"] > 0
+    layers = model.spec.num_layers
+    # Split the log into chunks: a chunk that loads must wait for layer i (successfully)
+    # right before it reads layer i, for every layer in order; others never wait.
+    chunks: list[list[tuple[Any, ...]]] = []
+    for ev in engine.events:
+        if ev[0] == "forward":
+            chunks.append([ev])
+        else:
+            chunks[-1].append(ev)
+    loading = [c for c in chunks if c[0][2]]
+    assert len(loading) == engine.stats.tier_loads > 0
+    for c in chunks:
+        req, waits = c[0][1], c[0][2]
+        want: list[tuple[Any, ...]] = []
+        for i in range(layers):
+            want += [("wait", req, i, True)] if waits else []
+            want.append(("read", i))
+        assert c[1:] == want, c
+    assert engine.stats.layer_waits == layers * len(loading)
+    assert all(h.bytes > 0 for h in engine.handles if h.pending_at_admission)
+
+
+def test_disk_hits_after_a_restart(model: TinyHybridModel, tmp_path: Path) -> None:
+    def manager() -> kvalloc.KVCacheManager:
+        return kvalloc.KVCacheManager(
+            model.spec, DEVICE, block_tokens=B, host_bytes=256 << 10, disk_dir=str(tmp_path), disk_bytes=16 << 20
+        )
+
+    first = manager()
+    convs = conversations(3, 2)
+    serve_and_check(model, first, convs, max_running=1, prefill_chunk=20)
+    first.flush()  # a planned shutdown: host records and L1 blocks go to disk
+    first.validate()
+    assert list(tmp_path.rglob("*.kvb"))
+    del first
+    gc.collect()
+
+    # The process restarts: a new manager and a new (NaN-filled) device buffer on the same dir.
+    m = manager()
+    engine = Engine(model, m, validate=True, max_running=1, prefill_chunk=20)
+    for c, p in zip(convs, next_prompts(convs)):
+        hits = m.match_prefix_tiers(p)
+        assert hits["device"] == hits["host"] == 0 and hits["disk"] == (len(c.history) // B) * B, hits
+    more_turns(convs, 2)
+    serve_and_check(model, m, convs, engine)
+    disk = tier(m, "disk")
+    assert disk["promoted_tokens"] > 0 and disk["bytes_read"] > 0
+    assert all(c.turns[2].hits[0] == (c.turns[2].prompt_len - 14) // B * B for c in convs)  # resumed from disk
+    assert m.stats()["groups"][1]["tombstones"] > 0
+
+
+def test_remote_hits_on_eviction(model: TinyHybridModel, remote_server: Any) -> None:
+    m = kvalloc.KVCacheManager(model.spec, DEVICE, block_tokens=B, remote_url=remote_server.url, remote_bytes=16 << 20)
+    convs = conversations(3, 3)
+    serve_and_check(model, m, convs, max_running=1, prefill_chunk=20)
+    remote = tier(m, "remote")
+    assert remote["real"] and remote["store"]["puts"] > 0 and remote["store"]["gets"] > 0
+    assert remote["promoted_tokens"] > 0
+    assert m.stats()["evictions"]["window_released_blocks"] > 0
+
+
+def test_remote_hits_from_another_instance(model: TinyHybridModel, remote_server: Any) -> None:
+    def manager(**kw: Any) -> kvalloc.KVCacheManager:
+        return kvalloc.KVCacheManager(
+            model.spec, 1 << 20, block_tokens=B, remote_url=remote_server.url, remote_bytes=16 << 20, **kw
+        )
+
+    writer = manager(write_through=True)  # ample memory: nothing is evicted, all is written through
+    convs = conversations(2, 2)
+    serve_and_check(model, writer, convs)
+    assert writer.stats()["evictions"]["leaf"] == 0 and tier(writer, "remote")["store"]["puts"] > 0
+
+    reader = manager()  # another instance that never saw these conversations
+    engine = Engine(model, reader, validate=True)
+    for c, p in zip(convs, next_prompts(convs)):
+        hits = reader.match_prefix_tiers(p)
+        assert hits["device"] == 0 and hits["remote"] == (len(c.history) // B) * B, hits
+    more_turns(convs, 1)
+    serve_and_check(model, reader, convs, engine)
+    assert tier(reader, "remote")["promoted_tokens"] > 0
+    assert all(c.turns[2].hits[0] == (c.turns[2].prompt_len - 14) // B * B for c in convs)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -191,18 +374,14 @@ def test_the_example_runs(capsys: pytest.CaptureFixture[str]) -> None:
     assert "bit for bit" in capsys.readouterr().out
 
 
-# -- known manager bugs (strict: these fail until kvalloc is fixed) -----------------------------
+# -- the chunk's window (regressions) -----------------------------------------------------------
 #
-# The manager releases a sliding group's blocks below the window of the *new* length's last
-# block boundary while it schedules a chunk, before the engine has computed that chunk. So the
-# block tables an engine gets back lack (1) the window before the chunk, which the chunk's first
-# tokens attend to, and (2) checkpoint blocks the chunk itself must write. The engine works
-# around it by ending chunks early (Engine.prefill_end); these tests show the bug without it.
-
-MANAGER_RELEASES_TOO_EARLY = "manager releases SWA blocks a scheduled chunk still needs (see report)"
+# A step's block tables must keep what its chunk reads and writes: the window before the chunk
+# (its first tokens attend to it) and every checkpoint block the chunk computes. The manager
+# once released both while it scheduled the chunk; they now leave the table at the request's
+# next call, so the engine's chunks are as large as it wants.
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=MANAGER_RELEASES_TOO_EARLY)
 def test_admission_table_shows_the_window_before_the_hit(model: TinyHybridModel) -> None:
     m = kvalloc.KVCacheManager(model.spec, 1 << 20, block_tokens=B)
     prompt = np.arange(100)
@@ -214,7 +393,6 @@ def test_admission_table_shows_the_window_before_the_hit(model: TinyHybridModel)
     assert m.block_table(2, 1)[(hit - W) // B] != kvalloc.NULL_PAGE
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=MANAGER_RELEASES_TOO_EARLY)
 def test_admission_table_shows_every_checkpoint_block_it_must_write(model: TinyHybridModel) -> None:
     m = kvalloc.KVCacheManager(model.spec, 1 << 20, block_tokens=B)
     m.admit(1, np.arange(100))
@@ -223,10 +401,11 @@ def test_admission_table_shows_every_checkpoint_block_it_must_write(model: TinyH
     assert m.block_table(1, 1)[4] != kvalloc.NULL_PAGE
 
 
-@pytest.mark.xfail(strict=True, raises=(MissingKVError, AssertionError), reason=MANAGER_RELEASES_TOO_EARLY)
-def test_engine_without_chunk_clipping(model: TinyHybridModel) -> None:
+def test_chunks_spanning_many_windows(model: TinyHybridModel) -> None:
     m = kvalloc.KVCacheManager(model.spec, 1 << 20, block_tokens=B)
     convs = conversations(2, 2)
-    engine = Engine(model, m, validate=True, clip_chunks_to_window=False)
-    serve(engine, convs)  # today: MissingKVError (window before a chunk), or NaN logits
+    engine = Engine(model, m, validate=True, prefill_chunk=64)
+    serve(engine, convs)
     assert not [msg for c in convs for msg in conversation_mismatches(model, c)]
+    assert max(r.prompt_len - r.hits[0] for c in convs for r in c.turns) > 2 * W  # chunks past W
+    assert_nothing_leaked(m)

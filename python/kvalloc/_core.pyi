@@ -165,7 +165,23 @@ class KVCacheManager:
         eviction: Literal["value", "lru"] | str = "value",
         checkpoint_interval: int | None = None,
         slab_bytes: int | None = None,
-    ) -> KVCacheManager: ...
+        *,
+        host_bytes: int | None = None,
+        disk_dir: str | os.PathLike[str] | None = None,
+        disk_bytes: int | None = None,
+        remote_url: str | None = None,
+        remote_bytes: int | None = None,
+        remote_username: str | None = None,
+        remote_password: str | None = None,
+        remote_prefix: str | None = None,
+        write_through: bool = False,
+    ) -> KVCacheManager:
+        """Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
+        ``disk_bytes`` of files under ``disk_dir`` (L3, survives restarts), ``remote_bytes`` in
+        a Valkey/Redis store at ``remote_url`` (``redis://host:port/db``; optional ACL user,
+        password and key prefix). ``write_through`` writes each finished request's prefix to
+        the remote store so other instances can use it. Bytes move only once a device buffer is
+        registered (``register_device``)."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(
@@ -195,19 +211,47 @@ class KVCacheManager:
         extend_tokens: _TokenArray | None = None,
         extend_lens: _IdArray | None = None,
         extend_counts: _IdArray | None = None,
-        admit: list[tuple[int, _TokenArray | BlockHashes] | tuple[int, _TokenArray | BlockHashes, str | bytes | None]] | None = None,
+        admit: list[
+            tuple[int, _TokenArray | BlockHashes]
+            | tuple[int, _TokenArray | BlockHashes, str | bytes | None]
+            | tuple[int, _TokenArray | BlockHashes, str | bytes | None, int | None]
+        ]
+        | None = None,
         admit_ids: _IdArray | None = None,
         admit_tokens: _TokenArray | None = None,
         admit_lens: _IdArray | None = None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """One scheduler step in one call (GIL released): finishes and aborts, then extensions,
-        then admissions (the ``admit`` list, then the flat ``admit_ids``/``admit_tokens``/
-        ``admit_lens`` form). Returns (hits per admission, -1 if refused; whether each extension
+        then admissions (the ``admit`` list of ``(req_id, tokens[, salt[, max_tokens]])``, then
+        the flat ``admit_ids``/``admit_tokens``/``admit_lens`` form). Returns (hits per admission, -1 if refused; whether each extension
         fit)."""
     def stats(self) -> dict[str, Any]:
-        """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes."""
+        """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes; per tier
+        (``tiers["host" | "disk" | "remote"]``) capacity, records, promoted tokens, bytes
+        written and read, failures."""
     def validate(self) -> None:
         """Checks every invariant; raises ``InvariantError`` on a violation."""
+    def register_device(self, buffer: npt.NDArray[np.uint8]) -> None:
+        """Registers the engine's device buffer (writable, C-contiguous uint8, at least
+        ``capacity_bytes``; group g's page p at byte ``p * block_bytes[g]``), before the first
+        admission: evictions then write real bytes to the lower tiers and hits below L1 are
+        copied back into it."""
+    def load_handle(self, req_id: int) -> LoadHandle:
+        """The loads a running request's hit waits for; call ``wait_layer(i)`` before
+        computing layer i."""
+    def wait_loads(self) -> None:
+        """Blocks until every background load landed."""
+    def flush(self) -> None:
+        """Writes host records and cached L1 blocks to the durable tier (disk, else remote),
+        keeping them cached: call it before a planned shutdown."""
+    def match_prefix_tiers(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> dict[str, int]:
+        """Window-safe hit lengths, cumulative by level: ``device`` (L1 alone), ``host``,
+        ``disk``, ``remote``; changes nothing."""
+    def residency(
+        self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None
+    ) -> list[tuple[int, str | None, int]]:
+        """Per whole block: (group mask on device, lower tier or None, group mask there);
+        stops at the first block cached nowhere."""
     @property
     def spec(self) -> ModelSpec: ...
     @property
@@ -285,3 +329,19 @@ class Simulator:
     ) -> dict[str, Any]:
         """The smallest device budget at which ``policy`` reaches ``target_hit_rate``:
         ``{"budget_bytes": int | None, "replays": int, "report": dict}``."""
+
+@final
+class LoadHandle:
+    """What an engine waits on before computing a request's layers: the loads that bring its
+    hit into the device buffer (already done for hits served from L1)."""
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
+        """Blocks (GIL released) until layer ``layer``'s KV is in the device buffer; False on
+        timeout."""
+    def wait_all(self, timeout: float | None = None) -> bool:
+        """Blocks until every layer is in the device buffer; False on timeout."""
+    @property
+    def done(self) -> bool: ...
+    @property
+    def bytes(self) -> int:
+        """Bytes the loads copy."""

@@ -19,12 +19,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--conversations", type=int, default=4)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=6, help="tokens generated per turn")
-    p.add_argument("--capacity-kib", type=int, default=400, help="KV budget (small: forces evictions)")
+    p.add_argument("--capacity-kib", type=int, default=300, help="device KV budget (small: forces evictions)")
+    p.add_argument("--host-kib", type=int, default=1024, help="host-memory tier (L2); 0: none")
+    p.add_argument("--disk-dir", help="disk tier (L3) directory")
+    p.add_argument("--disk-kib", type=int, default=16 << 10, help="disk tier budget")
+    p.add_argument("--remote-url", help="remote tier (L4): a Valkey/Redis server, redis://host:port/db")
+    p.add_argument("--remote-kib", type=int, default=16 << 10, help="remote tier budget")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
     model = TinyHybridModel(seed=args.seed)
-    m = kvalloc.KVCacheManager(model.spec, args.capacity_kib << 10, block_tokens=16)
+    tiers: dict[str, object] = {"host_bytes": args.host_kib << 10}
+    if args.disk_dir:
+        tiers.update(disk_dir=args.disk_dir, disk_bytes=args.disk_kib << 10)
+    if args.remote_url:
+        tiers.update(remote_url=args.remote_url, remote_bytes=args.remote_kib << 10)
+    m = kvalloc.KVCacheManager(model.spec, args.capacity_kib << 10, block_tokens=16, **tiers)  # type: ignore[arg-type]
     engine = Engine(model, m, max_running=4, validate=True)
     rng = np.random.default_rng(args.seed)
     system = rng.integers(0, model.vocab, 40)  # a shared system prompt
@@ -59,6 +69,12 @@ def main(argv: list[str] | None = None) -> int:
         f"computed, {e.hit_tokens} served from cache"
     )
     print(f"manager: evictions {st['evictions']}, checkpoints {st['checkpoints']}")
+    for name, t in st["tiers"].items():
+        print(
+            f"tier {name}: {t['records']} records, {t['bytes_written']:,} B written, {t['bytes_read']:,} B read, "
+            f"{t['promoted_tokens']} tokens promoted to the device"
+        )
+    print(f"layer-wise loads: {e.tier_loads} admissions waited on {e.layer_waits} layers")
     if bad:
         print("MISMATCH:\n  " + "\n  ".join(bad))
         return 1

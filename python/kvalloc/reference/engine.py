@@ -2,15 +2,20 @@
 
 Each engine step does what a real scheduler does, in this order:
 
-1. tell the manager what happened and what runs next (``m.step``): requests that finished or
-   are preempted, one decode token per running request, the next prefill chunk of requests
-   still in their prompt; then admit waiting requests (``m.admit(..., max_tokens=chunk)``,
-   which returns how many prompt tokens the cache already holds);
-2. read each scheduled request's block tables (``m.block_table``) and compute its new tokens:
-   write their K and V where the table has a page, attend to cached positions through the
-   table and to the chunk's own fresh keys;
-3. sample greedily; a request that has its tokens is finished in the next step, and its
-   prompt and output stay cached for the next turn.
+1. tell the manager what happened and what runs next, in one batched ``m.step`` where it can:
+   requests that finished or are preempted, one decode token per running request, the next
+   prefill chunk of requests still in their prompt, and admissions of waiting requests
+   (``(id, prompt, salt, max_tokens)``: each hit is how many prompt tokens the cache already
+   holds, and ``max_tokens`` caps the first chunk);
+2. for each admitted request whose hit came from below the device (host memory, disk, a remote
+   store), take its load handle (``m.load_handle``): kvalloc copies those blocks into the
+   registered device buffer, in the background for host memory;
+3. compute each scheduled request layer by layer: before layer i, ``handle.wait_layer(i)``
+   (the loads of later layers overlap this layer's compute); write the new tokens' K and V
+   where the block table (``m.block_table``) has a page, attend to cached positions through
+   the table and to the chunk's own fresh keys;
+4. sample greedily; a request that has its tokens is finished in the next step, and its
+   prompt and output stay cached (and move down the tiers as L1 fills) for the next turn.
 
 Running out of memory is not an error: an extension the manager refuses preempts that request
 (``finish``, so its computed blocks stay cached, then admitted again later from where the cache
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -70,20 +76,28 @@ class Request:
 @dataclass
 class EngineStats:
     steps: int = 0
+    manager_calls: int = 0
+    """Batched ``m.step`` calls (one per step unless decode and prefill extensions both run:
+    ``m.step`` takes token ids or counts for its extensions, not both)."""
     admissions: int = 0
     preemptions: int = 0
     computed_tokens: int = 0
     hit_tokens: int = 0
+    tier_loads: int = 0
+    """Admissions whose hit was loaded from below the device (they waited layer by layer)."""
+    layer_waits: int = 0
+
+
+LOAD_TIMEOUT_S = 60.0
+"""How long the engine waits for one layer's KV before giving up (a stuck load is a bug)."""
 
 
 class Engine:
-    """The reference engine: one model, one manager, one device buffer.
+    """The reference engine: one model, one manager, one device buffer (registered with the
+    manager, so kvalloc can move blocks between it and the lower tiers).
 
-    ``prefill_chunk`` caps the tokens a request computes per step. ``clip_chunks_to_window``
-    (default on) also ends a chunk early where the manager would release, while scheduling it,
-    sliding-window blocks that the chunk itself must read or write (see
-    :meth:`prefill_end`); it is a workaround for a manager limitation reported with this
-    engine. ``validate`` runs ``m.validate()`` after every step.
+    ``prefill_chunk`` caps the tokens a request computes per step. ``validate`` runs
+    ``m.validate()`` after every step's scheduling.
     """
 
     def __init__(
@@ -93,7 +107,6 @@ class Engine:
         *,
         max_running: int = 8,
         prefill_chunk: int = 64,
-        clip_chunks_to_window: bool = True,
         validate: bool = False,
     ) -> None:
         if manager.spec.fingerprint != model.spec.fingerprint:
@@ -105,14 +118,13 @@ class Engine:
         self.kv = PagedKVBuffer(manager)
         self.max_running = max_running
         self.prefill_chunk = prefill_chunk
-        self.clip_chunks_to_window = clip_chunks_to_window
         self.validate = validate
         self.stats = EngineStats()
         self._groups = len(manager.spec.groups)
-        self._windows = [g.window for g in manager.spec.groups if g.window is not None]
         self._waiting: deque[Request] = deque()
         self._running: dict[int, Request] = {}
         self._finish_next: list[Request] = []
+        self._loads: dict[int, kvalloc.LoadHandle] = {}
         self._next_id = 1
 
     # -- submission -------------------------------------------------------------------------
@@ -132,117 +144,128 @@ class Engine:
     def idle(self) -> bool:
         return not (self._waiting or self._running or self._finish_next)
 
-    # -- chunking ---------------------------------------------------------------------------
-
-    def prefill_end(self, start: int, want_end: int) -> int:
-        """Where a chunk of a request at ``start`` ends: ``want_end``, or earlier with
-        ``clip_chunks_to_window``.
-
-        The manager releases a sliding group's blocks below the window of the new length's
-        last block boundary E (``[E - W, E)``) when it schedules a chunk, before the engine has
-        computed it. The chunk's first token still needs keys from ``start + 1 - W``, and the
-        chunk must write every block it covers that the manager keeps as a checkpoint. Both
-        hold when block ``(start + 1 - W) // B`` is not released, i.e. when
-        ``(E - W) // B <= (start + 1 - W) // B``.
-        """
-        if not self.clip_chunks_to_window or not self._windows:
-            return want_end
-        b = self.m.block_tokens
-        end = want_end
-        for w in self._windows:
-            keep_from = max(start + 1 - w, 0) // b
-            # Largest boundary E with max(E - W, 0) // B <= keep_from; a chunk may end up to
-            # B - 1 tokens past it.
-            e_max = ((keep_from + 1) * b + w - 1) // b * b
-            end = min(end, e_max + b - 1)
-        return max(end, start + 1)
-
-    def _admission_chunk(self) -> int:
-        """``max_tokens`` for an admission: the hit is unknown until the manager answers, so
-        take the smallest safe chunk over block-aligned starts (hits are block-aligned)."""
-        chunk = self.prefill_chunk
-        if self.clip_chunks_to_window and self._windows:
-            b = self.m.block_tokens
-            period = max(self._windows) // b + 3
-            for k in range(period):
-                s = k * b
-                chunk = min(chunk, self.prefill_end(s, s + chunk) - s)
-        return chunk
-
     # -- one step ---------------------------------------------------------------------------
 
     def step(self) -> list[Request]:
         """Schedules and computes one step; returns the requests that completed in it."""
         self.stats.steps += 1
-        finish = [r.req_id for r in self._finish_next]
-        self._finish_next = []
-        scheduled: list[tuple[Request, int, int]] = []
-        refused: list[Request] = []
-
-        # 1a. Finishes and preemptions free memory first; then one decode token per request.
-        decode = [r for r in self._running.values() if r.computed >= r.admitted_len]
-        _, ok = self.m.step(
-            finish=finish,
-            extend_ids=[r.req_id for r in decode],
-            extend_tokens=np.array([r.tokens[r.computed] for r in decode], dtype=np.int64),
-        )
-        for r, fit in zip(decode, ok):
-            (scheduled.append((r, r.computed, r.computed + 1)) if fit else refused.append(r))
-        # 1b. The next chunk of requests still in their prompt. (m.step takes token ids or
-        # counts for its extensions, not both, hence a second call.)
-        prefill = [r for r in self._running.values() if r.computed < r.admitted_len]
-        if prefill:
-            ends = [self.prefill_end(r.computed, min(r.computed + self.prefill_chunk, r.admitted_len)) for r in prefill]
-            _, ok = self.m.step(
-                extend_ids=[r.req_id for r in prefill],
-                extend_counts=[e - r.computed for r, e in zip(prefill, ends)],
-            )
-            for r, e, fit in zip(prefill, ends, ok):
-                (scheduled.append((r, r.computed, e)) if fit else refused.append(r))
-        # 1c. Out of memory: preempt the newest refused request (finish it next step, so its
-        # computed blocks stay cached, and admit it again before new requests). The others
-        # refused wait a step: the memory it frees lets the oldest requests go on.
-        if refused:
-            victim = max(refused, key=lambda r: r.admit_seq)
-            if len(self._running) == 1:
-                raise EngineError(f"request {victim.req_id} cannot grow past {victim.computed} tokens in the budget")
-            del self._running[victim.req_id]
-            victim.preemptions += 1
-            self.stats.preemptions += 1
-            self._finish_next.append(victim)
-            self._waiting.appendleft(victim)
-        # 1d. Admissions, oldest first, while there is room (none when memory is short).
-        chunk = self._admission_chunk()
-        while self._waiting and len(self._running) < self.max_running and not refused:
-            r = self._waiting[0]
-            if r in self._finish_next:
-                break  # preempted this step: not finished yet
-            hit = self.m.admit(r.req_id, np.array(r.tokens, dtype=np.int64), max_tokens=chunk)
-            if hit is None:
-                if not self._running and not finish:
-                    raise EngineError(f"request {r.req_id} ({len(r.tokens)} tokens) cannot fit in the budget")
-                break
-            self._waiting.popleft()
-            self._running[r.req_id] = r
-            self.stats.admissions += 1
-            self.stats.hit_tokens += hit
-            r.admit_seq = self.stats.admissions
-            r.hits.append(hit)
-            r.admitted_len = len(r.tokens)
-            r.computed = hit
-            scheduled.append((r, hit, self.m.num_tokens(r.req_id)))
+        scheduled = self._schedule()
         if self.validate:
             self.m.validate()
-
-        # 2. Compute, in scheduling order.
+        # Compute, in scheduling order.
         completed = []
         for r, start, end in scheduled:
-            self._forward(r, start, end)
+            self._forward(r, start, end, self._loads.pop(r.req_id, None))
             if r.done:
                 del self._running[r.req_id]
                 self._finish_next.append(r)
                 completed.append(r)
         return completed
+
+    def _schedule(self) -> list[tuple[Request, int, int]]:
+        """Tells the manager what happened and what runs next; returns ``(request, start,
+        end)`` for every request to compute in this step, in the manager's order."""
+        finishing = self._finish_next
+        self._finish_next = []
+        finish = [r.req_id for r in finishing]
+        decode = [r for r in self._running.values() if r.computed >= r.admitted_len]
+        prefill = [r for r in self._running.values() if r.computed < r.admitted_len]
+        scheduled: list[tuple[Request, int, int]] = []
+        refused: list[Request] = []
+
+        def extended(reqs: list[Request], ends: list[int], ok: npt.NDArray[np.bool_]) -> None:
+            for r, e, fit in zip(reqs, ends, ok):
+                (scheduled.append((r, r.computed, e)) if fit else refused.append(r))
+
+        # Finishes and preemptions free memory first, then one decode token per running request
+        # and the next chunk of those still in their prompt, then admissions: one call. m.step
+        # takes token ids or counts for its extensions, not both, so with decode and prefill
+        # requests both running, decode goes first in a call of its own.
+        if decode and prefill:
+            _, ok = self._call(finish=finish, extend_ids=self._ids(decode), extend_tokens=self._decode_tokens(decode))
+            extended(decode, [r.computed + 1 for r in decode], ok)
+            finish, decode = [], []
+        ext = decode or prefill
+        ends = [r.computed + 1 if decode else min(r.computed + self.prefill_chunk, r.admitted_len) for r in ext]
+        # Admissions, oldest first, while there are free slots, none when memory is short. A
+        # request preempted last step is finished in this call, so it cannot be admitted in it.
+        admit = [] if refused else self._admission_candidates({r.req_id for r in finishing})
+        hits, ok = self._call(
+            finish=finish,
+            extend_ids=self._ids(ext),
+            extend_tokens=self._decode_tokens(decode) if decode else None,
+            extend_counts=None if decode else [e - r.computed for r, e in zip(ext, ends)],
+            admit=[(r.req_id, np.array(r.tokens, dtype=np.int64), None, self.prefill_chunk) for r in admit],
+        )
+        extended(ext, ends, ok)
+        if refused and (hits >= 0).any():
+            # Memory is short: this step's admissions (nothing computed yet) wait after all.
+            self._call(abort=[r.req_id for r, h in zip(admit, hits) if h >= 0])
+            hits[:] = -1
+        if refused:
+            self._preempt(refused)
+        elif admit and hits[0] < 0 and not self._running and not finishing:
+            r = admit[0]
+            raise EngineError(f"request {r.req_id} ({len(r.tokens)} tokens) cannot fit in the budget")
+        for r, hit in zip(admit, hits.tolist()):
+            if hit >= 0:
+                scheduled.append(self._admitted(r, hit))
+        return scheduled
+
+    def _call(self, **kw: Any) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+        self.stats.manager_calls += 1
+        return self.m.step(**kw)
+
+    def _preempt(self, refused: list[Request]) -> None:
+        """Out of memory: preempts the newest refused request (finished next step, so its
+        computed blocks stay cached, and admitted again before new requests). The others wait a
+        step: the memory it frees lets the oldest requests go on."""
+        victim = max(refused, key=lambda r: r.admit_seq)
+        if len(self._running) == 1:
+            raise EngineError(f"request {victim.req_id} cannot grow past {victim.computed} tokens in the budget")
+        del self._running[victim.req_id]
+        victim.preemptions += 1
+        self.stats.preemptions += 1
+        self._finish_next.append(victim)
+        self._waiting.appendleft(victim)
+
+    def _admitted(self, r: Request, hit: int) -> tuple[Request, int, int]:
+        """Books an admission that served ``hit`` tokens from cache; takes its load handle when
+        they (partly) come from below the device."""
+        self._waiting.remove(r)
+        self._running[r.req_id] = r
+        self.stats.admissions += 1
+        self.stats.hit_tokens += hit
+        r.admit_seq = self.stats.admissions
+        r.hits.append(hit)
+        r.admitted_len = len(r.tokens)
+        r.computed = hit
+        if hit > 0:
+            handle = self._load_handle(r.req_id)
+            if handle.bytes > 0 or not handle.done:
+                self._loads[r.req_id] = handle
+                self.stats.tier_loads += 1
+        return r, hit, self.m.num_tokens(r.req_id)
+
+    @staticmethod
+    def _ids(reqs: list[Request]) -> list[int]:
+        return [r.req_id for r in reqs]
+
+    @staticmethod
+    def _decode_tokens(decode: list[Request]) -> npt.NDArray[np.int64]:
+        return np.array([r.tokens[r.computed] for r in decode], dtype=np.int64)
+
+    def _admission_candidates(self, finishing: set[int]) -> list[Request]:
+        out: list[Request] = []
+        for r in self._waiting:
+            if len(self._running) + len(out) >= self.max_running or r.req_id in finishing:
+                break
+            out.append(r)
+        return out
+
+    def _load_handle(self, req_id: int) -> kvalloc.LoadHandle:
+        """The loads an admitted request's hit waits for (a method, so tests can watch it)."""
+        return self.m.load_handle(req_id)
 
     def run(self, max_steps: int = 100_000) -> None:
         """Steps until every submitted request has completed and been finished."""
@@ -254,14 +277,20 @@ class Engine:
 
     # -- the forward pass over a chunk ------------------------------------------------------
 
-    def _forward(self, r: Request, start: int, end: int) -> None:
+    def _forward(self, r: Request, start: int, end: int, loads: kvalloc.LoadHandle | None) -> None:
         """Computes positions ``[start, end)`` of ``r``; samples a token when they reach its
-        last known token."""
+        last known token. ``loads``: what its hit still waits for, layer by layer."""
         model, kv = self.model, self.kv
         tables = [self.m.block_table(r.req_id, g) for g in range(self._groups)]
         xs = [model.embed(t) for t in r.tokens[start:end]]
         n = end - start
         for layer, geo in enumerate(model.layers):
+            if loads is not None:
+                # Layer-wise loading: this layer's cached KV must be in the device buffer
+                # before it is read; later layers keep loading while this one computes.
+                self.stats.layer_waits += 1
+                if not loads.wait_layer(layer, timeout=LOAD_TIMEOUT_S):
+                    raise EngineError(f"request {r.req_id}: layer {layer}'s KV not loaded after {LOAD_TIMEOUT_S} s")
             table = tables[kv.group_of_layer[layer]]
             keys = np.empty((n, geo.kv_heads, geo.k_dim), np.float32)
             values = np.empty((n, geo.kv_heads, geo.v_dim), np.float32)

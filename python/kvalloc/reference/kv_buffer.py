@@ -8,8 +8,12 @@ Block layout (kvalloc's): for each layer of the group, in layer order, K for all
 ``block_tokens`` tokens ``[token, kv_head, k_dim]`` then V ``[token, kv_head, v_dim]``, in the
 spec's dtype. Each layer's slice is contiguous, so one layer can move on its own.
 
-The buffer starts filled with 0xFF bytes, a float32 NaN: KV read from a slot nobody wrote shows
-up as NaN logits instead of plausible numbers.
+The buffer is registered with the manager (``register_device``), so kvalloc can copy blocks
+between it and its lower tiers (host memory, disk, a remote store): attention reads whatever
+kvalloc loaded, through the same block tables.
+
+The buffer starts filled with 0xFF bytes, a float32 NaN: KV read from a slot nobody wrote (or a
+load that never landed) shows up as NaN logits instead of plausible numbers.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ class MissingKVError(kvalloc.KvAllocError, LookupError):
 
 
 class PagedKVBuffer:
-    """Per-layer K and V views over one arena, indexed by (page, slot)."""
+    """Per-layer K and V views over one arena, indexed by (page, slot). Registers the arena
+    with ``manager`` as its device buffer (before the manager's first admission)."""
 
     def __init__(self, manager: kvalloc.KVCacheManager) -> None:
         spec = manager.spec
@@ -60,6 +65,7 @@ class PagedKVBuffer:
                 )
                 self._views[layer] = (k, v)
                 self.group_of_layer[layer] = g
+        manager.register_device(self.buffer)
 
     def write(
         self,

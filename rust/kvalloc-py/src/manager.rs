@@ -304,8 +304,9 @@ impl PyKVCacheManager {
     /// - `finish`, `abort`: request ids (list or integer array);
     /// - `extend_ids` with `extend_tokens` (flat int32/int64 token ids) and `extend_lens`
     ///   (tokens per request; default 1 each), or with `extend_counts` (counts);
-    /// - `admit`: a list of `(req_id, tokens)` or `(req_id, tokens, salt)` tuples, where tokens
-    ///   may be a `BlockHashes`; and/or, cheaper for many prompts, `admit_ids` with
+    /// - `admit`: a list of `(req_id, tokens[, salt[, max_tokens]])` tuples, where tokens may
+    ///   be a `BlockHashes` and `max_tokens` schedules only that many prompt tokens now (chunked
+    ///   prefill, as in `admit`); and/or, cheaper for many prompts, `admit_ids` with
     ///   `admit_tokens` (all prompts' token ids, concatenated) and `admit_lens`. Flat
     ///   admissions come after the listed ones.
     ///
@@ -340,13 +341,13 @@ impl PyKVCacheManager {
         };
         let ext_lens = ids(extend_lens, "extend_lens")?;
         let ext_counts = ids(extend_counts, "extend_counts")?;
-        // Admissions: (req, prompt, salt).
-        let mut admits: Vec<(u64, OwnedPrompt, Option<Vec<u8>>)> = Vec::new();
+        // Admissions: (req, prompt, salt, max_tokens).
+        let mut admits: Vec<(u64, OwnedPrompt, Option<Vec<u8>>, Option<u64>)> = Vec::new();
         if let Some(a) = admit.filter(|o| !o.is_none()) {
             let list = a.cast::<PyList>().map_err(|_| {
                 invalid(
                     "admit",
-                    "expected a list of (req_id, tokens[, salt]) tuples",
+                    "expected a list of (req_id, tokens[, salt[, max_tokens]]) tuples",
                 )
             })?;
             for item in list.iter() {
@@ -356,14 +357,19 @@ impl PyKVCacheManager {
                         format!("each entry must be a tuple, got {}", type_name(&item)),
                     )
                 })?;
-                if !(2..=3).contains(&t.len()) {
+                if !(2..=4).contains(&t.len()) {
                     return Err(invalid(
                         "admit",
-                        "each entry is (req_id, tokens) or (req_id, tokens, salt)",
+                        "each entry is (req_id, tokens[, salt[, max_tokens]])",
                     ));
                 }
-                let salt = if t.len() == 3 {
+                let salt = if t.len() >= 3 {
                     salt_arg(Some(&t.get_item(2)?))?
+                } else {
+                    None
+                };
+                let max_tokens = if t.len() == 4 {
+                    opt_positive(Some(&t.get_item(3)?), "max_tokens")?
                 } else {
                     None
                 };
@@ -371,6 +377,7 @@ impl PyKVCacheManager {
                     req_arg(&t.get_item(0)?)?,
                     OwnedPrompt::extract(&t.get_item(1)?)?,
                     salt,
+                    max_tokens,
                 ));
             }
         }
@@ -482,12 +489,12 @@ impl PyKVCacheManager {
                 };
                 step.extend.push((id, ext));
             }
-            for (req, prompt, salt) in &admits {
+            for (req, prompt, salt, max_tokens) in &admits {
                 step.admit.push(Admission {
                     req: *req,
                     prompt: prompt.as_prompt(),
                     salt: salt.as_deref(),
-                    max_tokens: None,
+                    max_tokens: *max_tokens,
                 });
             }
             let mut at = 0usize;
