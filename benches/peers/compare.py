@@ -26,10 +26,8 @@ TRACE = Path(__file__).resolve().parents[3] / "shared" / "data" / "traces" / "mo
 DRIVERS = {
     "kvalloc": ("drive_kvalloc", "KvallocDriver"),
     "vllm": ("drive_vllm", "VllmDriver"),
+    "sglang": ("drive_sglang", "SglangDriver"),
 }
-# SGLang's UnifiedRadixCache (full + SWA components on SWATokenToKVPoolAllocator) imports and
-# builds in .venv-peers; its scheduler-side driver is still to be written.
-NOT_YET = {"sglang"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-gib", type=float, default=1.0, help="KV budget in GiB, the same for all")
     p.add_argument("--max-running", type=int, default=64, help="running requests at most")
     p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens admitted per step")
-    p.add_argument("--managers", default="kvalloc,vllm", help="comma-separated subset of kvalloc,vllm")
+    p.add_argument("--managers", default="kvalloc,vllm,sglang", help="comma-separated subset of kvalloc,vllm,sglang")
     p.add_argument("--trace", type=Path, default=TRACE)
     return p.parse_args(argv)
 
@@ -102,8 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     names = [m.strip() for m in a.managers.split(",") if m.strip()]
     for name in names:
-        if name in NOT_YET:
-            sys.exit(f"--managers: the {name} driver is not written yet (see README)")
         if name not in DRIVERS:
             sys.exit(f"--managers: unknown manager {name!r}; choose from {', '.join(DRIVERS)}")
     results = []
