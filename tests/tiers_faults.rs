@@ -157,3 +157,41 @@ fn two_instances_share_one_remote_store() {
     assert!(st.tiers.iter().any(|t| t.name == "remote" && t.promoted_tokens > 0));
     let _ = Tier::Remote;
 }
+
+/// A new record the host tier cannot take (here: one slab, and a checkpoint block needs a slab
+/// per group) goes to the disk tier below instead of being lost.
+#[test]
+fn record_the_host_cannot_take_goes_to_disk() {
+    let dir = TempDir::new("kvalloc-tiers-fallthrough");
+    let mut e = disk_engine(dir.path(), 3 << 10, 64 << 20);
+    serve(&mut e, 1, &prompt_of(0, 3, 0));
+    for f in 10..30u8 {
+        serve(&mut e, u64::from(f), &prompt_of(f, 2, 0));
+    }
+    let next = prompt_of(0, 4, 0);
+    let h = e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
+    assert_eq!(h[2], 160, "the whole previous prompt is below L1: {h:?}");
+    assert_eq!(serve(&mut e, 100, &next), Some(160));
+}
+
+/// An admission that cannot fit does not promote first: no lower-tier bytes are read and
+/// nothing in L1 is evicted for a copy nobody will use.
+#[test]
+fn refused_admission_promotes_nothing() {
+    let mut e = Engine::new(Policy::SwaAware, 96 << 10, LowerCapacity { host: 1 << 20, disk: 0, remote: 0 });
+    serve(&mut e, 1, &prompt_of(0, 3, 0));
+    for f in 10..30u8 {
+        serve(&mut e, u64::from(f), &prompt_of(f, 2, 0));
+    }
+    let next = prompt_of(0, 4, 0);
+    assert_eq!(e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap()[1], 160);
+    // A long running request takes most of L1.
+    let long: Vec<i64> = (0..1200).map(|i| 7_000_000 + i).collect();
+    assert!(e.admit(500, &long).unwrap().is_some());
+    let read_before = e.m.stats().tiers[0].counters.bytes_read;
+    assert_eq!(e.admit(501, &next).unwrap(), None);
+    let st = e.m.stats();
+    assert_eq!(st.tiers[0].counters.bytes_read, read_before, "no promotion for a refused admission");
+    assert_eq!(st.tiers[0].promoted_tokens, 0);
+    e.m.validate().unwrap();
+}

@@ -803,7 +803,7 @@ impl KVCacheManager {
         if self.lower.active() {
             self.reap_loads();
             let hashes = std::mem::take(&mut r.hashes);
-            let promoted = self.promote(&hashes, max_safe);
+            let promoted = self.promote(&hashes, max_safe, len);
             r.hashes = hashes;
             if let Err(e) = promoted {
                 self.recycle(r);

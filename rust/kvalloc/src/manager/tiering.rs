@@ -330,7 +330,7 @@ impl KVCacheManager {
 
     /// Promotes the lower-tier part of a prompt's best window-safe prefix into L1 (see the
     /// module docs). Doing nothing is always correct: the admission's own walk decides the hit.
-    pub(super) fn promote(&mut self, hashes: &[u64], max_safe: u32) -> Result<()> {
+    pub(super) fn promote(&mut self, hashes: &[u64], max_safe: u32, prompt_len: u64) -> Result<()> {
         let mut path = Vec::new();
         let w1 = self.tree.walk(hashes, max_safe, &mut path);
         // Blocks past local knowledge may be in the remote store (another instance's).
@@ -366,6 +366,25 @@ impl KVCacheManager {
                     }
                 }
             }
+        }
+        // Promote only if the whole admission can fit: the promoted blocks plus what the rest
+        // of the prompt needs (its full blocks, a window and a checkpoint per sliding group).
+        // Otherwise the copy would be wasted and would evict other blocks for nothing.
+        let rest_blocks = self.bm.ceil(prompt_len).saturating_sub(u64::from(k));
+        let mut need_bytes = 0u64;
+        for g in 0..groups {
+            let bb = self.tree.layout().block_bytes[g];
+            let promoted = need.iter().filter(|x| x.1 == g).count() as u64;
+            let rest = match self.window(g) {
+                Some(w) if self.swa_aware() => {
+                    rest_blocks.min(2 * u64::from(w).div_ceil(self.b()) + 2)
+                }
+                _ => rest_blocks,
+            };
+            need_bytes += (promoted + rest) * bb;
+        }
+        if need_bytes > self.arena.bytes_free() + self.tree.evictable_bytes() {
+            return Ok(());
         }
         // Every needed block must have a lower copy (the walk says so); pin the records and the
         // L1 path while room is made.

@@ -464,17 +464,47 @@ impl LowerTiers {
             });
             return;
         }
-        // Room for the new groups; an existing record is protected from its own eviction.
-        if have != 0 {
+        // Room for the new groups; an existing record is protected from its own eviction. A
+        // new record that its tier cannot take (everything there pinned, or the tier smaller
+        // than its slab classes need) goes to the next tier down rather than nowhere.
+        let mut tier = tier;
+        let mut have = have;
+        while have != 0 {
             self.index.pin(hash);
-        }
-        let room = self.make_room(tier, new_groups, hash);
-        if have != 0 {
+            let room = self.make_room(tier, new_groups, hash);
             self.index.unpin(hash);
-        }
-        if !room {
+            if room {
+                break;
+            }
+            // No room beside the record here: move it down whole and add the groups there.
             self.counters[tier as usize].write_failures += 1;
-            return;
+            if self.next_present(tier.below()).is_none() {
+                return;
+            }
+            self.move_down(hash);
+            match self.index.get(hash) {
+                Some(r) => tier = r.tier,
+                None => {
+                    // Dropped on the way: start a new record below.
+                    have = 0;
+                    tier = match self.next_present(tier.below()) {
+                        Some(t) => t,
+                        None => return,
+                    };
+                }
+            }
+        }
+        if have == 0 {
+            loop {
+                if self.make_room(tier, new_groups, hash) {
+                    break;
+                }
+                self.counters[tier as usize].write_failures += 1;
+                match self.next_present(tier.below()) {
+                    Some(t) => tier = t,
+                    None => return,
+                }
+            }
         }
         let mut written = 0u16;
         for &(g, off) in entries {
