@@ -28,7 +28,14 @@ fn records(n: u64) -> Vec<(BlockKey, u32, Vec<u8>)> {
         .map(|i| {
             let layers = 13 + rng.below(39) as u32; // 1.06-4.1 MB
             let hash = rng.below(u64::MAX);
-            (BlockKey { hash, group: (i % 2) as u16 }, lb, random_bytes(i, (layers * lb) as usize))
+            (
+                BlockKey {
+                    hash,
+                    group: (i % 2) as u16,
+                },
+                lb,
+                random_bytes(i, (layers * lb) as usize),
+            )
         })
         .collect()
 }
@@ -51,7 +58,9 @@ fn disk(c: &mut Criterion) {
     }
 
     let mut g = c.benchmark_group("l3_disk");
-    g.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(1));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(8))
+        .warm_up_time(Duration::from_secs(1));
     g.throughput(Throughput::Bytes(total));
     // Each iteration writes new records and drops the previous ones, as a cache tier does
     // (blocks are named by content hash, so a tier never rewrites a record in place; ext4
@@ -73,7 +82,10 @@ fn disk(c: &mut Criterion) {
             generation += 1;
             for (old, (k, lb, d)) in live.iter_mut().zip(&recs) {
                 store.remove(*old).unwrap();
-                *old = BlockKey { hash: k.hash ^ generation.rotate_right(8), group: k.group };
+                *old = BlockKey {
+                    hash: k.hash ^ generation.rotate_right(8),
+                    group: k.group,
+                };
                 store.put(*old, *lb, d).unwrap();
             }
         })
@@ -100,7 +112,8 @@ fn remote(c: &mut Criterion) {
     let server = RemoteServer::start(&[]);
     let recs = records(16);
     let total: u64 = recs.iter().map(|r| r.2.len() as u64).sum();
-    let items: Vec<(BlockKey, u32, &[u8])> = recs.iter().map(|(k, lb, d)| (*k, *lb, &d[..])).collect();
+    let items: Vec<(BlockKey, u32, &[u8])> =
+        recs.iter().map(|(k, lb, d)| (*k, *lb, &d[..])).collect();
     let mut bufs: Vec<Vec<u8>> = recs.iter().map(|r| vec![0; r.2.len()]).collect();
     let mut ranged = RemoteStore::connect(RemoteConfig::new(server.url(), 1)).unwrap();
     let mut cfg = RemoteConfig::new(server.url(), 1);
@@ -116,7 +129,9 @@ fn remote(c: &mut Criterion) {
     }
 
     let mut g = c.benchmark_group("l4_remote");
-    g.sample_size(10).measurement_time(Duration::from_secs(8)).warm_up_time(Duration::from_secs(1));
+    g.sample_size(10)
+        .measurement_time(Duration::from_secs(8))
+        .warm_up_time(Duration::from_secs(1));
     g.throughput(Throughput::Bytes(total));
     g.bench_function("put_many_16_records", |b| {
         b.iter(|| assert!(ranged.put_many(&items).iter().all(|r| r.is_ok())))
@@ -128,7 +143,10 @@ fn remote(c: &mut Criterion) {
             }
         })
     });
-    for (name, s) in [("get_getrange", &mut ranged), ("get_whole_value", &mut whole)] {
+    for (name, s) in [
+        ("get_getrange", &mut ranged),
+        ("get_whole_value", &mut whole),
+    ] {
         g.bench_function(name, |b| {
             b.iter(|| {
                 for ((k, _, _), buf) in recs.iter().zip(bufs.iter_mut()) {
@@ -150,9 +168,13 @@ fn remote(c: &mut Criterion) {
             }
         })
     });
-    let keys: Vec<BlockKey> = (0..1000u64).map(|i| BlockKey { hash: i, group: 0 }).collect();
+    let keys: Vec<BlockKey> = (0..1000u64)
+        .map(|i| BlockKey { hash: i, group: 0 })
+        .collect();
     g.throughput(Throughput::Elements(keys.len() as u64));
-    g.bench_function("contains_many_1000", |b| b.iter(|| ranged.contains_many(&keys).unwrap()));
+    g.bench_function("contains_many_1000", |b| {
+        b.iter(|| ranged.contains_many(&keys).unwrap())
+    });
     g.finish();
 }
 

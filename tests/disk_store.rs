@@ -38,12 +38,18 @@ fn random_records_round_trip_whole_and_by_layer_range() {
         assert_eq!(&part[..], &data[a..b]);
         // A range past the record is refused, not truncated.
         let mut over = vec![0; (*lb * (layers - first + 1)) as usize];
-        assert!(matches!(s.get_layers(*k, first, &mut over), Err(StoreError::Io(_))));
+        assert!(matches!(
+            s.get_layers(*k, first, &mut over),
+            Err(StoreError::Io(_))
+        ));
     }
     let c = s.counters();
     assert_eq!(c.puts, 24);
     assert_eq!(c.gets, 48);
-    assert_eq!(c.bytes_written, records.iter().map(|r| r.3.len() as u64).sum::<u64>());
+    assert_eq!(
+        c.bytes_written,
+        records.iter().map(|r| r.3.len() as u64).sum::<u64>()
+    );
     assert_eq!(c.checksum_failures, 0);
 
     // Overwrite, contains, remove.
@@ -102,19 +108,27 @@ fn corrupted_bytes_are_never_returned() {
 fn restart_recovers_good_records_and_drops_torn_ones() {
     let dir = TempDir::new("disk-recover");
     let lb = 1000u32;
-    let keys: Vec<BlockKey> = (0..6).map(|i| key(0x1111_0000_0000_0000 * (i + 1), i as u16)).collect();
+    let keys: Vec<BlockKey> = (0..6)
+        .map(|i| key(0x1111_0000_0000_0000 * (i + 1), i as u16))
+        .collect();
     let (truncated, bad_header, short) = (keys[1], keys[3], keys[4]);
     let leftover;
     {
         let mut s = DiskStore::open(dir.path(), 42).unwrap();
         for (i, &k) in keys.iter().enumerate() {
-            s.put(k, lb, &random_bytes(i as u64, lb as usize * (i + 1))).unwrap();
+            s.put(k, lb, &random_bytes(i as u64, lb as usize * (i + 1)))
+                .unwrap();
         }
         // Torn: a record cut inside its payload, one with a damaged header, one cut inside
         // its header, and a temp file left by an interrupted write.
         let p = s.record_path(truncated);
         let len = fs::metadata(&p).unwrap().len();
-        fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 100).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(len - 100)
+            .unwrap();
         let p = s.record_path(bad_header);
         let mut b = fs::read(&p).unwrap();
         b[0] = b'X';
@@ -124,7 +138,10 @@ fn restart_recovers_good_records_and_drops_torn_ones() {
         fs::write(&leftover, b"partial").unwrap();
         // A second store on the same namespace is refused while this one is open.
         let err = DiskStore::open(dir.path(), 42).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument { ref what, .. } if what == "dir"), "{err}");
+        assert!(
+            matches!(err, Error::InvalidArgument { ref what, .. } if what == "dir"),
+            "{err}"
+        );
     }
     let mut s = DiskStore::open(dir.path(), 42).unwrap();
     let good: Vec<(BlockKey, u64)> = [0usize, 2, 5]
@@ -158,7 +175,10 @@ fn bad_directory_is_a_clear_error() {
     let file = dir.path().join("plain-file");
     fs::write(&file, b"x").unwrap();
     let err = DiskStore::open(&file, 1).unwrap_err();
-    assert!(matches!(err, Error::InvalidArgument { ref what, ref message } if what == "dir" && message.contains("plain-file")), "{err}");
+    assert!(
+        matches!(err, Error::InvalidArgument { ref what, ref message } if what == "dir" && message.contains("plain-file")),
+        "{err}"
+    );
 }
 
 /// A real full filesystem: a 2 MiB tmpfs (mounting needs root, which this project's machines
@@ -179,7 +199,11 @@ fn full_disk_skips_writes_and_leaves_nothing_behind() {
             Err(e) => panic!("unexpected {e}"),
         }
     }
-    assert!(!stored.is_empty() && full > 0, "stored {} full {full}", stored.len());
+    assert!(
+        !stored.is_empty() && full > 0,
+        "stored {} full {full}",
+        stored.len()
+    );
     assert_eq!(s.counters().writes_skipped_full, full);
     // Nothing but whole records (and the lock file) on the filesystem.
     let mut files = Vec::new();

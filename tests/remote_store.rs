@@ -18,7 +18,10 @@ fn store(server: &RemoteServer, namespace: u64) -> RemoteStore {
 
 /// Raw access to the server, to damage values behind the store's back.
 fn raw(server: &RemoteServer) -> redis::Connection {
-    redis::Client::open(server.url()).unwrap().get_connection().unwrap()
+    redis::Client::open(server.url())
+        .unwrap()
+        .get_connection()
+        .unwrap()
 }
 
 #[test]
@@ -34,10 +37,15 @@ fn random_records_round_trip_with_both_read_modes() {
             .map(|i| {
                 let layers = 1 + rng.below(10) as u32;
                 let lb = 16 * (1 + rng.below(800) as u32);
-                (key(rng.below(u64::MAX), (i % 2) as u16), lb, random_bytes(i, (layers * lb) as usize))
+                (
+                    key(rng.below(u64::MAX), (i % 2) as u16),
+                    lb,
+                    random_bytes(i, (layers * lb) as usize),
+                )
             })
             .collect();
-        let items: Vec<(BlockKey, u32, &[u8])> = records.iter().map(|(k, lb, d)| (*k, *lb, &d[..])).collect();
+        let items: Vec<(BlockKey, u32, &[u8])> =
+            records.iter().map(|(k, lb, d)| (*k, *lb, &d[..])).collect();
         assert!(s.put_many(&items).iter().all(|r| r.is_ok()));
         for (k, lb, data) in &records {
             let mut out = vec![0; data.len()];
@@ -58,7 +66,10 @@ fn random_records_round_trip_with_both_read_modes() {
         assert_eq!(s.get(keys[0], &mut out), Err(StoreError::Missing));
         assert_eq!(s.contains_many(&keys[..2]).unwrap(), vec![false, true]);
         let c = s.counters();
-        assert_eq!((c.puts, c.gets, c.unavailable, c.checksum_failures), (20, 40, 0, 0));
+        assert_eq!(
+            (c.puts, c.gets, c.unavailable, c.checksum_failures),
+            (20, 40, 0, 0)
+        );
     }
 }
 
@@ -70,7 +81,12 @@ fn range_reads_of_records_with_different_geometries() {
     let mut s = store(&server, 12);
     let shapes = [(2u32, 512u32), (40, 512), (3, 2048), (40, 512), (1, 64)];
     for (i, &(layers, lb)) in shapes.iter().enumerate() {
-        s.put(key(i as u64, 0), lb, &random_bytes(i as u64, (layers * lb) as usize)).unwrap();
+        s.put(
+            key(i as u64, 0),
+            lb,
+            &random_bytes(i as u64, (layers * lb) as usize),
+        )
+        .unwrap();
     }
     for _ in 0..2 {
         for (i, &(layers, lb)) in shapes.iter().enumerate() {
@@ -79,8 +95,12 @@ fn range_reads_of_records_with_different_geometries() {
             s.get(key(i as u64, 0), &mut out).unwrap();
             assert!(out == data, "record {i}");
             let mut last = vec![0; lb as usize];
-            s.get_layers(key(i as u64, 0), layers - 1, &mut last).unwrap();
-            assert!(last[..] == data[data.len() - lb as usize..], "record {i} last layer");
+            s.get_layers(key(i as u64, 0), layers - 1, &mut last)
+                .unwrap();
+            assert!(
+                last[..] == data[data.len() - lb as usize..],
+                "record {i} last layer"
+            );
         }
     }
     // First layer of a short record, then of a long one of the same layer size: the guess
@@ -113,7 +133,10 @@ fn killed_server_is_unavailable_quickly_then_service_resumes() {
             2 => s.contains_many(&[k]).map(|_| ()),
             _ => s.remove(key(i, 1)),
         };
-        assert!(matches!(r, Err(StoreError::Unavailable(_))), "call {i}: {r:?}");
+        assert!(
+            matches!(r, Err(StoreError::Unavailable(_))),
+            "call {i}: {r:?}"
+        );
     }
     // Generous: a hang would be io_timeout per call (50 s); fast failure is milliseconds.
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
@@ -121,7 +144,10 @@ fn killed_server_is_unavailable_quickly_then_service_resumes() {
     assert!(!s.is_connected());
 
     server.restart(); // same port, empty (no persistence)
-    assert_eq!(retry_until_up(&mut s, k, &mut out), Err(StoreError::Missing));
+    assert_eq!(
+        retry_until_up(&mut s, k, &mut out),
+        Err(StoreError::Missing)
+    );
     s.put(k, lb, &data).unwrap();
     s.get(k, &mut out).unwrap();
     assert_eq!(out, data);
@@ -155,7 +181,10 @@ fn hung_server_times_out_then_resumes() {
     let mut out = vec![0; data.len()];
     let t = Instant::now();
     for _ in 0..20 {
-        assert!(matches!(s.get(k, &mut out), Err(StoreError::Unavailable(_))));
+        assert!(matches!(
+            s.get(k, &mut out),
+            Err(StoreError::Unavailable(_))
+        ));
     }
     // One io_timeout, then at most a few back-off attempts of connect_timeout each.
     assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
@@ -167,16 +196,29 @@ fn hung_server_times_out_then_resumes() {
 #[test]
 fn a_server_that_never_came_up_is_unavailable_not_an_error_at_open() {
     let port = support::free_port();
-    let mut s = RemoteStore::open(RemoteConfig::new(format!("redis://127.0.0.1:{port}"), 1)).unwrap();
+    let mut s =
+        RemoteStore::open(RemoteConfig::new(format!("redis://127.0.0.1:{port}"), 1)).unwrap();
     let mut out = vec![0; 16];
-    assert!(matches!(s.get(key(1, 0), &mut out), Err(StoreError::Unavailable(_))));
-    assert!(RemoteStore::connect(RemoteConfig::new(format!("redis://127.0.0.1:{port}"), 1)).is_err());
+    assert!(matches!(
+        s.get(key(1, 0), &mut out),
+        Err(StoreError::Unavailable(_))
+    ));
+    assert!(
+        RemoteStore::connect(RemoteConfig::new(format!("redis://127.0.0.1:{port}"), 1)).is_err()
+    );
 }
 
 #[test]
 fn password_and_acl_user() {
     let server = RemoteServer::start(&[
-        "--requirepass", "s3cret", "--user", "kv", "on", ">kvpw", "~kvalloc:*", "+@all",
+        "--requirepass",
+        "s3cret",
+        "--user",
+        "kv",
+        "on",
+        ">kvpw",
+        "~kvalloc:*",
+        "+@all",
     ]);
     let data = random_bytes(3, 4096);
     let mut out = vec![0; data.len()];
@@ -186,7 +228,11 @@ fn password_and_acl_user() {
     cfg.password = Some("s3cret".into());
     let mut a = RemoteStore::connect(cfg).unwrap();
     a.put(key(1, 0), 1024, &data).unwrap();
-    let mut b = RemoteStore::connect(RemoteConfig::new(format!("redis://:s3cret@127.0.0.1:{}", server.port), 1)).unwrap();
+    let mut b = RemoteStore::connect(RemoteConfig::new(
+        format!("redis://:s3cret@127.0.0.1:{}", server.port),
+        1,
+    ))
+    .unwrap();
     b.get(key(1, 0), &mut out).unwrap();
     assert_eq!(out, data);
 
@@ -204,23 +250,37 @@ fn password_and_acl_user() {
     assert!(d.put(key(2, 0), 1024, &data).is_err());
 
     // Wrong or missing credentials: a clear error from connect, Unavailable from calls.
-    for (user, pw) in [(None, Some("wrong")), (Some("kv"), Some("wrong")), (None, None)] {
+    for (user, pw) in [
+        (None, Some("wrong")),
+        (Some("kv"), Some("wrong")),
+        (None, None),
+    ] {
         let mut cfg = RemoteConfig::new(server.url(), 1);
         cfg.username = user.map(str::to_string);
         cfg.password = pw.map(str::to_string);
         let err = RemoteStore::connect(cfg.clone()).unwrap_err().to_string();
-        assert!(err.contains("authentication") || err.contains("NOAUTH"), "{err}");
+        assert!(
+            err.contains("authentication") || err.contains("NOAUTH"),
+            "{err}"
+        );
         assert!(!err.contains("wrong"), "the password leaks into {err}");
         let mut s = RemoteStore::open(cfg).unwrap();
         let r = s.get(key(1, 0), &mut out);
-        assert!(matches!(r, Err(StoreError::Unavailable(ref m)) if m.contains("authentication")), "{r:?}");
+        assert!(
+            matches!(r, Err(StoreError::Unavailable(ref m)) if m.contains("authentication")),
+            "{r:?}"
+        );
     }
 }
 
 #[test]
 fn namespaces_are_isolated_and_instances_of_one_namespace_share() {
     let server = RemoteServer::start(&[]);
-    let (mut a, mut b, mut a2) = (store(&server, 100), store(&server, 200), store(&server, 100));
+    let (mut a, mut b, mut a2) = (
+        store(&server, 100),
+        store(&server, 200),
+        store(&server, 100),
+    );
     let k = key(0x5eed, 1);
     let (da, db) = (random_bytes(1, 8192), random_bytes(2, 8192));
     a.put(k, 2048, &da).unwrap();
@@ -246,10 +306,20 @@ fn server_out_of_memory_is_full_and_counted() {
     let server = RemoteServer::start(&["--maxmemory", "4mb", "--maxmemory-policy", "noeviction"]);
     let mut s = store(&server, 1);
     let data = random_bytes(4, 1 << 20);
-    let items: Vec<(BlockKey, u32, &[u8])> = (0..10u64).map(|i| (key(i, 0), 65536, &data[..])).collect();
+    let items: Vec<(BlockKey, u32, &[u8])> =
+        (0..10u64).map(|i| (key(i, 0), 65536, &data[..])).collect();
     let results = s.put_many(&items);
-    let full = results.iter().filter(|r| matches!(r, Err(StoreError::Full(_)))).count();
-    assert!(full > 0 && results.iter().all(|r| r.is_ok() || matches!(r, Err(StoreError::Full(_)))), "{results:?}");
+    let full = results
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::Full(_))))
+        .count();
+    assert!(
+        full > 0
+            && results
+                .iter()
+                .all(|r| r.is_ok() || matches!(r, Err(StoreError::Full(_)))),
+        "{results:?}"
+    );
     assert_eq!(s.counters().writes_skipped_full, full as u64);
     // The connection is still good after a refused write.
     let mut out = vec![0; data.len()];
@@ -267,20 +337,38 @@ fn damaged_or_foreign_values_are_corrupt_never_returned() {
     let rkey = s.key(k);
     let mut con = raw(&server);
     // Flip a byte in layer 4: layers 0..4 still read; the whole record is Corrupt.
-    let header_len: usize = redis::cmd("STRLEN").arg(&rkey).query::<usize>(&mut con).unwrap() - data.len();
+    let header_len: usize = redis::cmd("STRLEN")
+        .arg(&rkey)
+        .query::<usize>(&mut con)
+        .unwrap()
+        - data.len();
     let off = header_len + 4 * lb as usize + 3;
-    let _: () = redis::cmd("SETRANGE").arg(&rkey).arg(off).arg(&[data[4 * lb as usize + 3] ^ 1][..]).query(&mut con).unwrap();
+    let _: () = redis::cmd("SETRANGE")
+        .arg(&rkey)
+        .arg(off)
+        .arg(&[data[4 * lb as usize + 3] ^ 1][..])
+        .query(&mut con)
+        .unwrap();
     let mut head = vec![0; lb as usize * 4];
     s.get_layers(k, 0, &mut head).unwrap();
     assert_eq!(&head[..], &data[..head.len()]);
     let mut out = vec![0; data.len()];
     assert!(matches!(s.get(k, &mut out), Err(StoreError::Corrupt(_))));
     // A value that is not a record, and a record stored under another key.
-    let _: () = redis::cmd("SET").arg(&rkey).arg("not a record").query(&mut con).unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&rkey)
+        .arg("not a record")
+        .query(&mut con)
+        .unwrap();
     assert!(matches!(s.get(k, &mut out), Err(StoreError::Corrupt(_))));
     let other = key(0xbeef, 0);
     s.put(other, lb, &data).unwrap();
-    let _: () = redis::cmd("COPY").arg(s.key(other)).arg(&rkey).arg("REPLACE").query(&mut con).unwrap();
+    let _: () = redis::cmd("COPY")
+        .arg(s.key(other))
+        .arg(&rkey)
+        .arg("REPLACE")
+        .query(&mut con)
+        .unwrap();
     assert!(matches!(s.get(k, &mut out), Err(StoreError::Corrupt(_))));
     assert_eq!(s.counters().checksum_failures, 3);
     s.get(other, &mut out).unwrap();

@@ -170,11 +170,21 @@ fn generated_sessions_run_and_reuse_outputs() {
 #[test]
 fn lower_tiers_add_hits() {
     let sim = Simulator::new(mimo(), Arc::new(conversation(400)), 128).unwrap();
-    let device_only = sim.run(&cfg(Policy::SwaAware, 8 << 30), "x", &mut |_, _| true).unwrap();
+    let device_only = sim
+        .run(&cfg(Policy::SwaAware, 8 << 30), "x", &mut |_, _| true)
+        .unwrap();
     let mut c = cfg(Policy::SwaAware, 8 << 30);
-    c.lower_tiers = vec![TierBudget { tier: "host".into(), bytes: 1 << 40 }];
+    c.lower_tiers = vec![TierBudget {
+        tier: "host".into(),
+        bytes: 1 << 40,
+    }];
     let tiered = sim.run(&c, "x", &mut |_, _| true).unwrap();
-    assert!(tiered.hit_tokens > device_only.hit_tokens, "{} vs {}", tiered.hit_tokens, device_only.hit_tokens);
+    assert!(
+        tiered.hit_tokens > device_only.hit_tokens,
+        "{} vs {}",
+        tiered.hit_tokens,
+        device_only.hit_tokens
+    );
     assert_eq!(tiered.tiers.len(), 1);
     assert!(tiered.tiers[0].bytes_written > 0 && tiered.tiers[0].bytes_read > 0);
     assert!(tiered.exposed_load_seconds >= 0.0);

@@ -15,7 +15,11 @@ fn engine(host: u64) -> Engine {
     Engine::new(
         Policy::SwaAware,
         L1,
-        LowerCapacity { host, disk: 0, remote: 0 },
+        LowerCapacity {
+            host,
+            disk: 0,
+            remote: 0,
+        },
     )
 }
 
@@ -28,7 +32,12 @@ fn where_is(e: &Engine, p: &[i64]) -> Vec<(bool, bool)> {
     e.m.residency(Prompt::Tokens(p), None)
         .unwrap()
         .iter()
-        .map(|r| (r.device_groups & 1 == 1, matches!(r.lower, Some((Tier::Host, g)) if g & 1 == 1)))
+        .map(|r| {
+            (
+                r.device_groups & 1 == 1,
+                matches!(r.lower, Some((Tier::Host, g)) if g & 1 == 1),
+            )
+        })
         .collect()
 }
 
@@ -125,7 +134,10 @@ fn lower_tier_keeps_prefixes_of_hot_sequences_served_from_above() {
         e.m.validate().unwrap();
     }
     let st = e.m.stats();
-    assert!(st.tiers[0].counters.evicted > 0, "the host tier was under pressure: {st:?}");
+    assert!(
+        st.tiers[0].counters.evicted > 0,
+        "the host tier was under pressure: {st:?}"
+    );
     let after = where_is(&e, &hot);
     assert_eq!(
         after.iter().filter(|x| x.1).count(),
@@ -154,13 +166,19 @@ fn swa_checkpoints_of_short_and_medium_sequences_are_not_lost_first() {
             id += 1;
             let want = (p.len() as u64 - 1) / B as u64 * B as u64;
             let hit = e.admit(id, p).unwrap().expect("fits");
-            assert_eq!(hit, want, "a used short/medium sequence keeps its resume point");
+            assert_eq!(
+                hit, want,
+                "a used short/medium sequence keeps its resume point"
+            );
             e.m.finish(id).unwrap();
         }
         e.m.validate().unwrap();
     }
     let st = e.m.stats();
-    assert!(st.evicted_checkpoints + st.evicted_leaves > 0, "L1 was under pressure: {st:?}");
+    assert!(
+        st.evicted_checkpoints + st.evicted_leaves > 0,
+        "L1 was under pressure: {st:?}"
+    );
     // Wherever a short/medium sequence's KV sits, its window came along: the union hit is its
     // whole resume point.
     for p in shorts.iter().chain(&mediums) {
@@ -168,4 +186,3 @@ fn swa_checkpoints_of_short_and_medium_sequences_are_not_lost_first() {
         assert_eq!(hits(&mut e, p)[3], want);
     }
 }
-

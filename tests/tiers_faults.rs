@@ -20,7 +20,11 @@ fn disk_engine(dir: &std::path::Path, host: u64, disk: u64) -> Engine {
     Engine::with_stores(
         Policy::SwaAware,
         96 << 10,
-        LowerCapacity { host, disk, remote: 0 },
+        LowerCapacity {
+            host,
+            disk,
+            remote: 0,
+        },
         Some(store),
         None,
         false,
@@ -103,11 +107,16 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 fn remote_engine(server: &RemoteServer, write_through: bool) -> Engine {
-    let store: Box<dyn BlockStore> = Box::new(RemoteStore::open(RemoteConfig::new(server.url(), ns())).unwrap());
+    let store: Box<dyn BlockStore> =
+        Box::new(RemoteStore::open(RemoteConfig::new(server.url(), ns())).unwrap());
     Engine::with_stores(
         Policy::SwaAware,
         96 << 10,
-        LowerCapacity { host: 32 << 10, disk: 0, remote: 64 << 20 },
+        LowerCapacity {
+            host: 32 << 10,
+            disk: 0,
+            remote: 64 << 20,
+        },
         None,
         Some(store),
         write_through,
@@ -123,7 +132,8 @@ fn killed_remote_server_is_misses_not_errors_then_service_resumes() {
     }
     server.kill();
     for f in 10..30u8 {
-        serve(&mut e, u64::from(f) + 1, &prompt_of(f, 3, 0)).expect("admission never fails for the store");
+        serve(&mut e, u64::from(f) + 1, &prompt_of(f, 3, 0))
+            .expect("admission never fails for the store");
         e.m.validate().unwrap();
     }
     let st = e.m.stats();
@@ -137,7 +147,11 @@ fn killed_remote_server_is_misses_not_errors_then_service_resumes() {
     }
     let next = prompt_of(50, 4, 0);
     let h = e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
-    assert_eq!(h[3], (48 + 120) / B as u64 * B as u64, "served from the remote store again: {h:?}");
+    assert_eq!(
+        h[3],
+        (48 + 120) / B as u64 * B as u64,
+        "served from the remote store again: {h:?}"
+    );
     assert_eq!(serve(&mut e, 900, &next), Some(h[3]));
 }
 
@@ -148,13 +162,19 @@ fn two_instances_share_one_remote_store() {
     let mut reader = remote_engine(&server, false);
     serve(&mut writer, 1, &prompt_of(3, 3, 0));
     let next = prompt_of(3, 4, 0);
-    let h = reader.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
+    let h = reader
+        .m
+        .match_prefix_tiers(Prompt::Tokens(&next), None)
+        .unwrap();
     assert_eq!(h[0], 0);
     assert_eq!(h[3], 160, "{h:?}");
     // The reader's device buffer receives the writer's bytes.
     assert_eq!(serve(&mut reader, 1, &next), Some(160));
     let st = reader.m.stats();
-    assert!(st.tiers.iter().any(|t| t.name == "remote" && t.promoted_tokens > 0));
+    assert!(st
+        .tiers
+        .iter()
+        .any(|t| t.name == "remote" && t.promoted_tokens > 0));
     let _ = Tier::Remote;
 }
 
@@ -178,20 +198,34 @@ fn record_the_host_cannot_take_goes_to_disk() {
 /// nothing in L1 is evicted for a copy nobody will use.
 #[test]
 fn refused_admission_promotes_nothing() {
-    let mut e = Engine::new(Policy::SwaAware, 96 << 10, LowerCapacity { host: 1 << 20, disk: 0, remote: 0 });
+    let mut e = Engine::new(
+        Policy::SwaAware,
+        96 << 10,
+        LowerCapacity {
+            host: 1 << 20,
+            disk: 0,
+            remote: 0,
+        },
+    );
     serve(&mut e, 1, &prompt_of(0, 3, 0));
     for f in 10..30u8 {
         serve(&mut e, u64::from(f), &prompt_of(f, 2, 0));
     }
     let next = prompt_of(0, 4, 0);
-    assert_eq!(e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap()[1], 160);
+    assert_eq!(
+        e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap()[1],
+        160
+    );
     // A long running request takes most of L1.
     let long: Vec<i64> = (0..1200).map(|i| 7_000_000 + i).collect();
     assert!(e.admit(500, &long).unwrap().is_some());
     let read_before = e.m.stats().tiers[0].counters.bytes_read;
     assert_eq!(e.admit(501, &next).unwrap(), None);
     let st = e.m.stats();
-    assert_eq!(st.tiers[0].counters.bytes_read, read_before, "no promotion for a refused admission");
+    assert_eq!(
+        st.tiers[0].counters.bytes_read, read_before,
+        "no promotion for a refused admission"
+    );
     assert_eq!(st.tiers[0].promoted_tokens, 0);
     e.m.validate().unwrap();
 }

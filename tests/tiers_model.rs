@@ -32,13 +32,21 @@ fn run(policy: Policy, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut e = Engine::new(
         policy,
         96 << 10,
-        LowerCapacity { host: 128 << 10, disk: 0, remote: 0 },
+        LowerCapacity {
+            host: 128 << 10,
+            disk: 0,
+            remote: 0,
+        },
     );
     let mut running: Vec<u64> = Vec::new();
     let mut next = 0u64;
     for op in ops {
         match op {
-            Op::Admit { family, turns, tail } => {
+            Op::Admit {
+                family,
+                turns,
+                tail,
+            } => {
                 let p = prompt_of(family, turns, tail);
                 next += 1;
                 if e.admit(next, &p)?.is_some() {
@@ -52,13 +60,15 @@ fn run(policy: Policy, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 }
             }
         }
-        e.m.validate().map_err(|x| TestCaseError::fail(x.to_string()))?;
+        e.m.validate()
+            .map_err(|x| TestCaseError::fail(x.to_string()))?;
     }
     for id in running {
         e.m.finish(id).unwrap();
     }
     e.m.wait_loads();
-    e.m.validate().map_err(|x| TestCaseError::fail(x.to_string()))?;
+    e.m.validate()
+        .map_err(|x| TestCaseError::fail(x.to_string()))?;
     Ok(())
 }
 
@@ -83,7 +93,11 @@ fn next_turn_hits_from_host_after_eviction() {
     let mut e = Engine::new(
         Policy::SwaAware,
         96 << 10,
-        LowerCapacity { host: 1 << 20, disk: 0, remote: 0 },
+        LowerCapacity {
+            host: 1 << 20,
+            disk: 0,
+            remote: 0,
+        },
     );
     let p1 = prompt_of(0, 3, 0); // 168 tokens
     assert_eq!(e.admit(1, &p1).unwrap(), Some(0));
@@ -95,7 +109,9 @@ fn next_turn_hits_from_host_after_eviction() {
             e.m.finish(id).unwrap();
         }
     }
-    let hits = e.m.match_prefix_tiers(Prompt::Tokens(&prompt_of(0, 4, 0)), None).unwrap();
+    let hits =
+        e.m.match_prefix_tiers(Prompt::Tokens(&prompt_of(0, 4, 0)), None)
+            .unwrap();
     assert!(hits[0] < 160, "evicted from L1: {hits:?}");
     assert_eq!(hits[1], 160, "whole previous prompt from host: {hits:?}");
     let hit = e.admit(20, &prompt_of(0, 4, 0)).unwrap();

@@ -25,7 +25,9 @@ pub fn small_spec() -> ModelSpec {
 /// The KV bytes of block `hash` in group `g`: a pure function of the prefix.
 pub fn content(hash: u64, g: usize, len: usize) -> Vec<u8> {
     (0..len.div_ceil(8))
-        .flat_map(|i| xxh3_64_with_seed(&(i as u64).to_le_bytes(), hash ^ (g as u64) << 56).to_le_bytes())
+        .flat_map(|i| {
+            xxh3_64_with_seed(&(i as u64).to_le_bytes(), hash ^ (g as u64) << 56).to_le_bytes()
+        })
         .take(len)
         .collect()
 }
@@ -59,8 +61,13 @@ impl Engine {
         };
         let mut m = KVCacheManager::with_stores(spec, l1, cfg, disk, remote).unwrap();
         let dev = Arc::new(HostBuffer::zeroed(l1 as usize));
-        m.register_device(dev.clone() as Arc<dyn DeviceBuffer>).unwrap();
-        Engine { m, dev, block_bytes }
+        m.register_device(dev.clone() as Arc<dyn DeviceBuffer>)
+            .unwrap();
+        Engine {
+            m,
+            dev,
+            block_bytes,
+        }
     }
 
     pub fn page_bytes(&self, g: usize, page: i32) -> Vec<u8> {
@@ -72,10 +79,18 @@ impl Engine {
 
     /// Admits, checks the hit's bytes, then "computes" the rest of the prompt.
     pub fn admit(&mut self, id: u64, prompt: &[i64]) -> Result<Option<u64>, TestCaseError> {
-        let Some(hit) = self.m.admit(id, Prompt::Tokens(prompt), None, None).unwrap() else {
+        let Some(hit) = self
+            .m
+            .admit(id, Prompt::Tokens(prompt), None, None)
+            .unwrap()
+        else {
             return Ok(None);
         };
-        assert!(self.m.load_handle(id).unwrap().wait_all(Some(Duration::from_secs(10))));
+        assert!(self
+            .m
+            .load_handle(id)
+            .unwrap()
+            .wait_all(Some(Duration::from_secs(10))));
         let mut hashes = Vec::new();
         chain_tokens(root_seed(None), prompt, B, &mut hashes);
         for g in 0..self.block_bytes.len() {
@@ -101,7 +116,6 @@ impl Engine {
         Ok(Some(hit))
     }
 }
-
 
 /// `turns` turns of conversation `family` after a 48-token shared system prompt, then `tail`
 /// tokens that make a partial last block.

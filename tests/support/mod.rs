@@ -88,7 +88,11 @@ pub fn server_binary() -> PathBuf {
 
 /// A free loopback port (bound and released; the server binds it right after).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 /// A Valkey/Redis server process on loopback, no persistence, killed by pid on drop.
@@ -141,9 +145,20 @@ impl RemoteServer {
                     return;
                 }
             }
-            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
-            assert!(exited.is_none(), "server on port {} exited: {exited:?} (bad arguments?)", self.port);
-            assert!(Instant::now() < deadline, "server on port {} did not start", self.port);
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            assert!(
+                exited.is_none(),
+                "server on port {} exited: {exited:?} (bad arguments?)",
+                self.port
+            );
+            assert!(
+                Instant::now() < deadline,
+                "server on port {} did not start",
+                self.port
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }

@@ -53,6 +53,9 @@ impl PyBlockHashes {
 /// What `step` returns: hits per admission (-1: refused) and whether each extension fit.
 type StepArrays<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<bool>>);
 
+/// An admission extracted while attached: (request, prompt, salt, max_tokens).
+type OwnedAdmission = (u64, OwnedPrompt, Option<Vec<u8>>, Option<u64>);
+
 /// A prompt extracted while attached: owned, so the core can run detached.
 enum OwnedPrompt {
     Tokens(Vec<i64>),
@@ -342,7 +345,7 @@ impl PyKVCacheManager {
         let ext_lens = ids(extend_lens, "extend_lens")?;
         let ext_counts = ids(extend_counts, "extend_counts")?;
         // Admissions: (req, prompt, salt, max_tokens).
-        let mut admits: Vec<(u64, OwnedPrompt, Option<Vec<u8>>, Option<u64>)> = Vec::new();
+        let mut admits: Vec<OwnedAdmission> = Vec::new();
         if let Some(a) = admit.filter(|o| !o.is_none()) {
             let list = a.cast::<PyList>().map_err(|_| {
                 invalid(
@@ -615,11 +618,7 @@ impl PyKVCacheManager {
     /// Call it before the first admission.
     fn register_device(&self, py: Python<'_>, buffer: &Bound<'_, PyAny>) -> PyResult<()> {
         let dev = crate::tiers::device_from_numpy(buffer)?;
-        py.detach(|| {
-            self.lock()?
-                .register_device(std::sync::Arc::new(dev))
-                .py()
-        })
+        py.detach(|| self.lock()?.register_device(std::sync::Arc::new(dev)).py())
     }
 
     /// The loads a running request's hit waits for (promotions from host memory are copied
@@ -666,7 +665,15 @@ impl PyKVCacheManager {
                 .match_prefix_tiers(prompt.as_prompt(), salt.as_deref())
                 .py()
         })?;
-        figures(py, &[("device", h[0]), ("host", h[1]), ("disk", h[2]), ("remote", h[3])])
+        figures(
+            py,
+            &[
+                ("device", h[0]),
+                ("host", h[1]),
+                ("disk", h[2]),
+                ("remote", h[3]),
+            ],
+        )
     }
 
     /// Where each whole block of a prompt lives: a list of `(device_groups, tier, tier_groups)`
@@ -680,9 +687,11 @@ impl PyKVCacheManager {
     ) -> PyResult<Vec<(u16, Option<&'static str>, u16)>> {
         let prompt = OwnedPrompt::extract(tokens)?;
         let salt = salt_arg(salt)?;
-        let r = self.lock()?.residency(prompt.as_prompt(), salt.as_deref()).py()?;
-        Ok(r
-            .iter()
+        let r = self
+            .lock()?
+            .residency(prompt.as_prompt(), salt.as_deref())
+            .py()?;
+        Ok(r.iter()
             .map(|b| match b.lower {
                 Some((t, g)) => (b.device_groups, Some(t.name()), g),
                 None => (b.device_groups, None, 0),

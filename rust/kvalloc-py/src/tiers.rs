@@ -19,12 +19,14 @@ pub fn device_from_numpy(buffer: &Bound<'_, PyAny>) -> PyResult<HostBuffer> {
             format!("expected a numpy uint8 array, got {}", type_name(buffer)),
         ));
     }
-    let mut arr = buffer.extract::<PyReadwriteArrayDyn<'_, u8>>().map_err(|e| {
-        invalid(
-            "buffer",
-            format!("expected a writeable numpy uint8 array not borrowed elsewhere ({e})"),
-        )
-    })?;
+    let mut arr = buffer
+        .extract::<PyReadwriteArrayDyn<'_, u8>>()
+        .map_err(|e| {
+            invalid(
+                "buffer",
+                format!("expected a writeable numpy uint8 array not borrowed elsewhere ({e})"),
+            )
+        })?;
     let slice = arr
         .as_slice_mut()
         .map_err(|_| invalid("buffer", "the array must be C-contiguous"))?;
@@ -37,7 +39,6 @@ pub fn device_from_numpy(buffer: &Bound<'_, PyAny>) -> PyResult<HostBuffer> {
     Ok(unsafe { HostBuffer::from_raw(ptr, len, Box::new(owner)) })
 }
 
-
 /// What an engine waits on before computing a request's layers: the loads that bring its hit
 /// into the device buffer (done at once for L1 hits).
 #[pyclass(frozen, name = "LoadHandle", module = "kvalloc._core")]
@@ -49,7 +50,10 @@ fn timeout_arg(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
         Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t))),
-        Some(t) => Err(invalid("timeout", format!("must be a non-negative number of seconds, got {t}"))),
+        Some(t) => Err(invalid(
+            "timeout",
+            format!("must be a non-negative number of seconds, got {t}"),
+        )),
     }
 }
 
@@ -83,6 +87,10 @@ impl PyLoadHandle {
     }
 
     fn __repr__(&self) -> String {
-        format!("LoadHandle(bytes={}, done={})", self.inner.bytes(), self.inner.is_done())
+        format!(
+            "LoadHandle(bytes={}, done={})",
+            self.inner.bytes(),
+            self.inner.is_done()
+        )
     }
 }

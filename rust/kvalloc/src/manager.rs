@@ -51,12 +51,14 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::hash;
-use crate::tiers::loader::{LoadJob, Loader};
-use crate::tiers::{BlockStore, DeviceBuffer, LowerCapacity, LowerTiers, OverlapModel, Tier, TierCounters};
 use crate::policy::Eviction;
 use crate::prefix::{Evicted, Freed, Layout, Link, NodeId, PrefixTree, Victim, NONE};
 use crate::slab::{Handle, SlabArena};
 use crate::spec::{KVGroup, ModelSpec};
+use crate::tiers::loader::{LoadJob, Loader};
+use crate::tiers::{
+    BlockStore, DeviceBuffer, LowerCapacity, LowerTiers, OverlapModel, Tier, TierCounters,
+};
 
 /// Request ids are often sequential integers: spread them with one multiply (Fibonacci
 /// hashing) rather than SipHash, which costs more than the rest of a decode step.
@@ -538,10 +540,16 @@ impl KVCacheManager {
         setup: crate::tiers::StoreSetup,
     ) -> Result<Self> {
         if setup.disk_dir.is_some() && config.lower.disk == 0 {
-            return Err(Error::invalid("disk_bytes", "a disk directory needs a positive disk_bytes"));
+            return Err(Error::invalid(
+                "disk_bytes",
+                "a disk directory needs a positive disk_bytes",
+            ));
         }
         if setup.remote.is_some() && config.lower.remote == 0 {
-            return Err(Error::invalid("remote_bytes", "a remote store needs a positive remote_bytes"));
+            return Err(Error::invalid(
+                "remote_bytes",
+                "a remote store needs a positive remote_bytes",
+            ));
         }
         let (disk, remote) = setup.open(&spec, config.block_tokens)?;
         Self::with_stores(spec, capacity_bytes, config, disk, remote)
@@ -604,7 +612,9 @@ impl KVCacheManager {
                 .iter()
                 .map(|g| {
                     u32::try_from(g.layer_bytes_per_token() * u64::from(config.block_tokens))
-                        .map_err(|_| Error::invalid("block_tokens", "a layer's block exceeds 4 GiB"))
+                        .map_err(|_| {
+                            Error::invalid("block_tokens", "a layer's block exceeds 4 GiB")
+                        })
                 })
                 .collect::<Result<_>>()?,
             full_mask: spec
@@ -614,8 +624,12 @@ impl KVCacheManager {
                 .filter(|(_, g)| g.window.is_none())
                 .fold(0u16, |m, (i, _)| m | (1 << i)),
         };
-        if config.lower.disk == 0 && disk.is_some() || config.lower.remote == 0 && remote.is_some() {
-            return Err(Error::invalid("tiers", "a store was given for a tier with no capacity"));
+        if config.lower.disk == 0 && disk.is_some() || config.lower.remote == 0 && remote.is_some()
+        {
+            return Err(Error::invalid(
+                "tiers",
+                "a store was given for a tier with no capacity",
+            ));
         }
         let lower = LowerTiers::new(shape, config.lower, disk, remote)?;
         let mut layer_sliding = vec![false; spec.num_layers as usize];

@@ -438,7 +438,11 @@ impl PrefixTree {
 
     /// Like [`evict_one`](Self::evict_one), also listing the cached blocks it takes out (for
     /// demotion) in `victims`.
-    pub fn evict_one_logged(&mut self, freed: &mut Freed, victims: &mut Vec<Victim>) -> Option<Evicted> {
+    pub fn evict_one_logged(
+        &mut self,
+        freed: &mut Freed,
+        victims: &mut Vec<Victim>,
+    ) -> Option<Evicted> {
         self.victims = Some(std::mem::take(victims));
         let out = self.evict_one(freed);
         *victims = self.victims.take().expect("log set above");

@@ -46,7 +46,10 @@ impl KVCacheManager {
             ));
         }
         if self.device.is_some() {
-            return Err(Error::invalid("device", "a device buffer is already registered"));
+            return Err(Error::invalid(
+                "device",
+                "a device buffer is already registered",
+            ));
         }
         if self.serial > 0 {
             return Err(Error::invalid(
@@ -58,7 +61,10 @@ impl KVCacheManager {
             if self.lower.present(t) && self.lower.store(t).is_none() {
                 return Err(Error::invalid(
                     "device",
-                    format!("the {} tier has a capacity but no store: real bytes need one", t.name()),
+                    format!(
+                        "the {} tier has a capacity but no store: real bytes need one",
+                        t.name()
+                    ),
                 ));
             }
         }
@@ -120,7 +126,10 @@ impl KVCacheManager {
             .requests
             .get(&req)
             .and_then(|s| s.as_deref())
-            .ok_or(Error::Request { req, message: "is not running".into() })?;
+            .ok_or(Error::Request {
+                req,
+                message: "is not running".into(),
+            })?;
         Ok(LoadHandle::new(r.loads.clone()))
     }
 
@@ -137,20 +146,17 @@ impl KVCacheManager {
             let mut j = i;
             let mut ckpt_end = false;
             while j < victims.len() && victims[j].hash == v.hash {
-                let off = self.arena.offset(victims[j].handle).expect("victim is live");
+                let off = self
+                    .arena
+                    .offset(victims[j].handle)
+                    .expect("victim is live");
                 entries.push((victims[j].group, off));
                 ckpt_end |= victims[j].ckpt_end;
                 j += 1;
             }
             let device = self.device.clone();
-            self.lower.put_block(
-                v.hash,
-                v.depth,
-                ckpt_end,
-                &entries,
-                device.as_deref(),
-                None,
-            );
+            self.lower
+                .put_block(v.hash, v.depth, ckpt_end, &entries, device.as_deref(), None);
             i = j;
         }
     }
@@ -186,7 +192,8 @@ impl KVCacheManager {
             entries.clear();
             for g in 0..self.spec.groups.len() {
                 let h = self.tree.block(n, g);
-                let keep = self.window(g).is_none() || !self.swa_aware() || self.tree.ckpt_covered(n, g);
+                let keep =
+                    self.window(g).is_none() || !self.swa_aware() || self.tree.ckpt_covered(n, g);
                 if h != 0 && keep {
                     entries.push((g, self.arena.offset(h).expect("tree block is live")));
                 }
@@ -194,7 +201,8 @@ impl KVCacheManager {
             let hash = self.tree.hash_of(n);
             let depth = self.tree.depth(n);
             let ckpt = self.tree.is_checkpoint(n);
-            self.lower.put_block(hash, depth, ckpt, &entries, device.as_deref(), first);
+            self.lower
+                .put_block(hash, depth, ckpt, &entries, device.as_deref(), first);
         }
     }
 
@@ -220,7 +228,10 @@ impl KVCacheManager {
         let mut keys = Vec::with_capacity((hashes.len() - from) * groups);
         for &h in &hashes[from..] {
             for g in 0..groups {
-                keys.push(BlockKey { hash: h, group: g as u16 });
+                keys.push(BlockKey {
+                    hash: h,
+                    group: g as u16,
+                });
             }
         }
         let Some(store) = self.lower.store_mut(Tier::Remote) else {
@@ -287,7 +298,11 @@ impl KVCacheManager {
         let sliding: Vec<usize> = (0..groups).filter(|&g| self.window(g).is_some()).collect();
         let spans: Vec<u32> = sliding
             .iter()
-            .map(|&g| self.tree.layout().window_blocks(u32::MAX, self.window(g).expect("sliding")))
+            .map(|&g| {
+                self.tree
+                    .layout()
+                    .window_blocks(u32::MAX, self.window(g).expect("sliding"))
+            })
             .collect();
         let mut safe = [0u32; 4];
         let mut broken = [false; 4];
@@ -335,7 +350,9 @@ impl KVCacheManager {
         let w1 = self.tree.walk(hashes, max_safe, &mut path);
         // Blocks past local knowledge may be in the remote store (another instance's).
         let mut from = path.len();
-        while from < hashes.len().min(max_safe as usize) && self.lower.index.get(hashes[from]).is_some() {
+        while from < hashes.len().min(max_safe as usize)
+            && self.lower.index.get(hashes[from]).is_some()
+        {
             from += 1;
         }
         if from < max_safe as usize {
@@ -358,7 +375,10 @@ impl KVCacheManager {
         }
         if self.swa_aware() {
             for g in (0..groups).filter(|&g| self.window(g).is_some()) {
-                let span = self.tree.layout().window_blocks(k, self.window(g).expect("sliding"));
+                let span = self
+                    .tree
+                    .layout()
+                    .window_blocks(k, self.window(g).expect("sliding"));
                 for i in k - span..k {
                     let have = (i < d1) && self.tree.block(path[i as usize], g) != 0;
                     if !have {
@@ -425,7 +445,8 @@ impl KVCacheManager {
         let mut per_group = Vec::new();
         for g in 0..groups {
             per_group.clear();
-            self.arena.alloc_into(g, counts[g].1 as usize, &mut per_group)?;
+            self.arena
+                .alloc_into(g, counts[g].1 as usize, &mut per_group)?;
             let mut it = per_group.iter();
             for x in need.iter().filter(|x| x.1 == g) {
                 let _ = x;
@@ -465,10 +486,18 @@ impl KVCacheManager {
             let dst = self.arena.offset(by_need[idx]).expect("allocated");
             match (&device, tier) {
                 (Some(_), Tier::Host) => {
-                    let src = self.lower.host_offset(hash, g).expect("host record has the block");
+                    let src = self
+                        .lower
+                        .host_offset(hash, g)
+                        .expect("host record has the block");
                     for (j, &l) in group.layers.iter().enumerate() {
                         let off = j as u64 * layer_bytes;
-                        tasks.push(CopyTask { layer: l, src: src + off, dst: dst + off, len: layer_bytes });
+                        tasks.push(CopyTask {
+                            layer: l,
+                            src: src + off,
+                            dst: dst + off,
+                            len: layer_bytes,
+                        });
                     }
                     self.lower.count_read(hash, g);
                 }
@@ -521,7 +550,10 @@ impl KVCacheManager {
         }
         attached.sort_unstable();
         attached.dedup();
-        let end = created.last().copied().unwrap_or_else(|| path[k as usize - 1]);
+        let end = created
+            .last()
+            .copied()
+            .unwrap_or_else(|| path[k as usize - 1]);
         if self.swa_aware() {
             let max_blocks = self.run_lengths(k, false);
             self.tree.add_checkpoint(end, &max_blocks);
@@ -535,7 +567,12 @@ impl KVCacheManager {
         let host_records: Vec<u64> = records
             .iter()
             .copied()
-            .filter(|&h| self.lower.index.get(h).is_some_and(|r| r.tier == Tier::Host))
+            .filter(|&h| {
+                self.lower
+                    .index
+                    .get(h)
+                    .is_some_and(|r| r.tier == Tier::Host)
+            })
             .collect();
         if tasks.is_empty() {
             for &n in &pinned_nodes {
@@ -549,11 +586,18 @@ impl KVCacheManager {
                 self.lower.index.unpin(h);
             }
             let job = LoadJob::new(tasks, self.spec.num_layers as usize, &self.layer_sliding);
-            self.loader.as_ref().expect("a loader runs when L2 holds bytes").submit(job.clone());
+            self.loader
+                .as_ref()
+                .expect("a loader runs when L2 holds bytes")
+                .submit(job.clone());
             for &n in &pinned_nodes {
                 self.node_jobs.insert(n, job.clone());
             }
-            self.inflight.push(Inflight { job, nodes: pinned_nodes, records: host_records });
+            self.inflight.push(Inflight {
+                job,
+                nodes: pinned_nodes,
+                records: host_records,
+            });
         }
         self.release(&mut freed);
         self.scratch = freed;
@@ -561,7 +605,10 @@ impl KVCacheManager {
         undo_pins(self, &path, &[]);
         let new_tokens = u64::from(k - w1.safe) * u64::from(self.config.block_tokens);
         self.promoted_tokens[deepest as usize] += new_tokens;
-        self.exposed_load_seconds += self.config.overlap.exposed_seconds(&load, new_tokens.max(1));
+        self.exposed_load_seconds += self
+            .config
+            .overlap
+            .exposed_seconds(&load, new_tokens.max(1));
         let now = self.lower.index.now();
         for &h in &hashes[..k as usize] {
             self.lower.index.touch(h, now);
@@ -571,7 +618,11 @@ impl KVCacheManager {
 
     /// Window-safe hit lengths in tokens for a prompt at each level (L1 alone, then adding host,
     /// disk and remote), without changing anything.
-    pub fn match_prefix_tiers(&mut self, prompt: super::Prompt<'_>, salt: Option<&[u8]>) -> Result<[u64; 4]> {
+    pub fn match_prefix_tiers(
+        &mut self,
+        prompt: super::Prompt<'_>,
+        salt: Option<&[u8]>,
+    ) -> Result<[u64; 4]> {
         let seed = crate::hash::root_seed(salt);
         let hashes = self.prompt_hashes(&prompt, seed)?;
         let max_safe = ((prompt.len() - 1) / self.b()) as u32;
@@ -592,11 +643,17 @@ impl KVCacheManager {
 impl KVCacheManager {
     /// Window-safe hit lengths in tokens that each lower tier (host, disk, remote) gives on its
     /// own, without L1: what a request could resume from if L1 lost everything.
-    pub fn match_prefix_lower(&self, prompt: super::Prompt<'_>, salt: Option<&[u8]>) -> Result<[u64; 3]> {
+    pub fn match_prefix_lower(
+        &self,
+        prompt: super::Prompt<'_>,
+        salt: Option<&[u8]>,
+    ) -> Result<[u64; 3]> {
         let seed = crate::hash::root_seed(salt);
         let hashes = self.prompt_hashes(&prompt, seed)?;
         let max_safe = ((prompt.len() - 1) / self.b()) as u32;
-        Ok(self.lower_walk(&hashes, max_safe).map(|k| u64::from(k) * self.b()))
+        Ok(self
+            .lower_walk(&hashes, max_safe)
+            .map(|k| u64::from(k) * self.b()))
     }
 }
 
@@ -612,7 +669,11 @@ pub struct BlockResidency {
 impl KVCacheManager {
     /// Where each whole block of a prompt lives, L1 and below (one entry per block, up to the
     /// first block cached nowhere).
-    pub fn residency(&self, prompt: super::Prompt<'_>, salt: Option<&[u8]>) -> Result<Vec<BlockResidency>> {
+    pub fn residency(
+        &self,
+        prompt: super::Prompt<'_>,
+        salt: Option<&[u8]>,
+    ) -> Result<Vec<BlockResidency>> {
         let seed = crate::hash::root_seed(salt);
         let hashes = self.prompt_hashes(&prompt, seed)?;
         let mut path = Vec::new();
@@ -631,7 +692,10 @@ impl KVCacheManager {
             if device_groups == 0 && lower.is_none() {
                 break;
             }
-            out.push(BlockResidency { device_groups, lower });
+            out.push(BlockResidency {
+                device_groups,
+                lower,
+            });
         }
         Ok(out)
     }

@@ -216,11 +216,19 @@ mod tests {
 
     #[test]
     fn block_copies_of_every_shape_are_exact() {
-        let src: Vec<u8> = (0..(300u32 << 10)).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+        let src: Vec<u8> = (0..(300u32 << 10))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
         let dev = HostBuffer::zeroed(1 << 20);
         // Large (streaming) and small copies, aligned and not, with tails that are not a
         // multiple of 64 bytes.
-        for &(off, len) in &[(0u64, 300usize << 10), (4096, (128 << 10) + 37), (17, 100 << 10), (512, 63), (65536, 1)] {
+        for &(off, len) in &[
+            (0u64, 300usize << 10),
+            (4096, (128 << 10) + 37),
+            (17, 100 << 10),
+            (512, 63),
+            (65536, 1),
+        ] {
             dev.write(off, &src[..len]);
             let mut back = vec![0u8; len];
             dev.read(off, &mut back);

@@ -131,7 +131,10 @@ impl DiskStore {
         // SAFETY: flock on a descriptor we own; no memory is passed.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
-            return Err(bad_dir("another DiskStore holds the namespace directory", e));
+            return Err(bad_dir(
+                "another DiskStore holds the namespace directory",
+                e,
+            ));
         }
         let mut store = DiskStore {
             root,
@@ -161,7 +164,8 @@ impl DiskStore {
 
     /// The path of `key`'s record file.
     pub fn record_path(&self, key: BlockKey) -> PathBuf {
-        self.shard_dir(key.hash).join(format!("{:016x}-{}.kvb", key.hash, key.group))
+        self.shard_dir(key.hash)
+            .join(format!("{:016x}-{}.kvb", key.hash, key.group))
     }
 
     fn shard_dir(&self, hash: u64) -> PathBuf {
@@ -237,7 +241,12 @@ impl DiskStore {
     }
 
     /// Writes one record through a temp file; the error is already classified.
-    fn write_record(&mut self, key: BlockKey, layer_bytes: u32, data: &[u8]) -> Result<(), StoreError> {
+    fn write_record(
+        &mut self,
+        key: BlockKey,
+        layer_bytes: u32,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         if layer_bytes == 0 || data.is_empty() || data.len() % layer_bytes as usize != 0 {
             return Err(StoreError::Io(format!(
                 "payload of {} bytes is not a whole, non-zero number of {layer_bytes}-byte layers",
@@ -264,10 +273,25 @@ impl DiskStore {
             }
             other => other.map_err(classify_write)?,
         };
-        let written = write_all_vectored(&mut file, &mut [IoSlice::new(&self.header_buf), IoSlice::new(data)])
-            .and_then(|()| if self.opts.fsync { file.sync_data() } else { Ok(()) })
-            .and_then(|()| fs::rename(&tmp, self.record_path(key)))
-            .and_then(|()| if self.opts.fsync { File::open(&dir)?.sync_all() } else { Ok(()) });
+        let written = write_all_vectored(
+            &mut file,
+            &mut [IoSlice::new(&self.header_buf), IoSlice::new(data)],
+        )
+        .and_then(|()| {
+            if self.opts.fsync {
+                file.sync_data()
+            } else {
+                Ok(())
+            }
+        })
+        .and_then(|()| fs::rename(&tmp, self.record_path(key)))
+        .and_then(|()| {
+            if self.opts.fsync {
+                File::open(&dir)?.sync_all()
+            } else {
+                Ok(())
+            }
+        });
         drop(file);
         if let Err(e) = written {
             // Never leave a partial record behind (it would cost space until the next open).
@@ -278,7 +302,12 @@ impl DiskStore {
     }
 
     /// Reads and verifies layers into `dst`; the error is already classified.
-    fn read_layers(&mut self, key: BlockKey, first_layer: u32, dst: &mut [u8]) -> Result<(), StoreError> {
+    fn read_layers(
+        &mut self,
+        key: BlockKey,
+        first_layer: u32,
+        dst: &mut [u8],
+    ) -> Result<(), StoreError> {
         let file = match File::open(self.record_path(key)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing),
@@ -297,10 +326,11 @@ impl DiskStore {
         let mut offset = (header.encoded_len() + first_layer as usize * lb) as u64;
         let mut layer = first_layer;
         for chunk in dst.chunks_mut(layers_per_chunk * lb) {
-            file.read_exact_at(chunk, offset).map_err(|e| match e.kind() {
-                io::ErrorKind::UnexpectedEof => StoreError::Corrupt("record truncated".into()),
-                _ => io_err(e),
-            })?;
+            file.read_exact_at(chunk, offset)
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::UnexpectedEof => StoreError::Corrupt("record truncated".into()),
+                    _ => io_err(e),
+                })?;
             header.verify_layers(layer, chunk)?;
             offset += chunk.len() as u64;
             layer += (chunk.len() / lb) as u32;
@@ -338,7 +368,12 @@ impl BlockStore for DiskStore {
         }
     }
 
-    fn get_layers(&mut self, key: BlockKey, first_layer: u32, dst: &mut [u8]) -> Result<(), StoreError> {
+    fn get_layers(
+        &mut self,
+        key: BlockKey,
+        first_layer: u32,
+        dst: &mut [u8],
+    ) -> Result<(), StoreError> {
         match self.read_layers(key, first_layer, dst) {
             Ok(()) => {
                 self.counters.gets += 1;
@@ -458,7 +493,10 @@ mod tests {
 
     #[test]
     fn record_names_round_trip() {
-        let k = BlockKey { hash: 0xdead_beef_0000_0001, group: 3 };
+        let k = BlockKey {
+            hash: 0xdead_beef_0000_0001,
+            group: 3,
+        };
         assert_eq!(parse_record_name("deadbeef00000001-3.kvb"), Some(k));
         assert_eq!(parse_record_name("deadbeef00000001-3.kvb.tmp"), None);
         assert_eq!(parse_record_name("beef-3.kvb"), None);

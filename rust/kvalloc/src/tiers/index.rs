@@ -199,7 +199,10 @@ impl LowerIndex {
             let k = key(h, r);
             let listed = self.sets[t].contains(&k);
             if listed != (r.pins == 0) {
-                return bad(format!("record {h:#x} pinned {} but listed {listed}", r.pins));
+                return bad(format!(
+                    "record {h:#x} pinned {} but listed {listed}",
+                    r.pins
+                ));
             }
             in_sets += usize::from(listed);
             if r.groups == 0 {

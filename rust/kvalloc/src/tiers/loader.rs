@@ -139,7 +139,10 @@ impl LoadHandle {
     pub fn wait_layer(&self, layer: usize, timeout: Option<Duration>) -> bool {
         let deadline = timeout.map(|t| Instant::now() + t);
         self.jobs.iter().all(|j| {
-            j.wait_layer(layer, deadline.map(|d| d.saturating_duration_since(Instant::now())))
+            j.wait_layer(
+                layer,
+                deadline.map(|d| d.saturating_duration_since(Instant::now())),
+            )
         })
     }
 
@@ -219,9 +222,24 @@ mod tests {
         let dev = Arc::new(HostBuffer::zeroed(1024));
         let loader = Loader::start(host, dev.clone());
         let tasks = vec![
-            CopyTask { layer: 0, src: 0, dst: 512, len: 128 },
-            CopyTask { layer: 1, src: 128, dst: 640, len: 128 },
-            CopyTask { layer: 1, src: 256, dst: 768, len: 128 },
+            CopyTask {
+                layer: 0,
+                src: 0,
+                dst: 512,
+                len: 128,
+            },
+            CopyTask {
+                layer: 1,
+                src: 128,
+                dst: 640,
+                len: 128,
+            },
+            CopyTask {
+                layer: 1,
+                src: 256,
+                dst: 768,
+                len: 128,
+            },
         ];
         let job = LoadJob::new(tasks, 2, &[false, true]);
         assert_eq!(job.tasks[0].layer, 1, "sliding layer first");

@@ -94,7 +94,14 @@ impl std::fmt::Debug for LowerTiers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LowerTiers")
             .field("capacity", &self.capacity)
-            .field("records", &[self.index.count(Tier::Host), self.index.count(Tier::Disk), self.index.count(Tier::Remote)])
+            .field(
+                "records",
+                &[
+                    self.index.count(Tier::Host),
+                    self.index.count(Tier::Disk),
+                    self.index.count(Tier::Remote),
+                ],
+            )
             .finish()
     }
 }
@@ -212,7 +219,12 @@ impl LowerTiers {
             e.1 += bytes;
         }
         for (hash, (groups, bytes)) in found {
-            if bytes > self.capacity.disk.saturating_sub(self.index.used(Tier::Disk)) {
+            if bytes
+                > self
+                    .capacity
+                    .disk
+                    .saturating_sub(self.index.used(Tier::Disk))
+            {
                 continue; // over capacity after a restart with a smaller budget: not indexed
             }
             let access = self.index.now();
@@ -363,7 +375,13 @@ impl LowerTiers {
     }
 
     /// Reads group `g` of record `hash` from tier `t` into `dst` (its whole block).
-    fn read_entry(&mut self, t: Tier, hash: u64, g: usize, dst: &mut [u8]) -> std::result::Result<(), StoreError> {
+    fn read_entry(
+        &mut self,
+        t: Tier,
+        hash: u64,
+        g: usize,
+        dst: &mut [u8],
+    ) -> std::result::Result<(), StoreError> {
         let res = match t {
             Tier::Host => {
                 let off = self.host_offset(hash, g).ok_or(StoreError::Missing)?;
@@ -385,12 +403,21 @@ impl LowerTiers {
     }
 
     /// Writes group `g` of record `hash` into tier `t` (room was made).
-    fn write_entry(&mut self, t: Tier, hash: u64, g: usize, src: &[u8]) -> std::result::Result<(), StoreError> {
+    fn write_entry(
+        &mut self,
+        t: Tier,
+        hash: u64,
+        g: usize,
+        src: &[u8],
+    ) -> std::result::Result<(), StoreError> {
         let res = match t {
             Tier::Host => {
                 self.alloc_virtual_host(t, hash, g);
                 let off = self.host_offset(hash, g).expect("just allocated");
-                self.host_mem.as_ref().expect("materialized").write(off, src);
+                self.host_mem
+                    .as_ref()
+                    .expect("materialized")
+                    .write(off, src);
                 Ok(())
             }
             _ => {
@@ -443,7 +470,10 @@ impl LowerTiers {
         let now = self.index.now();
         let (tier, have) = match self.index.get(hash) {
             Some(r) => (r.tier, r.groups),
-            None => match first.filter(|&t| self.present(t)).or_else(|| self.next_present(Some(Tier::Host))) {
+            None => match first
+                .filter(|&t| self.present(t))
+                .or_else(|| self.next_present(Some(Tier::Host)))
+            {
                 Some(t) => (t, 0),
                 None => return,
             },
@@ -573,7 +603,13 @@ impl LowerTiers {
     /// Reads group `g` of `hash` from wherever it lives below L1 straight into the device at
     /// `dst` (verified for disk and remote). Counts a failed read; the caller treats it as a
     /// miss and drops the record with [`forget`](Self::forget).
-    pub fn read_to_device(&mut self, hash: u64, g: usize, device: &dyn DeviceBuffer, dst: u64) -> bool {
+    pub fn read_to_device(
+        &mut self,
+        hash: u64,
+        g: usize,
+        device: &dyn DeviceBuffer,
+        dst: u64,
+    ) -> bool {
         let Some(t) = self.index.get(hash).map(|r| r.tier) else {
             return false;
         };

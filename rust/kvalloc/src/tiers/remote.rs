@@ -44,7 +44,9 @@ use std::time::{Duration, Instant};
 
 use redis::{ConnectionLike, ErrorKind, IntoConnectionInfo, RedisError, Value};
 
-use super::store::{BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError, HEADER_FIXED_BYTES};
+use super::store::{
+    BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError, HEADER_FIXED_BYTES,
+};
 use crate::Error;
 
 /// Settings of a [`RemoteStore`].
@@ -130,14 +132,20 @@ impl RemoteStore {
     /// the credentials) is not an error here: calls return `Unavailable` until it can be.
     /// Errors: a malformed URL or zero timeouts (`InvalidArgument`).
     pub fn open(cfg: RemoteConfig) -> Result<RemoteStore, Error> {
-        let bad = |what: &str, message: String| Error::InvalidArgument { what: what.into(), message };
+        let bad = |what: &str, message: String| Error::InvalidArgument {
+            what: what.into(),
+            message,
+        };
         let mut info = cfg
             .url
             .as_str()
             .into_connection_info()
             .map_err(|e| bad("url", format!("{:?}: {e}", redact(&cfg.url))))?;
         if !matches!(info.addr, redis::ConnectionAddr::Tcp(..)) {
-            return Err(bad("url", "only redis:// (plain TCP) addresses are supported".into()));
+            return Err(bad(
+                "url",
+                "only redis:// (plain TCP) addresses are supported".into(),
+            ));
         }
         if cfg.username.is_some() {
             info.redis.username = cfg.username.clone();
@@ -154,7 +162,10 @@ impl RemoteStore {
             }
         }
         if cfg.key_prefix.is_empty() || cfg.key_prefix.contains(char::is_whitespace) {
-            return Err(bad("key_prefix", format!("{:?} must be non-empty, without spaces", cfg.key_prefix)));
+            return Err(bad(
+                "key_prefix",
+                format!("{:?} must be non-empty, without spaces", cfg.key_prefix),
+            ));
         }
         let client = redis::Client::open(info).map_err(|e| bad("url", e.to_string()))?;
         let mut store = RemoteStore {
@@ -259,10 +270,9 @@ impl RemoteStore {
         let result = conn.req_packed_commands(&self.buf, 0, n);
         match result {
             Ok(values) if values.len() == n => Ok(values),
-            Ok(values) => Err(self.transport_failure(format!(
-                "expected {n} replies, got {}",
-                values.len()
-            ))),
+            Ok(values) => {
+                Err(self.transport_failure(format!("expected {n} replies, got {}", values.len())))
+            }
             Err(e) => Err(self.transport_failure(describe(&e))),
         }
     }
@@ -281,7 +291,11 @@ impl RemoteStore {
             .cfg
             .reconnect_interval
             .saturating_mul(1 << self.failures.min(16))
-            .min(self.cfg.max_reconnect_interval.max(self.cfg.reconnect_interval));
+            .min(
+                self.cfg
+                    .max_reconnect_interval
+                    .max(self.cfg.reconnect_interval),
+            );
         self.failures = self.failures.saturating_add(1);
         self.retry_at = Some(Instant::now() + backoff);
         self.last_failure = why;
@@ -307,7 +321,12 @@ impl RemoteStore {
 
     /// Reads layers with `GETRANGE`: header and range in one pipeline when the group's
     /// geometry is known, else the header first.
-    fn range_read(&mut self, key: BlockKey, first_layer: u32, dst: &mut [u8]) -> Result<(), StoreError> {
+    fn range_read(
+        &mut self,
+        key: BlockKey,
+        first_layer: u32,
+        dst: &mut [u8],
+    ) -> Result<(), StoreError> {
         let rkey = self.key(key);
         let guess = self.geometry.get(&key.group).copied();
         let header_len = |layers: u32| HEADER_FIXED_BYTES + 8 * layers as usize;
@@ -350,13 +369,23 @@ impl RemoteStore {
         let lb = header.layer_bytes as usize;
         check_range(&header, first_layer, dst.len())?;
         self.buf.clear();
-        push_getrange(&mut self.buf, &rkey, header.encoded_len() + first_layer as usize * lb, dst.len());
+        push_getrange(
+            &mut self.buf,
+            &rkey,
+            header.encoded_len() + first_layer as usize * lb,
+            dst.len(),
+        );
         let body = self.single_bulk()?;
         finish_read(&header, first_layer, &body, dst)
     }
 
     /// Reads the whole value with `GET`, then verifies and copies the range.
-    fn whole_read(&mut self, key: BlockKey, first_layer: u32, dst: &mut [u8]) -> Result<(), StoreError> {
+    fn whole_read(
+        &mut self,
+        key: BlockKey,
+        first_layer: u32,
+        dst: &mut [u8],
+    ) -> Result<(), StoreError> {
         let rkey = self.key(key);
         self.buf.clear();
         push_command(&mut self.buf, &[b"GET", rkey.as_bytes()]);
@@ -391,7 +420,8 @@ impl RemoteStore {
             h.check(self.cfg.namespace, key)?;
             Ok(h)
         })?;
-        self.geometry.insert(key.group, (header.layers(), header.layer_bytes));
+        self.geometry
+            .insert(key.group, (header.layers(), header.layer_bytes));
         Ok(header)
     }
 
@@ -413,7 +443,9 @@ impl BlockStore for RemoteStore {
     }
 
     fn put(&mut self, key: BlockKey, layer_bytes: u32, data: &[u8]) -> Result<(), StoreError> {
-        self.put_many(&[(key, layer_bytes, data)]).pop().expect("one result")
+        self.put_many(&[(key, layer_bytes, data)])
+            .pop()
+            .expect("one result")
     }
 
     fn put_many(&mut self, items: &[(BlockKey, u32, &[u8])]) -> Vec<Result<(), StoreError>> {
@@ -424,7 +456,9 @@ impl BlockStore for RemoteStore {
             self.buf.clear();
             let mut end = start;
             let mut batch_ok = Vec::new();
-            while end < items.len() && (end == start || self.buf.len() + items[end].2.len() <= self.cfg.max_batch_bytes) {
+            while end < items.len()
+                && (end == start || self.buf.len() + items[end].2.len() <= self.cfg.max_batch_bytes)
+            {
                 let (key, lb, data) = items[end];
                 end += 1;
                 if lb == 0 || data.is_empty() || data.len() % lb as usize != 0 {
@@ -465,7 +499,9 @@ impl BlockStore for RemoteStore {
                         Value::ServerError(e) => Err(self.server_error(e.into())),
                         other => {
                             self.counters.io_errors += 1;
-                            Err(StoreError::Io(format!("unexpected reply to SET: {other:?}")))
+                            Err(StoreError::Io(format!(
+                                "unexpected reply to SET: {other:?}"
+                            )))
                         }
                     },
                 };
@@ -476,7 +512,12 @@ impl BlockStore for RemoteStore {
         results
     }
 
-    fn get_layers(&mut self, key: BlockKey, first_layer: u32, dst: &mut [u8]) -> Result<(), StoreError> {
+    fn get_layers(
+        &mut self,
+        key: BlockKey,
+        first_layer: u32,
+        dst: &mut [u8],
+    ) -> Result<(), StoreError> {
         let r = if self.cfg.range_reads {
             self.range_read(key, first_layer, dst)
         } else {
@@ -502,7 +543,9 @@ impl BlockStore for RemoteStore {
                 Value::ServerError(e) => Err(self.server_error(e.into())),
                 other => {
                     self.counters.io_errors += 1;
-                    Err(StoreError::Io(format!("unexpected reply to EXISTS: {other:?}")))
+                    Err(StoreError::Io(format!(
+                        "unexpected reply to EXISTS: {other:?}"
+                    )))
                 }
             })
             .collect()
@@ -536,7 +579,12 @@ fn check_range(header: &RecordHeader, first_layer: u32, len: usize) -> Result<()
 }
 
 /// Verifies `body` (the requested layers) and only then copies it into `dst`.
-fn finish_read(header: &RecordHeader, first_layer: u32, body: &[u8], dst: &mut [u8]) -> Result<(), StoreError> {
+fn finish_read(
+    header: &RecordHeader,
+    first_layer: u32,
+    body: &[u8],
+    dst: &mut [u8],
+) -> Result<(), StoreError> {
     check_range(header, first_layer, dst.len())?;
     if body.len() != dst.len() {
         return Err(StoreError::Corrupt(format!(
@@ -574,7 +622,10 @@ fn push_set(buf: &mut Vec<u8>, key: &[u8], header: &[u8], payload: &[u8]) {
 /// `GETRANGE key start end` for `len` bytes from `start` (`end` is inclusive).
 fn push_getrange(buf: &mut Vec<u8>, key: &str, start: usize, len: usize) {
     let (s, e) = (start.to_string(), (start + len.max(1) - 1).to_string());
-    push_command(buf, &[b"GETRANGE", key.as_bytes(), s.as_bytes(), e.as_bytes()]);
+    push_command(
+        buf,
+        &[b"GETRANGE", key.as_bytes(), s.as_bytes(), e.as_bytes()],
+    );
 }
 
 /// A one-line description of a client error, with the authentication case named.
@@ -614,7 +665,10 @@ mod tests {
         assert_eq!(b, b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$5\r\nhdxyz\r\n");
         b.clear();
         push_getrange(&mut b, "k", 10, 5);
-        assert_eq!(b, b"*4\r\n$8\r\nGETRANGE\r\n$1\r\nk\r\n$2\r\n10\r\n$2\r\n14\r\n");
+        assert_eq!(
+            b,
+            b"*4\r\n$8\r\nGETRANGE\r\n$1\r\nk\r\n$2\r\n10\r\n$2\r\n14\r\n"
+        );
     }
 
     #[test]
@@ -622,7 +676,10 @@ mod tests {
         assert_eq!(redact("redis://u:secret@h:1/0"), "redis://u:***@h:1/0");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
         let err = RemoteStore::open(RemoteConfig::new("nope://x", 1)).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument { ref what, .. } if what == "url"), "{err}");
+        assert!(
+            matches!(err, Error::InvalidArgument { ref what, .. } if what == "url"),
+            "{err}"
+        );
         let mut cfg = RemoteConfig::new("redis://127.0.0.1:1", 1);
         cfg.io_timeout = Duration::ZERO;
         assert!(RemoteStore::open(cfg).is_err());

@@ -80,15 +80,17 @@ pub trait BlockStore: Send {
 
     /// Writes several records; the default loops over [`put`](Self::put). Remote stores batch.
     fn put_many(&mut self, items: &[(BlockKey, u32, &[u8])]) -> Vec<Result<(), StoreError>> {
-        items
-            .iter()
-            .map(|&(k, lb, d)| self.put(k, lb, d))
-            .collect()
+        items.iter().map(|&(k, lb, d)| self.put(k, lb, d)).collect()
     }
 
     /// Reads layers `[first_layer, first_layer + dst.len() / layer_bytes)` of a record into
     /// `dst`, verifying each layer's checksum. `dst` must be a whole number of layers.
-    fn get_layers(&mut self, key: BlockKey, first_layer: u32, dst: &mut [u8]) -> Result<(), StoreError>;
+    fn get_layers(
+        &mut self,
+        key: BlockKey,
+        first_layer: u32,
+        dst: &mut [u8],
+    ) -> Result<(), StoreError>;
 
     /// Reads a whole record into `dst` (its exact payload size).
     fn get(&mut self, key: BlockKey, dst: &mut [u8]) -> Result<(), StoreError> {
@@ -143,7 +145,10 @@ impl RecordHeader {
             namespace,
             key,
             layer_bytes,
-            checksums: data.chunks_exact(layer_bytes as usize).map(xxh3_64).collect(),
+            checksums: data
+                .chunks_exact(layer_bytes as usize)
+                .map(xxh3_64)
+                .collect(),
         }
     }
 
@@ -267,7 +272,10 @@ mod tests {
         d.verify_layers(2, &data[32..48]).unwrap();
         let mut bad = data.clone();
         bad[20] ^= 1;
-        assert!(matches!(d.verify_layers(0, &bad), Err(StoreError::Corrupt(_))));
+        assert!(matches!(
+            d.verify_layers(0, &bad),
+            Err(StoreError::Corrupt(_))
+        ));
         assert!(RecordHeader::decode(&buf[..10]).is_err());
     }
 }
