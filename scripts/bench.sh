@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh test
-cargo bench --bench slab -- --noplot "$@"
+cargo bench --bench slab --bench manager --bench tiers -- --noplot "$@"
 .venv/bin/python -m pytest benches --benchmark-only --benchmark-columns=min,median,mean,ops --benchmark-sort=name
