@@ -1428,14 +1428,7 @@ impl KVCacheManager {
     /// Page indices of a running request's blocks in group `group`, one per block of its
     /// scheduled tokens; [`NULL_PAGE`] where it holds no block.
     pub fn block_table(&self, req: u64, group: usize) -> Result<Vec<i32>> {
-        let r = self
-            .requests
-            .get(&req)
-            .and_then(|s| s.as_deref())
-            .ok_or(Error::Request {
-                req,
-                message: "is not running".into(),
-            })?;
+        let r = self.running(req)?;
         let t = r.tables.get(group).ok_or_else(|| {
             Error::invalid(
                 "group",
@@ -1459,10 +1452,14 @@ impl KVCacheManager {
 
     /// Tokens scheduled for a running request (the length its block tables cover).
     pub fn num_tokens(&self, req: u64) -> Result<u64> {
+        Ok(self.running(req)?.len)
+    }
+
+    /// A running request, or the error naming it.
+    fn running(&self, req: u64) -> Result<&Request> {
         self.requests
             .get(&req)
             .and_then(|s| s.as_deref())
-            .map(|r| r.len)
             .ok_or(Error::Request {
                 req,
                 message: "is not running".into(),

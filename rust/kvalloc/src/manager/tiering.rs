@@ -122,15 +122,7 @@ impl KVCacheManager {
     /// What the engine waits on before computing request `req`'s first layers: the loads that
     /// fill its hit (done at once when it hit only L1).
     pub fn load_handle(&self, req: u64) -> Result<LoadHandle> {
-        let r = self
-            .requests
-            .get(&req)
-            .and_then(|s| s.as_deref())
-            .ok_or(Error::Request {
-                req,
-                message: "is not running".into(),
-            })?;
-        Ok(LoadHandle::new(r.loads.clone()))
+        Ok(LoadHandle::new(self.running(req)?.loads.clone()))
     }
 
     /// Demotes what an eviction took out of L1 (write on eviction), before its blocks are freed.
@@ -441,29 +433,16 @@ impl KVCacheManager {
             return Ok(());
         }
         // Allocate, then copy: disk and remote now (verified), host memory by the loader.
-        let mut handles: Vec<Handle> = Vec::with_capacity(need.len());
+        // `by_need[i]`: the L1 block for `need[i]`.
+        let mut by_need = vec![0 as Handle; need.len()];
         let mut per_group = Vec::new();
         for g in 0..groups {
             per_group.clear();
             self.arena
                 .alloc_into(g, counts[g].1 as usize, &mut per_group)?;
-            let mut it = per_group.iter();
-            for x in need.iter().filter(|x| x.1 == g) {
-                let _ = x;
-                handles.push(*it.next().expect("allocated"));
-            }
-        }
-        // `handles` is in group order; map back to `need` order.
-        let mut by_need = vec![0 as Handle; need.len()];
-        {
-            let mut next = 0;
-            for g in 0..groups {
-                for (idx, x) in need.iter().enumerate() {
-                    if x.1 == g {
-                        by_need[idx] = handles[next];
-                        next += 1;
-                    }
-                }
+            let slots = need.iter().enumerate().filter(|(_, x)| x.1 == g);
+            for ((idx, _), &h) in slots.zip(&per_group) {
+                by_need[idx] = h;
             }
         }
         let device = self.device.clone();
