@@ -1,5 +1,5 @@
 //! The replay: a discrete-event simulation of one deployment serving a trace through a real
-//! [`KVCacheManager`], under the [`ServiceModel`](super::ServiceModel).
+//! [`KVCacheManager`], under the [`ServiceModel`].
 //!
 //! Events, in time order (ties in the order they were scheduled):
 //! - *arrive*: the request joins the admission queue; a session's next turn arrives no earlier
