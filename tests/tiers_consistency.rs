@@ -6,21 +6,11 @@
 mod common;
 
 use common::{prompt_of, serve, Engine, B};
-use kvalloc::tiers::{LowerCapacity, Tier};
+use kvalloc::tiers::Tier;
 use kvalloc::{Policy, Prompt};
 
-const L1: u64 = 96 << 10;
-
 fn engine(host: u64) -> Engine {
-    Engine::new(
-        Policy::SwaAware,
-        L1,
-        LowerCapacity {
-            host,
-            disk: 0,
-            remote: 0,
-        },
-    )
+    Engine::with_host(Policy::SwaAware, host)
 }
 
 fn hits(e: &mut Engine, p: &[i64]) -> [u64; 4] {

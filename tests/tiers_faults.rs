@@ -5,8 +5,8 @@
 mod common;
 mod support;
 
-use common::{prompt_of, serve, Engine, B};
-use kvalloc::tiers::{BlockStore, DiskStore, LowerCapacity, RemoteConfig, RemoteStore, Tier};
+use common::{churn, prompt_of, serve, Engine, B};
+use kvalloc::tiers::{BlockStore, DiskStore, LowerCapacity, RemoteConfig, RemoteStore};
 use kvalloc::{Policy, Prompt};
 use proptest::prelude::*;
 use support::{RemoteServer, TempDir, Tmpfs};
@@ -73,9 +73,7 @@ fn corrupted_disk_record_is_a_miss() {
     let dir = TempDir::new("kvalloc-tiers-corrupt");
     let mut e = disk_engine(dir.path(), 0, 64 << 20);
     serve(&mut e, 1, &prompt_of(0, 3, 0));
-    for f in 10..30u8 {
-        serve(&mut e, u64::from(f), &prompt_of(f, 2, 0));
-    }
+    churn(&mut e, 10, 10..30, 2);
     let next = prompt_of(0, 4, 0);
     let before = e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
     assert!(before[2] > before[0], "{before:?}");
@@ -175,7 +173,6 @@ fn two_instances_share_one_remote_store() {
         .tiers
         .iter()
         .any(|t| t.name == "remote" && t.promoted_tokens > 0));
-    let _ = Tier::Remote;
 }
 
 /// A new record the host tier cannot take (here: one slab, and a checkpoint block needs a slab
@@ -185,9 +182,7 @@ fn record_the_host_cannot_take_goes_to_disk() {
     let dir = TempDir::new("kvalloc-tiers-fallthrough");
     let mut e = disk_engine(dir.path(), 3 << 10, 64 << 20);
     serve(&mut e, 1, &prompt_of(0, 3, 0));
-    for f in 10..30u8 {
-        serve(&mut e, u64::from(f), &prompt_of(f, 2, 0));
-    }
+    churn(&mut e, 10, 10..30, 2);
     let next = prompt_of(0, 4, 0);
     let h = e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
     assert_eq!(h[2], 160, "the whole previous prompt is below L1: {h:?}");
@@ -198,19 +193,9 @@ fn record_the_host_cannot_take_goes_to_disk() {
 /// nothing in L1 is evicted for a copy nobody will use.
 #[test]
 fn refused_admission_promotes_nothing() {
-    let mut e = Engine::new(
-        Policy::SwaAware,
-        96 << 10,
-        LowerCapacity {
-            host: 1 << 20,
-            disk: 0,
-            remote: 0,
-        },
-    );
+    let mut e = Engine::with_host(Policy::SwaAware, 1 << 20);
     serve(&mut e, 1, &prompt_of(0, 3, 0));
-    for f in 10..30u8 {
-        serve(&mut e, u64::from(f), &prompt_of(f, 2, 0));
-    }
+    churn(&mut e, 10, 10..30, 2);
     let next = prompt_of(0, 4, 0);
     assert_eq!(
         e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap()[1],

@@ -7,7 +7,6 @@
 mod common;
 
 use common::{prompt_of, Engine};
-use kvalloc::tiers::LowerCapacity;
 use kvalloc::{Policy, Prompt};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -29,15 +28,7 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 }
 
 fn run(policy: Policy, ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let mut e = Engine::new(
-        policy,
-        96 << 10,
-        LowerCapacity {
-            host: 128 << 10,
-            disk: 0,
-            remote: 0,
-        },
-    );
+    let mut e = Engine::with_host(policy, 128 << 10);
     let mut running: Vec<u64> = Vec::new();
     let mut next = 0u64;
     for op in ops {
@@ -90,15 +81,7 @@ proptest! {
 /// previous prompt, promoted from L2, with the bytes the engine wrote.
 #[test]
 fn next_turn_hits_from_host_after_eviction() {
-    let mut e = Engine::new(
-        Policy::SwaAware,
-        96 << 10,
-        LowerCapacity {
-            host: 1 << 20,
-            disk: 0,
-            remote: 0,
-        },
-    );
+    let mut e = Engine::with_host(Policy::SwaAware, 1 << 20);
     let p1 = prompt_of(0, 3, 0); // 168 tokens
     assert_eq!(e.admit(1, &p1).unwrap(), Some(0));
     e.m.finish(1).unwrap();

@@ -39,6 +39,19 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// 96 KiB of L1 over `host` bytes of host memory (no disk, no remote).
+    pub fn with_host(policy: Policy, host: u64) -> Engine {
+        Self::new(
+            policy,
+            96 << 10,
+            LowerCapacity {
+                host,
+                disk: 0,
+                remote: 0,
+            },
+        )
+    }
+
     pub fn new(policy: Policy, l1: u64, lower: LowerCapacity) -> Engine {
         Self::with_stores(policy, l1, lower, None, None, false)
     }
@@ -133,4 +146,12 @@ pub fn serve(e: &mut Engine, id: u64, prompt: &[i64]) -> Option<u64> {
     let hit = e.admit(id, prompt).unwrap()?;
     e.m.finish(id).unwrap();
     Some(hit)
+}
+
+/// Serves one conversation of `turns` turns for each family in `families` (ids from
+/// `first_id`), pushing older conversations down the tiers.
+pub fn churn(e: &mut Engine, first_id: u64, families: std::ops::Range<u8>, turns: u8) {
+    for (id, f) in (first_id..).zip(families) {
+        serve(e, id, &prompt_of(f, turns, 0));
+    }
 }

@@ -33,6 +33,22 @@ pub fn positive(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
     Ok(v)
 }
 
+/// An optional non-negative integer; None (or Python None) is 0.
+pub fn opt_non_negative(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<u64> {
+    match obj.filter(|o| !o.is_none()) {
+        Some(o) => non_negative(o, what),
+        None => Ok(0),
+    }
+}
+
+/// An optional positive integer; None (or Python None) stays None.
+pub fn opt_positive(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<u64>> {
+    match obj.filter(|o| !o.is_none()) {
+        Some(o) => Ok(Some(positive(o, what)?)),
+        None => Ok(None),
+    }
+}
+
 pub fn type_name(obj: &Bound<'_, PyAny>) -> String {
     obj.get_type()
         .name()

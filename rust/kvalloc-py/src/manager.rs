@@ -10,9 +10,12 @@ use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
-use crate::convert::{figures, id_list, non_negative, positive, token_ids, type_name, u64_array};
+use crate::convert::{
+    figures, id_list, non_negative, opt_non_negative, opt_positive, positive, token_ids, type_name,
+    u64_array,
+};
 use crate::errors::{invalid, to_py, IntoPyResult};
-use crate::spec::{block_tokens_arg, PyModelSpec};
+use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
 
 /// A prompt given as precomputed block hashes (one per block of `block_tokens`, as traces
 /// carry them) instead of token ids.
@@ -102,20 +105,6 @@ fn req_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     non_negative(obj, "req_id")
 }
 
-fn opt_non_negative(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<u64> {
-    match obj.filter(|o| !o.is_none()) {
-        Some(o) => non_negative(o, what),
-        None => Ok(0),
-    }
-}
-
-fn opt_positive(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<u64>> {
-    match obj.filter(|o| !o.is_none()) {
-        Some(o) => Ok(Some(positive(o, what)?)),
-        None => Ok(None),
-    }
-}
-
 /// The SWA-aware KV cache manager an engine scheduler drives.
 #[pyclass(frozen, name = "KVCacheManager", module = "kvalloc._core")]
 pub struct PyKVCacheManager {
@@ -157,12 +146,7 @@ impl PyKVCacheManager {
         remote_prefix: Option<String>,
         write_through: bool,
     ) -> PyResult<Self> {
-        let spec = spec.cast::<PyModelSpec>().map_err(|_| {
-            invalid(
-                "spec",
-                format!("expected a kvalloc.ModelSpec, got {}", type_name(spec)),
-            )
-        })?;
+        let spec = spec_arg(spec)?;
         let config = ManagerConfig {
             block_tokens: block_tokens_arg(block_tokens)?,
             policy: Policy::parse(policy).py()?,

@@ -14,9 +14,9 @@ use kvalloc::{Eviction, Policy};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::convert::{non_negative, positive, type_name};
+use crate::convert::{non_negative, opt_non_negative, positive, type_name};
 use crate::errors::{invalid, IntoPyResult};
-use crate::spec::PyModelSpec;
+use crate::spec::spec_arg;
 
 /// Tokens per block of a replay when the caller does not say (see the README: the Mooncake
 /// trace resolves sharing to 512 tokens, and 128 is MiMo's sliding window).
@@ -123,23 +123,18 @@ pub struct PySimulator {
 
 /// Settings shared by `run` and `budget_to_match`.
 #[allow(clippy::too_many_arguments)]
+/// `lower` holds the host, disk and remote budgets (None: no such tier).
 fn run_config(
     policy: &str,
     eviction: &str,
     device_bytes: &Bound<'_, PyAny>,
-    host_bytes: &Bound<'_, PyAny>,
-    disk_bytes: &Bound<'_, PyAny>,
-    remote_bytes: &Bound<'_, PyAny>,
+    lower: [Option<&Bound<'_, PyAny>>; 3],
     prefill_tokens_per_s: f64,
     decode_tokens_per_s: f64,
 ) -> PyResult<RunConfig> {
     let mut lower_tiers = Vec::new();
-    for (tier, b) in [
-        ("host", host_bytes),
-        ("disk", disk_bytes),
-        ("remote", remote_bytes),
-    ] {
-        let bytes = non_negative(b, &format!("{tier}_bytes"))?;
+    for (tier, b) in ["host", "disk", "remote"].into_iter().zip(lower) {
+        let bytes = opt_non_negative(b, &format!("{tier}_bytes"))?;
         if bytes > 0 {
             lower_tiers.push(TierBudget {
                 tier: tier.into(),
@@ -245,12 +240,7 @@ impl PySimulator {
         trace: &Bound<'_, PyAny>,
         block_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
-        let spec = spec.cast::<PyModelSpec>().map_err(|_| {
-            invalid(
-                "spec",
-                format!("expected a kvalloc.ModelSpec, got {}", type_name(spec)),
-            )
-        })?;
+        let spec = spec_arg(spec)?;
         let trace = trace.cast::<PyTrace>().map_err(|_| {
             invalid(
                 "trace",
@@ -293,14 +283,11 @@ impl PySimulator {
         decode_tokens_per_s: f64,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let zero = 0u64.into_pyobject(py)?.into_any();
         let cfg = run_config(
             policy,
             eviction,
             device_bytes,
-            host_bytes.unwrap_or(&zero),
-            disk_bytes.unwrap_or(&zero),
-            remote_bytes.unwrap_or(&zero),
+            [host_bytes, disk_bytes, remote_bytes],
             prefill_tokens_per_s,
             decode_tokens_per_s,
         )?;
@@ -326,14 +313,11 @@ impl PySimulator {
         decode_tokens_per_s: f64,
         progress: Option<Py<PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let zero = 0u64.into_pyobject(py)?.into_any();
         let cfg = run_config(
             policy,
             eviction,
             start_bytes,
-            &zero,
-            &zero,
-            &zero,
+            [None, None, None],
             prefill_tokens_per_s,
             decode_tokens_per_s,
         )?;

@@ -239,3 +239,13 @@ impl PyModelSpec {
 pub fn presets() -> Vec<&'static str> {
     ModelSpec::presets().to_vec()
 }
+
+/// A `spec` argument: a `kvalloc.ModelSpec`, or an `InvalidArgumentError` naming what it was.
+pub fn spec_arg<'a, 'py>(spec: &'a Bound<'py, PyAny>) -> PyResult<&'a Bound<'py, PyModelSpec>> {
+    spec.cast::<PyModelSpec>().map_err(|_| {
+        invalid(
+            "spec",
+            format!("expected a kvalloc.ModelSpec, got {}", type_name(spec)),
+        )
+    })
+}

@@ -446,6 +446,7 @@ impl PrefixTree {
         self.victims = Some(std::mem::take(victims));
         let out = self.evict_one(freed);
         *victims = self.victims.take().expect("log set above");
+        self.evicting = None;
         out
     }
 
@@ -467,16 +468,6 @@ impl PrefixTree {
             self.pinned_bytes += self.node_bytes(n);
             self.refresh(n);
         }
-    }
-
-    /// Resumes counted at the end of `n`.
-    pub fn hits(&self, n: NodeId) -> u32 {
-        self.nodes[n as usize].hits
-    }
-
-    /// The node the last eviction took (its checkpoint, or the node itself for a leaf).
-    pub fn last_evicted(&self) -> Option<NodeId> {
-        self.evicting.map(|(n, _)| n)
     }
 
     /// Counts a resume at the end of `n`.

@@ -256,35 +256,26 @@ impl KVCacheManager {
         m
     }
 
-    /// Window-safe hits (in blocks) at each level: L1 alone, then adding host, disk, remote.
-    /// `path` is the L1 walk's matched nodes.
-    pub(super) fn tier_walk(&self, hashes: &[u64], max_safe: u32, path: &[NodeId]) -> TierHits {
-        let mut safe = self.walk_levels(hashes, max_safe, Some(path), |level, tier| tier < level);
-        // A level never does worse than the one above it.
-        for level in 1..4 {
-            safe[level] = safe[level].max(safe[level - 1]);
+    /// Walks L1, asks the remote store about the blocks past what is known locally (another
+    /// instance may have written them), and returns the L1 path and the hits per level.
+    fn walk_tiers(&mut self, hashes: &[u64], max_safe: u32) -> (Vec<NodeId>, TierHits) {
+        let mut path = Vec::new();
+        self.tree.walk(hashes, max_safe, &mut path);
+        let mut from = path.len();
+        while from < max_safe as usize && self.lower.index.get(hashes[from]).is_some() {
+            from += 1;
         }
-        safe
+        if from < max_safe as usize {
+            self.discover_remote(&hashes[..max_safe as usize], from);
+        }
+        let hits = self.tier_walk(hashes, max_safe, &path);
+        (path, hits)
     }
 
-    /// Window-safe hits (in blocks) that each lower tier gives on its own (host, disk, remote):
-    /// entry `t` counts only blocks tier `t` holds.
-    pub(super) fn lower_walk(&self, hashes: &[u64], max_safe: u32) -> [u32; 3] {
-        let s = self.walk_levels(hashes, max_safe, None, |level, tier| level == tier + 1);
-        [s[1], s[2], s[3]]
-    }
-
-    /// The walk behind [`tier_walk`](Self::tier_walk): at level `l` (0..4), a block counts from
-    /// L1 (`path`) or from a lower record of tier `t` where `include(l, t)`.
-    fn walk_levels(
-        &self,
-        hashes: &[u64],
-        max_safe: u32,
-        path: Option<&[NodeId]>,
-        include: impl Fn(usize, usize) -> bool,
-    ) -> TierHits {
-        let l1 = path.is_some();
-        let path = path.unwrap_or(&[]);
+    /// Window-safe hits (in blocks) at each level: L1 alone, then adding host, disk, remote.
+    /// `path` is the L1 walk's matched nodes. Window safety is checked per block across tiers:
+    /// a block counts at a level if L1 or a record in a tier at or above the level holds it.
+    pub(super) fn tier_walk(&self, hashes: &[u64], max_safe: u32, path: &[NodeId]) -> TierHits {
         let groups = self.spec.groups.len();
         let full = self.full_mask();
         let sliding: Vec<usize> = (0..groups).filter(|&g| self.window(g).is_some()).collect();
@@ -302,7 +293,7 @@ impl KVCacheManager {
         for (i, &h) in hashes.iter().enumerate() {
             let node = path.get(i).copied();
             // A hash the tree holds elsewhere (a conflict) cannot be linked here.
-            if l1 && node.is_none() && self.tree.lookup(h).is_some() {
+            if node.is_none() && self.tree.lookup(h).is_some() {
                 break;
             }
             let rec = self.lower.index.get(h);
@@ -311,7 +302,7 @@ impl KVCacheManager {
                 if broken[level] {
                     continue;
                 }
-                let rec_here = rec.filter(|r| include(level, r.tier as usize));
+                let rec_here = rec.filter(|r| (r.tier as usize) < level);
                 let full_ok = node.is_some() || rec_here.is_some_and(|r| r.groups & full == full);
                 if !full_ok {
                     broken[level] = true;
@@ -328,9 +319,13 @@ impl KVCacheManager {
                     safe[level] = k;
                 }
             }
-            if broken.iter().all(|&b| b) {
+            if broken[3] {
                 break;
             }
+        }
+        // A level never does worse than the one above it.
+        for level in 1..4 {
+            safe[level] = safe[level].max(safe[level - 1]);
         }
         safe
     }
@@ -338,20 +333,9 @@ impl KVCacheManager {
     /// Promotes the lower-tier part of a prompt's best window-safe prefix into L1 (see the
     /// module docs). Doing nothing is always correct: the admission's own walk decides the hit.
     pub(super) fn promote(&mut self, hashes: &[u64], max_safe: u32, prompt_len: u64) -> Result<()> {
-        let mut path = Vec::new();
-        let w1 = self.tree.walk(hashes, max_safe, &mut path);
-        // Blocks past local knowledge may be in the remote store (another instance's).
-        let mut from = path.len();
-        while from < hashes.len().min(max_safe as usize)
-            && self.lower.index.get(hashes[from]).is_some()
-        {
-            from += 1;
-        }
-        if from < max_safe as usize {
-            self.discover_remote(&hashes[..max_safe as usize], from);
-        }
-        let k = self.tier_walk(hashes, max_safe, &path)[3];
-        if k <= w1.safe {
+        let (path, hits) = self.walk_tiers(hashes, max_safe);
+        let k = hits[3];
+        if k <= hits[0] {
             return Ok(());
         }
         let groups = self.spec.groups.len();
@@ -382,11 +366,16 @@ impl KVCacheManager {
         // Promote only if the whole admission can fit: the promoted blocks plus what the rest
         // of the prompt needs (its full blocks, a window and a checkpoint per sliding group).
         // Otherwise the copy would be wasted and would evict other blocks for nothing.
+        // Blocks to allocate per group: `(group, count)`, as `make_room` takes them.
+        let mut counts = [(0usize, 0u64); MAX_GROUPS];
+        for (g, c) in counts.iter_mut().enumerate().take(groups) {
+            *c = (g, need.iter().filter(|x| x.1 == g).count() as u64);
+        }
         let rest_blocks = self.bm.ceil(prompt_len).saturating_sub(u64::from(k));
         let mut need_bytes = 0u64;
         for g in 0..groups {
             let bb = self.tree.layout().block_bytes[g];
-            let promoted = need.iter().filter(|x| x.1 == g).count() as u64;
+            let promoted = counts[g].1;
             let rest = match self.window(g) {
                 Some(w) if self.swa_aware() => {
                     rest_blocks.min(2 * u64::from(w).div_ceil(self.b()) + 2)
@@ -411,10 +400,6 @@ impl KVCacheManager {
         }
         for &n in &path {
             self.tree.pin(n);
-        }
-        let mut counts = [(0usize, 0u64); MAX_GROUPS];
-        for (g, c) in counts.iter_mut().enumerate().take(groups) {
-            *c = (g, need.iter().filter(|x| x.1 == g).count() as u64);
         }
         let room = self.make_room(&counts[..groups])?;
         let undo_pins = |m: &mut KVCacheManager, path: &[NodeId], records: &[u64]| {
@@ -582,7 +567,7 @@ impl KVCacheManager {
         self.scratch = freed;
         // The temporary pins on the L1 path.
         undo_pins(self, &path, &[]);
-        let new_tokens = u64::from(k - w1.safe) * u64::from(self.config.block_tokens);
+        let new_tokens = u64::from(k - hits[0]) * u64::from(self.config.block_tokens);
         self.promoted_tokens[deepest as usize] += new_tokens;
         self.exposed_load_seconds += self
             .config
@@ -605,34 +590,8 @@ impl KVCacheManager {
         let seed = crate::hash::root_seed(salt);
         let hashes = self.prompt_hashes(&prompt, seed)?;
         let max_safe = ((prompt.len() - 1) / self.b()) as u32;
-        let mut path = Vec::new();
-        self.tree.walk(&hashes, max_safe, &mut path);
-        let mut from = path.len();
-        while from < max_safe as usize && self.lower.index.get(hashes[from]).is_some() {
-            from += 1;
-        }
-        if from < max_safe as usize {
-            self.discover_remote(&hashes[..max_safe as usize], from);
-        }
-        let hits = self.tier_walk(&hashes, max_safe, &path);
+        let (_, hits) = self.walk_tiers(&hashes, max_safe);
         Ok(hits.map(|k| u64::from(k) * self.b()))
-    }
-}
-
-impl KVCacheManager {
-    /// Window-safe hit lengths in tokens that each lower tier (host, disk, remote) gives on its
-    /// own, without L1: what a request could resume from if L1 lost everything.
-    pub fn match_prefix_lower(
-        &self,
-        prompt: super::Prompt<'_>,
-        salt: Option<&[u8]>,
-    ) -> Result<[u64; 3]> {
-        let seed = crate::hash::root_seed(salt);
-        let hashes = self.prompt_hashes(&prompt, seed)?;
-        let max_safe = ((prompt.len() - 1) / self.b()) as u32;
-        Ok(self
-            .lower_walk(&hashes, max_safe)
-            .map(|k| u64::from(k) * self.b()))
     }
 }
 

@@ -314,7 +314,7 @@ impl LowerTiers {
             } else {
                 self.counters[rec.tier as usize].bytes_read += self.shape.block_bytes[g];
                 self.count_write(t2, g);
-                self.alloc_virtual_host(t2, hash, g);
+                self.alloc_host_block(t2, hash, g);
             }
             moved.push(g);
         }
@@ -343,9 +343,10 @@ impl LowerTiers {
         }
     }
 
-    /// Host blocks are allocated even when no bytes move, so L2 capacity (slabs, classes) is
-    /// modelled exactly.
-    fn alloc_virtual_host(&mut self, t: Tier, hash: u64, g: usize) {
+    /// Allocates record `hash`'s block of group `g` in L2 (tier `t` only; other tiers keep no
+    /// block table). Done even when no bytes move, so L2 capacity (slabs, classes) is modelled
+    /// exactly.
+    fn alloc_host_block(&mut self, t: Tier, hash: u64, g: usize) {
         if t == Tier::Host {
             let h = self
                 .host_arena
@@ -412,7 +413,7 @@ impl LowerTiers {
     ) -> std::result::Result<(), StoreError> {
         let res = match t {
             Tier::Host => {
-                self.alloc_virtual_host(t, hash, g);
+                self.alloc_host_block(t, hash, g);
                 let off = self.host_offset(hash, g).expect("just allocated");
                 self.host_mem
                     .as_ref()
@@ -544,7 +545,7 @@ impl LowerTiers {
             let ok = match device.filter(|_| self.materialized()) {
                 Some(dev) if tier == Tier::Host => {
                     // Straight from the device into host memory: one copy.
-                    self.alloc_virtual_host(tier, hash, g);
+                    self.alloc_host_block(tier, hash, g);
                     let dst = self.host_offset(hash, g).expect("just allocated");
                     let len = self.shape.block_bytes[g] as usize;
                     let mem = self.host_mem.as_ref().expect("materialized");
@@ -563,7 +564,7 @@ impl LowerTiers {
                     r.is_ok()
                 }
                 None => {
-                    self.alloc_virtual_host(tier, hash, g);
+                    self.alloc_host_block(tier, hash, g);
                     self.count_write(tier, g);
                     true
                 }
