@@ -1,12 +1,13 @@
 """kvalloc's KVCacheManager, driven through its batched `step` call.
 
 Per scheduler step: one `step(finish=..., extend_ids=..., extend_tokens=...)` for last step's
-finishes and this step's decode tokens; one flat `step(admit_ids=, admit_tokens=, admit_lens=)`
-for the admissions (kept apart so that, as in the peers, nothing is admitted in a step that
-had to preempt). The engine's block tables are read where they change: both groups' tables of
-each admitted request, and of each running request whose new token opens a block. Preemption
-is `finish` (the computed blocks stay cached) and a later admission of prompt + output so far,
-as the README prescribes.
+finishes and this step's decode tokens; one flat `step(admit_ids=, admit_tokens=, admit_lens=,
+fcfs=True)` for the admissions (kept apart so that, as in the peers, nothing is admitted in a
+step that had to preempt; `fcfs` stops at the first that does not fit, as the peers' schedulers
+do). The engine's block tables are read where they change, with one `block_tables` call per
+group: those of the admitted requests, and of the running requests whose new token opens a
+block. Preemption is `finish` (the computed blocks stay cached) and a later admission of
+prompt + output so far, as the README prescribes.
 """
 
 from __future__ import annotations
@@ -35,14 +36,18 @@ class KvallocDriver:
         # Deferred into the next decode call: one `step` carries both.
         self._finish.extend(r.rid for r in reqs)
 
-    def _tables(self, rid: int) -> None:
-        for g in range(self.groups):
-            self.m.block_table(rid, g)
+    def _tables(self, rids: list[int]) -> None:
+        if rids:
+            for g in range(self.groups):
+                self.m.block_tables(rids, g)
 
     def decode(self, running: list[Request]) -> list[Request]:
         m = self.m
         ids = np.fromiter((r.rid for r in running), dtype=np.int64, count=len(running))
         toks = np.fromiter((r.output[r.generated - 1] for r in running), dtype=np.int64, count=len(running))
+        # Requests whose new token opens a block (the scheduler knows every request's length).
+        block = self.block
+        opened = [r.rid for r in running if (len(r.prompt) + r.generated - 1) % block == 0]
         t0 = time.perf_counter()
         fin = np.array(self._finish, dtype=np.int64)
         self._finish.clear()
@@ -61,10 +66,10 @@ class KvallocDriver:
                         if victim is r or m.extend(r.rid, np.array([toks[i]], dtype=np.int64)):
                             break
                 i += 1
-        block = self.block
-        for r in running:
-            if (len(r.prompt) + r.generated - 1) % block == 0:  # the new token opened a block
-                self._tables(r.rid)
+        if preempted:
+            gone = {r.rid for r in preempted}
+            opened = [rid for rid in opened if rid not in gone]
+        self._tables(opened)
         self.seconds += time.perf_counter() - t0
         return preempted
 
@@ -77,18 +82,11 @@ class KvallocDriver:
         if self._finish:
             self.m.step(finish=np.array(self._finish, dtype=np.int64))
             self._finish.clear()
-        hits, _ = self.m.step(admit_ids=ids, admit_tokens=toks, admit_lens=lens)
-        out: list[int] = []
-        for r, h in zip(reqs, hits):
-            if h < 0:
-                # FCFS: the first refusal ends the step's admissions; later ones that did fit
-                # are dropped again so every manager admits the same prefix of the queue.
-                for later in reqs[len(out) + 1 :]:
-                    if later.rid in self.m:
-                        self.m.abort(later.rid)
-                break
-            self._tables(r.rid)
-            out.append(int(h))
+        hits, _ = self.m.step(admit_ids=ids, admit_tokens=toks, admit_lens=lens, fcfs=True)
+        # FCFS: the admitted requests are a prefix of the queue.
+        n = int(np.argmax(hits < 0)) if (hits < 0).any() else len(reqs)
+        out = hits[:n].tolist()
+        self._tables([r.rid for r in reqs[:n]])
         self.seconds += time.perf_counter() - t0
         return out
 

@@ -200,6 +200,12 @@ class KVCacheManager:
         """Drops a request; nothing of it stays."""
     def block_table(self, req_id: int, group: int) -> npt.NDArray[np.int32]:
         """Page indices of the request's blocks in group ``group`` (NULL_PAGE where none)."""
+    def block_tables(
+        self, req_ids: _IdArray, group: int, out: npt.NDArray[np.int32] | None = None
+    ) -> npt.NDArray[np.int32]:
+        """Block tables of many requests in one call: row i is ``block_table(req_ids[i],
+        group)``. A new array padded with NULL_PAGE, or written into the rows of ``out`` (a
+        C-contiguous 2D int32 array; entries past each table are left as they were)."""
     def num_tokens(self, req_id: int) -> int:
         """Tokens scheduled for a running request."""
     def __contains__(self, req_id: object, /) -> bool: ...
@@ -220,11 +226,13 @@ class KVCacheManager:
         admit_ids: _IdArray | None = None,
         admit_tokens: _TokenArray | None = None,
         admit_lens: _IdArray | None = None,
+        fcfs: bool = False,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """One scheduler step in one call (GIL released): finishes and aborts, then extensions,
         then admissions (the ``admit`` list of ``(req_id, tokens[, salt[, max_tokens]])``, then
-        the flat ``admit_ids``/``admit_tokens``/``admit_lens`` form). Returns (hits per admission, -1 if refused; whether each extension
-        fit)."""
+        the flat ``admit_ids``/``admit_tokens``/``admit_lens`` form). With ``fcfs``, admissions
+        stop at the first that does not fit. Returns (hits per admission, -1 if refused, -2 if
+        ``fcfs`` did not attempt it; whether each extension fit)."""
     def stats(self) -> dict[str, Any]:
         """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes; per tier
         (``tiers["host" | "disk" | "remote"]``) capacity, records, promoted tokens, bytes

@@ -6,7 +6,7 @@ use kvalloc::tiers::{LowerCapacity, RemoteSetup, StoreSetup};
 use kvalloc::{
     Admission, Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt, Step,
 };
-use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
@@ -272,6 +272,67 @@ impl PyKVCacheManager {
         Ok(PyArray1::from_vec(py, t))
     }
 
+    /// Block tables of many running requests in one call, for group `group`: row i holds
+    /// `block_table(req_ids[i], group)`. Without `out`, a new 2D int32 array as wide as the
+    /// longest table, padded with `NULL_PAGE`. With `out` (a C-contiguous 2D int32 array with a
+    /// row per request, as wide as each table: the engine's own block-table array), the rows'
+    /// first entries are written in place, the rest of each row is left as it was, and `out`
+    /// is returned.
+    #[pyo3(signature = (req_ids, group, out = None))]
+    fn block_tables<'py>(
+        &self,
+        py: Python<'py>,
+        req_ids: &Bound<'py, PyAny>,
+        group: &Bound<'py, PyAny>,
+        out: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArray2<i32>>> {
+        let ids = id_list(req_ids, "req_ids")?;
+        let g = non_negative(group, "group")? as usize;
+        let m = self.lock()?;
+        let arr = match out.filter(|o| !o.is_none()) {
+            Some(o) => {
+                let arr = o.cast::<PyArray2<i32>>().map_err(|_| {
+                    invalid(
+                        "out",
+                        format!("expected a 2D int32 numpy array, got {}", type_name(o)),
+                    )
+                })?;
+                if arr.shape()[0] < ids.len() {
+                    return Err(invalid(
+                        "out",
+                        format!("{} rows for {} requests", arr.shape()[0], ids.len()),
+                    ));
+                }
+                arr.clone()
+            }
+            None => {
+                let mut width = 0;
+                for &id in &ids {
+                    width = width.max(m.block_table_len(id).py()?);
+                }
+                let a = PyArray2::<i32>::zeros(py, [ids.len(), width], false);
+                // SAFETY: `a` was just created here and no other reference to it exists.
+                unsafe { a.as_slice_mut() }
+                    .expect("a new array is contiguous")
+                    .fill(kvalloc::NULL_PAGE);
+                a
+            }
+        };
+        let width = arr.shape()[1];
+        let mut rw = arr
+            .try_readwrite()
+            .map_err(|_| invalid("out", "the array is borrowed elsewhere"))?;
+        let cells = rw
+            .as_slice_mut()
+            .map_err(|_| invalid("out", "must be C-contiguous"))?;
+        for (k, &id) in ids.iter().enumerate() {
+            m.block_table_into(id, g, &mut cells[k * width..(k + 1) * width])
+                .py()?;
+        }
+        drop(rw);
+        Ok(arr)
+    }
+
     /// Tokens scheduled for a running request.
     fn num_tokens(&self, req_id: &Bound<'_, PyAny>) -> PyResult<u64> {
         let req = req_arg(req_id)?;
@@ -297,9 +358,12 @@ impl PyKVCacheManager {
     ///   `admit_tokens` (all prompts' token ids, concatenated) and `admit_lens`. Flat
     ///   admissions come after the listed ones.
     ///
-    /// Returns `(admitted, extended)`: int64 hits per admission (-1 where it did not fit) and
-    /// bools per extension.
-    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None))]
+    /// - `fcfs`: first come, first served: admissions stop at the first that does not fit (the
+    ///   rest are not attempted: a queue whose head waits costs one lookup per step).
+    ///
+    /// Returns `(admitted, extended)`: int64 hits per admission (-1 where it did not fit, -2
+    /// where `fcfs` did not attempt it) and bools per extension.
+    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None, fcfs = false))]
     #[allow(clippy::too_many_arguments)]
     fn step<'py>(
         &self,
@@ -314,6 +378,7 @@ impl PyKVCacheManager {
         admit_ids: Option<&Bound<'py, PyAny>>,
         admit_tokens: Option<&Bound<'py, PyAny>>,
         admit_lens: Option<&Bound<'py, PyAny>>,
+        fcfs: bool,
     ) -> PyResult<StepArrays<'py>> {
         let ids = |o: Option<&Bound<'py, PyAny>>, what| match o.filter(|o| !o.is_none()) {
             Some(o) => id_list(o, what),
@@ -463,10 +528,12 @@ impl PyKVCacheManager {
                 }
             }
         }
+        let n_admits = admits.len() + flat_ids.len();
         let outcome = py.detach(|| {
             let mut step = Step {
                 finish,
                 abort,
+                fcfs,
                 ..Step::default()
             };
             for (k, &id) in ext_ids.iter().enumerate() {
@@ -496,10 +563,12 @@ impl PyKVCacheManager {
             }
             self.lock()?.step(&step).py()
         })?;
+        let attempted = outcome.admitted.len();
         let admitted: Vec<i64> = outcome
             .admitted
             .iter()
             .map(|h| h.map_or(-1, |h| h as i64))
+            .chain(std::iter::repeat_n(-2, n_admits - attempted))
             .collect();
         Ok((
             PyArray1::from_vec(py, admitted),

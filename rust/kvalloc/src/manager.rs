@@ -227,6 +227,10 @@ pub struct Step<'a> {
     pub extend: Vec<(u64, Extension<'a>)>,
     /// New requests.
     pub admit: Vec<Admission<'a>>,
+    /// First come, first served: stop at the first admission that does not fit. The ones after
+    /// it are not attempted (`StepOutcome::admitted` ends at the refusal), so a queue whose head
+    /// waits for memory costs one refused lookup per step, not one per queued request.
+    pub fcfs: bool,
 }
 
 /// What a step did, in the order of its inputs.
@@ -234,7 +238,8 @@ pub struct Step<'a> {
 pub struct StepOutcome {
     /// Per extension: whether it fit.
     pub extended: Vec<bool>,
-    /// Per admission: tokens served from cache, or None when it did not fit.
+    /// Per admission attempted: tokens served from cache, or None when it did not fit. With
+    /// [`Step::fcfs`] it ends at the first None.
     pub admitted: Vec<Option<u64>>,
 }
 
@@ -851,10 +856,6 @@ impl KVCacheManager {
         r.plans_done = 0;
         r.serial = self.serial;
         r.stamp = 0;
-        // Pin the matched path so eviction cannot take it while we make room.
-        for &n in &r.path {
-            self.tree.pin(n);
-        }
         // Blocks below the hit come from the tree: full groups everywhere, sliding groups in
         // the hit's window.
         for g in 0..self.spec.groups.len() {
@@ -880,6 +881,15 @@ impl KVCacheManager {
             Some(m) => len.min(hit + m),
             None => len,
         };
+        if self.hopeless(&r, end)? {
+            self.admissions_refused += 1;
+            self.recycle(r);
+            return Ok(None);
+        }
+        // Pin the matched path so eviction cannot take it while we make room.
+        for &n in &r.path {
+            self.tree.pin(n);
+        }
         if !self.schedule(&mut r, end)? {
             let mut freed = std::mem::take(&mut self.scratch);
             for &n in &r.path {
@@ -909,6 +919,32 @@ impl KVCacheManager {
         self.miss_tokens += len - hit;
         self.requests.insert(req, Some(r));
         Ok(Some(hit))
+    }
+
+    /// Whether scheduling `[r.len, end)` of a request being admitted cannot fit even after
+    /// evicting everything evictable once its matched path is pinned: the test `make_room`
+    /// makes, done before pinning, so that a refused admission (a scheduler retries its queue's
+    /// head every step) changes nothing and costs a walk rather than a pin and unpin of its path.
+    fn hopeless(&mut self, r: &Request, end: u64) -> Result<bool> {
+        if !self.inflight.is_empty() {
+            return Ok(false); // `make_room` waits for loads in flight before it refuses
+        }
+        let mut plan = std::mem::take(&mut self.scratch_plan);
+        let counts = self.plan_range(r, r.len, end, &mut plan);
+        self.scratch_plan = plan;
+        let groups = self.spec.groups.len();
+        let mut need = [(0usize, 0u64); MAX_GROUPS];
+        for (g, n) in need.iter_mut().enumerate().take(groups) {
+            *n = (g, counts[g]);
+        }
+        if self.arena.can_alloc_all(&need[..groups])? {
+            return Ok(false);
+        }
+        let need_bytes: u64 = (0..groups)
+            .map(|g| counts[g] * self.tree.layout().block_bytes[g])
+            .sum();
+        let evictable = self.tree.evictable_bytes() - self.tree.unpinned_bytes(&r.path);
+        Ok(need_bytes > self.arena.bytes_free() + evictable)
     }
 
     /// Planned prompt checkpoints: (end block, with the extra block).
@@ -963,61 +999,17 @@ impl KVCacheManager {
     /// whose windows are complete, and releases SWA blocks that left the window. Returns false,
     /// changing nothing, when it does not fit.
     fn schedule(&mut self, r: &mut Request, end: u64) -> Result<bool> {
-        let b = self.b();
         let start = r.len;
         debug_assert!(end > start);
         let first_blk = self.bm.floor(start);
         let end_blk = self.bm.ceil(end);
         let n_full_prompt = self.bm.floor(r.prompt_len);
-        let whole_tokens = self.bm.floor(end) * b;
         let groups = self.spec.groups.len();
 
-        // 1. Decide each block of `[first_blk, end_blk)` once: `plan[g * span + k]` for block
-        // `first_blk + k` of group g. The buffer is reused across calls.
+        // 1. Decide each block of `[first_blk, end_blk)` once (the buffer is reused).
         let span = (end_blk - first_blk) as usize;
         let mut plan = std::mem::take(&mut self.scratch_plan);
-        plan.clear();
-        plan.resize(groups * span, Slot::Skip);
-        let mut counts = [0u64; MAX_GROUPS];
-        for g in 0..groups {
-            let table = &r.tables[g];
-            // Keep the window of the last whole-block boundary too (see `release_below_window`).
-            let window_first = self.window(g).map(|w| self.window_first(whole_tokens, w));
-            for i in first_blk..end_blk {
-                let k = g * span + (i - first_blk) as usize;
-                let is_prompt_block = i < n_full_prompt;
-                if (i as usize) < table.len() && table[i as usize] != 0 {
-                    // A block a previous chunk left partial is in the table but not yet
-                    // linked: it still goes to the tree once whole (its full KV, or its
-                    // checkpoint SWA KV), else the node would be inserted without it.
-                    let unlinked = is_prompt_block && i >= r.path.len() as u64;
-                    let sliding = window_first.is_some() && self.swa_aware();
-                    if unlinked && (!sliding || self.in_plan(r, g, i)) {
-                        plan[k] = Slot::Carried;
-                    }
-                    continue;
-                }
-                let node = r.path.get(i as usize).copied();
-                let node_has = node.is_some_and(|n| self.tree.block(n, g) != 0);
-                plan[k] = match window_first {
-                    Some(wf) if self.swa_aware() => {
-                        if is_prompt_block && !node_has && self.in_plan(r, g, i) {
-                            Slot::Tree // a checkpoint block
-                        } else if i >= wf {
-                            Slot::Private // the running window
-                        } else {
-                            Slot::Skip
-                        }
-                    }
-                    // Full groups, and every group under the dense policy.
-                    _ if is_prompt_block && !node_has => Slot::Tree,
-                    _ => Slot::Private,
-                };
-                if matches!(plan[k], Slot::Tree | Slot::Private) {
-                    counts[g] += 1;
-                }
-            }
-        }
+        let counts = self.plan_range(r, start, end, &mut plan);
         // 2. Make room, all or nothing.
         let mut need = [(0usize, 0u64); MAX_GROUPS];
         for (g, n) in need.iter_mut().enumerate().take(groups) {
@@ -1111,6 +1103,68 @@ impl KVCacheManager {
             r.last_start = start;
         }
         Ok(true)
+    }
+
+    /// What scheduling `[start, end)` for `r` does with each block: `plan[g * span + k]` for
+    /// block `first_blk + k` of group g. Returns the blocks to allocate per group. Reads only:
+    /// admission uses it to refuse a hopeless request before pinning anything.
+    fn plan_range(
+        &self,
+        r: &Request,
+        start: u64,
+        end: u64,
+        plan: &mut Vec<Slot>,
+    ) -> [u64; MAX_GROUPS] {
+        let b = self.b();
+        let first_blk = self.bm.floor(start);
+        let end_blk = self.bm.ceil(end);
+        let n_full_prompt = self.bm.floor(r.prompt_len);
+        let whole_tokens = self.bm.floor(end) * b;
+        let groups = self.spec.groups.len();
+        let span = (end_blk - first_blk) as usize;
+        plan.clear();
+        plan.resize(groups * span, Slot::Skip);
+        let mut counts = [0u64; MAX_GROUPS];
+        for g in 0..groups {
+            let table = &r.tables[g];
+            // Keep the window of the last whole-block boundary too (see `release_below_window`).
+            let window_first = self.window(g).map(|w| self.window_first(whole_tokens, w));
+            for i in first_blk..end_blk {
+                let k = g * span + (i - first_blk) as usize;
+                let is_prompt_block = i < n_full_prompt;
+                if (i as usize) < table.len() && table[i as usize] != 0 {
+                    // A block a previous chunk left partial is in the table but not yet
+                    // linked: it still goes to the tree once whole (its full KV, or its
+                    // checkpoint SWA KV), else the node would be inserted without it.
+                    let unlinked = is_prompt_block && i >= r.path.len() as u64;
+                    let sliding = window_first.is_some() && self.swa_aware();
+                    if unlinked && (!sliding || self.in_plan(r, g, i)) {
+                        plan[k] = Slot::Carried;
+                    }
+                    continue;
+                }
+                let node = r.path.get(i as usize).copied();
+                let node_has = node.is_some_and(|n| self.tree.block(n, g) != 0);
+                plan[k] = match window_first {
+                    Some(wf) if self.swa_aware() => {
+                        if is_prompt_block && !node_has && self.in_plan(r, g, i) {
+                            Slot::Tree // a checkpoint block
+                        } else if i >= wf {
+                            Slot::Private // the running window
+                        } else {
+                            Slot::Skip
+                        }
+                    }
+                    // Full groups, and every group under the dense policy.
+                    _ if is_prompt_block && !node_has => Slot::Tree,
+                    _ => Slot::Private,
+                };
+                if matches!(plan[k], Slot::Tree | Slot::Private) {
+                    counts[g] += 1;
+                }
+            }
+        }
+        counts
     }
 
     /// Per sliding group, the longest run a checkpoint ending at block `e` may cover.
@@ -1428,8 +1482,46 @@ impl KVCacheManager {
     /// Page indices of a running request's blocks in group `group`, one per block of its
     /// scheduled tokens; [`NULL_PAGE`] where it holds no block.
     pub fn block_table(&self, req: u64, group: usize) -> Result<Vec<i32>> {
+        let mut out = vec![0; self.table(req, group)?.len()];
+        self.block_table_into(req, group, &mut out)?;
+        Ok(out)
+    }
+
+    /// Blocks in a running request's tables: `ceil(num_tokens / block_tokens)`.
+    pub fn block_table_len(&self, req: u64) -> Result<usize> {
+        Ok(self.running(req)?.tables.first().map_or(0, Vec::len))
+    }
+
+    /// Writes [`block_table`](Self::block_table) into the start of `out` (an engine's row of
+    /// its block-table array) and returns how many entries it wrote; `out` past them is left
+    /// as it was. An error if `out` is shorter than the table.
+    pub fn block_table_into(&self, req: u64, group: usize, out: &mut [i32]) -> Result<usize> {
+        let t = self.table(req, group)?;
+        if out.len() < t.len() {
+            return Err(Error::invalid(
+                "out",
+                format!(
+                    "request {req} holds {} blocks but the row has room for {}",
+                    t.len(),
+                    out.len()
+                ),
+            ));
+        }
+        for (o, &h) in out.iter_mut().zip(t) {
+            *o = if h == 0 {
+                NULL_PAGE
+            } else {
+                // Only an arena of more than 2^31 blocks of one class overflows (simulations).
+                i32::try_from(self.arena.page_of_live(h))
+                    .map_err(|_| Error::invalid("group", "page index exceeds i32"))?
+            };
+        }
+        Ok(t.len())
+    }
+
+    fn table(&self, req: u64, group: usize) -> Result<&[Handle]> {
         let r = self.running(req)?;
-        let t = r.tables.get(group).ok_or_else(|| {
+        r.tables.get(group).map(Vec::as_slice).ok_or_else(|| {
             Error::invalid(
                 "group",
                 format!(
@@ -1437,17 +1529,7 @@ impl KVCacheManager {
                     r.tables.len()
                 ),
             )
-        })?;
-        t.iter()
-            .map(|&h| {
-                if h == 0 {
-                    Ok(NULL_PAGE)
-                } else {
-                    let p = self.arena.page(h)?;
-                    i32::try_from(p).map_err(|_| Error::invalid("group", "page index exceeds i32"))
-                }
-            })
-            .collect()
+        })
     }
 
     /// Tokens scheduled for a running request (the length its block tables cover).
@@ -1525,13 +1607,19 @@ impl KVCacheManager {
         for &id in &step.abort {
             self.abort(id)?;
         }
-        let mut out = StepOutcome::default();
+        let mut out = StepOutcome {
+            extended: Vec::with_capacity(step.extend.len()),
+            admitted: Vec::with_capacity(step.admit.len()),
+        };
         for &(id, ext) in &step.extend {
             out.extended.push(self.extend(id, ext)?);
         }
         for a in &step.admit {
-            out.admitted
-                .push(self.admit(a.req, a.prompt, a.salt, a.max_tokens)?);
+            let hit = self.admit(a.req, a.prompt, a.salt, a.max_tokens)?;
+            out.admitted.push(hit);
+            if step.fcfs && hit.is_none() {
+                break;
+            }
         }
         Ok(out)
     }

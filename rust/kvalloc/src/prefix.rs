@@ -802,6 +802,15 @@ impl PrefixTree {
         self.held_bytes - self.pinned_bytes
     }
 
+    /// Bytes of the nodes in `path` that no request pins: what pinning `path` would take out of
+    /// [`evictable_bytes`](Self::evictable_bytes).
+    pub fn unpinned_bytes(&self, path: &[NodeId]) -> u64 {
+        path.iter()
+            .filter(|&&n| self.nodes[n as usize].refs == 0)
+            .map(|&n| self.node_bytes(n))
+            .sum()
+    }
+
     /// Checks the invariants in the module docs. `pins` holds, per node id, how many running
     /// requests the manager believes pin it.
     pub fn validate(&self, pins: &HashMap<NodeId, u32>) -> Result<()> {

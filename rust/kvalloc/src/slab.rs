@@ -183,6 +183,13 @@ fn lcm(a: u64, b: u64) -> Option<u64> {
     (a / gcd(a, b)).checked_mul(b)
 }
 
+/// Slots to reserve (address space only) for the per-slot arrays: all of them up to 2^24 (64
+/// MiB of address space per array), beyond that the arrays grow as slabs materialize.
+fn reserve_slots(num_slabs: u64, stride: u64) -> usize {
+    const MAX_RESERVED: u64 = 1 << 24;
+    num_slabs.saturating_mul(stride).min(MAX_RESERVED) as usize
+}
+
 impl SlabArena {
     /// Creates an arena of `capacity_bytes` serving one class per entry of `block_bytes`.
     ///
@@ -284,8 +291,10 @@ impl SlabArena {
             stride_shift: stride.trailing_zeros(),
             classes,
             slabs: Vec::new(),
-            gens: Vec::new(),
-            next: Vec::new(),
+            // Reserved, not touched: the pages are committed as slabs materialize, and growing
+            // never copies (a realloc of these arrays showed up on the admission path).
+            gens: Vec::with_capacity(reserve_slots(num_slabs, stride)),
+            next: Vec::with_capacity(reserve_slots(num_slabs, stride)),
             free_slabs: Vec::new(),
             num_slabs: num_slabs as u32,
             touched: Vec::new(),
@@ -596,9 +605,20 @@ impl SlabArena {
     /// so an engine can view one buffer per class as an array of blocks.
     pub fn page(&self, h: Handle) -> Result<u64> {
         let (s, slot, _) = self.locate(h)?;
+        Ok(self.page_at(s, slot))
+    }
+
+    /// [`page`](Self::page) of a handle the caller knows is live (the manager's own block
+    /// tables): no generation check in release builds.
+    pub fn page_of_live(&self, h: Handle) -> u64 {
+        debug_assert!(self.is_live(h), "page_of_live({h:#x}): not a live handle");
+        let (s, slot, _) = self.split(h);
+        self.page_at(s, slot)
+    }
+
+    fn page_at(&self, s: usize, slot: usize) -> u64 {
         let class = self.slabs[s].class.expect("live") as usize;
-        let per_slab = self.slab_bytes / self.classes[class].block_bytes;
-        Ok(s as u64 * per_slab + slot as u64)
+        s as u64 * u64::from(self.classes[class].blocks_per_slab) + slot as u64
     }
 
     fn class(&self, class: usize) -> Result<&Class> {
