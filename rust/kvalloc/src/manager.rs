@@ -356,6 +356,63 @@ struct Request {
     last_start: u64,
 }
 
+/// The last admission refused as hopeless. A scheduler retries its queue's head every step: a
+/// retry of the same prompt reuses its chained hashes, and while the tree is unchanged (its
+/// version stands still, so the walk and the need are the same) and free plus all evictable
+/// bytes are still short of that need, it is refused without a walk.
+#[derive(Debug, Default)]
+struct Refused {
+    valid: bool,
+    req: u64,
+    seed: u64,
+    by_ids: bool,
+    /// The prompt as given: token ids, or block ids with the length in tokens.
+    tokens: Vec<i64>,
+    ids: Vec<u64>,
+    num_tokens: u64,
+    /// Its chained block hashes.
+    hashes: Vec<u64>,
+    /// At the last refusal: the chunk limit, the need in bytes, the tree's version.
+    max_tokens: Option<u64>,
+    need_bytes: u64,
+    version: u64,
+}
+
+impl Refused {
+    fn same(&self, req: u64, seed: u64, prompt: &Prompt<'_>) -> bool {
+        self.valid
+            && self.req == req
+            && self.seed == seed
+            && match *prompt {
+                Prompt::Tokens(t) => self.by_ids && self.tokens == t,
+                Prompt::BlockHashes { hashes, num_tokens } => {
+                    !self.by_ids && self.num_tokens == num_tokens && self.ids == hashes
+                }
+            }
+    }
+
+    fn remember(&mut self, req: u64, seed: u64, prompt: &Prompt<'_>, r: &Request) {
+        self.valid = true;
+        self.req = req;
+        self.seed = seed;
+        self.tokens.clear();
+        self.ids.clear();
+        match *prompt {
+            Prompt::Tokens(t) => {
+                self.by_ids = true;
+                self.tokens.extend_from_slice(t);
+            }
+            Prompt::BlockHashes { hashes, num_tokens } => {
+                self.by_ids = false;
+                self.ids.extend_from_slice(hashes);
+                self.num_tokens = num_tokens;
+            }
+        }
+        self.hashes.clear();
+        self.hashes.extend_from_slice(&r.hashes);
+    }
+}
+
 /// The KV cache manager. See the module docs.
 #[derive(Debug)]
 pub struct KVCacheManager {
@@ -400,6 +457,7 @@ pub struct KVCacheManager {
     promoted_tokens: [u64; 3],
     promotion_failures: u64,
     exposed_load_seconds: f64,
+    refused: Refused,
 }
 
 /// Token <-> block arithmetic; a shift when the block size is a power of two (it nearly always
@@ -675,6 +733,7 @@ impl KVCacheManager {
             promoted_tokens: [0; 3],
             promotion_failures: 0,
             exposed_load_seconds: 0.0,
+            refused: Refused::default(),
         })
     }
 
@@ -808,11 +867,18 @@ impl KVCacheManager {
             return Err(Error::invalid("max_tokens", "must be positive (or None)"));
         }
         let seed = hash::root_seed(salt);
+        let retry = self.refused.same(req, seed, &prompt);
+        if retry && self.refused.max_tokens == max_tokens && self.refused_again() {
+            self.admissions_refused += 1;
+            return Ok(None);
+        }
         // A recycled request keeps its vectors' capacity: admission allocates nothing in the
         // steady state.
         let mut r = self.request_pool.pop().unwrap_or_default();
         r.hashes.clear();
-        if let Err(e) = self.prompt_hashes_into(&prompt, seed, &mut r.hashes) {
+        if retry {
+            r.hashes.extend_from_slice(&self.refused.hashes);
+        } else if let Err(e) = self.prompt_hashes_into(&prompt, seed, &mut r.hashes) {
             self.recycle(r);
             return Err(e);
         }
@@ -881,7 +947,13 @@ impl KVCacheManager {
             Some(m) => len.min(hit + m),
             None => len,
         };
-        if self.hopeless(&r, end)? {
+        if let Some(need_bytes) = self.hopeless(&r, end)? {
+            if !retry {
+                self.refused.remember(req, seed, &prompt, &r);
+            }
+            self.refused.max_tokens = max_tokens;
+            self.refused.need_bytes = need_bytes;
+            self.refused.version = self.tree.version();
             self.admissions_refused += 1;
             self.recycle(r);
             return Ok(None);
@@ -922,12 +994,13 @@ impl KVCacheManager {
     }
 
     /// Whether scheduling `[r.len, end)` of a request being admitted cannot fit even after
-    /// evicting everything evictable once its matched path is pinned: the test `make_room`
-    /// makes, done before pinning, so that a refused admission (a scheduler retries its queue's
-    /// head every step) changes nothing and costs a walk rather than a pin and unpin of its path.
-    fn hopeless(&mut self, r: &Request, end: u64) -> Result<bool> {
+    /// evicting everything evictable once its matched path is pinned (then its need in bytes):
+    /// the test `make_room` makes, done before pinning, so that a refused admission (a
+    /// scheduler retries its queue's head every step) changes nothing and costs a walk rather
+    /// than a pin and unpin of its path.
+    fn hopeless(&mut self, r: &Request, end: u64) -> Result<Option<u64>> {
         if !self.inflight.is_empty() {
-            return Ok(false); // `make_room` waits for loads in flight before it refuses
+            return Ok(None); // `make_room` waits for loads in flight before it refuses
         }
         let mut plan = std::mem::take(&mut self.scratch_plan);
         let counts = self.plan_range(r, r.len, end, &mut plan);
@@ -938,13 +1011,31 @@ impl KVCacheManager {
             *n = (g, counts[g]);
         }
         if self.arena.can_alloc_all(&need[..groups])? {
-            return Ok(false);
+            return Ok(None);
         }
         let need_bytes: u64 = (0..groups)
             .map(|g| counts[g] * self.tree.layout().block_bytes[g])
             .sum();
         let evictable = self.tree.evictable_bytes() - self.tree.unpinned_bytes(&r.path);
-        Ok(need_bytes > self.arena.bytes_free() + evictable)
+        Ok((need_bytes > self.arena.bytes_free() + evictable).then_some(need_bytes))
+    }
+
+    /// Drops the remembered refusal, so the next retry is evaluated in full. For tests that
+    /// check the shortcut gives the same answers as the full evaluation.
+    #[doc(hidden)]
+    pub fn forget_refusal(&mut self) {
+        self.refused.valid = false;
+    }
+
+    /// Whether the retry of the admission [`Refused`] remembers is sure to be refused again:
+    /// the tree is unchanged since (the same walk, the same need) and free plus all evictable
+    /// bytes are still short of that need. Not with lower tiers, whose contents change outside
+    /// this manager, nor with loads in flight.
+    fn refused_again(&self) -> bool {
+        !self.lower.active()
+            && self.inflight.is_empty()
+            && self.tree.version() == self.refused.version
+            && self.arena.bytes_free() + self.tree.evictable_bytes() < self.refused.need_bytes
     }
 
     /// Planned prompt checkpoints: (end block, with the extra block).

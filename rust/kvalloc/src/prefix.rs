@@ -173,6 +173,9 @@ pub struct PrefixTree {
     ckpts: BTreeSet<(u64, NodeId)>,
     order: EvictionOrder,
     tick: u64,
+    /// Counts changes to what a prompt matches and what admitting it needs (nodes indexed or
+    /// removed, blocks attached or dropped): equal readings mean equal answers.
+    version: u64,
     live_nodes: u64,
     checkpoints: u64,
     /// Bytes of every block the tree holds, and of those in pinned nodes (kept exact, so the
@@ -213,6 +216,7 @@ impl PrefixTree {
             ckpts: BTreeSet::new(),
             order: EvictionOrder::new(eviction),
             tick: 0,
+            version: 0,
             live_nodes: 0,
             checkpoints: 0,
             held_bytes: 0,
@@ -259,6 +263,12 @@ impl PrefixTree {
             }
             other => other,
         }
+    }
+
+    /// The version counter: between equal readings, walking any prompt and planning its
+    /// admission give the same result.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Advances and returns the logical clock.
@@ -351,6 +361,7 @@ impl PrefixTree {
     pub fn insert(&mut self, hash: u64, parent: NodeId, depth: u32, blocks: &[Handle]) -> NodeId {
         debug_assert_eq!(blocks.len(), self.g());
         debug_assert!(!self.index.contains_key(&hash));
+        self.version += 1;
         let tick = self.now();
         let node = Node {
             hash,
@@ -402,6 +413,7 @@ impl PrefixTree {
     pub fn attach(&mut self, n: NodeId, g: usize, h: Handle) {
         let s = self.slot(n, g);
         debug_assert_eq!(self.blocks[s], 0);
+        self.version += 1;
         self.blocks[s] = h;
         let bb = self.layout.block_bytes[g];
         self.held_bytes += bb;
@@ -412,6 +424,7 @@ impl PrefixTree {
 
     /// Takes node `n`'s block of group `g` out of the tree into `freed`.
     fn drop_block(&mut self, n: NodeId, g: usize, freed: &mut Freed) {
+        self.version += 1;
         let s = self.slot(n, g);
         let h = std::mem::replace(&mut self.blocks[s], 0);
         debug_assert_ne!(h, 0);
@@ -569,6 +582,7 @@ impl PrefixTree {
 
     /// Removes an unpinned, childless node and its blocks (its checkpoint first).
     fn remove(&mut self, n: NodeId, freed: &mut Freed) {
+        self.version += 1;
         debug_assert!(self.nodes[n as usize].refs == 0 && self.nodes[n as usize].children == 0);
         if self.nodes[n as usize].ckpt_end {
             self.remove_checkpoint(n, freed);
@@ -604,6 +618,7 @@ impl PrefixTree {
     /// Removes what an aborted request created: `n` goes now if nothing else holds it,
     /// otherwise it is doomed (never matched again, removed when released).
     pub fn discard(&mut self, n: NodeId, freed: &mut Freed) {
+        self.version += 1;
         let node = &self.nodes[n as usize];
         if !node.alive {
             return;

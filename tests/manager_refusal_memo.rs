@@ -1,0 +1,190 @@
+//! Differential test of the refusal shortcut: a scheduler retries its queue's head every step,
+//! and the manager answers a retry it is sure to refuse without hashing and walking the prompt
+//! again. Two managers run the same random operations under memory pressure; one forgets its
+//! remembered refusal before every admission (always the full evaluation). Every answer, the
+//! accounting and `validate()` must agree after every operation.
+
+use kvalloc::{Extension, KVCacheManager, ManagerConfig, ModelSpec, Policy, Prompt};
+use proptest::prelude::*;
+
+/// One full layer and three sliding layers (window 32): cheap blocks.
+fn spec() -> ModelSpec {
+    let cfg = serde_json::json!({
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "sliding_window": 32, "hybrid_layer_pattern": [0, 1, 1, 1],
+    });
+    ModelSpec::from_hf_config(&cfg, None).unwrap()
+}
+
+/// Prompts from a few shared prefixes and private suffixes, so retries can gain hits when
+/// others finish.
+fn prompt(base: u8, len: u16, own: u16) -> Vec<i64> {
+    let mut p: Vec<i64> = (0..i64::from(len))
+        .map(|t| i64::from(base) * 100_000 + t)
+        .collect();
+    p.extend((0..i64::from(own)).map(|t| 9_000_000 + i64::from(own) * 1000 + t));
+    p
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    /// Admit a new request with this prompt.
+    Admit(u8, u16, u16),
+    /// Admit the oldest waiting (refused) request again, unchanged (with a chunk limit when
+    /// the flag is set).
+    Retry(bool),
+    /// Admit the oldest waiting request's id with half its prompt (a different prompt under a
+    /// remembered id).
+    RetryShorter,
+    Extend(usize, u8),
+    Finish(usize),
+    Abort(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (0u8..3, 1u16..400, 0u16..200).prop_map(|(b, l, o)| Op::Admit(b, l, o)),
+        4 => any::<bool>().prop_map(Op::Retry),
+        1 => Just(Op::RetryShorter),
+        3 => (any::<usize>(), 1u8..40).prop_map(|(w, n)| Op::Extend(w, n)),
+        2 => any::<usize>().prop_map(Op::Finish),
+        1 => any::<usize>().prop_map(Op::Abort),
+    ]
+}
+
+fn run(ops: &[Op], capacity: u64, policy: Policy) -> Result<(), TestCaseError> {
+    let config = ManagerConfig {
+        policy,
+        ..ManagerConfig::default()
+    };
+    let mut fast = KVCacheManager::new(spec(), capacity, config.clone()).unwrap();
+    let mut full = KVCacheManager::new(spec(), capacity, config).unwrap();
+    let mut running: Vec<u64> = Vec::new();
+    let mut prompt_len: std::collections::HashMap<u64, u64> = Default::default();
+    let mut waiting: Vec<(u64, Vec<i64>)> = Vec::new();
+    let mut next_id = 0u64;
+    let mut next_tok = 50_000_000i64;
+    for op in ops {
+        let chunk = matches!(op, Op::Retry(true)).then_some(100);
+        let admit = |id: u64, p: &[i64], fast: &mut KVCacheManager, full: &mut KVCacheManager| {
+            full.forget_refusal();
+            let a = fast.admit(id, Prompt::Tokens(p), None, chunk).unwrap();
+            let b = full.admit(id, Prompt::Tokens(p), None, chunk).unwrap();
+            (a, b)
+        };
+        match op {
+            Op::Admit(base, len, own) => {
+                let p = prompt(*base, *len, *own);
+                let (a, b) = admit(next_id, &p, &mut fast, &mut full);
+                prop_assert_eq!(a, b, "admission of {}", next_id);
+                prompt_len.insert(next_id, p.len() as u64);
+                if a.is_some() {
+                    running.push(next_id);
+                } else {
+                    waiting.push((next_id, p));
+                }
+                next_id += 1;
+            }
+            Op::Retry(_) | Op::RetryShorter => {
+                if waiting.is_empty() {
+                    continue;
+                }
+                let (id, mut p) = waiting[0].clone();
+                if matches!(op, Op::RetryShorter) {
+                    p.truncate(p.len().div_ceil(2));
+                    waiting[0].1 = p.clone();
+                    prompt_len.insert(id, p.len() as u64);
+                }
+                let (a, b) = admit(id, &p, &mut fast, &mut full);
+                prop_assert_eq!(a, b, "retry of {}", id);
+                if a.is_some() {
+                    waiting.remove(0);
+                    running.push(id);
+                }
+            }
+            Op::Extend(who, n) => {
+                if running.is_empty() {
+                    continue;
+                }
+                let id = running[who % running.len()];
+                let done = fast.num_tokens(id).unwrap();
+                let ext_toks: Vec<i64> = (0..i64::from(*n).min(16)).map(|k| next_tok + k).collect();
+                next_tok += 16;
+                // The rest of a chunked prompt goes by count, output tokens by id.
+                let ext = if done < prompt_len[&id] {
+                    Extension::Count(u64::from(*n).min(prompt_len[&id] - done))
+                } else {
+                    Extension::Tokens(&ext_toks)
+                };
+                let a = fast.extend(id, ext).unwrap();
+                let b = full.extend(id, ext).unwrap();
+                prop_assert_eq!(a, b, "extension of {}", id);
+            }
+            Op::Finish(who) | Op::Abort(who) => {
+                if running.is_empty() {
+                    continue;
+                }
+                let id = running.remove(who % running.len());
+                if matches!(op, Op::Finish(_)) {
+                    fast.finish(id).unwrap();
+                    full.finish(id).unwrap();
+                } else {
+                    fast.abort(id).unwrap();
+                    full.abort(id).unwrap();
+                }
+            }
+        }
+        fast.validate().unwrap();
+        full.validate().unwrap();
+        prop_assert_eq!(fast.stats(), full.stats());
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn retries_answer_as_the_full_evaluation(
+        ops in proptest::collection::vec(op(), 1..120),
+        cap_kib in prop_oneof![Just(48u64), Just(96u64), Just(160u64)],
+        dense in proptest::bool::weighted(0.25),
+    ) {
+        let policy = if dense { Policy::Dense } else { Policy::SwaAware };
+        run(&ops, cap_kib << 10, policy)?;
+    }
+}
+
+/// A retry while nothing changed is refused (and counted) again, and admitted as soon as memory
+/// comes back.
+#[test]
+fn retry_refused_until_memory_comes_back() {
+    let mut m = KVCacheManager::new(spec(), 96 << 10, ManagerConfig::default()).unwrap();
+    let mut id = 0;
+    while m
+        .admit(id, Prompt::Tokens(&prompt(1, 300, id as u16)), None, None)
+        .unwrap()
+        .is_some()
+    {
+        id += 1;
+    }
+    let head = prompt(2, 390, 100);
+    assert_eq!(
+        m.admit(id + 1, Prompt::Tokens(&head), None, None).unwrap(),
+        None
+    );
+    let refused = m.stats().admissions_refused;
+    assert_eq!(
+        m.admit(id + 1, Prompt::Tokens(&head), None, None).unwrap(),
+        None
+    );
+    assert_eq!(m.stats().admissions_refused, refused + 1);
+    for r in 0..id {
+        m.finish(r).unwrap();
+    }
+    assert!(m
+        .admit(id + 1, Prompt::Tokens(&head), None, None)
+        .unwrap()
+        .is_some());
+    m.validate().unwrap();
+}
