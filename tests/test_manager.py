@@ -135,6 +135,62 @@ def test_step_flat_admissions_equal_listed_ones():
     b.validate()
 
 
+def test_step_fcfs_stops_at_the_first_refusal():
+    m = KVCacheManager(small_spec(), 8 << 20)
+    fits = seq(0, 100)
+    huge = seq(10_000, 200_000)
+    plain, _ = m.step(admit=[(1, fits), (2, huge), (3, seq(500, 50))])
+    assert plain[0] == 0 and plain[1] == -1 and plain[2] >= 0  # the third still tried
+    m.step(finish=[1, 3])
+    fcfs, _ = m.step(admit=[(4, seq(900, 30)), (5, huge), (6, seq(700, 40))], fcfs=True)
+    assert fcfs.tolist() == [0, -1, -2]
+    assert 4 in m and 5 not in m and 6 not in m
+    # The same prompt again is refused again (answered from the remembered refusal) ...
+    for _ in range(3):
+        assert m.step(admit_ids=[5], admit_tokens=huge, admit_lens=[len(huge)], fcfs=True)[0].tolist() == [-1]
+    assert m.stats()["admissions_refused"] == 5
+    # ... and a different prompt under that id is evaluated afresh.
+    assert m.step(admit=[(5, seq(3000, 20))], fcfs=True)[0].tolist() == [0]
+    m.validate()
+
+
+def test_block_tables_batch_equals_single_calls():
+    m = KVCacheManager(small_spec(), 256 << 20)
+    for i, n in enumerate([40, 300, 17]):
+        m.admit(i, seq(1000 * i, n))
+    ids = [2, 0, 1]
+    for g in range(len(m.spec.groups)):
+        rows = m.block_tables(ids, g)
+        assert rows.dtype == np.int32 and rows.shape == (3, max(len(m.block_table(i, g)) for i in ids))
+        for k, i in enumerate(ids):
+            t = m.block_table(i, g)
+            assert rows[k, : len(t)].tolist() == t.tolist()
+            assert (rows[k, len(t):] == kvalloc.NULL_PAGE).all()
+        # In place, into a wider engine-owned array: entries past each table are untouched.
+        out = np.full((4, 64), 12345, dtype=np.int32)
+        assert m.block_tables(np.array(ids), g, out=out) is out
+        for k, i in enumerate(ids):
+            t = m.block_table(i, g)
+            assert out[k, : len(t)].tolist() == t.tolist() and (out[k, len(t):] == 12345).all()
+        assert (out[3] == 12345).all()
+    with pytest.raises(InvalidArgumentError, match="out"):
+        m.block_tables(ids, 0, out=np.zeros((2, 64), dtype=np.int32))  # too few rows
+    short = np.full((3, 2), 7, dtype=np.int32)
+    with pytest.raises(InvalidArgumentError, match="out"):
+        m.block_tables(ids, 0, out=short)  # a row too short: nothing is written
+    assert (short == 7).all()
+    with pytest.raises(InvalidArgumentError, match="out"):
+        m.block_tables(ids, 0, out=np.zeros((3, 64), dtype=np.int64))
+    with pytest.raises(InvalidArgumentError, match="out"):
+        m.block_tables(ids, 0, out=np.zeros((3, 128), dtype=np.int32)[:, ::2])
+    with pytest.raises(RequestError):
+        m.block_tables([0, 99], 0)
+    with pytest.raises(InvalidArgumentError, match="group"):
+        m.block_tables(ids, 7)
+    assert m.block_tables([], 0).shape == (0, 0)
+    m.validate()
+
+
 def test_block_hashes_prompts():
     m = KVCacheManager(small_spec(), 256 << 20)
     ids = np.arange(100, 164, dtype=np.uint64)

@@ -9,4 +9,5 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 benches/peers/setup_venv.sh
 # Fixed hash seed: vLLM's block hashes and the peers' dict orders do not vary between runs.
-PYTHONHASHSEED=0 exec .venv-peers/bin/python -W ignore benches/peers/compare.py "$@"
+# One BLAS thread: numpy's idle BLAS workers otherwise spin on the second of two cores.
+OPENBLAS_NUM_THREADS=1 PYTHONHASHSEED=0 exec .venv-peers/bin/python -W ignore benches/peers/compare.py "$@"

@@ -289,6 +289,20 @@ impl PyKVCacheManager {
         let ids = id_list(req_ids, "req_ids")?;
         let g = non_negative(group, "group")? as usize;
         let m = self.lock()?;
+        // Every id and length is checked before anything is written.
+        let mut width = 0;
+        for &id in &ids {
+            width = width.max(m.block_table_len(id).py()?);
+        }
+        if g >= m.spec().groups.len() {
+            return Err(invalid(
+                "group",
+                format!(
+                    "{g} is out of range: the model has {} groups",
+                    m.spec().groups.len()
+                ),
+            ));
+        }
         let arr = match out.filter(|o| !o.is_none()) {
             Some(o) => {
                 let arr = o.cast::<PyArray2<i32>>().map_err(|_| {
@@ -297,19 +311,19 @@ impl PyKVCacheManager {
                         format!("expected a 2D int32 numpy array, got {}", type_name(o)),
                     )
                 })?;
-                if arr.shape()[0] < ids.len() {
+                if arr.shape()[0] < ids.len() || arr.shape()[1] < width {
                     return Err(invalid(
                         "out",
-                        format!("{} rows for {} requests", arr.shape()[0], ids.len()),
+                        format!(
+                            "shape {:?} for {} requests of up to {width} blocks",
+                            arr.shape(),
+                            ids.len()
+                        ),
                     ));
                 }
                 arr.clone()
             }
             None => {
-                let mut width = 0;
-                for &id in &ids {
-                    width = width.max(m.block_table_len(id).py()?);
-                }
                 let a = PyArray2::<i32>::zeros(py, [ids.len(), width], false);
                 // SAFETY: `a` was just created here and no other reference to it exists.
                 unsafe { a.as_slice_mut() }
@@ -475,7 +489,7 @@ impl PyKVCacheManager {
             ));
         }
         // Extensions, as slices of the flat token array.
-        let mut spans: Vec<(usize, usize)> = Vec::new();
+        let mut spans: Vec<(usize, usize)> = Vec::with_capacity(ext_ids.len());
         match (&ext_tokens, ext_counts.is_empty()) {
             (Some(_), false) => {
                 return Err(invalid(
@@ -533,8 +547,9 @@ impl PyKVCacheManager {
             let mut step = Step {
                 finish,
                 abort,
+                extend: Vec::with_capacity(ext_ids.len()),
+                admit: Vec::with_capacity(n_admits),
                 fcfs,
-                ..Step::default()
             };
             for (k, &id) in ext_ids.iter().enumerate() {
                 let ext = match &ext_tokens {

@@ -551,6 +551,8 @@ fn release_below_window(
 /// unique to the request and position (opaque output nothing else can match).
 fn hash_output(bm: BlockMath, r: &mut Request, tokens: Option<&[i64]>) {
     match tokens {
+        // A decode token that completes no block: only remember it.
+        Some(&[t]) if r.tail.len() + 1 < bm.b as usize => r.tail.push(t),
         Some(t) => {
             r.tail.extend_from_slice(t);
             let whole = (bm.floor(r.tail.len() as u64) * bm.b) as usize;
@@ -947,7 +949,10 @@ impl KVCacheManager {
             Some(m) => len.min(hit + m),
             None => len,
         };
-        if let Some(need_bytes) = self.hopeless(&r, end)? {
+        let mut plan = std::mem::take(&mut self.scratch_plan);
+        let counts = self.plan_range(&r, r.len, end, &mut plan);
+        if let Some(need_bytes) = self.hopeless(&r, &counts)? {
+            self.scratch_plan = plan;
             if !retry {
                 self.refused.remember(req, seed, &prompt, &r);
             }
@@ -962,7 +967,7 @@ impl KVCacheManager {
         for &n in &r.path {
             self.tree.pin(n);
         }
-        if !self.schedule(&mut r, end)? {
+        if !self.schedule_planned(&mut r, end, plan, &counts)? {
             let mut freed = std::mem::take(&mut self.scratch);
             for &n in &r.path {
                 self.tree.unpin(n, &mut freed);
@@ -993,18 +998,16 @@ impl KVCacheManager {
         Ok(Some(hit))
     }
 
-    /// Whether scheduling `[r.len, end)` of a request being admitted cannot fit even after
-    /// evicting everything evictable once its matched path is pinned (then its need in bytes):
+    /// Whether scheduling `[r.len, end)` of a request being admitted (`counts`: the blocks its
+    /// plan allocates) cannot fit even after evicting everything evictable once its matched
+    /// path is pinned (then its need in bytes):
     /// the test `make_room` makes, done before pinning, so that a refused admission (a
     /// scheduler retries its queue's head every step) changes nothing and costs a walk rather
     /// than a pin and unpin of its path.
-    fn hopeless(&mut self, r: &Request, end: u64) -> Result<Option<u64>> {
+    fn hopeless(&self, r: &Request, counts: &[u64; MAX_GROUPS]) -> Result<Option<u64>> {
         if !self.inflight.is_empty() {
             return Ok(None); // `make_room` waits for loads in flight before it refuses
         }
-        let mut plan = std::mem::take(&mut self.scratch_plan);
-        let counts = self.plan_range(r, r.len, end, &mut plan);
-        self.scratch_plan = plan;
         let groups = self.spec.groups.len();
         let mut need = [(0usize, 0u64); MAX_GROUPS];
         for (g, n) in need.iter_mut().enumerate().take(groups) {
@@ -1090,17 +1093,27 @@ impl KVCacheManager {
     /// whose windows are complete, and releases SWA blocks that left the window. Returns false,
     /// changing nothing, when it does not fit.
     fn schedule(&mut self, r: &mut Request, end: u64) -> Result<bool> {
+        // 1. Decide each block of `[first_blk, end_blk)` once (the buffer is reused).
+        let mut plan = std::mem::take(&mut self.scratch_plan);
+        let counts = self.plan_range(r, r.len, end, &mut plan);
+        self.schedule_planned(r, end, plan, &counts)
+    }
+
+    /// [`schedule`](Self::schedule) with the plan of `[r.len, end)` and its counts already made.
+    fn schedule_planned(
+        &mut self,
+        r: &mut Request,
+        end: u64,
+        plan: Vec<Slot>,
+        counts: &[u64; MAX_GROUPS],
+    ) -> Result<bool> {
         let start = r.len;
         debug_assert!(end > start);
         let first_blk = self.bm.floor(start);
         let end_blk = self.bm.ceil(end);
         let n_full_prompt = self.bm.floor(r.prompt_len);
         let groups = self.spec.groups.len();
-
-        // 1. Decide each block of `[first_blk, end_blk)` once (the buffer is reused).
         let span = (end_blk - first_blk) as usize;
-        let mut plan = std::mem::take(&mut self.scratch_plan);
-        let counts = self.plan_range(r, start, end, &mut plan);
         // 2. Make room, all or nothing.
         let mut need = [(0usize, 0u64); MAX_GROUPS];
         for (g, n) in need.iter_mut().enumerate().take(groups) {
@@ -1259,16 +1272,15 @@ impl KVCacheManager {
     }
 
     /// Per sliding group, the longest run a checkpoint ending at block `e` may cover.
-    fn run_lengths(&self, e: u32, extra: bool) -> Vec<u32> {
-        self.spec
-            .groups
-            .iter()
-            .filter_map(|g| g.window)
-            .map(|w| {
-                let t = self.tree.layout().window_blocks(e, w);
-                (t + u32::from(extra)).min(e)
-            })
-            .collect()
+    /// Indexed like the sliding groups; no allocation (it runs for every admission).
+    fn run_lengths(&self, e: u32, extra: bool) -> [u32; MAX_GROUPS] {
+        let mut out = [0; MAX_GROUPS];
+        let windows = self.spec.groups.iter().filter_map(|g| g.window);
+        for (o, w) in out.iter_mut().zip(windows) {
+            let t = self.tree.layout().window_blocks(e, w);
+            *o = (t + u32::from(extra)).min(e);
+        }
+        out
     }
 
     fn is_private(&self, r: &Request, g: usize, i: u64) -> bool {
