@@ -49,9 +49,8 @@ class KvallocDriver:
         block = self.block
         opened = [r.rid for r in running if (len(r.prompt) + r.generated - 1) % block == 0]
         t0 = time.perf_counter()
-        fin = np.array(self._finish, dtype=np.int64)
-        self._finish.clear()
-        _, ok = m.step(finish=fin, extend_ids=ids, extend_tokens=toks)
+        _, ok = m.step(finish=self._finish, extend_ids=ids, extend_tokens=toks)
+        self._finish = []
         preempted: list[Request] = []
         if not ok.all():
             # Preempt from the tail until each refused extension fits.
@@ -79,21 +78,23 @@ class KvallocDriver:
         lens = np.fromiter((len(c) for c in ctxs), dtype=np.int64, count=len(reqs))
         toks = np.concatenate(ctxs)
         t0 = time.perf_counter()
-        if self._finish:
-            self.m.step(finish=np.array(self._finish, dtype=np.int64))
-            self._finish.clear()
-        hits, _ = self.m.step(admit_ids=ids, admit_tokens=toks, admit_lens=lens, fcfs=True)
-        # FCFS: the admitted requests are a prefix of the queue.
-        n = int(np.argmax(hits < 0)) if (hits < 0).any() else len(reqs)
-        out = hits[:n].tolist()
-        self._tables([r.rid for r in reqs[:n]])
+        hits, _ = self.m.step(finish=self._finish, admit_ids=ids, admit_tokens=toks, admit_lens=lens, fcfs=True)
+        self._finish = []
+        # FCFS: the admitted requests are a prefix of the queue (small: plain Python is faster
+        # than numpy here).
+        out: list[int] = []
+        for h in hits.tolist():
+            if h < 0:
+                break
+            out.append(h)
+        self._tables([r.rid for r in reqs[: len(out)]])
         self.seconds += time.perf_counter() - t0
         return out
 
     def blocks_back(self) -> bool:
         if self._finish:
-            self.m.step(finish=np.array(self._finish, dtype=np.int64))
-            self._finish.clear()
+            self.m.step(finish=self._finish)
+            self._finish = []
         self.m.validate()
         s = self.m.stats()
         return s["running_requests"] == 0 and all(g["running"] == 0 for g in s["groups"])
