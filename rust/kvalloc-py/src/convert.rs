@@ -144,11 +144,11 @@ pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
 
 /// Request ids: a 1-D array of non-negative integers (any integer dtype) or a list of ints.
 pub fn id_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
-    if let Some(v) = copy_array::<u64>(obj, what)? {
-        return Ok(v);
-    }
+    // int64 first: what `np.array(ids)` and `np.arange` give.
     let signed: Vec<i64> = if let Some(v) = copy_array::<i64>(obj, what)? {
         v
+    } else if let Some(v) = copy_array::<u64>(obj, what)? {
+        return Ok(v);
     } else if let Some(v) = copy_array::<i32>(obj, what)? {
         v.into_iter().map(i64::from).collect()
     } else if obj.cast::<numpy::PyUntypedArray>().is_err() {

@@ -303,7 +303,14 @@ impl PyKVCacheManager {
                 ),
             ));
         }
-        let arr = match out.filter(|o| !o.is_none()) {
+        let write = |cells: &mut [i32], width: usize| -> PyResult<()> {
+            for (k, &id) in ids.iter().enumerate() {
+                m.block_table_into(id, g, &mut cells[k * width..(k + 1) * width])
+                    .py()?;
+            }
+            Ok(())
+        };
+        match out.filter(|o| !o.is_none()) {
             Some(o) => {
                 let arr = o.cast::<PyArray2<i32>>().map_err(|_| {
                     invalid(
@@ -321,30 +328,26 @@ impl PyKVCacheManager {
                         ),
                     ));
                 }
-                arr.clone()
+                let mut rw = arr
+                    .try_readwrite()
+                    .map_err(|_| invalid("out", "the array is borrowed elsewhere"))?;
+                let cells = rw
+                    .as_slice_mut()
+                    .map_err(|_| invalid("out", "must be C-contiguous"))?;
+                write(cells, arr.shape()[1])?;
+                drop(rw);
+                Ok(arr.clone())
             }
             None => {
                 let a = PyArray2::<i32>::zeros(py, [ids.len(), width], false);
-                // SAFETY: `a` was just created here and no other reference to it exists.
-                unsafe { a.as_slice_mut() }
-                    .expect("a new array is contiguous")
-                    .fill(kvalloc::NULL_PAGE);
-                a
+                // SAFETY: `a` was just created here and nothing else refers to it yet, so no
+                // borrow tracking is needed (it costs more than the copy for small tables).
+                let cells = unsafe { a.as_slice_mut() }.expect("a new array is contiguous");
+                cells.fill(kvalloc::NULL_PAGE);
+                write(cells, width)?;
+                Ok(a)
             }
-        };
-        let width = arr.shape()[1];
-        let mut rw = arr
-            .try_readwrite()
-            .map_err(|_| invalid("out", "the array is borrowed elsewhere"))?;
-        let cells = rw
-            .as_slice_mut()
-            .map_err(|_| invalid("out", "must be C-contiguous"))?;
-        for (k, &id) in ids.iter().enumerate() {
-            m.block_table_into(id, g, &mut cells[k * width..(k + 1) * width])
-                .py()?;
         }
-        drop(rw);
-        Ok(arr)
     }
 
     /// Tokens scheduled for a running request.

@@ -82,6 +82,65 @@ impl Hasher for ReqIdHasher {
 type ReqMap<V> = HashMap<u64, V, BuildHasherDefault<ReqIdHasher>>;
 type ReqSet = std::collections::HashSet<u64, BuildHasherDefault<ReqIdHasher>>;
 
+/// Running requests: an id -> slot map over a slab of boxed records, so that a batched step looks
+/// each request up once (while checking the step) and then works on it by slot. A slot is `None`
+/// when free, or while its record is taken out for an operation.
+#[derive(Debug, Default)]
+struct Running {
+    slots_by_id: ReqMap<u32>,
+    slots: Vec<Option<Box<Request>>>,
+    free: Vec<u32>,
+}
+
+impl Running {
+    fn len(&self) -> usize {
+        self.slots_by_id.len()
+    }
+
+    fn contains(&self, id: u64) -> bool {
+        self.slots_by_id.contains_key(&id)
+    }
+
+    fn slot(&self, id: u64) -> Option<usize> {
+        self.slots_by_id.get(&id).map(|&s| s as usize)
+    }
+
+    fn get(&self, id: u64) -> Option<&Request> {
+        self.slots[self.slot(id)?].as_deref()
+    }
+
+    fn at_mut(&mut self, slot: usize) -> Option<&mut Request> {
+        self.slots[slot].as_deref_mut()
+    }
+
+    fn insert(&mut self, id: u64, r: Box<Request>) {
+        let slot = match self.free.pop() {
+            Some(s) => {
+                self.slots[s as usize] = Some(r);
+                s
+            }
+            None => {
+                self.slots.push(Some(r));
+                (self.slots.len() - 1) as u32
+            }
+        };
+        self.slots_by_id.insert(id, slot);
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Box<Request>> {
+        let slot = self.slots_by_id.remove(&id)?;
+        self.free.push(slot);
+        self.slots[slot as usize].take()
+    }
+
+    /// (id, record) of every running request not taken out.
+    fn iter(&self) -> impl Iterator<Item = (u64, &Request)> {
+        self.slots_by_id
+            .iter()
+            .filter_map(|(&id, &s)| self.slots[s as usize].as_deref().map(|r| (id, r)))
+    }
+}
+
 /// Most KV groups a model may have (real hybrid models have 2 to 4).
 pub const MAX_GROUPS: usize = 16;
 
@@ -422,7 +481,7 @@ pub struct KVCacheManager {
     tree: PrefixTree,
     /// Running requests, boxed so that taking one out for an operation moves a pointer, not
     /// the whole record (the decode hot path does it for every request every step).
-    requests: ReqMap<Option<Box<Request>>>,
+    requests: Running,
     serial: u64,
     hit_tokens: u64,
     miss_tokens: u64,
@@ -435,6 +494,8 @@ pub struct KVCacheManager {
     scratch: Freed,
     scratch_handles: Vec<Handle>,
     scratch_plan: Vec<Slot>,
+    /// Slots of a step's extensions (see `step`).
+    scratch_slots: Vec<usize>,
     /// Token <-> block arithmetic for `config.block_tokens`.
     bm: BlockMath,
     /// Records of finished requests, reused by admissions. Boxed because the running map holds
@@ -709,7 +770,7 @@ impl KVCacheManager {
             config,
             arena,
             tree,
-            requests: ReqMap::default(),
+            requests: Running::default(),
             serial: 0,
             hit_tokens: 0,
             miss_tokens: 0,
@@ -722,6 +783,7 @@ impl KVCacheManager {
             scratch: Vec::new(),
             scratch_handles: Vec::new(),
             scratch_plan: Vec::new(),
+            scratch_slots: Vec::new(),
             bm,
             request_pool: Vec::new(),
             steps: 0,
@@ -859,7 +921,7 @@ impl KVCacheManager {
         salt: Option<&[u8]>,
         max_tokens: Option<u64>,
     ) -> Result<Option<u64>> {
-        if self.requests.contains_key(&req) {
+        if self.requests.contains(req) {
             return Err(Error::Request {
                 req,
                 message: "is already running".into(),
@@ -994,7 +1056,7 @@ impl KVCacheManager {
         }
         self.hit_tokens += hit;
         self.miss_tokens += len - hit;
-        self.requests.insert(req, Some(r));
+        self.requests.insert(req, r);
         Ok(Some(hit))
     }
 
@@ -1393,7 +1455,7 @@ impl KVCacheManager {
     /// touching only that request, the arena and (read-only) the tree. Returns None when the
     /// general path must handle the call: unknown request, prompt pending, an extension the
     /// request does not accept (the general path reports it), or no block without evicting.
-    fn try_decode(&mut self, req: u64, ext: Extension<'_>) -> Option<bool> {
+    fn try_decode(&mut self, slot: usize, ext: Extension<'_>) -> Option<bool> {
         let (n, tokens) = match ext {
             Extension::Tokens(t) => (t.len() as u64, Some(t)),
             Extension::Count(n) => (n, None),
@@ -1409,7 +1471,7 @@ impl KVCacheManager {
             scratch_handles,
             ..
         } = self;
-        let r = requests.get_mut(&req)?.as_deref_mut()?;
+        let r = requests.at_mut(slot)?;
         if r.len < r.prompt_len || r.by_ids != tokens.is_some() || n == 0 || n > bm.b {
             return None;
         }
@@ -1447,21 +1509,25 @@ impl KVCacheManager {
     /// Appends tokens to a running request (see [`Extension`]). Returns false, changing
     /// nothing, when there is no room even after eviction.
     pub fn extend(&mut self, req: u64, ext: Extension<'_>) -> Result<bool> {
-        if let Some(ok) = self.try_decode(req, ext) {
+        let slot = self.requests.slot(req).ok_or(Error::Request {
+            req,
+            message: "is not running".into(),
+        })?;
+        self.extend_at(slot, req, ext)
+    }
+
+    /// [`extend`](Self::extend) of the request in `slot` (named `req` in errors).
+    fn extend_at(&mut self, slot: usize, req: u64, ext: Extension<'_>) -> Result<bool> {
+        if let Some(ok) = self.try_decode(slot, ext) {
             return Ok(ok);
         }
-        // Take the request out of its slot (leaving an empty one) rather than removing and
-        // re-inserting it: no rehashing on the decode hot path.
-        let mut r = self
-            .requests
-            .get_mut(&req)
-            .and_then(Option::take)
-            .ok_or(Error::Request {
-                req,
-                message: "is not running".into(),
-            })?;
+        // Take the record out of its slot for the general path (and put it back).
+        let mut r = self.requests.slots[slot].take().ok_or(Error::Request {
+            req,
+            message: "is not running".into(),
+        })?;
         let res = self.extend_inner(req, &mut r, ext);
-        *self.requests.get_mut(&req).expect("slot kept") = Some(r);
+        self.requests.slots[slot] = Some(r);
         if res == Ok(false) {
             self.extensions_refused += 1;
         }
@@ -1487,7 +1553,7 @@ impl KVCacheManager {
     /// Finishes a request: its computed whole blocks (prompt and output) enter the prefix cache,
     /// with the output-end checkpoint; everything else it held is freed.
     pub fn finish(&mut self, req: u64) -> Result<()> {
-        let mut r = self.requests.remove(&req).flatten().ok_or(Error::Request {
+        let mut r = self.requests.remove(req).ok_or(Error::Request {
             req,
             message: "is not running".into(),
         })?;
@@ -1557,7 +1623,7 @@ impl KVCacheManager {
 
     /// Drops a request: nothing of it stays in the cache.
     pub fn abort(&mut self, req: u64) -> Result<()> {
-        let r = self.requests.remove(&req).flatten().ok_or(Error::Request {
+        let r = self.requests.remove(req).ok_or(Error::Request {
             req,
             message: "is not running".into(),
         })?;
@@ -1642,10 +1708,7 @@ impl KVCacheManager {
 
     /// A running request, or the error naming it.
     fn running(&self, req: u64) -> Result<&Request> {
-        self.requests
-            .get(&req)
-            .and_then(|s| s.as_deref())
-            .ok_or(Error::Request {
+        self.requests.get(req).ok_or(Error::Request {
                 req,
                 message: "is not running".into(),
             })
@@ -1653,7 +1716,7 @@ impl KVCacheManager {
 
     /// Whether a request is running.
     pub fn is_running(&self, req: u64) -> bool {
-        self.requests.contains_key(&req)
+        self.requests.contains(req)
     }
 
     /// Serves a whole scheduler step in one call. Every id is checked before anything changes:
@@ -1665,7 +1728,7 @@ impl KVCacheManager {
         let stamp = self.steps;
         self.reap_loads();
         for &id in step.finish.iter().chain(&step.abort) {
-            match self.requests.get_mut(&id).and_then(|s| s.as_deref_mut()) {
+            match self.requests.slot(id).and_then(|s| self.requests.at_mut(s)) {
                 Some(r) if r.stamp != stamp => r.stamp = stamp,
                 _ => {
                     return Err(Error::Request {
@@ -1675,13 +1738,16 @@ impl KVCacheManager {
                 }
             }
         }
+        // The slot of each extension's request, found once here and used below.
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        slots.clear();
         for &(id, ext) in &step.extend {
-            let Some(r) = self
-                .requests
-                .get_mut(&id)
-                .and_then(|s| s.as_deref_mut())
+            let slot = self.requests.slot(id);
+            let Some(r) = slot
+                .and_then(|s| self.requests.at_mut(s))
                 .filter(|r| r.stamp != stamp)
             else {
+                self.scratch_slots = slots;
                 return Err(Error::Request {
                     req: id,
                     message: "is not running, repeated, or also finished/aborted in this step"
@@ -1689,19 +1755,28 @@ impl KVCacheManager {
                 });
             };
             r.stamp = stamp;
-            Self::check_extension(id, r, ext)?;
+            if let Err(e) = Self::check_extension(id, r, ext) {
+                self.scratch_slots = slots;
+                return Err(e);
+            }
+            slots.push(slot.expect("found above"));
         }
         let mut adm_seen = ReqSet::default();
         for a in &step.admit {
-            if self.requests.contains_key(&a.req) || !adm_seen.insert(a.req) {
+            if self.requests.contains(a.req) || !adm_seen.insert(a.req) {
+                self.scratch_slots = slots;
                 return Err(Error::Request {
                     req: a.req,
                     message: "is already running or admitted twice in this step".into(),
                 });
             }
-            self.check_prompt(&a.prompt)?;
-            if a.max_tokens == Some(0) {
-                return Err(Error::invalid("max_tokens", "must be positive (or None)"));
+            let checked = self.check_prompt(&a.prompt).and_then(|()| match a.max_tokens {
+                Some(0) => Err(Error::invalid("max_tokens", "must be positive (or None)")),
+                _ => Ok(()),
+            });
+            if let Err(e) = checked {
+                self.scratch_slots = slots;
+                return Err(e);
             }
         }
         for &id in &step.finish {
@@ -1714,9 +1789,16 @@ impl KVCacheManager {
             extended: Vec::with_capacity(step.extend.len()),
             admitted: Vec::with_capacity(step.admit.len()),
         };
-        for &(id, ext) in &step.extend {
-            out.extended.push(self.extend(id, ext)?);
+        for (&(id, ext), &slot) in step.extend.iter().zip(&slots) {
+            match self.extend_at(slot, id, ext) {
+                Ok(ok) => out.extended.push(ok),
+                Err(e) => {
+                    self.scratch_slots = slots;
+                    return Err(e);
+                }
+            }
         }
+        self.scratch_slots = slots;
         for a in &step.admit {
             let hit = self.admit(a.req, a.prompt, a.salt, a.max_tokens)?;
             out.admitted.push(hit);
@@ -1769,7 +1851,7 @@ impl KVCacheManager {
     pub fn stats(&self) -> ManagerStats {
         let (held, tomb) = self.tree.block_counts();
         let mut running = vec![0u64; self.spec.groups.len()];
-        for r in self.requests.values().flatten() {
+        for (_, r) in self.requests.iter() {
             for (g, run) in running.iter_mut().enumerate() {
                 *run += (0..r.tables[g].len() as u64)
                     .filter(|&i| self.is_private(r, g, i))
@@ -1850,11 +1932,7 @@ impl KVCacheManager {
             return bad(format!("block {h:#x} is held twice by the tree"));
         }
         let b = self.b();
-        for (&id, r) in self
-            .requests
-            .iter()
-            .filter_map(|(id, s)| s.as_deref().map(|r| (id, r)))
-        {
+        for (id, r) in self.requests.iter() {
             for &n in &r.path {
                 *pins.entry(n).or_default() += 1;
             }
