@@ -144,8 +144,20 @@ pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
 
 /// Request ids: a 1-D array of non-negative integers (any integer dtype) or a list of ints.
 pub fn id_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
-    // int64 first: what `np.array(ids)` and `np.arange` give.
-    let signed: Vec<i64> = if let Some(v) = copy_array::<i64>(obj, what)? {
+    // A list first (schedulers keep ids in lists; an empty one is common), then int64 arrays:
+    // what `np.array(ids)` and `np.arange` give.
+    let signed: Vec<i64> = if let Ok(list) = obj.cast::<pyo3::types::PyList>() {
+        let mut v = Vec::with_capacity(list.len());
+        for item in list.iter() {
+            v.push(item.extract::<i64>().map_err(|_| {
+                invalid(
+                    what,
+                    format!("expected integer request ids, got {}", type_name(&item)),
+                )
+            })?);
+        }
+        v
+    } else if let Some(v) = copy_array::<i64>(obj, what)? {
         v
     } else if let Some(v) = copy_array::<u64>(obj, what)? {
         return Ok(v);

@@ -1411,20 +1411,37 @@ impl KVCacheManager {
         let mut freed = std::mem::take(&mut self.scratch);
         let tiers = self.lower.active();
         let mut victims = std::mem::take(&mut self.victims);
+        // Until the evicted bytes cover the shortfall nothing can fit: evict without giving
+        // blocks back or asking the arena, then free them in one batch.
+        let short = need_bytes.saturating_sub(self.arena.bytes_free());
+        let mut evicted_bytes = 0;
         let ok = loop {
             victims.clear();
+            let before = freed.len();
             let evicted = if tiers {
                 self.tree.evict_one_logged(&mut freed, &mut victims)
             } else {
                 self.tree.evict_one(&mut freed)
             };
             match evicted {
-                None => break false,
+                None => {
+                    self.release(&mut freed);
+                    break false;
+                }
                 Some(Evicted::Leaf) => self.evicted_leaves += 1,
                 Some(Evicted::Checkpoint) => self.evicted_checkpoints += 1,
             }
             if tiers {
+                // Before the blocks go back: their bytes are copied down first.
                 self.demote(&victims);
+            }
+            let layout = self.tree.layout();
+            evicted_bytes += freed[before..]
+                .iter()
+                .map(|&(g, _)| layout.block_bytes[g])
+                .sum::<u64>();
+            if evicted_bytes < short {
+                continue;
             }
             self.release(&mut freed);
             if self.arena.can_alloc_all(need)? {
@@ -1709,9 +1726,9 @@ impl KVCacheManager {
     /// A running request, or the error naming it.
     fn running(&self, req: u64) -> Result<&Request> {
         self.requests.get(req).ok_or(Error::Request {
-                req,
-                message: "is not running".into(),
-            })
+            req,
+            message: "is not running".into(),
+        })
     }
 
     /// Whether a request is running.
@@ -1770,10 +1787,12 @@ impl KVCacheManager {
                     message: "is already running or admitted twice in this step".into(),
                 });
             }
-            let checked = self.check_prompt(&a.prompt).and_then(|()| match a.max_tokens {
-                Some(0) => Err(Error::invalid("max_tokens", "must be positive (or None)")),
-                _ => Ok(()),
-            });
+            let checked = self
+                .check_prompt(&a.prompt)
+                .and_then(|()| match a.max_tokens {
+                    Some(0) => Err(Error::invalid("max_tokens", "must be positive (or None)")),
+                    _ => Ok(()),
+                });
             if let Err(e) = checked {
                 self.scratch_slots = slots;
                 return Err(e);
