@@ -589,8 +589,9 @@ impl PyKVCacheManager {
             .chain(std::iter::repeat_n(-2, n_admits - attempted))
             .collect();
         Ok((
-            PyArray1::from_vec(py, admitted),
-            PyArray1::from_vec(py, outcome.extended),
+            // Copied into numpy-owned arrays: cheaper than handing over the vectors.
+            PyArray1::from_slice(py, &admitted),
+            PyArray1::from_slice(py, &outcome.extended),
         ))
     }
 

@@ -52,7 +52,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::hash;
 use crate::policy::Eviction;
-use crate::prefix::{Evicted, Freed, Layout, Link, NodeId, PrefixTree, Victim, NONE};
+use crate::prefix::{Evicted, Freed, Layout, Linked, NodeId, PrefixTree, Victim, NONE};
 use crate::slab::{Handle, SlabArena};
 use crate::spec::{KVGroup, ModelSpec};
 use crate::tiers::loader::{LoadJob, Loader};
@@ -610,6 +610,7 @@ fn release_below_window(
 /// Hashes a running request's newly completed output blocks (prompt blocks are hashed at
 /// admission): from its token ids, or, for a request admitted with block hashes, from ids
 /// unique to the request and position (opaque output nothing else can match).
+#[inline]
 fn hash_output(bm: BlockMath, r: &mut Request, tokens: Option<&[i64]>) {
     match tokens {
         // A decode token that completes no block: only remember it.
@@ -1360,27 +1361,26 @@ impl KVCacheManager {
     fn link_block(&mut self, r: &mut Request, i: u64, take: &[bool]) -> Option<bool> {
         let hash = r.hashes[i as usize];
         let parent = if i == 0 { NONE } else { r.path[i as usize - 1] };
+        let mut blocks = [0 as Handle; MAX_GROUPS];
+        for (g, b) in blocks.iter_mut().enumerate().take(take.len()) {
+            if take[g] {
+                *b = r.tables[g][i as usize];
+            }
+        }
         let mut freed = std::mem::take(&mut self.scratch);
-        let link = self.tree.claim_child(hash, parent, i as u32, &mut freed);
+        let link = self
+            .tree
+            .link(hash, parent, i as u32, &blocks[..take.len()], &mut freed);
         self.release(&mut freed);
         self.scratch = freed;
         match link {
-            Link::Present(n) => {
+            Linked::Present(n) => {
                 self.tree.pin(n);
                 r.path.push(n);
                 Some(false)
             }
-            Link::Conflict => None,
-            Link::Absent => {
-                let mut blocks = [0 as Handle; MAX_GROUPS];
-                for (g, b) in blocks.iter_mut().enumerate().take(take.len()) {
-                    if take[g] {
-                        *b = r.tables[g][i as usize];
-                    }
-                }
-                let n = self
-                    .tree
-                    .insert(hash, parent, i as u32, &blocks[..take.len()]);
+            Linked::Conflict => None,
+            Linked::Inserted(n) => {
                 r.path.push(n);
                 Some(true)
             }
@@ -1778,9 +1778,16 @@ impl KVCacheManager {
             }
             slots.push(slot.expect("found above"));
         }
+        // Repeats among a step's few admissions by a scan; a set only for long lists.
         let mut adm_seen = ReqSet::default();
-        for a in &step.admit {
-            if self.requests.contains(a.req) || !adm_seen.insert(a.req) {
+        let few = step.admit.len() <= 32;
+        for (k, a) in step.admit.iter().enumerate() {
+            let repeated = if few {
+                step.admit[..k].iter().any(|b| b.req == a.req)
+            } else {
+                !adm_seen.insert(a.req)
+            };
+            if self.requests.contains(a.req) || repeated {
                 self.scratch_slots = slots;
                 return Err(Error::Request {
                     req: a.req,
@@ -1830,6 +1837,7 @@ impl KVCacheManager {
 
     /// Whether request `id` accepts `ext` (used by `extend` and, for the whole batch before
     /// anything changes, by `step`).
+    #[inline]
     fn check_extension(id: u64, r: &Request, ext: Extension<'_>) -> Result<()> {
         let n = match ext {
             Extension::Tokens(t) => t.len() as u64,

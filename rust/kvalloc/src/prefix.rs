@@ -118,6 +118,17 @@ pub enum Link {
     Conflict,
 }
 
+/// What [`PrefixTree::link`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Linked {
+    /// A new node (pinned once).
+    Inserted(NodeId),
+    /// The node already there for this block under this parent (not pinned by the call).
+    Present(NodeId),
+    /// The hash belongs to a node elsewhere in the tree.
+    Conflict,
+}
+
 /// Result of walking a prompt's block hashes down the tree.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Walk {
@@ -359,8 +370,59 @@ impl PrefixTree {
     /// Inserts a node for block `depth` under `parent` (NONE at depth 0). `blocks` holds one
     /// handle per group (0 for an absent sliding block). The node starts pinned once.
     pub fn insert(&mut self, hash: u64, parent: NodeId, depth: u32, blocks: &[Handle]) -> NodeId {
-        debug_assert_eq!(blocks.len(), self.g());
         debug_assert!(!self.index.contains_key(&hash));
+        let id = self.next_id();
+        self.index.insert(hash, id);
+        self.add_node(id, hash, parent, depth, blocks);
+        id
+    }
+
+    /// Links block `depth` with `hash` under `parent` with one index probe in the common cases:
+    /// the node already there ([`Linked::Present`], not pinned by this call), a new node holding
+    /// `blocks` and pinned once, as [`insert`](Self::insert) makes ([`Linked::Inserted`]), or a
+    /// conflict as [`claim_child`](Self::claim_child) finds it.
+    pub fn link(
+        &mut self,
+        hash: u64,
+        parent: NodeId,
+        depth: u32,
+        blocks: &[Handle],
+        freed: &mut Freed,
+    ) -> Linked {
+        let id = self.next_id();
+        match self.index.entry(hash) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(id);
+                self.add_node(id, hash, parent, depth, blocks);
+                return Linked::Inserted(id);
+            }
+            std::collections::hash_map::Entry::Occupied(o) => {
+                let n = *o.get();
+                let node = &self.nodes[n as usize];
+                if node.depth == depth && node.parent == parent {
+                    return Linked::Present(n);
+                }
+            }
+        }
+        // Elsewhere in the tree: the rare path.
+        match self.claim_child(hash, parent, depth, freed) {
+            Link::Absent => Linked::Inserted(self.insert(hash, parent, depth, blocks)),
+            Link::Present(n) => Linked::Present(n),
+            Link::Conflict => Linked::Conflict,
+        }
+    }
+
+    /// The id the next node gets (a freed one first).
+    fn next_id(&self) -> NodeId {
+        self.free_ids
+            .last()
+            .copied()
+            .unwrap_or(self.nodes.len() as NodeId)
+    }
+
+    /// Creates node `id` (from [`next_id`](Self::next_id), already indexed under `hash`).
+    fn add_node(&mut self, id: NodeId, hash: u64, parent: NodeId, depth: u32, blocks: &[Handle]) {
+        debug_assert_eq!(blocks.len(), self.g());
         self.version += 1;
         let tick = self.now();
         let node = Node {
@@ -376,21 +438,17 @@ impl PrefixTree {
             alive: true,
             key: None,
         };
-        let id = match self.free_ids.pop() {
-            Some(id) => {
-                self.nodes[id as usize] = node;
-                id
-            }
-            None => {
-                let id = self.nodes.len() as NodeId;
-                self.nodes.push(node);
-                let g = self.g();
-                self.blocks.resize(self.blocks.len() + g, 0);
-                self.ckpt_refs.resize(self.ckpt_refs.len() + g, 0);
-                self.ckpt_start.resize(self.ckpt_start.len() + g, 0);
-                id
-            }
-        };
+        if self.free_ids.last() == Some(&id) {
+            self.free_ids.pop();
+            self.nodes[id as usize] = node;
+        } else {
+            debug_assert_eq!(id as usize, self.nodes.len());
+            self.nodes.push(node);
+            let g = self.g();
+            self.blocks.resize(self.blocks.len() + g, 0);
+            self.ckpt_refs.resize(self.ckpt_refs.len() + g, 0);
+            self.ckpt_start.resize(self.ckpt_start.len() + g, 0);
+        }
         for (g, &h) in blocks.iter().enumerate() {
             let s = self.slot(id, g);
             self.blocks[s] = h;
@@ -400,13 +458,11 @@ impl PrefixTree {
         let nb = self.node_bytes(id);
         self.held_bytes += nb;
         self.pinned_bytes += nb; // a new node starts pinned
-        self.index.insert(hash, id);
         self.live_nodes += 1;
         if parent != NONE {
             self.nodes[parent as usize].children += 1;
             self.refresh(parent);
         }
-        id
     }
 
     /// Gives node `n` the SWA block `h` of sliding group `g` (it had none).
