@@ -379,17 +379,28 @@ pub struct TierStats {
     pub store: Option<crate::tiers::StoreCounters>,
 }
 
+/// A running request. `repr(C)` with the fields a decode step reads first, so that step
+/// touches one cache line of the record (plus its tail) when no block boundary is crossed.
 #[derive(Debug, Default)]
+#[repr(C)]
 struct Request {
-    seed: u64,
-    by_ids: bool,
-    /// Chained hashes of the whole blocks known so far.
-    hashes: Vec<u64>,
+    /// Number of the last batched step that named this request.
+    stamp: u64,
+    /// Scheduled tokens: the block tables cover `[0, len)` (`ceil(len / B)` blocks each).
+    len: u64,
+    prompt_len: u64,
+    /// Where the last scheduled range began (its step still reads the window before it).
+    last_start: u64,
     /// Token ids after the last whole block (ids mode), for hashing output blocks.
     tail: Vec<i64>,
-    prompt_len: u64,
-    /// Scheduled tokens: the block tables cover `[0, len)`.
-    len: u64,
+    by_ids: bool,
+    seed: u64,
+    /// Chained hashes of the whole blocks known so far.
+    hashes: Vec<u64>,
+    /// Per group, per block index: the block, or 0.
+    tables: Vec<Vec<Handle>>,
+    /// Per group: blocks below this index hold nothing any more (released out of the window).
+    swa_floor: Vec<u64>,
     hit: u64,
     /// Pinned tree nodes; `path[i]` is block i's node.
     path: Vec<NodeId>,
@@ -397,22 +408,14 @@ struct Request {
     created: Vec<NodeId>,
     /// Checkpoints this request registered (removed again on abort).
     created_ckpts: Vec<NodeId>,
-    /// Per group, per block index: the block, or 0.
-    tables: Vec<Vec<Handle>>,
     /// Planned prompt checkpoints: (end block, run includes one extra block), ascending.
     plans: Vec<(u32, bool)>,
     /// Plans registered so far.
     plans_done: usize,
     /// Serial for synthetic output-block ids (hash mode).
     serial: u64,
-    /// Per group: blocks below this index hold nothing any more (released out of the window).
-    swa_floor: Vec<u64>,
-    /// Number of the last batched step that named this request.
-    stamp: u64,
     /// Loads its hit waits for (promotions from host memory in flight at admission).
     loads: Vec<Arc<LoadJob>>,
-    /// Where the last scheduled range began (its step still reads the window before it).
-    last_start: u64,
 }
 
 /// The last admission refused as hopeless. A scheduler retries its queue's head every step: a
@@ -1493,8 +1496,9 @@ impl KVCacheManager {
             return None;
         }
         let end = r.len + n;
-        let have = r.tables[0].len() as u64;
-        if bm.ceil(end) > have {
+        // The tables hold `ceil(len / B)` blocks (checked by `validate`): no need to read them
+        // unless a block boundary is crossed.
+        if bm.ceil(end) > bm.ceil(r.len) {
             // One new block per group (the newest block is inside every window).
             let groups = spec.groups.len();
             let mut need = [(0usize, 0u64); MAX_GROUPS];
