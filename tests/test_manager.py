@@ -188,6 +188,22 @@ def test_block_tables_batch_equals_single_calls():
     with pytest.raises(InvalidArgumentError, match="group"):
         m.block_tables(ids, 7)
     assert m.block_tables([], 0).shape == (0, 0)
+    # Every group at once: a tuple, one array per group, equal to the per-group calls.
+    every = m.block_tables(ids)
+    assert isinstance(every, tuple) and len(every) == len(m.spec.groups)
+    for g, rows in enumerate(every):
+        assert rows.tolist() == m.block_tables(ids, g).tolist()
+    outs = [np.full((3, 64), 5, dtype=np.int32) for _ in m.spec.groups]
+    assert all(a is b for a, b in zip(m.block_tables(ids, out=outs), outs))
+    for g, o in enumerate(outs):
+        t = m.block_table(ids[1], g)
+        assert o[1, : len(t)].tolist() == t.tolist() and (o[1, len(t):] == 5).all()
+    with pytest.raises(InvalidArgumentError, match="out"):
+        m.block_tables(ids, out=outs[:1])
+    ok_then_bad = [np.full((3, 64), 9, dtype=np.int32), np.zeros((3, 64), dtype=np.int64)]
+    with pytest.raises(InvalidArgumentError, match="out"):
+        m.block_tables(ids, out=ok_then_bad)
+    assert (ok_then_bad[0] == 9).all()  # checked before anything is written
     m.validate()
 
 

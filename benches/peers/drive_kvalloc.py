@@ -4,8 +4,8 @@ Per scheduler step: one `step(finish=..., extend_ids=..., extend_tokens=...)` fo
 finishes and this step's decode tokens; one flat `step(admit_ids=, admit_tokens=, admit_lens=,
 fcfs=True)` for the admissions (kept apart so that, as in the peers, nothing is admitted in a
 step that had to preempt; `fcfs` stops at the first that does not fit, as the peers' schedulers
-do). The engine's block tables are read where they change, with one `block_tables` call per
-group: those of the admitted requests, and of the running requests whose new token opens a
+do). The engine's block tables are read where they change, with one `block_tables` call for
+all groups: those of the admitted requests, and of the running requests whose new token opens a
 block. Preemption is `finish` (the computed blocks stay cached) and a later admission of
 prompt + output so far, as the README prescribes.
 """
@@ -38,8 +38,7 @@ class KvallocDriver:
 
     def _tables(self, rids: list[int]) -> None:
         if rids:
-            for g in range(self.groups):
-                self.m.block_tables(rids, g)
+            self.m.block_tables(rids)  # every group's, one call
 
     def decode(self, running: list[Request]) -> list[Request]:
         m = self.m

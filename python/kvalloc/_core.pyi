@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module ``kvalloc._core`` (hand-written)."""
 
 import os
-from typing import Any, Callable, Literal, final
+from typing import Any, Callable, Literal, Sequence, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -200,12 +200,21 @@ class KVCacheManager:
         """Drops a request; nothing of it stays."""
     def block_table(self, req_id: int, group: int) -> npt.NDArray[np.int32]:
         """Page indices of the request's blocks in group ``group`` (NULL_PAGE where none)."""
+    @overload
     def block_tables(
         self, req_ids: _IdArray, group: int, out: npt.NDArray[np.int32] | None = None
-    ) -> npt.NDArray[np.int32]:
+    ) -> npt.NDArray[np.int32]: ...
+    @overload
+    def block_tables(
+        self,
+        req_ids: _IdArray,
+        group: None = None,
+        out: Sequence[npt.NDArray[np.int32]] | None = None,
+    ) -> tuple[npt.NDArray[np.int32], ...]:
         """Block tables of many requests in one call: row i is ``block_table(req_ids[i],
         group)``. A new array padded with NULL_PAGE, or written into the rows of ``out`` (a
-        C-contiguous 2D int32 array; entries past each table are left as they were)."""
+        C-contiguous 2D int32 array; entries past each table are left as they were). With
+        ``group=None``, a tuple with every group's (``out``: one array per group)."""
     def num_tokens(self, req_id: int) -> int:
         """Tokens scheduled for a running request."""
     def __contains__(self, req_id: object, /) -> bool: ...

@@ -277,75 +277,61 @@ impl PyKVCacheManager {
     /// longest table, padded with `NULL_PAGE`. With `out` (a C-contiguous 2D int32 array with a
     /// row per request, as wide as each table: the engine's own block-table array), the rows'
     /// first entries are written in place, the rest of each row is left as it was, and `out`
-    /// is returned.
-    #[pyo3(signature = (req_ids, group, out = None))]
+    /// is returned. With `group=None`, every group's at once: a tuple with one array per group
+    /// (and `out`, if given, a sequence of one array per group).
+    #[pyo3(signature = (req_ids, group = None, out = None))]
     fn block_tables<'py>(
         &self,
         py: Python<'py>,
         req_ids: &Bound<'py, PyAny>,
-        group: &Bound<'py, PyAny>,
+        group: Option<&Bound<'py, PyAny>>,
         out: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyArray2<i32>>> {
+    ) -> PyResult<Bound<'py, PyAny>> {
         let ids = id_list(req_ids, "req_ids")?;
-        let g = non_negative(group, "group")? as usize;
         let m = self.lock()?;
-        // Every id and length is checked before anything is written.
+        // Every id, group and length is checked before anything is written.
         let mut width = 0;
         for &id in &ids {
             width = width.max(m.block_table_len(id).py()?);
         }
-        if g >= m.spec().groups.len() {
-            return Err(invalid(
-                "group",
-                format!(
-                    "{g} is out of range: the model has {} groups",
-                    m.spec().groups.len()
-                ),
-            ));
-        }
-        let write = |cells: &mut [i32], width: usize| -> PyResult<()> {
-            for (k, &id) in ids.iter().enumerate() {
-                m.block_table_into(id, g, &mut cells[k * width..(k + 1) * width])
-                    .py()?;
-            }
-            Ok(())
-        };
-        match out.filter(|o| !o.is_none()) {
-            Some(o) => {
-                let arr = o.cast::<PyArray2<i32>>().map_err(|_| {
-                    invalid(
-                        "out",
-                        format!("expected a 2D int32 numpy array, got {}", type_name(o)),
-                    )
-                })?;
-                if arr.shape()[0] < ids.len() || arr.shape()[1] < width {
+        let groups = m.spec().groups.len();
+        let out = out.filter(|o| !o.is_none());
+        match group.filter(|g| !g.is_none()) {
+            Some(group) => {
+                let g = non_negative(group, "group")? as usize;
+                if g >= groups {
                     return Err(invalid(
-                        "out",
-                        format!(
-                            "shape {:?} for {} requests of up to {width} blocks",
-                            arr.shape(),
-                            ids.len()
-                        ),
+                        "group",
+                        format!("{g} is out of range: the model has {groups} groups"),
                     ));
                 }
-                let mut rw = arr
-                    .try_readwrite()
-                    .map_err(|_| invalid("out", "the array is borrowed elsewhere"))?;
-                let cells = rw
-                    .as_slice_mut()
-                    .map_err(|_| invalid("out", "must be C-contiguous"))?;
-                write(cells, arr.shape()[1])?;
-                drop(rw);
-                Ok(arr.clone())
+                let out = out.map(|o| table_out(o, ids.len(), width)).transpose()?;
+                Ok(fill_tables(py, &m, &ids, g, width, out)?.into_any())
             }
             None => {
-                let a = PyArray2::<i32>::zeros(py, [ids.len(), width], false);
-                // SAFETY: `a` was just created here and nothing else refers to it yet, so no
-                // borrow tracking is needed (it costs more than the copy for small tables).
-                let cells = unsafe { a.as_slice_mut() }.expect("a new array is contiguous");
-                cells.fill(kvalloc::NULL_PAGE);
-                write(cells, width)?;
-                Ok(a)
+                let outs: Vec<Option<Bound<'py, PyArray2<i32>>>> = match out {
+                    Some(o) => {
+                        let list: Vec<Bound<'py, PyAny>> = o.extract().map_err(|_| {
+                            invalid("out", "with group=None, a sequence of one array per group")
+                        })?;
+                        if list.len() != groups {
+                            return Err(invalid(
+                                "out",
+                                format!("{} arrays for {groups} groups", list.len()),
+                            ));
+                        }
+                        list.iter()
+                            .map(|a| table_out(a, ids.len(), width).map(Some))
+                            .collect::<PyResult<_>>()?
+                    }
+                    None => vec![None; groups],
+                };
+                let arrays = outs
+                    .into_iter()
+                    .enumerate()
+                    .map(|(g, o)| fill_tables(py, &m, &ids, g, width, o))
+                    .collect::<PyResult<Vec<_>>>()?;
+                Ok(PyTuple::new(py, arrays)?.into_any())
             }
         }
     }
@@ -813,5 +799,74 @@ impl PyKVCacheManager {
             m.config().policy.name(),
             m.config().eviction.name()
         ))
+    }
+}
+
+/// An engine's block-table array given as `out`: a 2D int32 array with at least `rows` rows of
+/// at least `width` entries.
+fn table_out<'py>(
+    o: &Bound<'py, PyAny>,
+    rows: usize,
+    width: usize,
+) -> PyResult<Bound<'py, PyArray2<i32>>> {
+    let arr = o.cast::<PyArray2<i32>>().map_err(|_| {
+        invalid(
+            "out",
+            format!("expected a 2D int32 numpy array, got {}", type_name(o)),
+        )
+    })?;
+    if arr.shape()[0] < rows || arr.shape()[1] < width {
+        return Err(invalid(
+            "out",
+            format!(
+                "shape {:?} for {rows} requests of up to {width} blocks",
+                arr.shape()
+            ),
+        ));
+    }
+    if !arr.is_c_contiguous() {
+        return Err(invalid("out", "must be C-contiguous"));
+    }
+    Ok(arr.clone())
+}
+
+/// Writes group `g`'s tables of `ids` into the rows of `out`, or of a new array `width` wide
+/// padded with `NULL_PAGE`.
+fn fill_tables<'py>(
+    py: Python<'py>,
+    m: &KVCacheManager,
+    ids: &[u64],
+    g: usize,
+    width: usize,
+    out: Option<Bound<'py, PyArray2<i32>>>,
+) -> PyResult<Bound<'py, PyArray2<i32>>> {
+    let write = |cells: &mut [i32], width: usize| -> PyResult<()> {
+        for (k, &id) in ids.iter().enumerate() {
+            m.block_table_into(id, g, &mut cells[k * width..(k + 1) * width])
+                .py()?;
+        }
+        Ok(())
+    };
+    match out {
+        Some(arr) => {
+            let mut rw = arr
+                .try_readwrite()
+                .map_err(|_| invalid("out", "the array is borrowed elsewhere"))?;
+            let cells = rw
+                .as_slice_mut()
+                .map_err(|_| invalid("out", "must be C-contiguous"))?;
+            write(cells, arr.shape()[1])?;
+            drop(rw);
+            Ok(arr)
+        }
+        None => {
+            let a = PyArray2::<i32>::zeros(py, [ids.len(), width], false);
+            // SAFETY: `a` was just created here and nothing else refers to it yet, so no
+            // borrow tracking is needed (it costs more than the copy for small tables).
+            let cells = unsafe { a.as_slice_mut() }.expect("a new array is contiguous");
+            cells.fill(kvalloc::NULL_PAGE);
+            write(cells, width)?;
+            Ok(a)
+        }
     }
 }
