@@ -52,9 +52,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn run(ops: &[Op], capacity: u64, policy: Policy) -> Result<(), TestCaseError> {
+fn run(ops: &[Op], capacity: u64, policy: Policy, reserve: u64) -> Result<(), TestCaseError> {
     let config = ManagerConfig {
         policy,
+        admission_reserve_bytes: reserve,
         ..ManagerConfig::default()
     };
     let mut fast = KVCacheManager::new(spec(), capacity, config.clone()).unwrap();
@@ -149,9 +150,10 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..120),
         cap_kib in prop_oneof![Just(48u64), Just(96u64), Just(160u64)],
         dense in proptest::bool::weighted(0.25),
+        reserve_kib in prop_oneof![3 => Just(0u64), 1 => Just(8u64)],
     ) {
         let policy = if dense { Policy::Dense } else { Policy::SwaAware };
-        run(&ops, cap_kib << 10, policy)?;
+        run(&ops, cap_kib << 10, policy, reserve_kib << 10)?;
     }
 }
 
@@ -187,4 +189,48 @@ fn retry_refused_until_memory_comes_back() {
         .unwrap()
         .is_some());
     m.validate().unwrap();
+}
+
+/// An admission reserve refuses an admission that would leave less than the reserve free or
+/// evictable, even though it fits; extensions may use the reserve.
+#[test]
+fn admission_reserve_is_left_for_extensions() {
+    let cap = 96 << 10;
+    let config = |reserve| ManagerConfig {
+        admission_reserve_bytes: reserve,
+        ..ManagerConfig::default()
+    };
+    let fill = |m: &mut KVCacheManager| {
+        let mut id = 0;
+        while m
+            .admit(id, Prompt::Tokens(&prompt(1, 120, id as u16)), None, None)
+            .unwrap()
+            .is_some()
+        {
+            id += 1;
+        }
+        id
+    };
+    let mut plain = KVCacheManager::new(spec(), cap, config(0)).unwrap();
+    let mut reserved = KVCacheManager::new(spec(), cap, config(cap / 4)).unwrap();
+    let (n_plain, n_reserved) = (fill(&mut plain), fill(&mut reserved));
+    assert!(
+        n_reserved < n_plain,
+        "{n_reserved} admitted with a reserve, {n_plain} without"
+    );
+    // The reserve is there for decoding: where the plain manager has no room left for its
+    // running requests' next blocks, the reserved one grows them by the reserve's worth.
+    let grow = |m: &mut KVCacheManager, n: u64| {
+        let toks: Vec<i64> = (0..16).map(|t| 70_000_000 + t).collect();
+        let grown = (0..n)
+            .filter(|&id| m.extend(id, Extension::Tokens(&toks)).unwrap())
+            .count();
+        m.validate().unwrap();
+        grown
+    };
+    let (g_plain, g_reserved) = (grow(&mut plain, n_plain), grow(&mut reserved, n_reserved));
+    assert!(
+        g_reserved > g_plain,
+        "{g_reserved} grown with a reserve, {g_plain} without"
+    );
 }

@@ -154,6 +154,29 @@ def test_step_fcfs_stops_at_the_first_refusal():
     m.validate()
 
 
+def test_watermark_keeps_room_for_decoding():
+    def fill(m):
+        rid = 0
+        while m.admit(rid, seq(10_000 * rid, 300)) is not None:
+            rid += 1
+        return rid
+
+    plain = KVCacheManager(small_spec(), 8 << 20)
+    marked = KVCacheManager(small_spec(), 8 << 20, watermark=0.25)
+    n_plain, n_marked = fill(plain), fill(marked)
+    assert 0 < n_marked < n_plain
+    # The reserve is there for the running requests' growth: more of them can take a block.
+    def grow(m, n):
+        return sum(bool(m.extend(rid, seq(900_000 + 16 * rid, 16))) for rid in range(n))
+
+    assert grow(marked, n_marked) > grow(plain, n_plain)
+    marked.validate()
+    plain.validate()
+    for bad in (-0.1, 1.0, float("nan"), "x"):
+        with pytest.raises(InvalidArgumentError, match="watermark"):
+            KVCacheManager(small_spec(), 8 << 20, watermark=bad)
+
+
 def test_block_tables_batch_equals_single_calls():
     m = KVCacheManager(small_spec(), 256 << 20)
     for i, n in enumerate([40, 300, 17]):

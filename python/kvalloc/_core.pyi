@@ -175,13 +175,16 @@ class KVCacheManager:
         remote_password: str | None = None,
         remote_prefix: str | None = None,
         write_through: bool = False,
+        watermark: float | None = None,
     ) -> KVCacheManager:
         """Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
         ``disk_bytes`` of files under ``disk_dir`` (L3, survives restarts), ``remote_bytes`` in
         a Valkey/Redis store at ``remote_url`` (``redis://host:port/db``; optional ACL user,
         password and key prefix). ``write_through`` writes each finished request's prefix to
         the remote store so other instances can use it. Bytes move only once a device buffer is
-        registered (``register_device``)."""
+        registered (``register_device``). ``watermark``: a fraction of ``capacity_bytes`` that
+        every admission must leave free or evictable (room for the running requests' next
+        decode blocks, so fewer preemptions); extensions ignore it."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(

@@ -126,7 +126,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = false))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = false, watermark = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -145,8 +145,25 @@ impl PyKVCacheManager {
         remote_password: Option<String>,
         remote_prefix: Option<String>,
         write_through: bool,
+        watermark: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
+        let watermark = match watermark.filter(|w| !w.is_none()) {
+            None => 0.0,
+            Some(w) => w.extract::<f64>().map_err(|_| {
+                invalid(
+                    "watermark",
+                    format!("expected a fraction of the capacity, got {}", type_name(w)),
+                )
+            })?,
+        };
+        if !(0.0..1.0).contains(&watermark) {
+            return Err(invalid(
+                "watermark",
+                format!("{watermark} is not a fraction of the capacity in [0, 1)"),
+            ));
+        }
+        let capacity = positive(capacity_bytes, "capacity_bytes")?;
         let config = ManagerConfig {
             block_tokens: block_tokens_arg(block_tokens)?,
             policy: Policy::parse(policy).py()?,
@@ -159,6 +176,7 @@ impl PyKVCacheManager {
                 remote: opt_non_negative(remote_bytes, "remote_bytes")?,
             },
             write_through,
+            admission_reserve_bytes: (capacity as f64 * watermark) as u64,
             ..ManagerConfig::default()
         };
         let stores = StoreSetup {
@@ -170,7 +188,6 @@ impl PyKVCacheManager {
                 key_prefix: remote_prefix,
             }),
         };
-        let capacity = positive(capacity_bytes, "capacity_bytes")?;
         let core_spec = spec.get().inner.clone();
         let m = py
             .detach(|| KVCacheManager::with_setup(core_spec, capacity, config, stores))

@@ -209,6 +209,10 @@ pub struct ManagerConfig {
     /// whole trace block). The prompt-end checkpoint then goes there, without the extra block,
     /// instead of at the prompt's last whole block. A multiple of `block_tokens`; None: any block.
     pub resume_granularity: Option<u64>,
+    /// An admission must leave at least this many bytes free or evictable (a watermark, as in
+    /// vLLM v0): room for the running requests' next decode blocks, so that a scheduler admitting
+    /// "whatever fits now" does not have to preempt a step later. Extensions ignore it. 0: none.
+    pub admission_reserve_bytes: u64,
 }
 
 impl Default for ManagerConfig {
@@ -223,6 +227,7 @@ impl Default for ManagerConfig {
             write_through: false,
             overlap: OverlapModel::default(),
             resume_granularity: None,
+            admission_reserve_bytes: 0,
         }
     }
 }
@@ -1065,8 +1070,9 @@ impl KVCacheManager {
     }
 
     /// Whether scheduling `[r.len, end)` of a request being admitted (`counts`: the blocks its
-    /// plan allocates) cannot fit even after evicting everything evictable once its matched
-    /// path is pinned (then its need in bytes):
+    /// plan allocates) cannot fit, with the admission reserve left over, even after evicting
+    /// everything evictable once its matched path is pinned (then its need in bytes, reserve
+    /// included; while loads are in flight the reserve is not applied):
     /// the test `make_room` makes, done before pinning, so that a refused admission (a
     /// scheduler retries its queue's head every step) changes nothing and costs a walk rather
     /// than a pin and unpin of its path.
@@ -1079,12 +1085,14 @@ impl KVCacheManager {
         for (g, n) in need.iter_mut().enumerate().take(groups) {
             *n = (g, counts[g]);
         }
-        if self.arena.can_alloc_all(&need[..groups])? {
+        let reserve = self.config.admission_reserve_bytes;
+        if reserve == 0 && self.arena.can_alloc_all(&need[..groups])? {
             return Ok(None);
         }
         let need_bytes: u64 = (0..groups)
             .map(|g| counts[g] * self.tree.layout().block_bytes[g])
-            .sum();
+            .sum::<u64>()
+            + reserve;
         let evictable = self.tree.evictable_bytes() - self.tree.unpinned_bytes(&r.path);
         Ok((need_bytes > self.arena.bytes_free() + evictable).then_some(need_bytes))
     }
