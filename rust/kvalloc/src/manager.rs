@@ -384,10 +384,11 @@ pub struct TierStats {
     pub store: Option<crate::tiers::StoreCounters>,
 }
 
-/// A running request. `repr(C)` with the fields a decode step reads first, so that step
-/// touches one cache line of the record (plus its tail) when no block boundary is crossed.
+/// A running request. `repr(C)`, aligned to a cache line, with the fields a decode step reads
+/// first, so that step touches one line of the record (plus its tail) when no block boundary
+/// is crossed.
 #[derive(Debug, Default)]
-#[repr(C)]
+#[repr(C, align(64))]
 struct Request {
     /// Number of the last batched step that named this request.
     stamp: u64,
