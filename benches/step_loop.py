@@ -3,7 +3,8 @@ running requests each extended by one decode token plus 16 admissions with prefi
 one `KVCacheManager.step` call. Between steps the 16 oldest requests finish (untimed, through
 `finish`, so that a profiler collecting only inside `step` sees only the timed steps).
 
-    .venv/bin/python benches/step_loop.py [PROMPT_TOKENS SHARED_TOKENS STEPS]   # default 128 96 3000
+    .venv/bin/python benches/step_loop.py [PROMPT_TOKENS SHARED_TOKENS STEPS [THRASH_MIB]]
+        # default 128 96 3000; THRASH_MIB: touch an array that large between steps (cold caches)
     valgrind --tool=callgrind --toggle-collect='*PyKVCacheManager*step*' \\
         .venv/bin/python benches/step_loop.py 128 96 300      # instructions in step, / 300 per step
 """
@@ -21,6 +22,7 @@ RUNNING, ADMITS = 256, 16
 
 def main() -> None:
     length, shared, steps = (int(a) for a in (sys.argv[1:4] or ["128", "96", "3000"]))
+    thrash = np.zeros(int(sys.argv[4]) << 17, dtype=np.int64) if len(sys.argv) > 4 else None
 
     def prompt(rid: int) -> np.ndarray:
         own = np.arange(1_000_000 + rid * length, 1_000_000 + (rid + 1) * length - shared, dtype=np.int64)
@@ -48,6 +50,8 @@ def main() -> None:
             admit_lens=np.full(ADMITS, length, dtype=np.int64),
         )
         running.extend(new)
+        if thrash is not None:
+            thrash += 1  # evicts the manager's working set from the caches, as other work would
         t = time.perf_counter()
         admitted, extended = m.step(**args)
         times.append(time.perf_counter() - t)
