@@ -150,7 +150,13 @@ def test_step_fcfs_stops_at_the_first_refusal():
         assert m.step(admit_ids=[5], admit_tokens=huge, admit_lens=[len(huge)], fcfs=True)[0].tolist() == [-1]
     assert m.stats()["admissions_refused"] == 5
     # ... and a different prompt under that id is evaluated afresh.
-    assert m.step(admit=[(5, seq(3000, 20))], fcfs=True)[0].tolist() == [0]
+    assert m.step(admit=[(5, seq(3000, 20))], fcfs=np.True_)[0].tolist() == [0]
+    for bad in ("yes", 1, [True]):
+        with pytest.raises(InvalidArgumentError, match="fcfs"):
+            m.step(admit=[(7, seq(4000, 20))], fcfs=bad)
+    assert 7 not in m
+    with pytest.raises(InvalidArgumentError, match="write_through"):
+        KVCacheManager(small_spec(), 8 << 20, write_through="no")
     m.validate()
 
 

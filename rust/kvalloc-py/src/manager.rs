@@ -126,7 +126,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = false, watermark = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = None, watermark = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -144,10 +144,11 @@ impl PyKVCacheManager {
         remote_username: Option<String>,
         remote_password: Option<String>,
         remote_prefix: Option<String>,
-        write_through: bool,
+        write_through: Option<&Bound<'_, PyAny>>,
         watermark: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
+        let write_through = flag(write_through, "write_through")?;
         let watermark = match watermark.filter(|w| !w.is_none()) {
             None => 0.0,
             Some(w) => w.extract::<f64>().map_err(|_| {
@@ -383,7 +384,7 @@ impl PyKVCacheManager {
     ///
     /// Returns `(admitted, extended)`: int64 hits per admission (-1 where it did not fit, -2
     /// where `fcfs` did not attempt it) and bools per extension.
-    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None, fcfs = false))]
+    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None, fcfs = None))]
     #[allow(clippy::too_many_arguments)]
     fn step<'py>(
         &self,
@@ -398,8 +399,9 @@ impl PyKVCacheManager {
         admit_ids: Option<&Bound<'py, PyAny>>,
         admit_tokens: Option<&Bound<'py, PyAny>>,
         admit_lens: Option<&Bound<'py, PyAny>>,
-        fcfs: bool,
+        fcfs: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<StepArrays<'py>> {
+        let fcfs = flag(fcfs, "fcfs")?;
         let ids = |o: Option<&Bound<'py, PyAny>>, what| match o.filter(|o| !o.is_none()) {
             Some(o) => id_list(o, what),
             None => Ok(Vec::new()),
@@ -885,5 +887,26 @@ fn fill_tables<'py>(
             write(cells, width)?;
             Ok(a)
         }
+    }
+}
+
+/// An optional yes/no argument: a Python `bool` (or numpy bool); None or absent is false.
+fn flag(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<bool> {
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok(false),
+        Some(o) => o
+            .cast::<pyo3::types::PyBool>()
+            .map(|b| b.is_true())
+            .or_else(|_| {
+                // numpy.bool_ is not a Python bool.
+                if matches!(type_name(o).as_str(), "bool" | "bool_") {
+                    o.is_truthy()
+                } else {
+                    Err(invalid(
+                        what,
+                        format!("expected True or False, got {}", type_name(o)),
+                    ))
+                }
+            }),
     }
 }
