@@ -174,7 +174,7 @@ class KVCacheManager:
         remote_username: str | None = None,
         remote_password: str | None = None,
         remote_prefix: str | None = None,
-        write_through: bool = False,
+        write_through: bool | None = None,
         watermark: float | None = None,
     ) -> KVCacheManager:
         """Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
@@ -238,7 +238,7 @@ class KVCacheManager:
         admit_ids: _IdArray | None = None,
         admit_tokens: _TokenArray | None = None,
         admit_lens: _IdArray | None = None,
-        fcfs: bool = False,
+        fcfs: bool | None = None,
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
         """One scheduler step in one call (GIL released): finishes and aborts, then extensions,
         then admissions (the ``admit`` list of ``(req_id, tokens[, salt[, max_tokens]])``, then
