@@ -157,19 +157,26 @@ proptest! {
     }
 }
 
-/// A retry while nothing changed is refused (and counted) again, and admitted as soon as memory
-/// comes back.
-#[test]
-fn retry_refused_until_memory_comes_back() {
-    let mut m = KVCacheManager::new(spec(), 96 << 10, ManagerConfig::default()).unwrap();
+/// Admits requests 0, 1, ... with distinct `len`-token prompts until one is refused; returns
+/// how many are running.
+fn fill(m: &mut KVCacheManager, len: u16) -> u64 {
     let mut id = 0;
     while m
-        .admit(id, Prompt::Tokens(&prompt(1, 300, id as u16)), None, None)
+        .admit(id, Prompt::Tokens(&prompt(1, len, id as u16)), None, None)
         .unwrap()
         .is_some()
     {
         id += 1;
     }
+    id
+}
+
+/// A retry while nothing changed is refused (and counted) again, and admitted as soon as memory
+/// comes back.
+#[test]
+fn retry_refused_until_memory_comes_back() {
+    let mut m = KVCacheManager::new(spec(), 96 << 10, ManagerConfig::default()).unwrap();
+    let id = fill(&mut m, 300);
     let head = prompt(2, 390, 100);
     assert_eq!(
         m.admit(id + 1, Prompt::Tokens(&head), None, None).unwrap(),
@@ -200,20 +207,9 @@ fn admission_reserve_is_left_for_extensions() {
         admission_reserve_bytes: reserve,
         ..ManagerConfig::default()
     };
-    let fill = |m: &mut KVCacheManager| {
-        let mut id = 0;
-        while m
-            .admit(id, Prompt::Tokens(&prompt(1, 120, id as u16)), None, None)
-            .unwrap()
-            .is_some()
-        {
-            id += 1;
-        }
-        id
-    };
     let mut plain = KVCacheManager::new(spec(), cap, config(0)).unwrap();
     let mut reserved = KVCacheManager::new(spec(), cap, config(cap / 4)).unwrap();
-    let (n_plain, n_reserved) = (fill(&mut plain), fill(&mut reserved));
+    let (n_plain, n_reserved) = (fill(&mut plain, 120), fill(&mut reserved, 120));
     assert!(
         n_reserved < n_plain,
         "{n_reserved} admitted with a reserve, {n_plain} without"
