@@ -93,6 +93,12 @@ def test_step_batches_a_scheduler_step():
     with pytest.raises(RequestError):
         m.step(finish=[2], extend_ids=[99], extend_tokens=np.array([1], dtype=np.int64))
     assert m.stats() == before and 2 in m
+    # One token each unless extend_lens says otherwise: a count mismatch is refused whole.
+    with pytest.raises(InvalidArgumentError, match="extend_tokens"):
+        m.step(finish=[2], extend_ids=[2, 3], extend_tokens=np.arange(3, dtype=np.int64))
+    with pytest.raises(InvalidArgumentError, match="extend_lens"):
+        m.step(extend_ids=[2, 3], extend_tokens=np.arange(3, dtype=np.int64), extend_lens=[1])
+    assert m.stats() == before and 2 in m
 
 
 def test_step_admissions_take_max_tokens_like_admit():

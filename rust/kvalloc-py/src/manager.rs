@@ -505,12 +505,22 @@ impl PyKVCacheManager {
                     "give extend_tokens or extend_counts, not both",
                 ))
             }
+            // One token each (the decode step): no lengths to check.
+            (Some(tokens), true) if ext_lens.is_empty() => {
+                if tokens.len() != ext_ids.len() {
+                    return Err(invalid(
+                        "extend_tokens",
+                        format!(
+                            "{} tokens for {} extend_ids (one each without extend_lens)",
+                            tokens.len(),
+                            ext_ids.len()
+                        ),
+                    ));
+                }
+                spans.extend((0..ext_ids.len()).map(|k| (k, k + 1)));
+            }
             (Some(tokens), true) => {
-                let lens: Vec<u64> = if ext_lens.is_empty() {
-                    vec![1; ext_ids.len()]
-                } else {
-                    ext_lens
-                };
+                let lens = ext_lens;
                 if lens.len() != ext_ids.len() {
                     return Err(invalid(
                         "extend_lens",

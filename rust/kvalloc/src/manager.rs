@@ -619,7 +619,7 @@ fn release_below_window(
 /// Hashes a running request's newly completed output blocks (prompt blocks are hashed at
 /// admission): from its token ids, or, for a request admitted with block hashes, from ids
 /// unique to the request and position (opaque output nothing else can match).
-#[inline]
+#[inline(always)]
 fn hash_output(bm: BlockMath, r: &mut Request, tokens: Option<&[i64]>) {
     match tokens {
         // A decode token that completes no block: only remember it.
@@ -1850,7 +1850,7 @@ impl KVCacheManager {
 
     /// Whether request `id` accepts `ext` (used by `extend` and, for the whole batch before
     /// anything changes, by `step`).
-    #[inline]
+    #[inline(always)]
     fn check_extension(id: u64, r: &Request, ext: Extension<'_>) -> Result<()> {
         let n = match ext {
             Extension::Tokens(t) => t.len() as u64,
