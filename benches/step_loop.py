@@ -9,47 +9,26 @@ one `KVCacheManager.step` call. Between steps the 16 oldest requests finish (unt
         .venv/bin/python benches/step_loop.py 128 96 300      # instructions in step, / 300 per step
 """
 
-import itertools
 import sys
 import time
 
 import numpy as np
 
-from kvalloc import KVCacheManager, ModelSpec
-
-RUNNING, ADMITS = 256, 16
+from step_workload import ADMITS, start, step_args
 
 
 def main() -> None:
     length, shared, steps = (int(a) for a in (sys.argv[1:4] or ["128", "96", "3000"]))
     thrash = np.zeros(int(sys.argv[4]) << 17, dtype=np.int64) if len(sys.argv) > 4 else None
 
-    def prompt(rid: int) -> np.ndarray:
-        own = np.arange(1_000_000 + rid * length, 1_000_000 + (rid + 1) * length - shared, dtype=np.int64)
-        return np.concatenate([np.arange(shared, dtype=np.int64), own])
-
-    m = KVCacheManager(ModelSpec.preset("mimo-v2.5-pro"), 1 << 40)
-    ids = itertools.count()
-    running = []
-    for _ in range(RUNNING):
-        rid = next(ids)
-        m.admit(rid, prompt(rid))
-        running.append(rid)
+    m, ids, running = start(1 << 40, length, shared)
     rng = np.random.default_rng(0)
     times = []
     for _ in range(steps):
         for rid in running[:ADMITS]:
             m.finish(rid)
         del running[:ADMITS]
-        new = [next(ids) for _ in range(ADMITS)]
-        args = dict(
-            extend_ids=np.array(running, dtype=np.int64),
-            extend_tokens=rng.integers(0, 150_000, len(running), dtype=np.int64),
-            admit_ids=np.array(new, dtype=np.int64),
-            admit_tokens=np.concatenate([prompt(rid) for rid in new]),
-            admit_lens=np.full(ADMITS, length, dtype=np.int64),
-        )
-        running.extend(new)
+        args = step_args(running, ids, rng, length, shared)
         if thrash is not None:
             thrash += 1  # evicts the manager's working set from the caches, as other work would
         t = time.perf_counter()

@@ -14,31 +14,10 @@ inputs are prepared beforehand:
     .venv/bin/python -m pytest benches/test_bench_manager.py --benchmark-only
 """
 
-import itertools
-
 import numpy as np
 import pytest
 
-from kvalloc import KVCacheManager, ModelSpec
-
-RUNNING = 256
-ADMITS = 16
-
-
-def make_prompt(rid: int, length: int, shared: int) -> np.ndarray:
-    own = np.arange(1_000_000 + rid * length, 1_000_000 + rid * length + length - shared, dtype=np.int64)
-    return np.concatenate([np.arange(shared, dtype=np.int64), own])
-
-
-def start(capacity: int, length: int, shared: int):
-    m = KVCacheManager(ModelSpec.preset("mimo-v2.5-pro"), capacity)
-    ids = itertools.count()
-    running = []
-    for _ in range(RUNNING):
-        rid = next(ids)
-        assert m.admit(rid, make_prompt(rid, length, shared)) is not None
-        running.append(rid)
-    return m, ids, running
+from step_workload import ADMITS, RUNNING, make_prompt, start, step_args
 
 
 @pytest.mark.parametrize("length,shared", [(128, 96), (512, 384)])
@@ -60,16 +39,7 @@ def test_step_decode256_admit16(benchmark, length, shared):
         if len(running) > RUNNING:
             m.step(finish=np.array(running[:ADMITS], dtype=np.int64))
             del running[:ADMITS]
-        new = [next(ids) for _ in range(ADMITS)]
-        args = dict(
-            extend_ids=np.array(running, dtype=np.int64),
-            extend_tokens=rng.integers(0, 150_000, len(running), dtype=np.int64),
-            # The flat admission form: three arrays instead of 16 tuples.
-            admit_ids=np.array(new, dtype=np.int64),
-            admit_tokens=np.concatenate([make_prompt(rid, length, shared) for rid in new]),
-            admit_lens=np.full(ADMITS, length, dtype=np.int64),
-        )
-        running.extend(new)
+        args = step_args(running, ids, rng, length, shared)
         return (), args
 
     def step(**kwargs):

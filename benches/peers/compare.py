@@ -50,6 +50,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, default=3,
                    help="runs per manager, each on a fresh manager; the fastest is reported (the "
                         "machines are shared and noisy; every run gives the same hits)")
+    p.add_argument("--kvalloc-watermark", type=float, default=0.0,
+                   help="kvalloc's admission watermark (a fraction of the memory every admission "
+                        "leaves free or evictable); 0: admit whatever fits, as the peers do")
+    p.add_argument("--gc", action="store_true",
+                   help="keep Python's cyclic garbage collector on in the timed runs (off by "
+                        "default, as timeit does)")
     p.add_argument("--managers", default="kvalloc,vllm,sglang", help="comma-separated subset of kvalloc,vllm,sglang")
     p.add_argument("--trace", type=Path, default=TRACE)
     return p.parse_args(argv)
@@ -112,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for _ in range(max(1, a.repeat)):
             t0 = time.perf_counter()
-            driver = getattr(importlib.import_module(module), cls)(geo, capacity)
+            extra = {"watermark": a.kvalloc_watermark} if name == "kvalloc" else {}
+            driver = getattr(importlib.import_module(module), cls)(geo, capacity, **extra)
             setup = time.perf_counter() - t0
             # As timeit does: no cyclic-GC pauses inside the timed calls, for every manager.
             gc.collect()
-            gc.disable()
+            if not a.gc:
+                gc.disable()
             try:
                 runs.append(sim.run(driver, reqs, a.max_running, a.max_prefill_tokens))
             finally:

@@ -24,9 +24,11 @@ from workload import Request
 class KvallocDriver:
     name = "kvalloc"
 
-    def __init__(self, geo: Geometry, capacity_bytes: int) -> None:
+    def __init__(self, geo: Geometry, capacity_bytes: int, watermark: float = 0.0) -> None:
         spec = kvalloc.ModelSpec.from_hf_config(geo.hf_config())
-        self.m = kvalloc.KVCacheManager(spec, capacity_bytes, block_tokens=geo.block_tokens)
+        self.m = kvalloc.KVCacheManager(
+            spec, capacity_bytes, block_tokens=geo.block_tokens, watermark=watermark
+        )
         self.groups = len(spec.groups)
         self.block = geo.block_tokens
         self.seconds = 0.0

@@ -900,23 +900,15 @@ fn fill_tables<'py>(
     }
 }
 
-/// An optional yes/no argument: a Python `bool` (or numpy bool); None or absent is false.
+/// An optional yes/no argument: True or False (numpy bools too); None or absent is false.
 fn flag(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<bool> {
     match obj.filter(|o| !o.is_none()) {
         None => Ok(false),
-        Some(o) => o
-            .cast::<pyo3::types::PyBool>()
-            .map(|b| b.is_true())
-            .or_else(|_| {
-                // numpy.bool_ is not a Python bool.
-                if matches!(type_name(o).as_str(), "bool" | "bool_") {
-                    o.is_truthy()
-                } else {
-                    Err(invalid(
-                        what,
-                        format!("expected True or False, got {}", type_name(o)),
-                    ))
-                }
-            }),
+        Some(o) => o.extract::<bool>().map_err(|_| {
+            invalid(
+                what,
+                format!("expected True or False, got {}", type_name(o)),
+            )
+        }),
     }
 }

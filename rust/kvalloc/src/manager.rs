@@ -503,8 +503,9 @@ pub struct KVCacheManager {
     scratch: Freed,
     scratch_handles: Vec<Handle>,
     scratch_plan: Vec<Slot>,
-    /// Slots of a step's extensions (see `step`).
+    /// Slots of a step's extensions, and the ids it admits (see `check_step`).
     scratch_slots: Vec<usize>,
+    scratch_ids: ReqSet,
     /// Token <-> block arithmetic for `config.block_tokens`.
     bm: BlockMath,
     /// Records of finished requests, reused by admissions. Boxed because the running map holds
@@ -794,6 +795,7 @@ impl KVCacheManager {
             scratch_handles: Vec::new(),
             scratch_plan: Vec::new(),
             scratch_slots: Vec::new(),
+            scratch_ids: ReqSet::default(),
             bm,
             request_pool: Vec::new(),
             steps: 0,
@@ -1752,11 +1754,22 @@ impl KVCacheManager {
     /// Serves a whole scheduler step in one call. Every id is checked before anything changes:
     /// an unknown or repeated id is an error and the step does nothing.
     pub fn step(&mut self, step: &Step<'_>) -> Result<StepOutcome> {
-        // Each running request named in this step is stamped with the step's number: a second
-        // mention finds its stamp (one lookup per request, no temporary sets).
         self.steps += 1;
-        let stamp = self.steps;
         self.reap_loads();
+        // The slot of each extension's request, found once while checking and used to run it.
+        let mut slots = std::mem::take(&mut self.scratch_slots);
+        let out = self
+            .check_step(step, &mut slots)
+            .and_then(|()| self.run_step(step, &slots));
+        self.scratch_slots = slots;
+        out
+    }
+
+    /// Checks every id and argument of a step, changing nothing but stamps: each running
+    /// request named is stamped with the step's number, so a second mention finds its stamp
+    /// (one lookup per request, no temporary sets). Fills `slots` with the extensions' slots.
+    fn check_step(&mut self, step: &Step<'_>, slots: &mut Vec<usize>) -> Result<()> {
+        let stamp = self.steps;
         for &id in step.finish.iter().chain(&step.abort) {
             match self.requests.slot(id).and_then(|s| self.requests.at_mut(s)) {
                 Some(r) if r.stamp != stamp => r.stamp = stamp,
@@ -1768,8 +1781,6 @@ impl KVCacheManager {
                 }
             }
         }
-        // The slot of each extension's request, found once here and used below.
-        let mut slots = std::mem::take(&mut self.scratch_slots);
         slots.clear();
         for &(id, ext) in &step.extend {
             let slot = self.requests.slot(id);
@@ -1777,7 +1788,6 @@ impl KVCacheManager {
                 .and_then(|s| self.requests.at_mut(s))
                 .filter(|r| r.stamp != stamp)
             else {
-                self.scratch_slots = slots;
                 return Err(Error::Request {
                     req: id,
                     message: "is not running, repeated, or also finished/aborted in this step"
@@ -1785,39 +1795,31 @@ impl KVCacheManager {
                 });
             };
             r.stamp = stamp;
-            if let Err(e) = Self::check_extension(id, r, ext) {
-                self.scratch_slots = slots;
-                return Err(e);
-            }
+            Self::check_extension(id, r, ext)?;
             slots.push(slot.expect("found above"));
         }
-        // Repeats among a step's few admissions by a scan; a set only for long lists.
-        let mut adm_seen = ReqSet::default();
-        let few = step.admit.len() <= 32;
-        for (k, a) in step.admit.iter().enumerate() {
-            let repeated = if few {
-                step.admit[..k].iter().any(|b| b.req == a.req)
-            } else {
-                !adm_seen.insert(a.req)
-            };
-            if self.requests.contains(a.req) || repeated {
-                self.scratch_slots = slots;
+        let mut seen = std::mem::take(&mut self.scratch_ids);
+        seen.clear();
+        let admissions = step.admit.iter().try_for_each(|a| {
+            if self.requests.contains(a.req) || !seen.insert(a.req) {
                 return Err(Error::Request {
                     req: a.req,
                     message: "is already running or admitted twice in this step".into(),
                 });
             }
-            let checked = self
-                .check_prompt(&a.prompt)
-                .and_then(|()| match a.max_tokens {
-                    Some(0) => Err(Error::invalid("max_tokens", "must be positive (or None)")),
-                    _ => Ok(()),
-                });
-            if let Err(e) = checked {
-                self.scratch_slots = slots;
-                return Err(e);
+            self.check_prompt(&a.prompt)?;
+            match a.max_tokens {
+                Some(0) => Err(Error::invalid("max_tokens", "must be positive (or None)")),
+                _ => Ok(()),
             }
-        }
+        });
+        self.scratch_ids = seen;
+        admissions
+    }
+
+    /// Runs a checked step: finishes and aborts, extensions (by the slots `check_step` found),
+    /// admissions.
+    fn run_step(&mut self, step: &Step<'_>, slots: &[usize]) -> Result<StepOutcome> {
         for &id in &step.finish {
             self.finish(id)?;
         }
@@ -1828,16 +1830,9 @@ impl KVCacheManager {
             extended: Vec::with_capacity(step.extend.len()),
             admitted: Vec::with_capacity(step.admit.len()),
         };
-        for (&(id, ext), &slot) in step.extend.iter().zip(&slots) {
-            match self.extend_at(slot, id, ext) {
-                Ok(ok) => out.extended.push(ok),
-                Err(e) => {
-                    self.scratch_slots = slots;
-                    return Err(e);
-                }
-            }
+        for (&(id, ext), &slot) in step.extend.iter().zip(slots) {
+            out.extended.push(self.extend_at(slot, id, ext)?);
         }
-        self.scratch_slots = slots;
         for a in &step.admit {
             let hit = self.admit(a.req, a.prompt, a.salt, a.max_tokens)?;
             out.admitted.push(hit);

@@ -1,0 +1,50 @@
+"""The scheduler step of issue 3, shared by `test_bench_manager.py` (pytest-benchmark) and
+`step_loop.py` (a plain loop): 256 running requests each extended by one decode token plus 16
+admissions of prompts that share their first `shared` tokens, on mimo-v2.5-pro with 16-token
+blocks. Not a test module (pytest collects only test_*.py)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import numpy as np
+
+from kvalloc import KVCacheManager, ModelSpec
+
+RUNNING = 256
+ADMITS = 16
+
+
+def make_prompt(rid: int, length: int, shared: int) -> np.ndarray:
+    own = np.arange(1_000_000 + rid * length, 1_000_000 + rid * length + length - shared, dtype=np.int64)
+    return np.concatenate([np.arange(shared, dtype=np.int64), own])
+
+
+def start(capacity: int, length: int, shared: int) -> tuple[KVCacheManager, Iterator[int], list[int]]:
+    """A manager with RUNNING requests admitted: (manager, next ids, running ids)."""
+    m = KVCacheManager(ModelSpec.preset("mimo-v2.5-pro"), capacity)
+    ids = itertools.count()
+    running = []
+    for _ in range(RUNNING):
+        rid = next(ids)
+        assert m.admit(rid, make_prompt(rid, length, shared)) is not None
+        running.append(rid)
+    return m, ids, running
+
+
+def step_args(
+    running: list[int], ids: Iterator[int], rng: np.random.Generator, length: int, shared: int
+) -> dict[str, np.ndarray]:
+    """`step` arguments for one decode token per running request and ADMITS new requests (in
+    the flat admission form: three arrays instead of 16 tuples); the new ids join `running`."""
+    new = [next(ids) for _ in range(ADMITS)]
+    args = dict(
+        extend_ids=np.array(running, dtype=np.int64),
+        extend_tokens=rng.integers(0, 150_000, len(running), dtype=np.int64),
+        admit_ids=np.array(new, dtype=np.int64),
+        admit_tokens=np.concatenate([make_prompt(rid, length, shared) for rid in new]),
+        admit_lens=np.full(ADMITS, length, dtype=np.int64),
+    )
+    running.extend(new)
+    return args
