@@ -314,14 +314,8 @@ impl DiskStore {
             Err(e) => return Err(io_err(e)),
         };
         let header = self.read_header(&file, key)?;
+        header.check_range(first_layer, dst.len())?;
         let lb = header.layer_bytes as usize;
-        if dst.len() % lb != 0 || first_layer as usize + dst.len() / lb > header.layers() as usize {
-            return Err(StoreError::Io(format!(
-                "read of {} bytes from layer {first_layer} does not fit the record's {} layers of {lb} bytes",
-                dst.len(),
-                header.layers()
-            )));
-        }
         let layers_per_chunk = (READ_CHUNK_BYTES / lb).max(1);
         let mut offset = (header.encoded_len() + first_layer as usize * lb) as u64;
         let mut layer = first_layer;

@@ -367,7 +367,7 @@ impl RemoteStore {
         }
         let header = header?;
         let lb = header.layer_bytes as usize;
-        check_range(&header, first_layer, dst.len())?;
+        header.check_range(first_layer, dst.len())?;
         self.buf.clear();
         push_getrange(
             &mut self.buf,
@@ -391,7 +391,7 @@ impl RemoteStore {
         push_command(&mut self.buf, &[b"GET", rkey.as_bytes()]);
         let value = self.single_bulk()?;
         let header = self.decode_header(&value, key)?;
-        check_range(&header, first_layer, dst.len())?;
+        header.check_range(first_layer, dst.len())?;
         let start = header.encoded_len() + first_layer as usize * header.layer_bytes as usize;
         let body = value.get(start..start + dst.len()).unwrap_or(&[]);
         finish_read(&header, first_layer, body, dst)
@@ -567,17 +567,6 @@ impl BlockStore for RemoteStore {
 }
 
 /// Checks that `len` bytes from `first_layer` are whole layers inside the record.
-fn check_range(header: &RecordHeader, first_layer: u32, len: usize) -> Result<(), StoreError> {
-    let lb = header.layer_bytes as usize;
-    if len % lb != 0 || first_layer as usize + len / lb > header.layers() as usize {
-        return Err(StoreError::Io(format!(
-            "read of {len} bytes from layer {first_layer} does not fit the record's {} layers of {lb} bytes",
-            header.layers()
-        )));
-    }
-    Ok(())
-}
-
 /// Verifies `body` (the requested layers) and only then copies it into `dst`.
 fn finish_read(
     header: &RecordHeader,
@@ -585,7 +574,7 @@ fn finish_read(
     body: &[u8],
     dst: &mut [u8],
 ) -> Result<(), StoreError> {
-    check_range(header, first_layer, dst.len())?;
+    header.check_range(first_layer, dst.len())?;
     if body.len() != dst.len() {
         return Err(StoreError::Corrupt(format!(
             "value truncated: {} of {} bytes",

@@ -227,6 +227,19 @@ impl RecordHeader {
         Ok(())
     }
 
+    /// Whether reading `len` bytes from layer `first_layer` stays inside the record (whole
+    /// layers only).
+    pub fn check_range(&self, first_layer: u32, len: usize) -> Result<(), StoreError> {
+        let lb = self.layer_bytes as usize;
+        if len % lb != 0 || first_layer as usize + len / lb > self.layers() as usize {
+            return Err(StoreError::Io(format!(
+                "read of {len} bytes from layer {first_layer} does not fit the record's {} layers of {lb} bytes",
+                self.layers()
+            )));
+        }
+        Ok(())
+    }
+
     /// Verifies layers `[first, first + n)` read into `data`.
     pub fn verify_layers(&self, first_layer: u32, data: &[u8]) -> Result<(), StoreError> {
         let lb = self.layer_bytes as usize;
