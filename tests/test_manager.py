@@ -242,6 +242,78 @@ def test_block_tables_batch_equals_single_calls():
     m.validate()
 
 
+def test_block_tables_from_a_start_block():
+    m = KVCacheManager(small_spec(), 256 << 20)
+    for i, n in enumerate([40, 300, 17]):
+        m.admit(i, seq(1000 * i, n))
+    ids = [2, 0, 1]
+    lens = [m.block_tables([i], 0).shape[1] for i in ids]  # 2, 3, 19 blocks
+    starts = [0, 2, 11]
+    for g in range(len(m.spec.groups)):
+        rows = m.block_tables(ids, g, start=starts)
+        assert rows.shape == (3, max(n - s for n, s in zip(lens, starts)))
+        for k, i in enumerate(ids):
+            tail = m.block_table(i, g)[starts[k]:]
+            assert rows[k, : len(tail)].tolist() == tail.tolist()
+            assert (rows[k, len(tail):] == NULL_PAGE).all()
+        # One start for every row; a start at the table's end reads nothing.
+        same = m.block_tables(ids, g, start=1)
+        for k, i in enumerate(ids):
+            tail = m.block_table(i, g)[1:]
+            assert same[k, : len(tail)].tolist() == tail.tolist()
+        assert m.block_tables([1], g, start=np.array([19])).shape == (1, 0)
+    # A decode step that opens a block: the new block alone, in every group.
+    for t in range(300, 304):
+        assert m.extend(1, np.array([t], dtype=np.int64))
+    assert m.num_tokens(1) == 304
+    assert m.block_tables([1], 0, start=19).shape == (1, 0)
+    m.extend(1, np.array([7] * 1, dtype=np.int64))  # 305 tokens: still 20 blocks
+    new = m.block_tables([1], start=[19])
+    assert [a.shape for a in new] == [(1, 1)] * len(m.spec.groups)
+    assert [int(a[0, 0]) for a in new] == [int(m.block_table(1, g)[19]) for g in range(len(m.spec.groups))]
+    # Into the engine's own array, written from column 0 of each row.
+    out = np.full((1, 4), 77, dtype=np.int32)
+    m.block_tables([1], 0, out=out, start=18)
+    assert out[0].tolist() == m.block_table(1, 0)[18:].tolist() + [77, 77]
+    # Bad starts change nothing and say what was wrong.
+    with pytest.raises(InvalidArgumentError, match="start.*past"):
+        m.block_tables(ids, 0, start=[0, 0, 99])
+    with pytest.raises(InvalidArgumentError, match="start.*2 starts for 3"):
+        m.block_tables(ids, 0, start=[0, 0])
+    with pytest.raises(InvalidArgumentError, match="start.*>= 0"):
+        m.block_tables(ids, 0, start=[0, -1, 0])
+    with pytest.raises(InvalidArgumentError, match="start"):
+        m.block_tables(ids, 0, start=-1)
+    with pytest.raises(InvalidArgumentError, match="start"):
+        m.block_tables(ids, 0, start="x")
+    m.validate()
+
+
+def test_step_result_counts_and_unpacks():
+    m = KVCacheManager(small_spec(), 4 << 20)
+    res = m.step(admit=[(1, seq(0, 100)), (2, seq(5000, 10**6)), (3, seq(7000, 50))], fcfs=True)
+    assert isinstance(res, kvalloc.StepResult)
+    assert res.admitted == 1 and res.refused_extensions == 0
+    assert res.hits.tolist() == [0, -1, -2] and res.hits is res.hits  # made once
+    assert res.extended.dtype == np.bool_ and res.extended.shape == (0,)
+    hits, extended = res
+    assert hits is res.hits and extended is res.extended and len(res) == 2
+    assert res[0] is res.hits and res[-1] is res.extended and res[-2] is res.hits
+    with pytest.raises(IndexError):
+        res[2]
+    assert "admitted=1 of 3" in repr(res)
+    # Grow request 1 until the budget runs out: the count says so without reading the array.
+    t = 0
+    while True:
+        res = m.step(extend_ids=[1], extend_tokens=np.array([t], dtype=np.int64))
+        assert res.refused_extensions == int((~res.extended).sum())
+        if res.refused_extensions:
+            break
+        t += 1
+    assert res.extended.tolist() == [False] and res.admitted == 0 and res.hits.shape == (0,)
+    m.validate()
+
+
 def test_block_hashes_prompts():
     m = KVCacheManager(small_spec(), 256 << 20)
     ids = np.arange(100, 164, dtype=np.uint64)

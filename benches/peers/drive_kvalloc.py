@@ -4,10 +4,12 @@ Per scheduler step: one `step(finish=..., extend_ids=..., extend_tokens=...)` fo
 finishes and this step's decode tokens; one flat `step(admit_ids=, admit_tokens=, admit_lens=,
 fcfs=True)` for the admissions (kept apart so that, as in the peers, nothing is admitted in a
 step that had to preempt; `fcfs` stops at the first that does not fit, as the peers' schedulers
-do). The engine's block tables are read where they change, with one `block_tables` call for
-all groups: those of the admitted requests, and of the running requests whose new token opens a
-block. Preemption is `finish` (the computed blocks stay cached) and a later admission of
-prompt + output so far, as the README prescribes.
+do). The step's `StepResult` answers "did every extension fit" and "how many got in" as ints.
+The engine keeps its own block tables, as vLLM's workers do, and reads only what it lacks,
+with one `block_tables` call for all groups: the whole tables of the admitted requests, and
+the new block of each running request whose new token opens one (`start=` its index, as
+vLLM's `allocate_slots` returns only new blocks). Preemption is `finish` (the computed blocks
+stay cached) and a later admission of prompt + output so far, as the README prescribes.
 """
 
 from __future__ import annotations
@@ -38,22 +40,24 @@ class KvallocDriver:
         # Deferred into the next decode call: one `step` carries both.
         self._finish.extend(r.rid for r in reqs)
 
-    def _tables(self, rids: list[int]) -> None:
-        if rids:
-            self.m.block_tables(rids)  # every group's, one call
-
     def decode(self, running: list[Request]) -> list[Request]:
         m = self.m
         ids = np.fromiter((r.rid for r in running), dtype=np.int64, count=len(running))
         toks = np.fromiter((r.output[r.generated - 1] for r in running), dtype=np.int64, count=len(running))
-        # Requests whose new token opens a block (the scheduler knows every request's length).
+        # Requests whose new token opens a block, and that block's index (the scheduler knows
+        # every request's length).
         block = self.block
-        opened = [r.rid for r in running if (len(r.prompt) + r.generated - 1) % block == 0]
+        opened: list[tuple[int, int]] = []
+        for r in running:
+            n = len(r.prompt) + r.generated - 1  # tokens before the new one
+            if n % block == 0:
+                opened.append((r.rid, n // block))
         t0 = time.perf_counter()
-        _, ok = m.step(finish=self._finish, extend_ids=ids, extend_tokens=toks)
+        res = m.step(finish=self._finish, extend_ids=ids, extend_tokens=toks)
         self._finish = []
         preempted: list[Request] = []
-        if not ok.all():
+        if res.refused_extensions:
+            ok = res.extended
             # Preempt from the tail until each refused extension fits.
             i = 0
             while i < len(running):
@@ -66,10 +70,10 @@ class KvallocDriver:
                         if victim is r or m.extend(r.rid, np.array([toks[i]], dtype=np.int64)):
                             break
                 i += 1
-        if preempted:
             gone = {r.rid for r in preempted}
-            opened = [rid for rid in opened if rid not in gone]
-        self._tables(opened)
+            opened = [o for o in opened if o[0] not in gone]
+        if opened:
+            m.block_tables([rid for rid, _ in opened], start=[at for _, at in opened])
         self.seconds += time.perf_counter() - t0
         return preempted
 
@@ -79,16 +83,13 @@ class KvallocDriver:
         lens = np.fromiter((len(c) for c in ctxs), dtype=np.int64, count=len(reqs))
         toks = np.concatenate(ctxs)
         t0 = time.perf_counter()
-        hits, _ = self.m.step(finish=self._finish, admit_ids=ids, admit_tokens=toks, admit_lens=lens, fcfs=True)
+        res = self.m.step(finish=self._finish, admit_ids=ids, admit_tokens=toks, admit_lens=lens, fcfs=True)
         self._finish = []
-        # FCFS: the admitted requests are a prefix of the queue (small: plain Python is faster
-        # than numpy here).
-        out: list[int] = []
-        for h in hits.tolist():
-            if h < 0:
-                break
-            out.append(h)
-        self._tables([r.rid for r in reqs[: len(out)]])
+        # FCFS: the admitted requests are the first `res.admitted` of the queue.
+        n = res.admitted
+        out: list[int] = res.hits[:n].tolist() if n else []
+        if n:
+            self.m.block_tables([r.rid for r in reqs[:n]])  # whole tables, every group's
         self.seconds += time.perf_counter() - t0
         return out
 

@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module ``kvalloc._core`` (hand-written)."""
 
 import os
-from typing import Any, Callable, Literal, Sequence, final, overload
+from typing import Any, Callable, Iterator, Literal, Sequence, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -148,6 +148,32 @@ class BlockHashes:
     def __len__(self) -> int: ...
 
 @final
+class StepResult:
+    """What one ``KVCacheManager.step`` did. Unpacks as ``hits, extended = m.step(...)``."""
+
+    @property
+    def hits(self) -> npt.NDArray[np.int64]:
+        """Per admission: prompt tokens served from cache; -1 refused; -2 not attempted
+        (after an ``fcfs`` refusal)."""
+    @property
+    def extended(self) -> npt.NDArray[np.bool_]:
+        """Per extension: whether it fit."""
+    @property
+    def admitted(self) -> int:
+        """Admissions that got in (with ``fcfs``, the first ``admitted`` of the step's)."""
+    @property
+    def refused_extensions(self) -> int:
+        """Extensions that did not fit (0: every one did)."""
+    def __len__(self) -> int: ...
+    @overload
+    def __getitem__(self, index: Literal[0, -2], /) -> npt.NDArray[np.int64]: ...
+    @overload
+    def __getitem__(self, index: Literal[1, -1], /) -> npt.NDArray[np.bool_]: ...
+    @overload
+    def __getitem__(self, index: int, /) -> npt.NDArray[np.int64] | npt.NDArray[np.bool_]: ...
+    def __iter__(self) -> Iterator[npt.NDArray[np.int64] | npt.NDArray[np.bool_]]: ...
+
+@final
 class KVCacheManager:
     """The SWA-aware KV cache manager an engine scheduler drives.
 
@@ -205,7 +231,11 @@ class KVCacheManager:
         """Page indices of the request's blocks in group ``group`` (NULL_PAGE where none)."""
     @overload
     def block_tables(
-        self, req_ids: _IdArray, group: int, out: npt.NDArray[np.int32] | None = None
+        self,
+        req_ids: _IdArray,
+        group: int,
+        out: npt.NDArray[np.int32] | None = None,
+        start: int | _IdArray | None = None,
     ) -> npt.NDArray[np.int32]: ...
     @overload
     def block_tables(
@@ -213,11 +243,14 @@ class KVCacheManager:
         req_ids: _IdArray,
         group: None = None,
         out: Sequence[npt.NDArray[np.int32]] | None = None,
+        start: int | _IdArray | None = None,
     ) -> tuple[npt.NDArray[np.int32], ...]:
         """Block tables of many requests in one call: row i is ``block_table(req_ids[i],
         group)``. A new array padded with NULL_PAGE, or written into the rows of ``out`` (a
         C-contiguous 2D int32 array; entries past each table are left as they were). With
-        ``group=None``, a tuple with every group's (``out``: one array per group)."""
+        ``group=None``, a tuple with every group's (``out``: one array per group). With
+        ``start`` (an int, or one per request), row i holds the table from block ``start[i]``
+        on: the new blocks only, for an engine that keeps its own tables."""
     def num_tokens(self, req_id: int) -> int:
         """Tokens scheduled for a running request."""
     def __contains__(self, req_id: object, /) -> bool: ...
@@ -239,12 +272,12 @@ class KVCacheManager:
         admit_tokens: _TokenArray | None = None,
         admit_lens: _IdArray | None = None,
         fcfs: bool | None = None,
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    ) -> StepResult:
         """One scheduler step in one call (GIL released): finishes and aborts, then extensions,
         then admissions (the ``admit`` list of ``(req_id, tokens[, salt[, max_tokens]])``, then
         the flat ``admit_ids``/``admit_tokens``/``admit_lens`` form). With ``fcfs``, admissions
-        stop at the first that does not fit. Returns (hits per admission, -1 if refused, -2 if
-        ``fcfs`` did not attempt it; whether each extension fit)."""
+        stop at the first that does not fit. Returns a ``StepResult``, which also unpacks as
+        ``hits, extended``."""
     def stats(self) -> dict[str, Any]:
         """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes; per tier
         (``tiers["host" | "disk" | "remote"]``) capacity, records, promoted tokens, bytes

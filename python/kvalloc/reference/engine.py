@@ -182,23 +182,24 @@ class Engine:
         # takes token ids or counts for its extensions, not both, so with decode and prefill
         # requests both running, decode goes first in a call of its own.
         if decode and prefill:
-            _, ok = self._call(finish=finish, extend_ids=self._ids(decode), extend_tokens=self._decode_tokens(decode))
-            extended(decode, [r.computed + 1 for r in decode], ok)
+            res = self._call(finish=finish, extend_ids=self._ids(decode), extend_tokens=self._decode_tokens(decode))
+            extended(decode, [r.computed + 1 for r in decode], res.extended)
             finish, decode = [], []
         ext = decode or prefill
         ends = [r.computed + 1 if decode else min(r.computed + self.prefill_chunk, r.admitted_len) for r in ext]
         # Admissions, oldest first, while there are free slots, none when memory is short. A
         # request preempted last step is finished in this call, so it cannot be admitted in it.
         admit = [] if refused else self._admission_candidates({r.req_id for r in finishing})
-        hits, ok = self._call(
+        res = self._call(
             finish=finish,
             extend_ids=self._ids(ext),
             extend_tokens=self._decode_tokens(decode) if decode else None,
             extend_counts=None if decode else [e - r.computed for r, e in zip(ext, ends)],
             admit=[(r.req_id, np.array(r.tokens, dtype=np.int64), None, self.prefill_chunk) for r in admit],
         )
-        extended(ext, ends, ok)
-        if refused and (hits >= 0).any():
+        hits = res.hits
+        extended(ext, ends, res.extended)
+        if refused and res.admitted:
             # Memory is short: this step's admissions (nothing computed yet) wait after all.
             self._call(abort=[r.req_id for r, h in zip(admit, hits) if h >= 0])
             hits[:] = -1
@@ -212,7 +213,7 @@ class Engine:
                 scheduled.append(self._admitted(r, hit))
         return scheduled
 
-    def _call(self, **kw: Any) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    def _call(self, **kw: Any) -> kvalloc.StepResult:
         self.stats.manager_calls += 1
         return self.m.step(**kw)
 

@@ -142,18 +142,16 @@ pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
     ))
 }
 
-/// Request ids: a 1-D array of non-negative integers (any integer dtype) or a list of ints.
-pub fn id_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
+/// Request ids, lengths, counts or block positions: a 1-D array of non-negative integers (any
+/// integer dtype) or a list of ints.
+pub fn uint_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
     // A list first (schedulers keep ids in lists; an empty one is common), then int64 arrays:
     // what `np.array(ids)` and `np.arange` give.
     let signed: Vec<i64> = if let Ok(list) = obj.cast::<pyo3::types::PyList>() {
         let mut v = Vec::with_capacity(list.len());
         for item in list.iter() {
             v.push(item.extract::<i64>().map_err(|_| {
-                invalid(
-                    what,
-                    format!("expected integer request ids, got {}", type_name(&item)),
-                )
+                invalid(what, format!("expected integers, got {}", type_name(&item)))
             })?);
         }
         v
@@ -168,7 +166,7 @@ pub fn id_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
             invalid(
                 what,
                 format!(
-                    "expected a list or 1-D integer array of request ids, got {}",
+                    "expected a list or 1-D integer array, got {}",
                     describe(obj)
                 ),
             )
@@ -181,10 +179,7 @@ pub fn id_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
     };
     signed
         .into_iter()
-        .map(|x| {
-            u64::try_from(x)
-                .map_err(|_| invalid(what, format!("request ids must be >= 0, got {x}")))
-        })
+        .map(|x| u64::try_from(x).map_err(|_| invalid(what, format!("must be >= 0, got {x}"))))
         .collect()
 }
 

@@ -10,6 +10,7 @@ mod errors;
 mod manager;
 mod sim;
 mod spec;
+mod step_result;
 mod tiers;
 
 use pyo3::prelude::*;
@@ -22,6 +23,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<arena::PySlabArena>()?;
     m.add_class::<manager::PyKVCacheManager>()?;
     m.add_class::<manager::PyBlockHashes>()?;
+    m.add_class::<step_result::PyStepResult>()?;
     m.add_class::<tiers::PyLoadHandle>()?;
     m.add_class::<sim::PyTrace>()?;
     m.add_class::<sim::PySimulator>()?;

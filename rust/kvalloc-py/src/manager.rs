@@ -11,11 +11,12 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::convert::{
-    figures, id_list, non_negative, opt_non_negative, opt_positive, positive, token_ids, type_name,
-    u64_array,
+    figures, non_negative, opt_non_negative, opt_positive, positive, token_ids, type_name,
+    u64_array, uint_list,
 };
 use crate::errors::{invalid, to_py, IntoPyResult};
 use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
+use crate::step_result::PyStepResult;
 
 /// A prompt given as precomputed block hashes (one per block of `block_tokens`, as traces
 /// carry them) instead of token ids.
@@ -52,9 +53,6 @@ impl PyBlockHashes {
         )
     }
 }
-
-/// What `step` returns: hits per admission (-1: refused) and whether each extension fit.
-type StepArrays<'py> = (Bound<'py, PyArray1<i64>>, Bound<'py, PyArray1<bool>>);
 
 /// An admission extracted while attached: (request, prompt, salt, max_tokens).
 type OwnedAdmission = (u64, OwnedPrompt, Option<Vec<u8>>, Option<u64>);
@@ -296,24 +294,42 @@ impl PyKVCacheManager {
     /// row per request, as wide as each table: the engine's own block-table array), the rows'
     /// first entries are written in place, the rest of each row is left as it was, and `out`
     /// is returned. With `group=None`, every group's at once: a tuple with one array per group
-    /// (and `out`, if given, a sequence of one array per group).
-    #[pyo3(signature = (req_ids, group = None, out = None))]
+    /// (and `out`, if given, a sequence of one array per group). With `start` (an int, or one
+    /// per request), row i holds the table from block `start[i]` on: the blocks an engine that
+    /// keeps its own tables does not have yet.
+    #[pyo3(signature = (req_ids, group = None, out = None, start = None))]
     fn block_tables<'py>(
         &self,
         py: Python<'py>,
         req_ids: &Bound<'py, PyAny>,
         group: Option<&Bound<'py, PyAny>>,
         out: Option<&Bound<'py, PyAny>>,
+        start: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        let ids = id_list(req_ids, "req_ids")?;
+        let ids = uint_list(req_ids, "req_ids")?;
+        let starts = Starts::extract(start, ids.len())?;
         let m = self.lock()?;
-        // Every id, group and length is checked before anything is written.
+        // Every id, start, group and length is checked before anything is written.
         let mut width = 0;
-        for &id in &ids {
-            width = width.max(m.block_table_len(id).py()?);
+        for (k, &id) in ids.iter().enumerate() {
+            let len = m.block_table_len(id).py()?;
+            let from = starts.at(k);
+            if from > len {
+                return Err(invalid(
+                    "start",
+                    format!("request {id} holds {len} blocks; block {from} is past them"),
+                ));
+            }
+            width = width.max(len - from);
         }
         let groups = m.spec().groups.len();
         let out = out.filter(|o| !o.is_none());
+        let tables = Tables {
+            m: &m,
+            ids: &ids,
+            starts: &starts,
+            width,
+        };
         match group.filter(|g| !g.is_none()) {
             Some(group) => {
                 let g = non_negative(group, "group")? as usize;
@@ -324,7 +340,7 @@ impl PyKVCacheManager {
                     ));
                 }
                 let out = out.map(|o| table_out(o, ids.len(), width)).transpose()?;
-                Ok(fill_tables(py, &m, &ids, g, width, out)?.into_any())
+                Ok(tables.fill(py, g, out)?.into_any())
             }
             None => {
                 let outs: Vec<Option<Bound<'py, PyArray2<i32>>>> = match out {
@@ -347,7 +363,7 @@ impl PyKVCacheManager {
                 let arrays = outs
                     .into_iter()
                     .enumerate()
-                    .map(|(g, o)| fill_tables(py, &m, &ids, g, width, o))
+                    .map(|(g, o)| tables.fill(py, g, o))
                     .collect::<PyResult<Vec<_>>>()?;
                 Ok(PyTuple::new(py, arrays)?.into_any())
             }
@@ -400,10 +416,10 @@ impl PyKVCacheManager {
         admit_tokens: Option<&Bound<'py, PyAny>>,
         admit_lens: Option<&Bound<'py, PyAny>>,
         fcfs: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<StepArrays<'py>> {
+    ) -> PyResult<PyStepResult> {
         let fcfs = flag(fcfs, "fcfs")?;
         let ids = |o: Option<&Bound<'py, PyAny>>, what| match o.filter(|o| !o.is_none()) {
-            Some(o) => id_list(o, what),
+            Some(o) => uint_list(o, what),
             None => Ok(Vec::new()),
         };
         let finish = ids(finish, "finish")?;
@@ -603,11 +619,7 @@ impl PyKVCacheManager {
             .map(|h| h.map_or(-1, |h| h as i64))
             .chain(std::iter::repeat_n(-2, n_admits - attempted))
             .collect();
-        Ok((
-            // Copied into numpy-owned arrays: cheaper than handing over the vectors.
-            PyArray1::from_slice(py, &admitted),
-            PyArray1::from_slice(py, &outcome.extended),
-        ))
+        Ok(PyStepResult::new(admitted, outcome.extended))
     }
 
     /// Accounting: per-group blocks (running / cached / free / tombstones), checkpoints, hit
@@ -859,43 +871,86 @@ fn table_out<'py>(
     Ok(arr.clone())
 }
 
-/// Writes group `g`'s tables of `ids` into the rows of `out`, or of a new array `width` wide
-/// padded with `NULL_PAGE`.
-fn fill_tables<'py>(
-    py: Python<'py>,
-    m: &KVCacheManager,
-    ids: &[u64],
-    g: usize,
+/// Where each row of a `block_tables` read starts: one block for all, or one per request.
+enum Starts {
+    All(usize),
+    Each(Vec<u64>),
+}
+
+impl Starts {
+    fn extract(obj: Option<&Bound<'_, PyAny>>, rows: usize) -> PyResult<Self> {
+        let Some(obj) = obj.filter(|o| !o.is_none()) else {
+            return Ok(Starts::All(0));
+        };
+        if obj.is_instance_of::<pyo3::types::PyInt>() {
+            return Ok(Starts::All(non_negative(obj, "start")? as usize));
+        }
+        let each = uint_list(obj, "start")?;
+        if each.len() != rows {
+            return Err(invalid(
+                "start",
+                format!("{} starts for {rows} req_ids", each.len()),
+            ));
+        }
+        Ok(Starts::Each(each))
+    }
+
+    fn at(&self, row: usize) -> usize {
+        match self {
+            Starts::All(s) => *s,
+            Starts::Each(v) => v[row] as usize,
+        }
+    }
+}
+
+/// One checked `block_tables` read: the requests, where each row starts, the rows' width.
+struct Tables<'a> {
+    m: &'a KVCacheManager,
+    ids: &'a [u64],
+    starts: &'a Starts,
     width: usize,
-    out: Option<Bound<'py, PyArray2<i32>>>,
-) -> PyResult<Bound<'py, PyArray2<i32>>> {
-    let write = |cells: &mut [i32], width: usize| -> PyResult<()> {
-        for (k, &id) in ids.iter().enumerate() {
-            m.block_table_into(id, g, &mut cells[k * width..(k + 1) * width])
-                .py()?;
-        }
-        Ok(())
-    };
-    match out {
-        Some(arr) => {
-            let mut rw = arr
-                .try_readwrite()
-                .map_err(|_| invalid("out", "the array is borrowed elsewhere"))?;
-            let cells = rw
-                .as_slice_mut()
-                .map_err(|_| invalid("out", "must be C-contiguous"))?;
-            write(cells, arr.shape()[1])?;
-            drop(rw);
-            Ok(arr)
-        }
-        None => {
-            let a = PyArray2::<i32>::zeros(py, [ids.len(), width], false);
-            // SAFETY: `a` was just created here and nothing else refers to it yet, so no
-            // borrow tracking is needed (it costs more than the copy for small tables).
-            let cells = unsafe { a.as_slice_mut() }.expect("a new array is contiguous");
-            cells.fill(kvalloc::NULL_PAGE);
-            write(cells, width)?;
-            Ok(a)
+}
+
+impl Tables<'_> {
+    /// Writes group `g`'s rows into `out`, or into a new array `width` wide padded with
+    /// `NULL_PAGE`.
+    fn fill<'py>(
+        &self,
+        py: Python<'py>,
+        g: usize,
+        out: Option<Bound<'py, PyArray2<i32>>>,
+    ) -> PyResult<Bound<'py, PyArray2<i32>>> {
+        let write = |cells: &mut [i32], width: usize| -> PyResult<()> {
+            for (k, &id) in self.ids.iter().enumerate() {
+                let row = &mut cells[k * width..(k + 1) * width];
+                self.m
+                    .block_table_range_into(id, g, self.starts.at(k), row)
+                    .py()?;
+            }
+            Ok(())
+        };
+        match out {
+            Some(arr) => {
+                let mut rw = arr
+                    .try_readwrite()
+                    .map_err(|_| invalid("out", "the array is borrowed elsewhere"))?;
+                let cells = rw
+                    .as_slice_mut()
+                    .map_err(|_| invalid("out", "must be C-contiguous"))?;
+                write(cells, arr.shape()[1])?;
+                drop(rw);
+                Ok(arr)
+            }
+            None => {
+                // SAFETY: every cell of the new array is written (filled right below) before
+                // it is read, and nothing else refers to it yet, so no borrow tracking is
+                // needed (it costs more than the copy for small tables).
+                let a = unsafe { PyArray2::<i32>::new(py, [self.ids.len(), self.width], false) };
+                let cells = unsafe { a.as_slice_mut() }.expect("a new array is contiguous");
+                cells.fill(kvalloc::NULL_PAGE);
+                write(cells, self.width)?;
+                Ok(a)
+            }
         }
     }
 }

@@ -57,5 +57,5 @@ pub use manager::{
     Policy, Prompt, Step, StepOutcome, TierStats, NULL_PAGE,
 };
 pub use policy::Eviction;
-pub use slab::{ArenaStats, ClassStats, Handle, SlabArena};
+pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};
 pub use spec::{AttentionKind, DType, KVGroup, ModelSpec};

@@ -1697,24 +1697,55 @@ impl KVCacheManager {
     /// its block-table array) and returns how many entries it wrote; `out` past them is left
     /// as it was. An error if `out` is shorter than the table.
     pub fn block_table_into(&self, req: u64, group: usize, out: &mut [i32]) -> Result<usize> {
-        let t = self.table(req, group)?;
+        self.block_table_range_into(req, group, 0, out)
+    }
+
+    /// Writes the entries of [`block_table`](Self::block_table) from block `start` on into the
+    /// start of `out` and returns how many it wrote: an engine that keeps its own copy of the
+    /// table reads only the blocks it does not have yet (a decode step adds at most one). An
+    /// error if `start` is past the table or `out` is shorter than the rest.
+    ///
+    /// Entries below `start` that the engine read earlier may since have been released out of
+    /// the window (they are [`NULL_PAGE`] in a full read): an engine keeping its copy must not
+    /// read KV there, as attention within the window never does.
+    pub fn block_table_range_into(
+        &self,
+        req: u64,
+        group: usize,
+        start: usize,
+        out: &mut [i32],
+    ) -> Result<usize> {
+        let table = self.table(req, group)?;
+        let Some(t) = table.get(start..) else {
+            return Err(Error::invalid(
+                "start",
+                format!(
+                    "request {req} holds {} blocks; block {start} is past them",
+                    table.len()
+                ),
+            ));
+        };
         if out.len() < t.len() {
             return Err(Error::invalid(
                 "out",
                 format!(
-                    "request {req} holds {} blocks but the row has room for {}",
+                    "request {req} has {} blocks from block {start} but the row has room for {}",
                     t.len(),
                     out.len()
                 ),
             ));
         }
+        // Only an arena of more than 2^31 blocks of one class overflows (simulations).
+        if self.arena.num_pages(group)? > 1 << 31 {
+            return Err(Error::invalid("group", "page indices exceed i32"));
+        }
+        let pages = self.arena.pages_of(group)?;
         for (o, &h) in out.iter_mut().zip(t) {
+            debug_assert!(h == 0 || self.arena.class_of(h).ok() == Some(group));
             *o = if h == 0 {
                 NULL_PAGE
             } else {
-                // Only an arena of more than 2^31 blocks of one class overflows (simulations).
-                i32::try_from(self.arena.page_of_live(h))
-                    .map_err(|_| Error::invalid("group", "page index exceeds i32"))?
+                pages.page(h) as i32
             };
         }
         Ok(t.len())

@@ -30,6 +30,25 @@ use crate::error::{Error, Result, StaleReason};
 /// An allocated block: `generation << 32 | slot_id`. Opaque to users; `0` is never valid.
 pub type Handle = u64;
 
+/// [`SlabArena::page`] for the live handles of one class, with no per-handle lookup: a
+/// handle's page is `slab * blocks_per_slab + slot`. Valid only for live handles of that class
+/// while the arena is not changed.
+#[derive(Debug, Clone, Copy)]
+pub struct PageMap {
+    stride_shift: u32,
+    slot_mask: u64,
+    blocks_per_slab: u64,
+}
+
+impl PageMap {
+    /// The page of a live handle of this map's class.
+    #[inline]
+    pub fn page(self, h: Handle) -> u64 {
+        let id = h & 0xFFFF_FFFF;
+        (id >> self.stride_shift) * self.blocks_per_slab + (id & self.slot_mask)
+    }
+}
+
 /// Marks a slot as "seen in this batch" while a batch free validates its handles.
 const PENDING_FREE: u32 = 1 << 31;
 /// Generations use the low 31 bits.
@@ -608,12 +627,14 @@ impl SlabArena {
         Ok(self.page_at(s, slot))
     }
 
-    /// [`page`](Self::page) of a handle the caller knows is live (the manager's own block
-    /// tables): no generation check in release builds.
-    pub fn page_of_live(&self, h: Handle) -> u64 {
-        debug_assert!(self.is_live(h), "page_of_live({h:#x}): not a live handle");
-        let (s, slot, _) = self.split(h);
-        self.page_at(s, slot)
+    /// Page numbering of class `class`'s live handles, with the per-class lookups done once:
+    /// for reading a whole block table (every entry is of the same class).
+    pub fn pages_of(&self, class: usize) -> Result<PageMap> {
+        Ok(PageMap {
+            stride_shift: self.stride_shift,
+            slot_mask: self.stride - 1,
+            blocks_per_slab: u64::from(self.class(class)?.blocks_per_slab),
+        })
     }
 
     fn page_at(&self, s: usize, slot: usize) -> u64 {
@@ -793,6 +814,29 @@ mod tests {
         assert_eq!(a.slab_bytes() % 819_200, 0);
         assert_eq!(a.slab_bytes() % 4_915_200, 0);
         assert_eq!(a.stats().padding_waste_bytes, 0);
+    }
+
+    #[test]
+    fn page_map_numbers_like_page() {
+        // Two classes with different blocks per slab, interleaved over several slabs, after
+        // frees that reuse slots: the map's arithmetic matches the checked lookup.
+        let mut a = SlabArena::new(64 << 10, &[96, 256], Some(3072)).unwrap();
+        let mut live = [a.alloc(0, 70).unwrap(), a.alloc(1, 30).unwrap()];
+        a.free(&live[0][10..40]).unwrap();
+        live[0].drain(10..40);
+        live[0].extend(a.alloc(0, 50).unwrap());
+        live[1].extend(a.alloc(1, 9).unwrap());
+        for (class, handles) in live.iter().enumerate() {
+            let map = a.pages_of(class).unwrap();
+            for &h in handles {
+                assert_eq!(
+                    map.page(h),
+                    a.page(h).unwrap(),
+                    "class {class} handle {h:#x}"
+                );
+            }
+        }
+        assert!(a.pages_of(2).is_err());
     }
 
     #[test]

@@ -1,0 +1,105 @@
+//! `StepResult`: what one `KVCacheManager.step` call did.
+//!
+//! A scheduler mostly asks two cheap questions after a step: did every extension fit, and how
+//! many queued requests got in. The counts answer them as plain ints; the per-request arrays
+//! are made only when read (a numpy array costs more to make than a decode step's core work,
+//! and `.all()` on a small array more still). It unpacks like the `(hits, extended)` tuple
+//! `step` returned before.
+
+use numpy::PyArray1;
+use pyo3::exceptions::PyIndexError;
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyTuple;
+
+/// What one `step` call did: per admission the prompt tokens served from cache (-1: refused;
+/// -2: not attempted, after an `fcfs` refusal), per extension whether it fit, and their counts.
+#[pyclass(frozen, name = "StepResult", module = "kvalloc._core")]
+pub struct PyStepResult {
+    hits: Vec<i64>,
+    extended: Vec<bool>,
+    admitted: usize,
+    refused_extensions: usize,
+    // Made on first read, then the same array on every read.
+    hits_array: PyOnceLock<Py<PyArray1<i64>>>,
+    extended_array: PyOnceLock<Py<PyArray1<bool>>>,
+}
+
+impl PyStepResult {
+    /// `hits`: one entry per admission, in the step's order (-1 refused, -2 not attempted);
+    /// `extended`: one per extension.
+    pub fn new(hits: Vec<i64>, extended: Vec<bool>) -> Self {
+        PyStepResult {
+            admitted: hits.iter().filter(|&&h| h >= 0).count(),
+            refused_extensions: extended.iter().filter(|&&ok| !ok).count(),
+            hits,
+            extended,
+            hits_array: PyOnceLock::new(),
+            extended_array: PyOnceLock::new(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyStepResult {
+    /// int64 array, one entry per admission: prompt tokens served from cache, -1 when it did
+    /// not fit, -2 when `fcfs` stopped before it.
+    #[getter]
+    fn hits<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
+        self.hits_array
+            .get_or_init(py, || PyArray1::from_slice(py, &self.hits).unbind())
+            .bind(py)
+            .clone()
+    }
+
+    /// bool array, one entry per extension: whether it fit.
+    #[getter]
+    fn extended<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<bool>> {
+        self.extended_array
+            .get_or_init(py, || PyArray1::from_slice(py, &self.extended).unbind())
+            .bind(py)
+            .clone()
+    }
+
+    /// Admissions that got in (with `fcfs`, they are the first `admitted` of the step's).
+    #[getter]
+    fn admitted(&self) -> usize {
+        self.admitted
+    }
+
+    /// Extensions that did not fit (0: every one did).
+    #[getter]
+    fn refused_extensions(&self) -> usize {
+        self.refused_extensions
+    }
+
+    /// Two: it unpacks as `hits, extended = m.step(...)`.
+    fn __len__(&self) -> usize {
+        2
+    }
+
+    fn __getitem__(&self, py: Python<'_>, index: isize) -> PyResult<Py<PyAny>> {
+        match index {
+            0 | -2 => Ok(self.hits(py).into_any().unbind()),
+            1 | -1 => Ok(self.extended(py).into_any().unbind()),
+            _ => Err(PyIndexError::new_err(format!(
+                "StepResult index {index} out of range: it holds (hits, extended)"
+            ))),
+        }
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let pair = PyTuple::new(py, [self.hits(py).into_any(), self.extended(py).into_any()])?;
+        Ok(pair.as_any().try_iter()?.into_any())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "StepResult(admitted={} of {}, refused_extensions={} of {})",
+            self.admitted,
+            self.hits.len(),
+            self.refused_extensions,
+            self.extended.len()
+        )
+    }
+}
