@@ -32,9 +32,9 @@ def main() -> None:
         if thrash is not None:
             thrash += 1  # evicts the manager's working set from the caches, as other work would
         t = time.perf_counter()
-        admitted, extended = m.step(**args)
+        res = m.step(**args)
         times.append(time.perf_counter() - t)
-        assert extended.all() and (admitted == shared).all()
+        assert res.refused_extensions == 0 and (res.hits == shared).all()
     times.sort()
     print(f"{length}-token prompts: min {times[0] * 1e6:.1f} us, median {times[len(times) // 2] * 1e6:.1f} us over {steps} steps")
 

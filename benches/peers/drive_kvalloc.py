@@ -47,11 +47,13 @@ class KvallocDriver:
         # Requests whose new token opens a block, and that block's index (the scheduler knows
         # every request's length).
         block = self.block
-        opened: list[tuple[int, int]] = []
+        opened: list[int] = []
+        opened_at: list[int] = []
         for r in running:
             n = len(r.prompt) + r.generated - 1  # tokens before the new one
             if n % block == 0:
-                opened.append((r.rid, n // block))
+                opened.append(r.rid)
+                opened_at.append(n // block)
         t0 = time.perf_counter()
         res = m.step(finish=self._finish, extend_ids=ids, extend_tokens=toks)
         self._finish = []
@@ -71,9 +73,10 @@ class KvallocDriver:
                             break
                 i += 1
             gone = {r.rid for r in preempted}
-            opened = [o for o in opened if o[0] not in gone]
+            kept = [k for k, rid in enumerate(opened) if rid not in gone]
+            opened, opened_at = [opened[k] for k in kept], [opened_at[k] for k in kept]
         if opened:
-            m.block_tables([rid for rid, _ in opened], start=[at for _, at in opened])
+            m.block_tables(opened, start=opened_at)
         self.seconds += time.perf_counter() - t0
         return preempted
 

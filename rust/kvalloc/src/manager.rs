@@ -1084,12 +1084,8 @@ impl KVCacheManager {
             return Ok(None); // `make_room` waits for loads in flight before it refuses
         }
         let groups = self.spec.groups.len();
-        let mut need = [(0usize, 0u64); MAX_GROUPS];
-        for (g, n) in need.iter_mut().enumerate().take(groups) {
-            *n = (g, counts[g]);
-        }
         let reserve = self.config.admission_reserve_bytes;
-        if reserve == 0 && self.arena.can_alloc_all(&need[..groups])? {
+        if reserve == 0 && self.arena.fits(&counts[..groups]) {
             return Ok(None);
         }
         let need_bytes: u64 = (0..groups)
@@ -1192,11 +1188,7 @@ impl KVCacheManager {
         let groups = self.spec.groups.len();
         let span = (end_blk - first_blk) as usize;
         // 2. Make room, all or nothing.
-        let mut need = [(0usize, 0u64); MAX_GROUPS];
-        for (g, n) in need.iter_mut().enumerate().take(groups) {
-            *n = (g, counts[g]);
-        }
-        if !self.make_room(&need[..groups])? {
+        if !self.make_room(&counts[..groups])? {
             self.scratch_plan = plan;
             return Ok(false);
         }
@@ -1403,13 +1395,14 @@ impl KVCacheManager {
 
     /// Evicts until `need` fits. False if it cannot (the pre-check keeps a hopeless request
     /// from emptying the cache).
-    fn make_room(&mut self, need: &[(usize, u64)]) -> Result<bool> {
-        if self.arena.can_alloc_all(need)? {
+    fn make_room(&mut self, need: &[u64]) -> Result<bool> {
+        if self.arena.fits(need) {
             return Ok(true);
         }
         let need_bytes: u64 = need
             .iter()
-            .map(|&(g, n)| n * self.tree.layout().block_bytes[g])
+            .zip(&self.tree.layout().block_bytes)
+            .map(|(&n, &bb)| n * bb)
             .sum();
         if need_bytes > self.arena.bytes_free() + self.tree.evictable_bytes() {
             // Blocks that loads in flight are filling cannot be evicted until their copies land:
@@ -1458,7 +1451,7 @@ impl KVCacheManager {
                 continue;
             }
             self.release(&mut freed);
-            if self.arena.can_alloc_all(need)? {
+            if self.arena.fits(need) {
                 break true;
             }
         };
@@ -1512,11 +1505,7 @@ impl KVCacheManager {
         if bm.ceil(end) > bm.ceil(r.len) {
             // One new block per group (the newest block is inside every window).
             let groups = spec.groups.len();
-            let mut need = [(0usize, 0u64); MAX_GROUPS];
-            for (g, x) in need.iter_mut().enumerate().take(groups) {
-                *x = (g, 1);
-            }
-            if !arena.can_alloc_all(&need[..groups]).ok()? {
+            if !arena.fits(&[1; MAX_GROUPS][..groups]) {
                 return None; // eviction needed: the general path
             }
             for g in 0..groups {

@@ -7,8 +7,9 @@
 //! flows between the full-attention and sliding-window classes as demand shifts, with no static
 //! split (the failure of SGLang's two pools) and no padding of small pages to large ones (vLLM's).
 //!
-//! Allocation takes blocks from the *fullest* partial slab of the class first, so that lightly
-//! used slabs drain and return to the arena.
+//! Allocation takes blocks from the class's *current* slab while it has room, then from the
+//! *fullest* partial slab, which becomes the current one, so that lightly used slabs drain and
+//! return to the arena. Allocations and frees in the current slab touch no ordered set.
 //!
 //! ## Handles
 //! A [`Handle`] is `generation << 32 | slot_id`, with `slot_id = slab * stride + slot`. Each slab
@@ -19,8 +20,9 @@
 //! ## Invariants (checked by [`SlabArena::validate`])
 //! - every slab is either free (no class, no blocks, listed once in the free-slab stack) or held by
 //!   exactly one class, with `used + free slots = blocks_per_slab`;
-//! - a held slab with free slots is in its class's partial set under its current free count; a full
-//!   slab is not; an empty slab is never held;
+//! - a held slab with free slots is in its class's partial set under its current free count,
+//!   except the class's current slab, which is in no set; a full slab is not in it; an empty slab
+//!   is never held;
 //! - per-class counters equal the sums over slabs; `bytes_in_use + bytes_free = capacity`.
 
 use std::collections::BTreeSet;
@@ -83,9 +85,13 @@ struct Class {
     block_bytes: u64,
     blocks_per_slab: u32,
     /// Held slabs with at least one free slot, keyed by (free slots, slab): the first entry is
-    /// the fullest partial slab.
+    /// the fullest partial slab. The current slab is not in it.
     partial: BTreeSet<(u32, u32)>,
-    /// Sum of the free counts in `partial` (kept exact, so availability is O(1)).
+    /// The slab allocations take from until it is full (NIL: none): a held slab of this class,
+    /// in no set, possibly full.
+    current: u32,
+    /// Free slots in this class's held slabs: the counts in `partial` plus the current slab's
+    /// (kept exact, so availability is O(1)).
     free_in_partial: u64,
     slabs_held: u32,
     blocks_in_use: u64,
@@ -298,6 +304,7 @@ impl SlabArena {
                 block_bytes: b,
                 blocks_per_slab: (slab / b) as u32,
                 partial: BTreeSet::new(),
+                current: NIL,
                 free_in_partial: 0,
                 slabs_held: 0,
                 blocks_in_use: 0,
@@ -374,6 +381,20 @@ impl SlabArena {
         self.free_slabs.len() as u64 + u64::from(self.num_slabs) - self.slabs.len() as u64
     }
 
+    /// Whether `counts[c]` blocks of each class `c` could be allocated together right now:
+    /// [`can_alloc_all`](Self::can_alloc_all) for one count per class in class order (what the
+    /// manager asks every admission and every block a decode opens), with no repeats to merge.
+    pub fn fits(&self, counts: &[u64]) -> bool {
+        debug_assert!(counts.len() <= self.classes.len());
+        let mut slabs_needed = 0u64;
+        for (&n, c) in counts.iter().zip(&self.classes) {
+            if n > c.free_in_partial {
+                slabs_needed += (n - c.free_in_partial).div_ceil(u64::from(c.blocks_per_slab));
+            }
+        }
+        slabs_needed == 0 || slabs_needed <= self.free_slab_count()
+    }
+
     /// Whether all the requests `(class, n)` could be allocated together right now.
     /// Each class first fills its own partial slabs, then takes whole free slabs.
     pub fn can_alloc_all(&self, requests: &[(usize, u64)]) -> Result<bool> {
@@ -421,12 +442,23 @@ impl SlabArena {
         out.reserve(n);
         let mut remaining = n as u32;
         while remaining > 0 {
-            let slab_idx = match self.classes[class].partial.pop_first() {
-                Some((f, s)) => {
-                    self.classes[class].free_in_partial -= u64::from(f);
-                    s
-                }
-                None => self.take_free_slab(class as u32),
+            let current = self.classes[class].current;
+            let slab_idx = if current != NIL && self.slabs[current as usize].free_len > 0 {
+                current
+            } else {
+                // The current slab is full (or there is none): it stays out of every set, and
+                // the fullest partial slab (else a free one) takes its place.
+                let s = match self.classes[class].partial.pop_first() {
+                    Some((_, s)) => s,
+                    None => {
+                        let s = self.take_free_slab(class as u32);
+                        let c = &mut self.classes[class];
+                        c.free_in_partial += u64::from(c.blocks_per_slab);
+                        s
+                    }
+                };
+                self.classes[class].current = s;
+                s
             };
             let slab = &mut self.slabs[slab_idx as usize];
             let take = remaining.min(slab.free_len);
@@ -446,13 +478,10 @@ impl SlabArena {
             }
             slab.free_len -= take;
             slab.used += take;
-            let free_left = slab.free_len;
-            if free_left > 0 {
-                self.classes[class].insert_partial(free_left, slab_idx);
-            }
             remaining -= take;
         }
         let c = &mut self.classes[class];
+        c.free_in_partial -= n as u64;
         c.blocks_in_use += n as u64;
         Ok(())
     }
@@ -544,14 +573,25 @@ impl SlabArena {
             }
             let c = &mut self.classes[class];
             c.blocks_in_use -= u64::from(freed);
-            if old_free > 0 {
-                c.remove_partial(old_free, s);
+            if s == c.current {
+                // In no set: only the free count moves (or the whole slab goes back).
+                if now_empty {
+                    c.free_in_partial -= u64::from(old_free);
+                    c.current = NIL;
+                } else {
+                    c.free_in_partial += u64::from(freed);
+                }
+            } else {
+                if old_free > 0 {
+                    c.remove_partial(old_free, s);
+                }
+                if !now_empty {
+                    c.insert_partial(free_now, s);
+                }
             }
             if now_empty {
                 c.slabs_held -= 1;
                 self.free_slabs.push(s);
-            } else {
-                c.insert_partial(free_now, s);
             }
         }
         self.touched = touched;
@@ -712,6 +752,7 @@ impl SlabArena {
         }
         let mut used_per_class = vec![0u64; self.classes.len()];
         let mut held_per_class = vec![0u32; self.classes.len()];
+        let mut current_free = vec![0u64; self.classes.len()];
         for (i, slab) in self.slabs.iter().enumerate() {
             match slab.class {
                 None => {
@@ -767,8 +808,12 @@ impl SlabArena {
                     }
                     let free = slab.free_len;
                     let listed = class.partial.contains(&(free, i as u32));
-                    if (free > 0) != listed {
+                    let current = class.current == i as u32;
+                    if (free > 0 && !current) != listed {
                         return bad(format!("slab {i}: partial-set membership is wrong"));
+                    }
+                    if current {
+                        current_free[c] = u64::from(free);
                     }
                     used_per_class[c] += u64::from(slab.used);
                     held_per_class[c] += 1;
@@ -779,8 +824,17 @@ impl SlabArena {
             if class.blocks_in_use != used_per_class[c] || class.slabs_held != held_per_class[c] {
                 return bad(format!("class {c}: counters disagree with the slabs"));
             }
+            if class.current != NIL
+                && self
+                    .slabs
+                    .get(class.current as usize)
+                    .and_then(|sl| sl.class)
+                    != Some(c as u32)
+            {
+                return bad(format!("class {c}: its current slab is not one it holds"));
+            }
             let listed: u64 = class.partial.iter().map(|&(f, _)| u64::from(f)).sum();
-            if listed != class.free_in_partial {
+            if listed + current_free[c] != class.free_in_partial {
                 return bad(format!(
                     "class {c}: free-block counter disagrees with its slabs"
                 ));
@@ -837,6 +891,39 @@ mod tests {
             }
         }
         assert!(a.pages_of(2).is_err());
+    }
+
+    #[test]
+    fn allocation_fills_the_current_then_the_fullest_partial_slab() {
+        // 4 slabs of 16 blocks. Fill three, then free 10, 3 and 6 slots of them: the partial
+        // slabs hold 6, 13 and 10 blocks.
+        let mut a = SlabArena::new(4096, &[64], Some(1024)).unwrap();
+        let h = a.alloc(0, 48).unwrap();
+        let slab_of = |h: Handle| (h & 0xFFFF_FFFF) / 16;
+        a.free(&h[0..10]).unwrap();
+        a.free(&h[16..19]).unwrap();
+        a.free(&h[32..38]).unwrap();
+        a.validate().unwrap();
+        // The current slab first (slab 2, the last one filled), then the fullest partial one
+        // (slab 1), then slab 0.
+        let got = a.alloc(0, 10).unwrap();
+        let slabs: Vec<u64> = got.iter().map(|&x| slab_of(x)).collect();
+        assert_eq!(slabs, [2, 2, 2, 2, 2, 2, 1, 1, 1, 0]);
+        a.validate().unwrap();
+        // Frees into the slab being filled and into others keep the accounting exact.
+        a.free(&got[9..]).unwrap();
+        a.free(&h[40..41]).unwrap();
+        a.validate().unwrap();
+        assert_eq!(a.available(0).unwrap(), 10 + 1 + 16);
+        // Emptying every slab returns all four to the arena.
+        let mut live: Vec<Handle> = h[10..16].to_vec();
+        live.extend(&h[19..32]);
+        live.extend(&h[38..40]);
+        live.extend(&h[41..48]);
+        live.extend(&got[..9]);
+        a.free(&live).unwrap();
+        a.validate().unwrap();
+        assert_eq!(a.stats().slabs_free, 4);
     }
 
     #[test]
@@ -950,5 +1037,6 @@ mod tests {
         let a = SlabArena::new(2 * 1024, &[64, 512], Some(1024)).unwrap();
         assert!(a.can_alloc_all(&[(0, 16), (1, 2)]).unwrap());
         assert!(!a.can_alloc_all(&[(0, 17), (1, 2)]).unwrap());
+        assert!(a.fits(&[16, 2]) && !a.fits(&[17, 2]) && a.fits(&[]) && a.fits(&[0, 0]));
     }
 }

@@ -366,16 +366,16 @@ impl KVCacheManager {
         // Promote only if the whole admission can fit: the promoted blocks plus what the rest
         // of the prompt needs (its full blocks, a window and a checkpoint per sliding group).
         // Otherwise the copy would be wasted and would evict other blocks for nothing.
-        // Blocks to allocate per group: `(group, count)`, as `make_room` takes them.
-        let mut counts = [(0usize, 0u64); MAX_GROUPS];
+        // Blocks to allocate per group, as `make_room` takes them.
+        let mut counts = [0u64; MAX_GROUPS];
         for (g, c) in counts.iter_mut().enumerate().take(groups) {
-            *c = (g, need.iter().filter(|x| x.1 == g).count() as u64);
+            *c = need.iter().filter(|x| x.1 == g).count() as u64;
         }
         let rest_blocks = self.bm.ceil(prompt_len).saturating_sub(u64::from(k));
         let mut need_bytes = 0u64;
         for g in 0..groups {
             let bb = self.tree.layout().block_bytes[g];
-            let promoted = counts[g].1;
+            let promoted = counts[g];
             let rest = match self.window(g) {
                 Some(w) if self.swa_aware() => {
                     rest_blocks.min(2 * u64::from(w).div_ceil(self.b()) + 2)
@@ -424,7 +424,7 @@ impl KVCacheManager {
         for g in 0..groups {
             per_group.clear();
             self.arena
-                .alloc_into(g, counts[g].1 as usize, &mut per_group)?;
+                .alloc_into(g, counts[g] as usize, &mut per_group)?;
             let slots = need.iter().enumerate().filter(|(_, x)| x.1 == g);
             for ((idx, _), &h) in slots.zip(&per_group) {
                 by_need[idx] = h;
