@@ -230,3 +230,73 @@ fn admission_reserve_is_left_for_extensions() {
         "{g_reserved} grown with a reserve, {g_plain} without"
     );
 }
+
+/// A retry whose matched path was extended by another request (the next block of its prompt
+/// now cached) needs less than before: it must be evaluated again even though no node of its
+/// old path changed. Request 1 prefills the shared prefix S in a chunk; request 2 (S + T + U)
+/// is refused; request 1's next chunk links T; request 3, which held memory elsewhere, is
+/// aborted. Over a range of sizes, both managers must answer alike, and some retries must get
+/// in only thanks to T.
+#[test]
+fn retry_reevaluated_when_its_path_grows() {
+    let s: Vec<i64> = (0..64).collect();
+    let t: Vec<i64> = (1_000..1_000 + 16 * 6).collect();
+    let u: Vec<i64> = (2_000..2_000 + 16 * 5).collect();
+    let r1: Vec<i64> = [&s[..], &t[..], &[7]].concat();
+    let p: Vec<i64> = [&s[..], &t[..], &u[..]].concat();
+    let mut admitted_thanks_to_t = 0;
+    for cap_kib in [24u64, 32, 40, 48, 56, 64] {
+        for r3_len in (16..=512).step_by(16) {
+            let r3: Vec<i64> = (5_000..5_000 + r3_len).collect();
+            let config = ManagerConfig {
+                policy: Policy::Dense,
+                ..ManagerConfig::default()
+            };
+            let mut fast = KVCacheManager::new(spec(), cap_kib << 10, config.clone()).unwrap();
+            let mut full = KVCacheManager::new(spec(), cap_kib << 10, config).unwrap();
+            let mut refused_first = true;
+            let mut answers = Vec::new();
+            for (is_full, m) in [(false, &mut fast), (true, &mut full)] {
+                if m.admit(3, Prompt::Tokens(&r3), None, None)
+                    .unwrap()
+                    .is_none()
+                    || m.admit(1, Prompt::Tokens(&r1), None, Some(64))
+                        .unwrap()
+                        .is_none()
+                {
+                    refused_first = false;
+                    break;
+                }
+                if m.admit(2, Prompt::Tokens(&p), None, None)
+                    .unwrap()
+                    .is_some()
+                {
+                    refused_first = false;
+                    break;
+                }
+                if !m.extend(1, Extension::Count(t.len() as u64)).unwrap() {
+                    refused_first = false;
+                    break;
+                }
+                m.abort(3).unwrap();
+                if is_full {
+                    m.forget_refusal();
+                }
+                answers.push(m.admit(2, Prompt::Tokens(&p), None, None).unwrap());
+                m.validate().unwrap();
+            }
+            if !refused_first || answers.len() < 2 {
+                continue;
+            }
+            assert_eq!(
+                answers[0], answers[1],
+                "cap {cap_kib} KiB, request 3 of {r3_len} tokens"
+            );
+            assert_eq!(fast.stats(), full.stats());
+            if answers[1] == Some((s.len() + t.len()) as u64) {
+                admitted_thanks_to_t += 1;
+            }
+        }
+    }
+    assert!(admitted_thanks_to_t > 0, "no size exercised the grown path");
+}

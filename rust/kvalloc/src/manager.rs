@@ -425,8 +425,9 @@ struct Request {
 }
 
 /// The last admission refused as hopeless. A scheduler retries its queue's head every step: a
-/// retry of the same prompt reuses its chained hashes, and while the tree is unchanged (its
-/// version stands still, so the walk and the need are the same) and free plus all evictable
+/// retry of the same prompt reuses its chained hashes, and while its walk would give the same
+/// answer (the tree's version stands still, or at least no node of the matched path changed
+/// and the path cannot be extended: then the need is the same too) and free plus all evictable
 /// bytes are still short of that need, it is refused without a walk.
 #[derive(Debug, Default)]
 struct Refused {
@@ -440,6 +441,8 @@ struct Refused {
     num_tokens: u64,
     /// Its chained block hashes.
     hashes: Vec<u64>,
+    /// The nodes its last walk matched.
+    path: Vec<NodeId>,
     /// At the last refusal: the chunk limit, the need in bytes, the tree's version.
     max_tokens: Option<u64>,
     need_bytes: u64,
@@ -945,6 +948,8 @@ impl KVCacheManager {
         let seed = hash::root_seed(salt);
         let retry = self.refused.same(req, seed, &prompt);
         if retry && self.refused.max_tokens == max_tokens && self.refused_again() {
+            // The walk is the same: the version is the tree's now.
+            self.refused.version = self.tree.version();
             self.admissions_refused += 1;
             return Ok(None);
         }
@@ -1033,6 +1038,8 @@ impl KVCacheManager {
             self.refused.max_tokens = max_tokens;
             self.refused.need_bytes = need_bytes;
             self.refused.version = self.tree.version();
+            self.refused.path.clear();
+            self.refused.path.extend_from_slice(&r.path);
             self.admissions_refused += 1;
             self.recycle(r);
             return Ok(None);
@@ -1104,14 +1111,20 @@ impl KVCacheManager {
     }
 
     /// Whether the retry of the admission [`Refused`] remembers is sure to be refused again:
-    /// the tree is unchanged since (the same walk, the same need) and free plus all evictable
-    /// bytes are still short of that need. Not with lower tiers, whose contents change outside
-    /// this manager, nor with loads in flight.
+    /// its walk is unchanged since (the tree's version, else the nodes of its path: the same
+    /// walk, the same need) and free plus all evictable bytes are still short of that need. Not
+    /// with lower tiers, whose contents change outside this manager, nor with loads in flight.
     fn refused_again(&self) -> bool {
+        let m = &self.refused;
         !self.lower.active()
             && self.inflight.is_empty()
-            && self.tree.version() == self.refused.version
-            && self.arena.bytes_free() + self.tree.evictable_bytes() < self.refused.need_bytes
+            && self.arena.bytes_free() + self.tree.evictable_bytes() < m.need_bytes
+            && (self.tree.version() == m.version
+                || self.tree.path_unchanged(
+                    &m.path,
+                    m.version,
+                    m.hashes.get(m.path.len()).copied(),
+                ))
     }
 
     /// Planned prompt checkpoints: (end block, with the extra block).

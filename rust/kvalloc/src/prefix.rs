@@ -74,6 +74,9 @@ struct Node {
     alive: bool,
     /// Current key in `leaves` or `ckpts`, if the node is in one of them.
     key: Option<(SetKind, u64)>,
+    /// The tree's version when this node was created or last changed in a way a walk sees
+    /// (blocks attached or dropped, doomed, removed): see [`PrefixTree::path_unchanged`].
+    changed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -412,6 +415,24 @@ impl PrefixTree {
         }
     }
 
+    /// Counts a change to node `n` that a walk sees.
+    fn touch(&mut self, n: NodeId) {
+        self.version += 1;
+        self.nodes[n as usize].changed = self.version;
+    }
+
+    /// Whether walking a prompt whose walk matched `path` (all of its nodes) when the tree's
+    /// version was `version` still gives the same answer: every node of the path is alive,
+    /// still matched (not doomed) and unchanged since, and `next` (the hash after the path,
+    /// None when the walk matched every hash) still matches nothing. A node's id that was
+    /// freed and reused carries the newer version of its new node.
+    pub fn path_unchanged(&self, path: &[NodeId], version: u64, next: Option<u64>) -> bool {
+        path.iter().all(|&n| {
+            let node = &self.nodes[n as usize];
+            node.alive && !node.doomed && node.changed <= version
+        }) && next.is_none_or(|h| !self.index.contains_key(&h))
+    }
+
     /// The id the next node gets (a freed one first).
     fn next_id(&self) -> NodeId {
         self.free_ids
@@ -437,6 +458,7 @@ impl PrefixTree {
             doomed: false,
             alive: true,
             key: None,
+            changed: self.version,
         };
         if self.free_ids.last() == Some(&id) {
             self.free_ids.pop();
@@ -469,7 +491,7 @@ impl PrefixTree {
     pub fn attach(&mut self, n: NodeId, g: usize, h: Handle) {
         let s = self.slot(n, g);
         debug_assert_eq!(self.blocks[s], 0);
-        self.version += 1;
+        self.touch(n);
         self.blocks[s] = h;
         let bb = self.layout.block_bytes[g];
         self.held_bytes += bb;
@@ -480,7 +502,7 @@ impl PrefixTree {
 
     /// Takes node `n`'s block of group `g` out of the tree into `freed`.
     fn drop_block(&mut self, n: NodeId, g: usize, freed: &mut Freed) {
-        self.version += 1;
+        self.touch(n);
         let s = self.slot(n, g);
         let h = std::mem::replace(&mut self.blocks[s], 0);
         debug_assert_ne!(h, 0);
@@ -638,7 +660,7 @@ impl PrefixTree {
 
     /// Removes an unpinned, childless node and its blocks (its checkpoint first).
     fn remove(&mut self, n: NodeId, freed: &mut Freed) {
-        self.version += 1;
+        self.touch(n);
         debug_assert!(self.nodes[n as usize].refs == 0 && self.nodes[n as usize].children == 0);
         if self.nodes[n as usize].ckpt_end {
             self.remove_checkpoint(n, freed);
@@ -675,10 +697,11 @@ impl PrefixTree {
     /// otherwise it is doomed (never matched again, removed when released).
     pub fn discard(&mut self, n: NodeId, freed: &mut Freed) {
         self.version += 1;
-        let node = &self.nodes[n as usize];
+        let node = &mut self.nodes[n as usize];
         if !node.alive {
             return;
         }
+        node.changed = self.version;
         if node.refs == 0 && node.children == 0 {
             self.remove(n, freed);
         } else {
