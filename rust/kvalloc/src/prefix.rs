@@ -20,7 +20,10 @@
 //!   policy every node holds every sliding block;
 //! - the eviction sets hold exactly the unpinned leaves and the unpinned interior checkpoints.
 
-use std::collections::{BTreeSet, HashMap};
+mod min_set;
+
+use min_set::MinSet;
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{Error, Result};
@@ -183,8 +186,8 @@ pub struct PrefixTree {
     ckpt_start: Vec<u32>,
     free_ids: Vec<NodeId>,
     index: IdMap<NodeId>,
-    leaves: BTreeSet<(u64, NodeId)>,
-    ckpts: BTreeSet<(u64, NodeId)>,
+    leaves: MinSet<(u64, NodeId)>,
+    ckpts: MinSet<(u64, NodeId)>,
     order: EvictionOrder,
     tick: u64,
     /// Counts changes to what a prompt matches and what admitting it needs (nodes indexed or
@@ -226,8 +229,8 @@ impl PrefixTree {
             ckpt_start: Vec::new(),
             free_ids: Vec::new(),
             index: IdMap::default(),
-            leaves: BTreeSet::new(),
-            ckpts: BTreeSet::new(),
+            leaves: MinSet::new(),
+            ckpts: MinSet::new(),
             order: EvictionOrder::new(eviction),
             tick: 0,
             version: 0,
@@ -719,8 +722,8 @@ impl PrefixTree {
     /// Evicts the entry with the smallest key. Returns what kind it was, or None when nothing
     /// is evictable.
     pub fn evict_one(&mut self, freed: &mut Freed) -> Option<Evicted> {
-        let leaf = self.leaves.first().copied();
-        let ckpt = self.ckpts.first().copied();
+        let leaf = self.leaves.first();
+        let ckpt = self.ckpts.first();
         let (key, n, kind) = match (leaf, ckpt) {
             (None, None) => return None,
             (Some((k, n)), None) => (k, n, Evicted::Leaf),
