@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory-gib", type=float, default=1.0, help="KV budget in GiB, the same for all")
     p.add_argument("--max-running", type=int, default=64, help="running requests at most")
     p.add_argument("--max-prefill-tokens", type=int, default=16384, help="prompt tokens admitted per step")
-    p.add_argument("--repeat", type=int, default=3,
+    p.add_argument("--repeat", type=int, default=5,
                    help="runs per manager, each on a fresh manager, taken round robin across the "
                         "managers; the fastest is reported (the machines are shared and noisy; every "
                         "run gives the same hits)")
