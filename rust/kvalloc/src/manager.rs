@@ -1492,6 +1492,7 @@ impl KVCacheManager {
     /// touching only that request, the arena and (read-only) the tree. Returns None when the
     /// general path must handle the call: unknown request, prompt pending, an extension the
     /// request does not accept (the general path reports it), or no block without evicting.
+    #[inline(always)]
     fn try_decode(&mut self, slot: usize, ext: Extension<'_>) -> Option<bool> {
         let (n, tokens) = match ext {
             Extension::Tokens(t) => (t.len() as u64, Some(t)),
@@ -1550,11 +1551,19 @@ impl KVCacheManager {
         self.extend_at(slot, req, ext)
     }
 
-    /// [`extend`](Self::extend) of the request in `slot` (named `req` in errors).
+    /// [`extend`](Self::extend) of the request in `slot` (named `req` in errors): the decode
+    /// fast path inline, the general one out of line (a batched step runs this per request).
+    #[inline(always)]
     fn extend_at(&mut self, slot: usize, req: u64, ext: Extension<'_>) -> Result<bool> {
-        if let Some(ok) = self.try_decode(slot, ext) {
-            return Ok(ok);
+        match self.try_decode(slot, ext) {
+            Some(ok) => Ok(ok),
+            None => self.extend_general(slot, req, ext),
         }
+    }
+
+    /// The general path of [`extend_at`](Self::extend_at): prompt chunks, eviction, errors.
+    #[inline(never)]
+    fn extend_general(&mut self, slot: usize, req: u64, ext: Extension<'_>) -> Result<bool> {
         // Take the record out of its slot for the general path (and put it back).
         let mut r = self.requests.slots[slot].take().ok_or(Error::Request {
             req,
