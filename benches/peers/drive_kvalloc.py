@@ -1,15 +1,16 @@
-"""kvalloc's KVCacheManager, driven through its batched `step` call.
+"""kvalloc's KVCacheManager, driven through its batched `step` call: one call per scheduler step.
 
-Per scheduler step: one `step(finish=..., extend_ids=..., extend_tokens=...)` for last step's
-finishes and this step's decode tokens; one flat `step(admit_ids=, admit_tokens=, admit_lens=,
-fcfs=True)` for the admissions (kept apart so that, as in the peers, nothing is admitted in a
-step that had to preempt; `fcfs` stops at the first that does not fit, as the peers' schedulers
-do). The step's `StepResult` answers "did every extension fit" and "how many got in" as ints.
-The engine keeps its own block tables, as vLLM's workers do, and reads only what it lacks,
-with one `block_tables` call for all groups: the whole tables of the admitted requests, and
-the new block of each running request whose new token opens one (`start=` its index, as
-vLLM's `allocate_slots` returns only new blocks). Preemption is `finish` (the computed blocks
-stay cached) and a later admission of prompt + output so far, as the README prescribes.
+Per step one `step(finish=..., extend_ids=..., extend_tokens=..., admit_ids=..., admit_tokens=...,
+admit_lens=..., fcfs=True, admit_if_extended=True)`: last step's finishes, this step's decode
+tokens, then the waiting queue's head in order, stopping at the first that does not fit (`fcfs`,
+as the peers' schedulers do) and admitting nothing if a decode token did not fit
+(`admit_if_extended`: as in the peers, a step that preempts admits nothing new). The step's
+`StepResult` answers "did every extension fit" and "how many got in" as ints. The engine keeps
+its own block tables, as vLLM's workers do, and reads only what it lacks, with one
+`block_tables` call for all groups: the whole tables of the admitted requests, and only the new
+block of each running request whose decode token opened one (`start=`, as vLLM's
+`allocate_slots` returns only new blocks). Preemption is `finish` (the computed blocks stay
+cached) and a later admission of prompt + output so far, as the README prescribes.
 """
 
 from __future__ import annotations
@@ -40,27 +41,38 @@ class KvallocDriver:
         # Deferred into the next decode call: one `step` carries both.
         self._finish.extend(r.rid for r in reqs)
 
-    def decode(self, running: list[Request]) -> list[Request]:
+    def step(self, running: list[Request], candidates: list[Request]) -> tuple[list[Request], list[int]]:
         m = self.m
         ids = np.fromiter((r.rid for r in running), dtype=np.int64, count=len(running))
         toks = np.fromiter((r.output[r.generated - 1] for r in running), dtype=np.int64, count=len(running))
         # Requests whose new token opens a block, and that block's index (the scheduler knows
         # every request's length).
         block = self.block
-        opened: list[int] = []
-        opened_at: list[int] = []
+        rows: list[int] = []
+        starts: list[int] = []
         for r in running:
             n = len(r.prompt) + r.generated - 1  # tokens before the new one
             if n % block == 0:
-                opened.append(r.rid)
-                opened_at.append(n // block)
+                rows.append(r.rid)
+                starts.append(n // block)
+        admit = {}
+        if candidates:
+            ctxs = [r.context() for r in candidates]
+            admit = dict(
+                admit_ids=np.fromiter((r.rid for r in candidates), dtype=np.int64, count=len(candidates)),
+                admit_tokens=np.concatenate(ctxs),
+                admit_lens=np.fromiter((len(c) for c in ctxs), dtype=np.int64, count=len(candidates)),
+                fcfs=True,
+                admit_if_extended=True,
+            )
         t0 = time.perf_counter()
-        res = m.step(finish=self._finish, extend_ids=ids, extend_tokens=toks)
+        res = m.step(finish=self._finish, extend_ids=ids, extend_tokens=toks, **admit)
         self._finish = []
         preempted: list[Request] = []
+        hits: list[int] = []
         if res.refused_extensions:
+            # Preempt from the tail until each refused extension fits (nothing was admitted).
             ok = res.extended
-            # Preempt from the tail until each refused extension fits.
             i = 0
             while i < len(running):
                 r = running[i]
@@ -73,28 +85,25 @@ class KvallocDriver:
                             break
                 i += 1
             gone = {r.rid for r in preempted}
-            kept = [k for k, rid in enumerate(opened) if rid not in gone]
-            opened, opened_at = [opened[k] for k in kept], [opened_at[k] for k in kept]
-        if opened:
-            m.block_tables(opened, start=opened_at)
+            kept = [k for k, rid in enumerate(rows) if rid not in gone]
+            rows, starts = [rows[k] for k in kept], [starts[k] for k in kept]
+        elif res.admitted:
+            # FCFS: the admitted requests are the first `res.admitted` candidates; their whole
+            # tables are new.
+            n = res.admitted
+            hits = res.hits[:n].tolist()
+            rows.extend(r.rid for r in candidates[:n])
+            starts.extend([0] * n)
+        if rows:
+            m.block_tables(rows, start=starts)  # every group's, one call
         self.seconds += time.perf_counter() - t0
-        return preempted
+        return preempted, hits
+
+    def decode(self, running: list[Request]) -> list[Request]:
+        return self.step(running, [])[0]
 
     def admit(self, reqs: list[Request]) -> list[int]:
-        ctxs = [r.context() for r in reqs]
-        ids = np.fromiter((r.rid for r in reqs), dtype=np.int64, count=len(reqs))
-        lens = np.fromiter((len(c) for c in ctxs), dtype=np.int64, count=len(reqs))
-        toks = np.concatenate(ctxs)
-        t0 = time.perf_counter()
-        res = self.m.step(finish=self._finish, admit_ids=ids, admit_tokens=toks, admit_lens=lens, fcfs=True)
-        self._finish = []
-        # FCFS: the admitted requests are the first `res.admitted` of the queue.
-        n = res.admitted
-        out: list[int] = res.hits[:n].tolist() if n else []
-        if n:
-            self.m.block_tables([r.rid for r in reqs[:n]])  # whole tables, every group's
-        self.seconds += time.perf_counter() - t0
-        return out
+        return self.step([], reqs)[1]
 
     def blocks_back(self) -> bool:
         if self._finish:

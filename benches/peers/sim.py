@@ -14,6 +14,12 @@ A driver owns one manager and does, per step, what its engine's scheduler does w
 - ``blocks_back() -> bool``: after the run, whether every block is free or cached, i.e. no
   request still holds one;
 - ``seconds``: time spent in the manager's calls, accumulated by the driver itself.
+
+A driver whose manager serves a whole step in one call may also have
+``step(running, candidates) -> (preempted, hits)``: ``decode`` and then, only if nothing was
+preempted, ``admit(candidates)`` (``hits`` empty otherwise). The candidates are chosen before
+the step, as they would be after a decode that preempts nothing; the run then calls ``step``
+instead of ``decode`` and ``admit``, with the same outcome.
 """
 
 from __future__ import annotations
@@ -34,6 +40,24 @@ class Driver(Protocol):
     def decode(self, running: list[Request]) -> list[Request]: ...
     def admit(self, reqs: list[Request]) -> list[int]: ...
     def blocks_back(self) -> bool: ...
+
+
+def _candidates(waiting: deque[Request], running: int, max_running: int, max_prefill_tokens: int) -> list[Request]:
+    """Waiting requests to try in order, within the running cap and the step's prefill budget
+    (always at least one, so a long prompt is not starved)."""
+    candidates: list[Request] = []
+    if running >= max_running:
+        return candidates
+    budget = max_prefill_tokens
+    for r in waiting:
+        if running + len(candidates) == max_running:
+            break
+        n = len(r.prompt) + r.generated
+        if candidates and n > budget:
+            break
+        candidates.append(r)
+        budget -= n
+    return candidates
 
 
 @dataclass
@@ -77,26 +101,23 @@ def run(driver: Driver, reqs: list[Request], max_running: int, max_prefill_token
                 waiting.extend(dependents.pop(r.rid, ()))
             finished = []
 
-        preempted = driver.decode(running)
+        combined = getattr(driver, "step", None)
+        if combined is not None:
+            candidates = _candidates(waiting, len(running), max_running, max_prefill_tokens)
+            preempted, hits = combined(running, candidates)
+        else:
+            preempted = driver.decode(running)
+            candidates, hits = [], []
+            if not preempted and waiting:
+                candidates = _candidates(waiting, len(running), max_running, max_prefill_tokens)
+                if candidates:
+                    hits = driver.admit(candidates)
         for r in preempted:
             r.preemptions += 1
         preemptions += len(preempted)
         waiting.extendleft(reversed(preempted))
 
-        if not preempted and waiting and len(running) < max_running:
-            # Candidates in order, within the running cap and the step's prefill budget
-            # (always at least one, so a long prompt is not starved).
-            candidates: list[Request] = []
-            budget = max_prefill_tokens
-            for r in waiting:
-                if len(running) + len(candidates) == max_running:
-                    break
-                n = len(r.prompt) + r.generated
-                if candidates and n > budget:
-                    break
-                candidates.append(r)
-                budget -= n
-            hits = driver.admit(candidates)
+        if not preempted and candidates:
             for r, hit in zip(candidates, hits):
                 waiting.popleft()
                 running.append(r)

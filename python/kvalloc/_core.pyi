@@ -272,12 +272,14 @@ class KVCacheManager:
         admit_tokens: _TokenArray | None = None,
         admit_lens: _IdArray | None = None,
         fcfs: bool | None = None,
+        admit_if_extended: bool | None = None,
     ) -> StepResult:
         """One scheduler step in one call (GIL released): finishes and aborts, then extensions,
         then admissions (the ``admit`` list of ``(req_id, tokens[, salt[, max_tokens]])``, then
         the flat ``admit_ids``/``admit_tokens``/``admit_lens`` form). With ``fcfs``, admissions
-        stop at the first that does not fit. Returns a ``StepResult``, which also unpacks as
-        ``hits, extended``."""
+        stop at the first that does not fit; with ``admit_if_extended``, none is attempted when
+        an extension did not fit (a step that must preempt admits nothing new). Returns a
+        ``StepResult``, which also unpacks as ``hits, extended``."""
     def stats(self) -> dict[str, Any]:
         """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes; per tier
         (``tiers["host" | "disk" | "remote"]``) capacity, records, promoted tokens, bytes

@@ -396,11 +396,13 @@ impl PyKVCacheManager {
     ///   admissions come after the listed ones.
     ///
     /// - `fcfs`: first come, first served: admissions stop at the first that does not fit (the
-    ///   rest are not attempted: a queue whose head waits costs one lookup per step).
+    ///   rest are not attempted: a queue whose head waits costs one lookup per step);
+    /// - `admit_if_extended`: admit only if every extension fit, so that a scheduler that
+    ///   preempts admits nothing new in that step and decode and admissions share one call.
     ///
-    /// Returns `(admitted, extended)`: int64 hits per admission (-1 where it did not fit, -2
-    /// where `fcfs` did not attempt it) and bools per extension.
-    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None, fcfs = None))]
+    /// Returns a `StepResult`: int64 hits per admission (-1 where it did not fit, -2 where it
+    /// was not attempted), bools per extension, and their counts.
+    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None, fcfs = None, admit_if_extended = None))]
     #[allow(clippy::too_many_arguments)]
     fn step<'py>(
         &self,
@@ -416,8 +418,10 @@ impl PyKVCacheManager {
         admit_tokens: Option<&Bound<'py, PyAny>>,
         admit_lens: Option<&Bound<'py, PyAny>>,
         fcfs: Option<&Bound<'py, PyAny>>,
+        admit_if_extended: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<PyStepResult> {
         let fcfs = flag(fcfs, "fcfs")?;
+        let admit_if_extended = flag(admit_if_extended, "admit_if_extended")?;
         let ids = |o: Option<&Bound<'py, PyAny>>, what| match o.filter(|o| !o.is_none()) {
             Some(o) => uint_list(o, what),
             None => Ok(Vec::new()),
@@ -584,6 +588,7 @@ impl PyKVCacheManager {
                 extend: Vec::with_capacity(ext_ids.len()),
                 admit: Vec::with_capacity(n_admits),
                 fcfs,
+                admit_if_extended,
             };
             for (k, &id) in ext_ids.iter().enumerate() {
                 let ext = match &ext_tokens {

@@ -295,6 +295,11 @@ pub struct Step<'a> {
     /// it are not attempted (`StepOutcome::admitted` ends at the refusal), so a queue whose head
     /// waits for memory costs one refused lookup per step, not one per queued request.
     pub fcfs: bool,
+    /// Admit only if every extension fit: a scheduler that must preempt in a step admits
+    /// nothing new in it (as vLLM's and SGLang's do), so decode and admissions can share one
+    /// call. When an extension is refused no admission is attempted (`StepOutcome::admitted`
+    /// is empty).
+    pub admit_if_extended: bool,
 }
 
 /// What a step did, in the order of its inputs.
@@ -1872,8 +1877,14 @@ impl KVCacheManager {
             extended: Vec::with_capacity(step.extend.len()),
             admitted: Vec::with_capacity(step.admit.len()),
         };
+        let mut all_extended = true;
         for (&(id, ext), &slot) in step.extend.iter().zip(slots) {
-            out.extended.push(self.extend_at(slot, id, ext)?);
+            let ok = self.extend_at(slot, id, ext)?;
+            all_extended &= ok;
+            out.extended.push(ok);
+        }
+        if step.admit_if_extended && !all_extended {
+            return Ok(out);
         }
         for a in &step.admit {
             let hit = self.admit(a.req, a.prompt, a.salt, a.max_tokens)?;
