@@ -71,23 +71,6 @@ pub fn digest(bytes: &[u8]) -> u64 {
     xxh3_64(bytes)
 }
 
-/// A 64-bit digest of a whole prompt given as token ids or as block ids with its length: one
-/// pass over the prompt, to recognize a retried admission without keeping a copy of it.
-pub fn prompt_digest(tokens: Option<&[i64]>, ids: Option<&[u64]>, num_tokens: u64) -> u64 {
-    const TOKENS: u64 = 0x7470_6b6e; // domain separation: token ids vs block ids
-    const IDS: u64 = 0x6964_7321;
-    let mut h = match tokens {
-        Some(t) => token_block(TOKENS, t),
-        None => IDS,
-    };
-    if let Some(ids) = ids {
-        for &id in ids {
-            h = id_block(h, id);
-        }
-    }
-    id_block(h, num_tokens)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,26 +105,6 @@ mod tests {
         let bytes: Vec<u8> = t.iter().flat_map(|x| x.to_le_bytes()).collect();
         assert_eq!(token_block(1, &t), xxh3_64_with_seed(&bytes, 1));
         assert_ne!(token_block(1, &t), token_block(2, &t));
-    }
-
-    #[test]
-    fn prompt_digests_tell_prompts_apart() {
-        let t: Vec<i64> = (0..100).collect();
-        let mut u = t.clone();
-        u[57] = -1;
-        let d = |t: &[i64]| prompt_digest(Some(t), None, t.len() as u64);
-        assert_eq!(d(&t), d(&t.clone()));
-        assert_ne!(d(&t), d(&u));
-        assert_ne!(d(&t), d(&t[..99]));
-        let ids = [5u64, 6, 7];
-        assert_ne!(
-            prompt_digest(None, Some(&ids), 48),
-            prompt_digest(None, Some(&ids), 47)
-        );
-        assert_ne!(
-            prompt_digest(None, Some(&ids), 48),
-            prompt_digest(None, Some(&ids[..2]), 48)
-        );
     }
 
     #[test]

@@ -439,12 +439,11 @@ struct Refused {
     valid: bool,
     req: u64,
     seed: u64,
-    /// The prompt, recognized by its length and a 64-bit digest of its token ids (or block ids)
-    /// rather than by a copy: one read of a retried prompt, not two. Two prompts of one request
-    /// id that collide could at worst see the second refused while the first's need stands
-    /// (never a wrong admission): the trust the prefix index already puts in 64-bit hashes.
+    by_ids: bool,
+    /// The prompt as given: token ids, or block ids with the length in tokens.
+    tokens: Vec<i64>,
+    ids: Vec<u64>,
     num_tokens: u64,
-    digest: u64,
     /// Its chained block hashes.
     hashes: Vec<u64>,
     /// The nodes its last walk matched.
@@ -456,29 +455,35 @@ struct Refused {
 }
 
 impl Refused {
-    fn digest(prompt: &Prompt<'_>) -> u64 {
-        match *prompt {
-            Prompt::Tokens(t) => hash::prompt_digest(Some(t), None, t.len() as u64),
-            Prompt::BlockHashes { hashes, num_tokens } => {
-                hash::prompt_digest(None, Some(hashes), num_tokens)
-            }
-        }
-    }
-
     fn same(&self, req: u64, seed: u64, prompt: &Prompt<'_>) -> bool {
         self.valid
             && self.req == req
             && self.seed == seed
-            && self.num_tokens == prompt.len()
-            && self.digest == Self::digest(prompt)
+            && match *prompt {
+                Prompt::Tokens(t) => self.by_ids && self.tokens == t,
+                Prompt::BlockHashes { hashes, num_tokens } => {
+                    !self.by_ids && self.num_tokens == num_tokens && self.ids == hashes
+                }
+            }
     }
 
     fn remember(&mut self, req: u64, seed: u64, prompt: &Prompt<'_>, r: &Request) {
         self.valid = true;
         self.req = req;
         self.seed = seed;
-        self.num_tokens = prompt.len();
-        self.digest = Self::digest(prompt);
+        self.tokens.clear();
+        self.ids.clear();
+        match *prompt {
+            Prompt::Tokens(t) => {
+                self.by_ids = true;
+                self.tokens.extend_from_slice(t);
+            }
+            Prompt::BlockHashes { hashes, num_tokens } => {
+                self.by_ids = false;
+                self.ids.extend_from_slice(hashes);
+                self.num_tokens = num_tokens;
+            }
+        }
         self.hashes.clear();
         self.hashes.extend_from_slice(&r.hashes);
     }
