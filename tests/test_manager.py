@@ -271,10 +271,16 @@ def test_block_tables_from_a_start_block():
     new = m.block_tables([1], start=[19])
     assert [a.shape for a in new] == [(1, 1)] * len(m.spec.groups)
     assert [int(a[0, 0]) for a in new] == [int(m.block_table(1, g)[19]) for g in range(len(m.spec.groups))]
-    # Into the engine's own array, written from column 0 of each row.
-    out = np.full((1, 4), 77, dtype=np.int32)
-    m.block_tables([1], 0, out=out, start=18)
-    assert out[0].tolist() == m.block_table(1, 0)[18:].tolist() + [77, 77]
+    # Into the engine's own table: the entries from the start land at their own columns and
+    # nothing else is written; the row must be as wide as the table.
+    out = np.full((2, 24), 77, dtype=np.int32)
+    m.block_tables([1, 0], 0, out=out, start=[18, 1])
+    assert out[0, 18:20].tolist() == m.block_table(1, 0)[18:].tolist()
+    assert (out[0, :18] == 77).all() and (out[0, 20:] == 77).all()
+    assert out[1, 1:3].tolist() == m.block_table(0, 0)[1:].tolist()
+    assert out[1, 0] == 77 and (out[1, 3:] == 77).all()
+    with pytest.raises(InvalidArgumentError, match="out"):
+        m.block_tables([1], 0, out=np.zeros((1, 19), dtype=np.int32), start=18)
     # Bad starts change nothing and say what was wrong.
     with pytest.raises(InvalidArgumentError, match="start.*past"):
         m.block_tables(ids, 0, start=[0, 0, 99])

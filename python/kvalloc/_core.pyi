@@ -249,8 +249,9 @@ class KVCacheManager:
         group)``. A new array padded with NULL_PAGE, or written into the rows of ``out`` (a
         C-contiguous 2D int32 array; entries past each table are left as they were). With
         ``group=None``, a tuple with every group's (``out``: one array per group). With
-        ``start`` (an int, or one per request), row i holds the table from block ``start[i]``
-        on: the new blocks only, for an engine that keeps its own tables."""
+        ``start`` (an int, or one per request) only blocks ``start[i]`` onward are read (the new
+        ones, for an engine that keeps its own tables): left-aligned in a new array, at their own
+        columns in ``out``."""
     def num_tokens(self, req_id: int) -> int:
         """Tokens scheduled for a running request."""
     def __contains__(self, req_id: object, /) -> bool: ...

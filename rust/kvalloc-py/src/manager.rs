@@ -295,8 +295,10 @@ impl PyKVCacheManager {
     /// first entries are written in place, the rest of each row is left as it was, and `out`
     /// is returned. With `group=None`, every group's at once: a tuple with one array per group
     /// (and `out`, if given, a sequence of one array per group). With `start` (an int, or one
-    /// per request), row i holds the table from block `start[i]` on: the blocks an engine that
-    /// keeps its own tables does not have yet.
+    /// per request), only the blocks from `start[i]` on are read (those an engine that keeps its
+    /// own tables does not have yet): a new array holds them left-aligned, while `out` gets them
+    /// at their own positions (columns `start[i]` onward), so an engine's table receives only
+    /// its new entries.
     #[pyo3(signature = (req_ids, group = None, out = None, start = None))]
     fn block_tables<'py>(
         &self,
@@ -309,8 +311,9 @@ impl PyKVCacheManager {
         let ids = uint_list(req_ids, "req_ids")?;
         let starts = Starts::extract(start, ids.len())?;
         let m = self.lock()?;
-        // Every id, start, group and length is checked before anything is written.
-        let mut width = 0;
+        // Every id, start, group and length is checked before anything is written. `width`:
+        // the longest read (a new array's width); `span`: the furthest block (`out`'s).
+        let (mut width, mut span) = (0, 0);
         for (k, &id) in ids.iter().enumerate() {
             let len = m.block_table_len(id).py()?;
             let from = starts.at(k);
@@ -321,6 +324,7 @@ impl PyKVCacheManager {
                 ));
             }
             width = width.max(len - from);
+            span = span.max(len);
         }
         let groups = m.spec().groups.len();
         let out = out.filter(|o| !o.is_none());
@@ -339,7 +343,7 @@ impl PyKVCacheManager {
                         format!("{g} is out of range: the model has {groups} groups"),
                     ));
                 }
-                let out = out.map(|o| table_out(o, ids.len(), width)).transpose()?;
+                let out = out.map(|o| table_out(o, ids.len(), span)).transpose()?;
                 Ok(tables.fill(py, g, out)?.into_any())
             }
             None => {
@@ -355,7 +359,7 @@ impl PyKVCacheManager {
                             ));
                         }
                         list.iter()
-                            .map(|a| table_out(a, ids.len(), width).map(Some))
+                            .map(|a| table_out(a, ids.len(), span).map(Some))
                             .collect::<PyResult<_>>()?
                     }
                     None => vec![None; groups],
@@ -917,20 +921,21 @@ struct Tables<'a> {
 }
 
 impl Tables<'_> {
-    /// Writes group `g`'s rows into `out`, or into a new array `width` wide padded with
-    /// `NULL_PAGE`.
+    /// Writes group `g`'s rows into `out` (each read at its own columns), or into a new array
+    /// `width` wide (left-aligned) padded with `NULL_PAGE`.
     fn fill<'py>(
         &self,
         py: Python<'py>,
         g: usize,
         out: Option<Bound<'py, PyArray2<i32>>>,
     ) -> PyResult<Bound<'py, PyArray2<i32>>> {
-        let write = |cells: &mut [i32], width: usize| -> PyResult<()> {
+        // `at_start`: write row k from column start[k] (into `out`) rather than from column 0.
+        let write = |cells: &mut [i32], width: usize, at_start: bool| -> PyResult<()> {
             for (k, &id) in self.ids.iter().enumerate() {
-                let row = &mut cells[k * width..(k + 1) * width];
-                self.m
-                    .block_table_range_into(id, g, self.starts.at(k), row)
-                    .py()?;
+                let from = self.starts.at(k);
+                let first = k * width + if at_start { from } else { 0 };
+                let row = &mut cells[first..(k + 1) * width];
+                self.m.block_table_range_into(id, g, from, row).py()?;
             }
             Ok(())
         };
@@ -942,7 +947,7 @@ impl Tables<'_> {
                 let cells = rw
                     .as_slice_mut()
                     .map_err(|_| invalid("out", "must be C-contiguous"))?;
-                write(cells, arr.shape()[1])?;
+                write(cells, arr.shape()[1], true)?;
                 drop(rw);
                 Ok(arr)
             }
@@ -953,7 +958,7 @@ impl Tables<'_> {
                 let a = unsafe { PyArray2::<i32>::new(py, [self.ids.len(), self.width], false) };
                 let cells = unsafe { a.as_slice_mut() }.expect("a new array is contiguous");
                 cells.fill(kvalloc::NULL_PAGE);
-                write(cells, self.width)?;
+                write(cells, self.width, false)?;
                 Ok(a)
             }
         }
