@@ -314,3 +314,60 @@ fn absurd_counts_are_refused_not_looped_over() {
         .is_err());
     m.validate().unwrap();
 }
+
+/// A batched step in Rust: checks every id before changing anything, serves finishes,
+/// extensions and admissions in order, stops admitting at the first refusal with `fcfs`, and
+/// admits nothing when an extension did not fit with `admit_if_extended`.
+#[test]
+fn batched_step_checks_then_serves_in_order() {
+    use kvalloc::{Admission, Step};
+    fn admit(req: u64, p: &[i64]) -> Admission<'_> {
+        Admission {
+            req,
+            prompt: Prompt::Tokens(p),
+            salt: None,
+            max_tokens: None,
+        }
+    }
+    let mut m = manager(Policy::SwaAware, 1 << 20);
+    let (p1, p2, big) = (seq(0, 100), seq(10_000, 60), seq(20_000, 1_000_000));
+    let (p1, p2, big) = (&p1[..], &p2[..], &big[..]);
+    let out = m
+        .step(&Step {
+            admit: vec![admit(1, p1), admit(3, big), admit(2, p2)],
+            fcfs: true,
+            ..Step::default()
+        })
+        .unwrap();
+    assert_eq!(out.admitted, vec![Some(0), None]); // request 2 is not attempted
+    assert!(m.is_running(1) && !m.is_running(2) && !m.is_running(3));
+    // An unknown id anywhere fails the whole step before anything changes.
+    let before = m.stats();
+    let tok = [7i64];
+    let bad = Step {
+        finish: vec![1],
+        extend: vec![(99, Extension::Tokens(&tok))],
+        ..Step::default()
+    };
+    assert!(m.step(&bad).is_err());
+    assert_eq!(m.stats(), before);
+    assert!(m.is_running(1));
+    m.validate().unwrap();
+    // Grow request 1 until memory runs out, then: with `admit_if_extended` nothing is admitted.
+    let mut t = 0;
+    while m.extend(1, Extension::Tokens(&[t])).unwrap() {
+        t += 1;
+    }
+    let step = |flag| Step {
+        extend: vec![(1, Extension::Tokens(&tok))],
+        admit: vec![admit(2, p2)],
+        admit_if_extended: flag,
+        ..Step::default()
+    };
+    let out = m.step(&step(true)).unwrap();
+    assert_eq!((out.extended, out.admitted), (vec![false], vec![]));
+    assert!(!m.is_running(2));
+    let out = m.step(&step(false)).unwrap();
+    assert_eq!((out.extended.len(), out.admitted.len()), (1, 1));
+    m.validate().unwrap();
+}
