@@ -187,7 +187,8 @@ class Engine:
             finish, decode = [], []
         ext = decode or prefill
         ends = [r.computed + 1 if decode else min(r.computed + self.prefill_chunk, r.admitted_len) for r in ext]
-        # Admissions, oldest first, while there are free slots, none when memory is short. A
+        # Admissions, oldest first, while there are free slots, none when memory is short
+        # (`admit_if_extended`: none is attempted if an extension of this call does not fit). A
         # request preempted last step is finished in this call, so it cannot be admitted in it.
         admit = [] if refused else self._admission_candidates({r.req_id for r in finishing})
         res = self._call(
@@ -196,13 +197,10 @@ class Engine:
             extend_tokens=self._decode_tokens(decode) if decode else None,
             extend_counts=None if decode else [e - r.computed for r, e in zip(ext, ends)],
             admit=[(r.req_id, np.array(r.tokens, dtype=np.int64), None, self.prefill_chunk) for r in admit],
+            admit_if_extended=True,
         )
         hits = res.hits
         extended(ext, ends, res.extended)
-        if refused and res.admitted:
-            # Memory is short: this step's admissions (nothing computed yet) wait after all.
-            self._call(abort=[r.req_id for r, h in zip(admit, hits) if h >= 0])
-            hits[:] = -1
         if refused:
             self._preempt(refused)
         elif admit and hits[0] < 0 and not self._running and not finishing:
