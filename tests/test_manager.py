@@ -98,6 +98,12 @@ def test_step_batches_a_scheduler_step():
         m.step(finish=[2], extend_ids=[2, 3], extend_tokens=np.arange(3, dtype=np.int64))
     with pytest.raises(InvalidArgumentError, match="extend_lens"):
         m.step(extend_ids=[2, 3], extend_tokens=np.arange(3, dtype=np.int64), extend_lens=[1])
+    # uint64 lengths whose sum wraps around to the token count are refused, not sliced.
+    wrap = np.array([2**64 - 1, 1], dtype=np.uint64)
+    with pytest.raises(InvalidArgumentError, match="extend_tokens.*more than 2\\^64"):
+        m.step(extend_ids=[2, 3], extend_tokens=np.zeros(0, dtype=np.int64), extend_lens=wrap)
+    with pytest.raises(InvalidArgumentError, match="admit_tokens"):
+        m.step(admit_ids=[8, 9], admit_tokens=np.zeros(0, dtype=np.int64), admit_lens=wrap)
     assert m.stats() == before and 2 in m
 
 

@@ -191,3 +191,16 @@ pub fn figures<'py>(py: Python<'py>, items: &[(&str, u64)]) -> PyResult<Bound<'p
     }
     Ok(d)
 }
+
+/// An optional yes/no argument: True or False (numpy bools too); None or absent is false.
+pub fn flag(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<bool> {
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok(false),
+        Some(o) => o.extract::<bool>().map_err(|_| {
+            invalid(
+                what,
+                format!("expected True or False, got {}", type_name(o)),
+            )
+        }),
+    }
+}

@@ -11,7 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::convert::{
-    figures, non_negative, opt_non_negative, opt_positive, positive, token_ids, type_name,
+    figures, flag, non_negative, opt_non_negative, opt_positive, positive, token_ids, type_name,
     u64_array, uint_list,
 };
 use crate::errors::{invalid, to_py, IntoPyResult};
@@ -500,28 +500,14 @@ impl PyKVCacheManager {
             Some(a) => a.as_slice()?,
             None => &flat_owned,
         };
-        if flat_lens.len() != flat_ids.len() {
-            return Err(invalid(
-                "admit_lens",
-                format!(
-                    "{} lengths for {} admit_ids",
-                    flat_lens.len(),
-                    flat_ids.len()
-                ),
-            ));
-        }
-        if flat_lens.iter().sum::<u64>() != flat_tokens.len() as u64 {
-            return Err(invalid(
-                "admit_tokens",
-                format!(
-                    "{} tokens, but admit_lens adds up to {}",
-                    flat_tokens.len(),
-                    flat_lens.iter().sum::<u64>()
-                ),
-            ));
-        }
+        let flat_spans = spans(
+            &flat_lens,
+            flat_ids.len(),
+            flat_tokens.len(),
+            ["admit_ids", "admit_lens", "admit_tokens"],
+        )?;
         // Extensions, as slices of the flat token array.
-        let mut spans: Vec<(usize, usize)> = Vec::with_capacity(ext_ids.len());
+        let mut ext_spans: Vec<(usize, usize)> = Vec::new();
         match (&ext_tokens, ext_counts.is_empty()) {
             (Some(_), false) => {
                 return Err(invalid(
@@ -541,31 +527,15 @@ impl PyKVCacheManager {
                         ),
                     ));
                 }
-                spans.extend((0..ext_ids.len()).map(|k| (k, k + 1)));
+                ext_spans.extend((0..ext_ids.len()).map(|k| (k, k + 1)));
             }
             (Some(tokens), true) => {
-                let lens = ext_lens;
-                if lens.len() != ext_ids.len() {
-                    return Err(invalid(
-                        "extend_lens",
-                        format!("{} lengths for {} ids", lens.len(), ext_ids.len()),
-                    ));
-                }
-                let total: u64 = lens.iter().sum();
-                if total != tokens.len() as u64 {
-                    return Err(invalid(
-                        "extend_tokens",
-                        format!(
-                            "{} tokens, but extend_lens adds up to {total}",
-                            tokens.len()
-                        ),
-                    ));
-                }
-                let mut at = 0usize;
-                for &l in &lens {
-                    spans.push((at, at + l as usize));
-                    at += l as usize;
-                }
+                ext_spans = spans(
+                    &ext_lens,
+                    ext_ids.len(),
+                    tokens.len(),
+                    ["extend_ids", "extend_lens", "extend_tokens"],
+                )?;
             }
             (None, false) => {
                 if ext_counts.len() != ext_ids.len() {
@@ -596,7 +566,7 @@ impl PyKVCacheManager {
             };
             for (k, &id) in ext_ids.iter().enumerate() {
                 let ext = match &ext_tokens {
-                    Some(t) => Extension::Tokens(&t[spans[k].0..spans[k].1]),
+                    Some(t) => Extension::Tokens(&t[ext_spans[k].0..ext_spans[k].1]),
                     None => Extension::Count(ext_counts[k]),
                 };
                 step.extend.push((id, ext));
@@ -609,15 +579,13 @@ impl PyKVCacheManager {
                     max_tokens: *max_tokens,
                 });
             }
-            let mut at = 0usize;
-            for (&req, &len) in flat_ids.iter().zip(&flat_lens) {
+            for (&req, &(from, to)) in flat_ids.iter().zip(&flat_spans) {
                 step.admit.push(Admission {
                     req,
-                    prompt: Prompt::Tokens(&flat_tokens[at..at + len as usize]),
+                    prompt: Prompt::Tokens(&flat_tokens[from..to]),
                     salt: None,
                     max_tokens: None,
                 });
-                at += len as usize;
             }
             self.lock()?.step(&step).py()
         })?;
@@ -965,15 +933,35 @@ impl Tables<'_> {
     }
 }
 
-/// An optional yes/no argument: True or False (numpy bools too); None or absent is false.
-fn flag(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<bool> {
-    match obj.filter(|o| !o.is_none()) {
-        None => Ok(false),
-        Some(o) => o.extract::<bool>().map_err(|_| {
-            invalid(
-                what,
-                format!("expected True or False, got {}", type_name(o)),
-            )
-        }),
+/// The slices of a flat token array that per-request lengths cut (`names`: the ids, lengths
+/// and tokens arguments, for errors): one length per id, adding up to the tokens.
+fn spans(
+    lens: &[u64],
+    n_ids: usize,
+    n_tokens: usize,
+    [ids, lens_name, tokens]: [&str; 3],
+) -> PyResult<Vec<(usize, usize)>> {
+    if lens.len() != n_ids {
+        return Err(invalid(
+            lens_name,
+            format!("{} lengths for {n_ids} {ids}", lens.len()),
+        ));
     }
+    // Checked: lengths near 2^64 (uint64 arrays) must not wrap around to a matching sum.
+    let total = lens.iter().try_fold(0u64, |a, &l| a.checked_add(l));
+    if total != Some(n_tokens as u64) {
+        let sum = total.map_or("more than 2^64".into(), |t| t.to_string());
+        return Err(invalid(
+            tokens,
+            format!("{n_tokens} tokens, but {lens_name} adds up to {sum}"),
+        ));
+    }
+    let mut at = 0usize;
+    Ok(lens
+        .iter()
+        .map(|&l| {
+            at += l as usize;
+            (at - l as usize, at)
+        })
+        .collect())
 }
