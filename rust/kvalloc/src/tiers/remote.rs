@@ -566,15 +566,15 @@ impl BlockStore for RemoteStore {
     }
 }
 
-/// Checks that `len` bytes from `first_layer` are whole layers inside the record.
-/// Verifies `body` (the requested layers) and only then copies it into `dst`.
+/// Verifies `body` (the requested layers) and only then copies it into `dst`. Every caller
+/// checked the range against the header (or the geometry it matches) before fetching or
+/// slicing the body.
 fn finish_read(
     header: &RecordHeader,
     first_layer: u32,
     body: &[u8],
     dst: &mut [u8],
 ) -> Result<(), StoreError> {
-    header.check_range(first_layer, dst.len())?;
     if body.len() != dst.len() {
         return Err(StoreError::Corrupt(format!(
             "value truncated: {} of {} bytes",
