@@ -291,4 +291,19 @@ mod tests {
         ));
         assert!(RecordHeader::decode(&buf[..10]).is_err());
     }
+
+    #[test]
+    fn reads_must_be_whole_layers_inside_the_record() {
+        // 4 layers of 16 bytes.
+        let h = RecordHeader::for_payload(9, BlockKey { hash: 1, group: 0 }, 16, &[0u8; 64]);
+        h.check_range(0, 64).unwrap();
+        h.check_range(3, 16).unwrap();
+        h.check_range(4, 0).unwrap();
+        for (first, len) in [(0, 65), (3, 32), (5, 0), (1, 8)] {
+            assert!(
+                matches!(h.check_range(first, len), Err(StoreError::Io(_))),
+                "layer {first}, {len} bytes"
+            );
+        }
+    }
 }
