@@ -16,6 +16,7 @@ cached) and a later admission of prompt + output so far, as the README prescribe
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,6 @@ class KvallocDriver:
         self.m = kvalloc.KVCacheManager(
             spec, capacity_bytes, block_tokens=geo.block_tokens, watermark=watermark
         )
-        self.groups = len(spec.groups)
         self.block = geo.block_tokens
         self.seconds = 0.0
         self._finish: list[int] = []
@@ -55,7 +55,7 @@ class KvallocDriver:
             if n % block == 0:
                 rows.append(r.rid)
                 starts.append(n // block)
-        admit = {}
+        admit: dict[str, Any] = {}
         if candidates:
             ctxs = [r.context() for r in candidates]
             admit = dict(
@@ -98,12 +98,6 @@ class KvallocDriver:
             m.block_tables(rows, start=starts)  # every group's, one call
         self.seconds += time.perf_counter() - t0
         return preempted, hits
-
-    def decode(self, running: list[Request]) -> list[Request]:
-        return self.step(running, [])[0]
-
-    def admit(self, reqs: list[Request]) -> list[int]:
-        return self.step([], reqs)[1]
 
     def blocks_back(self) -> bool:
         if self._finish:

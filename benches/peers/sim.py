@@ -15,11 +15,11 @@ A driver owns one manager and does, per step, what its engine's scheduler does w
   request still holds one;
 - ``seconds``: time spent in the manager's calls, accumulated by the driver itself.
 
-A driver whose manager serves a whole step in one call may also have
-``step(running, candidates) -> (preempted, hits)``: ``decode`` and then, only if nothing was
-preempted, ``admit(candidates)`` (``hits`` empty otherwise). The candidates are chosen before
-the step, as they would be after a decode that preempts nothing; the run then calls ``step``
-instead of ``decode`` and ``admit``, with the same outcome.
+A driver whose manager serves a whole step in one call has, instead of ``decode`` and
+``admit``, ``step(running, candidates) -> (preempted, hits)``: what ``decode`` does and then,
+only if nothing was preempted, what ``admit(candidates)`` does (``hits`` empty otherwise). The
+candidates are chosen before the step, as they would be after a decode that preempts nothing,
+so the outcome is the same.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from workload import Request
 
@@ -37,9 +37,16 @@ class Driver(Protocol):
     seconds: float
 
     def finish(self, reqs: list[Request]) -> None: ...
+    def blocks_back(self) -> bool: ...
+
+
+class StepwiseDriver(Driver, Protocol):
     def decode(self, running: list[Request]) -> list[Request]: ...
     def admit(self, reqs: list[Request]) -> list[int]: ...
-    def blocks_back(self) -> bool: ...
+
+
+class CombinedDriver(Driver, Protocol):
+    def step(self, running: list[Request], candidates: list[Request]) -> tuple[list[Request], list[int]]: ...
 
 
 def _candidates(waiting: deque[Request], running: int, max_running: int, max_prefill_tokens: int) -> list[Request]:
@@ -78,7 +85,7 @@ class Stalled(RuntimeError):
     """Nothing runs and the next request does not fit: the memory is too small for it."""
 
 
-def run(driver: Driver, reqs: list[Request], max_running: int, max_prefill_tokens: int) -> Result:
+def run(driver: StepwiseDriver | CombinedDriver, reqs: list[Request], max_running: int, max_prefill_tokens: int) -> Result:
     for r in reqs:
         r.reset()
     dependents: dict[int, list[Request]] = {}
@@ -92,6 +99,8 @@ def run(driver: Driver, reqs: list[Request], max_running: int, max_prefill_token
     running: list[Request] = []
     finished: list[Request] = []
     done = admissions = prompt_tokens = hit_tokens = preemptions = steps = 0
+    combined = cast(CombinedDriver, driver) if hasattr(driver, "step") else None
+    stepwise = cast(StepwiseDriver, driver)
     wall = time.perf_counter()
     while done < len(reqs):
         steps += 1
@@ -101,17 +110,16 @@ def run(driver: Driver, reqs: list[Request], max_running: int, max_prefill_token
                 waiting.extend(dependents.pop(r.rid, ()))
             finished = []
 
-        combined = getattr(driver, "step", None)
         if combined is not None:
             candidates = _candidates(waiting, len(running), max_running, max_prefill_tokens)
-            preempted, hits = combined(running, candidates)
+            preempted, hits = combined.step(running, candidates)
         else:
-            preempted = driver.decode(running)
+            preempted = stepwise.decode(running)
             candidates, hits = [], []
             if not preempted and waiting:
                 candidates = _candidates(waiting, len(running), max_running, max_prefill_tokens)
                 if candidates:
-                    hits = driver.admit(candidates)
+                    hits = stepwise.admit(candidates)
         for r in preempted:
             r.preemptions += 1
         preemptions += len(preempted)
