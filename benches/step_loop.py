@@ -9,6 +9,7 @@ one `KVCacheManager.step` call. Between steps the 16 oldest requests finish (unt
         .venv/bin/python benches/step_loop.py 128 96 300      # instructions in step, / 300 per step
 """
 
+import resource
 import sys
 import time
 
@@ -24,6 +25,7 @@ def main() -> None:
     m, ids, running = start(1 << 40, length, shared)
     rng = np.random.default_rng(0)
     times = []
+    faults = 0
     for _ in range(steps):
         for rid in running[:ADMITS]:
             m.finish(rid)
@@ -31,12 +33,17 @@ def main() -> None:
         args = step_args(running, ids, rng, length, shared)
         if thrash is not None:
             thrash += 1  # evicts the manager's working set from the caches, as other work would
+        f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = time.perf_counter()
         res = m.step(**args)
         times.append(time.perf_counter() - t)
+        faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
         assert res.refused_extensions == 0 and (res.hits == shared).all()
     times.sort()
-    print(f"{length}-token prompts: min {times[0] * 1e6:.1f} us, median {times[len(times) // 2] * 1e6:.1f} us over {steps} steps")
+    print(
+        f"{length}-token prompts: min {times[0] * 1e6:.1f} us, median {times[len(times) // 2] * 1e6:.1f} us, "
+        f"mean {sum(times) / steps * 1e6:.1f} us over {steps} steps; {faults / steps:.2f} page faults per step"
+    )
 
 
 if __name__ == "__main__":

@@ -21,9 +21,12 @@ def make_prompt(rid: int, length: int, shared: int) -> np.ndarray:
     return np.concatenate([np.arange(shared, dtype=np.int64), own])
 
 
-def start(capacity: int, length: int, shared: int) -> tuple[KVCacheManager, Iterator[int], list[int]]:
-    """A manager with RUNNING requests admitted: (manager, next ids, running ids)."""
-    m = KVCacheManager(ModelSpec.preset("mimo-v2.5-pro"), capacity)
+def start(
+    capacity: int, length: int, shared: int, **options: int
+) -> tuple[KVCacheManager, Iterator[int], list[int]]:
+    """A manager (`options`: constructor keywords) with RUNNING requests admitted: (manager,
+    next ids, running ids)."""
+    m = KVCacheManager(ModelSpec.preset("mimo-v2.5-pro"), capacity, **options)
     ids = itertools.count()
     running = []
     for _ in range(RUNNING):

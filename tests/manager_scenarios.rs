@@ -371,3 +371,80 @@ fn batched_step_checks_then_serves_in_order() {
     assert_eq!((out.extended.len(), out.admitted.len()), (1, 1));
     m.validate().unwrap();
 }
+
+/// Committing bookkeeping memory up front (`prefault_bytes`) is invisible: with none, with a
+/// budget smaller than the cache grows to, and with the default, the same operations give the
+/// same answers, accounting and block tables, and every invariant holds after each.
+#[test]
+fn prefault_budget_changes_no_outcome() {
+    let managers: Vec<KVCacheManager> = [0, 4 << 10, ManagerConfig::default().prefault_bytes]
+        .into_iter()
+        .map(|prefault_bytes| {
+            let config = ManagerConfig {
+                prefault_bytes,
+                ..ManagerConfig::default()
+            };
+            // Small enough that the workload below evicts.
+            KVCacheManager::new(small_spec(), 3 << 20, config).unwrap()
+        })
+        .collect();
+    let mut ms = managers;
+    let mut state = 7u64;
+    let mut rand = move |n: u64| {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1);
+        (state >> 33) % n
+    };
+    let mut running: Vec<u64> = Vec::new();
+    for id in 0..400u64 {
+        // Prompts share one of four system prompts, then diverge.
+        let shared = seq(rand(4) as i64 * 10_000, 64 + 16 * rand(8) as usize);
+        let mut prompt = shared;
+        prompt.extend(seq(1_000_000 + id as i64 * 1_000, 1 + rand(100) as usize));
+        let op = rand(4);
+        let outcomes: Vec<String> = ms
+            .iter_mut()
+            .map(|m| {
+                let out = match op {
+                    0 | 1 => format!("{:?}", m.admit(id, Prompt::Tokens(&prompt), None, None)),
+                    2 => running
+                        .iter()
+                        .map(|&r| m.extend(r, Extension::Tokens(&[id as i64])).unwrap())
+                        .fold(String::new(), |s, ok| s + if ok { "+" } else { "-" }),
+                    _ => format!("{:?}", running.first().map(|&r| m.finish(r))),
+                };
+                m.validate().unwrap();
+                out
+            })
+            .collect();
+        assert!(
+            outcomes.iter().all(|o| *o == outcomes[0]),
+            "op {id}: {outcomes:?}"
+        );
+        match op {
+            0 | 1 if ms[0].is_running(id) => running.push(id),
+            3 if !running.is_empty() => {
+                running.remove(0);
+            }
+            _ => {}
+        }
+        let stats: Vec<_> = ms.iter().map(|m| m.stats()).collect();
+        assert!(
+            stats.iter().all(|s| *s == stats[0]),
+            "op {id}: stats differ"
+        );
+        for &r in &running {
+            let tables: Vec<_> = ms.iter().map(|m| m.block_table(r, 1).unwrap()).collect();
+            assert!(
+                tables.iter().all(|t| *t == tables[0]),
+                "op {id}: tables differ"
+            );
+        }
+    }
+    let st = ms[0].stats();
+    assert!(
+        st.evicted_leaves + st.evicted_checkpoints > 0,
+        "the workload never evicted"
+    );
+}

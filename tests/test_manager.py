@@ -195,6 +195,25 @@ def test_watermark_keeps_room_for_decoding():
             KVCacheManager(small_spec(), 8 << 20, watermark=bad)
 
 
+def test_prefault_budget_is_invisible():
+    """Bookkeeping committed up front (the default), none, or a budget the cache outgrows:
+    the same answers and accounting."""
+    ms = [KVCacheManager(small_spec(), 8 << 20, prefault_bytes=p) for p in (None, 0, 4096)]
+    for rid in range(40):
+        prompt = np.concatenate([seq(1_000 * (rid % 3), 64), seq(100_000 + 1_000 * rid, 40)])
+        outcomes = {m.admit(rid, prompt) for m in ms}
+        assert len(outcomes) == 1
+        if rid % 2:
+            for m in ms:
+                m.finish(rid)
+        assert all(m.stats() == ms[0].stats() for m in ms)
+    for m in ms:
+        m.validate()
+    for bad in (-1, 1.5, "x"):
+        with pytest.raises(InvalidArgumentError, match="prefault_bytes"):
+            KVCacheManager(small_spec(), 8 << 20, prefault_bytes=bad)
+
+
 def test_block_tables_batch_equals_single_calls():
     m = KVCacheManager(small_spec(), 256 << 20)
     for i, n in enumerate([40, 300, 17]):

@@ -202,6 +202,7 @@ class KVCacheManager:
         remote_prefix: str | None = None,
         write_through: bool | None = None,
         watermark: float | None = None,
+        prefault_bytes: int | None = None,
     ) -> KVCacheManager:
         """Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
         ``disk_bytes`` of files under ``disk_dir`` (L3, survives restarts), ``remote_bytes`` in
@@ -210,7 +211,10 @@ class KVCacheManager:
         the remote store so other instances can use it. Bytes move only once a device buffer is
         registered (``register_device``). ``watermark``: a fraction of ``capacity_bytes`` that
         every admission must leave free or evictable (room for the running requests' next
-        decode blocks, so fewer preemptions); extensions ignore it."""
+        decode blocks, so fewer preemptions); extensions ignore it. ``prefault_bytes``: at
+        most this much bookkeeping memory (tree nodes, index, slab records) is committed at
+        construction, as much as the capacity can use, so that the cache's growth takes no page
+        faults on the scheduler's path (None: 32 MiB; 0: none)."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(

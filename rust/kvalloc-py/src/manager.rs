@@ -124,7 +124,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = None, watermark = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = None, watermark = None, prefault_bytes = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -144,6 +144,7 @@ impl PyKVCacheManager {
         remote_prefix: Option<String>,
         write_through: Option<&Bound<'_, PyAny>>,
         watermark: Option<&Bound<'_, PyAny>>,
+        prefault_bytes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
         let write_through = flag(write_through, "write_through")?;
@@ -176,6 +177,10 @@ impl PyKVCacheManager {
             },
             write_through,
             admission_reserve_bytes: (capacity as f64 * watermark) as u64,
+            prefault_bytes: match prefault_bytes.filter(|p| !p.is_none()) {
+                Some(p) => non_negative(p, "prefault_bytes")?,
+                None => ManagerConfig::default().prefault_bytes,
+            },
             ..ManagerConfig::default()
         };
         let stores = StoreSetup {

@@ -45,6 +45,7 @@ pub mod error;
 pub mod hash;
 pub mod manager;
 pub mod policy;
+mod prefault;
 pub mod prefix;
 pub mod sim;
 pub mod slab;

@@ -213,6 +213,11 @@ pub struct ManagerConfig {
     /// vLLM v0): room for the running requests' next decode blocks, so that a scheduler admitting
     /// "whatever fits now" does not have to preempt a step later. Extensions ignore it. 0: none.
     pub admission_reserve_bytes: u64,
+    /// Bookkeeping memory (tree nodes and index, slab records) committed at construction, at
+    /// most: as much as the budget's blocks can use, up to this. Growth within it takes no page
+    /// faults on the scheduler's path (see [`crate::prefault`]); beyond it the bookkeeping grows
+    /// on demand. 0: none.
+    pub prefault_bytes: u64,
 }
 
 impl Default for ManagerConfig {
@@ -228,6 +233,7 @@ impl Default for ManagerConfig {
             overlap: OverlapModel::default(),
             resume_granularity: None,
             admission_reserve_bytes: 0,
+            prefault_bytes: 32 << 20,
         }
     }
 }
@@ -742,7 +748,7 @@ impl KVCacheManager {
             ));
         }
         let block_bytes = spec.block_bytes(config.block_tokens);
-        let arena = SlabArena::new(capacity_bytes, &block_bytes, config.slab_bytes)?;
+        let mut arena = SlabArena::new(capacity_bytes, &block_bytes, config.slab_bytes)?;
         let layout = Layout {
             windows: spec.groups.iter().map(|g| g.window).collect(),
             block_bytes,
@@ -783,7 +789,16 @@ impl KVCacheManager {
                 layer_sliding[l as usize] = g.window.is_some();
             }
         }
-        let tree = PrefixTree::new(layout, config.eviction);
+        let mut tree = PrefixTree::new(layout, config.eviction);
+        // Every node holds a block of each full group, so those bound the tree; a model with
+        // sliding groups only has no such bound (the budget still applies).
+        let max_nodes = (0..spec.groups.len())
+            .filter(|&g| spec.groups[g].window.is_none())
+            .map(|g| arena.num_pages(g).expect("a class per group"))
+            .min()
+            .unwrap_or(u64::MAX);
+        let tree_bytes = tree.prefault(config.prefault_bytes / 2, max_nodes);
+        arena.prefault(config.prefault_bytes - tree_bytes);
         Ok(KVCacheManager {
             spec,
             config,

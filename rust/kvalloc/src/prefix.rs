@@ -28,6 +28,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 
 use crate::error::{Error, Result};
 use crate::policy::{Candidate, Eviction, EvictionOrder};
+use crate::prefault;
 use crate::slab::Handle;
 
 /// Node id; `NONE` marks "no node" (the parent of depth-0 nodes).
@@ -241,6 +242,39 @@ impl PrefixTree {
             victims: None,
             evicting: None,
         }
+    }
+
+    /// Commits the memory of up to `max_nodes` nodes within `max_bytes` (their arrays and index
+    /// entries; see [`crate::prefault`]), so that the tree grows to that size faulting no page
+    /// in. Changes no state; for a new tree. Returns the bytes committed.
+    pub fn prefault(&mut self, max_bytes: u64, max_nodes: u64) -> u64 {
+        debug_assert!(self.nodes.is_empty());
+        let g = self.g();
+        // A map entry: key, value and control byte, at the index's lowest load factor (1/2,
+        // just after it doubles).
+        let per_node = std::mem::size_of::<Node>() + g * (8 + 4 + 4) + 2 * (8 + 4 + 1);
+        let n = max_nodes.min(max_bytes / per_node as u64) as usize;
+        let fill = Node {
+            hash: 0,
+            parent: NONE,
+            depth: 0,
+            children: 0,
+            refs: 0,
+            hits: 0,
+            last_access: 0,
+            ckpt_end: false,
+            doomed: false,
+            alive: false,
+            key: None,
+            changed: 0,
+        };
+        prefault::commit(&mut self.nodes, n, fill);
+        prefault::commit(&mut self.blocks, n * g, 0);
+        prefault::commit(&mut self.ckpt_refs, n * g, 0);
+        prefault::commit(&mut self.ckpt_start, n * g, 0);
+        // Keys are their own hashes: consecutive ones fill consecutive buckets.
+        prefault::commit_map(&mut self.index, n, |i| i as u64, 0);
+        (n * per_node) as u64
     }
 
     /// The layout served.

@@ -28,6 +28,7 @@
 use std::collections::BTreeSet;
 
 use crate::error::{Error, Result, StaleReason};
+use crate::prefault;
 
 /// An allocated block: `generation << 32 | slot_id`. Opaque to users; `0` is never valid.
 pub type Handle = u64;
@@ -64,7 +65,7 @@ const MIN_SLABS_WANTED: u64 = 64;
 /// End of a slab's free list.
 const NIL: u32 = u32::MAX;
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Slab {
     /// Class served, or `None` when the slab is free.
     class: Option<u32>,
@@ -78,6 +79,20 @@ struct Slab {
     gen_counter: u32,
     /// Set while a batch free is releasing blocks of this slab.
     in_batch: bool,
+}
+
+impl Slab {
+    /// A slab serving no class.
+    fn free() -> Self {
+        Slab {
+            class: None,
+            used: 0,
+            free_head: NIL,
+            free_len: 0,
+            gen_counter: 0,
+            in_batch: false,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -327,6 +342,20 @@ impl SlabArena {
         })
     }
 
+    /// Commits the bookkeeping memory of as many not yet materialized slabs as `max_bytes`
+    /// covers (see [`crate::prefault`]), so that materializing them faults no page in. Changes
+    /// no state. Returns the bytes committed.
+    pub fn prefault(&mut self, max_bytes: u64) -> u64 {
+        let per_slab = (std::mem::size_of::<Slab>() + 2 * self.stride as usize * 4) as u64;
+        let unborn = u64::from(self.num_slabs) - self.slabs.len() as u64;
+        let n = unborn.min(max_bytes / per_slab) as usize;
+        let slots = n * self.stride as usize;
+        prefault::commit(&mut self.gens, slots, 0);
+        prefault::commit(&mut self.next, slots, 0);
+        prefault::commit(&mut self.slabs, n, Slab::free());
+        n as u64 * per_slab
+    }
+
     /// The byte budget.
     pub fn capacity_bytes(&self) -> u64 {
         self.capacity_bytes
@@ -493,14 +522,7 @@ impl SlabArena {
                 // Materialize the next never-used slab.
                 let s = self.slabs.len() as u32;
                 assert!(s < self.num_slabs, "availability was checked");
-                self.slabs.push(Slab {
-                    class: None,
-                    used: 0,
-                    free_head: NIL,
-                    free_len: 0,
-                    gen_counter: 0,
-                    in_batch: false,
-                });
+                self.slabs.push(Slab::free());
                 let slots = self.slabs.len() * self.stride as usize;
                 self.gens.resize(slots, 0);
                 self.next.resize(slots, 0);
@@ -868,6 +890,31 @@ mod tests {
         assert_eq!(a.slab_bytes() % 819_200, 0);
         assert_eq!(a.slab_bytes() % 4_915_200, 0);
         assert_eq!(a.stats().padding_waste_bytes, 0);
+    }
+
+    #[test]
+    fn prefault_commits_memory_and_changes_nothing() {
+        // 64 slabs of two classes; room for the records of 10 of them.
+        let mut a = SlabArena::new(64 << 10, &[256, 1024], Some(1024)).unwrap();
+        let held = a.alloc(1, 3).unwrap();
+        let before = a.stats();
+        let per_slab = (std::mem::size_of::<Slab>() + 2 * a.stride as usize * 4) as u64;
+        assert_eq!(a.prefault(10 * per_slab + 1), 10 * per_slab);
+        assert_eq!(a.stats(), before);
+        assert!(a.slabs.capacity() >= a.slabs.len() + 10);
+        assert!(a.gens.capacity() >= (a.slabs.len() + 10) * a.stride as usize);
+        a.validate().unwrap();
+        // Allocation goes on as without it, up to every slab, and everything flows back.
+        let more = a.alloc(0, 4 * 61).unwrap();
+        a.free(&more).unwrap();
+        a.free(&held).unwrap();
+        assert_eq!(a.stats().slabs_free, 64);
+        a.validate().unwrap();
+        // Never more than the unborn slabs, whatever the budget.
+        let mut b = SlabArena::new(4096, &[1024], Some(1024)).unwrap();
+        let per_slab = (std::mem::size_of::<Slab>() + 2 * b.stride as usize * 4) as u64;
+        assert_eq!(b.prefault(u64::MAX), 4 * per_slab);
+        assert_eq!(b.prefault(0), 0);
     }
 
     #[test]

@@ -1,0 +1,54 @@
+"""The scheduler step of `step_loop.py` with and without bookkeeping committed up front
+(`prefault_bytes`), side by side: two managers in one process take turns on the same steps
+(which goes first alternates), so both see the same stretches of a noisy machine.
+
+    .venv/bin/python benches/step_prefault.py [STEPS]      # default 3000
+
+Prints page faults per step, each manager's min / median / mean, and the paired differences.
+"""
+
+import resource
+import sys
+import time
+
+import numpy as np
+
+from step_workload import ADMITS, start, step_args
+
+
+def main() -> None:
+    steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
+    length, shared = 128, 96
+    names = ["prefault_bytes=0", "default"]
+    # Both managers admit the same requests; from here they share one id stream and the
+    # arguments of every step.
+    m0, ids, running = start(1 << 40, length, shared, prefault_bytes=0)
+    ms = [m0, start(1 << 40, length, shared)[0]]
+    rng = np.random.default_rng(0)
+    times = np.zeros((2, steps))
+    faults = [0, 0]
+    for i in range(steps):
+        finished = running[:ADMITS]
+        del running[:ADMITS]
+        args = step_args(running, ids, rng, length, shared)
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            for rid in finished:
+                ms[k].finish(rid)
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t = time.perf_counter()
+            res = ms[k].step(**args)
+            times[k, i] = time.perf_counter() - t
+            faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+            assert res.refused_extensions == 0 and (res.hits == shared).all()
+    us = times * 1e6
+    for k, name in enumerate(names):
+        print(
+            f"{name:>17}: {faults[k] / steps:.2f} page faults per step; min {us[k].min():.1f} us, "
+            f"median {np.median(us[k]):.1f} us, mean {us[k].mean():.1f} us"
+        )
+    d = us[1] - us[0]
+    print(f"paired (default - none): median {np.median(d):+.1f} us, mean {d.mean():+.1f} us over {steps} steps")
+
+
+if __name__ == "__main__":
+    main()
