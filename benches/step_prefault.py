@@ -4,7 +4,8 @@
 
     .venv/bin/python benches/step_prefault.py [STEPS]      # default 3000
 
-Prints page faults per step, each manager's min / median / mean, and the paired differences.
+Prints what building each manager costs, then page faults per step, each manager's min /
+median / mean, and the paired differences.
 """
 
 import resource
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 
+from kvalloc import KVCacheManager, ModelSpec
 from step_workload import ADMITS, start, step_args
 
 
@@ -20,6 +22,17 @@ def main() -> None:
     steps = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
     length, shared = 128, 96
     names = ["prefault_bytes=0", "default"]
+    spec = ModelSpec.preset("mimo-v2.5-pro")
+    for capacity in (1 << 40, 80 << 30):
+        built = []
+        for options in ({"prefault_bytes": 0}, {}):
+            t = time.perf_counter()
+            KVCacheManager(spec, capacity, **options)
+            built.append(time.perf_counter() - t)
+        print(
+            f"building a {capacity >> 30} GiB manager: {built[0] * 1e3:.1f} ms with prefault_bytes=0, "
+            f"{built[1] * 1e3:.1f} ms by default"
+        )
     # Both managers admit the same requests; from here they share one id stream and the
     # arguments of every step.
     m0, ids, running = start(1 << 40, length, shared, prefault_bytes=0)

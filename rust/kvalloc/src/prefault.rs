@@ -1,9 +1,8 @@
 //! Committing bookkeeping memory ahead of use.
 //!
 //! A page's first touch is a page fault: 3.5-5 us each on the 2-core VM the benches run on
-//! (`benches/page_fault_cost.py`), against well under 1 us on bare metal. A cache that grows
-//! its node and slab arrays page by page pays that on its hot path, about twice per scheduler
-//! step in `benches/step_loop.py`.
+//! (`benches/page_fault_cost.py`). A cache that grows its node and slab arrays page by page pays
+//! that on its hot path, about twice per scheduler step in `benches/step_loop.py`.
 //! A serving engine sets its memory up once, at start (vLLM creates every block object of its
 //! pool up front), and so does kvalloc, within a budget ([`crate::ManagerConfig::prefault_bytes`]).
 
