@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ def make_prompt(rid: int, length: int, shared: int) -> np.ndarray:
 
 
 def start(
-    capacity: int, length: int, shared: int, **options: int
+    capacity: int, length: int, shared: int, **options: Any
 ) -> tuple[KVCacheManager, Iterator[int], list[int]]:
     """A manager (`options`: constructor keywords) with RUNNING requests admitted: (manager,
     next ids, running ids)."""
@@ -38,7 +39,7 @@ def start(
 
 def step_args(
     running: list[int], ids: Iterator[int], rng: np.random.Generator, length: int, shared: int
-) -> dict[str, np.ndarray]:
+) -> dict[str, Any]:
     """`step` arguments for one decode token per running request and ADMITS new requests (in
     the flat admission form: three arrays instead of 16 tuples); the new ids join `running`."""
     new = [next(ids) for _ in range(ADMITS)]
