@@ -215,8 +215,8 @@ pub struct ManagerConfig {
     pub admission_reserve_bytes: u64,
     /// Bookkeeping memory (tree nodes and index, slab records) committed at construction, at
     /// most: as much as the budget's blocks can use, up to this. Growth within it takes no page
-    /// faults on the scheduler's path (see [`crate::prefault`]); beyond it the bookkeeping grows
-    /// on demand. 0: none.
+    /// faults on the scheduler's path (a first touch of a page costs microseconds in a virtual
+    /// machine); beyond it the bookkeeping grows on demand. 0: none.
     pub prefault_bytes: u64,
 }
 

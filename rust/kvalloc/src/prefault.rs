@@ -4,7 +4,8 @@
 //! (`benches/page_fault_cost.py`). A cache that grows its node and slab arrays page by page pays
 //! that on its hot path, about twice per scheduler step in `benches/step_loop.py`.
 //! A serving engine sets its memory up once, at start (vLLM creates every block object of its
-//! pool up front), and so does kvalloc, within a budget ([`crate::ManagerConfig::prefault_bytes`]).
+//! pool up front), and so does kvalloc, within a budget
+//! ([`ManagerConfig::prefault_bytes`](crate::ManagerConfig::prefault_bytes)).
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};

@@ -245,8 +245,9 @@ impl PrefixTree {
     }
 
     /// Commits the memory of up to `max_nodes` nodes within `max_bytes` (their arrays and index
-    /// entries; see [`crate::prefault`]), so that the tree grows to that size faulting no page
-    /// in. Changes no state; for a new tree. Returns the bytes committed.
+    /// entries), so that the tree grows to that size faulting no page in (see
+    /// [`ManagerConfig::prefault_bytes`](crate::ManagerConfig::prefault_bytes)). Changes no
+    /// state; for a new tree. Returns the bytes committed.
     pub fn prefault(&mut self, max_bytes: u64, max_nodes: u64) -> u64 {
         debug_assert!(self.nodes.is_empty());
         let g = self.g();

@@ -343,8 +343,9 @@ impl SlabArena {
     }
 
     /// Commits the bookkeeping memory of as many not yet materialized slabs as `max_bytes`
-    /// covers (see [`crate::prefault`]), so that materializing them faults no page in. Changes
-    /// no state. Returns the bytes committed.
+    /// covers, so that materializing them faults no page in (see
+    /// [`ManagerConfig::prefault_bytes`](crate::ManagerConfig::prefault_bytes)). Changes no
+    /// state. Returns the bytes committed.
     pub fn prefault(&mut self, max_bytes: u64) -> u64 {
         let per_slab = (std::mem::size_of::<Slab>() + 2 * self.stride as usize * 4) as u64;
         let unborn = u64::from(self.num_slabs) - self.slabs.len() as u64;
