@@ -212,7 +212,7 @@ class KVCacheManager:
         registered (``register_device``). ``watermark``: a fraction of ``capacity_bytes`` that
         every admission must leave free or evictable (room for the running requests' next
         decode blocks, so fewer preemptions); extensions ignore it. ``prefault_bytes``: at
-        most this much bookkeeping memory (tree nodes, index, slab records) is committed at
+        most this much bookkeeping memory (tree nodes, slab records) is committed at
         construction, as much as the capacity can use, so that the cache's growth takes no page
         faults on the scheduler's path (None: 32 MiB; 0: none)."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:

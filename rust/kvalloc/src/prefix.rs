@@ -244,16 +244,15 @@ impl PrefixTree {
         }
     }
 
-    /// Commits the memory of up to `max_nodes` nodes within `max_bytes` (their arrays and index
-    /// entries), so that the tree grows to that size faulting no page in (see
+    /// Commits the memory of up to `max_nodes` nodes within `max_bytes` (their arrays; not the
+    /// index, whose buckets a big table spreads over more cache lines than the young tree
+    /// needs), so that the tree grows to that size faulting no page in (see
     /// [`ManagerConfig::prefault_bytes`](crate::ManagerConfig::prefault_bytes)). Changes no
     /// state; for a new tree. Returns the bytes committed.
     pub fn prefault(&mut self, max_bytes: u64, max_nodes: u64) -> u64 {
         debug_assert!(self.nodes.is_empty());
         let g = self.g();
-        // A map entry: key, value and control byte, at the index's lowest load factor (1/2,
-        // just after it doubles).
-        let per_node = std::mem::size_of::<Node>() + g * (8 + 4 + 4) + 2 * (8 + 4 + 1);
+        let per_node = std::mem::size_of::<Node>() + g * (8 + 4 + 4);
         let n = max_nodes.min(max_bytes / per_node as u64) as usize;
         let fill = Node {
             hash: 0,
@@ -273,8 +272,6 @@ impl PrefixTree {
         prefault::commit(&mut self.blocks, n * g, 0);
         prefault::commit(&mut self.ckpt_refs, n * g, 0);
         prefault::commit(&mut self.ckpt_start, n * g, 0);
-        // Keys are their own hashes: consecutive ones fill consecutive buckets.
-        prefault::commit_map(&mut self.index, n, |i| i as u64, 0);
         (n * per_node) as u64
     }
 
