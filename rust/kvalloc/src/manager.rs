@@ -213,10 +213,10 @@ pub struct ManagerConfig {
     /// vLLM v0): room for the running requests' next decode blocks, so that a scheduler admitting
     /// "whatever fits now" does not have to preempt a step later. Extensions ignore it. 0: none.
     pub admission_reserve_bytes: u64,
-    /// Bookkeeping memory (tree nodes, slab records) committed at construction, at
-    /// most: as much as the budget's blocks can use, up to this. Growth within it takes no page
-    /// faults on the scheduler's path (a first touch of a page costs microseconds in a virtual
-    /// machine); beyond it the bookkeeping grows on demand. 0: none.
+    /// Bookkeeping memory (tree nodes, slab records) committed at construction: as much as the
+    /// budget's blocks can use, up to this. Growth within it takes no page faults on the
+    /// scheduler's path (a page's first touch costs microseconds in a virtual machine); beyond
+    /// it the bookkeeping grows on demand. 0: none.
     pub prefault_bytes: u64,
 }
 
