@@ -213,8 +213,8 @@ class KVCacheManager:
         every admission must leave free or evictable (room for the running requests' next
         decode blocks, so fewer preemptions); extensions ignore it. ``prefault_bytes``: at
         most this much bookkeeping memory (tree nodes, slab records) is committed at
-        construction, as much as the capacity can use, so that the cache's growth takes no page
-        faults on the scheduler's path (None: 32 MiB; 0: none)."""
+        construction, as much as the capacity can use, so that the tree and the arena grow
+        without page faults on the scheduler's path (None: 32 MiB; 0: none)."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(
