@@ -790,13 +790,15 @@ impl KVCacheManager {
             }
         }
         let mut tree = PrefixTree::new(layout, config.eviction);
-        // Every node holds a block of each full group, so those bound the tree; a model with
-        // sliding groups only has no such bound (the budget still applies).
+        // Every node holds a block of each full group, so those bound the tree. A model with
+        // sliding groups only has no such bound (tombstones hold nothing); its blocks serve as
+        // the estimate there (this only sizes what is committed up front).
+        let pages = |g| arena.num_pages(g).expect("a class per group");
         let max_nodes = (0..spec.groups.len())
             .filter(|&g| spec.groups[g].window.is_none())
-            .map(|g| arena.num_pages(g).expect("a class per group"))
+            .map(pages)
             .min()
-            .unwrap_or(u64::MAX);
+            .unwrap_or_else(|| (0..spec.groups.len()).map(pages).sum());
         let tree_bytes = tree.prefault(config.prefault_bytes / 2, max_nodes);
         arena.prefault(config.prefault_bytes - tree_bytes);
         Ok(KVCacheManager {
