@@ -209,7 +209,8 @@ def test_prefault_budget_is_invisible():
         assert all(m.stats() == ms[0].stats() for m in ms)
     for m in ms:
         m.validate()
-    for bad in (-1, 1.5, "x"):
+    # Negative, not an integer, more than the machine has: an error, never an abort.
+    for bad in (-1, 1.5, "x", 1 << 62):
         with pytest.raises(InvalidArgumentError, match="prefault_bytes"):
             KVCacheManager(small_spec(), 8 << 20, prefault_bytes=bad)
 

@@ -799,8 +799,19 @@ impl KVCacheManager {
             .map(pages)
             .min()
             .unwrap_or_else(|| (0..spec.groups.len()).map(pages).sum());
-        let tree_bytes = tree.prefault(config.prefault_bytes / 2, max_nodes);
-        arena.prefault(config.prefault_bytes - tree_bytes);
+        if let Some(ram) = crate::prefault::physical_memory() {
+            if config.prefault_bytes > ram {
+                return Err(Error::invalid(
+                    "prefault_bytes",
+                    format!(
+                        "{} bytes is more than this machine's memory ({ram} bytes)",
+                        config.prefault_bytes
+                    ),
+                ));
+            }
+        }
+        let tree_bytes = tree.prefault(config.prefault_bytes / 2, max_nodes)?;
+        arena.prefault(config.prefault_bytes - tree_bytes)?;
         Ok(KVCacheManager {
             spec,
             config,

@@ -248,8 +248,9 @@ impl PrefixTree {
     /// index, whose buckets a big table spreads over more cache lines than the young tree
     /// needs), so that the tree grows to that size faulting no page in (see
     /// [`ManagerConfig::prefault_bytes`](crate::ManagerConfig::prefault_bytes)). Changes no
-    /// state; for a new tree. Returns the bytes committed.
-    pub fn prefault(&mut self, max_bytes: u64, max_nodes: u64) -> u64 {
+    /// state; for a new tree. Returns the bytes committed; an error if the system refuses the
+    /// memory.
+    pub fn prefault(&mut self, max_bytes: u64, max_nodes: u64) -> Result<u64> {
         debug_assert!(self.nodes.is_empty());
         let g = self.g();
         let per_node = std::mem::size_of::<Node>() + g * (8 + 4 + 4);
@@ -268,11 +269,11 @@ impl PrefixTree {
             key: None,
             changed: 0,
         };
-        prefault::commit(&mut self.nodes, n, fill);
-        prefault::commit(&mut self.blocks, n * g, 0);
-        prefault::commit(&mut self.ckpt_refs, n * g, 0);
-        prefault::commit(&mut self.ckpt_start, n * g, 0);
-        (n * per_node) as u64
+        prefault::commit(&mut self.nodes, n, fill)?;
+        prefault::commit(&mut self.blocks, n * g, 0)?;
+        prefault::commit(&mut self.ckpt_refs, n * g, 0)?;
+        prefault::commit(&mut self.ckpt_start, n * g, 0)?;
+        Ok((n * per_node) as u64)
     }
 
     /// The layout served.

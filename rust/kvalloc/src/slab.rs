@@ -345,16 +345,16 @@ impl SlabArena {
     /// Commits the bookkeeping memory of as many not yet materialized slabs as `max_bytes`
     /// covers, so that materializing them faults no page in (see
     /// [`ManagerConfig::prefault_bytes`](crate::ManagerConfig::prefault_bytes)). Changes no
-    /// state. Returns the bytes committed.
-    pub fn prefault(&mut self, max_bytes: u64) -> u64 {
+    /// state. Returns the bytes committed; an error if the system refuses the memory.
+    pub fn prefault(&mut self, max_bytes: u64) -> Result<u64> {
         let per_slab = (std::mem::size_of::<Slab>() + 2 * self.stride as usize * 4) as u64;
         let unborn = u64::from(self.num_slabs) - self.slabs.len() as u64;
         let n = unborn.min(max_bytes / per_slab) as usize;
         let slots = n * self.stride as usize;
-        prefault::commit(&mut self.gens, slots, 0);
-        prefault::commit(&mut self.next, slots, 0);
-        prefault::commit(&mut self.slabs, n, Slab::free());
-        n as u64 * per_slab
+        prefault::commit(&mut self.gens, slots, 0)?;
+        prefault::commit(&mut self.next, slots, 0)?;
+        prefault::commit(&mut self.slabs, n, Slab::free())?;
+        Ok(n as u64 * per_slab)
     }
 
     /// The byte budget.
@@ -900,7 +900,7 @@ mod tests {
         let held = a.alloc(1, 3).unwrap();
         let before = a.stats();
         let per_slab = (std::mem::size_of::<Slab>() + 2 * a.stride as usize * 4) as u64;
-        assert_eq!(a.prefault(10 * per_slab + 1), 10 * per_slab);
+        assert_eq!(a.prefault(10 * per_slab + 1).unwrap(), 10 * per_slab);
         assert_eq!(a.stats(), before);
         assert!(a.slabs.capacity() >= a.slabs.len() + 10);
         assert!(a.gens.capacity() >= (a.slabs.len() + 10) * a.stride as usize);
@@ -914,8 +914,8 @@ mod tests {
         // Never more than the unborn slabs, whatever the budget.
         let mut b = SlabArena::new(4096, &[1024], Some(1024)).unwrap();
         let per_slab = (std::mem::size_of::<Slab>() + 2 * b.stride as usize * 4) as u64;
-        assert_eq!(b.prefault(u64::MAX), 4 * per_slab);
-        assert_eq!(b.prefault(0), 0);
+        assert_eq!(b.prefault(u64::MAX).unwrap(), 4 * per_slab);
+        assert_eq!(b.prefault(0).unwrap(), 0);
     }
 
     #[test]
