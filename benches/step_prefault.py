@@ -8,14 +8,13 @@ Prints what building each manager costs, then page faults per step, each manager
 median / mean, and the paired differences.
 """
 
-import resource
 import sys
 import time
 
 import numpy as np
 
 from kvalloc import KVCacheManager, ModelSpec
-from step_workload import ADMITS, start, step_args
+from step_workload import ADMITS, start, step_args, timed_step
 
 
 def main() -> None:
@@ -47,12 +46,8 @@ def main() -> None:
         for k in (0, 1) if i % 2 == 0 else (1, 0):
             for rid in finished:
                 ms[k].finish(rid)
-            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t = time.perf_counter()
-            res = ms[k].step(**args)
-            times[k, i] = time.perf_counter() - t
-            faults[k] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
-            assert res.refused_extensions == 0 and (res.hits == shared).all()
+            times[k, i], f = timed_step(ms[k], args, shared)
+            faults[k] += f
     us = times * 1e6
     for k, name in enumerate(names):
         print(

@@ -6,6 +6,8 @@ blocks. Not a test module (pytest collects only test_*.py)."""
 from __future__ import annotations
 
 import itertools
+import resource
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -52,3 +54,15 @@ def step_args(
     )
     running.extend(new)
     return args
+
+
+def timed_step(m: KVCacheManager, args: dict[str, Any], shared: int) -> tuple[float, int]:
+    """One `step` call: (seconds, page faults) it took. Checks afterwards that every extension
+    fit and every admission hit its shared prefix."""
+    f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t = time.perf_counter()
+    res = m.step(**args)
+    seconds = time.perf_counter() - t
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
+    assert res.refused_extensions == 0 and (res.hits == shared).all()
+    return seconds, faults

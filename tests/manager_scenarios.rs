@@ -377,7 +377,7 @@ fn batched_step_checks_then_serves_in_order() {
 /// same answers, accounting and block tables, and every invariant holds after each.
 #[test]
 fn prefault_budget_changes_no_outcome() {
-    let managers: Vec<KVCacheManager> = [0, 4 << 10, ManagerConfig::default().prefault_bytes]
+    let mut ms: Vec<KVCacheManager> = [0, 4 << 10, ManagerConfig::default().prefault_bytes]
         .into_iter()
         .map(|prefault_bytes| {
             let config = ManagerConfig {
@@ -388,7 +388,6 @@ fn prefault_budget_changes_no_outcome() {
             KVCacheManager::new(small_spec(), 3 << 20, config).unwrap()
         })
         .collect();
-    let mut ms = managers;
     let mut state = 7u64;
     let mut rand = move |n: u64| {
         state = state

@@ -154,7 +154,7 @@ class StepResult:
     @property
     def hits(self) -> npt.NDArray[np.int64]:
         """Per admission: prompt tokens served from cache; -1 refused; -2 not attempted
-        (after an ``fcfs`` refusal)."""
+        (after an ``fcfs`` refusal, or a refused extension with ``admit_if_extended``)."""
     @property
     def extended(self) -> npt.NDArray[np.bool_]:
         """Per extension: whether it fit."""

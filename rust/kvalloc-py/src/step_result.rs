@@ -6,14 +6,15 @@
 //! and `.all()` on a small array more still). It unpacks like the `(hits, extended)` tuple
 //! `step` returned before.
 
-use numpy::PyArray1;
+use numpy::{Element, PyArray1};
 use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyTuple;
 
 /// What one `step` call did: per admission the prompt tokens served from cache (-1: refused;
-/// -2: not attempted, after an `fcfs` refusal), per extension whether it fit, and their counts.
+/// -2: not attempted, after an `fcfs` refusal or a refused extension with `admit_if_extended`),
+/// per extension whether it fit, and their counts.
 #[pyclass(frozen, name = "StepResult", module = "kvalloc._core")]
 pub struct PyStepResult {
     hits: Vec<i64>,
@@ -40,25 +41,30 @@ impl PyStepResult {
     }
 }
 
+/// The array of `data` in `cell`, made on the first call.
+fn cached_array<'py, T: Element + Copy>(
+    py: Python<'py>,
+    cell: &PyOnceLock<Py<PyArray1<T>>>,
+    data: &[T],
+) -> Bound<'py, PyArray1<T>> {
+    cell.get_or_init(py, || PyArray1::from_slice(py, data).unbind())
+        .bind(py)
+        .clone()
+}
+
 #[pymethods]
 impl PyStepResult {
     /// int64 array, one entry per admission: prompt tokens served from cache, -1 when it did
-    /// not fit, -2 when `fcfs` stopped before it.
+    /// not fit, -2 when it was not attempted.
     #[getter]
     fn hits<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
-        self.hits_array
-            .get_or_init(py, || PyArray1::from_slice(py, &self.hits).unbind())
-            .bind(py)
-            .clone()
+        cached_array(py, &self.hits_array, &self.hits)
     }
 
     /// bool array, one entry per extension: whether it fit.
     #[getter]
     fn extended<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<bool>> {
-        self.extended_array
-            .get_or_init(py, || PyArray1::from_slice(py, &self.extended).unbind())
-            .bind(py)
-            .clone()
+        cached_array(py, &self.extended_array, &self.extended)
     }
 
     /// Admissions that got in (with `fcfs`, they are the first `admitted` of the step's).

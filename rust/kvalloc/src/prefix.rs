@@ -59,7 +59,7 @@ type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 /// Blocks released by a tree operation: (group, handle).
 pub type Freed = Vec<(usize, Handle)>;
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Node {
     hash: u64,
     parent: NodeId,
@@ -253,23 +253,11 @@ impl PrefixTree {
     pub fn prefault(&mut self, max_bytes: u64, max_nodes: u64) -> Result<u64> {
         debug_assert!(self.nodes.is_empty());
         let g = self.g();
-        let per_node = std::mem::size_of::<Node>() + g * (8 + 4 + 4);
+        use std::mem::size_of;
+        let per_node = size_of::<Node>() + g * (size_of::<Handle>() + 2 * size_of::<u32>());
         let n = max_nodes.min(max_bytes / per_node as u64) as usize;
-        let fill = Node {
-            hash: 0,
-            parent: NONE,
-            depth: 0,
-            children: 0,
-            refs: 0,
-            hits: 0,
-            last_access: 0,
-            ckpt_end: false,
-            doomed: false,
-            alive: false,
-            key: None,
-            changed: 0,
-        };
-        prefault::commit(&mut self.nodes, n, fill)?;
+        // Past the length: never read, so any value fills it.
+        prefault::commit(&mut self.nodes, n, Node::default())?;
         prefault::commit(&mut self.blocks, n * g, 0)?;
         prefault::commit(&mut self.ckpt_refs, n * g, 0)?;
         prefault::commit(&mut self.ckpt_start, n * g, 0)?;

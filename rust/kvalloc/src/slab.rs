@@ -347,7 +347,7 @@ impl SlabArena {
     /// [`ManagerConfig::prefault_bytes`](crate::ManagerConfig::prefault_bytes)). Changes no
     /// state. Returns the bytes committed; an error if the system refuses the memory.
     pub fn prefault(&mut self, max_bytes: u64) -> Result<u64> {
-        let per_slab = (std::mem::size_of::<Slab>() + 2 * self.stride as usize * 4) as u64;
+        let per_slab = Self::record_bytes(self.stride);
         let unborn = u64::from(self.num_slabs) - self.slabs.len() as u64;
         let n = unborn.min(max_bytes / per_slab) as usize;
         let slots = n * self.stride as usize;
@@ -355,6 +355,11 @@ impl SlabArena {
         prefault::commit(&mut self.next, slots, 0)?;
         prefault::commit(&mut self.slabs, n, Slab::free())?;
         Ok(n as u64 * per_slab)
+    }
+
+    /// Bookkeeping bytes per slab: its record, and a generation and a free-list link per slot.
+    fn record_bytes(stride: u64) -> u64 {
+        (std::mem::size_of::<Slab>() + 2 * stride as usize * std::mem::size_of::<u32>()) as u64
     }
 
     /// The byte budget.
@@ -411,43 +416,30 @@ impl SlabArena {
         self.free_slabs.len() as u64 + u64::from(self.num_slabs) - self.slabs.len() as u64
     }
 
-    /// Whether `counts[c]` blocks of each class `c` could be allocated together right now:
-    /// [`can_alloc_all`](Self::can_alloc_all) for one count per class in class order (what the
-    /// manager asks every admission and every block a decode opens), with no repeats to merge.
+    /// Whether `counts[c]` blocks of each class `c` (in class order; missing classes: none)
+    /// could be allocated together right now. Each class first fills its own slabs' free
+    /// blocks; the rest needs whole free slabs.
     pub fn fits(&self, counts: &[u64]) -> bool {
         debug_assert!(counts.len() <= self.classes.len());
         let mut slabs_needed = 0u64;
         for (&n, c) in counts.iter().zip(&self.classes) {
             if n > c.free_in_partial {
-                slabs_needed += (n - c.free_in_partial).div_ceil(u64::from(c.blocks_per_slab));
+                let slabs = (n - c.free_in_partial).div_ceil(u64::from(c.blocks_per_slab));
+                slabs_needed = slabs_needed.saturating_add(slabs);
             }
         }
-        slabs_needed == 0 || slabs_needed <= self.free_slab_count()
+        slabs_needed <= self.free_slab_count()
     }
 
-    /// Whether all the requests `(class, n)` could be allocated together right now.
-    /// Each class first fills its own partial slabs, then takes whole free slabs.
+    /// [`fits`](Self::fits) for requests `(class, n)` in any order, a class possibly named
+    /// more than once. An error names an unknown class.
     pub fn can_alloc_all(&self, requests: &[(usize, u64)]) -> Result<bool> {
-        // Each class first fills its own partial slabs; the rest needs whole free slabs. A
-        // class named twice is summed first (rare: callers name each class once), so the
-        // common case needs no allocation.
-        let mut slabs_needed = 0u64;
-        for (k, &(class, n)) in requests.iter().enumerate() {
-            let c = self.class(class)?;
-            if requests[..k].iter().any(|&(other, _)| other == class) {
-                continue; // counted with its first mention
-            }
-            let total: u64 = n + requests[k + 1..]
-                .iter()
-                .filter(|&&(other, _)| other == class)
-                .map(|&(_, m)| m)
-                .sum::<u64>();
-            let from_partial = c.free_in_partial();
-            if total > from_partial {
-                slabs_needed += (total - from_partial).div_ceil(u64::from(c.blocks_per_slab));
-            }
+        let mut counts = vec![0u64; self.classes.len()];
+        for &(class, n) in requests {
+            self.class(class)?;
+            counts[class] = counts[class].saturating_add(n);
         }
-        Ok(slabs_needed <= self.free_slab_count())
+        Ok(self.fits(&counts))
     }
 
     /// Allocates `n` blocks of `class`, all or nothing.
@@ -899,7 +891,7 @@ mod tests {
         let mut a = SlabArena::new(64 << 10, &[256, 1024], Some(1024)).unwrap();
         let held = a.alloc(1, 3).unwrap();
         let before = a.stats();
-        let per_slab = (std::mem::size_of::<Slab>() + 2 * a.stride as usize * 4) as u64;
+        let per_slab = SlabArena::record_bytes(a.stride);
         assert_eq!(a.prefault(10 * per_slab + 1).unwrap(), 10 * per_slab);
         assert_eq!(a.stats(), before);
         assert!(a.slabs.capacity() >= a.slabs.len() + 10);
@@ -913,7 +905,7 @@ mod tests {
         a.validate().unwrap();
         // Never more than the unborn slabs, whatever the budget.
         let mut b = SlabArena::new(4096, &[1024], Some(1024)).unwrap();
-        let per_slab = (std::mem::size_of::<Slab>() + 2 * b.stride as usize * 4) as u64;
+        let per_slab = SlabArena::record_bytes(b.stride);
         assert_eq!(b.prefault(u64::MAX).unwrap(), 4 * per_slab);
         assert_eq!(b.prefault(0).unwrap(), 0);
     }

@@ -257,13 +257,13 @@ impl LowerTiers {
             let fits = match t {
                 Tier::Host => {
                     let arena = self.host_arena.as_ref().expect("host tier present");
-                    let mut need = Vec::new();
-                    for g in 0..self.shape.block_bytes.len() {
-                        if groups & (1 << g) != 0 {
-                            need.push((g, 1u64));
-                        }
+                    // One block of each group in the record (a 16-bit mask: 16 groups at most).
+                    let mut need = [0u64; 16];
+                    let n = self.shape.block_bytes.len();
+                    for (g, x) in need.iter_mut().enumerate().take(n) {
+                        *x = u64::from(groups >> g & 1);
                     }
-                    arena.can_alloc_all(&need).unwrap_or(false)
+                    arena.fits(&need[..n])
                 }
                 _ => self.index.used(t) + self.record_bytes(groups) <= self.capacity.of(t),
             };
