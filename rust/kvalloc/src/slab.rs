@@ -1078,5 +1078,11 @@ mod tests {
         assert!(a.can_alloc_all(&[(0, 16), (1, 2)]).unwrap());
         assert!(!a.can_alloc_all(&[(0, 17), (1, 2)]).unwrap());
         assert!(a.fits(&[16, 2]) && !a.fits(&[17, 2]) && a.fits(&[]) && a.fits(&[0, 0]));
+        // A class named twice is summed; an unknown class is an error; huge counts do not wrap.
+        assert!(a.can_alloc_all(&[(1, 1), (0, 16), (1, 1)]).unwrap());
+        assert!(!a.can_alloc_all(&[(0, 8), (1, 2), (0, 9)]).unwrap());
+        assert!(a.can_alloc_all(&[(2, 1)]).is_err());
+        assert!(!a.can_alloc_all(&[(0, u64::MAX), (0, u64::MAX)]).unwrap());
+        assert!(!a.fits(&[u64::MAX, u64::MAX]));
     }
 }
