@@ -177,10 +177,16 @@ pub fn uint_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
             format!("expected a 1-D integer array, got {}", describe(obj)),
         ));
     };
-    signed
-        .into_iter()
-        .map(|x| u64::try_from(x).map_err(|_| invalid(what, format!("must be >= 0, got {x}"))))
-        .collect()
+    // One OR over the values finds a negative one (the sign bit), then the cast reuses the
+    // buffer: both vectorize, where a per-element `try_from` into a new vector does not.
+    if signed.iter().fold(0, |acc, &x| acc | x) < 0 {
+        let x = signed
+            .iter()
+            .find(|&&x| x < 0)
+            .expect("the OR saw a sign bit");
+        return Err(invalid(what, format!("must be >= 0, got {x}")));
+    }
+    Ok(signed.into_iter().map(|x| x as u64).collect())
 }
 
 /// A dict of named integer figures (what every `stats()` returns, level by level).

@@ -520,7 +520,7 @@ impl PyKVCacheManager {
                     "give extend_tokens or extend_counts, not both",
                 ))
             }
-            // One token each (the decode step): no lengths to check.
+            // One token each (the decode step): no lengths to check, no spans to build.
             (Some(tokens), true) if ext_lens.is_empty() => {
                 if tokens.len() != ext_ids.len() {
                     return Err(invalid(
@@ -532,7 +532,6 @@ impl PyKVCacheManager {
                         ),
                     ));
                 }
-                ext_spans.extend((0..ext_ids.len()).map(|k| (k, k + 1)));
             }
             (Some(tokens), true) => {
                 ext_spans = spans(
@@ -569,12 +568,25 @@ impl PyKVCacheManager {
                 fcfs,
                 admit_if_extended,
             };
-            for (k, &id) in ext_ids.iter().enumerate() {
-                let ext = match &ext_tokens {
-                    Some(t) => Extension::Tokens(&t[ext_spans[k].0..ext_spans[k].1]),
-                    None => Extension::Count(ext_counts[k]),
-                };
-                step.extend.push((id, ext));
+            match &ext_tokens {
+                Some(t) if ext_lens.is_empty() => step.extend.extend(
+                    ext_ids
+                        .iter()
+                        .zip(t)
+                        .map(|(&id, tok)| (id, Extension::Tokens(std::slice::from_ref(tok)))),
+                ),
+                Some(t) => step.extend.extend(
+                    ext_ids
+                        .iter()
+                        .zip(&ext_spans)
+                        .map(|(&id, &(from, to))| (id, Extension::Tokens(&t[from..to]))),
+                ),
+                None => step.extend.extend(
+                    ext_ids
+                        .iter()
+                        .zip(&ext_counts)
+                        .map(|(&id, &n)| (id, Extension::Count(n))),
+                ),
             }
             for (req, prompt, salt, max_tokens) in &admits {
                 step.admit.push(Admission {

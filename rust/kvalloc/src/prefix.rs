@@ -487,19 +487,21 @@ impl PrefixTree {
         if self.free_ids.last() == Some(&id) {
             self.free_ids.pop();
             self.nodes[id as usize] = node;
+            for (g, &h) in blocks.iter().enumerate() {
+                let s = self.slot(id, g);
+                self.blocks[s] = h;
+                self.ckpt_refs[s] = 0;
+                self.ckpt_start[s] = 0;
+            }
         } else {
             debug_assert_eq!(id as usize, self.nodes.len());
             self.nodes.push(node);
-            let g = self.g();
-            self.blocks.resize(self.blocks.len() + g, 0);
-            self.ckpt_refs.resize(self.ckpt_refs.len() + g, 0);
-            self.ckpt_start.resize(self.ckpt_start.len() + g, 0);
-        }
-        for (g, &h) in blocks.iter().enumerate() {
-            let s = self.slot(id, g);
-            self.blocks[s] = h;
-            self.ckpt_refs[s] = 0;
-            self.ckpt_start[s] = 0;
+            // Pushes, not `resize` then stores: a handful of groups is cheaper than a memset call.
+            for &h in blocks {
+                self.blocks.push(h);
+                self.ckpt_refs.push(0);
+                self.ckpt_start.push(0);
+            }
         }
         let nb = self.node_bytes(id);
         self.held_bytes += nb;

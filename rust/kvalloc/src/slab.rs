@@ -65,6 +65,16 @@ const MIN_SLABS_WANTED: u64 = 64;
 /// End of a slab's free list.
 const NIL: u32 = u32::MAX;
 
+/// One slot's bookkeeping in [`SlabArena::slots`].
+#[derive(Debug, Clone, Copy, Default)]
+struct SlotMeta {
+    /// Generation of the block in the slot; 0 = free.
+    gen: u32,
+    /// Next free slot of the slab plus one (0 ends the list), so that all zeroes is a valid
+    /// start.
+    next: u32,
+}
+
 #[derive(Debug, Clone)]
 struct Slab {
     /// Class served, or `None` when the slab is free.
@@ -193,12 +203,10 @@ pub struct SlabArena {
     stride_shift: u32,
     classes: Vec<Class>,
     slabs: Vec<Slab>,
-    /// Generation of every slot, `slab * stride + slot`; 0 = free. One flat array (zeroed
-    /// lazily by the OS) rather than a vector per slab: taking a fresh slab allocates nothing.
-    gens: Vec<u32>,
-    /// Free-list links, `slab * stride + slot` -> next free slot of that slab plus one (0 ends
-    /// the list), so that the array starts as zeroes the OS maps lazily.
-    next: Vec<u32>,
+    /// Every slot's generation and free-list link, at `slab * stride + slot`. One flat array
+    /// rather than a vector per slab (taking a fresh slab allocates nothing), the two fields
+    /// side by side (allocating or freeing a block touches one cache line, not two).
+    slots: Vec<SlotMeta>,
     /// Free slabs that have been used before, as a stack (the most recently freed slab is
     /// reused first). Slabs never used yet (`slabs.len()..num_slabs`) are free too: they are
     /// materialized on first use, so a huge budget (a simulation's "unbounded" 1 PiB) costs
@@ -334,8 +342,7 @@ impl SlabArena {
             slabs: Vec::new(),
             // Reserved, not touched: the pages are committed as slabs materialize, and growing
             // never copies (a realloc of these arrays showed up on the admission path).
-            gens: Vec::with_capacity(reserve_slots(num_slabs, stride)),
-            next: Vec::with_capacity(reserve_slots(num_slabs, stride)),
+            slots: Vec::with_capacity(reserve_slots(num_slabs, stride)),
             free_slabs: Vec::new(),
             num_slabs: num_slabs as u32,
             touched: Vec::new(),
@@ -351,15 +358,14 @@ impl SlabArena {
         let unborn = u64::from(self.num_slabs) - self.slabs.len() as u64;
         let n = unborn.min(max_bytes / per_slab) as usize;
         let slots = n * self.stride as usize;
-        prefault::commit(&mut self.gens, slots, 0)?;
-        prefault::commit(&mut self.next, slots, 0)?;
+        prefault::commit(&mut self.slots, slots, SlotMeta::default())?;
         prefault::commit(&mut self.slabs, n, Slab::free())?;
         Ok(n as u64 * per_slab)
     }
 
     /// Bookkeeping bytes per slab: its record, and a generation and a free-list link per slot.
     fn record_bytes(stride: u64) -> u64 {
-        (std::mem::size_of::<Slab>() + 2 * stride as usize * std::mem::size_of::<u32>()) as u64
+        (std::mem::size_of::<Slab>() + stride as usize * std::mem::size_of::<SlotMeta>()) as u64
     }
 
     /// The byte budget.
@@ -464,40 +470,24 @@ impl SlabArena {
         out.reserve(n);
         let mut remaining = n as u32;
         while remaining > 0 {
-            let current = self.classes[class].current;
-            let slab_idx = if current != NIL && self.slabs[current as usize].free_len > 0 {
-                current
-            } else {
-                // The current slab is full (or there is none): it stays out of every set, and
-                // the fullest partial slab (else a free one) takes its place.
-                let s = match self.classes[class].partial.pop_first() {
-                    Some((_, s)) => s,
-                    None => {
-                        let s = self.take_free_slab(class as u32);
-                        let c = &mut self.classes[class];
-                        c.free_in_partial += u64::from(c.blocks_per_slab);
-                        s
-                    }
-                };
-                self.classes[class].current = s;
-                s
-            };
-            let slab = &mut self.slabs[slab_idx as usize];
+            let s = self.slab_with_room(class);
+            let slab = &mut self.slabs[s as usize];
             let take = remaining.min(slab.free_len);
-            let base = u64::from(slab_idx) * self.stride;
+            let base = s as usize * self.stride as usize;
+            // The slab's free list and generation counter in locals: the loop writes only the
+            // slots it hands out and the output (this is the hot loop).
+            let slots = &mut self.slots[base..base + self.stride as usize];
+            let (mut head, mut gen) = (slab.free_head, slab.gen_counter);
             for _ in 0..take {
-                let slot = slab.free_head;
-                let at = (base + u64::from(slot)) as usize;
-                slab.free_head = self.next[at].wrapping_sub(1); // 0 - 1 = NIL
-                                                                // 1..=GEN_MASK, never 0 (a compare, not a modulo: this is the hot loop).
-                slab.gen_counter = if slab.gen_counter >= GEN_MASK {
-                    1
-                } else {
-                    slab.gen_counter + 1
-                };
-                self.gens[at] = slab.gen_counter;
-                out.push((u64::from(slab.gen_counter) << 32) | (base + u64::from(slot)));
+                let meta = &mut slots[head as usize];
+                // 1..=GEN_MASK, never 0 (a compare, not a modulo).
+                gen = if gen >= GEN_MASK { 1 } else { gen + 1 };
+                meta.gen = gen;
+                out.push((u64::from(gen) << 32) | (base as u64 + u64::from(head)));
+                head = meta.next.wrapping_sub(1); // 0 - 1 = NIL
             }
+            slab.free_head = head;
+            slab.gen_counter = gen;
             slab.free_len -= take;
             slab.used += take;
             remaining -= take;
@@ -506,6 +496,33 @@ impl SlabArena {
         c.free_in_partial -= n as u64;
         c.blocks_in_use += n as u64;
         Ok(())
+    }
+
+    /// The slab `class` allocates from next: its current slab while that has room, else (the
+    /// current one stays out of every set, full) the fullest partial slab or a free one, which
+    /// becomes current. Availability was checked.
+    #[inline]
+    fn slab_with_room(&mut self, class: usize) -> u32 {
+        let current = self.classes[class].current;
+        if current != NIL && self.slabs[current as usize].free_len > 0 {
+            return current;
+        }
+        self.next_current(class)
+    }
+
+    #[inline(never)]
+    fn next_current(&mut self, class: usize) -> u32 {
+        let s = match self.classes[class].partial.pop_first() {
+            Some((_, s)) => s,
+            None => {
+                let s = self.take_free_slab(class as u32);
+                let c = &mut self.classes[class];
+                c.free_in_partial += u64::from(c.blocks_per_slab);
+                s
+            }
+        };
+        self.classes[class].current = s;
+        s
     }
 
     fn take_free_slab(&mut self, class: u32) -> u32 {
@@ -517,8 +534,7 @@ impl SlabArena {
                 assert!(s < self.num_slabs, "availability was checked");
                 self.slabs.push(Slab::free());
                 let slots = self.slabs.len() * self.stride as usize;
-                self.gens.resize(slots, 0);
-                self.next.resize(slots, 0);
+                self.slots.resize(slots, SlotMeta::default());
                 s
             }
         };
@@ -531,8 +547,8 @@ impl SlabArena {
         // Thread the free list 0 -> 1 -> ... so slot 0 is handed out first. Generations are
         // already 0: a slab is only returned once every block in it is free.
         let base = (u64::from(s) * self.stride) as usize;
-        for i in 0..bps {
-            self.next[base + i as usize] = if i + 1 < bps { i + 2 } else { 0 };
+        for (i, meta) in self.slots[base..base + bps as usize].iter_mut().enumerate() {
+            meta.next = if i as u32 + 1 < bps { i as u32 + 2 } else { 0 };
         }
         slab.free_head = 0;
         slab.free_len = bps;
@@ -547,7 +563,7 @@ impl SlabArena {
             if let Err(e) = self.check_and_mark(h) {
                 for &done in &handles[..i] {
                     let (s, slot, _) = self.split(done);
-                    self.gens[s * self.stride as usize + slot] &= GEN_MASK;
+                    self.slots[s * self.stride as usize + slot].gen &= GEN_MASK;
                 }
                 return Err(e);
             }
@@ -560,7 +576,7 @@ impl SlabArena {
             let (s, slot, _) = self.split(h);
             let at = s * self.stride as usize + slot;
             debug_assert!(
-                self.gens[at] & PENDING_FREE != 0,
+                self.slots[at].gen & PENDING_FREE != 0,
                 "phase 1 marks every slot"
             );
             let slab = &mut self.slabs[s];
@@ -568,8 +584,10 @@ impl SlabArena {
                 slab.in_batch = true;
                 touched.push((s as u32, slab.free_len));
             }
-            self.gens[at] = 0;
-            self.next[at] = slab.free_head.wrapping_add(1); // NIL + 1 = 0
+            self.slots[at] = SlotMeta {
+                gen: 0,
+                next: slab.free_head.wrapping_add(1), // NIL + 1 = 0
+            };
             slab.free_head = slot as u32;
             slab.free_len += 1;
             slab.used -= 1;
@@ -624,7 +642,7 @@ impl SlabArena {
 
     fn check_and_mark(&mut self, h: Handle) -> Result<()> {
         let (s, slot, gen) = self.locate(h)?;
-        let g = &mut self.gens[s * self.stride as usize + slot];
+        let g = &mut self.slots[s * self.stride as usize + slot].gen;
         *g |= PENDING_FREE;
         debug_assert_eq!(*g & GEN_MASK, gen);
         Ok(())
@@ -644,7 +662,7 @@ impl SlabArena {
         if slot >= self.classes[class as usize].blocks_per_slab as usize {
             return Err(stale(StaleReason::OutOfRange));
         }
-        let live = self.gens[s * self.stride as usize + slot];
+        let live = self.slots[s * self.stride as usize + slot].gen;
         if live & PENDING_FREE != 0 {
             return Err(stale(StaleReason::Duplicate));
         }
@@ -774,9 +792,9 @@ impl SlabArena {
                     let base = i * self.stride as usize;
                     if !in_free_stack[i]
                         || slab.used != 0
-                        || self.gens[base..base + self.stride as usize]
+                        || self.slots[base..base + self.stride as usize]
                             .iter()
-                            .any(|&g| g != 0)
+                            .any(|m| m.gen != 0)
                     {
                         return bad(format!("free slab {i} is not cleanly in the free stack"));
                     }
@@ -792,7 +810,10 @@ impl SlabArena {
                     }
                     let base = i * self.stride as usize;
                     let bps = class.blocks_per_slab as usize;
-                    let gens = &self.gens[base..base + self.stride as usize];
+                    let gens: Vec<u32> = self.slots[base..base + self.stride as usize]
+                        .iter()
+                        .map(|m| m.gen)
+                        .collect();
                     if slab.used as usize + slab.free_len as usize != bps {
                         return bad(format!("slab {i}: used + free != blocks per slab"));
                     }
@@ -813,7 +834,7 @@ impl SlabArena {
                         }
                         seen[fu] = true;
                         n += 1;
-                        f = self.next[base + fu].wrapping_sub(1);
+                        f = self.slots[base + fu].next.wrapping_sub(1);
                     }
                     if n != slab.free_len as usize {
                         return bad(format!(
@@ -895,7 +916,7 @@ mod tests {
         assert_eq!(a.prefault(10 * per_slab + 1).unwrap(), 10 * per_slab);
         assert_eq!(a.stats(), before);
         assert!(a.slabs.capacity() >= a.slabs.len() + 10);
-        assert!(a.gens.capacity() >= (a.slabs.len() + 10) * a.stride as usize);
+        assert!(a.slots.capacity() >= (a.slabs.len() + 10) * a.stride as usize);
         a.validate().unwrap();
         // Allocation goes on as without it, up to every slab, and everything flows back.
         let more = a.alloc(0, 4 * 61).unwrap();
