@@ -372,6 +372,126 @@ fn batched_step_checks_then_serves_in_order() {
     m.validate().unwrap();
 }
 
+/// A step's `decode` columns are the same as one-token `extend` tuples: two managers, one fed
+/// each form (some requests through `extend` with several tokens in the same steps), give the
+/// same outcomes, accounting and block tables, until memory runs out and extensions are
+/// refused. A bad column (lengths that differ, an unknown id, an id also in `extend`) fails the
+/// whole step and changes nothing.
+#[test]
+fn decode_columns_are_one_token_extensions() {
+    use kvalloc::{Decode, Error, Step};
+    let mut tuples = manager(Policy::SwaAware, 256 << 10);
+    let mut columns = manager(Policy::SwaAware, 256 << 10);
+    let ids: Vec<u64> = (0..12).collect();
+    for &id in &ids {
+        let p = seq(id as i64 * 1_000, 40 + id as usize);
+        for m in [&mut tuples, &mut columns] {
+            assert!(m
+                .admit(id, Prompt::Tokens(&p), None, None)
+                .unwrap()
+                .is_some());
+        }
+    }
+    let same = |a: &KVCacheManager, b: &KVCacheManager| {
+        assert_eq!(a.stats(), b.stats());
+        for &id in &ids {
+            assert_eq!(a.num_tokens(id).unwrap(), b.num_tokens(id).unwrap());
+            for g in 0..2 {
+                assert_eq!(a.block_table(id, g).unwrap(), b.block_table(id, g).unwrap());
+            }
+        }
+        a.validate().unwrap();
+        b.validate().unwrap();
+    };
+    let mut refused = 0;
+    for step in 0..200i64 {
+        // Requests 0 and 1 take three tokens through `extend`; the rest one each.
+        let three = [step, step + 1, step + 2];
+        let multi = vec![
+            (0, Extension::Tokens(&three)),
+            (1, Extension::Tokens(&three)),
+        ];
+        let tokens: Vec<i64> = ids[2..].iter().map(|&id| step * 100 + id as i64).collect();
+        let mut as_tuples = multi.clone();
+        as_tuples.extend(
+            ids[2..]
+                .iter()
+                .zip(&tokens)
+                .map(|(&id, t)| (id, Extension::Tokens(std::slice::from_ref(t)))),
+        );
+        let a = tuples
+            .step(&Step {
+                extend: as_tuples,
+                ..Step::default()
+            })
+            .unwrap();
+        let b = columns
+            .step(&Step {
+                extend: multi,
+                decode: Decode {
+                    ids: &ids[2..],
+                    tokens: &tokens,
+                },
+                ..Step::default()
+            })
+            .unwrap();
+        assert_eq!(a, b);
+        refused += a.extended.iter().filter(|&&ok| !ok).count();
+        same(&tuples, &columns);
+    }
+    assert!(refused > 0, "the test should run out of memory");
+    // Bad columns fail the whole step, before anything changes.
+    let before = columns.stats();
+    let tok = [1i64, 2];
+    let bad_steps = [
+        (
+            Decode {
+                ids: &ids[..3],
+                tokens: &tok,
+            },
+            Vec::new(),
+        ),
+        (
+            Decode {
+                ids: &[5, 99],
+                tokens: &tok,
+            },
+            Vec::new(),
+        ),
+        (
+            Decode {
+                ids: &[5, 6],
+                tokens: &tok,
+            },
+            vec![(6, Extension::Tokens(&tok[..1]))],
+        ),
+        (
+            Decode {
+                ids: &[5, 5],
+                tokens: &tok,
+            },
+            Vec::new(),
+        ),
+    ];
+    for (decode, extend) in bad_steps {
+        let err = columns
+            .step(&Step {
+                finish: vec![7],
+                extend,
+                decode,
+                ..Step::default()
+            })
+            .unwrap_err();
+        assert!(
+            matches!(err, Error::InvalidArgument { .. } | Error::Request { .. }),
+            "{err}"
+        );
+        assert_eq!(columns.stats(), before);
+        assert!(columns.is_running(7));
+    }
+    same(&tuples, &columns);
+}
+
 /// Committing bookkeeping memory up front (`prefault_bytes`) is invisible: with none, with a
 /// budget smaller than the cache grows to, and with the default, the same operations give the
 /// same answers, accounting and block tables, and every invariant holds after each.

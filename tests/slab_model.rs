@@ -21,6 +21,10 @@ enum Op {
         class: usize,
         n: usize,
     },
+    /// `alloc_one`: must behave as `alloc` of one block.
+    AllocOne {
+        class: usize,
+    },
     /// Free a subset of live handles chosen by index (mod live count).
     Free {
         picks: Vec<usize>,
@@ -38,6 +42,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => (0..BLOCKS.len(), 0usize..40).prop_map(|(class, n)| Op::Alloc { class, n }),
+        2 => (0..BLOCKS.len()).prop_map(|class| Op::AllocOne { class }),
         3 => prop::collection::vec(any::<usize>(), 0..30).prop_map(|picks| Op::Free { picks }),
         1 => any::<usize>().prop_map(|pick| Op::FreeStale { pick }),
         1 => any::<usize>().prop_map(|pick| Op::FreeDuplicate { pick }),
@@ -108,6 +113,21 @@ proptest! {
                             }
                         }
                         Err(Error::OutOfMemory { .. }) => {
+                            prop_assert!(!could);
+                            prop_assert_eq!(arena.stats(), before);
+                        }
+                        Err(e) => panic!("unexpected {e}"),
+                    }
+                }
+                Op::AllocOne { class } => {
+                    let could = arena.available(class).unwrap() >= 1;
+                    match arena.alloc_one(class) {
+                        Ok(h) => {
+                            prop_assert!(could);
+                            let off = arena.offset(h).unwrap();
+                            prop_assert!(model.live.insert(h, (class, off)).is_none());
+                        }
+                        Err(Error::OutOfMemory { requested: 1, available: 0, .. }) => {
                             prop_assert!(!could);
                             prop_assert_eq!(arena.stats(), before);
                         }

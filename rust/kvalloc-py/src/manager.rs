@@ -4,7 +4,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use kvalloc::tiers::{LowerCapacity, RemoteSetup, StoreSetup};
 use kvalloc::{
-    Admission, Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt, Step,
+    Admission, Decode, Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt, Step,
 };
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -563,18 +563,20 @@ impl PyKVCacheManager {
             let mut step = Step {
                 finish,
                 abort,
-                extend: Vec::with_capacity(ext_ids.len()),
+                extend: Vec::new(),
+                decode: Decode::default(),
                 admit: Vec::with_capacity(n_admits),
                 fcfs,
                 admit_if_extended,
             };
             match &ext_tokens {
-                Some(t) if ext_lens.is_empty() => step.extend.extend(
-                    ext_ids
-                        .iter()
-                        .zip(t)
-                        .map(|(&id, tok)| (id, Extension::Tokens(std::slice::from_ref(tok)))),
-                ),
+                // One token each (checked above): the columns as they are.
+                Some(t) if ext_lens.is_empty() => {
+                    step.decode = Decode {
+                        ids: &ext_ids,
+                        tokens: t,
+                    }
+                }
                 Some(t) => step.extend.extend(
                     ext_ids
                         .iter()

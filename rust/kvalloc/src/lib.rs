@@ -54,8 +54,8 @@ pub mod tiers;
 
 pub use error::{Error, Result, StaleReason};
 pub use manager::{
-    Admission, BlockResidency, Extension, GroupStats, KVCacheManager, ManagerConfig, ManagerStats,
-    Policy, Prompt, Step, StepOutcome, TierStats, NULL_PAGE,
+    Admission, BlockResidency, Decode, Extension, GroupStats, KVCacheManager, ManagerConfig,
+    ManagerStats, Policy, Prompt, Step, StepOutcome, TierStats, NULL_PAGE,
 };
 pub use policy::Eviction;
 pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};

@@ -272,6 +272,18 @@ pub enum Extension<'a> {
     Count(u64),
 }
 
+/// One decode token for each of many running requests, as two columns: request `ids[k]` gets
+/// token `tokens[k]`. The same as `extend` entries `(ids[k], Extension::Tokens(&[tokens[k]]))`,
+/// without building a tuple per request (a decode step names every running request, and its
+/// extension list was the largest thing a step read and wrote).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Decode<'a> {
+    /// Running requests, each at most once per step (counting `extend` and finish/abort too).
+    pub ids: &'a [u64],
+    /// One token id per request, in the order of `ids`.
+    pub tokens: &'a [i64],
+}
+
 /// One admission in a batched step.
 #[derive(Debug, Clone, Copy)]
 pub struct Admission<'a> {
@@ -295,6 +307,8 @@ pub struct Step<'a> {
     pub abort: Vec<u64>,
     /// Running requests to extend.
     pub extend: Vec<(u64, Extension<'a>)>,
+    /// Running requests to extend by one token each, after `extend`.
+    pub decode: Decode<'a>,
     /// New requests.
     pub admit: Vec<Admission<'a>>,
     /// First come, first served: stop at the first admission that does not fit. The ones after
@@ -311,7 +325,7 @@ pub struct Step<'a> {
 /// What a step did, in the order of its inputs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepOutcome {
-    /// Per extension: whether it fit.
+    /// Per extension, `extend` then `decode`: whether it fit.
     pub extended: Vec<bool>,
     /// Per admission attempted: tokens served from cache, or None when it did not fit. With
     /// [`Step::fcfs`] it ends at the first None.
@@ -902,7 +916,7 @@ impl KVCacheManager {
                 if num_tokens == 0 {
                     return Err(Error::invalid("num_tokens", "the prompt is empty"));
                 }
-                let whole = num_tokens / self.b();
+                let whole = self.bm.floor(num_tokens);
                 let all = self.bm.ceil(num_tokens);
                 if (hashes.len() as u64) < whole || hashes.len() as u64 > all {
                     return Err(Error::invalid(
@@ -930,11 +944,11 @@ impl KVCacheManager {
     fn prompt_hashes_into(&self, prompt: &Prompt<'_>, seed: u64, out: &mut Vec<u64>) -> Result<()> {
         self.check_prompt(prompt)?;
         let b = self.b() as usize;
-        out.reserve(prompt.len() as usize / b);
+        out.reserve(self.bm.floor(prompt.len()) as usize);
         match *prompt {
             Prompt::Tokens(t) => hash::chain_tokens(seed, t, b, out),
             Prompt::BlockHashes { hashes, num_tokens } => {
-                let whole = (num_tokens / self.b()) as usize;
+                let whole = self.bm.floor(num_tokens) as usize;
                 hash::chain_ids(seed, &hashes[..whole], out);
             }
         }
@@ -955,7 +969,7 @@ impl KVCacheManager {
     pub fn match_prefix(&self, prompt: Prompt<'_>, salt: Option<&[u8]>) -> Result<u64> {
         let seed = hash::root_seed(salt);
         let hashes = self.prompt_hashes(&prompt, seed)?;
-        let max_safe = ((prompt.len() - 1) / self.b()) as u32;
+        let max_safe = self.bm.floor(prompt.len() - 1) as u32;
         let mut path = Vec::new();
         Ok(u64::from(self.tree.walk(&hashes, max_safe, &mut path).safe) * self.b())
     }
@@ -998,7 +1012,7 @@ impl KVCacheManager {
         }
         let len = prompt.len();
         let b = self.b();
-        let max_safe = ((len - 1) / b) as u32;
+        let max_safe = self.bm.floor(len - 1) as u32;
         if self.lower.active() {
             self.reap_loads();
             let hashes = std::mem::take(&mut r.hashes);
@@ -1012,7 +1026,7 @@ impl KVCacheManager {
         r.path.clear();
         let walk = self.tree.walk(&r.hashes, max_safe, &mut r.path);
         let hit = u64::from(walk.safe) * b;
-        let n_full = (len / b) as u32;
+        let n_full = self.bm.floor(len) as u32;
 
         self.serial += 1;
         r.seed = seed;
@@ -1269,8 +1283,10 @@ impl KVCacheManager {
                 break; // linking stopped at a conflict: the rest stays private
             }
             let mut take = [false; MAX_GROUPS];
-            for (g, t) in take.iter_mut().enumerate().take(groups) {
-                *t = plan[g * span + (i - first_blk) as usize].to_tree();
+            let k = (i - first_blk) as usize;
+            // `plan` holds `groups` runs of `span` slots.
+            for (t, group_plan) in take.iter_mut().zip(plan.chunks_exact(span)) {
+                *t = group_plan[k].to_tree();
             }
             match self.link_block(r, i, &take[..groups]) {
                 None => break,
@@ -1556,9 +1572,7 @@ impl KVCacheManager {
                 return None; // eviction needed: the general path
             }
             for g in 0..groups {
-                scratch_handles.clear();
-                arena.alloc_into(g, 1, scratch_handles).ok()?;
-                r.tables[g].push(scratch_handles[0]);
+                r.tables[g].push(arena.alloc_one(g).ok()?);
             }
         }
         // The window's floor moves only when a block boundary is crossed, or after a chunk
@@ -1858,20 +1872,22 @@ impl KVCacheManager {
         }
         slots.clear();
         for &(id, ext) in &step.extend {
-            let slot = self.requests.slot(id);
-            let Some(r) = slot
-                .and_then(|s| self.requests.at_mut(s))
-                .filter(|r| r.stamp != stamp)
-            else {
-                return Err(Error::Request {
-                    req: id,
-                    message: "is not running, repeated, or also finished/aborted in this step"
-                        .into(),
-                });
-            };
-            r.stamp = stamp;
-            Self::check_extension(id, r, ext)?;
-            slots.push(slot.expect("found above"));
+            slots.push(self.check_step_extension(stamp, id, ext)?);
+        }
+        let decode = step.decode;
+        if decode.ids.len() != decode.tokens.len() {
+            return Err(Error::invalid(
+                "decode",
+                format!(
+                    "{} tokens for {} ids (one each)",
+                    decode.tokens.len(),
+                    decode.ids.len()
+                ),
+            ));
+        }
+        for (&id, tok) in decode.ids.iter().zip(decode.tokens) {
+            let ext = Extension::Tokens(std::slice::from_ref(tok));
+            slots.push(self.check_step_extension(stamp, id, ext)?);
         }
         let mut seen = std::mem::take(&mut self.scratch_ids);
         seen.clear();
@@ -1892,6 +1908,24 @@ impl KVCacheManager {
         admissions
     }
 
+    /// [`check_step`](Self::check_step) for one extension: the request's slot, its stamp set.
+    #[inline(always)]
+    fn check_step_extension(&mut self, stamp: u64, id: u64, ext: Extension<'_>) -> Result<usize> {
+        let slot = self.requests.slot(id);
+        let Some(r) = slot
+            .and_then(|s| self.requests.at_mut(s))
+            .filter(|r| r.stamp != stamp)
+        else {
+            return Err(Error::Request {
+                req: id,
+                message: "is not running, repeated, or also finished/aborted in this step".into(),
+            });
+        };
+        r.stamp = stamp;
+        Self::check_extension(id, r, ext)?;
+        Ok(slot.expect("found above"))
+    }
+
     /// Runs a checked step: finishes and aborts, extensions (by the slots `check_step` found),
     /// admissions.
     fn run_step(&mut self, step: &Step<'_>, slots: &[usize]) -> Result<StepOutcome> {
@@ -1902,12 +1936,19 @@ impl KVCacheManager {
             self.abort(id)?;
         }
         let mut out = StepOutcome {
-            extended: Vec::with_capacity(step.extend.len()),
+            extended: Vec::with_capacity(step.extend.len() + step.decode.ids.len()),
             admitted: Vec::with_capacity(step.admit.len()),
         };
         let mut all_extended = true;
-        for (&(id, ext), &slot) in step.extend.iter().zip(slots) {
+        let (ext_slots, decode_slots) = slots.split_at(step.extend.len());
+        for (&(id, ext), &slot) in step.extend.iter().zip(ext_slots) {
             let ok = self.extend_at(slot, id, ext)?;
+            all_extended &= ok;
+            out.extended.push(ok);
+        }
+        let decode = step.decode;
+        for ((&id, tok), &slot) in decode.ids.iter().zip(decode.tokens).zip(decode_slots) {
+            let ok = self.extend_at(slot, id, Extension::Tokens(std::slice::from_ref(tok)))?;
             all_extended &= ok;
             out.extended.push(ok);
         }

@@ -169,7 +169,15 @@ impl Layout {
     ///
     /// `kB` is a multiple of B, so this is `min(k, ceil(w / B))`.
     pub fn window_blocks(&self, k: u32, w: u32) -> u32 {
-        k.min(w.div_ceil(self.block_tokens))
+        let bt = self.block_tokens;
+        // A shift when the block size is a power of two: this runs per sliding group in every
+        // admission, and a division costs tens of cycles.
+        let span = if bt.is_power_of_two() {
+            (w >> bt.trailing_zeros()) + u32::from(w & (bt - 1) != 0)
+        } else {
+            w.div_ceil(bt)
+        };
+        k.min(span)
     }
 }
 
@@ -1088,5 +1096,31 @@ impl PrefixTree {
             return bad("eviction sets hold stale entries".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Layout;
+
+    #[test]
+    fn window_blocks_is_the_capped_ceiling_for_every_block_size() {
+        for block_tokens in [1u32, 2, 3, 7, 16, 48, 64, 528] {
+            let layout = Layout {
+                windows: vec![None],
+                block_bytes: vec![1],
+                block_tokens,
+                swa_aware: true,
+            };
+            for w in (1..300).chain([4095, 4096, 4097, u32::MAX / 2]) {
+                for k in [0, 1, 5, 1000, u32::MAX] {
+                    assert_eq!(
+                        layout.window_blocks(k, w),
+                        k.min(w.div_ceil(block_tokens)),
+                        "B = {block_tokens}, w = {w}, k = {k}"
+                    );
+                }
+            }
+        }
     }
 }

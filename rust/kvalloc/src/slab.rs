@@ -62,6 +62,17 @@ const TARGET_MIN_SLAB_BYTES: u64 = 4 << 20;
 /// Keep at least this many slabs when the budget is small, so that memory can still flow.
 const MIN_SLABS_WANTED: u64 = 64;
 
+/// The generation after `gen`: 1..=GEN_MASK, never 0 (a compare, not a modulo: this runs for
+/// every block allocated).
+#[inline(always)]
+fn next_gen(gen: u32) -> u32 {
+    if gen >= GEN_MASK {
+        1
+    } else {
+        gen + 1
+    }
+}
+
 /// End of a slab's free list.
 const NIL: u32 = u32::MAX;
 
@@ -480,8 +491,7 @@ impl SlabArena {
             let (mut head, mut gen) = (slab.free_head, slab.gen_counter);
             for _ in 0..take {
                 let meta = &mut slots[head as usize];
-                // 1..=GEN_MASK, never 0 (a compare, not a modulo).
-                gen = if gen >= GEN_MASK { 1 } else { gen + 1 };
+                gen = next_gen(gen);
                 meta.gen = gen;
                 out.push((u64::from(gen) << 32) | (base as u64 + u64::from(head)));
                 head = meta.next.wrapping_sub(1); // 0 - 1 = NIL
@@ -496,6 +506,36 @@ impl SlabArena {
         c.free_in_partial -= n as u64;
         c.blocks_in_use += n as u64;
         Ok(())
+    }
+
+    /// Allocates one block of `class`: [`alloc_into`](Self::alloc_into) for a single block
+    /// without an output vector (a decode step takes one block per group when it crosses a
+    /// block boundary).
+    pub fn alloc_one(&mut self, class: usize) -> Result<Handle> {
+        let available = self.available(class)?;
+        if available == 0 {
+            return Err(Error::OutOfMemory {
+                class,
+                block_bytes: self.classes[class].block_bytes,
+                requested: 1,
+                available: 0,
+            });
+        }
+        let s = self.slab_with_room(class);
+        let base = s as usize * self.stride as usize;
+        let slab = &mut self.slabs[s as usize];
+        let slot = slab.free_head;
+        let meta = &mut self.slots[base + slot as usize];
+        let gen = next_gen(slab.gen_counter);
+        meta.gen = gen;
+        slab.free_head = meta.next.wrapping_sub(1); // 0 - 1 = NIL
+        slab.gen_counter = gen;
+        slab.free_len -= 1;
+        slab.used += 1;
+        let c = &mut self.classes[class];
+        c.free_in_partial -= 1;
+        c.blocks_in_use += 1;
+        Ok((u64::from(gen) << 32) | (base as u64 + u64::from(slot)))
     }
 
     /// The slab `class` allocates from next: its current slab while that has room, else (the
