@@ -594,6 +594,15 @@ impl BlockMath {
     fn ceil(self, x: u64) -> u64 {
         self.floor(x + self.b - 1)
     }
+
+    /// `x mod B`: how far `x` is into its block.
+    fn rem(self, x: u64) -> u64 {
+        if self.shift != u32::MAX {
+            x & (self.b - 1)
+        } else {
+            x % self.b
+        }
+    }
 }
 
 /// Releases a running request's sliding-window blocks below the window ending at its last
@@ -1563,9 +1572,12 @@ impl KVCacheManager {
             return None;
         }
         let end = r.len + n;
+        // How far the request is into its last block (0: at a boundary), so that both block
+        // tests below are compares (`1 <= n <= B`).
+        let into = bm.rem(r.len);
         // The tables hold `ceil(len / B)` blocks (checked by `validate`): no need to read them
-        // unless a block boundary is crossed.
-        if bm.ceil(end) > bm.ceil(r.len) {
+        // unless the tokens go past the last one (`ceil(end / B) > ceil(len / B)`).
+        if into == 0 || into + n > bm.b {
             // One new block per group (the newest block is inside every window).
             let groups = spec.groups.len();
             if !arena.fits(&[1; MAX_GROUPS][..groups]) {
@@ -1577,7 +1589,7 @@ impl KVCacheManager {
         }
         // The window's floor moves only when a block boundary is crossed, or after a chunk
         // (whose step kept the window before it).
-        let crossed = bm.floor(end) != bm.floor(r.len) || r.len - r.last_start.min(r.len) > 1;
+        let crossed = into + n >= bm.b || r.len - r.last_start.min(r.len) > 1;
         r.last_start = r.len;
         r.len = end;
         if swa_aware && crossed {

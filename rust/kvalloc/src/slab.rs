@@ -73,6 +73,9 @@ fn next_gen(gen: u32) -> u32 {
     }
 }
 
+/// Never-used slabs materialized at once when the free stack runs out.
+const MATERIALIZE_BATCH: u32 = 64;
+
 /// End of a slab's free list.
 const NIL: u32 = u32::MAX;
 
@@ -569,12 +572,17 @@ impl SlabArena {
         let s = match self.free_slabs.pop() {
             Some(s) => s,
             None => {
-                // Materialize the next never-used slab.
+                // Materialize never-used slabs a batch at a time (one resize of the slot array
+                // per batch, not per slab: a growing cache takes a fresh slab for nearly every
+                // SWA block). The rest wait in the free stack, lowest index on top, so slabs
+                // are still taken in index order after any recycled one.
                 let s = self.slabs.len() as u32;
                 assert!(s < self.num_slabs, "availability was checked");
-                self.slabs.push(Slab::free());
-                let slots = self.slabs.len() * self.stride as usize;
-                self.slots.resize(slots, SlotMeta::default());
+                let n = MATERIALIZE_BATCH.min(self.num_slabs - s);
+                self.slabs.resize((s + n) as usize, Slab::free());
+                self.slots
+                    .resize(self.slabs.len() * self.stride as usize, SlotMeta::default());
+                self.free_slabs.extend((s + 1..s + n).rev());
                 s
             }
         };
@@ -948,9 +956,11 @@ mod tests {
 
     #[test]
     fn prefault_commits_memory_and_changes_nothing() {
-        // 64 slabs of two classes; room for the records of 10 of them.
-        let mut a = SlabArena::new(64 << 10, &[256, 1024], Some(1024)).unwrap();
+        // 256 slabs of two classes; room for the records of 10 of them. The first allocation
+        // materializes one batch of slabs; the rest are unborn.
+        let mut a = SlabArena::new(256 << 10, &[256, 1024], Some(1024)).unwrap();
         let held = a.alloc(1, 3).unwrap();
+        assert_eq!(a.slabs.len(), MATERIALIZE_BATCH as usize);
         let before = a.stats();
         let per_slab = SlabArena::record_bytes(a.stride);
         assert_eq!(a.prefault(10 * per_slab + 1).unwrap(), 10 * per_slab);
@@ -959,16 +969,35 @@ mod tests {
         assert!(a.slots.capacity() >= (a.slabs.len() + 10) * a.stride as usize);
         a.validate().unwrap();
         // Allocation goes on as without it, up to every slab, and everything flows back.
-        let more = a.alloc(0, 4 * 61).unwrap();
+        let more = a.alloc(0, 4 * 253).unwrap();
+        assert_eq!(a.stats().slabs_free, 0);
         a.free(&more).unwrap();
         a.free(&held).unwrap();
-        assert_eq!(a.stats().slabs_free, 64);
+        assert_eq!(a.stats().slabs_free, 256);
         a.validate().unwrap();
         // Never more than the unborn slabs, whatever the budget.
         let mut b = SlabArena::new(4096, &[1024], Some(1024)).unwrap();
         let per_slab = SlabArena::record_bytes(b.stride);
         assert_eq!(b.prefault(u64::MAX).unwrap(), 4 * per_slab);
         assert_eq!(b.prefault(0).unwrap(), 0);
+    }
+
+    #[test]
+    fn slabs_materialize_in_batches_and_in_index_order() {
+        // 150 slabs of one block each: slabs come in index order, recycled ones first, across
+        // batch boundaries and the short last batch.
+        let mut a = SlabArena::new(150 * 1024, &[1024], Some(1024)).unwrap();
+        let first = a.alloc(0, 100).unwrap();
+        let pages: Vec<u64> = first.iter().map(|&h| a.page(h).unwrap()).collect();
+        assert_eq!(pages, (0..100).collect::<Vec<u64>>());
+        a.free(&first[10..12]).unwrap();
+        let next = a.alloc(0, 50).unwrap();
+        let pages: Vec<u64> = next.iter().map(|&h| a.page(h).unwrap()).collect();
+        let expected: Vec<u64> = [11, 10].into_iter().chain(100..148).collect();
+        assert_eq!(pages, expected);
+        assert_eq!(a.slabs.len(), 150);
+        assert_eq!(a.available(0).unwrap(), 2);
+        a.validate().unwrap();
     }
 
     #[test]
