@@ -654,6 +654,21 @@ fn release_below_window(
     scratch.len() as u64
 }
 
+/// The decode path's new blocks: one per group (the newest block is inside every window), or
+/// false, changing nothing, when that needs eviction. Out of line: one decode token in B
+/// crosses a block boundary, and the rest keep their registers.
+#[cold]
+#[inline(never)]
+fn decode_new_blocks(arena: &mut SlabArena, groups: usize, r: &mut Request) -> bool {
+    if !arena.fits(&[1; MAX_GROUPS][..groups]) {
+        return false;
+    }
+    for g in 0..groups {
+        r.tables[g].push(arena.alloc_one(g).expect("fits was checked"));
+    }
+    true
+}
+
 /// Hashes a running request's newly completed output blocks (prompt blocks are hashed at
 /// admission): from its token ids, or, for a request admitted with block hashes, from ids
 /// unique to the request and position (opaque output nothing else can match).
@@ -662,6 +677,15 @@ fn hash_output(bm: BlockMath, r: &mut Request, tokens: Option<&[i64]>) {
     match tokens {
         // A decode token that completes no block: only remember it.
         Some(&[t]) if r.tail.len() + 1 < bm.b as usize => r.tail.push(t),
+        _ => hash_output_blocks(bm, r, tokens),
+    }
+}
+
+/// [`hash_output`] when blocks may complete (out of line, as for `decode_new_blocks`).
+#[cold]
+#[inline(never)]
+fn hash_output_blocks(bm: BlockMath, r: &mut Request, tokens: Option<&[i64]>) {
+    match tokens {
         Some(t) => {
             r.tail.extend_from_slice(t);
             let whole = (bm.floor(r.tail.len() as u64) * bm.b) as usize;
@@ -1577,15 +1601,8 @@ impl KVCacheManager {
         let into = bm.rem(r.len);
         // The tables hold `ceil(len / B)` blocks (checked by `validate`): no need to read them
         // unless the tokens go past the last one (`ceil(end / B) > ceil(len / B)`).
-        if into == 0 || into + n > bm.b {
-            // One new block per group (the newest block is inside every window).
-            let groups = spec.groups.len();
-            if !arena.fits(&[1; MAX_GROUPS][..groups]) {
-                return None; // eviction needed: the general path
-            }
-            for g in 0..groups {
-                r.tables[g].push(arena.alloc_one(g).ok()?);
-            }
+        if (into == 0 || into + n > bm.b) && !decode_new_blocks(arena, spec.groups.len(), r) {
+            return None; // eviction needed: the general path
         }
         // The window's floor moves only when a block boundary is crossed, or after a chunk
         // (whose step kept the window before it).
