@@ -276,6 +276,24 @@ pub enum Extension<'a> {
 /// token `tokens[k]`. The same as `extend` entries `(ids[k], Extension::Tokens(&[tokens[k]]))`,
 /// without building a tuple per request (a decode step names every running request, and its
 /// extension list was the largest thing a step read and wrote).
+///
+/// ```
+/// use kvalloc::{Decode, KVCacheManager, ManagerConfig, ModelSpec, Prompt, Step};
+/// let spec = ModelSpec::preset("mimo-v2.5-pro")?;
+/// let mut m = KVCacheManager::new(spec, 40 << 30, ManagerConfig::default())?;
+/// for id in 0..3 {
+///     let prompt: Vec<i64> = (0..100).map(|t| t + 1000 * id).collect();
+///     m.admit(id as u64, Prompt::Tokens(&prompt), None, None)?;
+/// }
+/// let out = m.step(&Step {
+///     finish: vec![2],
+///     decode: Decode { ids: &[0, 1], tokens: &[42, 43] },
+///     ..Step::default()
+/// })?;
+/// assert_eq!(out.extended, vec![true, true]);
+/// assert_eq!(m.num_tokens(0)?, 101);
+/// # Ok::<(), kvalloc::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Decode<'a> {
     /// Running requests, each at most once per step (counting `extend` and finish/abort too).

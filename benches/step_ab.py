@@ -1,0 +1,71 @@
+"""The scheduler step of `step_loop.py` on two builds of kvalloc side by side: both extension
+modules load into one process and their managers take turns on the same steps (which goes
+first alternates), so both see the same stretches of a noisy machine. For measuring a change:
+absolute times on a shared VM move by 1.5-2x within minutes, paired differences do not.
+
+    scripts/build_rev.sh f62c482 /tmp/kv-old            # a build of another revision
+    .venv/bin/python benches/step_ab.py /tmp/kv-old/_core.abi3.so python/kvalloc/_core.abi3.so [STEPS]
+
+Prints each build's p10 / median / p90 / mean, the paired differences (second minus first) and
+the ratio of the medians.
+"""
+
+import importlib.util
+import itertools
+import sys
+from types import ModuleType
+
+import numpy as np
+
+from step_workload import ADMITS, RUNNING, make_prompt, step_args, timed_step
+
+
+def load(path: str, k: int) -> ModuleType:
+    """The extension module at `path`, under a name of its own (two builds side by side)."""
+    spec = importlib.util.spec_from_file_location(f"kvalloc_ab{k}._core", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def main() -> None:
+    if len(sys.argv) < 3:
+        raise SystemExit(__doc__)
+    paths = sys.argv[1:3]
+    steps = int(sys.argv[3]) if len(sys.argv) > 3 else 3000
+    length, shared = 128, 96
+    managers = []
+    for k, path in enumerate(paths):
+        core = load(path, k)
+        m = core.KVCacheManager(core.ModelSpec.preset("mimo-v2.5-pro"), 1 << 40)
+        for rid in range(RUNNING):
+            assert m.admit(rid, make_prompt(rid, length, shared)) is not None
+        managers.append(m)
+    running = list(range(RUNNING))
+    ids = itertools.count(RUNNING)
+    rng = np.random.default_rng(0)
+    times = np.zeros((2, steps))
+    for i in range(steps):
+        finished = running[:ADMITS]
+        del running[:ADMITS]
+        args = step_args(running, ids, rng, length, shared)
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            for rid in finished:
+                managers[k].finish(rid)
+            times[k, i], _ = timed_step(managers[k], args, shared)
+    us = times * 1e6
+    for k, path in enumerate(paths):
+        p10, p50, p90 = np.percentile(us[k], [10, 50, 90])
+        print(f"{path}: p10 {p10:.1f} us, median {p50:.1f} us, p90 {p90:.1f} us, mean {us[k].mean():.1f} us")
+    d = us[1] - us[0]
+    ratio = np.median(us[1]) / np.median(us[0])
+    print(
+        f"paired (second - first) over {steps} steps: median {np.median(d):+.1f} us, "
+        f"mean {d.mean():+.1f} us; median ratio {ratio:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

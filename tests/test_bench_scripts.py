@@ -1,0 +1,44 @@
+"""The scheduler-step scripts the README quotes still run (a few steps each): the plain loop,
+the prefault comparison, and two builds side by side (here the installed one twice)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import kvalloc
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+
+
+def run(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], cwd=BENCHES, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_step_loop_runs():
+    out = run("step_loop.py", "128", "96", "5")
+    assert re.search(r"median [\d.]+ us, mean [\d.]+ us over 5 steps", out), out
+
+
+def test_step_prefault_runs():
+    out = run("step_prefault.py", "5")
+    assert "paired (default - none)" in out, out
+
+
+def test_step_ab_runs_two_builds_side_by_side():
+    core = Path(kvalloc._core.__file__)
+    out = run("step_ab.py", str(core), str(core), "6")
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"{core}: p10") for line in lines[:2]), out
+    assert re.match(r"paired \(second - first\) over 6 steps: .* median ratio [\d.]+$", lines[2]), out
+
+
+def test_step_ab_explains_its_arguments():
+    done = subprocess.run(
+        [sys.executable, "step_ab.py"], cwd=BENCHES, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode != 0 and "build_rev.sh" in done.stderr
