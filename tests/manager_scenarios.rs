@@ -375,14 +375,16 @@ fn batched_step_checks_then_serves_in_order() {
 /// A step's `decode` columns are the same as one-token `extend` tuples: two managers, one fed
 /// each form (some requests through `extend` with several tokens in the same steps), give the
 /// same outcomes, accounting and block tables, until memory runs out and extensions are
-/// refused. A bad column (lengths that differ, an unknown id, an id also in `extend`) fails the
-/// whole step and changes nothing.
+/// refused, and cache the same output blocks when the requests finish. Every tenth step a bad
+/// step (lengths that differ, an unknown id, an id named twice or also in `extend`, a bad
+/// admission) goes to the columns manager first: it fails whole and changes nothing.
 #[test]
 fn decode_columns_are_one_token_extensions() {
-    use kvalloc::{Decode, Error, Step};
+    use kvalloc::{Admission, Decode, Error, Step};
     let mut tuples = manager(Policy::SwaAware, 256 << 10);
     let mut columns = manager(Policy::SwaAware, 256 << 10);
     let ids: Vec<u64> = (0..12).collect();
+    let mut history: Vec<Vec<i64>> = Vec::new();
     for &id in &ids {
         let p = seq(id as i64 * 1_000, 40 + id as usize);
         for m in [&mut tuples, &mut columns] {
@@ -391,10 +393,11 @@ fn decode_columns_are_one_token_extensions() {
                 .unwrap()
                 .is_some());
         }
+        history.push(p);
     }
     let same = |a: &KVCacheManager, b: &KVCacheManager| {
         assert_eq!(a.stats(), b.stats());
-        for &id in &ids {
+        for &id in ids.iter().filter(|&&id| a.is_running(id) || b.is_running(id)) {
             assert_eq!(a.num_tokens(id).unwrap(), b.num_tokens(id).unwrap());
             for g in 0..2 {
                 assert_eq!(a.block_table(id, g).unwrap(), b.block_table(id, g).unwrap());
@@ -403,6 +406,7 @@ fn decode_columns_are_one_token_extensions() {
         a.validate().unwrap();
         b.validate().unwrap();
     };
+    let empty: [i64; 0] = [];
     let mut refused = 0;
     for step in 0..200i64 {
         // Requests 0 and 1 take three tokens through `extend`; the rest one each.
@@ -412,6 +416,82 @@ fn decode_columns_are_one_token_extensions() {
             (1, Extension::Tokens(&three)),
         ];
         let tokens: Vec<i64> = ids[2..].iter().map(|&id| step * 100 + id as i64).collect();
+        if step % 10 == 5 {
+            let before = columns.stats();
+            let lengths: Vec<u64> = ids
+                .iter()
+                .map(|&id| columns.num_tokens(id).unwrap())
+                .collect();
+            let bad_steps = [
+                (
+                    Decode {
+                        ids: &ids[2..],
+                        tokens: &tokens[1..],
+                    },
+                    Vec::new(),
+                    Vec::new(),
+                ),
+                (
+                    Decode {
+                        ids: &[5, 6, 99],
+                        tokens: &tokens[..3],
+                    },
+                    Vec::new(),
+                    Vec::new(),
+                ),
+                (
+                    Decode {
+                        ids: &[5, 6, 5],
+                        tokens: &tokens[..3],
+                    },
+                    Vec::new(),
+                    Vec::new(),
+                ),
+                (
+                    Decode {
+                        ids: &ids[2..],
+                        tokens: &tokens,
+                    },
+                    vec![multi[0], (6, Extension::Tokens(&three))],
+                    Vec::new(),
+                ),
+                (
+                    Decode {
+                        ids: &ids[2..],
+                        tokens: &tokens,
+                    },
+                    multi.clone(),
+                    vec![Admission {
+                        req: 50,
+                        prompt: Prompt::Tokens(&empty),
+                        salt: None,
+                        max_tokens: None,
+                    }],
+                ),
+            ];
+            for (decode, extend, admit) in bad_steps {
+                let err = columns
+                    .step(&Step {
+                        finish: vec![7],
+                        extend,
+                        decode,
+                        admit,
+                        ..Step::default()
+                    })
+                    .unwrap_err();
+                assert!(
+                    matches!(err, Error::InvalidArgument { .. } | Error::Request { .. }),
+                    "{err}"
+                );
+                assert_eq!(columns.stats(), before);
+                let now: Vec<u64> = ids
+                    .iter()
+                    .map(|&id| columns.num_tokens(id).unwrap())
+                    .collect();
+                assert_eq!(now, lengths);
+                assert!(columns.is_running(7) && !columns.is_running(50));
+            }
+        }
         let mut as_tuples = multi.clone();
         as_tuples.extend(
             ids[2..]
@@ -421,7 +501,7 @@ fn decode_columns_are_one_token_extensions() {
         );
         let a = tuples
             .step(&Step {
-                extend: as_tuples,
+                extend: as_tuples.clone(),
                 ..Step::default()
             })
             .unwrap();
@@ -436,60 +516,30 @@ fn decode_columns_are_one_token_extensions() {
             })
             .unwrap();
         assert_eq!(a, b);
+        for (&(id, ext), &ok) in as_tuples.iter().zip(&a.extended) {
+            if let (Extension::Tokens(t), true) = (ext, ok) {
+                history[id as usize].extend_from_slice(t);
+            }
+        }
         refused += a.extended.iter().filter(|&&ok| !ok).count();
         same(&tuples, &columns);
     }
     assert!(refused > 0, "the test should run out of memory");
-    // Bad columns fail the whole step, before anything changes.
-    let before = columns.stats();
-    let tok = [1i64, 2];
-    let bad_steps = [
-        (
-            Decode {
-                ids: &ids[..3],
-                tokens: &tok,
-            },
-            Vec::new(),
-        ),
-        (
-            Decode {
-                ids: &[5, 99],
-                tokens: &tok,
-            },
-            Vec::new(),
-        ),
-        (
-            Decode {
-                ids: &[5, 6],
-                tokens: &tok,
-            },
-            vec![(6, Extension::Tokens(&tok[..1]))],
-        ),
-        (
-            Decode {
-                ids: &[5, 5],
-                tokens: &tok,
-            },
-            Vec::new(),
-        ),
-    ];
-    for (decode, extend) in bad_steps {
-        let err = columns
-            .step(&Step {
-                finish: vec![7],
-                extend,
-                decode,
-                ..Step::default()
-            })
-            .unwrap_err();
-        assert!(
-            matches!(err, Error::InvalidArgument { .. } | Error::Request { .. }),
-            "{err}"
-        );
-        assert_eq!(columns.stats(), before);
-        assert!(columns.is_running(7));
+    // Both cached the same output blocks: every finished sequence matches as far in both (a
+    // token taken back wrongly would have changed a block's hash).
+    for &id in &ids {
+        tuples.finish(id).unwrap();
+        columns.finish(id).unwrap();
     }
     same(&tuples, &columns);
+    for h in &history {
+        let probe: Vec<i64> = h.iter().copied().chain([-1]).collect();
+        let (a, b) = (
+            tuples.match_prefix(Prompt::Tokens(&probe), None).unwrap(),
+            columns.match_prefix(Prompt::Tokens(&probe), None).unwrap(),
+        );
+        assert_eq!(a, b);
+    }
 }
 
 /// Committing bookkeeping memory up front (`prefault_bytes`) is invisible: with none, with a
