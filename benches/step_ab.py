@@ -11,13 +11,12 @@ the ratio of the medians.
 """
 
 import importlib.util
-import itertools
 import sys
 from types import ModuleType
 
 import numpy as np
 
-from step_workload import ADMITS, RUNNING, make_prompt, step_args, timed_step
+from step_workload import paired_steps, start
 
 
 def load(path: str, k: int) -> ModuleType:
@@ -36,25 +35,10 @@ def main() -> None:
     paths = sys.argv[1:3]
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 3000
     length, shared = 128, 96
-    managers = []
-    for k, path in enumerate(paths):
-        core = load(path, k)
-        m = core.KVCacheManager(core.ModelSpec.preset("mimo-v2.5-pro"), 1 << 40)
-        for rid in range(RUNNING):
-            assert m.admit(rid, make_prompt(rid, length, shared)) is not None
-        managers.append(m)
-    running = list(range(RUNNING))
-    ids = itertools.count(RUNNING)
-    rng = np.random.default_rng(0)
-    times = np.zeros((2, steps))
-    for i in range(steps):
-        finished = running[:ADMITS]
-        del running[:ADMITS]
-        args = step_args(running, ids, rng, length, shared)
-        for k in (0, 1) if i % 2 == 0 else (1, 0):
-            for rid in finished:
-                managers[k].finish(rid)
-            times[k, i], _ = timed_step(managers[k], args, shared)
+    # Both admit the same requests; from here they share one id stream and every step.
+    m0, ids, running = start(1 << 40, length, shared, core=load(paths[0], 0))
+    managers = [m0, start(1 << 40, length, shared, core=load(paths[1], 1))[0]]
+    times, _ = paired_steps(managers, ids, running, steps, length, shared)
     us = times * 1e6
     for k, path in enumerate(paths):
         p10, p50, p90 = np.percentile(us[k], [10, 50, 90])

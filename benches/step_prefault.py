@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from kvalloc import KVCacheManager, ModelSpec
-from step_workload import ADMITS, start, step_args, timed_step
+from step_workload import paired_steps, start
 
 
 def main() -> None:
@@ -36,18 +36,7 @@ def main() -> None:
     # arguments of every step.
     m0, ids, running = start(1 << 40, length, shared, prefault_bytes=0)
     ms = [m0, start(1 << 40, length, shared)[0]]
-    rng = np.random.default_rng(0)
-    times = np.zeros((2, steps))
-    faults = [0, 0]
-    for i in range(steps):
-        finished = running[:ADMITS]
-        del running[:ADMITS]
-        args = step_args(running, ids, rng, length, shared)
-        for k in (0, 1) if i % 2 == 0 else (1, 0):
-            for rid in finished:
-                ms[k].finish(rid)
-            times[k, i], f = timed_step(ms[k], args, shared)
-            faults[k] += f
+    times, faults = paired_steps(ms, ids, running, steps, length, shared)
     us = times * 1e6
     for k, name in enumerate(names):
         print(

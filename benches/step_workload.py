@@ -13,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from kvalloc import KVCacheManager, ModelSpec
+import kvalloc
+from kvalloc import KVCacheManager
 
 RUNNING = 256
 ADMITS = 16
@@ -25,11 +26,12 @@ def make_prompt(rid: int, length: int, shared: int) -> np.ndarray:
 
 
 def start(
-    capacity: int, length: int, shared: int, **options: Any
+    capacity: int, length: int, shared: int, core: Any = kvalloc, **options: Any
 ) -> tuple[KVCacheManager, Iterator[int], list[int]]:
-    """A manager (`options`: constructor keywords) with RUNNING requests admitted: (manager,
+    """A manager (`options`: constructor keywords; `core`: the module whose `KVCacheManager`
+    to use, another build's for side-by-side runs) with RUNNING requests admitted: (manager,
     next ids, running ids)."""
-    m = KVCacheManager(ModelSpec.preset("mimo-v2.5-pro"), capacity, **options)
+    m = core.KVCacheManager(core.ModelSpec.preset("mimo-v2.5-pro"), capacity, **options)
     ids = itertools.count()
     running = []
     for _ in range(RUNNING):
@@ -66,3 +68,25 @@ def timed_step(m: KVCacheManager, args: dict[str, Any], shared: int) -> tuple[fl
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f
     assert res.refused_extensions == 0 and (res.hits == shared).all()
     return seconds, faults
+
+
+def paired_steps(
+    managers: list[Any], ids: Iterator[int], running: list[int], steps: int, length: int, shared: int
+) -> tuple[np.ndarray, list[int]]:
+    """Two managers that admitted the same requests (`start`) take turns on the same steps,
+    which goes first alternating, so both see the same stretches of a noisy machine. Before
+    each step the 16 oldest requests finish (untimed). Returns the seconds of every step (2 x
+    steps) and each manager's page faults."""
+    rng = np.random.default_rng(0)
+    times = np.zeros((2, steps))
+    faults = [0, 0]
+    for i in range(steps):
+        finished = running[:ADMITS]
+        del running[:ADMITS]
+        args = step_args(running, ids, rng, length, shared)
+        for k in (0, 1) if i % 2 == 0 else (1, 0):
+            for rid in finished:
+                managers[k].finish(rid)
+            times[k, i], f = timed_step(managers[k], args, shared)
+            faults[k] += f
+    return times, faults
