@@ -397,7 +397,10 @@ fn decode_columns_are_one_token_extensions() {
     }
     let same = |a: &KVCacheManager, b: &KVCacheManager| {
         assert_eq!(a.stats(), b.stats());
-        for &id in ids.iter().filter(|&&id| a.is_running(id) || b.is_running(id)) {
+        for &id in ids
+            .iter()
+            .filter(|&&id| a.is_running(id) || b.is_running(id))
+        {
             assert_eq!(a.num_tokens(id).unwrap(), b.num_tokens(id).unwrap());
             for g in 0..2 {
                 assert_eq!(a.block_table(id, g).unwrap(), b.block_table(id, g).unwrap());

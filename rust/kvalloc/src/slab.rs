@@ -221,9 +221,10 @@ pub struct SlabArena {
     /// rather than a vector per slab (taking a fresh slab allocates nothing), the two fields
     /// side by side (allocating or freeing a block touches one cache line, not two).
     slots: Vec<SlotMeta>,
-    /// Free slabs that have been used before, as a stack (the most recently freed slab is
-    /// reused first). Slabs never used yet (`slabs.len()..num_slabs`) are free too: they are
-    /// materialized on first use, so a huge budget (a simulation's "unbounded" 1 PiB) costs
+    /// Free materialized slabs, as a stack (the most recently freed slab is reused first;
+    /// below the recycled ones, fresh ones of the last batch, lowest index on top). Slabs
+    /// never materialized (`slabs.len()..num_slabs`) are free too: they are materialized as
+    /// needed, [`MATERIALIZE_BATCH`] at a time, so a huge budget (a simulation's "unbounded" 1 PiB) costs
     /// nothing up front.
     free_slabs: Vec<u32>,
     /// Slabs the budget holds (materialized or not).
