@@ -548,6 +548,20 @@ class ManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.running)
     @rule(data=st.data())
+    def decode_step(self, data):
+        """One batched step: a decode token each for some running requests (the step's decode
+        columns); each either fits whole or changes nothing."""
+        ids = data.draw(st.lists(st.sampled_from(sorted(self.running)), min_size=1, unique=True))
+        tokens = [900_000 + rid * 1000 + len(self.running[rid]) % 1000 for rid in ids]
+        res = self.m.step(extend_ids=np.array(ids, dtype=np.int64), extend_tokens=np.array(tokens, dtype=np.int64))
+        assert len(res.extended) == len(ids) and res.refused_extensions == (~res.extended).sum()
+        for rid, token, ok in zip(ids, tokens, res.extended):
+            if ok:
+                self.running[rid].append(token)
+            assert self.m.num_tokens(rid) == len(self.running[rid])
+
+    @precondition(lambda self: self.running)
+    @rule(data=st.data())
     def finish(self, data):
         rid = data.draw(st.sampled_from(sorted(self.running)))
         self.m.finish(rid)
