@@ -473,6 +473,58 @@ impl SlabArena {
     /// Allocates `n` blocks of `class` and appends their handles to `out`, all or nothing
     /// (on error `out` is unchanged).
     pub fn alloc_into(&mut self, class: usize, n: usize, out: &mut Vec<Handle>) -> Result<()> {
+        self.ensure_available(class, n)?;
+        out.reserve(n);
+        let mut remaining = n as u32;
+        while remaining > 0 {
+            let s = self.slab_with_room(class);
+            let take = remaining.min(self.slabs[s as usize].free_len);
+            for _ in 0..take {
+                out.push(self.take_slot(s));
+            }
+            remaining -= take;
+        }
+        self.count_taken(class, n as u64);
+        Ok(())
+    }
+
+    /// Allocates one block of `class`: [`alloc_into`](Self::alloc_into) for a single block
+    /// without an output vector (a decode step takes one block per group when it crosses a
+    /// block boundary).
+    pub fn alloc_one(&mut self, class: usize) -> Result<Handle> {
+        self.ensure_available(class, 1)?;
+        let s = self.slab_with_room(class);
+        let h = self.take_slot(s);
+        self.count_taken(class, 1);
+        Ok(h)
+    }
+
+    /// Hands out the first free slot of slab `s` (it has one) under the slab's next
+    /// generation.
+    #[inline(always)]
+    fn take_slot(&mut self, s: u32) -> Handle {
+        let base = s as usize * self.stride as usize;
+        let slab = &mut self.slabs[s as usize];
+        let slot = slab.free_head;
+        let meta = &mut self.slots[base + slot as usize];
+        slab.gen_counter = next_gen(slab.gen_counter);
+        meta.gen = slab.gen_counter;
+        slab.free_head = meta.next.wrapping_sub(1); // 0 - 1 = NIL
+        slab.free_len -= 1;
+        slab.used += 1;
+        (u64::from(meta.gen) << 32) | (base as u64 + u64::from(slot))
+    }
+
+    /// Counts `n` blocks of `class` taken from its slabs' free slots.
+    fn count_taken(&mut self, class: usize, n: u64) {
+        let c = &mut self.classes[class];
+        c.free_in_partial -= n;
+        c.blocks_in_use += n;
+    }
+
+    /// An out-of-memory error unless `n` blocks of `class` are available (an error names an
+    /// unknown class).
+    fn ensure_available(&self, class: usize, n: usize) -> Result<()> {
         let available = self.available(class)?;
         if n as u64 > available {
             return Err(Error::OutOfMemory {
@@ -482,64 +534,7 @@ impl SlabArena {
                 available: available as usize,
             });
         }
-        out.reserve(n);
-        let mut remaining = n as u32;
-        while remaining > 0 {
-            let s = self.slab_with_room(class);
-            let slab = &mut self.slabs[s as usize];
-            let take = remaining.min(slab.free_len);
-            let base = s as usize * self.stride as usize;
-            // The slab's free list and generation counter in locals: the loop writes only the
-            // slots it hands out and the output (this is the hot loop).
-            let slots = &mut self.slots[base..base + self.stride as usize];
-            let (mut head, mut gen) = (slab.free_head, slab.gen_counter);
-            for _ in 0..take {
-                let meta = &mut slots[head as usize];
-                gen = next_gen(gen);
-                meta.gen = gen;
-                out.push((u64::from(gen) << 32) | (base as u64 + u64::from(head)));
-                head = meta.next.wrapping_sub(1); // 0 - 1 = NIL
-            }
-            slab.free_head = head;
-            slab.gen_counter = gen;
-            slab.free_len -= take;
-            slab.used += take;
-            remaining -= take;
-        }
-        let c = &mut self.classes[class];
-        c.free_in_partial -= n as u64;
-        c.blocks_in_use += n as u64;
         Ok(())
-    }
-
-    /// Allocates one block of `class`: [`alloc_into`](Self::alloc_into) for a single block
-    /// without an output vector (a decode step takes one block per group when it crosses a
-    /// block boundary).
-    pub fn alloc_one(&mut self, class: usize) -> Result<Handle> {
-        let available = self.available(class)?;
-        if available == 0 {
-            return Err(Error::OutOfMemory {
-                class,
-                block_bytes: self.classes[class].block_bytes,
-                requested: 1,
-                available: 0,
-            });
-        }
-        let s = self.slab_with_room(class);
-        let base = s as usize * self.stride as usize;
-        let slab = &mut self.slabs[s as usize];
-        let slot = slab.free_head;
-        let meta = &mut self.slots[base + slot as usize];
-        let gen = next_gen(slab.gen_counter);
-        meta.gen = gen;
-        slab.free_head = meta.next.wrapping_sub(1); // 0 - 1 = NIL
-        slab.gen_counter = gen;
-        slab.free_len -= 1;
-        slab.used += 1;
-        let c = &mut self.classes[class];
-        c.free_in_partial -= 1;
-        c.blocks_in_use += 1;
-        Ok((u64::from(gen) << 32) | (base as u64 + u64::from(slot)))
     }
 
     /// The slab `class` allocates from next: its current slab while that has room, else (the
@@ -554,6 +549,8 @@ impl SlabArena {
         self.next_current(class)
     }
 
+    /// [`slab_with_room`](Self::slab_with_room) when the current slab is full or absent (out
+    /// of line: the common case keeps its current slab).
     #[inline(never)]
     fn next_current(&mut self, class: usize) -> u32 {
         let s = match self.classes[class].partial.pop_first() {
@@ -859,17 +856,14 @@ impl SlabArena {
                     }
                     let base = i * self.stride as usize;
                     let bps = class.blocks_per_slab as usize;
-                    let gens: Vec<u32> = self.slots[base..base + self.stride as usize]
-                        .iter()
-                        .map(|m| m.gen)
-                        .collect();
+                    let metas = &self.slots[base..base + self.stride as usize];
                     if slab.used as usize + slab.free_len as usize != bps {
                         return bad(format!("slab {i}: used + free != blocks per slab"));
                     }
-                    let live = gens[..bps].iter().filter(|&&g| g != 0).count();
+                    let live = metas[..bps].iter().filter(|m| m.gen != 0).count();
                     if live != slab.used as usize
-                        || gens.iter().any(|&g| g & PENDING_FREE != 0)
-                        || gens[bps..].iter().any(|&g| g != 0)
+                        || metas.iter().any(|m| m.gen & PENDING_FREE != 0)
+                        || metas[bps..].iter().any(|m| m.gen != 0)
                     {
                         return bad(format!("slab {i}: live generations disagree with used"));
                     }
@@ -878,12 +872,12 @@ impl SlabArena {
                     let mut n = 0;
                     while f != NIL {
                         let fu = f as usize;
-                        if fu >= bps || seen[fu] || gens[fu] != 0 || n >= bps {
+                        if fu >= bps || seen[fu] || metas[fu].gen != 0 || n >= bps {
                             return bad(format!("slab {i}: free slot {f} is live or repeated"));
                         }
                         seen[fu] = true;
                         n += 1;
-                        f = self.slots[base + fu].next.wrapping_sub(1);
+                        f = metas[fu].next.wrapping_sub(1);
                     }
                     if n != slab.free_len as usize {
                         return bad(format!(
