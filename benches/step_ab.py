@@ -16,7 +16,7 @@ from types import ModuleType
 
 import numpy as np
 
-from step_workload import paired_steps, start
+from step_workload import take_turns, start
 
 
 def load(path: str, k: int) -> ModuleType:
@@ -38,7 +38,7 @@ def main() -> None:
     # Both admit the same requests; from here they share one id stream and every step.
     m0, ids, running = start(1 << 40, length, shared, core=load(paths[0], 0))
     managers = [m0, start(1 << 40, length, shared, core=load(paths[1], 1))[0]]
-    times, _ = paired_steps(managers, ids, running, steps, length, shared)
+    times, _ = take_turns(managers, ids, running, steps, length, shared)
     us = times * 1e6
     for k, path in enumerate(paths):
         p10, p50, p90 = np.percentile(us[k], [10, 50, 90])

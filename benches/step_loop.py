@@ -13,31 +13,24 @@ import sys
 
 import numpy as np
 
-from step_workload import ADMITS, start, step_args, timed_step
+from step_workload import start, take_turns
 
 
 def main() -> None:
     length, shared, steps = (int(a) for a in (sys.argv[1:4] or ["128", "96", "3000"]))
     thrash = np.zeros(int(sys.argv[4]) << 17, dtype=np.int64) if len(sys.argv) > 4 else None
 
-    m, ids, running = start(1 << 40, length, shared)
-    rng = np.random.default_rng(0)
-    times = []
-    faults = 0
-    for _ in range(steps):
-        for rid in running[:ADMITS]:
-            m.finish(rid)
-        del running[:ADMITS]
-        args = step_args(running, ids, rng, length, shared)
+    def evict() -> None:
+        # Touching the array evicts the manager's working set from the caches, as other work would.
         if thrash is not None:
-            thrash += 1  # evicts the manager's working set from the caches, as other work would
-        seconds, f = timed_step(m, args, shared)
-        times.append(seconds)
-        faults += f
-    times.sort()
+            np.add(thrash, 1, out=thrash)
+
+    m, ids, running = start(1 << 40, length, shared)
+    times, faults = take_turns([m], ids, running, steps, length, shared, before_step=evict)
+    us = times[0] * 1e6
     print(
-        f"{length}-token prompts: min {times[0] * 1e6:.1f} us, median {times[len(times) // 2] * 1e6:.1f} us, "
-        f"mean {sum(times) / steps * 1e6:.1f} us over {steps} steps; {faults / steps:.2f} page faults per step"
+        f"{length}-token prompts: min {us.min():.1f} us, median {np.median(us):.1f} us, "
+        f"mean {us.mean():.1f} us over {steps} steps; {faults[0] / steps:.2f} page faults per step"
     )
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from kvalloc import KVCacheManager, ModelSpec
-from step_workload import paired_steps, start
+from step_workload import take_turns, start
 
 
 def main() -> None:
@@ -36,7 +36,7 @@ def main() -> None:
     # arguments of every step.
     m0, ids, running = start(1 << 40, length, shared, prefault_bytes=0)
     ms = [m0, start(1 << 40, length, shared)[0]]
-    times, faults = paired_steps(ms, ids, running, steps, length, shared)
+    times, faults = take_turns(ms, ids, running, steps, length, shared)
     us = times * 1e6
     for k, name in enumerate(names):
         print(

@@ -1,14 +1,15 @@
-"""The scheduler step of issue 3, shared by `test_bench_manager.py` (pytest-benchmark) and
-`step_loop.py` (a plain loop): 256 running requests each extended by one decode token plus 16
-admissions of prompts that share their first `shared` tokens, on mimo-v2.5-pro with 16-token
-blocks. Not a test module (pytest collects only test_*.py)."""
+"""The scheduler step of issue 3, shared by `test_bench_manager.py` (pytest-benchmark),
+`step_loop.py` (a plain loop), `step_prefault.py` and `step_ab.py` (two managers side by side):
+256 running requests each extended by one decode token plus 16 admissions of prompts that share
+their first `shared` tokens, on mimo-v2.5-pro with 16-token blocks. Not a test module (pytest
+collects only test_*.py)."""
 
 from __future__ import annotations
 
 import itertools
 import resource
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -70,23 +71,32 @@ def timed_step(m: KVCacheManager, args: dict[str, Any], shared: int) -> tuple[fl
     return seconds, faults
 
 
-def paired_steps(
-    managers: list[Any], ids: Iterator[int], running: list[int], steps: int, length: int, shared: int
+def take_turns(
+    managers: list[Any],
+    ids: Iterator[int],
+    running: list[int],
+    steps: int,
+    length: int,
+    shared: int,
+    before_step: Callable[[], object] | None = None,
 ) -> tuple[np.ndarray, list[int]]:
-    """Two managers that admitted the same requests (`start`) take turns on the same steps,
-    which goes first alternating, so both see the same stretches of a noisy machine. Before
-    each step the 16 oldest requests finish (untimed). Returns the seconds of every step (2 x
-    steps) and each manager's page faults."""
+    """Managers that admitted the same requests (`start`) take turns on the same steps, the
+    order reversing every step, so all see the same stretches of a noisy machine. Before each
+    step the 16 oldest requests finish (untimed) and `before_step` runs (untimed). Returns the
+    seconds of every step (managers x steps) and each manager's page faults."""
     rng = np.random.default_rng(0)
-    times = np.zeros((2, steps))
-    faults = [0, 0]
+    n = len(managers)
+    times = np.zeros((n, steps))
+    faults = [0] * n
     for i in range(steps):
         finished = running[:ADMITS]
         del running[:ADMITS]
         args = step_args(running, ids, rng, length, shared)
-        for k in (0, 1) if i % 2 == 0 else (1, 0):
+        for k in range(n) if i % 2 == 0 else reversed(range(n)):
             for rid in finished:
                 managers[k].finish(rid)
+            if before_step is not None:
+                before_step()
             times[k, i], f = timed_step(managers[k], args, shared)
             faults[k] += f
     return times, faults
