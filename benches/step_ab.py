@@ -4,9 +4,12 @@ first alternates), so both see the same stretches of a noisy machine. For measur
 absolute times on a shared VM move by 1.5-2x within minutes, paired differences do not.
 
     scripts/build_rev.sh f62c482 /tmp/kv-old            # a build of another revision
-    .venv/bin/python benches/step_ab.py /tmp/kv-old/_core.abi3.so python/kvalloc/_core.abi3.so [STEPS]
+    .venv/bin/python benches/step_ab.py /tmp/kv-old/_core.abi3.so python/kvalloc/_core.abi3.so \
+        [STEPS [CACHED_REQUESTS]]
 
-Prints each build's p10 / median / p90 / mean, the paired differences (second minus first) and
+With `CACHED_REQUESTS`, both managers first cache that many other requests (two tree nodes each,
+`step_workload.fill_cache`; 16 TiB of virtual capacity, so nothing is evicted): the step in a
+large cache. Prints each build's p10 / median / p90 / mean, the paired differences (second minus first) and
 the ratio of the medians.
 """
 
@@ -16,7 +19,7 @@ from types import ModuleType
 
 import numpy as np
 
-from step_workload import take_turns, start
+from step_workload import fill_cache, start, take_turns
 
 
 def load(path: str, k: int) -> ModuleType:
@@ -34,10 +37,14 @@ def main() -> None:
         raise SystemExit(__doc__)
     paths = sys.argv[1:3]
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 3000
+    cached = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    capacity = 1 << 44 if cached else 1 << 40
     length, shared = 128, 96
     # Both admit the same requests; from here they share one id stream and every step.
-    m0, ids, running = start(1 << 40, length, shared, core=load(paths[0], 0))
-    managers = [m0, start(1 << 40, length, shared, core=load(paths[1], 1))[0]]
+    m0, ids, running = start(capacity, length, shared, core=load(paths[0], 0))
+    managers = [m0, start(capacity, length, shared, core=load(paths[1], 1))[0]]
+    for m in managers:
+        fill_cache(m, cached)
     times, _ = take_turns(managers, ids, running, steps, length, shared)
     us = times * 1e6
     for k, path in enumerate(paths):

@@ -42,6 +42,20 @@ def start(
     return m, ids, running
 
 
+def fill_cache(m: KVCacheManager, requests: int, batch: int = 1000, length: int = 33) -> None:
+    """Caches `requests` distinct 33-token requests (two whole blocks each, so the tree gains
+    two nodes per request), admitted and finished `batch` at a time through `step`: a large
+    prefix cache, as a serving engine holds after hours, that the workload's prompts share
+    nothing with (their ids start at 10^9, their tokens far above every prompt's)."""
+    for first in range(0, requests, batch):
+        n = min(batch, requests - first)
+        ids = np.arange(10**9 + first, 10**9 + first + n, dtype=np.int64)
+        tokens = np.arange(n * length, dtype=np.int64) + (4 * 10**9 + first * length)
+        res = m.step(admit_ids=ids, admit_tokens=tokens, admit_lens=np.full(n, length, dtype=np.int64))
+        assert res.admitted == n, "fill_cache: the cache is full"
+        m.step(finish=ids)
+
+
 def step_args(
     running: list[int], ids: Iterator[int], rng: np.random.Generator, length: int, shared: int
 ) -> dict[str, Any]:

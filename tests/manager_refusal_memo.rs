@@ -1,10 +1,15 @@
 //! Differential test of the refusal shortcut: a scheduler retries its queue's head every step,
 //! and the manager answers a retry it is sure to refuse without hashing and walking the prompt
-//! again. Two managers run the same random operations under memory pressure; one forgets its
-//! remembered refusal before every admission (always the full evaluation). Every answer, the
-//! accounting and `validate()` must agree after every operation.
+//! again. Three managers run the same random operations under memory pressure; one forgets its
+//! remembered refusal before every admission (always the full evaluation), and one admits
+//! through batched steps (whose admissions are hashed ahead, except a remembered refusal's):
+//! a retry step carries the queue's first two waiting requests, first come first served (the
+//! second is attempted only if the first got in). Every answer, the accounting and `validate()`
+//! must agree after every operation.
 
-use kvalloc::{Extension, KVCacheManager, ManagerConfig, ModelSpec, Policy, Prompt};
+use kvalloc::{
+    Admission, Extension, KVCacheManager, ManagerConfig, ModelSpec, Policy, Prompt, Step,
+};
 use proptest::prelude::*;
 
 /// One full layer and three sliding layers (window 32): cheap blocks.
@@ -59,7 +64,8 @@ fn run(ops: &[Op], capacity: u64, policy: Policy, reserve: u64) -> Result<(), Te
         ..ManagerConfig::default()
     };
     let mut fast = KVCacheManager::new(spec(), capacity, config.clone()).unwrap();
-    let mut full = KVCacheManager::new(spec(), capacity, config).unwrap();
+    let mut full = KVCacheManager::new(spec(), capacity, config.clone()).unwrap();
+    let mut stepped = KVCacheManager::new(spec(), capacity, config).unwrap();
     let mut running: Vec<u64> = Vec::new();
     let mut prompt_len: std::collections::HashMap<u64, u64> = Default::default();
     let mut waiting: Vec<(u64, Vec<i64>)> = Vec::new();
@@ -73,11 +79,33 @@ fn run(ops: &[Op], capacity: u64, policy: Policy, reserve: u64) -> Result<(), Te
             let b = full.admit(id, Prompt::Tokens(p), None, chunk).unwrap();
             (a, b)
         };
+        // The same admissions as one step of `stepped`: its answers, in order.
+        let step = |queue: &[(u64, Vec<i64>)], stepped: &mut KVCacheManager| {
+            let admit = queue
+                .iter()
+                .map(|(id, p)| Admission {
+                    req: *id,
+                    prompt: Prompt::Tokens(p),
+                    salt: None,
+                    max_tokens: chunk,
+                })
+                .collect();
+            // First come, first served: after a refusal the rest are not attempted (their
+            // hashes, computed ahead, go unused).
+            let step = Step {
+                admit,
+                fcfs: true,
+                ..Step::default()
+            };
+            stepped.step(&step).unwrap().admitted
+        };
         match op {
             Op::Admit(base, len, own) => {
                 let p = prompt(*base, *len, *own);
                 let (a, b) = admit(next_id, &p, &mut fast, &mut full);
                 prop_assert_eq!(a, b, "admission of {}", next_id);
+                let c = step(&[(next_id, p.clone())], &mut stepped);
+                prop_assert_eq!(c, vec![a], "stepped admission of {}", next_id);
                 prompt_len.insert(next_id, p.len() as u64);
                 if a.is_some() {
                     running.push(next_id);
@@ -90,17 +118,21 @@ fn run(ops: &[Op], capacity: u64, policy: Policy, reserve: u64) -> Result<(), Te
                 if waiting.is_empty() {
                     continue;
                 }
-                let (id, mut p) = waiting[0].clone();
                 if matches!(op, Op::RetryShorter) {
+                    let (id, p) = &mut waiting[0];
                     p.truncate(p.len().div_ceil(2));
-                    waiting[0].1 = p.clone();
-                    prompt_len.insert(id, p.len() as u64);
+                    prompt_len.insert(*id, p.len() as u64);
                 }
-                let (a, b) = admit(id, &p, &mut fast, &mut full);
-                prop_assert_eq!(a, b, "retry of {}", id);
-                if a.is_some() {
-                    waiting.remove(0);
-                    running.push(id);
+                let queue: Vec<(u64, Vec<i64>)> = waiting.iter().take(2).cloned().collect();
+                let stepped_hits = step(&queue, &mut stepped);
+                for ((id, p), c) in queue.into_iter().zip(stepped_hits) {
+                    let (a, b) = admit(id, &p, &mut fast, &mut full);
+                    prop_assert_eq!(a, b, "retry of {}", id);
+                    prop_assert_eq!(c, a, "stepped retry of {}", id);
+                    if a.is_some() {
+                        waiting.retain(|w| w.0 != id);
+                        running.push(id);
+                    }
                 }
             }
             Op::Extend(who, n) => {
@@ -120,24 +152,32 @@ fn run(ops: &[Op], capacity: u64, policy: Policy, reserve: u64) -> Result<(), Te
                 let a = fast.extend(id, ext).unwrap();
                 let b = full.extend(id, ext).unwrap();
                 prop_assert_eq!(a, b, "extension of {}", id);
+                prop_assert_eq!(
+                    stepped.extend(id, ext).unwrap(),
+                    a,
+                    "stepped extension of {}",
+                    id
+                );
             }
             Op::Finish(who) | Op::Abort(who) => {
                 if running.is_empty() {
                     continue;
                 }
                 let id = running.remove(who % running.len());
-                if matches!(op, Op::Finish(_)) {
-                    fast.finish(id).unwrap();
-                    full.finish(id).unwrap();
-                } else {
-                    fast.abort(id).unwrap();
-                    full.abort(id).unwrap();
+                for m in [&mut fast, &mut full, &mut stepped] {
+                    if matches!(op, Op::Finish(_)) {
+                        m.finish(id).unwrap();
+                    } else {
+                        m.abort(id).unwrap();
+                    }
                 }
             }
         }
         fast.validate().unwrap();
         full.validate().unwrap();
+        stepped.validate().unwrap();
         prop_assert_eq!(fast.stats(), full.stats());
+        prop_assert_eq!(stepped.stats(), full.stats());
     }
     Ok(())
 }

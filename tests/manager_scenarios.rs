@@ -372,6 +372,77 @@ fn batched_step_checks_then_serves_in_order() {
     m.validate().unwrap();
 }
 
+/// A step hashes its admissions' prompts before its extensions run; with `fcfs`, those after a
+/// refusal are hashed but not attempted. Steps that leave the same admission unattempted again
+/// and again, then admit it, serve it as plain `admit` calls do: the same hit and accounting.
+#[test]
+fn admissions_left_unattempted_are_served_right_later() {
+    use kvalloc::{Admission, Step};
+    fn admission(req: u64, p: &[i64]) -> Admission<'_> {
+        Admission {
+            req,
+            prompt: Prompt::Tokens(p),
+            salt: None,
+            max_tokens: None,
+        }
+    }
+    let (shared, own) = (seq(0, 64), seq(50_000, 64));
+    let follower: Vec<i64> = shared.iter().chain(&own).copied().collect();
+    let (hog, head) = (seq(100_000, 4_000), seq(200_000, 14_000));
+    let mut stepped = manager(Policy::SwaAware, 1 << 20);
+    let mut plain = manager(Policy::SwaAware, 1 << 20);
+    for m in [&mut stepped, &mut plain] {
+        run(m, 1, &shared, &[]);
+        assert!(m
+            .admit(2, Prompt::Tokens(&hog), None, None)
+            .unwrap()
+            .is_some());
+    }
+    let queue = Step {
+        admit: vec![admission(3, &head), admission(4, &follower)],
+        fcfs: true,
+        ..Step::default()
+    };
+    for _ in 0..3 {
+        assert_eq!(stepped.step(&queue).unwrap().admitted, vec![None]);
+        assert_eq!(
+            plain.admit(3, Prompt::Tokens(&head), None, None).unwrap(),
+            None
+        );
+        assert_eq!(stepped.stats(), plain.stats());
+        stepped.validate().unwrap();
+    }
+    let expected = hit(&plain, &follower);
+    assert!(expected > 0, "the follower shares a cached prefix");
+    for m in [&mut stepped, &mut plain] {
+        m.abort(2).unwrap();
+    }
+    let out = stepped.step(&queue).unwrap();
+    let head_hit = plain.admit(3, Prompt::Tokens(&head), None, None).unwrap();
+    let follower_hit = plain
+        .admit(4, Prompt::Tokens(&follower), None, None)
+        .unwrap();
+    assert!(head_hit.is_some());
+    assert_eq!(follower_hit, Some(expected));
+    assert_eq!(out.admitted, vec![head_hit, follower_hit]);
+    assert_eq!(stepped.stats(), plain.stats());
+    stepped.validate().unwrap();
+    // Its output blocks chain on from its prompt's hashes and are cached under them.
+    let output = seq(300_000, 41);
+    let whole: Vec<i64> = follower.iter().chain(&output).copied().collect();
+    for m in [&mut stepped, &mut plain] {
+        for t in &output[..40] {
+            assert!(m
+                .extend(4, Extension::Tokens(std::slice::from_ref(t)))
+                .unwrap());
+        }
+        m.finish(4).unwrap();
+        m.validate().unwrap();
+    }
+    assert_eq!(hit(&stepped, &whole), hit(&plain, &whole));
+    assert!(hit(&plain, &whole) > follower.len() as u64);
+}
+
 /// A step's `decode` columns are the same as one-token `extend` tuples: two managers, one fed
 /// each form (some requests through `extend` with several tokens in the same steps), give the
 /// same outcomes, accounting and block tables, until memory runs out and extensions are

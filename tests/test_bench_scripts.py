@@ -1,5 +1,6 @@
 """The scheduler-step scripts the README quotes still run (a few steps each): the plain loop,
-the prefault comparison, and two builds side by side (here the installed one twice)."""
+the prefault comparison, two builds side by side (here the installed one twice, also in a large
+cache), and a fresh manager beside one with a large cache."""
 
 import re
 import subprocess
@@ -42,3 +43,16 @@ def test_step_ab_explains_its_arguments():
         [sys.executable, "step_ab.py"], cwd=BENCHES, capture_output=True, text=True, timeout=60
     )
     assert done.returncode != 0 and "build_rev.sh" in done.stderr
+
+
+def test_step_scale_runs():
+    out = run("step_scale.py", "2000", "6")
+    assert re.search(r"^fresh: p10 [\d.]+ us", out, re.M), out
+    assert re.search(r"^2000 cached: p10 [\d.]+ us", out, re.M), out
+    assert re.search(r"median ratio \(cached / fresh\) over 6 steps: [\d.]+$", out, re.M), out
+
+
+def test_step_ab_runs_in_a_large_cache():
+    core = Path(kvalloc._core.__file__)
+    out = run("step_ab.py", str(core), str(core), "4", "2000")
+    assert re.search(r"paired \(second - first\) over 4 steps: .* median ratio [\d.]+$", out), out

@@ -527,6 +527,24 @@ impl Refused {
     }
 }
 
+/// A batched step's admissions' chained hashes, computed before its extensions run so that the
+/// index lines their walks read can be prefetched meanwhile (see [`KVCacheManager::prehash`]).
+#[derive(Debug, Default)]
+struct Prehashed {
+    /// Per admission of the step: its chained hashes, where `ready`. Each is swapped with the
+    /// admitted request's (emptied) vector, so capacity circulates and nothing is copied.
+    lists: Vec<Vec<u64>>,
+    ready: Vec<bool>,
+}
+
+/// At most this many prompt blocks are hashed ahead per step: an `fcfs` refusal leaves the
+/// admissions after it unattempted, and their hashing wasted.
+const PREHASH_MAX_BLOCKS: usize = 4096;
+
+/// At most this many index lines are prefetched per step (more would push each other out of
+/// the first-level cache before they are read).
+const PREFETCH_MAX_LINES: usize = 256;
+
 /// The KV cache manager. See the module docs.
 #[derive(Debug)]
 pub struct KVCacheManager {
@@ -552,6 +570,8 @@ pub struct KVCacheManager {
     /// Slots of a step's extensions, and the ids it admits (see `check_step`).
     scratch_slots: Vec<usize>,
     scratch_ids: ReqSet,
+    /// A step's admissions' chained hashes, computed before its extensions (see `prehash`).
+    prehashed: Prehashed,
     /// Token <-> block arithmetic for `config.block_tokens`.
     bm: BlockMath,
     /// Records of finished requests, reused by admissions. Boxed because the running map holds
@@ -897,6 +917,7 @@ impl KVCacheManager {
             scratch_plan: Vec::new(),
             scratch_slots: Vec::new(),
             scratch_ids: ReqSet::default(),
+            prehashed: Prehashed::default(),
             bm,
             request_pool: Vec::new(),
             steps: 0,
@@ -1034,6 +1055,19 @@ impl KVCacheManager {
         salt: Option<&[u8]>,
         max_tokens: Option<u64>,
     ) -> Result<Option<u64>> {
+        self.admit_with(req, prompt, salt, max_tokens, None)
+    }
+
+    /// [`admit`](Self::admit), with the prompt's chained hashes when a step computed them
+    /// ahead (`prehashed`, taken by swapping vectors; the prompt was checked then).
+    fn admit_with(
+        &mut self,
+        req: u64,
+        prompt: Prompt<'_>,
+        salt: Option<&[u8]>,
+        max_tokens: Option<u64>,
+        prehashed: Option<&mut Vec<u64>>,
+    ) -> Result<Option<u64>> {
         if self.requests.contains(req) {
             return Err(Error::Request {
                 req,
@@ -1057,6 +1091,8 @@ impl KVCacheManager {
         r.hashes.clear();
         if retry {
             r.hashes.extend_from_slice(&self.refused.hashes);
+        } else if let Some(h) = prehashed {
+            std::mem::swap(&mut r.hashes, h);
         } else if let Err(e) = self.prompt_hashes_into(&prompt, seed, &mut r.hashes) {
             self.recycle(r);
             return Err(e);
@@ -1982,6 +2018,7 @@ impl KVCacheManager {
         for &id in &step.abort {
             self.abort(id)?;
         }
+        self.prehash(&step.admit);
         let mut out = StepOutcome {
             extended: Vec::with_capacity(step.extend.len() + step.decode.ids.len()),
             admitted: Vec::with_capacity(step.admit.len()),
@@ -2004,14 +2041,55 @@ impl KVCacheManager {
         if step.admit_if_extended && !all_extended {
             return Ok(out);
         }
-        for a in &step.admit {
-            let hit = self.admit(a.req, a.prompt, a.salt, a.max_tokens)?;
+        let mut pre = std::mem::take(&mut self.prehashed);
+        let mut res = Ok(());
+        for (a, (list, &ready)) in step.admit.iter().zip(pre.lists.iter_mut().zip(&pre.ready)) {
+            let hit =
+                match self.admit_with(a.req, a.prompt, a.salt, a.max_tokens, ready.then_some(list))
+                {
+                    Ok(hit) => hit,
+                    Err(e) => {
+                        res = Err(e);
+                        break;
+                    }
+                };
             out.admitted.push(hit);
             if step.fcfs && hit.is_none() {
                 break;
             }
         }
-        Ok(out)
+        self.prehashed = pre;
+        res.map(|()| out)
+    }
+
+    /// Hashes a checked step's admissions' prompts before its extensions run, and prefetches
+    /// the index line of each hash, so that their walks (and the links of their new blocks)
+    /// find those lines in cache: in a large cache each is otherwise a cache and TLB miss
+    /// (`benches/step_scale.py`). A prompt the last refusal remembers is left to `admit` (its
+    /// retry reuses those hashes), and so is every prompt past `PREHASH_MAX_BLOCKS`.
+    fn prehash(&mut self, admit: &[Admission<'_>]) {
+        let mut pre = std::mem::take(&mut self.prehashed);
+        if pre.lists.len() < admit.len() {
+            pre.lists.resize_with(admit.len(), Vec::new);
+        }
+        pre.ready.clear();
+        let (mut blocks, mut lines) = (0, 0);
+        for (a, list) in admit.iter().zip(&mut pre.lists) {
+            let seed = hash::root_seed(a.salt);
+            blocks += self.bm.floor(a.prompt.len()) as usize;
+            list.clear();
+            let ready = blocks <= PREHASH_MAX_BLOCKS
+                && !self.refused.same(a.req, seed, &a.prompt)
+                && self.prompt_hashes_into(&a.prompt, seed, list).is_ok();
+            pre.ready.push(ready);
+            if ready {
+                for &h in list.iter().take(PREFETCH_MAX_LINES.saturating_sub(lines)) {
+                    self.tree.prefetch(h);
+                }
+                lines += list.len();
+            }
+        }
+        self.prehashed = pre;
     }
 
     /// Whether request `id` accepts `ext` (used by `extend` and, for the whole batch before

@@ -20,11 +20,13 @@
 //!   policy every node holds every sliding block;
 //! - the eviction sets hold exactly the unpinned leaves and the unpinned interior checkpoints.
 
+mod index;
 mod min_set;
 
+pub use index::HashIndex;
 use min_set::MinSet;
 use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::Hasher;
 
 use crate::error::{Error, Result};
 use crate::policy::{Candidate, Eviction, EvictionOrder};
@@ -53,8 +55,6 @@ impl Hasher for IdentityHasher {
         self.0 = n;
     }
 }
-
-type IdMap<V> = HashMap<u64, V, BuildHasherDefault<IdentityHasher>>;
 
 /// Blocks released by a tree operation: (group, handle).
 pub type Freed = Vec<(usize, Handle)>;
@@ -194,7 +194,7 @@ pub struct PrefixTree {
     /// For a checkpoint ending at the node: first block index it covers in group g.
     ckpt_start: Vec<u32>,
     free_ids: Vec<NodeId>,
-    index: IdMap<NodeId>,
+    index: HashIndex,
     leaves: MinSet<(u64, NodeId)>,
     ckpts: MinSet<(u64, NodeId)>,
     order: EvictionOrder,
@@ -237,7 +237,7 @@ impl PrefixTree {
             ckpt_refs: Vec::new(),
             ckpt_start: Vec::new(),
             free_ids: Vec::new(),
-            index: IdMap::default(),
+            index: HashIndex::default(),
             leaves: MinSet::new(),
             ckpts: MinSet::new(),
             order: EvictionOrder::new(eviction),
@@ -325,7 +325,14 @@ impl PrefixTree {
 
     /// The live node for a chained hash, if any (doomed nodes are not indexed).
     pub fn lookup(&self, hash: u64) -> Option<NodeId> {
-        self.index.get(&hash).copied()
+        self.index.get(hash)
+    }
+
+    /// Starts loading the index line a lookup of `hash` reads (a hint; see
+    /// [`HashIndex::prefetch`]).
+    #[inline(always)]
+    pub fn prefetch(&self, hash: u64) {
+        self.index.prefetch(hash);
     }
 
     /// What linking block `depth` with `hash` under `parent` finds in the tree.
@@ -405,9 +412,9 @@ impl PrefixTree {
     /// Inserts a node for block `depth` under `parent` (NONE at depth 0). `blocks` holds one
     /// handle per group (0 for an absent sliding block). The node starts pinned once.
     pub fn insert(&mut self, hash: u64, parent: NodeId, depth: u32, blocks: &[Handle]) -> NodeId {
-        debug_assert!(!self.index.contains_key(&hash));
         let id = self.next_id();
-        self.index.insert(hash, id);
+        let present = self.index.get_or_insert(hash, id);
+        debug_assert!(present.is_none());
         self.add_node(id, hash, parent, depth, blocks);
         id
     }
@@ -425,14 +432,12 @@ impl PrefixTree {
         freed: &mut Freed,
     ) -> Linked {
         let id = self.next_id();
-        match self.index.entry(hash) {
-            std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(id);
+        match self.index.get_or_insert(hash, id) {
+            None => {
                 self.add_node(id, hash, parent, depth, blocks);
                 return Linked::Inserted(id);
             }
-            std::collections::hash_map::Entry::Occupied(o) => {
-                let n = *o.get();
+            Some(n) => {
                 let node = &self.nodes[n as usize];
                 if node.depth == depth && node.parent == parent {
                     return Linked::Present(n);
@@ -462,7 +467,7 @@ impl PrefixTree {
         path.iter().all(|&n| {
             let node = &self.nodes[n as usize];
             node.alive && !node.doomed && node.changed <= version
-        }) && next.is_none_or(|h| !self.index.contains_key(&h))
+        }) && next.is_none_or(|h| !self.index.contains_key(h))
     }
 
     /// The id the next node gets (a freed one first).
@@ -711,8 +716,8 @@ impl PrefixTree {
         node.alive = false;
         let (hash, parent) = (node.hash, node.parent);
         // A doomed node was unindexed already; its hash may now name a newer node.
-        if self.index.get(&hash) == Some(&n) {
-            self.index.remove(&hash);
+        if self.index.get(hash) == Some(n) {
+            self.index.remove(hash);
         }
         self.free_ids.push(n);
         self.live_nodes -= 1;
@@ -744,8 +749,8 @@ impl PrefixTree {
             // A doomed node is never matched again: unindex it now, or a later request with the
             // same prefix would insert a second node under the same hash (the index keeps one).
             let hash = self.nodes[n as usize].hash;
-            if self.index.get(&hash) == Some(&n) {
-                self.index.remove(&hash);
+            if self.index.get(hash) == Some(n) {
+                self.index.remove(hash);
             }
         }
     }
@@ -954,7 +959,7 @@ impl PrefixTree {
             live += 1;
             if n.doomed {
                 doomed += 1; // unindexed (see `discard`)
-            } else if self.index.get(&n.hash) != Some(&(i as NodeId)) {
+            } else if self.index.get(n.hash) != Some(i as NodeId) {
                 return bad(format!("node {i} is not indexed under its hash"));
             }
             if n.parent != NONE {
@@ -987,6 +992,9 @@ impl PrefixTree {
                     pins.get(&(i as NodeId)).copied().unwrap_or(0)
                 ));
             }
+        }
+        if let Err(e) = self.index.validate() {
+            return bad(format!("hash index: {e}"));
         }
         if live != self.live_nodes || self.index.len() as u64 != live - doomed {
             return bad("live-node count disagrees with the index".into());
