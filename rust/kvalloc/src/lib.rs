@@ -46,6 +46,7 @@ pub mod hash;
 pub mod manager;
 pub mod policy;
 mod prefault;
+mod prefetch;
 pub mod prefix;
 pub mod sim;
 pub mod slab;

@@ -2006,6 +2006,9 @@ impl KVCacheManager {
         };
         r.stamp = stamp;
         Self::check_extension(id, r, ext)?;
+        // A decode token lands in the tail: start loading that line now, so the run pass
+        // (after every check) finds it in cache rather than taking a miss per request.
+        crate::prefetch::prefetch(r.tail.as_ptr_range().end);
         Ok(slot.expect("found above"))
     }
 

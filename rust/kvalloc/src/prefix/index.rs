@@ -172,14 +172,7 @@ impl HashIndex {
     /// a no-op where the architecture has no stable prefetch instruction.
     #[inline(always)]
     pub fn prefetch(&self, key: u64) {
-        #[cfg(target_arch = "x86_64")]
-        {
-            let p = (&self.lines[self.home(key) >> 2] as *const Line).cast::<i8>();
-            // SAFETY: a prefetch is a hint; it never faults and `p` points into `lines`.
-            unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p) };
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = key;
+        crate::prefetch::prefetch(&self.lines[self.home(key) >> 2]);
     }
 
     /// Doubles the table (load factor at most 1/2 keeps a missing key's probe to about 2.5
