@@ -43,6 +43,7 @@
 
 pub mod error;
 pub mod hash;
+mod hugepage;
 pub mod manager;
 pub mod policy;
 mod prefault;

@@ -508,6 +508,11 @@ impl PrefixTree {
             }
         } else {
             debug_assert_eq!(id as usize, self.nodes.len());
+            // Growth in huge pages: a large tree's arrays span tens of megabytes.
+            crate::hugepage::reserve(&mut self.nodes, 1);
+            crate::hugepage::reserve(&mut self.blocks, blocks.len());
+            crate::hugepage::reserve(&mut self.ckpt_refs, blocks.len());
+            crate::hugepage::reserve(&mut self.ckpt_start, blocks.len());
             self.nodes.push(node);
             // Pushes, not `resize` then stores: a handful of groups is cheaper than a memset call.
             for &h in blocks {

@@ -253,6 +253,12 @@ fn reserve_slots(num_slabs: u64, stride: u64) -> usize {
     num_slabs.saturating_mul(stride).min(MAX_RESERVED) as usize
 }
 
+/// `v`, with huge pages advised for its reserved (untouched) capacity.
+fn advised<T>(v: Vec<T>) -> Vec<T> {
+    crate::hugepage::advise(&v);
+    v
+}
+
 impl SlabArena {
     /// Creates an arena of `capacity_bytes` serving one class per entry of `block_bytes`.
     ///
@@ -357,7 +363,7 @@ impl SlabArena {
             slabs: Vec::new(),
             // Reserved, not touched: the pages are committed as slabs materialize, and growing
             // never copies (a realloc of these arrays showed up on the admission path).
-            slots: Vec::with_capacity(reserve_slots(num_slabs, stride)),
+            slots: advised(Vec::with_capacity(reserve_slots(num_slabs, stride))),
             free_slabs: Vec::new(),
             num_slabs: num_slabs as u32,
             touched: Vec::new(),
@@ -577,7 +583,9 @@ impl SlabArena {
                 let s = self.slabs.len() as u32;
                 assert!(s < self.num_slabs, "availability was checked");
                 let n = MATERIALIZE_BATCH.min(self.num_slabs - s);
+                crate::hugepage::reserve(&mut self.slabs, n as usize);
                 self.slabs.resize((s + n) as usize, Slab::free());
+                crate::hugepage::reserve(&mut self.slots, n as usize * self.stride as usize);
                 self.slots
                     .resize(self.slabs.len() * self.stride as usize, SlotMeta::default());
                 self.free_slabs.extend((s + 1..s + n).rev());

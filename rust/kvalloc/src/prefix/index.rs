@@ -52,8 +52,12 @@ impl Default for HashIndex {
 impl HashIndex {
     fn with_slots(slots: usize) -> Self {
         debug_assert!(slots.is_power_of_two() && slots >= MIN_SLOTS);
+        // Advised before it is filled: huge pages back memory at its first touch.
+        let mut lines = Vec::with_capacity(slots / 4);
+        crate::hugepage::advise(&lines);
+        lines.resize(slots / 4, Line([FREE; 4]));
         HashIndex {
-            lines: vec![Line([FREE; 4]); slots / 4],
+            lines,
             mask: slots - 1,
             shift: 64 - slots.trailing_zeros(),
             len: 0,
