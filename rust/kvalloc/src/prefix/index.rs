@@ -2,11 +2,12 @@
 //!
 //! An open-addressing table with linear probing over 16-byte entries (key and id side by side),
 //! four to a cache line. Why not `HashMap`: its lookup reads a control-byte group and then the
-//! entry on another line, and at the sizes a serving cache reaches (hundreds of thousands of
-//! nodes) each is a cache and TLB miss; a step admitting 16 requests into a tree of 400,000
-//! nodes ran 1.6x slower than into a fresh one (`benches/step_scale.py`). Here a probe reads one
-//! line (its neighbour when the run crosses it), and a batched step can
-//! [`prefetch`](HashIndex::prefetch) the line of every hash it will look up before it needs it.
+//! entry on another line, and it offers no prefetch. At the sizes a serving cache reaches
+//! (hundreds of thousands of nodes) a walk's first unmatched hash and a link's new one are cache
+//! misses either way; here each is one line, and a batched step
+//! [`prefetch`](HashIndex::prefetch)es the line of every hash it will look up before it needs it
+//! (`KVCacheManager::prehash`; `benches/step_scale.py` measures a step in a large cache).
+//! The table is allocated with huge pages advised (`crate::hugepage`).
 //!
 //! Invariants (checked by [`HashIndex::validate`]): the capacity is a power of two and at least
 //! twice the length; every entry is reachable from its home slot without crossing a free slot
