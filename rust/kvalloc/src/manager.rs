@@ -541,6 +541,9 @@ struct Prehashed {
 /// admissions after it unattempted, and their hashing wasted.
 const PREHASH_MAX_BLOCKS: usize = 4096;
 
+/// Per-admission hash vectors kept between steps (a step admitting more allocates the rest).
+const PREHASH_KEPT_LISTS: usize = 256;
+
 /// At most this many index lines are prefetched per step (more would push each other out of
 /// the first-level cache before they are read).
 const PREFETCH_MAX_LINES: usize = 256;
@@ -2061,6 +2064,8 @@ impl KVCacheManager {
                 break;
             }
         }
+        // A burst step's many vectors are not worth keeping for the next one.
+        pre.lists.truncate(PREHASH_KEPT_LISTS);
         self.prehashed = pre;
         res.map(|()| out)
     }
