@@ -5,11 +5,12 @@ absolute times on a shared VM move by 1.5-2x within minutes, paired differences 
 
     scripts/build_rev.sh f62c482 /tmp/kv-old            # a build of another revision
     .venv/bin/python benches/step_ab.py /tmp/kv-old/_core.abi3.so python/kvalloc/_core.abi3.so \
-        [STEPS [CACHED_REQUESTS]]
+        [STEPS [CACHED_REQUESTS [THRASH_MIB]]]
 
 With `CACHED_REQUESTS`, both managers first cache that many other requests (two tree nodes each,
 `step_workload.fill_cache`; 16 TiB of virtual capacity, so nothing is evicted): the step in a
-large cache. Prints each build's p10 / median / p90 / mean, the paired differences (second minus first) and
+large cache. With `THRASH_MIB`, an array that large is written before every step (untimed), as
+an engine's other work between scheduler steps would: the step with cold caches. Prints each build's p10 / median / p90 / mean, the paired differences (second minus first) and
 the ratio of the medians.
 """
 
@@ -38,6 +39,7 @@ def main() -> None:
     paths = sys.argv[1:3]
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 3000
     cached = int(sys.argv[4]) if len(sys.argv) > 4 else 0
+    thrash = np.zeros(int(sys.argv[5]) << 17) if len(sys.argv) > 5 else None
     capacity = 1 << 44 if cached else 1 << 40
     length, shared = 128, 96
     # Both admit the same requests; from here they share one id stream and every step.
@@ -45,7 +47,11 @@ def main() -> None:
     managers = [m0, start(capacity, length, shared, core=load(paths[1], 1))[0]]
     for m in managers:
         fill_cache(m, cached)
-    times, _ = take_turns(managers, ids, running, steps, length, shared)
+    def evict() -> None:
+        if thrash is not None:
+            np.add(thrash, 1, out=thrash)
+
+    times, _ = take_turns(managers, ids, running, steps, length, shared, before_step=evict)
     us = times * 1e6
     for k, path in enumerate(paths):
         p10, p50, p90 = np.percentile(us[k], [10, 50, 90])

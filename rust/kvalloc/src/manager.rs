@@ -1956,10 +1956,6 @@ impl KVCacheManager {
                 }
             }
         }
-        slots.clear();
-        for &(id, ext) in &step.extend {
-            slots.push(self.check_step_extension(stamp, id, ext)?);
-        }
         let decode = step.decode;
         if decode.ids.len() != decode.tokens.len() {
             return Err(Error::invalid(
@@ -1971,9 +1967,23 @@ impl KVCacheManager {
                 ),
             ));
         }
-        for (&id, tok) in decode.ids.iter().zip(decode.tokens) {
+        // Every extension's slot first, each record's line requested as it is found: the
+        // checks below then find the records arriving together instead of waiting for them one
+        // by one (a step that follows other work finds them out of cache).
+        slots.clear();
+        for &(id, _) in &step.extend {
+            slots.push(self.resolve_slot(id)?);
+        }
+        for &id in decode.ids {
+            slots.push(self.resolve_slot(id)?);
+        }
+        let (ext_slots, decode_slots) = slots.split_at(step.extend.len());
+        for (&(id, ext), &slot) in step.extend.iter().zip(ext_slots) {
+            self.check_step_extension(stamp, id, slot, ext)?;
+        }
+        for ((&id, tok), &slot) in decode.ids.iter().zip(decode.tokens).zip(decode_slots) {
             let ext = Extension::Tokens(std::slice::from_ref(tok));
-            slots.push(self.check_step_extension(stamp, id, ext)?);
+            self.check_step_extension(stamp, id, slot, ext)?;
         }
         let mut seen = std::mem::take(&mut self.scratch_ids);
         seen.clear();
@@ -1994,25 +2004,46 @@ impl KVCacheManager {
         admissions
     }
 
-    /// [`check_step`](Self::check_step) for one extension: the request's slot, its stamp set.
+    /// The slot of running request `id` named by a step's extension (an error if it is not
+    /// running), with its record's first line requested.
     #[inline(always)]
-    fn check_step_extension(&mut self, stamp: u64, id: u64, ext: Extension<'_>) -> Result<usize> {
-        let slot = self.requests.slot(id);
-        let Some(r) = slot
-            .and_then(|s| self.requests.at_mut(s))
-            .filter(|r| r.stamp != stamp)
-        else {
-            return Err(Error::Request {
-                req: id,
-                message: "is not running, repeated, or also finished/aborted in this step".into(),
-            });
+    fn resolve_slot(&self, id: u64) -> Result<usize> {
+        let slot = self
+            .requests
+            .slot(id)
+            .ok_or_else(|| Self::not_extensible(id))?;
+        if let Some(r) = self.requests.slots[slot].as_deref() {
+            crate::prefetch::prefetch(r);
+        }
+        Ok(slot)
+    }
+
+    fn not_extensible(id: u64) -> Error {
+        Error::Request {
+            req: id,
+            message: "is not running, repeated, or also finished/aborted in this step".into(),
+        }
+    }
+
+    /// [`check_step`](Self::check_step) for one extension of the request in `slot`: its stamp
+    /// set (a second mention in the step finds it).
+    #[inline(always)]
+    fn check_step_extension(
+        &mut self,
+        stamp: u64,
+        id: u64,
+        slot: usize,
+        ext: Extension<'_>,
+    ) -> Result<()> {
+        let Some(r) = self.requests.at_mut(slot).filter(|r| r.stamp != stamp) else {
+            return Err(Self::not_extensible(id));
         };
         r.stamp = stamp;
         Self::check_extension(id, r, ext)?;
         // A decode token lands in the tail: start loading that line now, so the run pass
         // (after every check) finds it in cache rather than taking a miss per request.
         crate::prefetch::prefetch(r.tail.as_ptr_range().end);
-        Ok(slot.expect("found above"))
+        Ok(())
     }
 
     /// Runs a checked step: finishes and aborts, extensions (by the slots `check_step` found),
