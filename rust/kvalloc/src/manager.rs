@@ -2129,6 +2129,14 @@ impl KVCacheManager {
             }
         }
         self.prehashed = pre;
+        // The records the admissions will take (the pool's top) are rewritten whole: request
+        // their lines too.
+        for r in self.request_pool.iter().rev().take(admit.len()) {
+            let base: *const Request = &**r;
+            for line in 0..std::mem::size_of::<Request>().div_ceil(64) {
+                crate::prefetch::prefetch(base.cast::<u8>().wrapping_add(line * 64));
+            }
+        }
     }
 
     /// Whether request `id` accepts `ext` (used by `extend` and, for the whole batch before
