@@ -56,3 +56,8 @@ def test_step_ab_runs_in_a_large_cache_with_cold_caches():
     core = Path(kvalloc._core.__file__)
     out = run("step_ab.py", str(core), str(core), "4", "2000", "1")
     assert re.search(r"paired \(second - first\) over 4 steps: .* median ratio [\d.]+$", out), out
+
+
+def test_step_cold_runs():
+    out = run("step_cold.py", "8", "1")
+    assert re.search(r"^decode of 256 after writing 1 MiB: median [\d.]+ us$", out, re.M), out
