@@ -538,6 +538,51 @@ class ManagerMachine(RuleBasedStateMachine):
             self.running[rid] = tokens.tolist()
             self.prompts[rid] = tokens.tolist()
 
+    @precondition(lambda self: self.m is not None)
+    @rule(
+        prompts=st.lists(
+            st.tuples(st.lists(st.integers(0, 6), min_size=1, max_size=4), st.integers(0, 20)),
+            min_size=1,
+            max_size=3,
+        ),
+        fcfs=st.booleans(),
+    )
+    def admit_step(self, prompts, fcfs):
+        """Several admissions in one batched step (flat form; their prompts are hashed ahead of
+        the step's work). A hit is whole blocks and no longer than what finished requests,
+        running prompts and the step's earlier admissions have cached; with `fcfs` nothing
+        after a refusal is attempted."""
+        batch = []
+        for parts, cut in prompts:
+            tokens = np.concatenate([self.SEGMENTS[p] for p in parts])
+            if cut and cut < len(tokens):
+                tokens = tokens[:-cut]
+            batch.append((self.next_id, tokens))
+            self.next_id += 1
+        bounds, earlier = [], dict(self.prompts)
+        for rid, tokens in batch:
+            saved, self.prompts = self.prompts, earlier
+            bounds.append(self.upper(tokens))
+            self.prompts = saved
+            earlier = {**earlier, rid: tokens.tolist()}
+        res = self.m.step(
+            admit_ids=np.array([rid for rid, _ in batch], dtype=np.int64),
+            admit_tokens=np.concatenate([t for _, t in batch]),
+            admit_lens=np.array([len(t) for _, t in batch], dtype=np.int64),
+            fcfs=fcfs,
+        )
+        refused = False
+        for (rid, tokens), hit, bound in zip(batch, res.hits.tolist(), bounds):
+            if hit == -2:
+                assert fcfs and refused
+                continue
+            if hit == -1:
+                refused = True
+                continue
+            assert hit % B == 0 and hit <= bound, (hit, bound)
+            self.running[rid] = tokens.tolist()
+            self.prompts[rid] = tokens.tolist()
+
     @precondition(lambda self: self.running)
     @rule(data=st.data(), n=st.integers(1, 40))
     def extend(self, data, n):
