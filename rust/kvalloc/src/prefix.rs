@@ -721,9 +721,7 @@ impl PrefixTree {
         node.alive = false;
         let (hash, parent) = (node.hash, node.parent);
         // A doomed node was unindexed already; its hash may now name a newer node.
-        if self.index.get(hash) == Some(n) {
-            self.index.remove(hash);
-        }
+        self.index.remove_if(hash, n);
         self.free_ids.push(n);
         self.live_nodes -= 1;
         if parent != NONE {
@@ -754,9 +752,7 @@ impl PrefixTree {
             // A doomed node is never matched again: unindex it now, or a later request with the
             // same prefix would insert a second node under the same hash (the index keeps one).
             let hash = self.nodes[n as usize].hash;
-            if self.index.get(hash) == Some(n) {
-                self.index.remove(hash);
-            }
+            self.index.remove_if(hash, n);
         }
     }
 

@@ -143,13 +143,26 @@ impl HashIndex {
         }
     }
 
-    /// Removes `key`; returns the node it named. The entries after it in its run move back
-    /// into the gap where their probe allows, so no tombstone is left behind.
+    /// Removes `key`; returns the node it named.
     pub fn remove(&mut self, key: u64) -> Option<NodeId> {
-        let (mut hole, found) = self.probe(key);
-        if !found {
-            return None;
+        let (slot, found) = self.probe(key);
+        found.then(|| self.remove_at(slot))
+    }
+
+    /// Removes `key` if it names `id` (one probe); whether it did. The tree unindexes a node
+    /// only while its hash still names it (a doomed node's hash may name a newer one).
+    pub fn remove_if(&mut self, key: u64, id: NodeId) -> bool {
+        let (slot, found) = self.probe(key);
+        let names_id = found && self.at(slot).id == id;
+        if names_id {
+            self.remove_at(slot);
         }
+        names_id
+    }
+
+    /// Empties `hole` (taken) and returns the node it held. The entries after it in its run
+    /// move back into the gap where their probe allows, so no tombstone is left behind.
+    fn remove_at(&mut self, mut hole: usize) -> NodeId {
         let id = self.at(hole).id;
         let mut j = hole;
         loop {
@@ -169,7 +182,7 @@ impl HashIndex {
         }
         *self.at_mut(hole) = FREE;
         self.len -= 1;
-        Some(id)
+        id
     }
 
     /// Asks the CPU to start loading the line where `key`'s probe starts (and its page's
@@ -258,6 +271,7 @@ mod tests {
     enum Op {
         Insert(u64, NodeId),
         Remove(u64),
+        RemoveIf(u64, NodeId),
         Get(u64),
     }
 
@@ -270,8 +284,9 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            3 => (key(), 0u32..1000).prop_map(|(k, v)| Op::Insert(k, v)),
+            3 => (key(), 0u32..8).prop_map(|(k, v)| Op::Insert(k, v)),
             2 => key().prop_map(Op::Remove),
+            1 => (key(), 0u32..8).prop_map(|(k, v)| Op::RemoveIf(k, v)),
             1 => key().prop_map(Op::Get),
         ]
     }
@@ -291,6 +306,13 @@ mod tests {
                         model.entry(k).or_insert(v);
                     }
                     Op::Remove(k) => prop_assert_eq!(index.remove(k), model.remove(&k)),
+                    Op::RemoveIf(k, v) => {
+                        let names = model.get(&k) == Some(&v);
+                        if names {
+                            model.remove(&k);
+                        }
+                        prop_assert_eq!(index.remove_if(k, v), names);
+                    }
                     Op::Get(k) => prop_assert_eq!(index.get(k), model.get(&k).copied()),
                 }
                 prop_assert_eq!(index.len(), model.len());
