@@ -10,27 +10,16 @@ absolute times on a shared VM move by 1.5-2x within minutes, paired differences 
 With `CACHED_REQUESTS`, both managers first cache that many other requests (two tree nodes each,
 `step_workload.fill_cache`; 16 TiB of virtual capacity, so nothing is evicted): the step in a
 large cache. With `THRASH_MIB`, an array that large is written before every step (untimed), as
-an engine's other work between scheduler steps would: the step with cold caches. Prints each build's p10 / median / p90 / mean, the paired differences (second minus first) and
-the ratio of the medians.
+an engine's other work between scheduler steps would: the step with cold caches. Prints each
+build's p10 / median / p90 / mean, the paired differences (second minus first) and the ratio of
+the medians.
 """
 
-import importlib.util
 import sys
-from types import ModuleType
 
 import numpy as np
 
-from step_workload import fill_cache, start, take_turns
-
-
-def load(path: str, k: int) -> ModuleType:
-    """The extension module at `path`, under a name of its own (two builds side by side)."""
-    spec = importlib.util.spec_from_file_location(f"kvalloc_ab{k}._core", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"{path}: not an extension module")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from step_workload import cache_thrasher, fill_cache, load_core, start, summary, take_turns
 
 
 def main() -> None:
@@ -39,23 +28,18 @@ def main() -> None:
     paths = sys.argv[1:3]
     steps = int(sys.argv[3]) if len(sys.argv) > 3 else 3000
     cached = int(sys.argv[4]) if len(sys.argv) > 4 else 0
-    thrash = np.zeros(int(sys.argv[5]) << 17) if len(sys.argv) > 5 else None
+    evict = cache_thrasher(int(sys.argv[5]) if len(sys.argv) > 5 else 0)
     capacity = 1 << 44 if cached else 1 << 40
     length, shared = 128, 96
     # Both admit the same requests; from here they share one id stream and every step.
-    m0, ids, running = start(capacity, length, shared, core=load(paths[0], 0))
-    managers = [m0, start(capacity, length, shared, core=load(paths[1], 1))[0]]
+    m0, ids, running = start(capacity, length, shared, core=load_core(paths[0], "kvalloc_ab0"))
+    managers = [m0, start(capacity, length, shared, core=load_core(paths[1], "kvalloc_ab1"))[0]]
     for m in managers:
         fill_cache(m, cached)
-    def evict() -> None:
-        if thrash is not None:
-            np.add(thrash, 1, out=thrash)
-
     times, _ = take_turns(managers, ids, running, steps, length, shared, before_step=evict)
     us = times * 1e6
     for k, path in enumerate(paths):
-        p10, p50, p90 = np.percentile(us[k], [10, 50, 90])
-        print(f"{path}: p10 {p10:.1f} us, median {p50:.1f} us, p90 {p90:.1f} us, mean {us[k].mean():.1f} us")
+        print(summary(path, us[k]))
     d = us[1] - us[0]
     ratio = np.median(us[1]) / np.median(us[0])
     print(

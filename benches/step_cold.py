@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 
-from step_workload import ADMITS, start, step_args
+from step_workload import ADMITS, cache_thrasher, start, step_args
 
 SIZES = (1, 16, 64, 256)
 
@@ -20,7 +20,7 @@ def main() -> None:
     rounds, mib = (int(a) for a in (sys.argv[1:3] or ["2000", "16"]))
     m, ids, running = start(1 << 40, 128, 96)
     rng = np.random.default_rng(0)
-    thrash = np.zeros(mib << 17)
+    thrash = cache_thrasher(mib)
     times: dict[int, list[float]] = {n: [] for n in SIZES}
     for i in range(rounds):
         for rid in running[:ADMITS]:
@@ -31,7 +31,7 @@ def main() -> None:
         n = SIZES[i % len(SIZES)]
         timed = np.array(running[:n], dtype=np.int64)
         rest = np.array(running[n:], dtype=np.int64)
-        np.add(thrash, 1, out=thrash)
+        thrash()
         t = time.perf_counter()
         m.step(extend_ids=timed, extend_tokens=np.ones(len(timed), dtype=np.int64))
         times[n].append(time.perf_counter() - t)

@@ -13,17 +13,12 @@ import sys
 
 import numpy as np
 
-from step_workload import start, take_turns
+from step_workload import cache_thrasher, start, take_turns
 
 
 def main() -> None:
     length, shared, steps = (int(a) for a in (sys.argv[1:4] or ["128", "96", "3000"]))
-    thrash = np.zeros(int(sys.argv[4]) << 17, dtype=np.int64) if len(sys.argv) > 4 else None
-
-    def evict() -> None:
-        # Touching the array evicts the manager's working set from the caches, as other work would.
-        if thrash is not None:
-            np.add(thrash, 1, out=thrash)
+    evict = cache_thrasher(int(sys.argv[4]) if len(sys.argv) > 4 else 0)
 
     m, ids, running = start(1 << 40, length, shared)
     times, faults = take_turns([m], ids, running, steps, length, shared, before_step=evict)

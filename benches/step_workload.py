@@ -1,15 +1,18 @@
 """The scheduler step of issue 3, shared by `test_bench_manager.py` (pytest-benchmark),
-`step_loop.py` (a plain loop), `step_prefault.py` and `step_ab.py` (two managers side by side):
+`step_loop.py` (a plain loop), `step_prefault.py`, `step_ab.py`, `step_scale.py` (two managers
+side by side) and `step_cold.py` (decode steps with cold caches):
 256 running requests each extended by one decode token plus 16 admissions of prompts that share
 their first `shared` tokens, on mimo-v2.5-pro with 16-token blocks. Not a test module (pytest
 collects only test_*.py)."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import resource
 import time
 from collections.abc import Callable, Iterator
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -42,9 +45,39 @@ def start(
     return m, ids, running
 
 
+def load_core(path: str, name: str) -> ModuleType:
+    """The extension module at `path` (a build of any revision: `scripts/build_rev.sh`), under
+    a name of its own, so that two builds can load into one process."""
+    spec = importlib.util.spec_from_file_location(f"{name}._core", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"{path}: not an extension module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cache_thrasher(mib: int) -> Callable[[], None]:
+    """A function that writes `mib` MiB (nothing for 0), evicting a manager's working set from
+    the caches as an engine's other work between scheduler steps would."""
+    junk = np.zeros(mib << 17)
+
+    def thrash() -> None:
+        if mib:
+            np.add(junk, 1, out=junk)
+
+    return thrash
+
+
+def summary(name: str, us: np.ndarray) -> str:
+    """One line: p10 / median / p90 / mean of step times in microseconds."""
+    p10, p50, p90 = np.percentile(us, [10, 50, 90])
+    return f"{name}: p10 {p10:.1f} us, median {p50:.1f} us, p90 {p90:.1f} us, mean {us.mean():.1f} us"
+
+
 def fill_cache(m: KVCacheManager, requests: int, batch: int = 1000, length: int = 33) -> None:
-    """Caches `requests` distinct 33-token requests (two whole blocks each, so the tree gains
-    two nodes per request), admitted and finished `batch` at a time through `step`: a large
+    """Caches `requests` distinct `length`-token requests (by default two whole blocks each, so
+    the tree gains two nodes per request), admitted and finished `batch` at a time through
+    `step`: a large
     prefix cache, as a serving engine holds after hours, that the workload's prompts share
     nothing with (their ids start at 10^9, their tokens far above every prompt's)."""
     for first in range(0, requests, batch):

@@ -45,8 +45,8 @@ def test_step_ab_explains_its_arguments():
     assert done.returncode != 0 and "build_rev.sh" in done.stderr
 
 
-def test_step_scale_runs():
-    out = run("step_scale.py", "2000", "6")
+def test_step_scale_runs_on_a_given_build():
+    out = run("step_scale.py", "2000", "6", str(Path(kvalloc._core.__file__)))
     assert re.search(r"^fresh: p10 [\d.]+ us", out, re.M), out
     assert re.search(r"^2000 cached: p10 [\d.]+ us", out, re.M), out
     assert re.search(r"median ratio \(cached / fresh\) over 6 steps: [\d.]+$", out, re.M), out
