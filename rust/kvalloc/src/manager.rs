@@ -52,7 +52,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::hash;
 use crate::policy::Eviction;
-use crate::prefix::{Evicted, Freed, Layout, Linked, NodeId, PrefixTree, Victim, NONE};
+use crate::prefix::{Evicted, Freed, HashIndex, Layout, Linked, NodeId, PrefixTree, Victim, NONE};
 use crate::slab::{Handle, SlabArena};
 use crate::spec::{KVGroup, ModelSpec};
 use crate::tiers::loader::{LoadJob, Loader};
@@ -79,15 +79,16 @@ impl Hasher for ReqIdHasher {
     }
 }
 
-type ReqMap<V> = HashMap<u64, V, BuildHasherDefault<ReqIdHasher>>;
 type ReqSet = std::collections::HashSet<u64, BuildHasherDefault<ReqIdHasher>>;
 
 /// Running requests: an id -> slot map over a slab of boxed records, so that a batched step looks
 /// each request up once (while checking the step) and then works on it by slot. A slot is `None`
-/// when free, or while its record is taken out for an operation.
+/// when free, or while its record is taken out for an operation. The map is the prefix tree's
+/// open-addressing [`HashIndex`]: one cache line per lookup where `HashMap` reads two (a decode
+/// step looks up every running request).
 #[derive(Debug, Default)]
 struct Running {
-    slots_by_id: ReqMap<u32>,
+    slots_by_id: HashIndex,
     slots: Vec<Option<Box<Request>>>,
     free: Vec<u32>,
 }
@@ -98,11 +99,12 @@ impl Running {
     }
 
     fn contains(&self, id: u64) -> bool {
-        self.slots_by_id.contains_key(&id)
+        self.slots_by_id.contains_key(id)
     }
 
+    #[inline(always)]
     fn slot(&self, id: u64) -> Option<usize> {
-        self.slots_by_id.get(&id).map(|&s| s as usize)
+        self.slots_by_id.get(id).map(|s| s as usize)
     }
 
     fn get(&self, id: u64) -> Option<&Request> {
@@ -124,11 +126,12 @@ impl Running {
                 (self.slots.len() - 1) as u32
             }
         };
-        self.slots_by_id.insert(id, slot);
+        let present = self.slots_by_id.get_or_insert(id, slot);
+        debug_assert!(present.is_none(), "request {id} inserted twice");
     }
 
     fn remove(&mut self, id: u64) -> Option<Box<Request>> {
-        let slot = self.slots_by_id.remove(&id)?;
+        let slot = self.slots_by_id.remove(id)?;
         self.free.push(slot);
         self.slots[slot as usize].take()
     }
@@ -137,7 +140,12 @@ impl Running {
     fn iter(&self) -> impl Iterator<Item = (u64, &Request)> {
         self.slots_by_id
             .iter()
-            .filter_map(|(&id, &s)| self.slots[s as usize].as_deref().map(|r| (id, r)))
+            .filter_map(|(id, s)| self.slots[s as usize].as_deref().map(|r| (id, r)))
+    }
+
+    /// The map's own invariants.
+    fn validate(&self) -> std::result::Result<(), String> {
+        self.slots_by_id.validate()
     }
 }
 
@@ -1028,6 +1036,34 @@ impl KVCacheManager {
             }
         }
         Ok(())
+    }
+
+    /// [`prompt_hashes_into`](Self::prompt_hashes_into) for a prompt that may share leading
+    /// whole blocks with `prev`: another token prompt and its chained hashes under the same
+    /// seed. Blocks equal to `prev`'s take its hashes (a comparison of ids instead of a hash
+    /// each); the rest are hashed on from there. Returns how many hashes were taken.
+    fn prompt_hashes_sharing(
+        &self,
+        prompt: &Prompt<'_>,
+        seed: u64,
+        prev: Option<(&[i64], &[u64])>,
+        out: &mut Vec<u64>,
+    ) -> Result<usize> {
+        let (Prompt::Tokens(t), Some((prev_tokens, prev_hashes))) = (prompt, prev) else {
+            return self.prompt_hashes_into(prompt, seed, out).map(|()| 0);
+        };
+        self.check_prompt(prompt)?;
+        let b = self.b() as usize;
+        let same = t
+            .chunks_exact(b)
+            .zip(prev_tokens.chunks_exact(b))
+            .zip(prev_hashes)
+            .take_while(|((x, y), _)| x == y)
+            .count();
+        out.reserve(t.len() / b);
+        out.extend_from_slice(&prev_hashes[..same]);
+        hash::chain_tokens(seed, &t[same * b..], b, out);
+        Ok(same)
     }
 
     /// Keeps a finished request's record (and its vectors' capacity) for the next admission.
@@ -1945,6 +1981,8 @@ impl KVCacheManager {
     /// (one lookup per request, no temporary sets). Fills `slots` with the extensions' slots.
     fn check_step(&mut self, step: &Step<'_>, slots: &mut Vec<usize>) -> Result<()> {
         let stamp = self.steps;
+        // The pooled records the admissions will take arrive while the step is checked.
+        self.prefetch_pooled_records(step.admit.len(), step.finish.len() + step.abort.len());
         for &id in step.finish.iter().chain(&step.abort) {
             match self.requests.slot(id).and_then(|s| self.requests.at_mut(s)) {
                 Some(r) if r.stamp != stamp => r.stamp = stamp,
@@ -1987,8 +2025,15 @@ impl KVCacheManager {
         }
         let mut seen = std::mem::take(&mut self.scratch_ids);
         seen.clear();
-        let admissions = step.admit.iter().try_for_each(|a| {
-            if self.requests.contains(a.req) || !seen.insert(a.req) {
+        // A repeat among a few admissions is found by comparing ids (cheaper than a set).
+        let few = step.admit.len() <= 32;
+        let admissions = step.admit.iter().enumerate().try_for_each(|(i, a)| {
+            let repeated = if few {
+                step.admit[..i].iter().any(|b| b.req == a.req)
+            } else {
+                !seen.insert(a.req)
+            };
+            if self.requests.contains(a.req) || repeated {
                 return Err(Error::Request {
                     req: a.req,
                     message: "is already running or admitted twice in this step".into(),
@@ -2055,6 +2100,7 @@ impl KVCacheManager {
         for &id in &step.abort {
             self.abort(id)?;
         }
+        self.prefetch_pooled_vectors(step.admit.len());
         self.prehash(&step.admit);
         let mut out = StepOutcome {
             extended: Vec::with_capacity(step.extend.len() + step.decode.ids.len()),
@@ -2113,28 +2159,73 @@ impl KVCacheManager {
         }
         pre.ready.clear();
         let (mut blocks, mut lines) = (0, 0);
-        for (a, list) in admit.iter().zip(&mut pre.lists) {
+        // The last admission hashed from token ids: (its index, seed).
+        let mut prev: Option<(usize, u64)> = None;
+        for (k, a) in admit.iter().enumerate() {
             let seed = hash::root_seed(a.salt);
             blocks += self.bm.floor(a.prompt.len()) as usize;
+            let (done, rest) = pre.lists.split_at_mut(k);
+            let list = &mut rest[0];
             list.clear();
-            let ready = blocks <= PREHASH_MAX_BLOCKS
-                && !self.refused.same(a.req, seed, &a.prompt)
-                && self.prompt_hashes_into(&a.prompt, seed, list).is_ok();
-            pre.ready.push(ready);
-            if ready {
-                for &h in list.iter().take(PREFETCH_MAX_LINES.saturating_sub(lines)) {
-                    self.tree.prefetch(h);
-                }
-                lines += list.len();
+            if blocks > PREHASH_MAX_BLOCKS || self.refused.same(a.req, seed, &a.prompt) {
+                pre.ready.push(false);
+                continue;
             }
+            // Requests admitted together often share a system prompt: the blocks this prompt
+            // has in common with the previous one (same seed) take its hashes.
+            let shared = match (prev, a.prompt, &admit[prev.map_or(0, |(j, _)| j)].prompt) {
+                (Some((j, s)), Prompt::Tokens(_), &Prompt::Tokens(p)) if s == seed => {
+                    Some((p, &done[j][..]))
+                }
+                _ => None,
+            };
+            let Ok(reused) = self.prompt_hashes_sharing(&a.prompt, seed, shared, list) else {
+                pre.ready.push(false);
+                continue;
+            };
+            pre.ready.push(true);
+            if matches!(a.prompt, Prompt::Tokens(_)) {
+                prev = Some((k, seed));
+            }
+            // The reused hashes' lines were requested with the previous prompt's.
+            for &h in list[reused..]
+                .iter()
+                .take(PREFETCH_MAX_LINES.saturating_sub(lines))
+            {
+                self.tree.prefetch(h);
+            }
+            lines += list.len() - reused;
         }
         self.prehashed = pre;
-        // The records the admissions will take (the pool's top) are rewritten whole: request
-        // their lines too.
-        for r in self.request_pool.iter().rev().take(admit.len()) {
+    }
+
+    /// Requests the lines of the records the step's `admissions` will take from the pool (its
+    /// top, after the step's `finished` requests, which are in cache, join it): an admission
+    /// rewrites its record whole.
+    fn prefetch_pooled_records(&self, admissions: usize, finished: usize) {
+        let cold = admissions.saturating_sub(finished);
+        for r in self.request_pool.iter().rev().take(cold) {
             let base: *const Request = &**r;
             for line in 0..std::mem::size_of::<Request>().div_ceil(64) {
                 crate::prefetch::prefetch(base.cast::<u8>().wrapping_add(line * 64));
+            }
+        }
+    }
+
+    /// Requests the first line of each vector the admissions' pooled records will write (the
+    /// path, the block tables, the window floors, the plans, the tail): a record left the
+    /// running set steps ago, and its vectors' memory is cold. Called once the records' own
+    /// lines (requested as the step was checked) have had time to arrive.
+    fn prefetch_pooled_vectors(&self, admissions: usize) {
+        use crate::prefetch::prefetch;
+        for r in self.request_pool.iter().rev().take(admissions) {
+            prefetch(r.path.as_ptr());
+            prefetch(r.tail.as_ptr());
+            prefetch(r.swa_floor.as_ptr());
+            prefetch(r.plans.as_ptr());
+            prefetch(r.created.as_ptr());
+            for t in &r.tables {
+                prefetch(t.as_ptr());
             }
         }
     }
@@ -2263,6 +2354,21 @@ impl KVCacheManager {
             return bad(format!("block {h:#x} is held twice by the tree"));
         }
         let b = self.b();
+        self.requests
+            .validate()
+            .map_err(|m| Error::Invariant(format!("running requests: {m}")))?;
+        let taken = self.requests.slots.iter().filter(|s| s.is_none()).count();
+        if self.requests.len() + taken != self.requests.slots.len()
+            || taken != self.requests.free.len()
+        {
+            return bad(format!(
+                "{} running requests, {} slots, {} of them free but {} listed free",
+                self.requests.len(),
+                self.requests.slots.len(),
+                taken,
+                self.requests.free.len()
+            ));
+        }
         for (id, r) in self.requests.iter() {
             for &n in &r.path {
                 *pins.entry(n).or_default() += 1;
