@@ -1,4 +1,5 @@
-//! The prefix tree's index: chained block hash -> node id.
+//! The prefix tree's index: chained block hash -> node id. The manager's running-request
+//! table uses it too (request id -> slot).
 //!
 //! An open-addressing table with linear probing over 16-byte entries (key and id side by side),
 //! four to a cache line. Why not `HashMap`: its lookup reads a control-byte group and then the
