@@ -545,6 +545,10 @@ struct Prehashed {
     ready: Vec<bool>,
 }
 
+/// How many decode requests ahead of the one being extended the run pass requests the block
+/// table lines of a request that starts or completes a block.
+const CROSSING_LOOKAHEAD: usize = 8;
+
 /// At most this many prompt blocks are hashed ahead per step: an `fcfs` refusal leaves the
 /// admissions after it unattempted, and their hashing wasted.
 const PREHASH_MAX_BLOCKS: usize = 4096;
@@ -2088,6 +2092,15 @@ impl KVCacheManager {
         // A decode token lands in the tail: start loading that line now, so the run pass
         // (after every check) finds it in cache rather than taking a miss per request.
         crate::prefetch::prefetch(r.tail.as_ptr_range().end);
+        // One that starts a block (new blocks) or completes one (its hash, and the window's
+        // release) reaches into more of the record's vectors: request their lines too.
+        let into = self.bm.rem(r.len);
+        if into == 0 || into + 1 >= self.bm.b {
+            crate::prefetch::prefetch(r.tables.as_ptr());
+            crate::prefetch::prefetch(r.swa_floor.as_ptr());
+            crate::prefetch::prefetch(r.tail.as_ptr());
+            crate::prefetch::prefetch(r.hashes.as_ptr_range().end);
+        }
         Ok(())
     }
 
@@ -2116,7 +2129,16 @@ impl KVCacheManager {
             out.extended.push(ok);
         }
         let decode = step.decode;
-        for ((&id, tok), &slot) in decode.ids.iter().zip(decode.tokens).zip(decode_slots) {
+        for (k, ((&id, tok), &slot)) in decode
+            .ids
+            .iter()
+            .zip(decode.tokens)
+            .zip(decode_slots)
+            .enumerate()
+        {
+            if let Some(&ahead) = decode_slots.get(k + CROSSING_LOOKAHEAD) {
+                self.prefetch_crossing_tables(ahead);
+            }
             let ok = self.extend_at(slot, id, Extension::Tokens(std::slice::from_ref(tok)))?;
             all_extended &= ok;
             out.extended.push(ok);
@@ -2197,6 +2219,24 @@ impl KVCacheManager {
             lines += list.len() - reused;
         }
         self.prehashed = pre;
+    }
+
+    /// For the decode request in `slot`, if its token starts or completes a block: requests
+    /// the line each of its block tables is appended to or released from (the tables' own
+    /// vector was requested by the check pass, so their addresses are at hand by now).
+    #[inline(always)]
+    fn prefetch_crossing_tables(&self, slot: usize) {
+        let Some(r) = self.requests.slots[slot].as_deref() else {
+            return;
+        };
+        let into = self.bm.rem(r.len);
+        if into == 0 || into + 1 >= self.bm.b {
+            let end = self.bm.floor(r.len) as usize;
+            for (t, &floor) in r.tables.iter().zip(&r.swa_floor) {
+                crate::prefetch::prefetch(t.as_ptr().wrapping_add(end));
+                crate::prefetch::prefetch(t.as_ptr().wrapping_add(floor as usize));
+            }
+        }
     }
 
     /// Requests the lines of the records the step's `admissions` will take from the pool (its
