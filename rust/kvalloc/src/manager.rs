@@ -545,10 +545,6 @@ struct Prehashed {
     ready: Vec<bool>,
 }
 
-/// How many decode requests ahead of the one being extended the run pass requests the block
-/// table lines of a request that starts or completes a block.
-const CROSSING_LOOKAHEAD: usize = 8;
-
 /// At most this many prompt blocks are hashed ahead per step: an `fcfs` refusal leaves the
 /// admissions after it unattempted, and their hashing wasted.
 const PREHASH_MAX_BLOCKS: usize = 4096;
@@ -584,6 +580,9 @@ pub struct KVCacheManager {
     scratch_plan: Vec<Slot>,
     /// Slots of a step's extensions, and the ids it admits (see `check_step`).
     scratch_slots: Vec<usize>,
+    /// The slots of a step's extensions that start or complete a block (found by the check
+    /// pass; their block-table lines are requested before the run pass).
+    crossing: Vec<usize>,
     scratch_ids: ReqSet,
     /// A step's admissions' chained hashes, computed before its extensions (see `prehash`).
     prehashed: Prehashed,
@@ -931,6 +930,7 @@ impl KVCacheManager {
             scratch_handles: Vec::new(),
             scratch_plan: Vec::new(),
             scratch_slots: Vec::new(),
+            crossing: Vec::new(),
             scratch_ids: ReqSet::default(),
             prehashed: Prehashed::default(),
             bm,
@@ -1985,6 +1985,7 @@ impl KVCacheManager {
     /// (one lookup per request, no temporary sets). Fills `slots` with the extensions' slots.
     fn check_step(&mut self, step: &Step<'_>, slots: &mut Vec<usize>) -> Result<()> {
         let stamp = self.steps;
+        self.crossing.clear();
         // The pooled records the admissions will take arrive while the step is checked.
         self.prefetch_pooled_records(step.admit.len(), step.finish.len() + step.abort.len());
         for &id in step.finish.iter().chain(&step.abort) {
@@ -2100,6 +2101,7 @@ impl KVCacheManager {
             crate::prefetch::prefetch(r.swa_floor.as_ptr());
             crate::prefetch::prefetch(r.tail.as_ptr());
             crate::prefetch::prefetch(r.hashes.as_ptr_range().end);
+            self.crossing.push(slot);
         }
         Ok(())
     }
@@ -2113,6 +2115,7 @@ impl KVCacheManager {
         for &id in &step.abort {
             self.abort(id)?;
         }
+        self.prefetch_crossing_tables();
         self.prefetch_pooled_vectors(step.admit.len());
         self.prehash(&step.admit);
         let mut out = StepOutcome {
@@ -2129,16 +2132,7 @@ impl KVCacheManager {
             out.extended.push(ok);
         }
         let decode = step.decode;
-        for (k, ((&id, tok), &slot)) in decode
-            .ids
-            .iter()
-            .zip(decode.tokens)
-            .zip(decode_slots)
-            .enumerate()
-        {
-            if let Some(&ahead) = decode_slots.get(k + CROSSING_LOOKAHEAD) {
-                self.prefetch_crossing_tables(ahead);
-            }
+        for ((&id, tok), &slot) in decode.ids.iter().zip(decode.tokens).zip(decode_slots) {
             let ok = self.extend_at(slot, id, Extension::Tokens(std::slice::from_ref(tok)))?;
             all_extended &= ok;
             out.extended.push(ok);
@@ -2221,16 +2215,14 @@ impl KVCacheManager {
         self.prehashed = pre;
     }
 
-    /// For the decode request in `slot`, if its token starts or completes a block: requests
-    /// the line each of its block tables is appended to or released from (the tables' own
-    /// vector was requested by the check pass, so their addresses are at hand by now).
-    #[inline(always)]
-    fn prefetch_crossing_tables(&self, slot: usize) {
-        let Some(r) = self.requests.slots[slot].as_deref() else {
-            return;
-        };
-        let into = self.bm.rem(r.len);
-        if into == 0 || into + 1 >= self.bm.b {
+    /// For the extensions the check pass found starting or completing a block: requests the
+    /// line each of their block tables is appended to or released from (the check pass
+    /// requested the vectors holding the tables' addresses, so those are at hand by now).
+    fn prefetch_crossing_tables(&self) {
+        for &slot in &self.crossing {
+            let Some(r) = self.requests.slots[slot].as_deref() else {
+                continue;
+            };
             let end = self.bm.floor(r.len) as usize;
             for (t, &floor) in r.tables.iter().zip(&r.swa_floor) {
                 crate::prefetch::prefetch(t.as_ptr().wrapping_add(end));
