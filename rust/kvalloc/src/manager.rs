@@ -143,9 +143,19 @@ impl Running {
             .filter_map(|(id, s)| self.slots[s as usize].as_deref().map(|r| (id, r)))
     }
 
-    /// The map's own invariants.
+    /// The map's invariants, and every slot either holds a running request or is listed free.
     fn validate(&self) -> std::result::Result<(), String> {
-        self.slots_by_id.validate()
+        self.slots_by_id.validate()?;
+        let free = self.slots.iter().filter(|s| s.is_none()).count();
+        if self.len() + free != self.slots.len() || free != self.free.len() {
+            return Err(format!(
+                "{} running requests, {} slots, {free} of them free but {} listed free",
+                self.len(),
+                self.slots.len(),
+                self.free.len()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -647,6 +657,16 @@ impl BlockMath {
         self.floor(x + self.b - 1)
     }
 
+    /// What appending `n` tokens to a sequence of `len` does at block boundaries: (needs a new
+    /// block: `len` is at a boundary or the tokens go past its last block, i.e.
+    /// `ceil((len + n) / B) > ceil(len / B)`; completes a block: the window's floor may move and
+    /// a whole block may be hashed).
+    #[inline(always)]
+    fn boundaries(self, len: u64, n: u64) -> (bool, bool) {
+        let into = self.rem(len);
+        (into == 0 || into + n > self.b, into + n >= self.b)
+    }
+
     /// `x mod B`: how far `x` is into its block.
     fn rem(self, x: u64) -> u64 {
         if self.shift != u32::MAX {
@@ -1023,51 +1043,51 @@ impl KVCacheManager {
 
     fn prompt_hashes(&self, prompt: &Prompt<'_>, seed: u64) -> Result<Vec<u64>> {
         let mut out = Vec::new();
-        self.prompt_hashes_into(prompt, seed, &mut out)?;
+        self.prompt_hashes_into(prompt, seed, None, &mut out)?;
         Ok(out)
     }
 
     /// Appends the chained hashes of a prompt's whole blocks to `out` (empty on entry).
-    fn prompt_hashes_into(&self, prompt: &Prompt<'_>, seed: u64, out: &mut Vec<u64>) -> Result<()> {
-        self.check_prompt(prompt)?;
-        let b = self.b() as usize;
-        out.reserve(self.bm.floor(prompt.len()) as usize);
-        match *prompt {
-            Prompt::Tokens(t) => hash::chain_tokens(seed, t, b, out),
-            Prompt::BlockHashes { hashes, num_tokens } => {
-                let whole = self.bm.floor(num_tokens) as usize;
-                hash::chain_ids(seed, &hashes[..whole], out);
-            }
-        }
-        Ok(())
-    }
-
-    /// [`prompt_hashes_into`](Self::prompt_hashes_into) for a prompt that may share leading
-    /// whole blocks with `prev`: another token prompt and its chained hashes under the same
-    /// seed. Blocks equal to `prev`'s take its hashes (a comparison of ids instead of a hash
-    /// each); the rest are hashed on from there. Returns how many hashes were taken.
-    fn prompt_hashes_sharing(
+    /// `prev`: another token prompt and its chained hashes under the same seed (a batched
+    /// step's previous admission); a token prompt's leading blocks equal to `prev`'s take its
+    /// hashes (a comparison of ids instead of a hash each), and the rest are hashed on from
+    /// there. Returns how many hashes were taken from `prev`. Inlined: out of line, a batched
+    /// step's hashing ahead ran 1,600 more instructions (callgrind, `benches/step_loop.py`).
+    #[inline(always)]
+    fn prompt_hashes_into(
         &self,
         prompt: &Prompt<'_>,
         seed: u64,
         prev: Option<(&[i64], &[u64])>,
         out: &mut Vec<u64>,
     ) -> Result<usize> {
-        let (Prompt::Tokens(t), Some((prev_tokens, prev_hashes))) = (prompt, prev) else {
-            return self.prompt_hashes_into(prompt, seed, out).map(|()| 0);
-        };
         self.check_prompt(prompt)?;
         let b = self.b() as usize;
-        let same = t
-            .chunks_exact(b)
-            .zip(prev_tokens.chunks_exact(b))
-            .zip(prev_hashes)
-            .take_while(|((x, y), _)| x == y)
-            .count();
-        out.reserve(t.len() / b);
-        out.extend_from_slice(&prev_hashes[..same]);
-        hash::chain_tokens(seed, &t[same * b..], b, out);
-        Ok(same)
+        out.reserve(self.bm.floor(prompt.len()) as usize);
+        match *prompt {
+            Prompt::Tokens(t) => {
+                let same = match prev {
+                    Some((prev_tokens, prev_hashes)) => {
+                        let same = t
+                            .chunks_exact(b)
+                            .zip(prev_tokens.chunks_exact(b))
+                            .zip(prev_hashes)
+                            .take_while(|((x, y), _)| x == y)
+                            .count();
+                        out.extend_from_slice(&prev_hashes[..same]);
+                        same
+                    }
+                    None => 0,
+                };
+                hash::chain_tokens(seed, &t[same * b..], b, out);
+                Ok(same)
+            }
+            Prompt::BlockHashes { hashes, num_tokens } => {
+                let whole = self.bm.floor(num_tokens) as usize;
+                hash::chain_ids(seed, &hashes[..whole], out);
+                Ok(0)
+            }
+        }
     }
 
     /// Keeps a finished request's record (and its vectors' capacity) for the next admission.
@@ -1136,7 +1156,7 @@ impl KVCacheManager {
             r.hashes.extend_from_slice(&self.refused.hashes);
         } else if let Some(h) = prehashed {
             std::mem::swap(&mut r.hashes, h);
-        } else if let Err(e) = self.prompt_hashes_into(&prompt, seed, &mut r.hashes) {
+        } else if let Err(e) = self.prompt_hashes_into(&prompt, seed, None, &mut r.hashes) {
             self.recycle(r);
             return Err(e);
         }
@@ -1693,17 +1713,15 @@ impl KVCacheManager {
             return None;
         }
         let end = r.len + n;
-        // How far the request is into its last block (0: at a boundary), so that both block
-        // tests below are compares (`1 <= n <= B`).
-        let into = bm.rem(r.len);
         // The tables hold `ceil(len / B)` blocks (checked by `validate`): no need to read them
-        // unless the tokens go past the last one (`ceil(end / B) > ceil(len / B)`).
-        if (into == 0 || into + n > bm.b) && !decode_new_blocks(arena, spec.groups.len(), r) {
+        // unless the tokens go past the last one.
+        let (opens, closes) = bm.boundaries(r.len, n);
+        if opens && !decode_new_blocks(arena, spec.groups.len(), r) {
             return None; // eviction needed: the general path
         }
         // The window's floor moves only when a block boundary is crossed, or after a chunk
         // (whose step kept the window before it).
-        let crossed = into + n >= bm.b || r.len - r.last_start.min(r.len) > 1;
+        let crossed = closes || r.len - r.last_start.min(r.len) > 1;
         r.last_start = r.len;
         r.len = end;
         if swa_aware && crossed {
@@ -2095,8 +2113,12 @@ impl KVCacheManager {
         crate::prefetch::prefetch(r.tail.as_ptr_range().end);
         // One that starts a block (new blocks) or completes one (its hash, and the window's
         // release) reaches into more of the record's vectors: request their lines too.
-        let into = self.bm.rem(r.len);
-        if into == 0 || into + 1 >= self.bm.b {
+        let n = match ext {
+            Extension::Tokens(t) => t.len() as u64,
+            Extension::Count(n) => n,
+        };
+        let (opens, closes) = self.bm.boundaries(r.len, n);
+        if opens || closes {
             crate::prefetch::prefetch(r.tables.as_ptr());
             crate::prefetch::prefetch(r.swa_floor.as_ptr());
             crate::prefetch::prefetch(r.tail.as_ptr());
@@ -2175,8 +2197,8 @@ impl KVCacheManager {
         }
         pre.ready.clear();
         let (mut blocks, mut lines) = (0, 0);
-        // The last admission hashed from token ids: (its index, seed).
-        let mut prev: Option<(usize, u64)> = None;
+        // The last admission hashed from token ids: (its tokens, index, seed).
+        let mut prev: Option<(&[i64], usize, u64)> = None;
         for (k, a) in admit.iter().enumerate() {
             let seed = hash::root_seed(a.salt);
             blocks += self.bm.floor(a.prompt.len()) as usize;
@@ -2189,19 +2211,16 @@ impl KVCacheManager {
             }
             // Requests admitted together often share a system prompt: the blocks this prompt
             // has in common with the previous one (same seed) take its hashes.
-            let shared = match (prev, a.prompt, &admit[prev.map_or(0, |(j, _)| j)].prompt) {
-                (Some((j, s)), Prompt::Tokens(_), &Prompt::Tokens(p)) if s == seed => {
-                    Some((p, &done[j][..]))
-                }
-                _ => None,
-            };
-            let Ok(reused) = self.prompt_hashes_sharing(&a.prompt, seed, shared, list) else {
+            let shared = prev
+                .filter(|&(_, _, s)| s == seed)
+                .map(|(p, j, _)| (p, &done[j][..]));
+            let Ok(reused) = self.prompt_hashes_into(&a.prompt, seed, shared, list) else {
                 pre.ready.push(false);
                 continue;
             };
             pre.ready.push(true);
-            if matches!(a.prompt, Prompt::Tokens(_)) {
-                prev = Some((k, seed));
+            if let Prompt::Tokens(t) = a.prompt {
+                prev = Some((t, k, seed));
             }
             // The reused hashes' lines were requested with the previous prompt's.
             for &h in list[reused..]
@@ -2237,10 +2256,7 @@ impl KVCacheManager {
     fn prefetch_pooled_records(&self, admissions: usize, finished: usize) {
         let cold = admissions.saturating_sub(finished);
         for r in self.request_pool.iter().rev().take(cold) {
-            let base: *const Request = &**r;
-            for line in 0..std::mem::size_of::<Request>().div_ceil(64) {
-                crate::prefetch::prefetch(base.cast::<u8>().wrapping_add(line * 64));
-            }
+            crate::prefetch::prefetch_whole::<Request>(&**r);
         }
     }
 
@@ -2389,18 +2405,6 @@ impl KVCacheManager {
         self.requests
             .validate()
             .map_err(|m| Error::Invariant(format!("running requests: {m}")))?;
-        let taken = self.requests.slots.iter().filter(|s| s.is_none()).count();
-        if self.requests.len() + taken != self.requests.slots.len()
-            || taken != self.requests.free.len()
-        {
-            return bad(format!(
-                "{} running requests, {} slots, {} of them free but {} listed free",
-                self.requests.len(),
-                self.requests.slots.len(),
-                taken,
-                self.requests.free.len()
-            ));
-        }
         for (id, r) in self.requests.iter() {
             for &n in &r.path {
                 *pins.entry(n).or_default() += 1;

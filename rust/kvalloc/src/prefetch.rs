@@ -13,3 +13,11 @@ pub(crate) fn prefetch<T>(p: *const T) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = p;
 }
+
+/// [`prefetch`] for every cache line of the value at `p` (a record about to be rewritten).
+#[inline(always)]
+pub(crate) fn prefetch_whole<T>(p: *const T) {
+    for line in 0..std::mem::size_of::<T>().div_ceil(64) {
+        prefetch(p.cast::<u8>().wrapping_add(line * 64));
+    }
+}
