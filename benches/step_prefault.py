@@ -40,7 +40,7 @@ def main() -> None:
     us = times * 1e6
     for k, name in enumerate(names):
         print(
-            f"{name:>17}: {faults[k] / steps:.2f} page faults per step; min {us[k].min():.1f} us, "
+            f"{name:>17}: {faults[k].sum() / steps:.2f} page faults per step; min {us[k].min():.1f} us, "
             f"median {np.median(us[k]):.1f} us, mean {us[k].mean():.1f} us"
         )
     d = us[1] - us[0]

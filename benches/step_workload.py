@@ -126,15 +126,15 @@ def take_turns(
     length: int,
     shared: int,
     before_step: Callable[[], object] | None = None,
-) -> tuple[np.ndarray, list[int]]:
+) -> tuple[np.ndarray, np.ndarray]:
     """Managers that admitted the same requests (`start`) take turns on the same steps, the
     order reversing every step, so all see the same stretches of a noisy machine. Before each
     step the 16 oldest requests finish (untimed) and `before_step` runs (untimed). Returns the
-    seconds of every step (managers x steps) and each manager's page faults."""
+    seconds and the page faults of every step (two managers x steps arrays)."""
     rng = np.random.default_rng(0)
     n = len(managers)
     times = np.zeros((n, steps))
-    faults = [0] * n
+    faults = np.zeros((n, steps), dtype=np.int64)
     for i in range(steps):
         finished = running[:ADMITS]
         del running[:ADMITS]
@@ -144,6 +144,5 @@ def take_turns(
                 managers[k].finish(rid)
             if before_step is not None:
                 before_step()
-            times[k, i], f = timed_step(managers[k], args, shared)
-            faults[k] += f
+            times[k, i], faults[k, i] = timed_step(managers[k], args, shared)
     return times, faults

@@ -1,11 +1,14 @@
 """The scheduler-step scripts the README quotes still run (a few steps each): the plain loop,
 the prefault comparison, two builds side by side (here the installed one twice, also in a large
-cache), and a fresh manager beside one with a large cache."""
+cache), a fresh manager beside one with a large cache, and the count of a step's code lines."""
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 import kvalloc
 
@@ -22,7 +25,8 @@ def run(*args: str) -> str:
 
 def test_step_loop_runs():
     out = run("step_loop.py", "128", "96", "5")
-    assert re.search(r"median [\d.]+ us, mean [\d.]+ us over 5 steps", out), out
+    assert re.search(r"median [\d.]+ us, mean [\d.]+ us, max [\d.]+ us over 5 steps", out), out
+    assert re.search(r"^\d+ steps took page faults", out, re.M), out
 
 
 def test_step_prefault_runs():
@@ -61,3 +65,39 @@ def test_step_ab_runs_in_a_large_cache_with_cold_caches():
 def test_step_cold_runs():
     out = run("step_cold.py", "8", "1")
     assert re.search(r"^decode of 256 after writing 1 MiB: median [\d.]+ us$", out, re.M), out
+
+
+def test_code_lines_counts_distinct_lines_per_part(tmp_path):
+    sys.path.insert(0, str(BENCHES))
+    from step_code_lines import code_lines
+
+    dump = tmp_path / "callgrind.out"
+    dump.write_text(
+        "ob=/x/_core.abi3.so\n"
+        "fn=kvalloc::manager::KVCacheManager::admit_with\n"
+        "0x1000 5\n0x103f 2\n0x1040 1\n"  # two lines (0x1000-0x103f, 0x1040)
+        "fn=pyo3::marker::Python::detach\n"
+        "0x1000 3\n"  # the same line again: counted once
+        "calls=1 0x2000\n"
+        "fn=numpy::borrow::shared::acquire\n"
+        "0x2000 1\n"
+        "ob=/usr/lib/libc.so.6\n"
+        "fn=_int_malloc\n"
+        "0x1000 4\n"  # same address, another object: its own line
+        "fn=__memcmp_avx2\n"
+        "0x5000 1\n"
+    )
+    core = "kvalloc core (the step runs inside Python::detach)"
+    assert code_lines(dump) == {
+        core: 2,
+        "rust-numpy": 1,
+        "malloc/free": 1,
+        "libc, other": 1,
+    }
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind")
+def test_step_code_lines_runs():
+    out = run("step_code_lines.py", "3")
+    assert re.match(r"one step after 3: \d+ lines of code \(\d+ KiB\)", out), out
+    assert "kvalloc core" in out, out
