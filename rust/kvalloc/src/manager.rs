@@ -1052,7 +1052,7 @@ impl KVCacheManager {
     /// step's previous admission); a token prompt's leading blocks equal to `prev`'s take its
     /// hashes (a comparison of ids instead of a hash each), and the rest are hashed on from
     /// there. Returns how many hashes were taken from `prev`. Inlined: out of line, a batched
-    /// step's hashing ahead ran 1,600 more instructions (callgrind, `benches/step_loop.py`).
+    /// step's hashing ahead ran 1,000 more instructions (callgrind, `benches/step_loop.py`).
     #[inline(always)]
     fn prompt_hashes_into(
         &self,
