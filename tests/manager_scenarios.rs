@@ -364,7 +364,12 @@ fn batched_step_checks_then_serves_in_order() {
         admit_if_extended: flag,
         ..Step::default()
     };
-    let out = m.step(&step(true)).unwrap();
+    // `step_into` writes over whatever the outcome held.
+    let mut out = kvalloc::StepOutcome {
+        extended: vec![true; 5],
+        admitted: vec![Some(9)],
+    };
+    m.step_into(&step(true), &mut out).unwrap();
     assert_eq!((out.extended, out.admitted), (vec![false], vec![]));
     assert!(!m.is_running(2));
     let out = m.step(&step(false)).unwrap();

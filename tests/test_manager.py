@@ -346,6 +346,80 @@ def test_step_result_counts_and_unpacks():
     m.validate()
 
 
+def test_a_refused_step_leaves_nothing_for_the_next():
+    """`step` converts its arguments into vectors the manager keeps between calls: a step
+    refused halfway through its arguments must not leave ids behind for the next one."""
+    m = KVCacheManager(small_spec(), 64 << 20)
+    for rid in (1, 2, 3):
+        assert m.admit(rid, seq(rid * 1000, 40)) is not None
+    # finish and extend_ids convert, then the int8 tokens are refused.
+    with pytest.raises(InvalidArgumentError, match="extend_tokens"):
+        m.step(finish=[1, 2], extend_ids=[3], extend_tokens=np.array([5], dtype=np.int8))
+    with pytest.raises(InvalidArgumentError, match="admit_lens"):
+        m.step(finish=[1], admit_ids=[7, 8], admit_tokens=seq(0, 30), admit_lens=[10, 10])
+    assert all(r in m for r in (1, 2, 3))
+    res = m.step(finish=[3], extend_ids=[1], extend_tokens=np.array([9], dtype=np.int32))
+    assert res.extended.tolist() == [True] and res.hits.shape == (0,)
+    assert 1 in m and 2 in m and 3 not in m and 7 not in m and m.num_tokens(1) == 41
+    # Shapes change from step to step: the kept vectors start empty each time.
+    res = m.step(admit_ids=[7], admit_tokens=seq(0, 30), admit_lens=[30])
+    assert res.hits.tolist() == [0] and res.extended.shape == (0,)
+    res = m.step(extend_ids=[1, 2, 7], extend_counts=None, extend_tokens=seq(50, 6),
+                 extend_lens=[1, 2, 3])
+    assert res.extended.tolist() == [True] * 3
+    assert [m.num_tokens(r) for r in (1, 2, 7)] == [42, 42, 33]
+    m.validate()
+
+
+def test_threads_step_one_manager_at_once():
+    """Four threads call `step` on one manager at once, each with its own requests and a mix
+    of argument forms: every result has its own step's shape, and the accounting adds up."""
+    m = KVCacheManager(small_spec(), 256 << 20)
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        try:
+            rng = np.random.default_rng(t)
+            running: list[int] = []
+            for i in range(60):
+                new = [t * 10_000 + i * 10 + k for k in range(int(rng.integers(0, 4)))]
+                lens = rng.integers(1, 80, len(new))
+                tokens = np.concatenate([seq(0, 16)] + [seq(10**6 * (t + 1) + r * 100, int(n)) for r, n in
+                                                         zip(new, lens)])
+                lens[0:1] += 16 if new else 0
+                done = running[: int(rng.integers(0, len(running) + 1))] if i % 3 == 0 else []
+                running = [r for r in running if r not in done]
+                ext = np.array(running, dtype=np.int64)
+                if rng.random() < 0.5:
+                    kwargs = dict(extend_ids=ext, extend_tokens=rng.integers(0, 1000, len(ext)))
+                else:
+                    kwargs = dict(extend_ids=list(running), extend_tokens=rng.integers(0, 1000, 2 * len(ext)),
+                                  extend_lens=np.full(len(ext), 2))
+                if rng.random() < 0.5:
+                    kwargs.update(admit_ids=np.array(new, dtype=np.int64),
+                                  admit_tokens=tokens if new else seq(0, 0), admit_lens=lens)
+                else:
+                    starts = np.concatenate([[0], np.cumsum(lens)])
+                    kwargs["admit"] = [(r, tokens[a:b]) for r, a, b in zip(new, starts, starts[1:])]
+                res = m.step(finish=done, **kwargs)
+                assert res.hits.shape == (len(new),) and res.extended.shape == (len(running),)
+                assert res.extended.all() and (res.hits >= 0).all()
+                running += new
+            m.step(finish=running)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors
+    m.validate()
+    s = m.stats()
+    assert s["running_requests"] == 0 and s["hit_tokens"] > 0
+
+
 def test_admit_if_extended_admits_nothing_in_a_step_that_must_preempt():
     m = KVCacheManager(small_spec(), 4 << 20)
     assert m.admit(2, seq(10**6, 16)) == 0

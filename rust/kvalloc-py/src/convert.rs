@@ -92,45 +92,52 @@ pub fn u64_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonl
     Ok(arr)
 }
 
-/// Copies a 1-D C-contiguous numpy array of `T`, or returns None if `obj` is not one of `T`.
-/// No borrow is taken: the copy happens while attached, so no other Python code can mutate
-/// the array meanwhile (a readonly borrow costs more than copying a prompt).
-fn copy_array<T: numpy::Element + Copy>(
+/// The elements of `obj` if it is a 1-D numpy array of `T` (None if it is not one of `T`),
+/// handed to `read` while attached. No borrow is taken: nothing runs Python code meanwhile, so
+/// nothing can resize, free or write the array while `read` has the slice (a readonly borrow
+/// costs more than copying a prompt).
+fn with_array<T: numpy::Element, R>(
     obj: &Bound<'_, PyAny>,
     what: &str,
-) -> PyResult<Option<Vec<T>>> {
+    read: impl FnOnce(&[T]) -> R,
+) -> PyResult<Option<R>> {
     let Ok(a) = obj.cast::<PyArray1<T>>() else {
         return Ok(None);
     };
-    if !a.is_c_contiguous() {
-        return Err(invalid(
-            what,
-            "the array must be C-contiguous (use np.ascontiguousarray)",
-        ));
-    }
-    // SAFETY: we are attached to the interpreter for the whole copy and call no Python code,
-    // so nothing can resize, free or write the array while the slice is alive.
-    let slice = unsafe { a.as_slice() }.map_err(|_| {
+    let not_contiguous = || {
         invalid(
             what,
             "the array must be C-contiguous (use np.ascontiguousarray)",
         )
-    })?;
-    Ok(Some(slice.to_vec()))
+    };
+    if !a.is_c_contiguous() {
+        return Err(not_contiguous());
+    }
+    // SAFETY: attached for the whole of `read`, which calls no Python code (see above).
+    let slice = unsafe { a.as_slice() }.map_err(|_| not_contiguous())?;
+    Ok(Some(read(slice)))
 }
 
 /// Token ids: a 1-D C-contiguous numpy array of int32 or int64 (or a list of ints), copied to
 /// `i64`s while attached.
 pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
-    if let Some(v) = copy_array::<i64>(obj, what)? {
-        return Ok(v);
+    let mut v = Vec::new();
+    token_ids_into(obj, what, &mut v)?;
+    Ok(v)
+}
+
+/// [`token_ids`], appended to `out` (a step reuses its buffers).
+pub fn token_ids_into(obj: &Bound<'_, PyAny>, what: &str, out: &mut Vec<i64>) -> PyResult<()> {
+    if with_array::<i64, _>(obj, what, |t| out.extend_from_slice(t))?.is_some() {
+        return Ok(());
     }
-    if let Some(v) = copy_array::<i32>(obj, what)? {
-        return Ok(v.into_iter().map(i64::from).collect());
+    if with_array::<i32, _>(obj, what, |t| out.extend(t.iter().map(|&x| i64::from(x))))?.is_some() {
+        return Ok(());
     }
     if obj.cast::<numpy::PyUntypedArray>().is_err() {
         if let Ok(v) = obj.extract::<Vec<i64>>() {
-            return Ok(v);
+            out.extend_from_slice(&v);
+            return Ok(());
         }
     }
     Err(invalid(
@@ -145,40 +152,64 @@ pub fn token_ids(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<i64>> {
 /// Request ids, lengths, counts or block positions: a 1-D array of non-negative integers (any
 /// integer dtype) or a list of ints.
 pub fn uint_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
+    let mut v = Vec::new();
+    uint_list_into(obj, what, &mut v)?;
+    Ok(v)
+}
+
+/// [`uint_list`], appended to `out` (a step reuses its buffers); on an error `out` may hold
+/// part of the values.
+pub fn uint_list_into(obj: &Bound<'_, PyAny>, what: &str, out: &mut Vec<u64>) -> PyResult<()> {
     // A list first (schedulers keep ids in lists; an empty one is common), then int64 arrays:
     // what `np.array(ids)` and `np.arange` give.
-    let signed: Vec<i64> = if let Ok(list) = obj.cast::<pyo3::types::PyList>() {
-        let mut v = Vec::with_capacity(list.len());
+    if let Ok(list) = obj.cast::<pyo3::types::PyList>() {
+        out.reserve(list.len());
         for item in list.iter() {
-            v.push(item.extract::<i64>().map_err(|_| {
+            let v = item.extract::<i64>().map_err(|_| {
                 invalid(what, format!("expected integers, got {}", type_name(&item)))
-            })?);
+            })?;
+            out.push(non_negative_value(v, what)?);
         }
-        v
-    } else if let Some(v) = copy_array::<i64>(obj, what)? {
-        v
-    } else if let Some(v) = copy_array::<u64>(obj, what)? {
-        return Ok(v);
-    } else if let Some(v) = copy_array::<i32>(obj, what)? {
-        v.into_iter().map(i64::from).collect()
-    } else if obj.cast::<numpy::PyUntypedArray>().is_err() {
-        obj.extract::<Vec<i64>>().map_err(|_| {
-            invalid(
-                what,
-                format!(
-                    "expected a list or 1-D integer array, got {}",
-                    describe(obj)
-                ),
-            )
-        })?
-    } else {
+        return Ok(());
+    }
+    if let Some(r) = with_array::<i64, _>(obj, what, |v| signed_into(v, what, out))? {
+        return r;
+    }
+    if with_array::<u64, _>(obj, what, |v| out.extend_from_slice(v))?.is_some() {
+        return Ok(());
+    }
+    if let Some(r) = with_array::<i32, _>(obj, what, |v| {
+        let wide: Vec<i64> = v.iter().map(|&x| i64::from(x)).collect();
+        signed_into(&wide, what, out)
+    })? {
+        return r;
+    }
+    if obj.cast::<numpy::PyUntypedArray>().is_ok() {
         return Err(invalid(
             what,
             format!("expected a 1-D integer array, got {}", describe(obj)),
         ));
-    };
-    // One OR over the values finds a negative one (the sign bit), then the cast reuses the
-    // buffer: both vectorize, where a per-element `try_from` into a new vector does not.
+    }
+    let v = obj.extract::<Vec<i64>>().map_err(|_| {
+        invalid(
+            what,
+            format!(
+                "expected a list or 1-D integer array, got {}",
+                describe(obj)
+            ),
+        )
+    })?;
+    signed_into(&v, what, out)
+}
+
+fn non_negative_value(v: i64, what: &str) -> PyResult<u64> {
+    u64::try_from(v).map_err(|_| invalid(what, format!("must be >= 0, got {v}")))
+}
+
+/// Appends `signed` to `out` as unsigned values, or fails on the first negative one.
+fn signed_into(signed: &[i64], what: &str, out: &mut Vec<u64>) -> PyResult<()> {
+    // One OR over the values finds a negative one (the sign bit), then the cast: both
+    // vectorize, where a per-element `try_from` does not.
     if signed.iter().fold(0, |acc, &x| acc | x) < 0 {
         let x = signed
             .iter()
@@ -186,7 +217,8 @@ pub fn uint_list(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<Vec<u64>> {
             .expect("the OR saw a sign bit");
         return Err(invalid(what, format!("must be >= 0, got {x}")));
     }
-    Ok(signed.into_iter().map(|x| x as u64).collect())
+    out.extend(signed.iter().map(|&x| x as u64));
+    Ok(())
 }
 
 /// A dict of named integer figures (what every `stats()` returns, level by level).

@@ -10,6 +10,7 @@ mod errors;
 mod manager;
 mod sim;
 mod spec;
+mod step;
 mod step_result;
 mod tiers;
 

@@ -3,10 +3,8 @@
 use std::sync::{Mutex, MutexGuard};
 
 use kvalloc::tiers::{LowerCapacity, RemoteSetup, StoreSetup};
-use kvalloc::{
-    Admission, Decode, Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt, Step,
-};
-use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
+use kvalloc::{Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
@@ -16,6 +14,7 @@ use crate::convert::{
 };
 use crate::errors::{invalid, to_py, IntoPyResult};
 use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
+use crate::step::{StepArgs, StepBuffers};
 use crate::step_result::PyStepResult;
 
 /// A prompt given as precomputed block hashes (one per block of `block_tokens`, as traces
@@ -55,16 +54,16 @@ impl PyBlockHashes {
 }
 
 /// An admission extracted while attached: (request, prompt, salt, max_tokens).
-type OwnedAdmission = (u64, OwnedPrompt, Option<Vec<u8>>, Option<u64>);
+pub(crate) type OwnedAdmission = (u64, OwnedPrompt, Option<Vec<u8>>, Option<u64>);
 
 /// A prompt extracted while attached: owned, so the core can run detached.
-enum OwnedPrompt {
+pub(crate) enum OwnedPrompt {
     Tokens(Vec<i64>),
     Hashes(Vec<u64>, u64),
 }
 
 impl OwnedPrompt {
-    fn extract(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
+    pub(crate) fn extract(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
         if let Ok(bh) = obj.cast::<PyBlockHashes>() {
             let bh = bh.get();
             return Ok(OwnedPrompt::Hashes(bh.hashes.clone(), bh.num_tokens));
@@ -72,7 +71,7 @@ impl OwnedPrompt {
         Ok(OwnedPrompt::Tokens(token_ids(obj, "tokens")?))
     }
 
-    fn as_prompt(&self) -> Prompt<'_> {
+    pub(crate) fn as_prompt(&self) -> Prompt<'_> {
         match self {
             OwnedPrompt::Tokens(t) => Prompt::Tokens(t),
             OwnedPrompt::Hashes(h, n) => Prompt::BlockHashes {
@@ -83,7 +82,7 @@ impl OwnedPrompt {
     }
 }
 
-fn salt_arg(salt: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
+pub(crate) fn salt_arg(salt: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
     let Some(s) = salt.filter(|s| !s.is_none()) else {
         return Ok(None);
     };
@@ -99,7 +98,7 @@ fn salt_arg(salt: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
     ))
 }
 
-fn req_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+pub(crate) fn req_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     non_negative(obj, "req_id")
 }
 
@@ -108,10 +107,12 @@ fn req_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
 pub struct PyKVCacheManager {
     inner: Mutex<KVCacheManager>,
     spec: Py<PyModelSpec>,
+    /// `step`'s vectors, kept for the next call (None while a step has them).
+    step_buffers: Mutex<Option<Box<StepBuffers>>>,
 }
 
 impl PyKVCacheManager {
-    fn lock(&self) -> PyResult<MutexGuard<'_, KVCacheManager>> {
+    pub(crate) fn lock(&self) -> PyResult<MutexGuard<'_, KVCacheManager>> {
         self.inner.lock().map_err(|_| {
             to_py(kvalloc::Error::Invariant(
                 "the manager lock is poisoned by an earlier panic".into(),
@@ -198,6 +199,7 @@ impl PyKVCacheManager {
             .py()?;
         Ok(PyKVCacheManager {
             inner: Mutex::new(m),
+            step_buffers: Mutex::new(None),
             spec: spec.clone().unbind(),
         })
     }
@@ -429,193 +431,33 @@ impl PyKVCacheManager {
         fcfs: Option<&Bound<'py, PyAny>>,
         admit_if_extended: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<PyStepResult> {
-        let fcfs = flag(fcfs, "fcfs")?;
-        let admit_if_extended = flag(admit_if_extended, "admit_if_extended")?;
-        let ids = |o: Option<&Bound<'py, PyAny>>, what| match o.filter(|o| !o.is_none()) {
-            Some(o) => uint_list(o, what),
-            None => Ok(Vec::new()),
+        let args = StepArgs {
+            finish,
+            abort,
+            extend_ids,
+            extend_tokens,
+            extend_lens,
+            extend_counts,
+            admit,
+            admit_ids,
+            admit_tokens,
+            admit_lens,
+            fcfs: flag(fcfs, "fcfs")?,
+            admit_if_extended: flag(admit_if_extended, "admit_if_extended")?,
         };
-        let finish = ids(finish, "finish")?;
-        let abort = ids(abort, "abort")?;
-        let ext_ids = ids(extend_ids, "extend_ids")?;
-        let ext_tokens = match extend_tokens.filter(|o| !o.is_none()) {
-            Some(t) => Some(token_ids(t, "extend_tokens")?),
-            None => None,
-        };
-        let ext_lens = ids(extend_lens, "extend_lens")?;
-        let ext_counts = ids(extend_counts, "extend_counts")?;
-        // Admissions: (req, prompt, salt, max_tokens).
-        let mut admits: Vec<OwnedAdmission> = Vec::new();
-        if let Some(a) = admit.filter(|o| !o.is_none()) {
-            let list = a.cast::<PyList>().map_err(|_| {
-                invalid(
-                    "admit",
-                    "expected a list of (req_id, tokens[, salt[, max_tokens]]) tuples",
-                )
-            })?;
-            for item in list.iter() {
-                let t = item.cast::<PyTuple>().map_err(|_| {
-                    invalid(
-                        "admit",
-                        format!("each entry must be a tuple, got {}", type_name(&item)),
-                    )
-                })?;
-                if !(2..=4).contains(&t.len()) {
-                    return Err(invalid(
-                        "admit",
-                        "each entry is (req_id, tokens[, salt[, max_tokens]])",
-                    ));
-                }
-                let salt = if t.len() >= 3 {
-                    salt_arg(Some(&t.get_item(2)?))?
-                } else {
-                    None
-                };
-                let max_tokens = if t.len() == 4 {
-                    opt_positive(Some(&t.get_item(3)?), "max_tokens")?
-                } else {
-                    None
-                };
-                admits.push((
-                    req_arg(&t.get_item(0)?)?,
-                    OwnedPrompt::extract(&t.get_item(1)?)?,
-                    salt,
-                    max_tokens,
-                ));
-            }
+        // The last step's vectors (a new set while another thread's step holds them).
+        let mut buf = self
+            .step_buffers
+            .lock()
+            .ok()
+            .and_then(|mut b| b.take())
+            .unwrap_or_default();
+        let res = self.run_step(py, &args, &mut buf);
+        buf.clear();
+        if let Ok(mut b) = self.step_buffers.lock() {
+            *b = Some(buf);
         }
-        // Admissions in flat form: ids, one token array, and each prompt's length (three
-        // conversions, whatever the number of requests).
-        let flat_ids = ids(admit_ids, "admit_ids")?;
-        let flat_lens = ids(admit_lens, "admit_lens")?;
-        // int64 tokens are borrowed, not copied (a step's prompts can be megabytes); other
-        // dtypes are converted.
-        let flat_borrowed: Option<PyReadonlyArray1<'py, i64>> = match admit_tokens {
-            Some(t) if !t.is_none() => t
-                .extract::<PyReadonlyArray1<'py, i64>>()
-                .ok()
-                .filter(|a| a.is_c_contiguous()),
-            _ => None,
-        };
-        let flat_owned: Vec<i64> = match admit_tokens.filter(|o| !o.is_none()) {
-            Some(t) if flat_borrowed.is_none() => token_ids(t, "admit_tokens")?,
-            _ => Vec::new(),
-        };
-        let flat_tokens: &[i64] = match &flat_borrowed {
-            Some(a) => a.as_slice()?,
-            None => &flat_owned,
-        };
-        let flat_spans = spans(
-            &flat_lens,
-            flat_ids.len(),
-            flat_tokens.len(),
-            ["admit_ids", "admit_lens", "admit_tokens"],
-        )?;
-        // Extensions, as slices of the flat token array.
-        let mut ext_spans: Vec<(usize, usize)> = Vec::new();
-        match (&ext_tokens, ext_counts.is_empty()) {
-            (Some(_), false) => {
-                return Err(invalid(
-                    "extend_counts",
-                    "give extend_tokens or extend_counts, not both",
-                ))
-            }
-            // One token each (the decode step): no lengths to check, no spans to build.
-            (Some(tokens), true) if ext_lens.is_empty() => {
-                if tokens.len() != ext_ids.len() {
-                    return Err(invalid(
-                        "extend_tokens",
-                        format!(
-                            "{} tokens for {} extend_ids (one each without extend_lens)",
-                            tokens.len(),
-                            ext_ids.len()
-                        ),
-                    ));
-                }
-            }
-            (Some(tokens), true) => {
-                ext_spans = spans(
-                    &ext_lens,
-                    ext_ids.len(),
-                    tokens.len(),
-                    ["extend_ids", "extend_lens", "extend_tokens"],
-                )?;
-            }
-            (None, false) => {
-                if ext_counts.len() != ext_ids.len() {
-                    return Err(invalid(
-                        "extend_counts",
-                        format!("{} counts for {} ids", ext_counts.len(), ext_ids.len()),
-                    ));
-                }
-            }
-            (None, true) => {
-                if !ext_ids.is_empty() {
-                    return Err(invalid(
-                        "extend_ids",
-                        "give extend_tokens or extend_counts with extend_ids",
-                    ));
-                }
-            }
-        }
-        let n_admits = admits.len() + flat_ids.len();
-        let outcome = py.detach(|| {
-            let mut step = Step {
-                finish,
-                abort,
-                extend: Vec::new(),
-                decode: Decode::default(),
-                admit: Vec::with_capacity(n_admits),
-                fcfs,
-                admit_if_extended,
-            };
-            match &ext_tokens {
-                // One token each (checked above): the columns as they are.
-                Some(t) if ext_lens.is_empty() => {
-                    step.decode = Decode {
-                        ids: &ext_ids,
-                        tokens: t,
-                    }
-                }
-                Some(t) => step.extend.extend(
-                    ext_ids
-                        .iter()
-                        .zip(&ext_spans)
-                        .map(|(&id, &(from, to))| (id, Extension::Tokens(&t[from..to]))),
-                ),
-                None => step.extend.extend(
-                    ext_ids
-                        .iter()
-                        .zip(&ext_counts)
-                        .map(|(&id, &n)| (id, Extension::Count(n))),
-                ),
-            }
-            for (req, prompt, salt, max_tokens) in &admits {
-                step.admit.push(Admission {
-                    req: *req,
-                    prompt: prompt.as_prompt(),
-                    salt: salt.as_deref(),
-                    max_tokens: *max_tokens,
-                });
-            }
-            for (&req, &(from, to)) in flat_ids.iter().zip(&flat_spans) {
-                step.admit.push(Admission {
-                    req,
-                    prompt: Prompt::Tokens(&flat_tokens[from..to]),
-                    salt: None,
-                    max_tokens: None,
-                });
-            }
-            self.lock()?.step(&step).py()
-        })?;
-        let attempted = outcome.admitted.len();
-        let admitted: Vec<i64> = outcome
-            .admitted
-            .iter()
-            .map(|h| h.map_or(-1, |h| h as i64))
-            .chain(std::iter::repeat_n(-2, n_admits - attempted))
-            .collect();
-        Ok(PyStepResult::new(admitted, outcome.extended))
+        res
     }
 
     /// Accounting: per-group blocks (running / cached / free / tombstones), checkpoints, hit
@@ -950,37 +792,4 @@ impl Tables<'_> {
             }
         }
     }
-}
-
-/// The slices of a flat token array that per-request lengths cut (`names`: the ids, lengths
-/// and tokens arguments, for errors): one length per id, adding up to the tokens.
-fn spans(
-    lens: &[u64],
-    n_ids: usize,
-    n_tokens: usize,
-    [ids, lens_name, tokens]: [&str; 3],
-) -> PyResult<Vec<(usize, usize)>> {
-    if lens.len() != n_ids {
-        return Err(invalid(
-            lens_name,
-            format!("{} lengths for {n_ids} {ids}", lens.len()),
-        ));
-    }
-    // Checked: lengths near 2^64 (uint64 arrays) must not wrap around to a matching sum.
-    let total = lens.iter().try_fold(0u64, |a, &l| a.checked_add(l));
-    if total != Some(n_tokens as u64) {
-        let sum = total.map_or("more than 2^64".into(), |t| t.to_string());
-        return Err(invalid(
-            tokens,
-            format!("{n_tokens} tokens, but {lens_name} adds up to {sum}"),
-        ));
-    }
-    let mut at = 0usize;
-    Ok(lens
-        .iter()
-        .map(|&l| {
-            at += l as usize;
-            (at - l as usize, at)
-        })
-        .collect())
 }

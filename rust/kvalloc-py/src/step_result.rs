@@ -6,6 +6,7 @@
 //! and `.all()` on a small array more still). It unpacks like the `(hits, extended)` tuple
 //! `step` returned before.
 
+use kvalloc::StepOutcome;
 use numpy::{Element, PyArray1};
 use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
@@ -18,38 +19,52 @@ use pyo3::types::PyTuple;
 #[pyclass(frozen, name = "StepResult", module = "kvalloc._core")]
 pub struct PyStepResult {
     hits: Vec<i64>,
-    extended: Vec<bool>,
+    /// Extensions in the step, and the positions of those that did not fit (usually none, so
+    /// a decode step's result allocates nothing for them).
+    extensions: usize,
+    refused: Vec<u32>,
     admitted: usize,
-    refused_extensions: usize,
     // Made on first read, then the same array on every read.
     hits_array: PyOnceLock<Py<PyArray1<i64>>>,
     extended_array: PyOnceLock<Py<PyArray1<bool>>>,
 }
 
 impl PyStepResult {
-    /// `hits`: one entry per admission, in the step's order (-1 refused, -2 not attempted);
-    /// `extended`: one per extension.
-    pub fn new(hits: Vec<i64>, extended: Vec<bool>) -> Self {
+    /// The result of a step of `admissions` admissions (those `outcome` lacks were not
+    /// attempted).
+    pub fn new(outcome: &StepOutcome, admissions: usize) -> Self {
+        let attempted = outcome.admitted.len();
+        let hits: Vec<i64> = outcome
+            .admitted
+            .iter()
+            .map(|h| h.map_or(-1, |h| h as i64))
+            .chain(std::iter::repeat_n(-2, admissions - attempted))
+            .collect();
+        let refused = outcome
+            .extended
+            .iter()
+            .enumerate()
+            .filter(|&(_, &ok)| !ok)
+            .map(|(i, _)| i as u32)
+            .collect();
         PyStepResult {
-            admitted: hits.iter().filter(|&&h| h >= 0).count(),
-            refused_extensions: extended.iter().filter(|&&ok| !ok).count(),
+            admitted: outcome.admitted.iter().filter(|h| h.is_some()).count(),
+            extensions: outcome.extended.len(),
+            refused,
             hits,
-            extended,
             hits_array: PyOnceLock::new(),
             extended_array: PyOnceLock::new(),
         }
     }
 }
 
-/// The array of `data` in `cell`, made on the first call.
-fn cached_array<'py, T: Element + Copy>(
+/// The array `make` returns, made on the first call.
+fn cached_array<'py, T: Element>(
     py: Python<'py>,
     cell: &PyOnceLock<Py<PyArray1<T>>>,
-    data: &[T],
+    make: impl FnOnce() -> Bound<'py, PyArray1<T>>,
 ) -> Bound<'py, PyArray1<T>> {
-    cell.get_or_init(py, || PyArray1::from_slice(py, data).unbind())
-        .bind(py)
-        .clone()
+    cell.get_or_init(py, || make().unbind()).bind(py).clone()
 }
 
 #[pymethods]
@@ -58,13 +73,21 @@ impl PyStepResult {
     /// not fit, -2 when it was not attempted.
     #[getter]
     fn hits<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
-        cached_array(py, &self.hits_array, &self.hits)
+        cached_array(py, &self.hits_array, || {
+            PyArray1::from_slice(py, &self.hits)
+        })
     }
 
     /// bool array, one entry per extension: whether it fit.
     #[getter]
     fn extended<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<bool>> {
-        cached_array(py, &self.extended_array, &self.extended)
+        cached_array(py, &self.extended_array, || {
+            let mut fit = vec![true; self.extensions];
+            for &i in &self.refused {
+                fit[i as usize] = false;
+            }
+            PyArray1::from_vec(py, fit)
+        })
     }
 
     /// Admissions that got in (with `fcfs`, they are the first `admitted` of the step's).
@@ -76,7 +99,7 @@ impl PyStepResult {
     /// Extensions that did not fit (0: every one did).
     #[getter]
     fn refused_extensions(&self) -> usize {
-        self.refused_extensions
+        self.refused.len()
     }
 
     /// Two: it unpacks as `hits, extended = m.step(...)`.
@@ -104,8 +127,8 @@ impl PyStepResult {
             "StepResult(admitted={} of {}, refused_extensions={} of {})",
             self.admitted,
             self.hits.len(),
-            self.refused_extensions,
-            self.extended.len()
+            self.refused.len(),
+            self.extensions
         )
     }
 }

@@ -1987,15 +1987,25 @@ impl KVCacheManager {
     /// Serves a whole scheduler step in one call. Every id is checked before anything changes:
     /// an unknown or repeated id is an error and the step does nothing.
     pub fn step(&mut self, step: &Step<'_>) -> Result<StepOutcome> {
+        let mut out = StepOutcome::default();
+        self.step_into(step, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`step`](Self::step), writing into `out` (cleared first), so that a caller stepping
+    /// many times reuses its vectors. On an error `out` holds nothing meaningful.
+    pub fn step_into(&mut self, step: &Step<'_>, out: &mut StepOutcome) -> Result<()> {
         self.steps += 1;
         self.reap_loads();
+        out.extended.clear();
+        out.admitted.clear();
         // The slot of each extension's request, found once while checking and used to run it.
         let mut slots = std::mem::take(&mut self.scratch_slots);
-        let out = self
+        let res = self
             .check_step(step, &mut slots)
-            .and_then(|()| self.run_step(step, &slots));
+            .and_then(|()| self.run_step(step, &slots, out));
         self.scratch_slots = slots;
-        out
+        res
     }
 
     /// Checks every id and argument of a step, changing nothing but stamps: each running
@@ -2130,7 +2140,7 @@ impl KVCacheManager {
 
     /// Runs a checked step: finishes and aborts, extensions (by the slots `check_step` found),
     /// admissions.
-    fn run_step(&mut self, step: &Step<'_>, slots: &[usize]) -> Result<StepOutcome> {
+    fn run_step(&mut self, step: &Step<'_>, slots: &[usize], out: &mut StepOutcome) -> Result<()> {
         for &id in &step.finish {
             self.finish(id)?;
         }
@@ -2140,10 +2150,9 @@ impl KVCacheManager {
         self.prefetch_crossing_tables();
         self.prefetch_pooled_vectors(step.admit.len());
         self.prehash(&step.admit);
-        let mut out = StepOutcome {
-            extended: Vec::with_capacity(step.extend.len() + step.decode.ids.len()),
-            admitted: Vec::with_capacity(step.admit.len()),
-        };
+        out.extended
+            .reserve(step.extend.len() + step.decode.ids.len());
+        out.admitted.reserve(step.admit.len());
         let mut all_extended = true;
         // Two loops, not one over `extend` chained with `decode`: the chained iterator cost
         // 5.5% more instructions per step (callgrind, `benches/step_loop.py 128 96 300`).
@@ -2160,7 +2169,7 @@ impl KVCacheManager {
             out.extended.push(ok);
         }
         if step.admit_if_extended && !all_extended {
-            return Ok(out);
+            return Ok(());
         }
         let mut pre = std::mem::take(&mut self.prehashed);
         let mut res = Ok(());
@@ -2182,7 +2191,7 @@ impl KVCacheManager {
         // A burst step's many vectors are not worth keeping for the next one.
         pre.lists.truncate(PREHASH_KEPT_LISTS);
         self.prehashed = pre;
-        res.map(|()| out)
+        res
     }
 
     /// Hashes a checked step's admissions' prompts before its extensions run, and prefetches

@@ -1,0 +1,323 @@
+//! `KVCacheManager.step`: one scheduler step's arguments, converted while attached into
+//! vectors the manager keeps from step to step, then run by the core with the GIL released.
+//!
+//! A decode step's own work is a few tens of microseconds, so what the call costs around it
+//! counts: each conversion appends to a kept vector instead of allocating, and the step's
+//! outcome is written into a kept `StepOutcome`.
+
+use kvalloc::{Admission, Decode, Extension, Prompt, Step, StepOutcome};
+use numpy::{PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::{PyList, PyTuple};
+
+use crate::convert::{opt_positive, token_ids_into, type_name, uint_list_into};
+use crate::errors::{invalid, IntoPyResult};
+use crate::manager::{req_arg, salt_arg, OwnedAdmission, OwnedPrompt, PyKVCacheManager};
+use crate::step_result::PyStepResult;
+
+/// `step`'s arguments as Python gave them (flags already read).
+pub(crate) struct StepArgs<'a, 'py> {
+    pub finish: Option<&'a Bound<'py, PyAny>>,
+    pub abort: Option<&'a Bound<'py, PyAny>>,
+    pub extend_ids: Option<&'a Bound<'py, PyAny>>,
+    pub extend_tokens: Option<&'a Bound<'py, PyAny>>,
+    pub extend_lens: Option<&'a Bound<'py, PyAny>>,
+    pub extend_counts: Option<&'a Bound<'py, PyAny>>,
+    pub admit: Option<&'a Bound<'py, PyAny>>,
+    pub admit_ids: Option<&'a Bound<'py, PyAny>>,
+    pub admit_tokens: Option<&'a Bound<'py, PyAny>>,
+    pub admit_lens: Option<&'a Bound<'py, PyAny>>,
+    pub fcfs: bool,
+    pub admit_if_extended: bool,
+}
+
+/// The vectors a step's arguments are converted into, kept by the manager between steps.
+/// Empty between calls (`clear` keeps their capacity).
+#[derive(Default)]
+pub(crate) struct StepBuffers {
+    finish: Vec<u64>,
+    abort: Vec<u64>,
+    ext_ids: Vec<u64>,
+    ext_tokens: Vec<i64>,
+    ext_lens: Vec<u64>,
+    ext_counts: Vec<u64>,
+    ext_spans: Vec<(usize, usize)>,
+    flat_ids: Vec<u64>,
+    flat_lens: Vec<u64>,
+    flat_tokens: Vec<i64>,
+    flat_spans: Vec<(usize, usize)>,
+    outcome: StepOutcome,
+}
+
+impl StepBuffers {
+    pub fn clear(&mut self) {
+        self.finish.clear();
+        self.abort.clear();
+        self.ext_ids.clear();
+        self.ext_tokens.clear();
+        self.ext_lens.clear();
+        self.ext_counts.clear();
+        self.ext_spans.clear();
+        self.flat_ids.clear();
+        self.flat_lens.clear();
+        self.flat_tokens.clear();
+        self.flat_spans.clear();
+        self.outcome.extended.clear();
+        self.outcome.admitted.clear();
+    }
+}
+
+/// Appends the ids in `obj` (None or Python None: nothing) to `out`.
+fn ids_into(obj: Option<&Bound<'_, PyAny>>, what: &str, out: &mut Vec<u64>) -> PyResult<()> {
+    match obj.filter(|o| !o.is_none()) {
+        Some(o) => uint_list_into(o, what, out),
+        None => Ok(()),
+    }
+}
+
+/// The `admit` list: `(req_id, tokens[, salt[, max_tokens]])` tuples.
+fn listed_admissions(admit: Option<&Bound<'_, PyAny>>) -> PyResult<Vec<OwnedAdmission>> {
+    let Some(a) = admit.filter(|o| !o.is_none()) else {
+        return Ok(Vec::new());
+    };
+    let list = a.cast::<PyList>().map_err(|_| {
+        invalid(
+            "admit",
+            "expected a list of (req_id, tokens[, salt[, max_tokens]]) tuples",
+        )
+    })?;
+    let mut admits = Vec::with_capacity(list.len());
+    for item in list.iter() {
+        let t = item.cast::<PyTuple>().map_err(|_| {
+            invalid(
+                "admit",
+                format!("each entry must be a tuple, got {}", type_name(&item)),
+            )
+        })?;
+        if !(2..=4).contains(&t.len()) {
+            return Err(invalid(
+                "admit",
+                "each entry is (req_id, tokens[, salt[, max_tokens]])",
+            ));
+        }
+        let salt = if t.len() >= 3 {
+            salt_arg(Some(&t.get_item(2)?))?
+        } else {
+            None
+        };
+        let max_tokens = if t.len() == 4 {
+            opt_positive(Some(&t.get_item(3)?), "max_tokens")?
+        } else {
+            None
+        };
+        admits.push((
+            req_arg(&t.get_item(0)?)?,
+            OwnedPrompt::extract(&t.get_item(1)?)?,
+            salt,
+            max_tokens,
+        ));
+    }
+    Ok(admits)
+}
+
+/// Checks that `lens` (one per id) add up to `n_tokens` and appends each one's
+/// `(from, to)` in the flat token array to `out`. `names`: the ids', lengths' and tokens'
+/// argument names, for errors.
+fn spans_into(
+    lens: &[u64],
+    n_ids: usize,
+    n_tokens: usize,
+    [ids, lens_name, tokens]: [&str; 3],
+    out: &mut Vec<(usize, usize)>,
+) -> PyResult<()> {
+    if lens.len() != n_ids {
+        return Err(invalid(
+            lens_name,
+            format!("{} lengths for {n_ids} {ids}", lens.len()),
+        ));
+    }
+    // Checked: lengths near 2^64 (uint64 arrays) must not wrap around to a matching sum.
+    let total = lens.iter().try_fold(0u64, |a, &l| a.checked_add(l));
+    if total != Some(n_tokens as u64) {
+        let sum = total.map_or("more than 2^64".into(), |t| t.to_string());
+        return Err(invalid(
+            tokens,
+            format!("{n_tokens} tokens, but {lens_name} adds up to {sum}"),
+        ));
+    }
+    let mut at = 0usize;
+    out.extend(lens.iter().map(|&l| {
+        at += l as usize;
+        (at - l as usize, at)
+    }));
+    Ok(())
+}
+
+impl PyKVCacheManager {
+    /// One `step` call: converts `args` into `buf`, runs the core step detached, and returns
+    /// its result.
+    pub(crate) fn run_step<'py>(
+        &self,
+        py: Python<'py>,
+        args: &StepArgs<'_, 'py>,
+        buf: &mut StepBuffers,
+    ) -> PyResult<PyStepResult> {
+        ids_into(args.finish, "finish", &mut buf.finish)?;
+        ids_into(args.abort, "abort", &mut buf.abort)?;
+        ids_into(args.extend_ids, "extend_ids", &mut buf.ext_ids)?;
+        let ext_tokens = args.extend_tokens.filter(|o| !o.is_none());
+        if let Some(t) = ext_tokens {
+            token_ids_into(t, "extend_tokens", &mut buf.ext_tokens)?;
+        }
+        ids_into(args.extend_lens, "extend_lens", &mut buf.ext_lens)?;
+        ids_into(args.extend_counts, "extend_counts", &mut buf.ext_counts)?;
+        let admits = listed_admissions(args.admit)?;
+        // Admissions in flat form: ids, one token array, and each prompt's length (three
+        // conversions, whatever the number of requests).
+        ids_into(args.admit_ids, "admit_ids", &mut buf.flat_ids)?;
+        ids_into(args.admit_lens, "admit_lens", &mut buf.flat_lens)?;
+        let admit_tokens = args.admit_tokens.filter(|o| !o.is_none());
+        // int64 tokens are borrowed, not copied: a step's prompts can be megabytes, and even
+        // the 2,048 ids of `benches/step_ab.py`'s 16 prompts cost more to copy than to borrow
+        // (0.5 us warm, 2.5 us with cold caches, measured side by side). Other dtypes are
+        // converted into the kept vector.
+        let borrowed: Option<PyReadonlyArray1<'py, i64>> = admit_tokens
+            .and_then(|t| t.extract::<PyReadonlyArray1<'py, i64>>().ok())
+            .filter(|a| a.is_c_contiguous());
+        if let (Some(t), None) = (admit_tokens, &borrowed) {
+            token_ids_into(t, "admit_tokens", &mut buf.flat_tokens)?;
+        }
+        let StepBuffers {
+            finish,
+            abort,
+            ext_ids,
+            ext_tokens: ext_token_ids,
+            ext_lens,
+            ext_counts,
+            ext_spans,
+            flat_ids,
+            flat_lens,
+            flat_tokens: flat_copied,
+            flat_spans,
+            outcome,
+        } = buf;
+        let flat_tokens: &[i64] = match &borrowed {
+            Some(a) => a.as_slice()?,
+            None => flat_copied,
+        };
+        spans_into(
+            flat_lens,
+            flat_ids.len(),
+            flat_tokens.len(),
+            ["admit_ids", "admit_lens", "admit_tokens"],
+            flat_spans,
+        )?;
+        // Extensions, as slices of the flat token array.
+        match (ext_tokens.is_some(), ext_counts.is_empty()) {
+            (true, false) => {
+                return Err(invalid(
+                    "extend_counts",
+                    "give extend_tokens or extend_counts, not both",
+                ))
+            }
+            // One token each (the decode step): no lengths to check, no spans to build.
+            (true, true) if ext_lens.is_empty() => {
+                if ext_token_ids.len() != ext_ids.len() {
+                    return Err(invalid(
+                        "extend_tokens",
+                        format!(
+                            "{} tokens for {} extend_ids (one each without extend_lens)",
+                            ext_token_ids.len(),
+                            ext_ids.len()
+                        ),
+                    ));
+                }
+            }
+            (true, true) => spans_into(
+                ext_lens,
+                ext_ids.len(),
+                ext_token_ids.len(),
+                ["extend_ids", "extend_lens", "extend_tokens"],
+                ext_spans,
+            )?,
+            (false, false) => {
+                if ext_counts.len() != ext_ids.len() {
+                    return Err(invalid(
+                        "extend_counts",
+                        format!("{} counts for {} ids", ext_counts.len(), ext_ids.len()),
+                    ));
+                }
+            }
+            (false, true) => {
+                if !ext_ids.is_empty() {
+                    return Err(invalid(
+                        "extend_ids",
+                        "give extend_tokens or extend_counts with extend_ids",
+                    ));
+                }
+            }
+        }
+        let n_admits = admits.len() + flat_ids.len();
+        let one_token_each = ext_tokens.is_some() && ext_lens.is_empty();
+        let has_tokens = ext_tokens.is_some();
+        let (fcfs, admit_if_extended) = (args.fcfs, args.admit_if_extended);
+        py.detach(|| {
+            let mut step = Step {
+                finish: std::mem::take(finish),
+                abort: std::mem::take(abort),
+                extend: Vec::new(),
+                decode: Decode::default(),
+                admit: Vec::with_capacity(n_admits),
+                fcfs,
+                admit_if_extended,
+            };
+            if one_token_each {
+                // One token each (checked above): the columns as they are.
+                step.decode = Decode {
+                    ids: ext_ids,
+                    tokens: ext_token_ids,
+                };
+            } else if has_tokens {
+                step.extend.extend(
+                    ext_ids
+                        .iter()
+                        .zip(ext_spans.iter())
+                        .map(|(&id, &(from, to))| {
+                            (id, Extension::Tokens(&ext_token_ids[from..to]))
+                        }),
+                );
+            } else {
+                step.extend.extend(
+                    ext_ids
+                        .iter()
+                        .zip(ext_counts.iter())
+                        .map(|(&id, &n)| (id, Extension::Count(n))),
+                );
+            }
+            for (req, prompt, salt, max_tokens) in &admits {
+                step.admit.push(Admission {
+                    req: *req,
+                    prompt: prompt.as_prompt(),
+                    salt: salt.as_deref(),
+                    max_tokens: *max_tokens,
+                });
+            }
+            for (&req, &(from, to)) in flat_ids.iter().zip(flat_spans.iter()) {
+                step.admit.push(Admission {
+                    req,
+                    prompt: Prompt::Tokens(&flat_tokens[from..to]),
+                    salt: None,
+                    max_tokens: None,
+                });
+            }
+            let res = self
+                .lock()
+                .and_then(|mut m| m.step_into(&step, outcome).py());
+            // The id vectors go back to the buffers.
+            *finish = step.finish;
+            *abort = step.abort;
+            res
+        })?;
+        Ok(PyStepResult::new(outcome, n_admits))
+    }
+}
