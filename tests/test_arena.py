@@ -1,7 +1,5 @@
 """SlabArena through Python: semantics, bad input, a hypothesis state machine, threads."""
 
-import threading
-
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -10,6 +8,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 import kvalloc
 from kvalloc import InvalidArgumentError, KvAllocError, OutOfMemoryError, SlabArena, StaleHandleError
+from threads import run_threads
 
 
 def test_basic_alloc_free_and_views():
@@ -179,31 +178,22 @@ TestArenaMachine.settings = settings(max_examples=60, stateful_step_count=40, de
 def test_threads_stress():
     """Eight threads alloc and free concurrently (the GIL is released inside the calls)."""
     arena = SlabArena(64 << 20, [4096, 12288])
-    errors: list[BaseException] = []
     owned: list[list[int]] = [[] for _ in range(8)]
 
     def worker(i: int) -> None:
         rng = np.random.default_rng(i)
         mine: list[np.ndarray] = []
-        try:
-            for _ in range(400):
-                if mine and rng.random() < 0.45:
-                    arena.free(mine.pop(int(rng.integers(len(mine)))))
-                else:
-                    try:
-                        mine.append(arena.alloc(int(rng.integers(2)), int(rng.integers(1, 64))))
-                    except OutOfMemoryError:
-                        pass
-            owned[i] = [h for arr in mine for h in arr.tolist()]
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        for _ in range(400):
+            if mine and rng.random() < 0.45:
+                arena.free(mine.pop(int(rng.integers(len(mine)))))
+            else:
+                try:
+                    mine.append(arena.alloc(int(rng.integers(2)), int(rng.integers(1, 64))))
+                except OutOfMemoryError:
+                    pass
+        owned[i] = [h for arr in mine for h in arr.tolist()]
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    run_threads(worker, 8)
     everything = [h for o in owned for h in o]
     assert len(everything) == len(set(everything)), "two threads got the same handle"
     offs = arena.offsets(np.array(everything, dtype=np.uint64)) if everything else []

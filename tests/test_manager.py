@@ -1,8 +1,6 @@
 """KVCacheManager through Python: lifecycle, the worked example, batched steps, bad input,
 a hypothesis state machine against a reference, and threads."""
 
-import threading
-
 import numpy as np
 import pytest
 from hypothesis import settings
@@ -18,6 +16,7 @@ from kvalloc import (
     ModelSpec,
     RequestError,
 )
+from threads import run_threads
 
 B = 16
 W = 128
@@ -375,46 +374,37 @@ def test_threads_step_one_manager_at_once():
     """Four threads call `step` on one manager at once, each with its own requests and a mix
     of argument forms: every result has its own step's shape, and the accounting adds up."""
     m = KVCacheManager(small_spec(), 256 << 20)
-    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
-        try:
-            rng = np.random.default_rng(t)
-            running: list[int] = []
-            for i in range(60):
-                new = [t * 10_000 + i * 10 + k for k in range(int(rng.integers(0, 4)))]
-                lens = rng.integers(1, 80, len(new))
-                tokens = np.concatenate([seq(0, 16)] + [seq(10**6 * (t + 1) + r * 100, int(n)) for r, n in
-                                                         zip(new, lens)])
-                lens[0:1] += 16 if new else 0
-                done = running[: int(rng.integers(0, len(running) + 1))] if i % 3 == 0 else []
-                running = [r for r in running if r not in done]
-                ext = np.array(running, dtype=np.int64)
-                if rng.random() < 0.5:
-                    kwargs = dict(extend_ids=ext, extend_tokens=rng.integers(0, 1000, len(ext)))
-                else:
-                    kwargs = dict(extend_ids=list(running), extend_tokens=rng.integers(0, 1000, 2 * len(ext)),
-                                  extend_lens=np.full(len(ext), 2))
-                if rng.random() < 0.5:
-                    kwargs.update(admit_ids=np.array(new, dtype=np.int64),
-                                  admit_tokens=tokens if new else seq(0, 0), admit_lens=lens)
-                else:
-                    starts = np.concatenate([[0], np.cumsum(lens)])
-                    kwargs["admit"] = [(r, tokens[a:b]) for r, a, b in zip(new, starts, starts[1:])]
-                res = m.step(finish=done, **kwargs)
-                assert res.hits.shape == (len(new),) and res.extended.shape == (len(running),)
-                assert res.extended.all() and (res.hits >= 0).all()
-                running += new
-            m.step(finish=running)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        rng = np.random.default_rng(t)
+        running: list[int] = []
+        for i in range(60):
+            new = [t * 10_000 + i * 10 + k for k in range(int(rng.integers(0, 4)))]
+            lens = rng.integers(1, 80, len(new))
+            tokens = np.concatenate([seq(0, 16)] + [seq(10**6 * (t + 1) + r * 100, int(n)) for r, n in
+                                                     zip(new, lens)])
+            lens[0:1] += 16 if new else 0
+            done = running[: int(rng.integers(0, len(running) + 1))] if i % 3 == 0 else []
+            running = [r for r in running if r not in done]
+            ext = np.array(running, dtype=np.int64)
+            if rng.random() < 0.5:
+                kwargs = dict(extend_ids=ext, extend_tokens=rng.integers(0, 1000, len(ext)))
+            else:
+                kwargs = dict(extend_ids=list(running), extend_tokens=rng.integers(0, 1000, 2 * len(ext)),
+                              extend_lens=np.full(len(ext), 2))
+            if rng.random() < 0.5:
+                kwargs.update(admit_ids=np.array(new, dtype=np.int64),
+                              admit_tokens=tokens if new else seq(0, 0), admit_lens=lens)
+            else:
+                starts = np.concatenate([[0], np.cumsum(lens)])
+                kwargs["admit"] = [(r, tokens[a:b]) for r, a, b in zip(new, starts, starts[1:])]
+            res = m.step(finish=done, **kwargs)
+            assert res.hits.shape == (len(new),) and res.extended.shape == (len(running),)
+            assert res.extended.all() and (res.hits >= 0).all()
+            running += new
+        m.step(finish=running)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    run_threads(worker, 4)
     m.validate()
     s = m.stats()
     assert s["running_requests"] == 0 and s["hit_tokens"] > 0
@@ -715,33 +705,24 @@ TestManagerMachine.settings = settings(max_examples=40, stateful_step_count=30, 
 def test_threads_share_one_manager():
     """Eight threads drive their own requests on one manager at once (the GIL is released)."""
     m = KVCacheManager(small_spec(), 64 << 20)
-    errors: list[BaseException] = []
 
     def worker(t: int) -> None:
-        try:
-            rng = np.random.default_rng(t)
-            for i in range(40):
-                rid = t * 1000 + i
-                shared = seq(0, int(rng.integers(16, 400)))
-                own = seq(100_000 * (t + 1) + i * 500, int(rng.integers(1, 200)))
-                if m.admit(rid, np.concatenate([shared, own])) is None:
-                    continue
-                for _ in range(int(rng.integers(0, 20))):
-                    if not m.extend(rid, np.array([int(rng.integers(1 << 30))], dtype=np.int64)):
-                        break
-                if rng.random() < 0.2:
-                    m.abort(rid)
-                else:
-                    m.finish(rid)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        rng = np.random.default_rng(t)
+        for i in range(40):
+            rid = t * 1000 + i
+            shared = seq(0, int(rng.integers(16, 400)))
+            own = seq(100_000 * (t + 1) + i * 500, int(rng.integers(1, 200)))
+            if m.admit(rid, np.concatenate([shared, own])) is None:
+                continue
+            for _ in range(int(rng.integers(0, 20))):
+                if not m.extend(rid, np.array([int(rng.integers(1 << 30))], dtype=np.int64)):
+                    break
+            if rng.random() < 0.2:
+                m.abort(rid)
+            else:
+                m.finish(rid)
 
-    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    assert not errors, errors
+    run_threads(worker, 8)
     m.validate()
     s = m.stats()
     assert s["running_requests"] == 0
