@@ -23,7 +23,8 @@ if [ "$extras" = "test" ]; then
   scripts/remote-store.sh install
 fi
 
-# Release build, installed in place (editable): python/kvalloc is imported from the tree and
-# the compiled _core lands next to it. Incremental: a second run only relinks what changed.
-VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release -q
+# Release build with profile-guided optimization, installed in place (editable): python/kvalloc
+# is imported from the tree and the compiled _core lands next to it. A second run with nothing
+# changed reuses the profile and the build (scripts/pgo_build.sh; KVALLOC_PGO=0: a plain one).
+scripts/pgo_build.sh
 .venv/bin/python -c "import kvalloc, sys; print('kvalloc', kvalloc.__version__, 'ready in .venv', file=sys.stderr)"

@@ -101,3 +101,14 @@ def test_step_code_lines_runs():
     out = run("step_code_lines.py", "3")
     assert re.match(r"one step after 3: \d+ lines of code \(\d+ KiB\)", out), out
     assert "kvalloc core" in out, out
+
+
+def test_pgo_training_run_drives_every_part():
+    """scripts/pgo_train.py (the profile-guided build's training run) runs against the
+    installed build too, so a change to the API it drives fails here, not only in a setup
+    that has llvm-profdata."""
+    script = BENCHES.parent / "scripts" / "pgo_train.py"
+    core = Path(kvalloc._core.__file__)
+    out = run(str(script), str(core))
+    # The simulator's JSON reports of its four replays.
+    assert out.count('"policy": "swa-aware"') >= 2 and '"policy": "dense"' in out, out[-2000:]
