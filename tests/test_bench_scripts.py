@@ -112,3 +112,9 @@ def test_pgo_training_run_drives_every_part():
     out = run(str(script), str(core))
     # The simulator's JSON reports of its four replays.
     assert out.count('"policy": "swa-aware"') >= 2 and '"policy": "dense"' in out, out[-2000:]
+
+
+def test_step_stretches_runs():
+    out = run("step_stretches.py", "0", "5")
+    assert re.search(r"^2 blocks of 5 steps; correlation of the step's median", out, re.M), out
+    assert len(re.findall(r"^step median [\d.]+ us +cpu probe [\d.]+ ms +memory probe", out, re.M)) == 2
