@@ -42,7 +42,7 @@ def main() -> None:
     block = int(sys.argv[2]) if len(sys.argv) > 2 else 200
     junk = np.zeros(1 << 21)
     idx = np.random.default_rng(0).integers(0, len(junk), 200_000)
-    rows = []
+    rows: list[tuple[float, float, float]] = []
     end = time.time() + seconds
     while time.time() < end or len(rows) < 2:
         # A fresh manager every ten blocks, so the cache's growth does not slow later blocks.
