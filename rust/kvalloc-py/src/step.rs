@@ -49,21 +49,32 @@ pub(crate) struct StepBuffers {
     outcome: StepOutcome,
 }
 
+/// Entries a kept vector keeps room for between steps: a burst (a prefill step's millions of
+/// token ids) gives back what it took above this.
+const KEEP: usize = 1 << 16;
+
+/// Empties `v`, keeping at most [`KEEP`] entries of room.
+fn empty<T>(v: &mut Vec<T>) {
+    v.clear();
+    v.shrink_to(KEEP);
+}
+
 impl StepBuffers {
+    /// Empties every vector; a burst's room above [`KEEP`] goes back.
     pub fn clear(&mut self) {
-        self.finish.clear();
-        self.abort.clear();
-        self.ext_ids.clear();
-        self.ext_tokens.clear();
-        self.ext_lens.clear();
-        self.ext_counts.clear();
-        self.ext_spans.clear();
-        self.flat_ids.clear();
-        self.flat_lens.clear();
-        self.flat_tokens.clear();
-        self.flat_spans.clear();
-        self.outcome.extended.clear();
-        self.outcome.admitted.clear();
+        empty(&mut self.finish);
+        empty(&mut self.abort);
+        empty(&mut self.ext_ids);
+        empty(&mut self.ext_tokens);
+        empty(&mut self.ext_lens);
+        empty(&mut self.ext_counts);
+        empty(&mut self.ext_spans);
+        empty(&mut self.flat_ids);
+        empty(&mut self.flat_lens);
+        empty(&mut self.flat_tokens);
+        empty(&mut self.flat_spans);
+        empty(&mut self.outcome.extended);
+        empty(&mut self.outcome.admitted);
     }
 }
 
