@@ -370,6 +370,18 @@ def test_a_refused_step_leaves_nothing_for_the_next():
     m.validate()
 
 
+@pytest.mark.parametrize("ids", [[1, -3], np.array([1, -3]), np.array([1, -3], dtype=np.int32), (1, -3)])
+def test_a_negative_id_is_named_in_every_form(ids):
+    """Lists, int64 and int32 arrays and other sequences of ids: the first negative one is
+    reported with the argument's name, and nothing changes."""
+    m = KVCacheManager(small_spec(), 64 << 20)
+    assert m.admit(1, seq(0, 40)) is not None
+    with pytest.raises(InvalidArgumentError, match=r"finish.*must be >= 0, got -3"):
+        m.step(finish=ids)
+    assert 1 in m
+    m.validate()
+
+
 def test_threads_step_one_manager_at_once():
     """Four threads call `step` on one manager at once, each with its own requests and a mix
     of argument forms: every result has its own step's shape, and the accounting adds up."""

@@ -17,7 +17,7 @@ pub fn non_negative(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
         .map_err(|_| invalid(what, format!("expected an integer, got {}", type_name(obj))))?;
     u64::try_from(v).map_err(|_| {
         if v < 0 {
-            invalid(what, format!("must be >= 0, got {v}"))
+            negative(what, v)
         } else {
             invalid(what, format!("must be below 2**64, got {v}"))
         }
@@ -94,8 +94,9 @@ pub fn u64_array<'py>(obj: &Bound<'py, PyAny>, what: &str) -> PyResult<PyReadonl
 
 /// The elements of `obj` if it is a 1-D numpy array of `T` (None if it is not one of `T`),
 /// handed to `read` while attached. No borrow is taken: nothing runs Python code meanwhile, so
-/// nothing can resize, free or write the array while `read` has the slice (a readonly borrow
-/// costs more than copying a prompt).
+/// nothing can resize, free or write the array while `read` has the slice (for one call's ids
+/// a readonly borrow costs more than the copy; `step` borrows its flat prompts, which can be
+/// megabytes).
 fn with_array<T: numpy::Element, R>(
     obj: &Bound<'_, PyAny>,
     what: &str,
@@ -168,7 +169,7 @@ pub fn uint_list_into(obj: &Bound<'_, PyAny>, what: &str, out: &mut Vec<u64>) ->
             let v = item.extract::<i64>().map_err(|_| {
                 invalid(what, format!("expected integers, got {}", type_name(&item)))
             })?;
-            out.push(non_negative_value(v, what)?);
+            out.push(u64::try_from(v).map_err(|_| negative(what, v))?);
         }
         return Ok(());
     }
@@ -178,10 +179,7 @@ pub fn uint_list_into(obj: &Bound<'_, PyAny>, what: &str, out: &mut Vec<u64>) ->
     if with_array::<u64, _>(obj, what, |v| out.extend_from_slice(v))?.is_some() {
         return Ok(());
     }
-    if let Some(r) = with_array::<i32, _>(obj, what, |v| {
-        let wide: Vec<i64> = v.iter().map(|&x| i64::from(x)).collect();
-        signed_into(&wide, what, out)
-    })? {
+    if let Some(r) = with_array::<i32, _>(obj, what, |v| signed_into(v, what, out))? {
         return r;
     }
     if obj.cast::<numpy::PyUntypedArray>().is_ok() {
@@ -202,22 +200,25 @@ pub fn uint_list_into(obj: &Bound<'_, PyAny>, what: &str, out: &mut Vec<u64>) ->
     signed_into(&v, what, out)
 }
 
-fn non_negative_value(v: i64, what: &str) -> PyResult<u64> {
-    u64::try_from(v).map_err(|_| invalid(what, format!("must be >= 0, got {v}")))
+/// The error for a negative value where only non-negative ones are accepted.
+fn negative(what: &str, v: impl std::fmt::Display) -> PyErr {
+    invalid(what, format!("must be >= 0, got {v}"))
 }
 
-/// Appends `signed` to `out` as unsigned values, or fails on the first negative one.
-fn signed_into(signed: &[i64], what: &str, out: &mut Vec<u64>) -> PyResult<()> {
+/// Appends `signed` (int64 or int32 values) to `out` as unsigned values, or fails on the first
+/// negative one.
+fn signed_into<T: Copy + Into<i64>>(signed: &[T], what: &str, out: &mut Vec<u64>) -> PyResult<()> {
     // One OR over the values finds a negative one (the sign bit), then the cast: both
     // vectorize, where a per-element `try_from` does not.
-    if signed.iter().fold(0, |acc, &x| acc | x) < 0 {
-        let x = signed
+    if signed.iter().fold(0i64, |acc, &x| acc | x.into()) < 0 {
+        let x: i64 = signed
             .iter()
-            .find(|&&x| x < 0)
+            .map(|&x| x.into())
+            .find(|&x| x < 0)
             .expect("the OR saw a sign bit");
-        return Err(invalid(what, format!("must be >= 0, got {x}")));
+        return Err(negative(what, x));
     }
-    out.extend(signed.iter().map(|&x| x as u64));
+    out.extend(signed.iter().map(|&x| x.into() as u64));
     Ok(())
 }
 
