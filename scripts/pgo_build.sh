@@ -2,8 +2,8 @@
 # Builds the Python extension with profile-guided optimization and installs it into .venv
 # (editable), as scripts/setup.sh does: an instrumented build runs scripts/pgo_train.py (the
 # scheduler step, single calls, tiers, the arena, trace replay), then the release build uses
-# that profile. On this project's scheduler step it is 12-15% faster than a plain release
-# build (README, "Profile-guided build").
+# that profile: about 10% faster on the scheduler step than a plain release build (README,
+# "Profile-guided build").
 #
 #     scripts/pgo_build.sh              # needs .venv with maturin and numpy (scripts/setup.sh)
 #     KVALLOC_PGO=0 scripts/pgo_build.sh  # a plain release build
@@ -40,7 +40,7 @@ fi
 key=$(
   find rust python/kvalloc -type f ! -name '*.so' ! -path '*/__pycache__/*' -print0 \
     | sort -z | xargs -0 sha256sum
-  sha256sum Cargo.toml Cargo.lock scripts/pgo_train.py benches/step_workload.py
+  sha256sum Cargo.toml Cargo.lock scripts/pgo_train.py benches/step_workload.py benches/as_kvalloc.py
   rustc -vV
 )
 key=$(printf '%s' "$key" | sha256sum | cut -c1-16)

@@ -13,7 +13,6 @@ arena, and trace replay through the simulator.
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 import tempfile
 from pathlib import Path
@@ -25,15 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def load_instrumented(path: str) -> None:
     """Makes `import kvalloc` use the extension at `path` (the package's Python files come from
-    the tree)."""
-    spec = importlib.util.spec_from_file_location("kvalloc._core", path)
-    if spec is None or spec.loader is None:
-        raise SystemExit(f"{path}: not an extension module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["kvalloc._core"] = module
-    spec.loader.exec_module(module)
-    sys.path.insert(0, str(ROOT / "python"))
+    the tree) and the benches' helpers importable."""
     sys.path.insert(0, str(ROOT / "benches"))
+    from as_kvalloc import install
+
+    install(path)
 
 
 def scheduler_steps() -> None:

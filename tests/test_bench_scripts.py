@@ -118,3 +118,10 @@ def test_step_stretches_runs():
     out = run("step_stretches.py", "0", "5")
     assert re.search(r"^2 blocks of 5 steps; correlation of the step's median", out, re.M), out
     assert len(re.findall(r"^step median [\d.]+ us +cpu probe [\d.]+ ms +memory probe", out, re.M)) == 2
+
+
+def test_simulate_ab_replays_on_two_builds():
+    core = str(Path(kvalloc._core.__file__))
+    out = run("simulate_ab.py", core, core, "1")
+    assert re.search(r"ratio of medians \(second / first\): [\d.]+", out), out
+    assert len(re.findall(r"_core\.abi3\.so: [\d.]+ s \(median", out)) == 2, out
