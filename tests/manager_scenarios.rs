@@ -366,14 +366,18 @@ fn batched_step_checks_then_serves_in_order() {
     };
     // `step_into` writes over whatever the outcome held.
     let mut out = kvalloc::StepOutcome {
-        extended: vec![true; 5],
+        extensions: 5,
+        refused: vec![3],
         admitted: vec![Some(9)],
     };
     m.step_into(&step(true), &mut out).unwrap();
-    assert_eq!((out.extended, out.admitted), (vec![false], vec![]));
+    assert_eq!(
+        (out.extended(), out.admitted.clone()),
+        (vec![false], vec![])
+    );
     assert!(!m.is_running(2));
     let out = m.step(&step(false)).unwrap();
-    assert_eq!((out.extended.len(), out.admitted.len()), (1, 1));
+    assert_eq!((out.extensions, out.admitted.len()), (1, 1));
     m.validate().unwrap();
 }
 
@@ -595,12 +599,12 @@ fn decode_columns_are_one_token_extensions() {
             })
             .unwrap();
         assert_eq!(a, b);
-        for (&(id, ext), &ok) in as_tuples.iter().zip(&a.extended) {
+        for (&(id, ext), ok) in as_tuples.iter().zip(a.extended()) {
             if let (Extension::Tokens(t), true) = (ext, ok) {
                 history[id as usize].extend_from_slice(t);
             }
         }
-        refused += a.extended.iter().filter(|&&ok| !ok).count();
+        refused += a.refused.len();
         same(&tuples, &columns);
     }
     assert!(refused > 0, "the test should run out of memory");

@@ -12,7 +12,9 @@ use std::collections::HashMap;
 use kvalloc::{Error, SlabArena};
 use proptest::prelude::*;
 
-const BLOCKS: [u64; 3] = [64, 192, 320];
+// The last class fills a slab with one block (as a large sliding-window block does): its
+// allocations take whole slabs (`SlabArena::take_whole_slab`).
+const BLOCKS: [u64; 4] = [64, 192, 320, SLAB];
 const SLAB: u64 = 960 * 4; // lcm(64, 192, 320) = 960
 
 #[derive(Debug, Clone)]

@@ -73,7 +73,7 @@ impl StepBuffers {
         empty(&mut self.flat_lens);
         empty(&mut self.flat_tokens);
         empty(&mut self.flat_spans);
-        empty(&mut self.outcome.extended);
+        empty(&mut self.outcome.refused);
         empty(&mut self.outcome.admitted);
     }
 }

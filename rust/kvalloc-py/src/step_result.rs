@@ -40,16 +40,10 @@ impl PyStepResult {
             .map(|h| h.map_or(-1, |h| h as i64))
             .chain(std::iter::repeat_n(-2, admissions - attempted))
             .collect();
-        let refused = outcome
-            .extended
-            .iter()
-            .enumerate()
-            .filter(|&(_, &ok)| !ok)
-            .map(|(i, _)| i as u32)
-            .collect();
+        let refused = outcome.refused.iter().map(|&i| i as u32).collect();
         PyStepResult {
             admitted: outcome.admitted.iter().filter(|h| h.is_some()).count(),
-            extensions: outcome.extended.len(),
+            extensions: outcome.extensions,
             refused,
             hits,
             hits_array: PyOnceLock::new(),

@@ -308,7 +308,7 @@ pub enum Extension<'a> {
 ///     decode: Decode { ids: &[0, 1], tokens: &[42, 43] },
 ///     ..Step::default()
 /// })?;
-/// assert_eq!(out.extended, vec![true, true]);
+/// assert_eq!((out.extensions, out.refused.len()), (2, 0));
 /// assert_eq!(m.num_tokens(0)?, 101);
 /// # Ok::<(), kvalloc::Error>(())
 /// ```
@@ -361,11 +361,26 @@ pub struct Step<'a> {
 /// What a step did, in the order of its inputs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StepOutcome {
-    /// Per extension, `extend` then `decode`: whether it fit.
-    pub extended: Vec<bool>,
+    /// Extensions attempted: those of `extend`, then those of `decode`.
+    pub extensions: usize,
+    /// Positions (in that order) of the extensions that did not fit, ascending. A list of the
+    /// few refusals rather than a flag per extension: a decode step has hundreds of
+    /// extensions and nearly always no refusal.
+    pub refused: Vec<usize>,
     /// Per admission attempted: tokens served from cache, or None when it did not fit. With
     /// [`Step::fcfs`] it ends at the first None.
     pub admitted: Vec<Option<u64>>,
+}
+
+impl StepOutcome {
+    /// Per extension, in order: whether it fit.
+    pub fn extended(&self) -> Vec<bool> {
+        let mut v = vec![true; self.extensions];
+        for &i in &self.refused {
+            v[i] = false;
+        }
+        v
+    }
 }
 
 /// Per-group accounting.
@@ -1997,7 +2012,8 @@ impl KVCacheManager {
     pub fn step_into(&mut self, step: &Step<'_>, out: &mut StepOutcome) -> Result<()> {
         self.steps += 1;
         self.reap_loads();
-        out.extended.clear();
+        out.extensions = 0;
+        out.refused.clear();
         out.admitted.clear();
         // The slot of each extension's request, found once while checking and used to run it.
         let mut slots = std::mem::take(&mut self.scratch_slots);
@@ -2150,24 +2166,30 @@ impl KVCacheManager {
         self.prefetch_crossing_tables();
         self.prefetch_pooled_vectors(step.admit.len());
         self.prehash(&step.admit);
-        out.extended
-            .reserve(step.extend.len() + step.decode.ids.len());
         out.admitted.reserve(step.admit.len());
-        let mut all_extended = true;
         // Two loops, not one over `extend` chained with `decode`: the chained iterator cost
         // 5.5% more instructions per step (callgrind, `benches/step_loop.py 128 96 300`).
         let (ext_slots, decode_slots) = slots.split_at(step.extend.len());
-        for (&(id, ext), &slot) in step.extend.iter().zip(ext_slots) {
-            let ok = self.extend_at(slot, id, ext)?;
-            all_extended &= ok;
-            out.extended.push(ok);
+        for (k, (&(id, ext), &slot)) in step.extend.iter().zip(ext_slots).enumerate() {
+            if !self.extend_at(slot, id, ext)? {
+                out.refused.push(k);
+            }
         }
         let decode = step.decode;
-        for ((&id, tok), &slot) in decode.ids.iter().zip(decode.tokens).zip(decode_slots) {
-            let ok = self.extend_at(slot, id, Extension::Tokens(std::slice::from_ref(tok)))?;
-            all_extended &= ok;
-            out.extended.push(ok);
+        let first = step.extend.len();
+        for (k, ((&id, tok), &slot)) in decode
+            .ids
+            .iter()
+            .zip(decode.tokens)
+            .zip(decode_slots)
+            .enumerate()
+        {
+            if !self.extend_at(slot, id, Extension::Tokens(std::slice::from_ref(tok)))? {
+                out.refused.push(first + k);
+            }
         }
+        out.extensions = first + decode.ids.len();
+        let all_extended = out.refused.is_empty();
         if step.admit_if_extended && !all_extended {
             return Ok(());
         }

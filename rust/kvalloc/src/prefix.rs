@@ -647,37 +647,52 @@ impl PrefixTree {
             return false;
         }
         let k = self.nodes[end as usize].depth + 1;
-        let mut starts_buf = [0u32; 16];
-        for (i, &g) in self.sliding.iter().enumerate() {
+        // One walk per group, counting the run's references as it goes (a run too short,
+        // which is rare, takes them back).
+        let mut lens = [0u32; 16];
+        for i in 0..self.sliding.len() {
+            let g = self.sliding[i];
             let w = self.layout.windows[g].expect("sliding");
             let need = self.layout.window_blocks(k, w);
+            let limit = max_blocks[i].max(need);
             let mut len = 0;
             let mut n = end;
-            while n != NONE && len < max_blocks[i].max(need) && self.block(n, g) != 0 {
+            while n != NONE && len < limit {
+                let s = self.slot(n, g);
+                if self.blocks[s] == 0 {
+                    break;
+                }
+                self.ckpt_refs[s] += 1;
                 len += 1;
                 n = self.nodes[n as usize].parent;
             }
+            lens[i] = len;
             if len < need {
+                for j in 0..=i {
+                    self.unref_run(end, self.sliding[j], lens[j]);
+                }
                 return false;
             }
-            starts_buf[i] = k - len;
         }
         for i in 0..self.sliding.len() {
-            let g = self.sliding[i];
-            let start = starts_buf[i];
-            let s = self.slot(end, g);
-            self.ckpt_start[s] = start;
-            let mut n = end;
-            while n != NONE && self.nodes[n as usize].depth >= start {
-                let s = self.slot(n, g);
-                self.ckpt_refs[s] += 1;
-                n = self.nodes[n as usize].parent;
-            }
+            let s = self.slot(end, self.sliding[i]);
+            self.ckpt_start[s] = k - lens[i];
         }
         self.nodes[end as usize].ckpt_end = true;
         self.checkpoints += 1;
         self.refresh(end);
         true
+    }
+
+    /// Takes back the references `add_checkpoint` gave the `len` blocks of group `g` ending at
+    /// `end`.
+    fn unref_run(&mut self, end: NodeId, g: usize, len: u32) {
+        let mut n = end;
+        for _ in 0..len {
+            let s = self.slot(n, g);
+            self.ckpt_refs[s] -= 1;
+            n = self.nodes[n as usize].parent;
+        }
     }
 
     /// Unregisters the checkpoint ending at `end`, freeing SWA blocks no longer covered by any
@@ -1110,7 +1125,54 @@ impl PrefixTree {
 
 #[cfg(test)]
 mod tests {
-    use super::Layout;
+    use super::{Layout, PrefixTree, NONE};
+    use crate::policy::Eviction;
+    use std::collections::HashMap;
+
+    /// A path of five nodes over a full group and two sliding groups (windows of `window`
+    /// one-token blocks): A holds an SWA block at every node, B only at the last two.
+    fn five_node_path(window: u32) -> (PrefixTree, Vec<u32>) {
+        let layout = Layout {
+            windows: vec![None, Some(window), Some(window)],
+            block_bytes: vec![1, 1, 1],
+            block_tokens: 1,
+            swa_aware: true,
+        };
+        let mut tree = PrefixTree::new(layout, Eviction::Value);
+        let (mut parent, mut path) = (NONE, Vec::new());
+        for depth in 0..5u64 {
+            let b = if depth >= 3 { 100 + depth } else { 0 };
+            parent = tree.insert(
+                (depth + 1) * 7919,
+                parent,
+                depth as u32,
+                &[10 + depth, 50 + depth, b],
+            );
+            path.push(parent);
+        }
+        (tree, path)
+    }
+
+    /// A checkpoint that one sliding group cannot cover is refused and leaves no reference
+    /// behind, in the group whose run was counted first as in the short one.
+    #[test]
+    fn a_refused_checkpoint_takes_back_every_reference() {
+        let (mut tree, path) = five_node_path(4);
+        let pins: HashMap<_, _> = path.iter().map(|&n| (n, 1)).collect();
+        // B's run (2 blocks) is short of the 4 a resume at depth 5 needs.
+        assert!(!tree.add_checkpoint(path[4], &[4, 4]));
+        tree.validate(&pins).unwrap();
+        assert!(path
+            .iter()
+            .all(|&n| !tree.ckpt_covered(n, 1) && !tree.ckpt_covered(n, 2)));
+        assert!(!tree.is_checkpoint(path[4]));
+        // With windows of two blocks both runs suffice: registered, A's run capped at 3.
+        let (mut tree, path) = five_node_path(2);
+        assert!(tree.add_checkpoint(path[4], &[3, 3]));
+        tree.validate(&pins).unwrap();
+        let covered = |g| path.iter().filter(|&&n| tree.ckpt_covered(n, g)).count();
+        assert_eq!((covered(1), covered(2)), (3, 2));
+    }
 
     #[test]
     fn window_blocks_is_the_capped_ceiling_for_every_block_size() {

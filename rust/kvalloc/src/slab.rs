@@ -127,7 +127,7 @@ struct Class {
     /// the fullest partial slab. The current slab is not in it.
     partial: BTreeSet<(u32, u32)>,
     /// The slab allocations take from until it is full (NIL: none): a held slab of this class,
-    /// in no set, possibly full.
+    /// in no set, possibly full. Always NIL for a one-block-per-slab class (`take_whole_slab`).
     current: u32,
     /// Free slots in this class's held slabs: the counts in `partial` plus the current slab's
     /// (kept exact, so availability is O(1)).
@@ -481,6 +481,12 @@ impl SlabArena {
     pub fn alloc_into(&mut self, class: usize, n: usize, out: &mut Vec<Handle>) -> Result<()> {
         self.ensure_available(class, n)?;
         out.reserve(n);
+        if self.classes[class].blocks_per_slab == 1 {
+            for _ in 0..n {
+                out.push(self.take_whole_slab(class));
+            }
+            return Ok(());
+        }
         let mut remaining = n as u32;
         while remaining > 0 {
             let s = self.slab_with_room(class);
@@ -499,10 +505,34 @@ impl SlabArena {
     /// block boundary).
     pub fn alloc_one(&mut self, class: usize) -> Result<Handle> {
         self.ensure_available(class, 1)?;
+        if self.classes[class].blocks_per_slab == 1 {
+            return Ok(self.take_whole_slab(class));
+        }
         let s = self.slab_with_room(class);
         let h = self.take_slot(s);
         self.count_taken(class, 1);
         Ok(h)
+    }
+
+    /// One block of a class whose slab holds a single block (a large sliding-window block): a
+    /// free slab taken whole. Such a class never has a current or partial slab (a slab of it is
+    /// full or free), so its free-slot count stays 0. Availability was checked.
+    fn take_whole_slab(&mut self, class: usize) -> Handle {
+        let s = self.pop_free_slab();
+        let c = &mut self.classes[class];
+        c.slabs_held += 1;
+        c.blocks_in_use += 1;
+        let slab = &mut self.slabs[s as usize];
+        slab.class = Some(class as u32);
+        slab.used = 1;
+        slab.free_head = NIL;
+        slab.free_len = 0;
+        slab.gen_counter = next_gen(slab.gen_counter);
+        let gen = slab.gen_counter;
+        // Slot 0; the free list is empty (its link is 0, the end).
+        let base = s as usize * self.stride as usize;
+        self.slots[base] = SlotMeta { gen, next: 0 };
+        (u64::from(gen) << 32) | base as u64
     }
 
     /// Hands out the first free slot of slab `s` (it has one) under the slab's next
@@ -572,26 +602,36 @@ impl SlabArena {
         s
     }
 
-    fn take_free_slab(&mut self, class: u32) -> u32 {
-        let s = match self.free_slabs.pop() {
+    /// A free slab (from the stack, else newly materialized), still marked free.
+    #[inline]
+    fn pop_free_slab(&mut self) -> u32 {
+        match self.free_slabs.pop() {
             Some(s) => s,
-            None => {
-                // Materialize never-used slabs a batch at a time (one resize of the slot array
-                // per batch, not per slab: a growing cache takes a fresh slab for nearly every
-                // SWA block). The rest wait in the free stack, lowest index on top, so slabs
-                // are still taken in index order after any recycled one.
-                let s = self.slabs.len() as u32;
-                assert!(s < self.num_slabs, "availability was checked");
-                let n = MATERIALIZE_BATCH.min(self.num_slabs - s);
-                crate::hugepage::reserve(&mut self.slabs, n as usize);
-                self.slabs.resize((s + n) as usize, Slab::free());
-                crate::hugepage::reserve(&mut self.slots, n as usize * self.stride as usize);
-                self.slots
-                    .resize(self.slabs.len() * self.stride as usize, SlotMeta::default());
-                self.free_slabs.extend((s + 1..s + n).rev());
-                s
-            }
-        };
+            None => self.materialize(),
+        }
+    }
+
+    /// Materializes never-used slabs a batch at a time (one resize of the slot array per batch,
+    /// not per slab: a growing cache takes a fresh slab for nearly every SWA block) and returns
+    /// the first. The rest wait in the free stack, lowest index on top, so slabs are still
+    /// taken in index order after any recycled one.
+    #[cold]
+    #[inline(never)]
+    fn materialize(&mut self) -> u32 {
+        let s = self.slabs.len() as u32;
+        assert!(s < self.num_slabs, "availability was checked");
+        let n = MATERIALIZE_BATCH.min(self.num_slabs - s);
+        crate::hugepage::reserve(&mut self.slabs, n as usize);
+        self.slabs.resize((s + n) as usize, Slab::free());
+        crate::hugepage::reserve(&mut self.slots, n as usize * self.stride as usize);
+        self.slots
+            .resize(self.slabs.len() * self.stride as usize, SlotMeta::default());
+        self.free_slabs.extend((s + 1..s + n).rev());
+        s
+    }
+
+    fn take_free_slab(&mut self, class: u32) -> u32 {
+        let s = self.pop_free_slab();
         let c = &mut self.classes[class as usize];
         let bps = c.blocks_per_slab;
         c.slabs_held += 1;
@@ -919,6 +959,11 @@ impl SlabArena {
                     != Some(c as u32)
             {
                 return bad(format!("class {c}: its current slab is not one it holds"));
+            }
+            if class.blocks_per_slab == 1 && (class.current != NIL || !class.partial.is_empty()) {
+                return bad(format!(
+                    "class {c}: a one-block-per-slab class has a current or partial slab"
+                ));
             }
             let listed: u64 = class.partial.iter().map(|&(f, _)| u64::from(f)).sum();
             if listed + current_free[c] != class.free_in_partial {
