@@ -247,6 +247,39 @@ fn chunked_prefill_matches_one_shot() {
     assert_eq!(hit(&a, &q), 992);
 }
 
+/// The first decode token after a chunk, taken by a batched step, releases what the chunk kept
+/// of the window before it, though it crosses no block boundary (the step's plain-append path
+/// must not take it).
+#[test]
+fn a_decode_step_after_a_chunk_releases_the_chunks_window() {
+    let mut m = manager(Policy::SwaAware, 256 << 20);
+    m.admit(1, Prompt::Tokens(&seq(0, 1000)), None, None)
+        .unwrap();
+    // Output in two chunks (speculative tokens, say): the second, [1300, 1400), keeps the
+    // window before it, blocks of output no checkpoint holds.
+    assert!(m.extend(1, Extension::Tokens(&seq(5000, 300))).unwrap());
+    assert!(m.extend(1, Extension::Tokens(&seq(6000, 100))).unwrap());
+    m.validate().unwrap();
+    assert!(
+        m.stats().groups[1].running > 9,
+        "the chunk keeps the window before it"
+    );
+    // 1400 is 8 tokens into a block: the decode token neither starts nor completes one.
+    let out = m
+        .step(&kvalloc::Step {
+            decode: kvalloc::Decode {
+                ids: &[1],
+                tokens: &[5],
+            },
+            ..kvalloc::Step::default()
+        })
+        .unwrap();
+    assert_eq!((out.extensions, out.refused.len()), (1, 0));
+    m.validate().unwrap();
+    // ceil(128 / 16) + 1: the running window only.
+    assert!(m.stats().groups[1].running <= 9);
+}
+
 #[test]
 fn block_hash_prompts() {
     let mut m = manager(Policy::SwaAware, 256 << 20);

@@ -636,6 +636,10 @@ pub struct KVCacheManager {
     refused: Refused,
 }
 
+/// Marks a decode's slot (in `check_step`'s slot list) as a plain append, run by
+/// `append_plain`: its checks already made, most of a decode step's tokens skip them.
+const PLAIN: usize = 1 << (usize::BITS - 1);
+
 /// Token <-> block arithmetic; a shift when the block size is a power of two (it nearly always
 /// is), as this runs several times per decode token.
 #[derive(Debug, Clone, Copy)]
@@ -1747,6 +1751,18 @@ impl KVCacheManager {
         Some(true)
     }
 
+    /// A decode token that `check_step` found to be a plain append (no block boundary, no
+    /// window to move, a token-id request past its prompt): what [`try_decode`](Self::try_decode)
+    /// would do, without asking again.
+    #[inline(always)]
+    fn append_plain(&mut self, slot: usize, token: i64) {
+        let r = self.requests.at_mut(slot).expect("checked this step");
+        debug_assert!(r.by_ids && r.len >= r.prompt_len && r.tail.len() + 1 < self.bm.b as usize);
+        r.last_start = r.len;
+        r.len += 1;
+        r.tail.push(token);
+    }
+
     /// Appends tokens to a running request (see [`Extension`]). Returns false, changing
     /// nothing, when there is no room even after eviction.
     pub fn extend(&mut self, req: u64, ext: Extension<'_>) -> Result<bool> {
@@ -2026,7 +2042,8 @@ impl KVCacheManager {
 
     /// Checks every id and argument of a step, changing nothing but stamps: each running
     /// request named is stamped with the step's number, so a second mention finds its stamp
-    /// (one lookup per request, no temporary sets). Fills `slots` with the extensions' slots.
+    /// (one lookup per request, no temporary sets). Fills `slots` with the extensions' slots,
+    /// a decode's marked [`PLAIN`] when running it only appends.
     fn check_step(&mut self, step: &Step<'_>, slots: &mut Vec<usize>) -> Result<()> {
         let stamp = self.steps;
         self.crossing.clear();
@@ -2064,13 +2081,16 @@ impl KVCacheManager {
         for &id in decode.ids {
             slots.push(self.resolve_slot(id)?);
         }
-        let (ext_slots, decode_slots) = slots.split_at(step.extend.len());
-        for (&(id, ext), &slot) in step.extend.iter().zip(ext_slots) {
+        for (&(id, ext), &slot) in step.extend.iter().zip(&slots[..step.extend.len()]) {
             self.check_step_extension(stamp, id, slot, ext)?;
         }
-        for ((&id, tok), &slot) in decode.ids.iter().zip(decode.tokens).zip(decode_slots) {
+        let first = step.extend.len();
+        for (k, (&id, tok)) in decode.ids.iter().zip(decode.tokens).enumerate() {
+            let slot = slots[first + k];
             let ext = Extension::Tokens(std::slice::from_ref(tok));
-            self.check_step_extension(stamp, id, slot, ext)?;
+            if self.check_step_extension(stamp, id, slot, ext)? {
+                slots[first + k] = slot | PLAIN;
+            }
         }
         let mut seen = std::mem::take(&mut self.scratch_ids);
         seen.clear();
@@ -2120,7 +2140,9 @@ impl KVCacheManager {
     }
 
     /// [`check_step`](Self::check_step) for one extension of the request in `slot`: its stamp
-    /// set (a second mention in the step finds it).
+    /// set (a second mention in the step finds it). Returns whether it is a plain append: it
+    /// neither starts nor completes a block and follows a decode (not a chunk), so running it
+    /// only appends (see [`PLAIN`]).
     #[inline(always)]
     fn check_step_extension(
         &mut self,
@@ -2128,7 +2150,7 @@ impl KVCacheManager {
         id: u64,
         slot: usize,
         ext: Extension<'_>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let Some(r) = self.requests.at_mut(slot).filter(|r| r.stamp != stamp) else {
             return Err(Self::not_extensible(id));
         };
@@ -2150,8 +2172,9 @@ impl KVCacheManager {
             crate::prefetch::prefetch(r.tail.as_ptr());
             crate::prefetch::prefetch(r.hashes.as_ptr_range().end);
             self.crossing.push(slot);
+            return Ok(false);
         }
-        Ok(())
+        Ok(r.len - r.last_start.min(r.len) <= 1)
     }
 
     /// Runs a checked step: finishes and aborts, extensions (by the slots `check_step` found),
@@ -2184,7 +2207,9 @@ impl KVCacheManager {
             .zip(decode_slots)
             .enumerate()
         {
-            if !self.extend_at(slot, id, Extension::Tokens(std::slice::from_ref(tok)))? {
+            if slot & PLAIN != 0 {
+                self.append_plain(slot & !PLAIN, *tok);
+            } else if !self.extend_at(slot, id, Extension::Tokens(std::slice::from_ref(tok)))? {
                 out.refused.push(first + k);
             }
         }
