@@ -382,6 +382,64 @@ def test_a_negative_id_is_named_in_every_form(ids):
     m.validate()
 
 
+class SubArray(np.ndarray):
+    """An ndarray subclass: not numpy's array type exactly, so read through rust-numpy."""
+
+
+def array_forms(a: np.ndarray) -> dict[str, np.ndarray]:
+    """`a` (int64) as the forms a step's id and token arrays arrive in (token ids: all but
+    uint64)."""
+    padded = np.concatenate([[7, 7], a, [7]])
+    readonly = a.copy()
+    readonly.flags.writeable = False
+    return {
+        "int64": a,
+        "view into a larger array": padded[2:-1],
+        "read-only": readonly,
+        "subclass": a.view(SubArray),
+        "int32": a.astype(np.int32),
+        "uint64": a.astype(np.uint64),
+        "list": a.tolist(),
+    }
+
+
+@pytest.mark.parametrize("form", list(array_forms(np.arange(1))))
+def test_step_reads_every_array_form_alike(form):
+    """The step's arrays in every accepted form (numpy's own int64 arrays take a fast path,
+    the rest rust-numpy's typed views): the same step, the same outcome and state."""
+    results = []
+    for pick in ("int64", form):
+        m = KVCacheManager(small_spec(), 64 << 20)
+        assert m.admit(1, seq(0, 40)) is not None and m.admit(2, seq(0, 30)) is not None
+        prompts = np.concatenate([seq(0, 20), seq(900, 50)])
+        res = m.step(
+            extend_ids=array_forms(np.array([1, 2]))[pick],
+            extend_tokens=array_forms(np.array([5, 6]))[pick] if pick != "uint64" else np.array([5, 6]),
+            admit_ids=array_forms(np.array([3, 4]))[pick],
+            admit_tokens=array_forms(prompts)[pick] if pick != "uint64" else prompts,
+            admit_lens=array_forms(np.array([20, 50]))[pick],
+        )
+        m.validate()
+        tables = [m.block_table(r, 1).tolist() for r in (1, 2, 3, 4)]
+        results.append((res.admitted, res.hits.tolist(), res.extended.tolist(), tables,
+                         [m.num_tokens(r) for r in (1, 2, 3, 4)]))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("bad", ["big-endian", "strided", "2-D"])
+def test_step_names_an_array_it_cannot_read(bad):
+    """int64 arrays the fast path leaves to rust-numpy and rust-numpy refuses: a clear error,
+    nothing changes."""
+    a = {"big-endian": np.array([1], dtype=">i8"), "strided": np.array([1, 9, 1, 9], dtype=np.int64)[::2],
+         "2-D": np.array([[1]], dtype=np.int64)}[bad]
+    m = KVCacheManager(small_spec(), 64 << 20)
+    assert m.admit(1, seq(0, 40)) is not None
+    with pytest.raises(InvalidArgumentError, match="extend_ids"):
+        m.step(extend_ids=a, extend_tokens=np.full(a.size, 5, dtype=np.int64))
+    assert m.num_tokens(1) == 40
+    m.validate()
+
+
 def test_threads_step_one_manager_at_once():
     """Four threads call `step` on one manager at once, each with its own requests and a mix
     of argument forms: every result has its own step's shape, and the accounting adds up."""
