@@ -403,21 +403,26 @@ def array_forms(a: np.ndarray) -> dict[str, np.ndarray]:
     }
 
 
-@pytest.mark.parametrize("form", list(array_forms(np.arange(1))))
+@pytest.mark.parametrize("form", [f for f in array_forms(np.arange(1)) if f != "int64"])
 def test_step_reads_every_array_form_alike(form):
-    """The step's arrays in every accepted form (numpy's own int64 arrays take a fast path,
-    the rest rust-numpy's typed views): the same step, the same outcome and state."""
+    """The step's arrays in every other accepted form (numpy's own int64 arrays take a fast
+    path, the rest rust-numpy's typed views): the same outcome and state as int64 arrays."""
     results = []
     for pick in ("int64", form):
+        def ids(a, pick=pick):
+            return array_forms(np.array(a))[pick]
+
+        def tokens(a, pick=pick):  # token ids come as int32 or int64 only
+            return array_forms(np.array(a))[pick if pick != "uint64" else "int64"]
+
         m = KVCacheManager(small_spec(), 64 << 20)
         assert m.admit(1, seq(0, 40)) is not None and m.admit(2, seq(0, 30)) is not None
-        prompts = np.concatenate([seq(0, 20), seq(900, 50)])
         res = m.step(
-            extend_ids=array_forms(np.array([1, 2]))[pick],
-            extend_tokens=array_forms(np.array([5, 6]))[pick] if pick != "uint64" else np.array([5, 6]),
-            admit_ids=array_forms(np.array([3, 4]))[pick],
-            admit_tokens=array_forms(prompts)[pick] if pick != "uint64" else prompts,
-            admit_lens=array_forms(np.array([20, 50]))[pick],
+            extend_ids=ids([1, 2]),
+            extend_tokens=tokens([5, 6]),
+            admit_ids=ids([3, 4]),
+            admit_tokens=tokens(np.concatenate([seq(0, 20), seq(900, 50)])),
+            admit_lens=ids([20, 50]),
         )
         m.validate()
         tables = [m.block_table(r, 1).tolist() for r in (1, 2, 3, 4)]

@@ -136,9 +136,8 @@ builtin!(i64, u64, i32);
 /// The elements of `obj` when it is exactly a numpy array (not a subclass), 1-D, aligned and
 /// C-contiguous, whose dtype is numpy's own descriptor for `T` (what `dtype=np.int64`,
 /// `np.arange` and arithmetic on such arrays give): a type and four fields read, where
-/// rust-numpy's typed cast calls numpy's C API twice for the dtype (a tenth of a microsecond
-/// over a step's five arrays, measured in a tight loop). None: anything else, which the typed
-/// cast then judges. The slice is valid while `obj` is and nothing runs Python code.
+/// rust-numpy's typed cast calls numpy's C API twice for the dtype. None: anything else, which
+/// the typed cast then judges. The slice is valid while `obj` is and nothing runs Python code.
 fn exact_slice<'a, T: Builtin>(obj: &'a Bound<'_, PyAny>) -> Option<&'a [T]> {
     use numpy::npyffi::{PyArrayObject, NPY_ARRAY_ALIGNED, NPY_ARRAY_C_CONTIGUOUS};
     let types = numpy_types(obj.py());

@@ -18,34 +18,22 @@ use pyo3::types::PyTuple;
 /// per extension whether it fit, and their counts.
 #[pyclass(frozen, name = "StepResult", module = "kvalloc._core")]
 pub struct PyStepResult {
-    hits: Vec<i64>,
-    /// Extensions in the step, and the positions of those that did not fit (usually none, so
-    /// a decode step's result allocates nothing for them).
-    extensions: usize,
-    refused: Vec<u32>,
-    admitted: usize,
+    /// What the core reported (a copy of the manager's kept outcome: its refused extensions,
+    /// usually none, and one entry per admission attempted).
+    outcome: StepOutcome,
+    /// Admissions the step was given (those `outcome` lacks were not attempted).
+    admissions: usize,
     // Made on first read, then the same array on every read.
     hits_array: PyOnceLock<Py<PyArray1<i64>>>,
     extended_array: PyOnceLock<Py<PyArray1<bool>>>,
 }
 
 impl PyStepResult {
-    /// The result of a step of `admissions` admissions (those `outcome` lacks were not
-    /// attempted).
+    /// The result of a step of `admissions` admissions.
     pub fn new(outcome: &StepOutcome, admissions: usize) -> Self {
-        let attempted = outcome.admitted.len();
-        let hits: Vec<i64> = outcome
-            .admitted
-            .iter()
-            .map(|h| h.map_or(-1, |h| h as i64))
-            .chain(std::iter::repeat_n(-2, admissions - attempted))
-            .collect();
-        let refused = outcome.refused.iter().map(|&i| i as u32).collect();
         PyStepResult {
-            admitted: outcome.admitted.iter().filter(|h| h.is_some()).count(),
-            extensions: outcome.extensions,
-            refused,
-            hits,
+            outcome: outcome.clone(),
+            admissions,
             hits_array: PyOnceLock::new(),
             extended_array: PyOnceLock::new(),
         }
@@ -68,7 +56,13 @@ impl PyStepResult {
     #[getter]
     fn hits<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
         cached_array(py, &self.hits_array, || {
-            PyArray1::from_slice(py, &self.hits)
+            let admitted = &self.outcome.admitted;
+            let hits: Vec<i64> = admitted
+                .iter()
+                .map(|h| h.map_or(-1, |h| h as i64))
+                .chain(std::iter::repeat_n(-2, self.admissions - admitted.len()))
+                .collect();
+            PyArray1::from_vec(py, hits)
         })
     }
 
@@ -76,24 +70,20 @@ impl PyStepResult {
     #[getter]
     fn extended<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<bool>> {
         cached_array(py, &self.extended_array, || {
-            let mut fit = vec![true; self.extensions];
-            for &i in &self.refused {
-                fit[i as usize] = false;
-            }
-            PyArray1::from_vec(py, fit)
+            PyArray1::from_vec(py, self.outcome.extended())
         })
     }
 
     /// Admissions that got in (with `fcfs`, they are the first `admitted` of the step's).
     #[getter]
     fn admitted(&self) -> usize {
-        self.admitted
+        self.outcome.admitted.iter().filter(|h| h.is_some()).count()
     }
 
     /// Extensions that did not fit (0: every one did).
     #[getter]
     fn refused_extensions(&self) -> usize {
-        self.refused.len()
+        self.outcome.refused.len()
     }
 
     /// Two: it unpacks as `hits, extended = m.step(...)`.
@@ -119,10 +109,10 @@ impl PyStepResult {
     fn __repr__(&self) -> String {
         format!(
             "StepResult(admitted={} of {}, refused_extensions={} of {})",
-            self.admitted,
-            self.hits.len(),
-            self.refused.len(),
-            self.extensions
+            self.admitted(),
+            self.admissions,
+            self.outcome.refused.len(),
+            self.outcome.extensions
         )
     }
 }

@@ -2214,8 +2214,7 @@ impl KVCacheManager {
             }
         }
         out.extensions = first + decode.ids.len();
-        let all_extended = out.refused.is_empty();
-        if step.admit_if_extended && !all_extended {
+        if step.admit_if_extended && !out.refused.is_empty() {
             return Ok(());
         }
         let mut pre = std::mem::take(&mut self.prehashed);
