@@ -162,6 +162,19 @@ fn exact_slice<'a, T: Builtin>(obj: &'a Bound<'_, PyAny>) -> Option<&'a [T]> {
     }
 }
 
+/// The token ids of `obj` when it is exactly a numpy int64 array that [`exact_slice`] reads
+/// (what `np.concatenate` of int64 prompts gives), without a copy or a borrow; None otherwise.
+///
+/// A step's prompts are read through this slice with the GIL released. The caller holds a
+/// reference to `obj` for as long as the slice lives, so the array and its buffer stay alive:
+/// numpy refuses to resize an array others reference. What the slice does not exclude,
+/// another thread writing into the array meanwhile, rust-numpy's readonly borrow does not
+/// exclude either (it only coordinates Rust extensions, not Python code); an engine must not
+/// change a step's arguments while the step runs.
+pub fn exact_tokens<'a>(obj: &'a Bound<'_, PyAny>) -> Option<&'a [i64]> {
+    exact_slice::<i64>(obj)
+}
+
 /// The elements of `obj` if it is a 1-D numpy array of `T` (None if it is not one of `T`),
 /// handed to `read` while attached. No borrow is taken: nothing runs Python code meanwhile, so
 /// nothing can resize, free or write the array while `read` has the slice (for one call's ids
