@@ -2286,6 +2286,11 @@ impl KVCacheManager {
             }
             lines += list.len() - reused;
         }
+        // Each new hash may become a node holding a block of every group: request the lines
+        // those writes go to while the extensions run.
+        let new_blocks = lines.min(PREFETCH_MAX_LINES / 4);
+        self.tree.prefetch_new_nodes(new_blocks);
+        self.arena.prefetch_free_slabs(new_blocks);
         self.prehashed = pre;
     }
 

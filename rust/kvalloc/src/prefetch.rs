@@ -21,3 +21,17 @@ pub(crate) fn prefetch_whole<T>(p: *const T) {
         prefetch(p.cast::<u8>().wrapping_add(line * 64));
     }
 }
+
+/// [`prefetch`] for every cache line of `count` values from `p` (a range about to be written,
+/// which may lie past a vector's length but must be within its allocation to be of use: a
+/// prefetch of any other address is harmless and wasted).
+#[inline(always)]
+pub(crate) fn prefetch_range<T>(p: *const T, count: usize) {
+    let bytes = count * std::mem::size_of::<T>();
+    let start = p as usize;
+    let mut line = start & !63;
+    while line < start + bytes {
+        prefetch(line as *const u8);
+        line += 64;
+    }
+}

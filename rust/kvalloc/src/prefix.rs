@@ -335,6 +335,25 @@ impl PrefixTree {
         self.index.prefetch(hash);
     }
 
+    /// Requests the lines the next `n` nodes created will be written to: a freed node's record
+    /// and block slots, else the ends of the node arrays (a growing tree writes there, and a
+    /// line not written for a while is out of cache). A hint, for a step about to admit.
+    pub fn prefetch_new_nodes(&self, n: usize) {
+        use crate::prefetch::{prefetch, prefetch_range};
+        let g = self.g();
+        let reused = self.free_ids.len().min(n);
+        for &id in self.free_ids.iter().rev().take(reused) {
+            prefetch(self.nodes.as_ptr().wrapping_add(id as usize));
+            prefetch(self.blocks.as_ptr().wrapping_add(id as usize * g));
+        }
+        let fresh = n - reused;
+        let end = self.nodes.len();
+        prefetch_range(self.nodes.as_ptr().wrapping_add(end), fresh);
+        prefetch_range(self.blocks.as_ptr().wrapping_add(end * g), fresh * g);
+        prefetch_range(self.ckpt_refs.as_ptr().wrapping_add(end * g), fresh * g);
+        prefetch_range(self.ckpt_start.as_ptr().wrapping_add(end * g), fresh * g);
+    }
+
     /// What linking block `depth` with `hash` under `parent` finds in the tree.
     pub fn find_child(&self, hash: u64, parent: NodeId, depth: u32) -> Link {
         match self.lookup(hash) {
