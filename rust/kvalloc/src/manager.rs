@@ -1067,17 +1067,19 @@ impl KVCacheManager {
     }
 
     /// Appends the chained hashes of a prompt's whole blocks to `out` (empty on entry).
-    /// `prev`: another token prompt and its chained hashes under the same seed (a batched
-    /// step's previous admission); a token prompt's leading blocks equal to `prev`'s take its
-    /// hashes (a comparison of ids instead of a hash each), and the rest are hashed on from
-    /// there. Returns how many hashes were taken from `prev`. Inlined: out of line, a batched
+    /// `prev`: another token prompt, its chained hashes under the same seed (a batched step's
+    /// previous admission) and how many blocks it shared with the one before it; a token
+    /// prompt's leading blocks equal to `prev`'s take its hashes (a comparison of ids instead
+    /// of a hash each), and the rest are hashed on from there. That many blocks are compared
+    /// in one go first (prompts admitted together tend to share the same system prompt), then
+    /// block by block. Returns how many hashes were taken from `prev`. Inlined: out of line, a batched
     /// step's hashing ahead ran 1,000 more instructions (callgrind, `benches/step_loop.py`).
     #[inline(always)]
     fn prompt_hashes_into(
         &self,
         prompt: &Prompt<'_>,
         seed: u64,
-        prev: Option<(&[i64], &[u64])>,
+        prev: Option<(&[i64], &[u64], usize)>,
         out: &mut Vec<u64>,
     ) -> Result<usize> {
         self.check_prompt(prompt)?;
@@ -1086,13 +1088,27 @@ impl KVCacheManager {
         match *prompt {
             Prompt::Tokens(t) => {
                 let same = match prev {
-                    Some((prev_tokens, prev_hashes)) => {
-                        let same = t
-                            .chunks_exact(b)
-                            .zip(prev_tokens.chunks_exact(b))
-                            .zip(prev_hashes)
-                            .take_while(|((x, y), _)| x == y)
-                            .count();
+                    Some((prev_tokens, prev_hashes, guess)) => {
+                        // One comparison of the blocks the previous pair shared, if all of
+                        // them are shared again; then block by block.
+                        let g = guess * b;
+                        let from = if guess > 0
+                            && guess <= prev_hashes.len()
+                            && g <= t.len()
+                            && g <= prev_tokens.len()
+                            && t[..g] == prev_tokens[..g]
+                        {
+                            guess
+                        } else {
+                            0
+                        };
+                        let same = from
+                            + t[from * b..]
+                                .chunks_exact(b)
+                                .zip(prev_tokens[from * b..].chunks_exact(b))
+                                .zip(&prev_hashes[from..])
+                                .take_while(|((x, y), _)| x == y)
+                                .count();
                         out.extend_from_slice(&prev_hashes[..same]);
                         same
                     }
@@ -2252,8 +2268,9 @@ impl KVCacheManager {
         }
         pre.ready.clear();
         let (mut blocks, mut lines) = (0, 0);
-        // The last admission hashed from token ids: (its tokens, index, seed).
-        let mut prev: Option<(&[i64], usize, u64)> = None;
+        // The last admission hashed from token ids: (its tokens, index, seed, blocks it
+        // shared with the one before).
+        let mut prev: Option<(&[i64], usize, u64, usize)> = None;
         for (k, a) in admit.iter().enumerate() {
             let seed = hash::root_seed(a.salt);
             blocks += self.bm.floor(a.prompt.len()) as usize;
@@ -2267,15 +2284,15 @@ impl KVCacheManager {
             // Requests admitted together often share a system prompt: the blocks this prompt
             // has in common with the previous one (same seed) take its hashes.
             let shared = prev
-                .filter(|&(_, _, s)| s == seed)
-                .map(|(p, j, _)| (p, &done[j][..]));
+                .filter(|&(_, _, s, _)| s == seed)
+                .map(|(p, j, _, guess)| (p, &done[j][..], guess));
             let Ok(reused) = self.prompt_hashes_into(&a.prompt, seed, shared, list) else {
                 pre.ready.push(false);
                 continue;
             };
             pre.ready.push(true);
             if let Prompt::Tokens(t) = a.prompt {
-                prev = Some((t, k, seed));
+                prev = Some((t, k, seed, reused));
             }
             // The reused hashes' lines were requested with the previous prompt's.
             for &h in list[reused..]
