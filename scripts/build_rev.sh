@@ -4,12 +4,18 @@
 # own cargo target directory (target/rev, kept, so later builds are incremental).
 #
 #     scripts/build_rev.sh f62c482 /tmp/kv-f62c482
+#     scripts/build_rev.sh f62c482 /tmp/kv-f62c482-pgo --pgo
+#
+# --pgo: profile-guided, as scripts/pgo_build.sh builds the installed extension (an
+# instrumented build, that revision's own training run, then the optimized build; target/rev-gen
+# and target/rev-pgo), so that two revisions' profile-guided builds can be compared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ $# -ne 2 ]; then
-    echo "usage: scripts/build_rev.sh REV OUT_DIR" >&2
+if [ $# -lt 2 ] || [ $# -gt 3 ] || { [ $# -eq 3 ] && [ "$3" != --pgo ]; }; then
+    echo "usage: scripts/build_rev.sh REV OUT_DIR [--pgo]" >&2
     exit 2
 fi
+pgo=${3:-}
 rev=$(git rev-parse --verify "$1^{commit}")
 out=$2
 root=$PWD
@@ -17,7 +23,26 @@ python=${PYTHON:-$root/.venv/bin/python}
 wt=$(mktemp -d)
 git worktree add -q --detach "$wt" "$rev"
 trap 'git -C "$root" worktree remove --force "$wt"' EXIT
-(cd "$wt" && CARGO_TARGET_DIR="$root/target/rev" PYO3_PYTHON="$python" cargo build --release -q -p kvalloc-py)
 mkdir -p "$out"
-cp "$root/target/rev/release/lib_core.so" "$out/_core.abi3.so"
-echo "$out/_core.abi3.so: kvalloc at ${rev:0:12}"
+if [ -z "$pgo" ]; then
+    (cd "$wt" && CARGO_TARGET_DIR="$root/target/rev" PYO3_PYTHON="$python" cargo build --release -q -p kvalloc-py)
+    cp "$root/target/rev/release/lib_core.so" "$out/_core.abi3.so"
+    echo "$out/_core.abi3.so: kvalloc at ${rev:0:12}"
+    exit
+fi
+profdata="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/llvm-profdata"
+if [ ! -x "$profdata" ]; then
+    echo "build_rev: llvm-profdata not found (rustup component add llvm-tools)" >&2
+    exit 1
+fi
+raw=$(mktemp -d)
+trap 'git -C "$root" worktree remove --force "$wt"; rm -rf "$raw"' EXIT
+(cd "$wt" && CARGO_TARGET_DIR="$root/target/rev-gen" PYO3_PYTHON="$python" \
+    RUSTFLAGS="-Cprofile-generate=$raw" cargo build --release -q -p kvalloc-py)
+rm -rf "${raw:?}"/*  # only the training run's counts
+(cd "$wt" && "$python" scripts/pgo_train.py "$root/target/rev-gen/release/lib_core.so" >/dev/null)
+"$profdata" merge -o "$raw/merged.profdata" "$raw"
+(cd "$wt" && CARGO_TARGET_DIR="$root/target/rev-pgo" PYO3_PYTHON="$python" \
+    RUSTFLAGS="-Cprofile-use=$raw/merged.profdata" cargo build --release -q -p kvalloc-py)
+cp "$root/target/rev-pgo/release/lib_core.so" "$out/_core.abi3.so"
+echo "$out/_core.abi3.so: kvalloc at ${rev:0:12}, profile-guided"
