@@ -745,6 +745,46 @@ fn release_below_window(
     scratch.len() as u64
 }
 
+/// [`KVCacheManager::check_step`] for one extension of the request in `slot` of `records`:
+/// its stamp set (a second mention in the step finds it). Returns whether it is a plain
+/// append: it neither starts nor completes a block and follows a decode (not a chunk), so
+/// running it only appends (see [`PLAIN`]); one that does either is listed in `crossing`.
+#[inline(always)]
+fn check_step_extension(
+    bm: BlockMath,
+    records: &mut [Option<Box<Request>>],
+    crossing: &mut Vec<usize>,
+    stamp: u64,
+    id: u64,
+    slot: usize,
+    ext: Extension<'_>,
+) -> Result<bool> {
+    let Some(r) = records[slot].as_deref_mut().filter(|r| r.stamp != stamp) else {
+        return Err(KVCacheManager::not_extensible(id));
+    };
+    r.stamp = stamp;
+    KVCacheManager::check_extension(id, r, ext)?;
+    // A decode token lands in the tail: start loading that line now, so the run pass
+    // (after every check) finds it in cache rather than taking a miss per request.
+    crate::prefetch::prefetch(r.tail.as_ptr_range().end);
+    // One that starts a block (new blocks) or completes one (its hash, and the window's
+    // release) reaches into more of the record's vectors: request their lines too.
+    let n = match ext {
+        Extension::Tokens(t) => t.len() as u64,
+        Extension::Count(n) => n,
+    };
+    let (opens, closes) = bm.boundaries(r.len, n);
+    if opens || closes {
+        crate::prefetch::prefetch(r.tables.as_ptr());
+        crate::prefetch::prefetch(r.swa_floor.as_ptr());
+        crate::prefetch::prefetch(r.tail.as_ptr());
+        crate::prefetch::prefetch(r.hashes.as_ptr_range().end);
+        crossing.push(slot);
+        return Ok(false);
+    }
+    Ok(r.len - r.last_start.min(r.len) <= 1)
+}
+
 /// The decode path's new blocks: one per group (the newest block is inside every window), or
 /// false, changing nothing, when that needs eviction. Out of line: one decode token in B
 /// crosses a block boundary, and the rest keep their registers.
@@ -2097,15 +2137,19 @@ impl KVCacheManager {
         for &id in decode.ids {
             slots.push(self.resolve_slot(id)?);
         }
-        for (&(id, ext), &slot) in step.extend.iter().zip(&slots[..step.extend.len()]) {
-            self.check_step_extension(stamp, id, slot, ext)?;
+        // The block math and the two vectors in locals: through `&mut self` the compiler
+        // reloads them after every store to a record.
+        let bm = self.bm;
+        let records = &mut self.requests.slots[..];
+        let crossing = &mut self.crossing;
+        let (ext_slots, decode_slots) = slots.split_at_mut(step.extend.len());
+        for (&(id, ext), &mut slot) in step.extend.iter().zip(ext_slots) {
+            check_step_extension(bm, records, crossing, stamp, id, slot, ext)?;
         }
-        let first = step.extend.len();
-        for (k, (&id, tok)) in decode.ids.iter().zip(decode.tokens).enumerate() {
-            let slot = slots[first + k];
+        for ((&id, tok), slot) in decode.ids.iter().zip(decode.tokens).zip(decode_slots) {
             let ext = Extension::Tokens(std::slice::from_ref(tok));
-            if self.check_step_extension(stamp, id, slot, ext)? {
-                slots[first + k] = slot | PLAIN;
+            if check_step_extension(bm, records, crossing, stamp, id, *slot, ext)? {
+                *slot |= PLAIN;
             }
         }
         let mut seen = std::mem::take(&mut self.scratch_ids);
@@ -2153,44 +2197,6 @@ impl KVCacheManager {
             req: id,
             message: "is not running, repeated, or also finished/aborted in this step".into(),
         }
-    }
-
-    /// [`check_step`](Self::check_step) for one extension of the request in `slot`: its stamp
-    /// set (a second mention in the step finds it). Returns whether it is a plain append: it
-    /// neither starts nor completes a block and follows a decode (not a chunk), so running it
-    /// only appends (see [`PLAIN`]).
-    #[inline(always)]
-    fn check_step_extension(
-        &mut self,
-        stamp: u64,
-        id: u64,
-        slot: usize,
-        ext: Extension<'_>,
-    ) -> Result<bool> {
-        let Some(r) = self.requests.at_mut(slot).filter(|r| r.stamp != stamp) else {
-            return Err(Self::not_extensible(id));
-        };
-        r.stamp = stamp;
-        Self::check_extension(id, r, ext)?;
-        // A decode token lands in the tail: start loading that line now, so the run pass
-        // (after every check) finds it in cache rather than taking a miss per request.
-        crate::prefetch::prefetch(r.tail.as_ptr_range().end);
-        // One that starts a block (new blocks) or completes one (its hash, and the window's
-        // release) reaches into more of the record's vectors: request their lines too.
-        let n = match ext {
-            Extension::Tokens(t) => t.len() as u64,
-            Extension::Count(n) => n,
-        };
-        let (opens, closes) = self.bm.boundaries(r.len, n);
-        if opens || closes {
-            crate::prefetch::prefetch(r.tables.as_ptr());
-            crate::prefetch::prefetch(r.swa_floor.as_ptr());
-            crate::prefetch::prefetch(r.tail.as_ptr());
-            crate::prefetch::prefetch(r.hashes.as_ptr_range().end);
-            self.crossing.push(slot);
-            return Ok(false);
-        }
-        Ok(r.len - r.last_start.min(r.len) <= 1)
     }
 
     /// Runs a checked step: finishes and aborts, extensions (by the slots `check_step` found),
