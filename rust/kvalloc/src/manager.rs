@@ -1286,13 +1286,9 @@ impl KVCacheManager {
             let table = &mut r.tables[g];
             table.clear();
             table.reserve(self.bm.ceil(len) as usize + 1);
-            table.extend((0..u64::from(walk.safe)).map(|i| {
-                if i >= first {
-                    tree.block(r.path[i as usize], g)
-                } else {
-                    0
-                }
-            }));
+            let (below, window) = r.path[..walk.safe as usize].split_at(first as usize);
+            table.resize(below.len(), 0);
+            table.extend(window.iter().map(|&n| tree.block(n, g)));
             // Nothing below the hit's window is held: no need to scan it for release.
             r.swa_floor[g] = first;
         }
