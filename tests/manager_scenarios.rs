@@ -733,3 +733,34 @@ fn prefault_budget_changes_no_outcome() {
         "the workload never evicted"
     );
 }
+
+/// A chunked prefill whose later chunk finds its prompt's blocks already linked by another
+/// request (in-flight sharing) still gives its prompt-end checkpoint its SWA blocks: the shared
+/// nodes lack them (the other request's checkpoints lie elsewhere), so they are attached to
+/// those nodes, and a third request resumes at the end of the prompt.
+#[test]
+fn a_later_chunk_attaches_its_checkpoint_to_nodes_another_request_linked() {
+    let mut m = manager(Policy::SwaAware, 1 << 30);
+    let x = seq(0, 320); // 20 blocks
+                         // B: the first block only.
+    assert_eq!(
+        m.admit(2, Prompt::Tokens(&x), None, Some(16)).unwrap(),
+        Some(0)
+    );
+    // A: X then more; it links blocks 1..40, keeping SWA only at its branch point and its end.
+    let a: Vec<i64> = x.iter().copied().chain(seq(90_000, 320)).collect();
+    assert!(m
+        .admit(1, Prompt::Tokens(&a), None, None)
+        .unwrap()
+        .is_some());
+    // B's next chunk: blocks 1..20 are A's nodes now, without SWA where B's checkpoint goes.
+    assert!(m.extend(2, Extension::Count(304)).unwrap());
+    m.validate().unwrap();
+    // C: X then something else resumes at the end of X, window-safe thanks to B's checkpoint.
+    let c: Vec<i64> = x.iter().copied().chain(seq(70_000, 80)).collect();
+    assert_eq!(
+        m.admit(3, Prompt::Tokens(&c), None, None).unwrap(),
+        Some(320)
+    );
+    m.validate().unwrap();
+}

@@ -1497,6 +1497,8 @@ impl KVCacheManager {
         self.scratch_handles = handles;
         // 4. Link whole prompt blocks into the tree (in-flight sharing).
         let whole_end = self.bm.floor(end).min(n_full_prompt);
+        let path_before = r.path.len();
+        let mut linked_shared = false;
         for i in r.path.len() as u64..whole_end {
             // `i < first_blk`: a conflict in an earlier call stopped linking; those blocks'
             // attach state is not in this call's span (and `i - first_blk` would underflow).
@@ -1512,18 +1514,21 @@ impl KVCacheManager {
             match self.link_block(r, i, &take[..groups]) {
                 None => break,
                 Some(true) => r.created.push(*r.path.last().expect("just linked")),
-                Some(false) => {}
+                Some(false) => linked_shared = true,
             }
         }
         // Checkpoint blocks for nodes that already existed (a branch window, or a node another
-        // request linked first).
+        // request linked first): nodes this call inserted took their blocks already.
+        let existing_end = if linked_shared {
+            r.path.len()
+        } else {
+            path_before
+        };
+        let attach_span = existing_end.saturating_sub(first_blk as usize).min(span);
         for g in 0..groups {
-            for k in 0..span {
+            for k in 0..attach_span {
                 let i = first_blk as usize + k;
-                if plan[g * span + k].to_tree()
-                    && i < r.path.len()
-                    && self.tree.block(r.path[i], g) == 0
-                {
+                if plan[g * span + k].to_tree() && self.tree.block(r.path[i], g) == 0 {
                     self.tree.attach(r.path[i], g, r.tables[g][i]);
                 }
             }
