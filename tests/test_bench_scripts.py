@@ -125,3 +125,11 @@ def test_simulate_ab_replays_on_two_builds():
     out = run("simulate_ab.py", core, core, "1")
     assert re.search(r"ratio of medians \(second / first\): [\d.]+", out), out
     assert len(re.findall(r"_core\.abi3\.so: [\d.]+ s \(median", out)) == 2, out
+
+
+@pytest.mark.parametrize("args", [[], ["HEAD"], ["HEAD", "/tmp/kv-x", "--fast"]])
+def test_build_rev_explains_its_arguments(args):
+    """Only `REV OUT_DIR [--pgo]`: anything else is the usage line, before any worktree or build."""
+    script = BENCHES.parent / "scripts" / "build_rev.sh"
+    done = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "usage: scripts/build_rev.sh REV OUT_DIR [--pgo]" in done.stderr
