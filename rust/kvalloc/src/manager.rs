@@ -1112,8 +1112,9 @@ impl KVCacheManager {
     /// prompt's leading blocks equal to `prev`'s take its hashes (a comparison of ids instead
     /// of a hash each), and the rest are hashed on from there. That many blocks are compared
     /// in one go first (prompts admitted together tend to share the same system prompt), then
-    /// block by block. Returns how many hashes were taken from `prev`. Inlined: out of line, a batched
-    /// step's hashing ahead ran 1,000 more instructions (callgrind, `benches/step_loop.py`).
+    /// block by block. Returns how many hashes were taken from `prev`. Inlined: out of line, a
+    /// batched step's hashing ahead ran 1,000 more instructions (callgrind,
+    /// `benches/step_loop.py`).
     #[inline(always)]
     fn prompt_hashes_into(
         &self,
