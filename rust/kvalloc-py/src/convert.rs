@@ -178,8 +178,8 @@ pub fn exact_tokens<'a>(obj: &'a Bound<'_, PyAny>) -> Option<&'a [i64]> {
 /// The elements of `obj` if it is a 1-D numpy array of `T` (None if it is not one of `T`),
 /// handed to `read` while attached. No borrow is taken: nothing runs Python code meanwhile, so
 /// nothing can resize, free or write the array while `read` has the slice (for one call's ids
-/// a readonly borrow costs more than the copy; `step` borrows its flat prompts, which can be
-/// megabytes).
+/// a readonly borrow costs more than the copy; `step` reads its flat prompts, which can be
+/// megabytes, in place: [`exact_tokens`]).
 fn with_array<T: Builtin, R>(
     obj: &Bound<'_, PyAny>,
     what: &str,
