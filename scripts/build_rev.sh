@@ -6,9 +6,10 @@
 #     scripts/build_rev.sh f62c482 /tmp/kv-f62c482
 #     scripts/build_rev.sh f62c482 /tmp/kv-f62c482-pgo --pgo
 #
-# --pgo: profile-guided, as scripts/pgo_build.sh builds the installed extension (an
-# instrumented build, that revision's own training run, then the optimized build; target/rev-gen
-# and target/rev-pgo), so that two revisions' profile-guided builds can be compared.
+# --pgo: profile-guided, as scripts/pgo_build.sh builds the installed extension
+# (scripts/pgo_profile.sh: an instrumented build and that revision's own training run; then the
+# optimized build; target/rev-gen and target/rev-pgo), so that two revisions' profile-guided
+# builds can be compared.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -lt 2 ] || [ $# -gt 3 ] || { [ $# -eq 3 ] && [ "$3" != --pgo ]; }; then
@@ -30,18 +31,11 @@ if [ -z "$pgo" ]; then
     echo "$out/_core.abi3.so: kvalloc at ${rev:0:12}"
     exit
 fi
-profdata="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/llvm-profdata"
-if [ ! -x "$profdata" ]; then
-    echo "build_rev: llvm-profdata not found (rustup component add llvm-tools)" >&2
-    exit 1
-fi
 raw=$(mktemp -d)
 trap 'git -C "$root" worktree remove --force "$wt"; rm -rf "$raw"' EXIT
-(cd "$wt" && CARGO_TARGET_DIR="$root/target/rev-gen" PYO3_PYTHON="$python" \
-    RUSTFLAGS="-Cprofile-generate=$raw" cargo build --release -q -p kvalloc-py)
-rm -rf "${raw:?}"/*  # only the training run's counts
-(cd "$wt" && "$python" scripts/pgo_train.py "$root/target/rev-gen/release/lib_core.so" >/dev/null)
-"$profdata" merge -o "$raw/merged.profdata" "$raw"
+# This checkout's profile script on that revision's tree (its own training run).
+(cd "$wt" && CARGO_TARGET_DIR="$root/target/rev-gen" PYTHON="$python" \
+    "$root/scripts/pgo_profile.sh" "$raw/merged.profdata")
 (cd "$wt" && CARGO_TARGET_DIR="$root/target/rev-pgo" PYO3_PYTHON="$python" \
     RUSTFLAGS="-Cprofile-use=$raw/merged.profdata" cargo build --release -q -p kvalloc-py)
 cp "$root/target/rev-pgo/release/lib_core.so" "$out/_core.abi3.so"

@@ -127,9 +127,18 @@ def test_simulate_ab_replays_on_two_builds():
     assert len(re.findall(r"_core\.abi3\.so: [\d.]+ s \(median", out)) == 2, out
 
 
-@pytest.mark.parametrize("args", [[], ["HEAD"], ["HEAD", "/tmp/kv-x", "--fast"]])
-def test_build_rev_explains_its_arguments(args):
-    """Only `REV OUT_DIR [--pgo]`: anything else is the usage line, before any worktree or build."""
-    script = BENCHES.parent / "scripts" / "build_rev.sh"
-    done = subprocess.run(["bash", str(script), *args], capture_output=True, text=True, timeout=60)
-    assert done.returncode == 2 and "usage: scripts/build_rev.sh REV OUT_DIR [--pgo]" in done.stderr
+@pytest.mark.parametrize(
+    "script,args,usage",
+    [
+        ("build_rev.sh", [], "REV OUT_DIR [--pgo]"),
+        ("build_rev.sh", ["HEAD"], "REV OUT_DIR [--pgo]"),
+        ("build_rev.sh", ["HEAD", "/tmp/kv-x", "--fast"], "REV OUT_DIR [--pgo]"),
+        ("pgo_profile.sh", [], "OUT.profdata [TRAINING_LOG]"),
+        ("pgo_profile.sh", ["a", "b", "c"], "OUT.profdata [TRAINING_LOG]"),
+    ],
+)
+def test_build_scripts_explain_their_arguments(script, args, usage):
+    """Anything but their documented arguments is the usage line, before any worktree or build."""
+    path = BENCHES.parent / "scripts" / script
+    done = subprocess.run(["bash", str(path), *args], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"usage: scripts/{script} {usage}" in done.stderr
