@@ -2,8 +2,8 @@
 # Builds the Python extension with profile-guided optimization and installs it into .venv
 # (editable), as scripts/setup.sh does: an instrumented build runs scripts/pgo_train.py (the
 # scheduler step, single calls, tiers, the arena, trace replay), then the release build uses
-# that profile (scripts/pgo_profile.sh makes it): about 10% faster on the scheduler step than a plain release build (README,
-# "Profile-guided build").
+# that profile (scripts/pgo_profile.sh makes it): about 10% faster on the scheduler step than a
+# plain release build (README, "Profile-guided build").
 #
 #     scripts/pgo_build.sh              # needs .venv with maturin and numpy (scripts/setup.sh)
 #     KVALLOC_PGO=0 scripts/pgo_build.sh  # a plain release build

@@ -741,8 +741,8 @@ fn prefault_budget_changes_no_outcome() {
 #[test]
 fn a_later_chunk_attaches_its_checkpoint_to_nodes_another_request_linked() {
     let mut m = manager(Policy::SwaAware, 1 << 30);
-    let x = seq(0, 320); // 20 blocks
-                         // B: the first block only.
+    // X: 20 blocks. B: the first block only.
+    let x = seq(0, 320);
     assert_eq!(
         m.admit(2, Prompt::Tokens(&x), None, Some(16)).unwrap(),
         Some(0)

@@ -6,7 +6,6 @@
 //! outcome is written into a kept `StepOutcome`.
 
 use kvalloc::{Admission, Decode, Extension, Prompt, Step, StepOutcome};
-use numpy::{PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
@@ -188,21 +187,14 @@ impl PyKVCacheManager {
         ids_into(args.admit_ids, "admit_ids", &mut buf.flat_ids)?;
         ids_into(args.admit_lens, "admit_lens", &mut buf.flat_lens)?;
         let admit_tokens = args.admit_tokens.filter(|o| !o.is_none());
-        // int64 tokens are read in place, not copied: a step's prompts can be megabytes, and
-        // even the 2,048 ids of `benches/step_ab.py`'s 16 prompts cost more to copy than to
-        // read in place (0.5 us warm, 2.5 us with cold caches, measured side by side). numpy's
-        // own int64 arrays are read without a borrow (`exact_tokens`: rust-numpy's borrow
-        // tracking costs about 700 instructions a call); other int64 arrays are borrowed;
-        // other dtypes are converted into the kept vector.
+        // numpy's own int64 arrays are read in place (`exact_tokens`), without a copy or a
+        // borrow: a step's prompts can be megabytes, even the 2,048 ids of
+        // `benches/step_ab.py`'s 16 prompts cost more to copy (0.5 us warm, 2.5 us with cold
+        // caches, measured side by side), and rust-numpy's borrow tracking costs about 700
+        // instructions a call. Anything else (int32, a subclass, a strided view, a list) is
+        // converted into the kept vector.
         let exact = admit_tokens.and_then(exact_tokens);
-        let borrowed: Option<PyReadonlyArray1<'py, i64>> = match (admit_tokens, exact) {
-            (Some(t), None) => t
-                .extract::<PyReadonlyArray1<'py, i64>>()
-                .ok()
-                .filter(|a| a.is_c_contiguous()),
-            _ => None,
-        };
-        if let (Some(t), None, None) = (admit_tokens, exact, &borrowed) {
+        if let (Some(t), None) = (admit_tokens, exact) {
             token_ids_into(t, "admit_tokens", &mut buf.flat_tokens)?;
         }
         let StepBuffers {
@@ -219,11 +211,7 @@ impl PyKVCacheManager {
             flat_spans,
             outcome,
         } = buf;
-        let flat_tokens: &[i64] = match (exact, &borrowed) {
-            (Some(t), _) => t,
-            (None, Some(a)) => a.as_slice()?,
-            (None, None) => flat_copied,
-        };
+        let flat_tokens: &[i64] = exact.unwrap_or(flat_copied);
         spans_into(
             flat_lens,
             flat_ids.len(),
