@@ -764,3 +764,66 @@ fn a_later_chunk_attaches_its_checkpoint_to_nodes_another_request_linked() {
     );
     m.validate().unwrap();
 }
+
+/// Issue 21's reproducer: a request preempted one token into a branch window's block must not
+/// publish that page. Request 10 matches request 5's first two nodes but no window (hit 0), so
+/// it computes the window of its branch point; preempted after one token of block 1, it had
+/// already attached that partly written page to request 5's node 1, and request 20 was served
+/// it as cached KV (the tracking in `validate` now catches such a page too).
+#[test]
+fn a_preempted_chunk_never_publishes_a_partly_computed_page() {
+    let cfg = serde_json::json!({
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "sliding_window": 32, "hybrid_layer_pattern": [0, 1, 1, 1],
+    });
+    let spec = ModelSpec::from_hf_config(&cfg, None).unwrap();
+    let config = ManagerConfig {
+        block_tokens: 16,
+        ..ManagerConfig::default()
+    };
+    for preempt_by_abort in [false, true] {
+        let mut m = KVCacheManager::new(spec.clone(), 96 << 10, config.clone()).unwrap();
+        let shared = seq(1000, 48);
+        let prompt = |others: i64, n: usize| [shared.clone(), seq(others, n)].concat();
+        let p5 = prompt(5000, 57);
+        let p10 = prompt(6000, 23);
+        let p20 = prompt(7000, 17);
+        m.admit(5, Prompt::Tokens(&p5), None, Some(33))
+            .unwrap()
+            .unwrap();
+        m.validate().unwrap();
+        assert_eq!(
+            m.admit(10, Prompt::Tokens(&p10), None, Some(16)).unwrap(),
+            Some(0)
+        );
+        m.validate().unwrap();
+        assert!(m.extend(10, Extension::Count(1)).unwrap());
+        m.validate().unwrap();
+        let partial = m.block_table(10, 1).unwrap()[1];
+        if preempt_by_abort {
+            m.abort(10).unwrap();
+        } else {
+            m.finish(10).unwrap();
+        }
+        m.validate().unwrap();
+        assert!(m.extend(5, Extension::Count(16)).unwrap());
+        m.validate().unwrap();
+        let own = m.block_table(5, 1).unwrap()[1];
+        m.finish(5).unwrap();
+        m.validate().unwrap();
+        assert_eq!(
+            m.admit(20, Prompt::Tokens(&p20), None, None).unwrap(),
+            Some(48)
+        );
+        m.validate().unwrap();
+        let served = m.block_table(20, 1).unwrap()[1];
+        assert_ne!(
+            served, partial,
+            "served the page request 10 wrote one token of"
+        );
+        assert_eq!(
+            served, own,
+            "block 1's window page is the one request 5 computed"
+        );
+    }
+}

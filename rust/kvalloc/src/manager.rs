@@ -44,8 +44,10 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 
 mod tiering;
+mod written;
 
 pub use tiering::{BlockResidency, TierHits};
+use written::WrittenPages;
 
 use std::sync::Arc;
 
@@ -600,6 +602,8 @@ pub struct KVCacheManager {
     evicted_checkpoints: u64,
     aborted_blocks: u64,
     window_released: u64,
+    /// Which pages hold a whole block (what the tree may publish; checked by `validate`).
+    written: WrittenPages,
     scratch: Freed,
     scratch_handles: Vec<Handle>,
     scratch_plan: Vec<Slot>,
@@ -790,14 +794,33 @@ fn check_step_extension(
 /// crosses a block boundary, and the rest keep their registers.
 #[cold]
 #[inline(never)]
-fn decode_new_blocks(arena: &mut SlabArena, groups: usize, r: &mut Request) -> bool {
+fn decode_new_blocks(
+    arena: &mut SlabArena,
+    written: &mut WrittenPages,
+    groups: usize,
+    r: &mut Request,
+) -> bool {
     if !arena.fits(&[1; MAX_GROUPS][..groups]) {
         return false;
     }
     for g in 0..groups {
-        r.tables[g].push(arena.alloc_one(g).expect("fits was checked"));
+        let h = arena.alloc_one(g).expect("fits was checked");
+        written.set(h, false);
+        r.tables[g].push(h);
     }
     true
+}
+
+/// A decode that reaches `end`, a block boundary, completes the block before it in every group.
+#[cold]
+#[inline(never)]
+fn mark_last_whole(bm: BlockMath, written: &mut WrittenPages, r: &Request, end: u64) {
+    let i = (bm.floor(end) - 1) as usize;
+    for table in &r.tables {
+        if table[i] != 0 {
+            written.set(table[i], true);
+        }
+    }
 }
 
 /// Hashes a running request's newly completed output blocks (prompt blocks are hashed at
@@ -1005,6 +1028,7 @@ impl KVCacheManager {
             evicted_checkpoints: 0,
             aborted_blocks: 0,
             window_released: 0,
+            written: WrittenPages::default(),
             scratch: Vec::new(),
             scratch_handles: Vec::new(),
             scratch_plan: Vec::new(),
@@ -1496,6 +1520,19 @@ impl KVCacheManager {
             debug_assert!(next.next().is_none());
         }
         self.scratch_handles = handles;
+        // Every page of the range is the request's own (new, or left partial by its last
+        // call): whole once the range covers its block.
+        let whole_blocks = self.bm.floor(end);
+        for table in &r.tables {
+            for (i, &h) in table[first_blk as usize..end_blk as usize]
+                .iter()
+                .enumerate()
+            {
+                if h != 0 {
+                    self.written.set(h, first_blk + (i as u64) < whole_blocks);
+                }
+            }
+        }
         // 4. Link whole prompt blocks into the tree (in-flight sharing).
         let whole_end = self.bm.floor(end).min(n_full_prompt);
         let path_before = r.path.len();
@@ -1519,13 +1556,18 @@ impl KVCacheManager {
             }
         }
         // Checkpoint blocks for nodes that already existed (a branch window, or a node another
-        // request linked first): nodes this call inserted took their blocks already.
+        // request linked first): nodes this call inserted took their blocks already. Only whole
+        // blocks: a block this call computes part of is published by the call that completes
+        // it (as `Carried`), so the tree never hands out a page its owner has not finished.
         let existing_end = if linked_shared {
             r.path.len()
         } else {
             path_before
         };
-        let attach_span = existing_end.saturating_sub(first_blk as usize).min(span);
+        let attach_span = existing_end
+            .min(whole_end as usize)
+            .saturating_sub(first_blk as usize)
+            .min(span);
         for g in 0..groups {
             for k in 0..attach_span {
                 let i = first_blk as usize + k;
@@ -1595,12 +1637,16 @@ impl KVCacheManager {
                 let k = g * span + (i - first_blk) as usize;
                 let is_prompt_block = i < n_full_prompt;
                 if (i as usize) < table.len() && table[i as usize] != 0 {
-                    // A block a previous chunk left partial is in the table but not yet
-                    // linked: it still goes to the tree once whole (its full KV, or its
-                    // checkpoint SWA KV), else the node would be inserted without it.
-                    let unlinked = is_prompt_block && i >= r.path.len() as u64;
+                    // A block a previous chunk left partial is in the table but not in the
+                    // tree: it goes there once whole (its full KV, or its checkpoint SWA KV),
+                    // into the node this call links, or into the node already on the path
+                    // that lacks it (a branch window), never before.
+                    let unpublished = is_prompt_block
+                        && r.path
+                            .get(i as usize)
+                            .is_none_or(|&n| self.tree.block(n, g) == 0);
                     let sliding = window_first.is_some() && self.swa_aware();
-                    if unlinked && (!sliding || self.in_plan(r, g, i)) {
+                    if unpublished && (!sliding || self.in_plan(r, g, i)) {
                         plan[k] = Slot::Carried;
                     }
                     continue;
@@ -1783,6 +1829,7 @@ impl KVCacheManager {
             spec,
             window_released,
             scratch_handles,
+            written,
             ..
         } = self;
         let r = requests.at_mut(slot)?;
@@ -1793,8 +1840,11 @@ impl KVCacheManager {
         // The tables hold `ceil(len / B)` blocks (checked by `validate`): no need to read them
         // unless the tokens go past the last one.
         let (opens, closes) = bm.boundaries(r.len, n);
-        if opens && !decode_new_blocks(arena, spec.groups.len(), r) {
+        if opens && !decode_new_blocks(arena, written, spec.groups.len(), r) {
             return None; // eviction needed: the general path
+        }
+        if closes {
+            mark_last_whole(bm, written, r, end);
         }
         // The window's floor moves only when a block boundary is crossed, or after a chunk
         // (whose step kept the window before it).
@@ -2477,14 +2527,23 @@ impl KVCacheManager {
         let mut owner: HashMap<Handle, &'static str> = HashMap::new();
         let mut per_group = vec![0u64; self.spec.groups.len()];
         let mut dup = None;
+        let mut unwritten = None;
         self.tree.for_each_block(|g, h| {
             per_group[g] += 1;
             if owner.insert(h, "tree").is_some() {
                 dup = Some(h);
             }
+            if !self.written.is_whole(h) {
+                unwritten = Some((g, h));
+            }
         });
         if let Some(h) = dup {
             return bad(format!("block {h:#x} is held twice by the tree"));
+        }
+        if let Some((g, h)) = unwritten {
+            return bad(format!(
+                "the tree holds group {g}'s block {h:#x}, whose page its owner has not computed whole"
+            ));
         }
         let b = self.b();
         self.requests
@@ -2508,6 +2567,18 @@ impl KVCacheManager {
                     let h = r.tables[g][i as usize];
                     if self.window(g).is_none() && h == 0 {
                         return bad(format!("request {id}: full-attention hole at block {i}"));
+                    }
+                    if h != 0 && self.written.is_whole(h) != ((i + 1) * b <= r.len) {
+                        return bad(format!(
+                            "request {id} group {g} block {i}: page recorded {} but {} tokens \
+                             are scheduled",
+                            if self.written.is_whole(h) {
+                                "whole"
+                            } else {
+                                "partial"
+                            },
+                            r.len
+                        ));
                     }
                     if self.is_private(r, g, i) {
                         per_group[g] += 1;

@@ -483,6 +483,10 @@ impl KVCacheManager {
             self.promotion_failures += 1;
             return Ok(());
         }
+        // Every copy is verified or queued: the pages hold whole blocks.
+        for &h in &by_need {
+            self.written.set(h, true);
+        }
         // Link the new blocks into the tree as cached nodes.
         let placed: std::collections::HashMap<(u32, usize), Handle> =
             need.iter().copied().zip(by_need.iter().copied()).collect();
