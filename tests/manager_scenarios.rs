@@ -827,3 +827,31 @@ fn a_preempted_chunk_never_publishes_a_partly_computed_page() {
         );
     }
 }
+
+/// Several tokens decoded in one call (speculative decoding) are computed in one step, which
+/// reads the window before the first of them: those blocks stay in the table until the next
+/// call, as for a prefill chunk (the decode path used to release them at once).
+#[test]
+fn a_multi_token_decode_keeps_the_window_its_step_reads() {
+    let cfg = serde_json::json!({
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "sliding_window": 24, "hybrid_layer_pattern": [0, 1, 1, 1],
+    });
+    let spec = ModelSpec::from_hf_config(&cfg, None).unwrap();
+    let config = ManagerConfig {
+        block_tokens: 16,
+        ..ManagerConfig::default()
+    };
+    let mut m = KVCacheManager::new(spec, 1 << 20, config).unwrap();
+    m.admit(1, Prompt::Tokens(&seq(0, 48)), None, None)
+        .unwrap()
+        .unwrap();
+    // The step computing positions 48..64 reads keys from 48 + 1 - 24 = 25 on: block 1.
+    assert!(m.extend(1, Extension::Tokens(&seq(100, 16))).unwrap());
+    m.validate().unwrap();
+    assert_ne!(m.block_table(1, 1).unwrap()[1], NULL_PAGE);
+    // The next call releases it.
+    assert!(m.extend(1, Extension::Tokens(&[7])).unwrap());
+    m.validate().unwrap();
+    assert_eq!(m.block_table(1, 1).unwrap()[1], NULL_PAGE);
+}

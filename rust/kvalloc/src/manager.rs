@@ -1849,11 +1849,15 @@ impl KVCacheManager {
         // The window's floor moves only when a block boundary is crossed, or after a chunk
         // (whose step kept the window before it).
         let crossed = closes || r.len - r.last_start.min(r.len) > 1;
-        r.last_start = r.len;
+        let start = r.len;
+        r.last_start = start;
         r.len = end;
         if swa_aware && crossed {
+            // Several tokens at once (speculative decoding): the step computing them reads the
+            // window before the first, which stays until the next call.
+            let keep = if n > 1 { start } else { u64::MAX };
             *window_released +=
-                release_below_window(bm, &spec.groups, tree, arena, r, scratch_handles, u64::MAX);
+                release_below_window(bm, &spec.groups, tree, arena, r, scratch_handles, keep);
         }
         hash_output(bm, r, tokens);
         Some(true)
