@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import random
 import shutil
 import sys
@@ -134,7 +135,7 @@ class Fuzzer:
             # As block hashes: one id per whole block of the prompt (a trailing partial block
             # has no id; its tokens are the request's own).
             n = len(tokens)
-            ids = [hash((salt, tuple(tokens[: (i + 1) * B]))) & ((1 << 63) - 1) for i in range(n // B)]
+            ids = [_block_id(salt, tokens[: (i + 1) * B]) for i in range(n // B)]
             prompt = {"block_ids": ids, "num_tokens": n // B * B, "salt": salt}
         else:
             prompt = {"tokens": tokens, "salt": salt}
@@ -259,6 +260,12 @@ class Fuzzer:
             self.engine.m.validate()
             self.ops_done += 1
         self.checked_slots += self.engine.checked_slots
+
+
+def _block_id(salt: str | bytes | None, tokens: list[int]) -> int:
+    """An engine's block hash of a prompt prefix (deterministic across processes)."""
+    h = hashlib.blake2b(repr((salt, tokens)).encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
 
 
 def _describe(prompt: dict) -> str:
