@@ -34,11 +34,20 @@
 //!   window-safe hit, it recomputes the window before the divergence; that window is kept;
 //! - optionally every `checkpoint_interval` tokens of long prompts.
 //!
+//! ## What the tree publishes
+//! A block (of every group) becomes matchable only once all of its tokens are scheduled into the
+//! very page the tree hands out, by the request that allocated that page: a chunk that ends
+//! inside a block publishes it at the call that completes it (a branch window's block on a node
+//! another request linked included), and a finish or abort publishes nothing past the last whole
+//! block its owner scheduled. The manager records which pages hold a whole block
+//! (`manager/written.rs`) and `validate` checks every tree block against that record.
+//!
 //! ## Failed steps
-//! Prompt blocks become matchable as soon as they are scheduled, so a request admitted later in
-//! the same step can reuse them (the engine computes both in one forward pass). If a step fails,
-//! the engine must `abort` every request scheduled in it: abort removes what a request created,
-//! and anything another aborted request still pinned is removed when that request is aborted.
+//! Whole prompt blocks become matchable as soon as they are scheduled, so a request admitted
+//! later in the same step can reuse them (the engine computes both in one forward pass). If a
+//! step fails, the engine must `abort` every request scheduled in it: abort removes what a
+//! request created, and anything another aborted request still pinned is removed when that
+//! request is aborted.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
