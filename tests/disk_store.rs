@@ -108,10 +108,10 @@ fn corrupted_bytes_are_never_returned() {
 fn restart_recovers_good_records_and_drops_torn_ones() {
     let dir = TempDir::new("disk-recover");
     let lb = 1000u32;
-    let keys: Vec<BlockKey> = (0..6)
+    let keys: Vec<BlockKey> = (0..7)
         .map(|i| key(0x1111_0000_0000_0000 * (i + 1), i as u16))
         .collect();
-    let (truncated, bad_header, short) = (keys[1], keys[3], keys[4]);
+    let (truncated, bad_header, short, old) = (keys[1], keys[3], keys[4], keys[6]);
     let leftover;
     {
         let mut s = DiskStore::open(dir.path(), 42).unwrap();
@@ -133,7 +133,12 @@ fn restart_recovers_good_records_and_drops_torn_ones() {
         let mut b = fs::read(&p).unwrap();
         b[0] = b'X';
         fs::write(&p, b).unwrap();
-        fs::write(s.record_path(short), b"KVAB\x01\x00").unwrap();
+        fs::write(s.record_path(short), b"KVAB\x02\x00").unwrap();
+        // A whole record of the previous format version (its version field says 1).
+        let p = s.record_path(old);
+        let mut b = fs::read(&p).unwrap();
+        b[4] = 1;
+        fs::write(&p, b).unwrap();
         leftover = s.record_path(keys[0]).with_file_name(".x-0.1.1.tmp");
         fs::write(&leftover, b"partial").unwrap();
         // A second store on the same namespace is refused while this one is open.
@@ -152,10 +157,18 @@ fn restart_recovers_good_records_and_drops_torn_ones() {
     want.sort();
     assert_eq!(s.recovered(), want);
     let st = s.recovery_stats();
-    assert_eq!((st.records, st.torn_removed, st.temp_removed), (3, 3, 1));
+    assert_eq!(
+        (
+            st.records,
+            st.torn_removed,
+            st.stale_removed,
+            st.temp_removed
+        ),
+        (3, 3, 1, 1)
+    );
     assert_eq!(st.payload_bytes, good.iter().map(|g| g.1).sum::<u64>());
     assert!(!leftover.exists());
-    for k in [truncated, bad_header, short] {
+    for k in [truncated, bad_header, short, old] {
         assert!(!s.record_path(k).exists());
     }
     for (i, &(k, bytes)) in good.iter().enumerate() {
@@ -166,7 +179,7 @@ fn restart_recovers_good_records_and_drops_torn_ones() {
     // Another namespace in the same directory sees none of it.
     let mut other = DiskStore::open(dir.path(), 43).unwrap();
     assert!(other.recovered().is_empty());
-    assert_eq!(other.contains_many(&keys).unwrap(), vec![false; 6]);
+    assert_eq!(other.contains_many(&keys).unwrap(), vec![false; 7]);
 }
 
 #[test]

@@ -960,7 +960,8 @@ impl KVCacheManager {
                 "a store was given for a tier with no capacity",
             ));
         }
-        let lower = LowerTiers::new(shape, config.lower, disk, remote)?;
+        let namespace = crate::tiers::namespace(&spec, config.block_tokens);
+        let lower = LowerTiers::new(shape, config.lower, namespace, disk, remote)?;
         let mut layer_sliding = vec![false; spec.num_layers as usize];
         for g in &spec.groups {
             for &l in &g.layers {

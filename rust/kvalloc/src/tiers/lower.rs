@@ -12,14 +12,22 @@
 //!
 //! Without a registered device buffer ("virtual" tiers, used by the simulator) the same
 //! decisions are made and the same bytes are counted, but no bytes move.
+//!
+//! Records are indexed by chained block hash, and stored under their record id
+//! ([`RecordKeys::record_id`], a keyed one-way function of the chain). Records the disk store
+//! recovers at start name only their id, so they are indexed under it as *unclaimed* until a
+//! lookup or a write computes the id of the chain they belong to and re-indexes them under it
+//! ([`LowerTiers::claim`]). An unclaimed record counts, ages and moves down like any other.
+//! Invariant: no record is indexed under both its chain and its id.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use super::device::{DeviceBuffer, HostMemory};
 use super::index::{LowerIndex, Record, Tier, UNKNOWN_DEPTH};
+use super::keys::RecordKeys;
 use super::store::{BlockKey, BlockStore, StoreError};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::slab::{Handle, SlabArena};
 
 /// Capacities of the lower tiers (0: the tier is absent).
@@ -88,6 +96,10 @@ pub struct LowerTiers {
     counters: [TierCounters; 3],
     staging: Vec<u8>,
     materialized: bool,
+    /// The stores' keys (record ids); unkeyed when no store is real.
+    keys: RecordKeys,
+    /// Index keys that are record ids of recovered records not claimed by a chain yet.
+    unclaimed: HashSet<u64>,
 }
 
 impl std::fmt::Debug for LowerTiers {
@@ -108,13 +120,36 @@ impl std::fmt::Debug for LowerTiers {
 
 impl LowerTiers {
     /// Lower tiers with the given capacities. `disk` and `remote` are the byte stores of L3 and
-    /// L4 (None: virtual, bytes counted but not moved).
+    /// L4 (None: virtual, bytes counted but not moved); both must have been opened for
+    /// `namespace` (the model's, see [`crate::tiers::namespace`]) with the same secret.
     pub fn new(
         shape: BlockShape,
         capacity: LowerCapacity,
+        namespace: u64,
         disk: Option<Box<dyn BlockStore>>,
         remote: Option<Box<dyn BlockStore>>,
     ) -> Result<Self> {
+        let mut keys = None::<RecordKeys>;
+        for s in disk.iter().chain(remote.iter()) {
+            let k = s.keys();
+            if k.namespace() != namespace {
+                return Err(Error::invalid(
+                    "tiers",
+                    format!(
+                        "the {} store was opened for namespace {:016x}; this model's is {namespace:016x}",
+                        s.name(),
+                        k.namespace()
+                    ),
+                ));
+            }
+            if keys.as_ref().is_some_and(|first| first != k) {
+                return Err(Error::invalid(
+                    "tiers",
+                    "the disk and remote stores were opened with different secrets",
+                ));
+            }
+            keys = Some(k.clone());
+        }
         let host_arena = if capacity.host > 0 {
             Some(SlabArena::new(capacity.host, &shape.block_bytes, None)?)
         } else {
@@ -131,6 +166,8 @@ impl LowerTiers {
             counters: [TierCounters::default(); 3],
             staging: Vec::new(),
             materialized: false,
+            keys: keys.unwrap_or_else(|| RecordKeys::new(namespace, None)),
+            unclaimed: HashSet::new(),
         };
         t.recover();
         Ok(t)
@@ -207,7 +244,7 @@ impl LowerTiers {
     }
 
     /// Records found in the real stores at start (the disk survives restarts; remote records
-    /// are found by lookups instead).
+    /// are found by lookups instead), indexed under their record ids, unclaimed.
     fn recover(&mut self) {
         let Some(store) = self.stores[Tier::Disk as usize].as_mut() else {
             return;
@@ -228,6 +265,7 @@ impl LowerTiers {
                 continue; // over capacity after a restart with a smaller budget: not indexed
             }
             let access = self.index.now();
+            self.unclaimed.insert(hash);
             self.index.insert(
                 hash,
                 Record {
@@ -240,6 +278,56 @@ impl LowerTiers {
                     bytes,
                 },
             );
+        }
+    }
+
+    /// Re-indexes the unclaimed record whose id is `chain`'s under `chain`; true if there was
+    /// one. Costs one keyed hash while unclaimed records remain, nothing after.
+    pub fn claim(&mut self, chain: u64) -> bool {
+        if self.unclaimed.is_empty() {
+            return false;
+        }
+        let id = self.keys.record_id(chain);
+        if !self.unclaimed.remove(&id) {
+            return false;
+        }
+        let rec = self
+            .index
+            .remove(id)
+            .expect("unclaimed records are indexed");
+        // Every insert under a chain claims first, so only a 64-bit collision between a chain
+        // and an id finds the chain taken: the unclaimed entry is then forgotten (its files
+        // stay until overwritten; removing them could remove the chain's own).
+        if self.index.get(chain).is_none() {
+            self.index.insert(chain, rec);
+        }
+        true
+    }
+
+    /// The record of chained hash `chain`, claimed or not (claims nothing).
+    pub fn lookup(&self, chain: u64) -> Option<&Record> {
+        self.index.get(chain).or_else(|| {
+            if self.unclaimed.is_empty() {
+                return None;
+            }
+            let id = self.keys.record_id(chain);
+            self.unclaimed
+                .contains(&id)
+                .then(|| self.index.get(id))
+                .flatten()
+        })
+    }
+
+    /// The store key of group `g` of the record indexed under `hash` (its id: computed from
+    /// the chain, or the index key itself for an unclaimed record).
+    pub fn store_key(&self, hash: u64, g: usize) -> BlockKey {
+        if self.unclaimed.contains(&hash) {
+            BlockKey {
+                hash,
+                group: g as u16,
+            }
+        } else {
+            self.keys.block_key(hash, g as u16)
         }
     }
 
@@ -360,18 +448,12 @@ impl LowerTiers {
 
     fn drop_record(&mut self, hash: u64) {
         if let Some(rec) = self.index.remove(hash) {
+            self.unclaimed.remove(&hash);
             for g in 0..self.shape.block_bytes.len() {
                 if rec.groups & (1 << g) != 0 {
                     self.remove_entry(rec.tier, hash, g);
                 }
             }
-        }
-    }
-
-    fn key(hash: u64, g: usize) -> BlockKey {
-        BlockKey {
-            hash,
-            group: g as u16,
         }
     }
 
@@ -390,10 +472,13 @@ impl LowerTiers {
                 mem.read(off, dst);
                 Ok(())
             }
-            _ => match self.stores[t as usize].as_mut() {
-                Some(s) => s.get(Self::key(hash, g), dst),
-                None => Err(StoreError::Missing),
-            },
+            _ => {
+                let key = self.store_key(hash, g);
+                match self.stores[t as usize].as_mut() {
+                    Some(s) => s.get(key, dst),
+                    None => Err(StoreError::Missing),
+                }
+            }
         };
         let c = &mut self.counters[t as usize];
         match res {
@@ -423,8 +508,9 @@ impl LowerTiers {
             }
             _ => {
                 let lb = self.shape.layer_bytes[g];
+                let key = self.store_key(hash, g);
                 match self.stores[t as usize].as_mut() {
-                    Some(s) => s.put(Self::key(hash, g), lb, src),
+                    Some(s) => s.put(key, lb, src),
                     None => Ok(()),
                 }
             }
@@ -448,8 +534,9 @@ impl LowerTiers {
                 }
             }
             _ => {
+                let key = self.store_key(hash, g);
                 if let Some(s) = self.stores[t as usize].as_mut() {
-                    let _ = s.remove(Self::key(hash, g)); // best effort: an orphan only wastes space
+                    let _ = s.remove(key); // best effort: an orphan only wastes space
                 }
             }
         }
@@ -468,6 +555,8 @@ impl LowerTiers {
         device: Option<&dyn DeviceBuffer>,
         first: Option<Tier>,
     ) {
+        // A recovered record of this block is this record (never two under one id).
+        self.claim(hash);
         let now = self.index.now();
         let (tier, have) = match self.index.get(hash) {
             Some(r) => (r.tier, r.groups),
@@ -660,7 +749,11 @@ impl LowerTiers {
 
     /// Adds records found in the remote store by a lookup (written by another instance).
     pub fn discovered(&mut self, hash: u64, depth: u32, groups: u16) {
-        if self.index.get(hash).is_some() || groups == 0 || !self.present(Tier::Remote) {
+        if self.claim(hash)
+            || self.index.get(hash).is_some()
+            || groups == 0
+            || !self.present(Tier::Remote)
+        {
             return;
         }
         let access = self.index.now();
@@ -702,6 +795,16 @@ impl LowerTiers {
                 "lower tiers: {} host blocks for {host} indexed entries",
                 self.host_blocks.len()
             )));
+        }
+        for &id in &self.unclaimed {
+            match self.index.get(id) {
+                Some(r) if r.tier != Tier::Host => {}
+                other => {
+                    return Err(crate::Error::Invariant(format!(
+                        "lower tiers: unclaimed record {id:#x} is {other:?}"
+                    )))
+                }
+            }
         }
         if let Some(a) = &self.host_arena {
             a.validate()?;
