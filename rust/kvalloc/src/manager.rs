@@ -2449,8 +2449,8 @@ impl KVCacheManager {
                         Tier::Disk => self.config.lower.disk,
                         Tier::Remote => self.config.lower.remote,
                     },
-                    used_bytes: self.lower.index.used(t),
-                    records: self.lower.index.count(t),
+                    used_bytes: self.lower.used(t),
+                    records: self.lower.count(t),
                     promoted_tokens: self.promoted_tokens[t as usize],
                     real: self.lower.materialized()
                         && (t == Tier::Host || self.lower.store(t).is_some()),

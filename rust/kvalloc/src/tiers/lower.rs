@@ -15,12 +15,14 @@
 //!
 //! Records are indexed by chained block hash, and stored under their record id
 //! ([`RecordKeys::record_id`], a keyed one-way function of the chain). Records the disk store
-//! recovers at start name only their id, so they are indexed under it as *unclaimed* until a
-//! lookup or a write computes the id of the chain they belong to and re-indexes them under it
-//! ([`LowerTiers::claim`]). An unclaimed record counts, ages and moves down like any other.
-//! Invariant: no record is indexed under both its chain and its id.
+//! recovers at start name only their id: they are kept *unclaimed*, apart from the index, until
+//! a lookup or a write computes the id of the chain they belong to and moves them into the
+//! index under it ([`LowerTiers::claim`]). Apart, because ids are visible (file names) and a
+//! `BlockHashes` prompt can be built to have any chain it likes: an id must never be found by
+//! a chain lookup. Unclaimed records count against the disk's capacity and are its first
+//! victims (nothing has used them since the start); an evicted one is dropped, not moved down.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::device::{DeviceBuffer, HostMemory};
@@ -98,8 +100,12 @@ pub struct LowerTiers {
     materialized: bool,
     /// The stores' keys (record ids); unkeyed when no store is real.
     keys: RecordKeys,
-    /// Index keys that are record ids of recovered records not claimed by a chain yet.
-    unclaimed: HashSet<u64>,
+    /// Disk records recovered at start and not claimed by a chain yet, by record id.
+    unclaimed: HashMap<u64, Record>,
+    /// Their ids in recovery order (eviction order; ids claimed since are skipped).
+    unclaimed_order: VecDeque<u64>,
+    /// Their payload bytes.
+    unclaimed_bytes: u64,
 }
 
 impl std::fmt::Debug for LowerTiers {
@@ -167,7 +173,9 @@ impl LowerTiers {
             staging: Vec::new(),
             materialized: false,
             keys: keys.unwrap_or_else(|| RecordKeys::new(namespace, None)),
-            unclaimed: HashSet::new(),
+            unclaimed: HashMap::new(),
+            unclaimed_order: VecDeque::new(),
+            unclaimed_bytes: 0,
         };
         t.recover();
         Ok(t)
@@ -186,6 +194,26 @@ impl LowerTiers {
     /// The configured capacities.
     pub fn capacity(&self) -> LowerCapacity {
         self.capacity
+    }
+
+    /// Payload bytes in tier `t` (unclaimed records included).
+    pub fn used(&self, t: Tier) -> u64 {
+        self.index.used(t)
+            + if t == Tier::Disk {
+                self.unclaimed_bytes
+            } else {
+                0
+            }
+    }
+
+    /// Records in tier `t` (unclaimed records included).
+    pub fn count(&self, t: Tier) -> u64 {
+        self.index.count(t)
+            + if t == Tier::Disk {
+                self.unclaimed.len() as u64
+            } else {
+                0
+            }
     }
 
     /// Counters of tier `t`.
@@ -244,61 +272,58 @@ impl LowerTiers {
     }
 
     /// Records found in the real stores at start (the disk survives restarts; remote records
-    /// are found by lookups instead), indexed under their record ids, unclaimed.
+    /// are found by lookups instead), unclaimed.
     fn recover(&mut self) {
         let Some(store) = self.stores[Tier::Disk as usize].as_mut() else {
             return;
         };
         let mut found: HashMap<u64, (u16, u64)> = HashMap::new();
+        let mut order = Vec::new();
         for (k, bytes) in store.recovered() {
-            let e = found.entry(k.hash).or_insert((0, 0));
+            let e = found.entry(k.hash).or_insert_with(|| {
+                order.push(k.hash);
+                (0, 0)
+            });
             e.0 |= 1 << k.group;
             e.1 += bytes;
         }
-        for (hash, (groups, bytes)) in found {
-            if bytes
-                > self
-                    .capacity
-                    .disk
-                    .saturating_sub(self.index.used(Tier::Disk))
-            {
+        for id in order {
+            let (groups, bytes) = found[&id];
+            if bytes > self.capacity.disk.saturating_sub(self.used(Tier::Disk)) {
                 continue; // over capacity after a restart with a smaller budget: not indexed
             }
-            let access = self.index.now();
-            self.unclaimed.insert(hash);
-            self.index.insert(
-                hash,
+            self.unclaimed.insert(
+                id,
                 Record {
                     tier: Tier::Disk,
                     groups,
                     depth: UNKNOWN_DEPTH,
                     ckpt_end: false,
-                    access,
+                    access: 0,
                     pins: 0,
                     bytes,
                 },
             );
+            self.unclaimed_order.push_back(id);
+            self.unclaimed_bytes += bytes;
         }
     }
 
-    /// Re-indexes the unclaimed record whose id is `chain`'s under `chain`; true if there was
-    /// one. Costs one keyed hash while unclaimed records remain, nothing after.
+    /// Moves the unclaimed record of `chain` (the one stored under its id) into the index
+    /// under `chain`; true if there was one. Costs one keyed hash while unclaimed records
+    /// remain, nothing after.
     pub fn claim(&mut self, chain: u64) -> bool {
         if self.unclaimed.is_empty() {
             return false;
         }
-        let id = self.keys.record_id(chain);
-        if !self.unclaimed.remove(&id) {
+        let Some(mut rec) = self.unclaimed.remove(&self.keys.record_id(chain)) else {
             return false;
-        }
-        let rec = self
-            .index
-            .remove(id)
-            .expect("unclaimed records are indexed");
-        // Every insert under a chain claims first, so only a 64-bit collision between a chain
-        // and an id finds the chain taken: the unclaimed entry is then forgotten (its files
-        // stay until overwritten; removing them could remove the chain's own).
+        };
+        self.unclaimed_bytes -= rec.bytes;
+        // Every insert under a chain claims first, so the chain is free.
+        debug_assert!(self.index.get(chain).is_none());
         if self.index.get(chain).is_none() {
+            rec.access = self.index.now();
             self.index.insert(chain, rec);
         }
         true
@@ -310,25 +335,35 @@ impl LowerTiers {
             if self.unclaimed.is_empty() {
                 return None;
             }
-            let id = self.keys.record_id(chain);
-            self.unclaimed
-                .contains(&id)
-                .then(|| self.index.get(id))
-                .flatten()
+            self.unclaimed.get(&self.keys.record_id(chain))
         })
     }
 
-    /// The store key of group `g` of the record indexed under `hash` (its id: computed from
-    /// the chain, or the index key itself for an unclaimed record).
-    pub fn store_key(&self, hash: u64, g: usize) -> BlockKey {
-        if self.unclaimed.contains(&hash) {
-            BlockKey {
-                hash,
-                group: g as u16,
+    /// Drops the oldest unclaimed record (its files too); false if there is none.
+    fn evict_unclaimed(&mut self) -> bool {
+        while let Some(id) = self.unclaimed_order.pop_front() {
+            let Some(rec) = self.unclaimed.remove(&id) else {
+                continue; // claimed since
+            };
+            self.unclaimed_bytes -= rec.bytes;
+            if let Some(s) = self.stores[Tier::Disk as usize].as_mut() {
+                for g in 0..self.shape.block_bytes.len() {
+                    if rec.groups & (1 << g) != 0 {
+                        let _ = s.remove(BlockKey {
+                            hash: id,
+                            group: g as u16,
+                        });
+                    }
+                }
             }
-        } else {
-            self.keys.block_key(hash, g as u16)
+            return true;
         }
+        false
+    }
+
+    /// The store key of group `g` of the record of chained hash `chain`.
+    pub fn store_key(&self, chain: u64, g: usize) -> BlockKey {
+        self.keys.block_key(chain, g as u16)
     }
 
     fn record_bytes(&self, groups: u16) -> u64 {
@@ -353,10 +388,14 @@ impl LowerTiers {
                     }
                     arena.fits(&need[..n])
                 }
-                _ => self.index.used(t) + self.record_bytes(groups) <= self.capacity.of(t),
+                _ => self.used(t) + self.record_bytes(groups) <= self.capacity.of(t),
             };
             if fits {
                 return true;
+            }
+            if t == Tier::Disk && self.evict_unclaimed() {
+                self.counters[t as usize].evicted += 1;
+                continue;
             }
             let Some(v) = self.index.victim(t) else {
                 return false;
@@ -448,7 +487,6 @@ impl LowerTiers {
 
     fn drop_record(&mut self, hash: u64) {
         if let Some(rec) = self.index.remove(hash) {
-            self.unclaimed.remove(&hash);
             for g in 0..self.shape.block_bytes.len() {
                 if rec.groups & (1 << g) != 0 {
                     self.remove_entry(rec.tier, hash, g);
@@ -796,15 +834,20 @@ impl LowerTiers {
                 self.host_blocks.len()
             )));
         }
-        for &id in &self.unclaimed {
-            match self.index.get(id) {
-                Some(r) if r.tier != Tier::Host => {}
-                other => {
-                    return Err(crate::Error::Invariant(format!(
-                        "lower tiers: unclaimed record {id:#x} is {other:?}"
-                    )))
-                }
+        let mut unclaimed = 0;
+        for (&id, r) in &self.unclaimed {
+            unclaimed += r.bytes;
+            if r.tier != Tier::Disk || r.pins != 0 {
+                return Err(crate::Error::Invariant(format!(
+                    "lower tiers: unclaimed record {id:#x} is {r:?}"
+                )));
             }
+        }
+        if unclaimed != self.unclaimed_bytes || self.unclaimed_order.len() < self.unclaimed.len() {
+            return Err(crate::Error::Invariant(format!(
+                "lower tiers: unclaimed bytes {} != recount {unclaimed}",
+                self.unclaimed_bytes
+            )));
         }
         if let Some(a) = &self.host_arena {
             a.validate()?;
