@@ -332,7 +332,7 @@ fn records_and_directories_are_owner_only() {
     assert_eq!(mode(&s.root().join(".lock")), 0o600);
 }
 
-/// A damaged header (here its layer size) is an integrity failure, like damaged payload, not
+/// A damaged header (here its layer count) is an integrity failure, like damaged payload, not
 /// an I/O error: counted in `checksum_failures`.
 #[test]
 fn a_damaged_header_counts_as_a_checksum_failure() {
@@ -343,7 +343,7 @@ fn a_damaged_header_counts_as_a_checksum_failure() {
     s.put(k, lb, &data).unwrap();
     let path = s.record_path(k);
     let mut b = fs::read(&path).unwrap();
-    b[28..32].copy_from_slice(&(lb * 2).to_le_bytes()); // layer_bytes: 2 layers of 128
+    b[24..28].copy_from_slice(&2u32.to_le_bytes()); // the layer count: 2 of the 4
     fs::write(&path, b).unwrap();
     let mut out = vec![0; data.len()];
     assert!(matches!(s.get(k, &mut out), Err(StoreError::Corrupt(_))));
