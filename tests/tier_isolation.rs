@@ -9,7 +9,7 @@ mod common;
 mod support;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::{content, small_spec, B};
@@ -22,6 +22,16 @@ use kvalloc::{KVCacheManager, ManagerConfig, ModelSpec, Prompt, NULL_PAGE};
 use support::{RemoteServer, TempDir};
 
 const L1: u64 = 96 << 10;
+
+/// Held while a server process starts and while a disk store opens: a child between fork and
+/// exec holds a copy of every descriptor, the previous instance's directory lock included, and
+/// the next instance's open would find the directory locked.
+static FORKS: Mutex<()> = Mutex::new(());
+
+fn start_server() -> RemoteServer {
+    let _g = FORKS.lock().unwrap_or_else(|e| e.into_inner());
+    RemoteServer::start(&[])
+}
 const VICTIM_SALT: &[u8] = b"victim: a salt nobody else knows";
 
 /// Where an instance keeps its lower tiers.
@@ -58,7 +68,11 @@ fn instance_with(spec: ModelSpec, at: Where<'_>, setup: StoreSetup) -> Instance 
         ..ManagerConfig::default()
     };
     let bb = spec.block_bytes(B as u32);
-    let mut m = KVCacheManager::with_setup(spec, L1, cfg, setup).unwrap();
+    let opened = {
+        let _g = FORKS.lock().unwrap_or_else(|e| e.into_inner());
+        KVCacheManager::with_setup(spec, L1, cfg, setup)
+    };
+    let mut m = opened.unwrap();
     let dev = Arc::new(HostBuffer::zeroed(L1 as usize));
     m.register_device(dev.clone() as Arc<dyn DeviceBuffer>)
         .unwrap();
@@ -131,7 +145,7 @@ impl Instance {
                 .filter(|&&p| p != NULL_PAGE)
                 .any(|&p| {
                     let got = self.page(g, p);
-                    blocks.iter().any(|b| *b == got)
+                    blocks.contains(&got)
                 })
         })
     }
@@ -346,7 +360,7 @@ fn cross_tenant_probe(at: Where<'_>, setup: StoreSetup) {
             hashes: &ids,
             num_tokens,
         };
-        let tiers = a.m.match_prefix_tiers(prompt.clone(), salt).unwrap();
+        let tiers = a.m.match_prefix_tiers(prompt, salt).unwrap();
         assert_eq!(tiers, [0; 4], "the attacker's prompt matches nothing");
         let hit = a.admit(id, prompt, salt);
         assert_eq!(hit, 0, "the attacker is served the victim's prefix");
@@ -375,9 +389,9 @@ fn an_inverted_chain_reaches_no_other_tenant_on_disk() {
 
 #[test]
 fn an_inverted_chain_reaches_no_other_tenant_on_the_remote_store() {
-    let server = RemoteServer::start(&[]);
+    let server = start_server();
     cross_tenant_probe(Where::Remote(&server), StoreSetup::default());
-    let server = RemoteServer::start(&[]);
+    let server = start_server();
     cross_tenant_probe(Where::Remote(&server), with_secret(b"deployment secret"));
 }
 
@@ -419,7 +433,7 @@ fn a_record_copied_under_another_key_is_rejected_on_disk() {
 
 #[test]
 fn a_record_copied_under_another_key_is_rejected_on_the_remote_store() {
-    let server = RemoteServer::start(&[]);
+    let server = start_server();
     substitution_probe(Where::Remote(&server));
 }
 
@@ -470,7 +484,7 @@ fn models_of_one_geometry_never_share_disk_records() {
 
 #[test]
 fn models_of_one_geometry_never_share_remote_records() {
-    let server = RemoteServer::start(&[]);
+    let server = start_server();
     models_probe(Where::Remote(&server));
 }
 
@@ -537,7 +551,7 @@ fn records_forged_without_the_secret_are_rejected_on_disk() {
 #[test]
 fn records_forged_without_the_secret_are_rejected_on_the_remote_store() {
     for forger in [None, Some(&b"another secret"[..])] {
-        let server = RemoteServer::start(&[]);
+        let server = start_server();
         forged_secret_probe(Where::Remote(&server), forger);
     }
 }

@@ -219,8 +219,12 @@ impl KVCacheManager {
         let groups = self.spec.groups.len();
         let mut keys: Vec<BlockKey> = Vec::with_capacity((hashes.len() - from) * groups);
         for &h in &hashes[from..] {
+            let k = self.lower.store_key(h, 0); // one keyed hash per block
             for g in 0..groups {
-                keys.push(self.lower.store_key(h, g));
+                keys.push(BlockKey {
+                    group: g as u16,
+                    ..k
+                });
             }
         }
         let Some(store) = self.lower.store_mut(Tier::Remote) else {
