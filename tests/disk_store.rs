@@ -108,10 +108,10 @@ fn corrupted_bytes_are_never_returned() {
 fn restart_recovers_good_records_and_drops_torn_ones() {
     let dir = TempDir::new("disk-recover");
     let lb = 1000u32;
-    let keys: Vec<BlockKey> = (0..6)
+    let keys: Vec<BlockKey> = (0..7)
         .map(|i| key(0x1111_0000_0000_0000 * (i + 1), i as u16))
         .collect();
-    let (truncated, bad_header, short) = (keys[1], keys[3], keys[4]);
+    let (truncated, bad_header, short, old) = (keys[1], keys[3], keys[4], keys[6]);
     let leftover;
     {
         let mut s = DiskStore::open(dir.path(), 42).unwrap();
@@ -133,7 +133,12 @@ fn restart_recovers_good_records_and_drops_torn_ones() {
         let mut b = fs::read(&p).unwrap();
         b[0] = b'X';
         fs::write(&p, b).unwrap();
-        fs::write(s.record_path(short), b"KVAB\x01\x00").unwrap();
+        fs::write(s.record_path(short), b"KVAB\x02\x00").unwrap();
+        // A whole record of the previous format version (its version field says 1).
+        let p = s.record_path(old);
+        let mut b = fs::read(&p).unwrap();
+        b[4] = 1;
+        fs::write(&p, b).unwrap();
         leftover = s.record_path(keys[0]).with_file_name(".x-0.1.1.tmp");
         fs::write(&leftover, b"partial").unwrap();
         // A second store on the same namespace is refused while this one is open.
@@ -152,10 +157,18 @@ fn restart_recovers_good_records_and_drops_torn_ones() {
     want.sort();
     assert_eq!(s.recovered(), want);
     let st = s.recovery_stats();
-    assert_eq!((st.records, st.torn_removed, st.temp_removed), (3, 3, 1));
+    assert_eq!(
+        (
+            st.records,
+            st.torn_removed,
+            st.stale_removed,
+            st.temp_removed
+        ),
+        (3, 3, 1, 1)
+    );
     assert_eq!(st.payload_bytes, good.iter().map(|g| g.1).sum::<u64>());
     assert!(!leftover.exists());
-    for k in [truncated, bad_header, short] {
+    for k in [truncated, bad_header, short, old] {
         assert!(!s.record_path(k).exists());
     }
     for (i, &(k, bytes)) in good.iter().enumerate() {
@@ -166,7 +179,7 @@ fn restart_recovers_good_records_and_drops_torn_ones() {
     // Another namespace in the same directory sees none of it.
     let mut other = DiskStore::open(dir.path(), 43).unwrap();
     assert!(other.recovered().is_empty());
-    assert_eq!(other.contains_many(&keys).unwrap(), vec![false; 6]);
+    assert_eq!(other.contains_many(&keys).unwrap(), vec![false; 7]);
 }
 
 #[test]
@@ -225,4 +238,115 @@ fn full_disk_skips_writes_and_leaves_nothing_behind() {
     }
     s.remove(stored[0]).unwrap();
     s.put(key(0xfeed, 1), lb as u32, &data).unwrap();
+}
+
+/// The namespace directory's shard for `k`, created (as a write would) by storing a record.
+fn shard_of(s: &mut DiskStore, k: BlockKey) -> std::path::PathBuf {
+    s.put(k, 16, &[1u8; 32]).unwrap();
+    s.record_path(k).parent().unwrap().to_path_buf()
+}
+
+#[test]
+fn empty_directory_is_refused() {
+    let err = DiskStore::open("", 1).unwrap_err();
+    assert!(
+        matches!(err, Error::InvalidArgument { ref what, .. } if what == "dir"),
+        "{err}"
+    );
+    assert!(
+        !std::path::Path::new(&format!("{:016x}", 1)).exists(),
+        "nothing is created in the working directory"
+    );
+}
+
+/// A FIFO, a directory and a link named like records (and a directory named like a temp
+/// file): start-up neither blocks on the FIFO nor fails on the directories; each is left
+/// alone and counted, and reading one of those names is a counted integrity failure.
+#[test]
+fn entries_that_are_not_record_files_are_skipped_unopened() {
+    let dir = TempDir::new("disk-not-files");
+    let (good, fifo, sub, link) = (
+        key(0xaa << 56, 0),
+        key(0xaa << 56 | 1, 0),
+        key(0xaa << 56 | 2, 0),
+        key(0xaa << 56 | 3, 1),
+    );
+    let shard;
+    let (fifo_path, sub_path, link_path);
+    {
+        let mut s = DiskStore::open(dir.path(), 5).unwrap();
+        shard = shard_of(&mut s, good);
+        fifo_path = s.record_path(fifo);
+        sub_path = s.record_path(sub);
+        link_path = s.record_path(link);
+    }
+    let c = std::ffi::CString::new(fifo_path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path we own; no other memory is passed.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    fs::create_dir(&sub_path).unwrap();
+    fs::create_dir(shard.join(".x-0.1.1.tmp")).unwrap();
+    std::os::unix::fs::symlink(
+        shard.join(format!("{:016x}-0.kvb", 0xaau64 << 56)),
+        &link_path,
+    )
+    .unwrap();
+
+    let mut s = DiskStore::open(dir.path(), 5).unwrap();
+    let st = s.recovery_stats();
+    assert_eq!(
+        (st.records, st.not_files_skipped, st.torn_removed),
+        (1, 4, 0)
+    );
+    assert_eq!(s.recovered(), vec![(good, 32)]);
+    assert!(fifo_path.exists() && sub_path.is_dir() && link_path.exists());
+    assert_eq!(
+        s.contains_many(&[good, fifo, sub, link]).unwrap(),
+        vec![true, false, false, false]
+    );
+    let mut out = [0u8; 32];
+    for k in [fifo, sub, link] {
+        assert!(
+            matches!(s.get(k, &mut out), Err(StoreError::Corrupt(_))),
+            "{k:?}"
+        );
+    }
+    assert_eq!(s.counters().checksum_failures, 3);
+    s.get(good, &mut out).unwrap();
+    assert_eq!(out, [1u8; 32]);
+}
+
+#[test]
+fn records_and_directories_are_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("disk-perms");
+    let base = dir.path().join("cache"); // created by the store
+    let mut s = DiskStore::open(&base, 6).unwrap();
+    let k = key(0x42, 0);
+    s.put(k, 16, &[3u8; 16]).unwrap();
+    let mode = |p: &std::path::Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let rec = s.record_path(k);
+    assert_eq!(mode(&rec), 0o600);
+    for d in [rec.parent().unwrap(), s.root(), &base] {
+        assert_eq!(mode(d), 0o700, "{}", d.display());
+    }
+    assert_eq!(mode(&s.root().join(".lock")), 0o600);
+}
+
+/// A damaged header (here its layer count) is an integrity failure, like damaged payload, not
+/// an I/O error: counted in `checksum_failures`.
+#[test]
+fn a_damaged_header_counts_as_a_checksum_failure() {
+    let dir = TempDir::new("disk-header");
+    let mut s = DiskStore::open(dir.path(), 8).unwrap();
+    let (k, lb) = (key(0x77, 0), 64u32);
+    let data = random_bytes(4, lb as usize * 4);
+    s.put(k, lb, &data).unwrap();
+    let path = s.record_path(k);
+    let mut b = fs::read(&path).unwrap();
+    b[24..28].copy_from_slice(&2u32.to_le_bytes()); // the layer count: 2 of the 4
+    fs::write(&path, b).unwrap();
+    let mut out = vec![0; data.len()];
+    assert!(matches!(s.get(k, &mut out), Err(StoreError::Corrupt(_))));
+    let c = s.counters();
+    assert_eq!((c.checksum_failures, c.io_errors), (1, 0));
 }

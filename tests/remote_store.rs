@@ -217,7 +217,7 @@ fn password_and_acl_user() {
         "kv",
         "on",
         ">kvpw",
-        "~kvalloc:*",
+        "~kvalloc-*",
         "+@all",
     ]);
     let data = random_bytes(3, 4096);
@@ -236,7 +236,7 @@ fn password_and_acl_user() {
     b.get(key(1, 0), &mut out).unwrap();
     assert_eq!(out, data);
 
-    // An ACL user limited to the kvalloc: keys.
+    // An ACL user limited to the keys of derived prefixes (kvalloc-<tag>).
     let mut cfg = RemoteConfig::new(server.url(), 1);
     cfg.username = Some("kv".into());
     cfg.password = Some("kvpw".into());
@@ -245,7 +245,7 @@ fn password_and_acl_user() {
     assert_eq!(out, data);
     // ...which may not touch keys outside its prefix.
     let mut other_prefix = cfg.clone();
-    other_prefix.key_prefix = "other".into();
+    other_prefix.key_prefix = Some("other".into());
     let mut d = RemoteStore::connect(other_prefix).unwrap();
     assert!(d.put(key(2, 0), 1024, &data).is_err());
 
@@ -296,7 +296,7 @@ fn namespaces_are_isolated_and_instances_of_one_namespace_share() {
     assert_eq!(out, db);
     // Another key prefix is another store too.
     let mut cfg = RemoteConfig::new(server.url(), 100);
-    cfg.key_prefix = "elsewhere".into();
+    cfg.key_prefix = Some("elsewhere".into());
     let mut c = RemoteStore::connect(cfg).unwrap();
     assert_eq!(c.contains_many(&[k]).unwrap(), vec![false]);
 }

@@ -67,12 +67,17 @@ class ModelSpec:
 
     @staticmethod
     def from_hf_config(
-        path_or_dict: str | os.PathLike[str] | dict[str, Any], dtype: str | None = None
+        path_or_dict: str | os.PathLike[str] | dict[str, Any],
+        dtype: str | None = None,
+        model_id: str | None = None,
     ) -> ModelSpec:
         """Reads a Hugging Face ``config.json`` (a path or an already-loaded dict).
 
-        Raises ``ConfigError`` naming the field (or the layer index and kind) that is missing,
-        contradictory or unsupported."""
+        ``model_id`` names the weights (default: the config's ``_name_or_path`` and
+        ``_commit_hash``/``revision``); models with different ids never share lower-tier KV.
+        Give one wherever two weights have the same config (a fine-tune saved in its base's
+        directory). Raises ``ConfigError`` naming the field (or the layer index and kind) that
+        is missing, contradictory or unsupported."""
     @staticmethod
     def preset(name: str) -> ModelSpec:
         """A built-in model; see ``kvalloc.presets()``."""
@@ -95,8 +100,12 @@ class ModelSpec:
     def bytes_per_token_dense(self) -> int:
         """Bytes of one token when every layer keeps it."""
     @property
+    def model_id(self) -> str | None:
+        """Which weights the KV belongs to (``name@revision`` from the config, or the id given);
+        part of the lower tiers' namespace. None: the config names neither."""
+    @property
     def fingerprint(self) -> int:
-        """A 64-bit digest of the geometry (not the name)."""
+        """A 64-bit digest of the geometry (not the name, not the model id)."""
     def kv_bytes(self, context_tokens: int, block_tokens: int | None = None) -> int:
         """Bytes one sequence holds when sliding groups keep only their window (blocks of
         ``block_tokens``, default 16)."""
@@ -203,6 +212,8 @@ class KVCacheManager:
         write_through: bool | None = None,
         watermark: float | None = None,
         prefault_bytes: int | None = None,
+        secret: str | bytes | None = None,
+        model_id: str | None = None,
     ) -> KVCacheManager:
         """Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
         ``disk_bytes`` of files under ``disk_dir`` (L3, survives restarts), ``remote_bytes`` in
@@ -214,7 +225,16 @@ class KVCacheManager:
         decode blocks, so fewer preemptions); extensions ignore it. ``prefault_bytes``: at
         most this much bookkeeping memory (tree nodes, slab records) is committed at
         construction, as much as the capacity can use, so that the tree and the arena grow
-        without page faults on the scheduler's path (None: 32 MiB; 0: none)."""
+        without page faults on the scheduler's path (None: 32 MiB; 0: none).
+
+        ``secret``: the deployment secret of the disk and remote tiers (None: the
+        ``KVALLOC_SECRET`` environment variable, if set). Records are stored under ids keyed by
+        it and carry MACs under it, so only instances with the same secret (and model) share
+        records, and a writer without it cannot forge one; give every instance of a deployment
+        the same secret of at least 16 random bytes. Without one, ids are still one-way and
+        records still checked, but not authenticated. ``model_id`` overrides ``spec.model_id``
+        (which weights; part of the namespace). The remote key prefix defaults to one derived
+        from the model and the secret."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(

@@ -2,7 +2,7 @@
 
 use std::sync::{Mutex, MutexGuard};
 
-use kvalloc::tiers::{LowerCapacity, RemoteSetup, StoreSetup};
+use kvalloc::tiers::{LowerCapacity, RemoteSetup, Secret, StoreSetup};
 use kvalloc::{Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -98,6 +98,29 @@ pub(crate) fn salt_arg(salt: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u
     ))
 }
 
+/// The deployment secret: `secret` (str or bytes), else the `KVALLOC_SECRET` environment
+/// variable, else none. An empty one is refused: it would authenticate nothing.
+fn secret_arg(secret: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Secret>> {
+    let bytes = match salt_arg(secret).map_err(|_| {
+        invalid(
+            "secret",
+            format!(
+                "expected str or bytes, got {}",
+                secret.map_or("None".into(), type_name)
+            ),
+        )
+    })? {
+        Some(b) => b,
+        None => match std::env::var_os("KVALLOC_SECRET") {
+            Some(v) => std::os::unix::ffi::OsStringExt::into_vec(v),
+            None => return Ok(None),
+        },
+    };
+    Secret::new(bytes)
+        .map(Some)
+        .ok_or_else(|| invalid("secret", "is empty; give at least 16 random bytes, or None"))
+}
+
 pub(crate) fn req_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
     non_negative(obj, "req_id")
 }
@@ -125,7 +148,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = None, watermark = None, prefault_bytes = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -146,8 +169,14 @@ impl PyKVCacheManager {
         write_through: Option<&Bound<'_, PyAny>>,
         watermark: Option<&Bound<'_, PyAny>>,
         prefault_bytes: Option<&Bound<'_, PyAny>>,
+        secret: Option<&Bound<'_, PyAny>>,
+        model_id: Option<String>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
+        let secret = secret_arg(secret)?;
+        if model_id.as_deref() == Some("") {
+            return Err(invalid("model_id", "is empty; name the weights, or None"));
+        }
         let write_through = flag(write_through, "write_through")?;
         let watermark = match watermark.filter(|w| !w.is_none()) {
             None => 0.0,
@@ -192,8 +221,12 @@ impl PyKVCacheManager {
                 password: remote_password,
                 key_prefix: remote_prefix,
             }),
+            secret,
         };
-        let core_spec = spec.get().inner.clone();
+        let mut core_spec = spec.get().inner.clone();
+        if model_id.is_some() {
+            core_spec.model_id = model_id;
+        }
         let m = py
             .detach(|| KVCacheManager::with_setup(core_spec, capacity, config, stores))
             .py()?;

@@ -113,14 +113,18 @@ fn dtype_arg(dtype: Option<&Bound<'_, PyAny>>) -> PyResult<Option<DType>> {
 impl PyModelSpec {
     /// Reads a Hugging Face `config.json` (a path or an already-loaded dict).
     #[staticmethod]
-    #[pyo3(signature = (path_or_dict, dtype = None))]
+    #[pyo3(signature = (path_or_dict, dtype = None, model_id = None))]
     fn from_hf_config(
         py: Python<'_>,
         path_or_dict: &Bound<'_, PyAny>,
         dtype: Option<&Bound<'_, PyAny>>,
+        model_id: Option<String>,
     ) -> PyResult<Self> {
         let dtype = dtype_arg(dtype)?;
-        let inner = if path_or_dict.is_instance_of::<PyDict>() {
+        if model_id.as_deref() == Some("") {
+            return Err(invalid("model_id", "is empty; name the weights, or None"));
+        }
+        let mut inner = if path_or_dict.is_instance_of::<PyDict>() {
             let json: String = py
                 .import("json")?
                 .call_method1("dumps", (path_or_dict,))
@@ -147,6 +151,9 @@ impl PyModelSpec {
             py.detach(|| ModelSpec::from_hf_config_path(&path, dtype))
                 .py()?
         };
+        if model_id.is_some() {
+            inner.model_id = model_id;
+        }
         Ok(PyModelSpec { inner })
     }
 
@@ -196,7 +203,14 @@ impl PyModelSpec {
     fn bytes_per_token_dense(&self) -> u64 {
         self.inner.bytes_per_token_dense()
     }
-    /// A 64-bit digest of the geometry (not the name): equal for models whose KV is interchangeable.
+    /// Which weights the KV belongs to (the config's `_name_or_path@revision`, or the
+    /// `model_id` given); part of the lower tiers' namespace. None: the config names neither.
+    #[getter]
+    fn model_id(&self) -> Option<&str> {
+        self.inner.model_id.as_deref()
+    }
+    /// A 64-bit digest of the geometry (not the name, not the model id): equal for models
+    /// whose KV layout is interchangeable.
     #[getter]
     fn fingerprint(&self) -> u64 {
         self.inner.fingerprint()

@@ -992,7 +992,8 @@ impl KVCacheManager {
                 "a store was given for a tier with no capacity",
             ));
         }
-        let lower = LowerTiers::new(shape, config.lower, disk, remote)?;
+        let namespace = crate::tiers::namespace(&spec, config.block_tokens);
+        let lower = LowerTiers::new(shape, config.lower, namespace, disk, remote)?;
         let mut layer_sliding = vec![false; spec.num_layers as usize];
         for g in &spec.groups {
             for &l in &g.layers {
@@ -2511,8 +2512,8 @@ impl KVCacheManager {
                         Tier::Disk => self.config.lower.disk,
                         Tier::Remote => self.config.lower.remote,
                     },
-                    used_bytes: self.lower.index.used(t),
-                    records: self.lower.index.count(t),
+                    used_bytes: self.lower.used(t),
+                    records: self.lower.count(t),
                     promoted_tokens: self.promoted_tokens[t as usize],
                     real: self.lower.materialized()
                         && (t == Tier::Host || self.lower.store(t).is_some()),

@@ -245,6 +245,13 @@ pub struct ModelSpec {
     pub dtype: DType,
     /// Full-attention groups first, then sliding ones; each ordered by first layer.
     pub groups: Vec<KVGroup>,
+    /// Which weights the KV belongs to: from the config, `_name_or_path` and the revision
+    /// (`_commit_hash`, else `revision`) as `name@revision`, or whatever the deployment sets
+    /// (a fine-tune saved over its base's directory has the same config: set it there). Part
+    /// of the lower tiers' namespace ([`crate::tiers::namespace`]), not of
+    /// [`ModelSpec::fingerprint`]: two models of the same geometry share KV layout, never KV.
+    /// None: the config names neither, and such models share a namespace per geometry.
+    pub model_id: Option<String>,
 }
 
 /// Bundled presets: (name, config JSON). Order is the order [`ModelSpec::presets`] lists.
@@ -313,6 +320,7 @@ impl ModelSpec {
             num_layers,
             dtype,
             groups,
+            model_id: model_identity(root, text)?,
         })
     }
 
@@ -544,6 +552,34 @@ fn model_name(root: &Obj, text: &Obj) -> String {
                 .map(str::to_owned)
         })
         .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The weights' identity: `_name_or_path` (outer config, then text config) and the revision
+/// (`_commit_hash`, then `revision`, at either level), as `name`, `name@revision` or
+/// `@revision`; None when neither is given. A present key that is not a string is an error.
+fn model_identity(root: &Obj, text: &Obj) -> Result<Option<String>> {
+    let first = |keys: &[&str]| -> Result<Option<String>> {
+        for obj in [root, text] {
+            for &key in keys {
+                if let Some(v) = get(obj, key) {
+                    let s = v
+                        .as_str()
+                        .ok_or_else(|| Error::config(key, format!("expected a string, got {v}")))?;
+                    if !s.is_empty() {
+                        return Ok(Some(s.to_owned()));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    };
+    let name = first(&["_name_or_path"])?;
+    let revision = first(&["_commit_hash", "revision"])?;
+    Ok(match (name, revision) {
+        (None, None) => None,
+        (Some(n), None) => Some(n),
+        (n, Some(r)) => Some(format!("{}@{r}", n.unwrap_or_default())),
+    })
 }
 
 /// dtype from the outer config, then the text config (first of `torch_dtype`, `dtype` at each
@@ -1207,6 +1243,34 @@ mod tests {
         // Never more than ceil(W / B) + 1.
         assert!((0..2000).all(|ctx| g.live_blocks(ctx, 16) <= 9));
         assert!((0..2000).all(|ctx| g.live_blocks(ctx, 48) <= 4));
+    }
+
+    #[test]
+    fn model_identity_comes_from_name_and_revision() {
+        let geometry = serde_json::json!({
+            "num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 4,
+        });
+        let with = |extra: Value| {
+            let mut cfg = geometry.clone();
+            for (k, v) in extra.as_object().unwrap() {
+                cfg[k] = v.clone();
+            }
+            ModelSpec::from_hf_config(&cfg, None)
+        };
+        assert_eq!(with(serde_json::json!({})).unwrap().model_id, None);
+        let id = |extra| with(extra).unwrap().model_id.unwrap();
+        assert_eq!(id(serde_json::json!({"_name_or_path": "org/m"})), "org/m");
+        assert_eq!(
+            id(serde_json::json!({"_name_or_path": "org/m", "_commit_hash": "abc"})),
+            "org/m@abc"
+        );
+        assert_eq!(id(serde_json::json!({"revision": "v2"})), "@v2");
+        let err = with(serde_json::json!({"_name_or_path": 3})).unwrap_err();
+        assert!(err.to_string().contains("_name_or_path"), "{err}");
+        // Identity is not geometry.
+        let a = with(serde_json::json!({"_name_or_path": "a"})).unwrap();
+        let b = with(serde_json::json!({"_name_or_path": "b"})).unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
     }
 
     #[test]

@@ -217,12 +217,13 @@ impl KVCacheManager {
             return;
         }
         let groups = self.spec.groups.len();
-        let mut keys = Vec::with_capacity((hashes.len() - from) * groups);
+        let mut keys: Vec<BlockKey> = Vec::with_capacity((hashes.len() - from) * groups);
         for &h in &hashes[from..] {
+            let k = self.lower.store_key(h, 0); // one keyed hash per block
             for g in 0..groups {
                 keys.push(BlockKey {
-                    hash: h,
                     group: g as u16,
+                    ..k
                 });
             }
         }
@@ -261,8 +262,12 @@ impl KVCacheManager {
     fn walk_tiers(&mut self, hashes: &[u64], max_safe: u32) -> (Vec<NodeId>, TierHits) {
         let mut path = Vec::new();
         self.tree.walk(hashes, max_safe, &mut path);
+        // Past the L1 path, blocks recovered from disk are claimed as the walk reaches them
+        // (one keyed hash per block while unclaimed records remain; none on the L1 path).
         let mut from = path.len();
-        while from < max_safe as usize && self.lower.index.get(hashes[from]).is_some() {
+        while from < max_safe as usize
+            && (self.lower.index.get(hashes[from]).is_some() || self.lower.claim(hashes[from]))
+        {
             from += 1;
         }
         if from < max_safe as usize {
@@ -630,7 +635,7 @@ impl KVCacheManager {
                     }
                 }
             }
-            let lower = self.lower.index.get(h).map(|r| (r.tier, r.groups));
+            let lower = self.lower.lookup(h).map(|r| (r.tier, r.groups));
             if device_groups == 0 && lower.is_none() {
                 break;
             }

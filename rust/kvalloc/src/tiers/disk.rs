@@ -3,24 +3,30 @@
 //! # On-disk layout
 //!
 //! ```text
-//! <dir>/<namespace:016x>/.lock                       advisory lock: one DiskStore per namespace
-//! <dir>/<namespace:016x>/<hh>/<hash:016x>-<group>.kvb  one record: RecordHeader, then payload
-//! <dir>/<namespace:016x>/<hh>/.<hash:016x>-<group>.<pid>.<seq>.tmp   a write in progress
+//! <dir>/<namespace:016x>/.lock                     advisory lock: one DiskStore per namespace
+//! <dir>/<namespace:016x>/<hh>/<id:016x>-<group>.kvb  one record: RecordHeader, then payload
+//! <dir>/<namespace:016x>/<hh>/.<id:016x>-<group>.<pid>.<seq>.tmp   a write in progress
 //! ```
 //!
-//! `hh` is the top byte of the block hash in hex: 256 sub-directories keep directories small
-//! when millions of blocks are cached. A record file is exactly the encoded
-//! [`RecordHeader`] (magic, version, key, geometry, one xxh3-64 per layer) followed by the
-//! payload, layer-major, so layer `i` lives at `header_len + i * layer_bytes`.
+//! `id` is the record id ([`RecordKeys::record_id`]: a keyed one-way function of the block's
+//! chained hash, so a file name reveals no chain). `hh` is its top byte in hex: 256
+//! sub-directories keep directories small when millions of blocks are cached. A record file is
+//! exactly the encoded [`RecordHeader`] (magic, version, key, geometry, layer tags, header tag)
+//! followed by the payload, layer-major, so layer `i` lives at `header_len + i * layer_bytes`.
+//! Directories are created owner-only (0700), record files 0600: cached KV is tenant data.
 //!
 //! # Invariants
 //!
 //! - A `.kvb` file only ever appears whole: a write goes to a temp file in the same directory
 //!   and is renamed into place. A reader never sees a half-written record under its final name
 //!   (a crash can still leave a record whose unsynced pages are lost; see *Durability*).
-//! - Bytes are returned only after their layer's checksum matched. A mismatch returns
-//!   [`StoreError::Corrupt`], counts `checksum_failures`, and removes the record, so the next
-//!   lookup is a clean miss. On any error the content of the caller's buffer is unspecified.
+//! - Bytes are returned only after the header's tag and their layer's tag matched. A mismatch
+//!   (damage anywhere in the record, a file copied or forged under another name, another
+//!   secret, an older format) returns [`StoreError::Corrupt`], counts `checksum_failures`, and
+//!   removes the record, so the next lookup is a clean miss. On any error the content of the
+//!   caller's buffer is unspecified.
+//! - Only regular files are opened, never following a link and never blocking (`O_NOFOLLOW`,
+//!   `O_NONBLOCK`): a FIFO, a directory or a link named like a record is not one.
 //! - One `DiskStore` owns a namespace directory at a time (an exclusive `flock` on `.lock`),
 //!   which is what makes deleting leftover temp files on open safe.
 //! - Disk full (`ENOSPC`, `EDQUOT`) returns [`StoreError::Full`], counts
@@ -36,20 +42,25 @@
 //!
 //! # Restart recovery
 //!
-//! [`DiskStore::open`] scans the namespace directory: each `.kvb` whose name parses, whose header
-//! decodes and names the same key and namespace, and whose length is exactly header + payload
-//! is listed by [`BlockStore::recovered`]. Other `.kvb` files (torn or foreign) and every
-//! leftover `.tmp` are removed and counted in [`RecoveryStats`]. Payload checksums are not read
-//! at open (that would read the whole cache); they are checked on every read.
+//! [`DiskStore::open`] scans the namespace directory: each regular `.kvb` file whose name parses,
+//! whose header decodes and checks under the store's keys and names the same key and
+//! namespace, and whose length is exactly header + payload is listed by
+//! [`BlockStore::recovered`]. Other `.kvb` files (torn, foreign, another secret's, an older
+//! format's) and every leftover `.tmp` file are removed and counted in [`RecoveryStats`];
+//! entries with such names that are not regular files are left alone, unopened, and counted.
+//! Payload tags are not read at open (that would read the whole cache); they are checked on
+//! every read.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, DirBuilder, File, OpenOptions};
 use std::io::{self, IoSlice, Write};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use super::keys::RecordKeys;
 use super::store::{
-    BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError, HEADER_FIXED_BYTES, RECORD_MAGIC,
+    BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError, HEADER_FIXED_BYTES,
+    LAYERS_OFFSET, RECORD_MAGIC, RECORD_VERSION,
 };
 use crate::Error;
 
@@ -68,17 +79,31 @@ pub struct RecoveryStats {
     pub records: u64,
     /// Their payload bytes.
     pub payload_bytes: u64,
-    /// Record files removed because they were short, long, or had a bad header.
+    /// Record files removed because they were short, long, or had a bad header (damaged,
+    /// forged, or written under another secret).
     pub torn_removed: u64,
+    /// Record files of an older format version removed (never served).
+    pub stale_removed: u64,
     /// Leftover temp files (writes interrupted by a crash) removed.
     pub temp_removed: u64,
+    /// Entries named like a record or temp file that are not regular files (FIFOs,
+    /// directories, links): left alone, never opened.
+    pub not_files_skipped: u64,
+}
+
+/// Why recovery does not list a record file.
+enum Unusable {
+    /// An older format version.
+    Stale,
+    /// Anything else wrong with it.
+    Torn,
 }
 
 /// Bytes read and verified per positioned read: whole layers up to about this much, so each
 /// chunk is checksummed while it is still in the CPU cache.
 const READ_CHUNK_BYTES: usize = 256 << 10;
 
-/// Bytes of the first header read: the fixed part plus checksums of up to 508 layers, so one
+/// Bytes of the first header read: the fixed part plus tags of up to 506 layers, so one
 /// `pread` fetches the whole header of any real model.
 const HEADER_PROBE_BYTES: usize = 4096;
 
@@ -87,7 +112,7 @@ const HEADER_PROBE_BYTES: usize = 4096;
 pub struct DiskStore {
     /// `<dir>/<namespace:016x>`.
     root: PathBuf,
-    namespace: u64,
+    keys: RecordKeys,
     opts: DiskOptions,
     /// Holds the exclusive lock on `<root>/.lock` for the store's life.
     _lock: File,
@@ -102,9 +127,9 @@ pub struct DiskStore {
 }
 
 impl DiskStore {
-    /// Opens (creating if needed) the store for `namespace` under `dir` with default options,
-    /// and recovers its index. Errors name the path at fault: `dir` not creatable or not
-    /// writable, or the namespace already open in another `DiskStore`.
+    /// Opens (creating if needed) the store for `namespace` under `dir` with default options
+    /// and no secret, and recovers its index. Errors name the path at fault: `dir` empty, not
+    /// creatable or not writable, or the namespace already open in another `DiskStore`.
     pub fn open(dir: impl AsRef<Path>, namespace: u64) -> Result<DiskStore, Error> {
         Self::open_with(dir, namespace, DiskOptions::default())
     }
@@ -115,17 +140,35 @@ impl DiskStore {
         namespace: u64,
         opts: DiskOptions,
     ) -> Result<DiskStore, Error> {
-        let root = dir.as_ref().join(format!("{namespace:016x}"));
+        Self::open_keyed(dir, RecordKeys::new(namespace, None), opts)
+    }
+
+    /// [`open`](Self::open) for the records of `keys` (its namespace and secret), with options.
+    pub fn open_keyed(
+        dir: impl AsRef<Path>,
+        keys: RecordKeys,
+        opts: DiskOptions,
+    ) -> Result<DiskStore, Error> {
+        if dir.as_ref().as_os_str().is_empty() {
+            // "" would mean the working directory, wherever the process happens to run.
+            return Err(Error::invalid(
+                "dir",
+                "the disk directory is empty; give a path",
+            ));
+        }
+        let root = dir.as_ref().join(format!("{:016x}", keys.namespace()));
         let shown = root.display().to_string();
         let bad_dir = move |what: &str, e: io::Error| Error::InvalidArgument {
             what: "dir".into(),
             message: format!("{what} {shown}: {e}"),
         };
-        fs::create_dir_all(&root).map_err(|e| bad_dir("cannot create", e))?;
+        create_dirs(&root).map_err(|e| bad_dir("cannot create", e))?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(root.join(".lock"))
             .map_err(|e| bad_dir("cannot open the lock file in", e))?;
         // SAFETY: flock on a descriptor we own; no memory is passed.
@@ -138,7 +181,7 @@ impl DiskStore {
         }
         let mut store = DiskStore {
             root,
-            namespace,
+            keys,
             opts,
             _lock: lock,
             counters: StoreCounters::default(),
@@ -184,39 +227,55 @@ impl DiskStore {
                 let path = entry.path();
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
-                if name.ends_with(".tmp") {
+                let key = parse_record_name(&name);
+                let temp = name.ends_with(".tmp");
+                if key.is_none() && !temp {
+                    continue; // not ours: left alone
+                }
+                // The entry's own type (links not followed): opening a FIFO would block, a
+                // directory cannot be removed as a file.
+                if !entry.file_type()?.is_file() {
+                    self.recovery.not_files_skipped += 1;
+                    continue;
+                }
+                let Some(key) = key else {
                     remove_if_present(&path)?;
                     self.recovery.temp_removed += 1;
-                } else if let Some(key) = parse_record_name(&name) {
-                    match self.check_record(&path, key) {
-                        Ok(payload) => {
-                            self.recovered.push((key, payload));
-                            self.recovery.records += 1;
-                            self.recovery.payload_bytes += payload;
-                        }
-                        Err(_) => {
-                            remove_if_present(&path)?;
-                            self.recovery.torn_removed += 1;
+                    continue;
+                };
+                match self.check_record(&path, key) {
+                    Ok(payload) => {
+                        self.recovered.push((key, payload));
+                        self.recovery.records += 1;
+                        self.recovery.payload_bytes += payload;
+                    }
+                    Err(why) => {
+                        remove_if_present(&path)?;
+                        match why {
+                            Unusable::Stale => self.recovery.stale_removed += 1,
+                            Unusable::Torn => self.recovery.torn_removed += 1,
                         }
                     }
                 }
-                // Anything else is not ours: left alone.
             }
         }
         self.recovered.sort_unstable();
         Ok(())
     }
 
-    /// Structural check of one record file; returns its payload size.
-    fn check_record(&mut self, path: &Path, key: BlockKey) -> Result<u64, StoreError> {
-        let file = File::open(path).map_err(io_err)?;
-        let len = file.metadata().map_err(io_err)?.len();
-        let header = self.read_header(&file, key)?;
-        let expect = header.encoded_len() as u64 + header.payload_bytes();
-        if len != expect {
-            return Err(StoreError::Corrupt(format!(
-                "record is {len} bytes, its header says {expect}"
-            )));
+    /// Structural check of one record file (its header's tag included); returns its payload
+    /// size.
+    fn check_record(&mut self, path: &Path, key: BlockKey) -> Result<u64, Unusable> {
+        let file = open_record(path).map_err(|_| Unusable::Torn)?;
+        let len = file.metadata().map_err(|_| Unusable::Torn)?.len();
+        let header = self.read_header(&file, key).map_err(|_| {
+            match RecordHeader::version_of(&self.probe_buf) {
+                Some(v) if v != RECORD_VERSION => Unusable::Stale,
+                _ => Unusable::Torn,
+            }
+        })?;
+        if len != header.encoded_len() as u64 + header.payload_bytes() {
+            return Err(Unusable::Torn);
         }
         Ok(header.payload_bytes())
     }
@@ -224,19 +283,20 @@ impl DiskStore {
     /// Reads, decodes and checks the header of an open record file.
     fn read_header(&mut self, file: &File, key: BlockKey) -> Result<RecordHeader, StoreError> {
         let n = read_up_to(file, &mut self.probe_buf, 0).map_err(io_err)?;
-        let header = match RecordHeader::decode(&self.probe_buf[..n]) {
+        let header = match RecordHeader::decode(&self.probe_buf[..n], &self.keys) {
             Ok(h) => h,
-            // A header longer than the probe (over 508 layers): read exactly its length.
+            // A header longer than the probe (over 506 layers): read exactly its length.
             Err(_) if n == HEADER_PROBE_BYTES && self.probe_buf[..4] == RECORD_MAGIC => {
-                let layers = u32::from_le_bytes(self.probe_buf[24..28].try_into().expect("4"));
+                let at = LAYERS_OFFSET;
+                let layers = u32::from_le_bytes(self.probe_buf[at..at + 4].try_into().expect("4"));
                 let layers = (layers as usize).min(1 << 16); // decode rejects more
                 let mut buf = vec![0; HEADER_FIXED_BYTES + 8 * layers];
                 let n = read_up_to(file, &mut buf, 0).map_err(io_err)?;
-                RecordHeader::decode(&buf[..n])?
+                RecordHeader::decode(&buf[..n], &self.keys)?
             }
             Err(e) => return Err(e),
         };
-        header.check(self.namespace, key)?;
+        header.check(self.keys.namespace(), key)?;
         Ok(header)
     }
 
@@ -253,7 +313,7 @@ impl DiskStore {
                 data.len()
             )));
         }
-        let header = RecordHeader::for_payload(self.namespace, key, layer_bytes, data);
+        let header = RecordHeader::for_payload(&self.keys, key, layer_bytes, data);
         self.header_buf.clear();
         header.encode(&mut self.header_buf);
 
@@ -268,7 +328,7 @@ impl DiskStore {
         ));
         let mut file = match create_new(&tmp) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                fs::create_dir_all(&dir).map_err(classify_write)?;
+                create_dirs(&dir).map_err(classify_write)?;
                 create_new(&tmp).map_err(classify_write)?
             }
             other => other.map_err(classify_write)?,
@@ -308,9 +368,11 @@ impl DiskStore {
         first_layer: u32,
         dst: &mut [u8],
     ) -> Result<(), StoreError> {
-        let file = match File::open(self.record_path(key)) {
+        let file = match open_record(&self.record_path(key)) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(StoreError::Missing),
+            // A link, a FIFO or a directory where a record should be: not a record.
+            Err(e) if is_not_a_file(&e) => return Err(StoreError::Corrupt(e.to_string())),
             Err(e) => return Err(io_err(e)),
         };
         let header = self.read_header(&file, key)?;
@@ -325,7 +387,7 @@ impl DiskStore {
                     io::ErrorKind::UnexpectedEof => StoreError::Corrupt("record truncated".into()),
                     _ => io_err(e),
                 })?;
-            header.verify_layers(layer, chunk)?;
+            header.verify_layers(&self.keys, layer, chunk)?;
             offset += chunk.len() as u64;
             layer += (chunk.len() / lb) as u32;
         }
@@ -388,7 +450,7 @@ impl BlockStore for DiskStore {
     fn contains_many(&mut self, keys: &[BlockKey]) -> Result<Vec<bool>, StoreError> {
         keys.iter()
             .map(|&k| match fs::symlink_metadata(self.record_path(k)) {
-                Ok(_) => Ok(true),
+                Ok(m) => Ok(m.is_file()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
                 Err(e) => {
                     self.counters.io_errors += 1;
@@ -412,6 +474,37 @@ impl BlockStore for DiskStore {
     fn counters(&self) -> StoreCounters {
         self.counters
     }
+
+    fn keys(&self) -> &RecordKeys {
+        &self.keys
+    }
+}
+
+/// Creates `dir` and its missing parents owner-only (0700; existing ones are left as they are).
+fn create_dirs(dir: &Path) -> io::Result<()> {
+    DirBuilder::new().recursive(true).mode(0o700).create(dir)
+}
+
+/// Opens a record for reading: a regular file only, never through a link (`O_NOFOLLOW`) and
+/// never blocking (`O_NONBLOCK`: a FIFO's open would wait for a writer).
+fn open_record(path: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(io::Error::new(NOT_A_FILE, "not a regular file"));
+    }
+    Ok(file)
+}
+
+/// The error kind [`open_record`] gives a non-regular file.
+const NOT_A_FILE: io::ErrorKind = io::ErrorKind::InvalidInput;
+
+/// Whether an [`open_record`] error means "something else than a record file is there": a link
+/// (`ELOOP` under `O_NOFOLLOW`), a socket (`ENXIO`), or another non-regular file.
+fn is_not_a_file(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENXIO)) || e.kind() == NOT_A_FILE
 }
 
 /// Parses `<hash:016x>-<group>.kvb`.
@@ -431,7 +524,7 @@ fn create_new(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o644)
+        .mode(0o600)
         .open(path)
 }
 

@@ -12,14 +12,24 @@
 //!
 //! Without a registered device buffer ("virtual" tiers, used by the simulator) the same
 //! decisions are made and the same bytes are counted, but no bytes move.
+//!
+//! Records are indexed by chained block hash, and stored under their record id
+//! ([`RecordKeys::record_id`], a keyed one-way function of the chain). Records the disk store
+//! recovers at start name only their id: they are kept *unclaimed*, apart from the index, until
+//! a lookup or a write computes the id of the chain they belong to and moves them into the
+//! index under it ([`LowerTiers::claim`]). Apart, because ids are visible (file names) and a
+//! `BlockHashes` prompt can be built to have any chain it likes: an id must never be found by
+//! a chain lookup. Unclaimed records count against the disk's capacity and are its first
+//! victims (nothing has used them since the start); an evicted one is dropped, not moved down.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::device::{DeviceBuffer, HostMemory};
 use super::index::{LowerIndex, Record, Tier, UNKNOWN_DEPTH};
+use super::keys::RecordKeys;
 use super::store::{BlockKey, BlockStore, StoreError};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::slab::{Handle, SlabArena};
 
 /// Capacities of the lower tiers (0: the tier is absent).
@@ -88,6 +98,14 @@ pub struct LowerTiers {
     counters: [TierCounters; 3],
     staging: Vec<u8>,
     materialized: bool,
+    /// The stores' keys (record ids); unkeyed when no store is real.
+    keys: RecordKeys,
+    /// Disk records recovered at start and not claimed by a chain yet, by record id.
+    unclaimed: HashMap<u64, Record>,
+    /// Their ids in recovery order (eviction order; ids claimed since are skipped).
+    unclaimed_order: VecDeque<u64>,
+    /// Their payload bytes.
+    unclaimed_bytes: u64,
 }
 
 impl std::fmt::Debug for LowerTiers {
@@ -108,13 +126,36 @@ impl std::fmt::Debug for LowerTiers {
 
 impl LowerTiers {
     /// Lower tiers with the given capacities. `disk` and `remote` are the byte stores of L3 and
-    /// L4 (None: virtual, bytes counted but not moved).
+    /// L4 (None: virtual, bytes counted but not moved); both must have been opened for
+    /// `namespace` (the model's, see [`crate::tiers::namespace`]) with the same secret.
     pub fn new(
         shape: BlockShape,
         capacity: LowerCapacity,
+        namespace: u64,
         disk: Option<Box<dyn BlockStore>>,
         remote: Option<Box<dyn BlockStore>>,
     ) -> Result<Self> {
+        let mut keys = None::<RecordKeys>;
+        for s in disk.iter().chain(remote.iter()) {
+            let k = s.keys();
+            if k.namespace() != namespace {
+                return Err(Error::invalid(
+                    "tiers",
+                    format!(
+                        "the {} store was opened for namespace {:016x}; this model's is {namespace:016x}",
+                        s.name(),
+                        k.namespace()
+                    ),
+                ));
+            }
+            if keys.as_ref().is_some_and(|first| first != k) {
+                return Err(Error::invalid(
+                    "tiers",
+                    "the disk and remote stores were opened with different secrets",
+                ));
+            }
+            keys = Some(k.clone());
+        }
         let host_arena = if capacity.host > 0 {
             Some(SlabArena::new(capacity.host, &shape.block_bytes, None)?)
         } else {
@@ -131,6 +172,10 @@ impl LowerTiers {
             counters: [TierCounters::default(); 3],
             staging: Vec::new(),
             materialized: false,
+            keys: keys.unwrap_or_else(|| RecordKeys::new(namespace, None)),
+            unclaimed: HashMap::new(),
+            unclaimed_order: VecDeque::new(),
+            unclaimed_bytes: 0,
         };
         t.recover();
         Ok(t)
@@ -149,6 +194,26 @@ impl LowerTiers {
     /// The configured capacities.
     pub fn capacity(&self) -> LowerCapacity {
         self.capacity
+    }
+
+    /// Payload bytes in tier `t` (unclaimed records included).
+    pub fn used(&self, t: Tier) -> u64 {
+        self.index.used(t)
+            + if t == Tier::Disk {
+                self.unclaimed_bytes
+            } else {
+                0
+            }
+    }
+
+    /// Records in tier `t` (unclaimed records included).
+    pub fn count(&self, t: Tier) -> u64 {
+        self.index.count(t)
+            + if t == Tier::Disk {
+                self.unclaimed.len() as u64
+            } else {
+                0
+            }
     }
 
     /// Counters of tier `t`.
@@ -207,40 +272,98 @@ impl LowerTiers {
     }
 
     /// Records found in the real stores at start (the disk survives restarts; remote records
-    /// are found by lookups instead).
+    /// are found by lookups instead), unclaimed.
     fn recover(&mut self) {
         let Some(store) = self.stores[Tier::Disk as usize].as_mut() else {
             return;
         };
         let mut found: HashMap<u64, (u16, u64)> = HashMap::new();
+        let mut order = Vec::new();
         for (k, bytes) in store.recovered() {
-            let e = found.entry(k.hash).or_insert((0, 0));
+            let e = found.entry(k.hash).or_insert_with(|| {
+                order.push(k.hash);
+                (0, 0)
+            });
             e.0 |= 1 << k.group;
             e.1 += bytes;
         }
-        for (hash, (groups, bytes)) in found {
-            if bytes
-                > self
-                    .capacity
-                    .disk
-                    .saturating_sub(self.index.used(Tier::Disk))
-            {
+        for id in order {
+            let (groups, bytes) = found[&id];
+            if bytes > self.capacity.disk.saturating_sub(self.used(Tier::Disk)) {
                 continue; // over capacity after a restart with a smaller budget: not indexed
             }
-            let access = self.index.now();
-            self.index.insert(
-                hash,
+            self.unclaimed.insert(
+                id,
                 Record {
                     tier: Tier::Disk,
                     groups,
                     depth: UNKNOWN_DEPTH,
                     ckpt_end: false,
-                    access,
+                    access: 0,
                     pins: 0,
                     bytes,
                 },
             );
+            self.unclaimed_order.push_back(id);
+            self.unclaimed_bytes += bytes;
         }
+    }
+
+    /// Moves the unclaimed record of `chain` (the one stored under its id) into the index
+    /// under `chain`; true if there was one. Costs one keyed hash while unclaimed records
+    /// remain, nothing after.
+    pub fn claim(&mut self, chain: u64) -> bool {
+        if self.unclaimed.is_empty() {
+            return false;
+        }
+        let Some(mut rec) = self.unclaimed.remove(&self.keys.record_id(chain)) else {
+            return false;
+        };
+        self.unclaimed_bytes -= rec.bytes;
+        // Every insert under a chain claims first, so the chain is free.
+        debug_assert!(self.index.get(chain).is_none());
+        if self.index.get(chain).is_none() {
+            rec.access = self.index.now();
+            self.index.insert(chain, rec);
+        }
+        true
+    }
+
+    /// The record of chained hash `chain`, claimed or not (claims nothing).
+    pub fn lookup(&self, chain: u64) -> Option<&Record> {
+        self.index.get(chain).or_else(|| {
+            if self.unclaimed.is_empty() {
+                return None;
+            }
+            self.unclaimed.get(&self.keys.record_id(chain))
+        })
+    }
+
+    /// Drops the oldest unclaimed record (its files too); false if there is none.
+    fn evict_unclaimed(&mut self) -> bool {
+        while let Some(id) = self.unclaimed_order.pop_front() {
+            let Some(rec) = self.unclaimed.remove(&id) else {
+                continue; // claimed since
+            };
+            self.unclaimed_bytes -= rec.bytes;
+            if let Some(s) = self.stores[Tier::Disk as usize].as_mut() {
+                for g in 0..self.shape.block_bytes.len() {
+                    if rec.groups & (1 << g) != 0 {
+                        let _ = s.remove(BlockKey {
+                            hash: id,
+                            group: g as u16,
+                        });
+                    }
+                }
+            }
+            return true;
+        }
+        false
+    }
+
+    /// The store key of group `g` of the record of chained hash `chain`.
+    pub fn store_key(&self, chain: u64, g: usize) -> BlockKey {
+        self.keys.block_key(chain, g as u16)
     }
 
     fn record_bytes(&self, groups: u16) -> u64 {
@@ -265,10 +388,14 @@ impl LowerTiers {
                     }
                     arena.fits(&need[..n])
                 }
-                _ => self.index.used(t) + self.record_bytes(groups) <= self.capacity.of(t),
+                _ => self.used(t) + self.record_bytes(groups) <= self.capacity.of(t),
             };
             if fits {
                 return true;
+            }
+            if t == Tier::Disk && self.evict_unclaimed() {
+                self.counters[t as usize].evicted += 1;
+                continue;
             }
             let Some(v) = self.index.victim(t) else {
                 return false;
@@ -368,13 +495,6 @@ impl LowerTiers {
         }
     }
 
-    fn key(hash: u64, g: usize) -> BlockKey {
-        BlockKey {
-            hash,
-            group: g as u16,
-        }
-    }
-
     /// Reads group `g` of record `hash` from tier `t` into `dst` (its whole block).
     fn read_entry(
         &mut self,
@@ -390,10 +510,13 @@ impl LowerTiers {
                 mem.read(off, dst);
                 Ok(())
             }
-            _ => match self.stores[t as usize].as_mut() {
-                Some(s) => s.get(Self::key(hash, g), dst),
-                None => Err(StoreError::Missing),
-            },
+            _ => {
+                let key = self.store_key(hash, g);
+                match self.stores[t as usize].as_mut() {
+                    Some(s) => s.get(key, dst),
+                    None => Err(StoreError::Missing),
+                }
+            }
         };
         let c = &mut self.counters[t as usize];
         match res {
@@ -423,8 +546,9 @@ impl LowerTiers {
             }
             _ => {
                 let lb = self.shape.layer_bytes[g];
+                let key = self.store_key(hash, g);
                 match self.stores[t as usize].as_mut() {
-                    Some(s) => s.put(Self::key(hash, g), lb, src),
+                    Some(s) => s.put(key, lb, src),
                     None => Ok(()),
                 }
             }
@@ -448,8 +572,9 @@ impl LowerTiers {
                 }
             }
             _ => {
+                let key = self.store_key(hash, g);
                 if let Some(s) = self.stores[t as usize].as_mut() {
-                    let _ = s.remove(Self::key(hash, g)); // best effort: an orphan only wastes space
+                    let _ = s.remove(key); // best effort: an orphan only wastes space
                 }
             }
         }
@@ -468,6 +593,8 @@ impl LowerTiers {
         device: Option<&dyn DeviceBuffer>,
         first: Option<Tier>,
     ) {
+        // A recovered record of this block is this record (never two under one id).
+        self.claim(hash);
         let now = self.index.now();
         let (tier, have) = match self.index.get(hash) {
             Some(r) => (r.tier, r.groups),
@@ -660,7 +787,11 @@ impl LowerTiers {
 
     /// Adds records found in the remote store by a lookup (written by another instance).
     pub fn discovered(&mut self, hash: u64, depth: u32, groups: u16) {
-        if self.index.get(hash).is_some() || groups == 0 || !self.present(Tier::Remote) {
+        if self.claim(hash)
+            || self.index.get(hash).is_some()
+            || groups == 0
+            || !self.present(Tier::Remote)
+        {
             return;
         }
         let access = self.index.now();
@@ -701,6 +832,21 @@ impl LowerTiers {
             return Err(crate::Error::Invariant(format!(
                 "lower tiers: {} host blocks for {host} indexed entries",
                 self.host_blocks.len()
+            )));
+        }
+        let mut unclaimed = 0;
+        for (&id, r) in &self.unclaimed {
+            unclaimed += r.bytes;
+            if r.tier != Tier::Disk || r.pins != 0 {
+                return Err(crate::Error::Invariant(format!(
+                    "lower tiers: unclaimed record {id:#x} is {r:?}"
+                )));
+            }
+        }
+        if unclaimed != self.unclaimed_bytes || self.unclaimed_order.len() < self.unclaimed.len() {
+            return Err(crate::Error::Invariant(format!(
+                "lower tiers: unclaimed bytes {} != recount {unclaimed}",
+                self.unclaimed_bytes
             )));
         }
         if let Some(a) = &self.host_arena {

@@ -5,11 +5,13 @@
 //! - L3, local disk: one file per record under a directory ([`disk`]);
 //! - L4, remote: a Valkey/Redis server shared by many instances ([`remote`]).
 //!
-//! [`store`] defines the byte-store interface and record format L3 and L4 share.
+//! [`store`] defines the byte-store interface and record format L3 and L4 share; [`keys`] what
+//! records are stored under and how they are authenticated.
 
 pub mod device;
 pub mod disk;
 pub mod index;
+pub mod keys;
 pub mod loader;
 pub mod lower;
 pub mod overlap;
@@ -20,6 +22,7 @@ pub mod store;
 pub use device::{DeviceBuffer, HostBuffer};
 pub use disk::{DiskOptions, DiskStore, RecoveryStats};
 pub use index::{LowerIndex, Record, Tier};
+pub use keys::{RecordKeys, Secret};
 pub use loader::{LoadHandle, LoadJob};
 pub use lower::{BlockShape, LowerCapacity, LowerTiers, TierCounters};
 pub use overlap::{LoadBytes, OverlapModel};

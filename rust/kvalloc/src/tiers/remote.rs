@@ -6,17 +6,20 @@
 //! One string value per record:
 //!
 //! ```text
-//! key   = "<prefix>:<namespace:016x>:<hash:016x>:<group>"
-//! value = RecordHeader (magic, version, key, geometry, one xxh3-64 per layer) ++ payload
+//! key   = "<prefix>:<namespace:016x>:<id:016x>:<group>"
+//! value = RecordHeader (magic, version, key, geometry, layer tags, header tag) ++ payload
 //! ```
 //!
 //! The payload is layer-major, so layer `i` is the byte range
 //! `[header_len + i * layer_bytes, header_len + (i + 1) * layer_bytes)` and a layer range is
-//! one `GETRANGE`. The namespace (a digest of the model geometry and block size) keeps models
-//! apart; the block hash chain is seeded from the tenant salt, which keeps tenants apart.
-//! The header repeats namespace and key, and every read checks them and each layer's
-//! checksum, so foreign or damaged values are reported as [`StoreError::Corrupt`], never
-//! returned.
+//! one `GETRANGE`. The namespace (a digest of the model identity, geometry and block size)
+//! keeps models apart; the id is a keyed one-way function of the block's chained hash
+//! ([`RecordKeys`]), and the chain is seeded from the tenant salt, which keeps tenants apart
+//! without a key revealing a chain. The prefix defaults to `kvalloc-<tag>`, the tag naming the
+//! namespace and the deployment secret ([`RecordKeys::tag`]): instances share records only
+//! when they serve the same model with the same secret. The header repeats namespace and key,
+//! and every read checks the header's tag and each layer's, so foreign, damaged, substituted
+//! or (with a secret) forged values are reported as [`StoreError::Corrupt`], never returned.
 //!
 //! Commands are RESP-encoded here into one reusable buffer and sent as one pipeline per call
 //! (`SET` for [`put_many`](BlockStore::put_many), `EXISTS` for
@@ -44,8 +47,10 @@ use std::time::{Duration, Instant};
 
 use redis::{ConnectionLike, ErrorKind, IntoConnectionInfo, RedisError, Value};
 
+use super::keys::{RecordKeys, Secret};
 use super::store::{
     BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError, HEADER_FIXED_BYTES,
+    LAYERS_OFFSET,
 };
 use crate::Error;
 
@@ -58,10 +63,14 @@ pub struct RemoteConfig {
     pub username: Option<String>,
     /// Password (for `requirepass` or the ACL user); overrides one given in the URL.
     pub password: Option<String>,
-    /// First component of every key, so a shared server can host other data.
-    pub key_prefix: String,
-    /// Namespace digest (model geometry and block size).
+    /// First component of every key, so a shared server can host other data. None: derived
+    /// from the namespace and the secret (`kvalloc-<tag>`, see the module docs).
+    pub key_prefix: Option<String>,
+    /// Namespace digest (model identity, geometry and block size).
     pub namespace: u64,
+    /// Deployment secret: keys record ids and authenticates records (None: ids keyed by a
+    /// public key, records checked but not authenticated).
+    pub secret: Option<Secret>,
     /// Deadline for TCP connect plus the handshake.
     pub connect_timeout: Duration,
     /// Deadline for each socket read or write.
@@ -79,15 +88,16 @@ pub struct RemoteConfig {
 }
 
 impl RemoteConfig {
-    /// Defaults: prefix `kvalloc`, 200 ms connect, 1 s per socket operation, reconnect
+    /// Defaults: derived prefix, no secret, 200 ms connect, 1 s per socket operation, reconnect
     /// attempts 100 ms apart doubling up to 2 s, 64 MiB pipelines, range reads.
     pub fn new(url: impl Into<String>, namespace: u64) -> Self {
         RemoteConfig {
             url: url.into(),
             username: None,
             password: None,
-            key_prefix: "kvalloc".into(),
+            key_prefix: None,
             namespace,
+            secret: None,
             connect_timeout: Duration::from_millis(200),
             io_timeout: Duration::from_secs(1),
             reconnect_interval: Duration::from_millis(100),
@@ -101,6 +111,9 @@ impl RemoteConfig {
 /// Remote store on a Valkey/Redis server. See the module docs for the format and fault model.
 pub struct RemoteStore {
     cfg: RemoteConfig,
+    keys: RecordKeys,
+    /// The key prefix in use (given or derived).
+    prefix: String,
     client: redis::Client,
     conn: Option<redis::Connection>,
     /// No connection attempt before this instant (set after a failure).
@@ -120,8 +133,8 @@ pub struct RemoteStore {
 impl std::fmt::Debug for RemoteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RemoteStore")
-            .field("key_prefix", &self.cfg.key_prefix)
-            .field("namespace", &self.cfg.namespace)
+            .field("key_prefix", &self.prefix)
+            .field("keys", &self.keys)
             .field("connected", &self.conn.is_some())
             .finish_non_exhaustive()
     }
@@ -161,15 +174,22 @@ impl RemoteStore {
                 return Err(bad(what, "must be positive".into()));
             }
         }
-        if cfg.key_prefix.is_empty() || cfg.key_prefix.contains(char::is_whitespace) {
-            return Err(bad(
-                "key_prefix",
-                format!("{:?} must be non-empty, without spaces", cfg.key_prefix),
-            ));
-        }
+        let keys = RecordKeys::new(cfg.namespace, cfg.secret.as_ref());
+        let prefix = match &cfg.key_prefix {
+            Some(p) if p.is_empty() || p.contains(char::is_whitespace) => {
+                return Err(bad(
+                    "key_prefix",
+                    format!("{p:?} must be non-empty, without spaces"),
+                ));
+            }
+            Some(p) => p.clone(),
+            None => format!("kvalloc-{:016x}", keys.tag()),
+        };
         let client = redis::Client::open(info).map_err(|e| bad("url", e.to_string()))?;
         let mut store = RemoteStore {
             cfg,
+            keys,
+            prefix,
             client,
             conn: None,
             retry_at: None,
@@ -215,11 +235,19 @@ impl RemoteStore {
         &self.cfg
     }
 
-    /// The key of a record.
+    /// The key prefix in use (given, or derived from the namespace and the secret).
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The server key of a record.
     pub fn key(&self, key: BlockKey) -> String {
         format!(
             "{}:{:016x}:{:016x}:{}",
-            self.cfg.key_prefix, self.cfg.namespace, key.hash, key.group
+            self.prefix,
+            self.keys.namespace(),
+            key.hash,
+            key.group
         )
     }
 
@@ -342,23 +370,25 @@ impl RemoteStore {
                 let head = self.bulk(replies.next().expect("2 replies"))?;
                 // A record of another geometry than the guess (its header may be longer than
                 // what was fetched) falls through to the exact path below.
-                if let Ok(header) = RecordHeader::decode(&head) {
+                if let Ok(header) = RecordHeader::decode(&head, &self.keys) {
                     if (header.layers(), header.layer_bytes) == (layers, lb) {
-                        header.check(self.cfg.namespace, key)?;
+                        header.check(self.keys.namespace(), key)?;
                         let body = self.bulk(replies.next().expect("2 replies"))?;
-                        return finish_read(&header, first_layer, &body, dst);
+                        return finish_read(&self.keys, &header, first_layer, &body, dst);
                     }
                 }
             }
         }
         self.buf.clear();
-        push_getrange(&mut self.buf, &rkey, 0, header_len(508));
+        push_getrange(&mut self.buf, &rkey, 0, header_len(PROBE_LAYERS));
         let head = self.single_bulk()?;
         let mut header = self.decode_header(&head, key);
         if let Err(StoreError::Corrupt(_)) = header {
-            // Over 508 layers: fetch the exact header length.
+            // Over PROBE_LAYERS layers: fetch the exact header length.
             if head.len() >= HEADER_FIXED_BYTES {
-                let layers = u32::from_le_bytes(head[24..28].try_into().expect("4")).min(1 << 16);
+                let at = LAYERS_OFFSET;
+                let layers =
+                    u32::from_le_bytes(head[at..at + 4].try_into().expect("4")).min(1 << 16);
                 self.buf.clear();
                 push_getrange(&mut self.buf, &rkey, 0, header_len(layers));
                 let head = self.single_bulk()?;
@@ -376,7 +406,7 @@ impl RemoteStore {
             dst.len(),
         );
         let body = self.single_bulk()?;
-        finish_read(&header, first_layer, &body, dst)
+        finish_read(&self.keys, &header, first_layer, &body, dst)
     }
 
     /// Reads the whole value with `GET`, then verifies and copies the range.
@@ -394,7 +424,7 @@ impl RemoteStore {
         header.check_range(first_layer, dst.len())?;
         let start = header.encoded_len() + first_layer as usize * header.layer_bytes as usize;
         let body = value.get(start..start + dst.len()).unwrap_or(&[]);
-        finish_read(&header, first_layer, body, dst)
+        finish_read(&self.keys, &header, first_layer, body, dst)
     }
 
     fn single_bulk(&mut self) -> Result<Vec<u8>, StoreError> {
@@ -416,8 +446,8 @@ impl RemoteStore {
     }
 
     fn decode_header(&mut self, head: &[u8], key: BlockKey) -> Result<RecordHeader, StoreError> {
-        let header = RecordHeader::decode(head).and_then(|h| {
-            h.check(self.cfg.namespace, key)?;
+        let header = RecordHeader::decode(head, &self.keys).and_then(|h| {
+            h.check(self.keys.namespace(), key)?;
             Ok(h)
         })?;
         self.geometry
@@ -469,7 +499,7 @@ impl BlockStore for RemoteStore {
                     self.counters.io_errors += 1;
                     continue;
                 }
-                let header = RecordHeader::for_payload(self.cfg.namespace, key, lb, data);
+                let header = RecordHeader::for_payload(&self.keys, key, lb, data);
                 self.header_buf.clear();
                 header.encode(&mut self.header_buf);
                 let rkey = self.key(key);
@@ -564,12 +594,20 @@ impl BlockStore for RemoteStore {
     fn counters(&self) -> StoreCounters {
         self.counters
     }
+
+    fn keys(&self) -> &RecordKeys {
+        &self.keys
+    }
 }
+
+/// Layers whose header the first read of an unknown record's header covers.
+const PROBE_LAYERS: u32 = 506;
 
 /// Verifies `body` (the requested layers) and only then copies it into `dst`. Every caller
 /// checked the range against the header (or the geometry it matches) before fetching or
 /// slicing the body.
 fn finish_read(
+    keys: &RecordKeys,
     header: &RecordHeader,
     first_layer: u32,
     body: &[u8],
@@ -582,7 +620,7 @@ fn finish_read(
             dst.len()
         )));
     }
-    header.verify_layers(first_layer, body)?;
+    header.verify_layers(keys, first_layer, body)?;
     dst.copy_from_slice(body);
     Ok(())
 }

@@ -2,7 +2,8 @@
 
 use std::path::PathBuf;
 
-use super::disk::DiskStore;
+use super::disk::{DiskOptions, DiskStore};
+use super::keys::{RecordKeys, Secret};
 use super::remote::{RemoteConfig, RemoteStore};
 use super::store::BlockStore;
 use crate::error::Result;
@@ -17,7 +18,8 @@ pub struct RemoteSetup {
     pub username: Option<String>,
     /// Password (overrides the URL's).
     pub password: Option<String>,
-    /// Key prefix (default "kvalloc").
+    /// Key prefix (None: derived from the namespace and the secret, see
+    /// [`RemoteConfig::key_prefix`]).
     pub key_prefix: Option<String>,
 }
 
@@ -28,14 +30,25 @@ pub struct StoreSetup {
     pub disk_dir: Option<PathBuf>,
     /// The remote store.
     pub remote: Option<RemoteSetup>,
+    /// Deployment secret of both stores: keys record ids and authenticates records (see
+    /// [`crate::tiers::keys`]). Instances that share a disk directory or a remote server share
+    /// records only when they have the same secret.
+    pub secret: Option<Secret>,
 }
 
-/// The namespace of a model's records: its geometry and the block size, so that records of
-/// different models (or block sizes) never mix. Tenants are kept apart by the hash chain, which
-/// is seeded from the tenant salt.
+/// The namespace of a model's records: its identity ([`ModelSpec::model_id`]: which weights),
+/// geometry and the block size, so that records of different models (a fine-tune and its base
+/// included, when their ids differ) or block sizes never mix. Tenants are kept apart by the
+/// hash chain, which is seeded from the tenant salt.
 pub fn namespace(spec: &ModelSpec, block_tokens: u32) -> u64 {
-    let mut b = spec.fingerprint().to_le_bytes().to_vec();
+    let mut b = b"kvalloc.ns.v2\0".to_vec();
+    b.extend_from_slice(&spec.fingerprint().to_le_bytes());
     b.extend_from_slice(&block_tokens.to_le_bytes());
+    if let Some(id) = &spec.model_id {
+        // Length-prefixed: no two ids encode alike.
+        b.extend_from_slice(&(id.len() as u64).to_le_bytes());
+        b.extend_from_slice(id.as_bytes());
+    }
     crate::hash::digest(&b)
 }
 
@@ -47,7 +60,14 @@ impl StoreSetup {
     pub fn open(&self, spec: &ModelSpec, block_tokens: u32) -> Result<Stores> {
         let ns = namespace(spec, block_tokens);
         let disk: Option<Box<dyn BlockStore>> = match &self.disk_dir {
-            Some(dir) => Some(Box::new(DiskStore::open(dir, ns)?)),
+            Some(dir) => {
+                let keys = RecordKeys::new(ns, self.secret.as_ref());
+                Some(Box::new(DiskStore::open_keyed(
+                    dir,
+                    keys,
+                    DiskOptions::default(),
+                )?))
+            }
             None => None,
         };
         let remote: Option<Box<dyn BlockStore>> = match &self.remote {
@@ -55,9 +75,8 @@ impl StoreSetup {
                 let mut cfg = RemoteConfig::new(r.url.clone(), ns);
                 cfg.username = r.username.clone();
                 cfg.password = r.password.clone();
-                if let Some(p) = &r.key_prefix {
-                    cfg.key_prefix = p.clone();
-                }
+                cfg.key_prefix = r.key_prefix.clone();
+                cfg.secret = self.secret.clone();
                 Some(Box::new(RemoteStore::open(cfg)?))
             }
             None => None,

@@ -2,23 +2,28 @@
 //! format both use.
 //!
 //! A store keeps *records*: one KV group's block of one cached prefix block, keyed by
-//! [`BlockKey`] (the block's chained hash and the group index) inside a *namespace* (a digest of
-//! the model geometry and block size, so different models never share KV; tenants are kept apart
-//! by the hash chain itself, which is seeded from the tenant salt).
+//! [`BlockKey`] (the block's record id and the group index) inside a *namespace* (a digest of
+//! the model identity, geometry and block size, so different models never share KV). The
+//! record id is a keyed one-way function of the block's chained hash ([`RecordKeys`]): tenants
+//! are kept apart by the hash chain, which is seeded from the tenant salt, and no id reveals a
+//! chain a prompt could be built to land on.
 //!
 //! A record is the block's bytes in the block layout (layer-major: each layer's slice of
-//! `layer_bytes` is contiguous, K then V inside it), preceded by a header that carries one
-//! checksum per layer, so one layer can be read and verified on its own (layer-wise loading).
+//! `layer_bytes` is contiguous, K then V inside it), preceded by a header that carries one tag
+//! per layer, so one layer can be read and verified on its own (layer-wise loading), and a tag
+//! over the header.
 //!
-//! Stores never return unverified bytes: a checksum mismatch is reported as
-//! [`StoreError::Corrupt`] and the caller counts it as a miss.
+//! Stores never return unverified bytes: a tag mismatch (damage, a value copied under another
+//! key, a record written under another secret or format version) is reported as
+//! [`StoreError::Corrupt`], counted as a checksum failure, and the caller counts it as a miss.
 
-use xxhash_rust::xxh3::xxh3_64;
+use super::keys::RecordKeys;
 
-/// Identifies one record: a cached block's chained hash and the KV group.
+/// Identifies one record: a cached block's record id and the KV group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct BlockKey {
-    /// Chained block hash (names the whole prefix up to and including the block).
+    /// The record id: [`RecordKeys::record_id`] of the block's chained hash (which names the
+    /// whole prefix up to and including the block).
     pub hash: u64,
     /// KV group index in the model spec.
     pub group: u16,
@@ -112,77 +117,132 @@ pub trait BlockStore: Send {
 
     /// Monotonic counters.
     fn counters(&self) -> StoreCounters;
+
+    /// The keys its records are checked with (namespace, secret); the tiers derive record ids
+    /// from the same keys.
+    fn keys(&self) -> &RecordKeys;
 }
 
-/// Record header: magic, version, namespace, key, layer geometry and one xxh3-64 per layer.
+/// Record header: magic, version, key, namespace, geometry, one tag per layer and a tag over
+/// the header itself. The tags are seeded xxh3 checksums, or BLAKE3 MACs where a deployment
+/// secret is configured ([`RecordKeys`]); either way each binds the header's fixed part (key,
+/// namespace, geometry, mode), so a payload is accepted only under the key, in the namespace
+/// and at the layer it was written for, and any change to the header is caught.
 ///
-/// Layout (little-endian): `b"KVAB"`, u16 version, u16 group, u64 namespace, u64 hash,
-/// u32 layers, u32 layer_bytes, then `layers` u64 checksums; the payload follows.
+/// Layout (version 2, little-endian): `b"KVAB"`, u16 version, u16 group, u64 namespace,
+/// u64 key, u32 layers, u32 layer_bytes, u32 mode (0: checksums, 1: MACs), u32 0, u64 header
+/// tag (over the 40 bytes before it and the layer tags), then `layers` u64 layer tags; the
+/// payload follows. Version 1 records (no header tag, unbound checksums) are refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordHeader {
-    /// Namespace digest (model geometry and block size).
+    /// Namespace digest (model identity, geometry and block size).
     pub namespace: u64,
-    /// The record's key.
+    /// The record's key (its id, never a chained hash: see [`RecordKeys`]).
     pub key: BlockKey,
     /// Bytes of one layer's slice.
     pub layer_bytes: u32,
-    /// One checksum per layer slice.
-    pub checksums: Vec<u64>,
+    /// Whether the tags are MACs.
+    pub authenticated: bool,
+    /// One tag per layer slice.
+    pub tags: Vec<u64>,
+    /// The tag over the header's fixed part and the layer tags.
+    pub header_tag: u64,
 }
 
 /// Magic bytes opening every record.
 pub const RECORD_MAGIC: [u8; 4] = *b"KVAB";
 /// Record format version.
-pub const RECORD_VERSION: u16 = 1;
-/// Bytes of the fixed part of a header (before the checksums).
-pub const HEADER_FIXED_BYTES: usize = 4 + 2 + 2 + 8 + 8 + 4 + 4;
+pub const RECORD_VERSION: u16 = 2;
+/// Bytes of the part of a header every tag binds (everything before the header tag).
+const BASE_BYTES: usize = 4 + 2 + 2 + 8 + 8 + 4 + 4 + 4 + 4;
+/// Bytes of the fixed part of a header (before the layer tags).
+pub const HEADER_FIXED_BYTES: usize = BASE_BYTES + 8;
+/// Offset of the u32 layer count in a header (to size a read of a long header).
+pub const LAYERS_OFFSET: usize = 24;
 
 impl RecordHeader {
-    /// The header for `data` (a whole number of `layer_bytes` layers).
-    pub fn for_payload(namespace: u64, key: BlockKey, layer_bytes: u32, data: &[u8]) -> Self {
+    /// The header for `data` (a whole number of `layer_bytes` layers) under `keys`.
+    pub fn for_payload(keys: &RecordKeys, key: BlockKey, layer_bytes: u32, data: &[u8]) -> Self {
         assert!(layer_bytes > 0 && data.len() % layer_bytes as usize == 0);
-        RecordHeader {
-            namespace,
+        let mut h = RecordHeader {
+            namespace: keys.namespace(),
             key,
             layer_bytes,
-            checksums: data
-                .chunks_exact(layer_bytes as usize)
-                .map(xxh3_64)
-                .collect(),
+            authenticated: keys.authenticated(),
+            tags: vec![0; data.len() / layer_bytes as usize],
+            header_tag: 0,
+        };
+        let base = h.base();
+        for (i, (t, chunk)) in h
+            .tags
+            .iter_mut()
+            .zip(data.chunks_exact(layer_bytes as usize))
+            .enumerate()
+        {
+            *t = keys.layer_tag(&base, i as u32, chunk);
         }
+        h.header_tag = keys.header_tag(&base, &h.encoded_tags());
+        h
     }
 
     /// Number of layers.
     pub fn layers(&self) -> u32 {
-        self.checksums.len() as u32
+        self.tags.len() as u32
     }
 
     /// Payload bytes.
     pub fn payload_bytes(&self) -> u64 {
-        u64::from(self.layer_bytes) * self.checksums.len() as u64
+        u64::from(self.layer_bytes) * self.tags.len() as u64
     }
 
     /// Encoded size of this header.
     pub fn encoded_len(&self) -> usize {
-        HEADER_FIXED_BYTES + 8 * self.checksums.len()
+        HEADER_FIXED_BYTES + 8 * self.tags.len()
+    }
+
+    /// The fixed part every tag binds.
+    fn base(&self) -> [u8; BASE_BYTES] {
+        let mut b = [0u8; BASE_BYTES];
+        let fields: [&[u8]; 8] = [
+            &RECORD_MAGIC,
+            &RECORD_VERSION.to_le_bytes(),
+            &self.key.group.to_le_bytes(),
+            &self.namespace.to_le_bytes(),
+            &self.key.hash.to_le_bytes(),
+            &self.layers().to_le_bytes(),
+            &self.layer_bytes.to_le_bytes(),
+            &u32::from(self.authenticated).to_le_bytes(),
+        ];
+        let mut at = 0;
+        for f in fields {
+            b[at..at + f.len()].copy_from_slice(f);
+            at += f.len();
+        }
+        b // the last 4 bytes stay zero (reserved)
+    }
+
+    fn encoded_tags(&self) -> Vec<u8> {
+        self.tags.iter().flat_map(|t| t.to_le_bytes()).collect()
     }
 
     /// Appends the encoded header to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&RECORD_MAGIC);
-        out.extend_from_slice(&RECORD_VERSION.to_le_bytes());
-        out.extend_from_slice(&self.key.group.to_le_bytes());
-        out.extend_from_slice(&self.namespace.to_le_bytes());
-        out.extend_from_slice(&self.key.hash.to_le_bytes());
-        out.extend_from_slice(&self.layers().to_le_bytes());
-        out.extend_from_slice(&self.layer_bytes.to_le_bytes());
-        for c in &self.checksums {
-            out.extend_from_slice(&c.to_le_bytes());
+        out.extend_from_slice(&self.base());
+        out.extend_from_slice(&self.header_tag.to_le_bytes());
+        for t in &self.tags {
+            out.extend_from_slice(&t.to_le_bytes());
         }
     }
 
-    /// Decodes a header from the start of `buf`; `Corrupt` when it is short or malformed.
-    pub fn decode(buf: &[u8]) -> Result<RecordHeader, StoreError> {
+    /// The format version of an encoded record, if `buf` starts like one.
+    pub fn version_of(buf: &[u8]) -> Option<u16> {
+        (buf.len() >= 6 && buf[0..4] == RECORD_MAGIC).then(|| u16::from_le_bytes([buf[4], buf[5]]))
+    }
+
+    /// Decodes a header from the start of `buf` and checks its tag under `keys`: `Corrupt`
+    /// when it is short, malformed, of another version or mode, or its tag does not match
+    /// (damaged, forged, or written under another secret).
+    pub fn decode(buf: &[u8], keys: &RecordKeys) -> Result<RecordHeader, StoreError> {
         let corrupt = |m: &str| StoreError::Corrupt(m.to_string());
         if buf.len() < HEADER_FIXED_BYTES {
             return Err(corrupt("header truncated"));
@@ -193,33 +253,52 @@ impl RecordHeader {
         let u16_at = |i: usize| u16::from_le_bytes(buf[i..i + 2].try_into().expect("2 bytes"));
         let u32_at = |i: usize| u32::from_le_bytes(buf[i..i + 4].try_into().expect("4 bytes"));
         let u64_at = |i: usize| u64::from_le_bytes(buf[i..i + 8].try_into().expect("8 bytes"));
-        if u16_at(4) != RECORD_VERSION {
-            return Err(corrupt("unknown record version"));
+        let version = u16_at(4);
+        if version != RECORD_VERSION {
+            return Err(StoreError::Corrupt(format!(
+                "record format version {version}; this build reads {RECORD_VERSION}"
+            )));
         }
-        let group = u16_at(6);
-        let namespace = u64_at(8);
-        let hash = u64_at(16);
-        let layers = u32_at(24) as usize;
+        let layers = u32_at(LAYERS_OFFSET) as usize;
         let layer_bytes = u32_at(28);
         if layers == 0 || layer_bytes == 0 || layers > 1 << 16 {
             return Err(corrupt("bad layer geometry"));
+        }
+        let mode = u32_at(32);
+        if mode > 1 || u32_at(36) != 0 {
+            return Err(corrupt("unknown record mode"));
+        }
+        if (mode == 1) != keys.authenticated() {
+            return Err(corrupt(if keys.authenticated() {
+                "record has no MAC, and this store requires one"
+            } else {
+                "record has a MAC, and this store has no secret to check it"
+            }));
         }
         let need = HEADER_FIXED_BYTES + 8 * layers;
         if buf.len() < need {
             return Err(corrupt("header truncated"));
         }
-        let checksums = (0..layers)
-            .map(|i| u64_at(HEADER_FIXED_BYTES + 8 * i))
-            .collect();
+        let header_tag = u64_at(BASE_BYTES);
+        if keys.header_tag(&buf[..BASE_BYTES], &buf[HEADER_FIXED_BYTES..need]) != header_tag {
+            return Err(corrupt("header tag mismatch"));
+        }
         Ok(RecordHeader {
-            namespace,
-            key: BlockKey { hash, group },
+            namespace: u64_at(8),
+            key: BlockKey {
+                hash: u64_at(16),
+                group: u16_at(6),
+            },
             layer_bytes,
-            checksums,
+            authenticated: mode == 1,
+            tags: (0..layers)
+                .map(|i| u64_at(HEADER_FIXED_BYTES + 8 * i))
+                .collect(),
+            header_tag,
         })
     }
 
-    /// Checks that this header describes `key` in `namespace` with `layer_bytes` slices.
+    /// Checks that this header describes `key` in `namespace`.
     pub fn check(&self, namespace: u64, key: BlockKey) -> Result<(), StoreError> {
         if self.namespace != namespace || self.key != key {
             return Err(StoreError::Corrupt("header names another record".into()));
@@ -240,8 +319,13 @@ impl RecordHeader {
         Ok(())
     }
 
-    /// Verifies layers `[first, first + n)` read into `data`.
-    pub fn verify_layers(&self, first_layer: u32, data: &[u8]) -> Result<(), StoreError> {
+    /// Verifies layers `[first, first + n)` read into `data` under `keys`.
+    pub fn verify_layers(
+        &self,
+        keys: &RecordKeys,
+        first_layer: u32,
+        data: &[u8],
+    ) -> Result<(), StoreError> {
         let lb = self.layer_bytes as usize;
         if data.len() % lb != 0 {
             return Err(StoreError::Io(format!(
@@ -250,14 +334,15 @@ impl RecordHeader {
             )));
         }
         let n = data.len() / lb;
-        if first_layer as usize + n > self.checksums.len() {
+        if first_layer as usize + n > self.tags.len() {
             return Err(StoreError::Io("layer range beyond the record".into()));
         }
+        let base = self.base();
         for (i, chunk) in data.chunks_exact(lb).enumerate() {
-            if xxh3_64(chunk) != self.checksums[first_layer as usize + i] {
+            let layer = first_layer as usize + i;
+            if keys.layer_tag(&base, layer as u32, chunk) != self.tags[layer] {
                 return Err(StoreError::Corrupt(format!(
-                    "checksum mismatch in layer {}",
-                    first_layer as usize + i
+                    "checksum mismatch in layer {layer}"
                 )));
             }
         }
@@ -267,35 +352,81 @@ impl RecordHeader {
 
 #[cfg(test)]
 mod tests {
+    use super::super::keys::Secret;
     use super::*;
 
     #[test]
     fn header_round_trip_and_verification() {
         let data: Vec<u8> = (0..64u32).map(|i| (i * 7) as u8).collect();
         let key = BlockKey { hash: 42, group: 1 };
-        let h = RecordHeader::for_payload(9, key, 16, &data);
+        let secret = Secret::new(*b"s").unwrap();
+        for keys in [RecordKeys::new(9, None), RecordKeys::new(9, Some(&secret))] {
+            let h = RecordHeader::for_payload(&keys, key, 16, &data);
+            let mut buf = Vec::new();
+            h.encode(&mut buf);
+            assert_eq!(buf.len(), h.encoded_len());
+            let d = RecordHeader::decode(&buf, &keys).unwrap();
+            assert_eq!(d, h);
+            d.check(9, key).unwrap();
+            assert!(d.check(8, key).is_err());
+            d.verify_layers(&keys, 0, &data).unwrap();
+            d.verify_layers(&keys, 2, &data[32..48]).unwrap();
+            // A layer checks only in its own place.
+            assert!(d.verify_layers(&keys, 1, &data[32..48]).is_err());
+            let mut bad = data.clone();
+            bad[20] ^= 1;
+            assert!(matches!(
+                d.verify_layers(&keys, 0, &bad),
+                Err(StoreError::Corrupt(_))
+            ));
+            assert!(RecordHeader::decode(&buf[..10], &keys).is_err());
+            // Any change to the header is caught, whatever field it hits.
+            for i in 0..buf.len() {
+                let mut b = buf.clone();
+                b[i] ^= 0x40;
+                assert!(
+                    matches!(RecordHeader::decode(&b, &keys), Err(StoreError::Corrupt(_))),
+                    "byte {i}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn records_check_only_under_their_own_mode_and_secret() {
+        let data = [7u8; 32];
+        let key = BlockKey { hash: 1, group: 0 };
+        let (s, t) = (Secret::new(*b"s").unwrap(), Secret::new(*b"t").unwrap());
+        let all = [
+            RecordKeys::new(9, None),
+            RecordKeys::new(9, Some(&s)),
+            RecordKeys::new(9, Some(&t)),
+        ];
+        for (i, w) in all.iter().enumerate() {
+            let mut buf = Vec::new();
+            RecordHeader::for_payload(w, key, 16, &data).encode(&mut buf);
+            for (j, r) in all.iter().enumerate() {
+                assert_eq!(
+                    RecordHeader::decode(&buf, r).is_ok(),
+                    i == j,
+                    "{i} read by {j}"
+                );
+            }
+        }
+        // An older format is refused, naming the version.
         let mut buf = Vec::new();
-        h.encode(&mut buf);
-        assert_eq!(buf.len(), h.encoded_len());
-        let d = RecordHeader::decode(&buf).unwrap();
-        assert_eq!(d, h);
-        d.check(9, key).unwrap();
-        assert!(d.check(8, key).is_err());
-        d.verify_layers(0, &data).unwrap();
-        d.verify_layers(2, &data[32..48]).unwrap();
-        let mut bad = data.clone();
-        bad[20] ^= 1;
-        assert!(matches!(
-            d.verify_layers(0, &bad),
-            Err(StoreError::Corrupt(_))
-        ));
-        assert!(RecordHeader::decode(&buf[..10]).is_err());
+        RecordHeader::for_payload(&all[0], key, 16, &data).encode(&mut buf);
+        buf[4] = 1;
+        assert_eq!(RecordHeader::version_of(&buf), Some(1));
+        let err = RecordHeader::decode(&buf, &all[0]).unwrap_err();
+        assert!(err.to_string().contains("version 1"), "{err}");
     }
 
     #[test]
     fn reads_must_be_whole_layers_inside_the_record() {
         // 4 layers of 16 bytes.
-        let h = RecordHeader::for_payload(9, BlockKey { hash: 1, group: 0 }, 16, &[0u8; 64]);
+        let keys = RecordKeys::new(9, None);
+        let h = RecordHeader::for_payload(&keys, BlockKey { hash: 1, group: 0 }, 16, &[0u8; 64]);
         h.check_range(0, 64).unwrap();
         h.check_range(3, 16).unwrap();
         h.check_range(4, 0).unwrap();
