@@ -138,7 +138,7 @@ fn killed_server_is_unavailable_quickly_then_service_resumes() {
             "call {i}: {r:?}"
         );
     }
-    // Generous: a hang would be io_timeout per call (50 s); fast failure is milliseconds.
+    // Generous: a hang would be a deadline per call; fast failure is milliseconds.
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert_eq!(s.counters().unavailable, 50);
     assert!(!s.is_connected());
@@ -164,33 +164,6 @@ fn retry_until_up(s: &mut RemoteStore, k: BlockKey, out: &mut [u8]) -> Result<()
             r => return r,
         }
     }
-}
-
-/// A hung server (SIGSTOP): calls time out after `io_timeout` instead of hanging, later ones
-/// fail at once during the back-off, and service resumes after SIGCONT.
-#[test]
-fn hung_server_times_out_then_resumes() {
-    let server = RemoteServer::start(&[]);
-    let mut cfg = RemoteConfig::new(server.url(), 2);
-    cfg.io_timeout = Duration::from_millis(200);
-    cfg.connect_timeout = Duration::from_millis(100);
-    let mut s = RemoteStore::connect(cfg).unwrap();
-    let (k, data) = (key(4, 0), random_bytes(9, 8192));
-    s.put(k, 1024, &data).unwrap();
-    server.signal(libc::SIGSTOP);
-    let mut out = vec![0; data.len()];
-    let t = Instant::now();
-    for _ in 0..20 {
-        assert!(matches!(
-            s.get(k, &mut out),
-            Err(StoreError::Unavailable(_))
-        ));
-    }
-    // One io_timeout, then at most a few back-off attempts of connect_timeout each.
-    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
-    server.signal(libc::SIGCONT);
-    assert_eq!(retry_until_up(&mut s, k, &mut out), Ok(()));
-    assert_eq!(out, data);
 }
 
 #[test]
