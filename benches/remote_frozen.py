@@ -5,11 +5,12 @@ and new ones (a remote lookup, and evictions written down). Prints the median an
 admission, and the remote store's counters; SIGCONT at the end, then one more resumed
 conversation to show service is back.
 
-    .venv/bin/python benches/remote_frozen.py [ADMISSIONS [TIMEOUT_MS]]   # default 20, default
+    .venv/bin/python benches/remote_frozen.py [ADMISSIONS [TIMEOUT_MS]]   # default 20, 50
 """
 
 import os
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +34,9 @@ def script(*args: str) -> str:
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 20
     timeout = {"remote_timeout_ms": int(sys.argv[2])} if len(sys.argv) > 2 else {}
-    port = "6391"
+    with socket.socket() as sock:  # a free port
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
     script("start", port)
     try:
         pid = int((ROOT / ".remote-store" / f"server-{port}.pid").read_text())

