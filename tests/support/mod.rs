@@ -108,6 +108,15 @@ pub fn make_certs(dir: &Path) {
     remote_store_script(&["certs".as_ref(), dir.as_os_str()]);
 }
 
+/// Remote store settings with a generous deadline (2 s rather than 50 ms): the tests that use
+/// it count exact results, and a debug build on a busy machine can stall a loopback reply past
+/// the default. The deadline itself is tested with short ones (tests/remote_transport.rs).
+pub fn remote_config(url: impl Into<String>, namespace: u64) -> kvalloc::tiers::RemoteConfig {
+    let mut cfg = kvalloc::tiers::RemoteConfig::new(url, namespace);
+    cfg.timeout = Duration::from_secs(2);
+    cfg
+}
+
 /// A free loopback port (bound and released; the server binds it right after).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
