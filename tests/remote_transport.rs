@@ -302,3 +302,24 @@ fn killed_server_then_restarted() {
     s.get(records[0].0, &mut out).unwrap();
     assert!(out == records[0].1);
 }
+
+/// The store sends `AUTH` and `SELECT` itself (under its deadline): records land in the URL's
+/// database, and a database the server does not have is a clear refusal.
+#[test]
+fn password_and_database_from_the_url() {
+    let server = RemoteServer::start(&["--requirepass", "pw"]);
+    let url = |db: u32| format!("redis://:pw@127.0.0.1:{}/{db}", server.port);
+    let mut s = RemoteStore::connect(support::remote_config(url(3), 9)).unwrap();
+    let data = random_bytes(5, 4096);
+    s.put(key(1, 0), 1024, &data).unwrap();
+    let mut out = vec![0; data.len()];
+    s.get(key(1, 0), &mut out).unwrap();
+    assert!(out == data);
+    let mut other_db = RemoteStore::connect(support::remote_config(url(0), 9)).unwrap();
+    assert_eq!(other_db.contains_many(&[key(1, 0)]).unwrap(), vec![false]);
+    let err = RemoteStore::connect(support::remote_config(url(999), 9))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("SELECT refused"), "{err}");
+    assert!(!err.contains("pw@"), "the password leaks into {err}");
+}

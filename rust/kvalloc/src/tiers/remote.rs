@@ -27,12 +27,14 @@
 //! # Faults
 //!
 //! - Every call (each [`BlockStore`] method, and [`ping`](RemoteStore::ping)) has one deadline,
-//!   [`RemoteConfig::timeout`], that covers connecting, the TLS handshake and every round trip
-//!   it makes: the socket's read and write timeouts are set to what is left of it, and replies
-//!   are read one by one, stopping at the first failure. A server that is down, hung
-//!   (`SIGSTOP`) or killed mid-call yields [`StoreError::Unavailable`] (a timed-out call also
-//!   counts `timeouts`), never a panic or a long hang: a read is a miss, a write a failed
-//!   write, and the scheduler's step goes on.
+//!   [`RemoteConfig::timeout`], from its first round trip on (the encoding before it is not
+//!   the server's time): connecting, the TLS handshake and every round trip it makes share it.
+//!   The socket's timeouts follow what is left of it, and replies are read one by one,
+//!   stopping at the first failure (the redis crate's pipeline read would wait the whole
+//!   timeout once per reply). A server that is down, hung (`SIGSTOP`) or killed mid-call
+//!   yields [`StoreError::Unavailable`] (a timed-out call also counts `timeouts`), never a
+//!   panic or a long hang: a read is a miss, a write a failed write, and the scheduler's step
+//!   goes on.
 //! - After any transport failure, a timeout included, the connection is dropped, never reused:
 //!   a late reply left in it would be read as the answer to the next command (another key's
 //!   bytes). It is rebuilt on a later call. Attempts are spaced by
@@ -216,7 +218,7 @@ struct Failure {
     why: String,
     /// The deadline passed.
     timed_out: bool,
-    /// Nothing was sent, so the connection (if any) holds no reply and stays usable.
+    /// Nothing was sent or attempted: the connection (if any) holds no reply and stays usable.
     clean: bool,
 }
 
@@ -229,7 +231,7 @@ impl Failure {
         }
     }
 
-    /// The deadline passed before anything was sent.
+    /// The deadline passed before anything was sent or attempted.
     fn late() -> Failure {
         Failure {
             why: "deadline passed before the command was sent".into(),
@@ -431,15 +433,15 @@ impl RemoteStore {
         }
     }
 
-    /// Counts a failed call; drops the connection unless it is known clean (its stream state
-    /// is unknown: a late reply must not answer the next command) and schedules the next
-    /// attempt.
+    /// Counts a failed call. Unless nothing was sent (or attempted), drops the connection (its
+    /// stream state is unknown: a late reply must not answer the next command) and schedules
+    /// the next attempt.
     fn transport_failure(&mut self, f: Failure) -> StoreError {
         self.counters.unavailable += 1;
         if f.timed_out {
             self.counters.timeouts += 1;
         }
-        if !(f.clean && self.conn.is_some()) {
+        if !f.clean {
             self.conn = None;
             self.schedule_retry(f.why.clone());
         }
@@ -790,29 +792,38 @@ fn push_getrange(buf: &mut Vec<u8>, key: &str, start: usize, len: usize) {
     );
 }
 
-/// Sends `n` commands and reads their replies, one at a time, stopping at the first failure;
-/// every socket operation is bounded by what is left until `deadline`, and a reply that comes
-/// after it fails the call too (its caller has moved on).
+/// Sends `n` commands and reads their replies, one at a time, stopping at the first failure.
+/// Each wait on the socket is bounded by the time left until `deadline` (the read timeout is
+/// lowered whenever what is left falls below half of it: a setsockopt per halving, not per
+/// reply), so a hung server holds the call at most about 1.5 deadlines, and no reply is waited
+/// for once the deadline has passed. (A server that keeps taking a large pipeline's bytes
+/// slowly can stretch its write: each write, not the sum, is bounded.)
 fn round_trip(
     conn: &mut redis::Connection,
     commands: &[u8],
     n: usize,
     deadline: Instant,
 ) -> Result<Vec<Value>, Failure> {
-    let left = time_left(deadline).ok_or_else(Failure::late)?;
-    conn.set_write_timeout(Some(left))?;
-    conn.set_read_timeout(Some(left))?;
+    let mut wait = time_left(deadline).ok_or_else(Failure::late)?;
+    conn.set_write_timeout(Some(wait))?;
+    conn.set_read_timeout(Some(wait))?;
     conn.send_packed_command(commands)?;
     let mut replies = Vec::with_capacity(n);
-    for _ in 0..n {
-        replies.push(conn.recv_response()?);
-        if Instant::now() > deadline {
-            return Err(Failure {
-                why: format!("{} of {n} replies in time", replies.len() - 1),
-                timed_out: true,
-                clean: false,
-            });
+    while replies.len() < n {
+        if !replies.is_empty() {
+            let Some(left) = time_left(deadline) else {
+                return Err(Failure {
+                    why: format!("{} of {n} replies in time", replies.len()),
+                    timed_out: true,
+                    clean: false,
+                });
+            };
+            if left < wait / 2 {
+                wait = left;
+                conn.set_read_timeout(Some(wait))?;
+            }
         }
+        replies.push(conn.recv_response()?);
     }
     Ok(replies)
 }
