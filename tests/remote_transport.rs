@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kvalloc::tiers::{BlockKey, BlockStore, RemoteConfig, RemoteStore, StoreError};
 use kvalloc::Error;
-use support::{random_bytes, RemoteServer};
+use support::{random_bytes, remote_config, RemoteServer};
 
 fn key(hash: u64, group: u16) -> BlockKey {
     BlockKey { hash, group }
@@ -155,19 +155,20 @@ fn tls_settings_are_checked_at_open() {
     assert_eq!(what(cfg).0, "timeout");
 }
 
-/// Records in a server, and a store on it with a short deadline.
+/// Records written into a server (through a store with a generous deadline), and a store on
+/// it with a short one, opened without a round trip: a busy machine cannot fail the set-up.
 fn filled(server: &RemoteServer, timeout_ms: u64) -> (RemoteStore, Vec<(BlockKey, Vec<u8>)>) {
-    let mut cfg = RemoteConfig::new(server.url(), 7);
-    cfg.timeout = Duration::from_millis(timeout_ms);
-    cfg.max_reconnect_interval = Duration::from_millis(200);
-    let mut s = RemoteStore::connect(cfg).unwrap();
+    let mut writer = RemoteStore::connect(remote_config(server.url(), 7)).unwrap();
     let records: Vec<(BlockKey, Vec<u8>)> = (0..8u64)
         .map(|i| (key(100 + i, 0), random_bytes(i, 16 * 1024)))
         .collect();
     for (k, d) in &records {
-        s.put(*k, 1024, d).unwrap();
+        writer.put(*k, 1024, d).unwrap();
     }
-    (s, records)
+    let mut cfg = remote_config(server.url(), 7);
+    cfg.timeout = Duration::from_millis(timeout_ms);
+    cfg.max_reconnect_interval = Duration::from_millis(200);
+    (RemoteStore::open(cfg).unwrap(), records)
 }
 
 /// Calls `get` until the store reconnects (past its back-off) and returns that result.
@@ -225,13 +226,15 @@ fn hung_server_calls_time_out_then_service_resumes() {
 fn a_late_reply_never_answers_the_next_command() {
     let server = RemoteServer::start(&[]);
     for range_reads in [false, true] {
-        let (mut s, records) = filled(&server, 100);
+        let (s, records) = filled(&server, 100);
         let mut cfg = s.config().clone();
         cfg.range_reads = range_reads;
         cfg.reconnect_interval = Duration::from_millis(1);
-        s = RemoteStore::connect(cfg).unwrap();
+        let mut s = RemoteStore::open(cfg).unwrap();
         let mut out = vec![0; records[0].1.len()];
-        s.get(records[0].0, &mut out).unwrap(); // learns the geometry
+        // Connected, and the geometry learned.
+        assert_eq!(retry_until_up(&mut s, records[0].0, &mut out), Ok(()));
+        let before = s.counters().timeouts;
         server.signal(libc::SIGSTOP);
         let r = s.get(records[1].0, &mut out);
         server.signal(libc::SIGCONT);
@@ -242,7 +245,7 @@ fn a_late_reply_never_answers_the_next_command() {
             assert!(out == *data, "{k:?} read another record's bytes");
         }
         assert_eq!(s.counters().checksum_failures, 0);
-        assert_eq!(s.counters().timeouts, 1);
+        assert!(s.counters().timeouts > before);
     }
 }
 
@@ -255,7 +258,7 @@ fn hung_server_is_not_hammered() {
     cfg.timeout = Duration::from_millis(20);
     cfg.reconnect_interval = Duration::from_millis(50);
     cfg.max_reconnect_interval = Duration::from_millis(400);
-    let mut s = RemoteStore::connect(cfg).unwrap();
+    let mut s = RemoteStore::open(cfg).unwrap();
     server.signal(libc::SIGSTOP);
     let mut out = vec![0; 64];
     let t = Instant::now();
@@ -309,15 +312,15 @@ fn killed_server_then_restarted() {
 fn password_and_database_from_the_url() {
     let server = RemoteServer::start(&["--requirepass", "pw"]);
     let url = |db: u32| format!("redis://:pw@127.0.0.1:{}/{db}", server.port);
-    let mut s = RemoteStore::connect(support::remote_config(url(3), 9)).unwrap();
+    let mut s = RemoteStore::connect(remote_config(url(3), 9)).unwrap();
     let data = random_bytes(5, 4096);
     s.put(key(1, 0), 1024, &data).unwrap();
     let mut out = vec![0; data.len()];
     s.get(key(1, 0), &mut out).unwrap();
     assert!(out == data);
-    let mut other_db = RemoteStore::connect(support::remote_config(url(0), 9)).unwrap();
+    let mut other_db = RemoteStore::connect(remote_config(url(0), 9)).unwrap();
     assert_eq!(other_db.contains_many(&[key(1, 0)]).unwrap(), vec![false]);
-    let err = RemoteStore::connect(support::remote_config(url(999), 9))
+    let err = RemoteStore::connect(remote_config(url(999), 9))
         .unwrap_err()
         .to_string();
     assert!(err.contains("SELECT refused"), "{err}");
