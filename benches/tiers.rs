@@ -4,6 +4,8 @@
 //!   write/read of the same bytes in one file, in the same run. Target: at least 0.7x.
 //! - L4 remote: `RemoteStore` batched put (`put_many`, one pipeline) and get (range reads and
 //!   whole-value reads) against a real Valkey/Redis server on loopback, started here.
+//! - L4 transport: one record's round trip (a 16 KiB one written and read back; a 2 MiB one
+//!   read) over plain TCP and over TLS (`cargo bench --bench tiers -- l4_transport`).
 //!
 //! Both media are the page cache and loopback here, so these measure the stores' own cost
 //! (syscalls, copies, checksums), not a device.
@@ -108,6 +110,17 @@ fn disk(c: &mut Criterion) {
     g.finish();
 }
 
+/// Settings with a deadline far above any call here: these measure throughput (a 40 MB
+/// pipeline), not the deadline.
+fn config(server: &RemoteServer) -> RemoteConfig {
+    let mut cfg = RemoteConfig::new(server.url(), 1);
+    cfg.timeout = Duration::from_secs(10);
+    if server.url().starts_with("rediss://") {
+        cfg.tls_ca = Some(server.cert("ca.crt"));
+    }
+    cfg
+}
+
 fn remote(c: &mut Criterion) {
     let server = RemoteServer::start(&[]);
     let recs = records(16);
@@ -115,8 +128,8 @@ fn remote(c: &mut Criterion) {
     let items: Vec<(BlockKey, u32, &[u8])> =
         recs.iter().map(|(k, lb, d)| (*k, *lb, &d[..])).collect();
     let mut bufs: Vec<Vec<u8>> = recs.iter().map(|r| vec![0; r.2.len()]).collect();
-    let mut ranged = RemoteStore::connect(RemoteConfig::new(server.url(), 1)).unwrap();
-    let mut cfg = RemoteConfig::new(server.url(), 1);
+    let mut ranged = RemoteStore::connect(config(&server)).unwrap();
+    let mut cfg = config(&server);
     cfg.range_reads = false;
     let mut whole = RemoteStore::connect(cfg).unwrap();
 
@@ -178,5 +191,37 @@ fn remote(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, disk, remote);
+fn transport(c: &mut Criterion) {
+    let plain = RemoteServer::start(&[]);
+    let tls = RemoteServer::start_tls("no");
+    let (small, large) = (random_bytes(1, 16 << 10), random_bytes(2, 2 << 20));
+    let (ks, kl) = (
+        BlockKey { hash: 1, group: 0 },
+        BlockKey { hash: 2, group: 0 },
+    );
+    let mut g = c.benchmark_group("l4_transport");
+    g.sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1));
+    for (name, server) in [("plain", &plain), ("tls", &tls)] {
+        let mut s = RemoteStore::connect(config(server)).unwrap();
+        s.put(kl, 65_536, &large).unwrap();
+        let mut out = vec![0; large.len()];
+        s.get(kl, &mut out).unwrap();
+        assert!(out == large, "{name}: other bytes");
+        let mut small_out = vec![0; small.len()];
+        g.bench_function(format!("{name}/put_get_16k"), |b| {
+            b.iter(|| {
+                s.put(ks, 4096, &small).unwrap();
+                s.get(ks, &mut small_out).unwrap();
+            })
+        });
+        g.bench_function(format!("{name}/get_2m"), |b| {
+            b.iter(|| s.get(kl, &mut out).unwrap())
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, disk, remote, transport);
 criterion_main!(benches);

@@ -24,16 +24,28 @@ def _free_port() -> int:
 
 
 class RemoteServer:
-    """A real Valkey/Redis server on loopback, started and stopped by scripts/remote-store.sh."""
+    """A real Valkey/Redis server on loopback, started and stopped by scripts/remote-store.sh;
+    over TLS only when given a directory for its test certificates (``ca.crt``, ``client.crt``
+    and ``.key``, and ``other-ca.crt``, a CA that signed nothing here)."""
 
-    def __init__(self, password: str | None = None) -> None:
+    def __init__(self, password: str | None = None, tls_dir: Path | None = None) -> None:
         self.port = _free_port()
         self.password = password
+        self.tls_dir = tls_dir
         self.start()
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls_dir else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
+
+    def cert(self, name: str) -> str:
+        assert self.tls_dir is not None
+        return str(self.tls_dir / name)
+
+    @property
+    def pid(self) -> int:
+        return int((ROOT / ".remote-store" / f"server-{self.port}.pid").read_text())
 
     def _script(self, *args: str) -> None:
         import subprocess
@@ -42,10 +54,41 @@ class RemoteServer:
                        capture_output=True, timeout=60)
 
     def start(self) -> None:
-        self._script("start", str(self.port), *([self.password] if self.password else []))
+        if self.tls_dir:
+            self._script("start-tls", str(self.port), str(self.tls_dir))
+        else:
+            self._script("start", str(self.port), *([self.password] if self.password else []))
 
     def stop(self) -> None:
+        import signal
+
+        try:
+            self.signal(signal.SIGCONT)  # a stopped server would sit on its SIGTERM
+        except (OSError, ValueError):
+            pass
         self._script("stop", str(self.port))
+
+    def signal(self, sig: int) -> None:
+        import os
+
+        os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        """SIGKILL; waits until it is gone (or a zombie), and removes its pidfile."""
+        import signal
+        import time
+
+        pid = self.pid
+        self.signal(signal.SIGKILL)
+        def gone() -> bool:
+            try:
+                return "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+            except OSError:
+                return True
+
+        while not gone():
+            time.sleep(0.01)
+        (ROOT / ".remote-store" / f"server-{self.port}.pid").unlink(missing_ok=True)
 
 
 @pytest.fixture
@@ -59,5 +102,13 @@ def remote_server():
 @pytest.fixture
 def remote_server_with_password():
     server = RemoteServer(password="s3cret-pw")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def remote_tls_server(tmp_path):
+    """A server that speaks only TLS, with a certificate of a fresh test CA."""
+    server = RemoteServer(tls_dir=tmp_path / "tls")
     yield server
     server.stop()

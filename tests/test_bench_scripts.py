@@ -1,6 +1,7 @@
 """The scheduler-step scripts the README quotes still run (a few steps each): the plain loop,
 the prefault comparison, two builds side by side (here the installed one twice, also in a large
-cache), a fresh manager beside one with a large cache, and the count of a step's code lines."""
+cache), a fresh manager beside one with a large cache, the count of a step's code lines, and
+admissions beside a frozen remote store."""
 
 import re
 import shutil
@@ -27,6 +28,12 @@ def test_step_loop_runs():
     out = run("step_loop.py", "128", "96", "5")
     assert re.search(r"median [\d.]+ us, mean [\d.]+ us, max [\d.]+ us over 5 steps", out), out
     assert re.search(r"^\d+ steps took page faults", out, re.M), out
+
+
+def test_remote_frozen_runs():
+    out = run("remote_frozen.py", "4")
+    assert re.search(r"frozen server: 4 admissions, median [\d.]+ ms, max [\d.]+ ms", out), out
+    assert "'timeouts': " in out and "after SIGCONT: resumed hit 160 of 160" in out, out
 
 
 def test_step_prefault_runs():

@@ -37,6 +37,11 @@ def conversation(family: int, turns: int, tail: int = 0) -> np.ndarray:
 
 class Engine:
     def __init__(self, capacity: int = 96 << 10, **tiers) -> None:
+        if "remote_url" in tiers:
+            # A generous deadline for the remote store: most tests count exact hits, and a
+            # busy test machine can stall a loopback reply past the 50 ms default. Tests of
+            # the deadline pass their own.
+            tiers.setdefault("remote_timeout_ms", 2000)
         self.spec = spec()
         self.m = kvalloc.KVCacheManager(self.spec, capacity, block_tokens=B, **tiers)
         self.buf = np.zeros(capacity, dtype=np.uint8)

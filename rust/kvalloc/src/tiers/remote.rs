@@ -24,28 +24,51 @@
 //! Commands are RESP-encoded here into one reusable buffer and sent as one pipeline per call
 //! (`SET` for [`put_many`](BlockStore::put_many), `EXISTS` for
 //! [`contains_many`](BlockStore::contains_many)), split so that no pipeline carries more than
-//! [`RemoteConfig::max_batch_bytes`]. The `redis` crate does the connection, the `AUTH`
-//! handshake (password or ACL user), and the reply parsing.
+//! [`RemoteConfig::max_batch_bytes`]. The `redis` crate does the connection (TCP or TLS) and
+//! the reply parsing.
 //!
 //! # Faults
 //!
-//! - Every socket operation has a deadline ([`RemoteConfig::connect_timeout`],
-//!   [`RemoteConfig::io_timeout`]); a server that is down or killed mid-call yields
-//!   [`StoreError::Unavailable`] and counts `unavailable`, never a panic or a long hang.
-//! - After a connection fails, it is dropped and rebuilt on a later call. Attempts are spaced
-//!   by [`RemoteConfig::reconnect_interval`], doubling per consecutive failure up to
+//! - Every call (each [`BlockStore`] method, and [`ping`](RemoteStore::ping)) has one deadline,
+//!   [`RemoteConfig::timeout`], from its first round trip on (the encoding before it is not
+//!   the server's time): connecting, the TLS handshake and every round trip it makes share it.
+//!   The socket's timeouts follow what is left of it, and replies are read one by one,
+//!   stopping at the first failure (the redis crate's pipeline read would wait the whole
+//!   timeout once per reply). A server that is down, hung (`SIGSTOP`) or killed mid-call
+//!   yields [`StoreError::Unavailable`] (a timed-out call also counts `timeouts`), never a
+//!   panic or a long hang: a read is a miss, a write a failed write, and the scheduler's step
+//!   goes on.
+//! - After any transport failure, a timeout included, the connection is dropped, never reused:
+//!   a late reply left in it would be read as the answer to the next command (another key's
+//!   bytes). It is rebuilt on a later call. Attempts are spaced by
+//!   [`RemoteConfig::reconnect_interval`], doubling per consecutive failure up to
 //!   [`RemoteConfig::max_reconnect_interval`]; between attempts calls fail at once, so a dead
-//!   or hung server does not slow every scheduler step. A failed call counts `unavailable`
-//!   once (a failed `put_many` returns `Unavailable` for each of its records).
+//!   or hung server does not slow every scheduler step. The streak of failures ends with the
+//!   first reply received, not with a connect (a hung server still accepts connections). A
+//!   failed call counts `unavailable` once (a failed `put_many` returns `Unavailable` for each
+//!   of its records).
 //! - A server out of memory (`OOM` reply, `maxmemory` with `noeviction`) is
 //!   [`StoreError::Full`] for that record (`writes_skipped_full`).
-//! - A wrong password or ACL user is `Unavailable` with "authentication failed" in its message.
+//! - A wrong password or ACL user is `Unavailable` with "authentication failed" in its message;
+//!   a server certificate the trusted CAs did not sign, "TLS".
+//!
+//! # Transport
+//!
+//! `redis://` is plain TCP; `rediss://` is TLS (rustls), verifying the server's certificate
+//! and name against the private CA of [`RemoteConfig::tls_ca`], else the public roots bundled
+//! with the client (Mozilla's list, from the `webpki-roots` crate, so that no system file is
+//! parsed within a reconnect's deadline), with an optional client certificate
+//! ([`RemoteConfig::tls_cert`], [`RemoteConfig::tls_key`]) for servers that require one. The
+//! store speaks RESP2 and sends `AUTH` and `SELECT` itself on each new connection, under the
+//! call's deadline (the redis crate's own set-up would wait the whole timeout once per
+//! command on a hung server).
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use redis::{ConnectionLike, ErrorKind, IntoConnectionInfo, RedisError, Value};
+use redis::{ErrorKind, IntoConnectionInfo, RedisError, Value};
 
 use super::keys::{RecordKeys, Secret};
 use super::store::{
@@ -57,7 +80,8 @@ use crate::Error;
 /// Settings of a [`RemoteStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteConfig {
-    /// `redis://[[user]:password@]host:port[/db]` (also `valkey://`).
+    /// `redis://[[user]:password@]host:port[/db]` (also `valkey://`), or `rediss://...` (also
+    /// `valkeys://`) for TLS.
     pub url: String,
     /// ACL user name; overrides one given in the URL.
     pub username: Option<String>,
@@ -71,25 +95,31 @@ pub struct RemoteConfig {
     /// Deployment secret: keys record ids and authenticates records (None: ids keyed by a
     /// public key, records checked but not authenticated).
     pub secret: Option<Secret>,
-    /// Deadline for TCP connect plus the handshake.
-    pub connect_timeout: Duration,
-    /// Deadline for each socket read or write.
-    pub io_timeout: Duration,
+    /// Deadline of one call, connecting and the TLS handshake included (see the module docs).
+    pub timeout: Duration,
     /// Least time between two connection attempts after a failure; doubles with each
     /// consecutive failed attempt, up to [`max_reconnect_interval`](Self::max_reconnect_interval).
     pub reconnect_interval: Duration,
-    /// Cap of the reconnect back-off (a hung server costs one `connect_timeout` per attempt).
+    /// Cap of the reconnect back-off (a hung server costs one `timeout` per attempt).
     pub max_reconnect_interval: Duration,
     /// Most bytes of commands in one pipeline (bounds the client's buffer).
     pub max_batch_bytes: usize,
     /// Read layer ranges with `GETRANGE` (header and range in one pipeline) rather than `GET`
     /// of the whole value. Only the layers asked for cross the wire.
     pub range_reads: bool,
+    /// TLS only: a PEM file of the CA certificates to trust instead of the bundled public
+    /// roots (a private CA).
+    pub tls_ca: Option<PathBuf>,
+    /// TLS only: a PEM file of the client's certificate chain, for servers that require one
+    /// (mutual TLS). Needs [`tls_key`](Self::tls_key).
+    pub tls_cert: Option<PathBuf>,
+    /// TLS only: the PEM file of [`tls_cert`](Self::tls_cert)'s private key.
+    pub tls_key: Option<PathBuf>,
 }
 
 impl RemoteConfig {
-    /// Defaults: derived prefix, no secret, 200 ms connect, 1 s per socket operation, reconnect
-    /// attempts 100 ms apart doubling up to 2 s, 64 MiB pipelines, range reads.
+    /// Defaults: derived prefix, no secret, a 50 ms deadline per call, reconnect attempts 100 ms
+    /// apart doubling up to 2 s, 64 MiB pipelines, range reads, the bundled public TLS roots.
     pub fn new(url: impl Into<String>, namespace: u64) -> Self {
         RemoteConfig {
             url: url.into(),
@@ -98,12 +128,14 @@ impl RemoteConfig {
             key_prefix: None,
             namespace,
             secret: None,
-            connect_timeout: Duration::from_millis(200),
-            io_timeout: Duration::from_secs(1),
+            timeout: Duration::from_millis(50),
             reconnect_interval: Duration::from_millis(100),
             max_reconnect_interval: Duration::from_secs(2),
             max_batch_bytes: 64 << 20,
             range_reads: true,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -116,11 +148,16 @@ pub struct RemoteStore {
     prefix: String,
     client: redis::Client,
     conn: Option<redis::Connection>,
+    /// Sent on each new connection before anything else.
+    hello: Hello,
+    /// The current call's deadline: set by its first round trip (or connection attempt), so
+    /// that it bounds the waiting on the server, not the encoding before it.
+    deadline: Option<Instant>,
     /// No connection attempt before this instant (set after a failure).
     retry_at: Option<Instant>,
     /// Why the last connection failed, for the next `Unavailable` message.
     last_failure: String,
-    /// Consecutive failures since the last good connection (sets the back-off).
+    /// Consecutive failures since the last reply (sets the back-off).
     failures: u32,
     counters: StoreCounters,
     /// Layers and layer bytes last seen per group, so a range read is one round trip.
@@ -140,39 +177,155 @@ impl std::fmt::Debug for RemoteStore {
     }
 }
 
+/// `AUTH` and `SELECT`, as the URL and settings ask, in one pipeline.
+#[derive(Default)] // no Debug: it holds the password
+struct Hello {
+    commands: Vec<u8>,
+    auth: bool,
+    select: bool,
+}
+
+impl Hello {
+    fn new(info: &redis::RedisConnectionInfo) -> Hello {
+        let mut hello = Hello::default();
+        if let Some(password) = &info.password {
+            let mut args: Vec<&[u8]> = vec![b"AUTH"];
+            if let Some(user) = &info.username {
+                args.push(user.as_bytes());
+            }
+            args.push(password.as_bytes());
+            push_command(&mut hello.commands, &args);
+            hello.auth = true;
+        }
+        if info.db != 0 {
+            push_command(
+                &mut hello.commands,
+                &[b"SELECT", info.db.to_string().as_bytes()],
+            );
+            hello.select = true;
+        }
+        hello
+    }
+
+    fn len(&self) -> usize {
+        usize::from(self.auth) + usize::from(self.select)
+    }
+
+    /// The first refusal among the replies, described.
+    fn refusal(&self, replies: &[Value]) -> Option<String> {
+        let what = [
+            (self.auth, "authentication failed"),
+            (self.select, "SELECT refused"),
+        ];
+        let sent = what.iter().filter(|w| w.0).map(|w| w.1);
+        sent.zip(replies).find_map(|(what, reply)| match reply {
+            Value::ServerError(e) => Some(format!("{what}: {}", RedisError::from(e.clone()))),
+            _ => None,
+        })
+    }
+}
+
+/// Why a connection attempt or a round trip failed.
+#[derive(Debug)]
+struct Failure {
+    why: String,
+    /// The deadline passed.
+    timed_out: bool,
+    /// Nothing was sent or attempted: the connection (if any) holds no reply and stays usable.
+    clean: bool,
+}
+
+impl Failure {
+    fn new(why: String) -> Failure {
+        Failure {
+            why,
+            timed_out: false,
+            clean: false,
+        }
+    }
+
+    /// The deadline passed before anything was sent or attempted.
+    fn late() -> Failure {
+        Failure {
+            why: "deadline passed before the command was sent".into(),
+            timed_out: true,
+            clean: true,
+        }
+    }
+}
+
+impl From<RedisError> for Failure {
+    fn from(e: RedisError) -> Failure {
+        Failure {
+            why: describe(&e),
+            timed_out: e.is_timeout(),
+            clean: false,
+        }
+    }
+}
+
 impl RemoteStore {
     /// Validates `cfg` and tries to connect once. A server that cannot be reached (or refuses
     /// the credentials) is not an error here: calls return `Unavailable` until it can be.
-    /// Errors: a malformed URL or zero timeouts (`InvalidArgument`).
+    /// Errors (`InvalidArgument`): a malformed URL, a zero timeout, TLS settings without a
+    /// `rediss://` URL, or TLS files that cannot be read or hold no PEM certificate or key.
     pub fn open(cfg: RemoteConfig) -> Result<RemoteStore, Error> {
-        let bad = |what: &str, message: String| Error::InvalidArgument {
-            what: what.into(),
-            message,
-        };
+        let mut store = Self::new(cfg)?;
+        store.start_call();
+        if let Err(f) = store.connect_now() {
+            store.schedule_retry(f.why);
+        }
+        Ok(store)
+    }
+
+    /// Validates `cfg` as [`open`](Self::open) does, then makes a `PING` (its own connection
+    /// attempt): fails with the reason when the server cannot be reached or refuses the
+    /// credentials (or, over TLS, its certificate is not trusted).
+    pub fn connect(cfg: RemoteConfig) -> Result<RemoteStore, Error> {
+        let mut store = Self::new(cfg)?;
+        store.ping().map_err(|e| Error::InvalidArgument {
+            what: "url".into(),
+            message: format!("{}: {e}", redact(&store.cfg.url)),
+        })?;
+        Ok(store)
+    }
+
+    /// A store on `cfg`, validated, not connected.
+    fn new(cfg: RemoteConfig) -> Result<RemoteStore, Error> {
         let mut info = cfg
             .url
             .as_str()
             .into_connection_info()
             .map_err(|e| bad("url", format!("{:?}: {e}", redact(&cfg.url))))?;
-        if !matches!(info.addr, redis::ConnectionAddr::Tcp(..)) {
-            return Err(bad(
-                "url",
-                "only redis:// (plain TCP) addresses are supported".into(),
-            ));
-        }
+        let tls = match info.addr {
+            redis::ConnectionAddr::Tcp(..) => false,
+            redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
+                return Err(bad(
+                    "url",
+                    "#insecure (TLS without certificate checks) is not supported; give the \
+                     server's CA as tls_ca instead"
+                        .into(),
+                ))
+            }
+            redis::ConnectionAddr::TcpTls { .. } => true,
+            _ => {
+                return Err(bad(
+                    "url",
+                    "only redis:// (TCP) and rediss:// (TLS) addresses are supported".into(),
+                ))
+            }
+        };
         if cfg.username.is_some() {
             info.redis.username = cfg.username.clone();
         }
         if cfg.password.is_some() {
             info.redis.password = cfg.password.clone();
         }
-        for (what, d) in [
-            ("connect_timeout", cfg.connect_timeout),
-            ("io_timeout", cfg.io_timeout),
-        ] {
-            if d.is_zero() {
-                return Err(bad(what, "must be positive".into()));
-            }
+        // The store authenticates and selects the database itself, under its deadline.
+        let hello = Hello::new(&info.redis);
+        info.redis = redis::RedisConnectionInfo::default();
+        if cfg.timeout.is_zero() {
+            return Err(bad("timeout", "must be positive".into()));
         }
         let keys = RecordKeys::new(cfg.namespace, cfg.secret.as_ref());
         let prefix = match &cfg.key_prefix {
@@ -185,13 +338,22 @@ impl RemoteStore {
             Some(p) => p.clone(),
             None => format!("kvalloc-{:016x}", keys.tag()),
         };
-        let client = redis::Client::open(info).map_err(|e| bad("url", e.to_string()))?;
-        let mut store = RemoteStore {
+        let client = if tls {
+            install_tls_provider();
+            redis::Client::build_with_tls(info, tls_certificates(&cfg)?)
+        } else {
+            tls_settings_need_tls(&cfg)?;
+            redis::Client::open(info)
+        }
+        .map_err(|e| bad("url", e.to_string()))?;
+        Ok(RemoteStore {
+            deadline: None,
             cfg,
             keys,
             prefix,
             client,
             conn: None,
+            hello,
             retry_at: None,
             last_failure: String::new(),
             failures: 0,
@@ -199,24 +361,12 @@ impl RemoteStore {
             geometry: HashMap::new(),
             buf: Vec::new(),
             header_buf: Vec::new(),
-        };
-        let _ = store.connection();
-        Ok(store)
-    }
-
-    /// [`open`](Self::open), then a `PING`: fails with the reason when the server cannot be
-    /// reached or refuses the credentials.
-    pub fn connect(cfg: RemoteConfig) -> Result<RemoteStore, Error> {
-        let mut store = Self::open(cfg)?;
-        store.ping().map_err(|e| Error::InvalidArgument {
-            what: "url".into(),
-            message: format!("{}: {e}", redact(&store.cfg.url)),
-        })?;
-        Ok(store)
+        })
     }
 
     /// Round trip to the server (connecting if needed).
     pub fn ping(&mut self) -> Result<(), StoreError> {
+        self.start_call();
         self.buf.clear();
         push_command(&mut self.buf, &[b"PING"]);
         match self.exchange(1)?.pop().expect("1 reply") {
@@ -251,66 +401,87 @@ impl RemoteStore {
         )
     }
 
-    /// The open connection, or a new one if the rate limit allows an attempt.
-    fn connection(&mut self) -> Result<&mut redis::Connection, StoreError> {
-        if self.conn.is_none() {
-            let now = Instant::now();
-            if let Some(at) = self.retry_at {
-                if now < at {
-                    return Err(StoreError::Unavailable(format!(
-                        "not connected ({}); next attempt in {} ms",
-                        self.last_failure,
-                        (at - now).as_millis()
-                    )));
-                }
-            }
-            let conn = self
-                .client
-                .get_connection_with_timeout(self.cfg.connect_timeout)
-                .and_then(|c| {
-                    c.set_read_timeout(Some(self.cfg.io_timeout))?;
-                    c.set_write_timeout(Some(self.cfg.io_timeout))?;
-                    Ok(c)
-                });
-            match conn {
-                Ok(c) => {
-                    self.conn = Some(c);
-                    self.retry_at = None;
-                    self.failures = 0;
-                }
-                Err(e) => {
-                    self.schedule_retry(describe(&e));
-                    return Err(StoreError::Unavailable(self.last_failure.clone()));
-                }
+    /// Starts a public call (its deadline starts with its first round trip).
+    fn start_call(&mut self) {
+        self.deadline = None;
+    }
+
+    /// The current call's deadline, starting it now if it has not started.
+    fn deadline(&mut self) -> Instant {
+        *self
+            .deadline
+            .get_or_insert_with(|| Instant::now() + self.cfg.timeout)
+    }
+
+    /// Opens and authenticates a connection if there is none, within the call's deadline.
+    /// Does not look at the back-off (see `exchange`).
+    fn connect_now(&mut self) -> Result<(), Failure> {
+        if self.conn.is_some() {
+            return Ok(());
+        }
+        let deadline = self.deadline();
+        let left = time_left(deadline).ok_or_else(Failure::late)?;
+        let mut conn = self.client.get_connection_with_timeout(left)?;
+        if self.hello.len() > 0 {
+            let replies = round_trip(&mut conn, &self.hello.commands, self.hello.len(), deadline)?;
+            if let Some(why) = self.hello.refusal(&replies) {
+                return Err(Failure::new(why));
             }
         }
-        Ok(self.conn.as_mut().expect("connected above"))
+        self.conn = Some(conn);
+        Ok(())
     }
 
     /// Sends the `n` commands in `self.buf` and returns their replies (server errors as
-    /// `Value::ServerError`). A transport failure drops the connection: `Unavailable`.
+    /// `Value::ServerError`), connecting first if the back-off allows. A transport failure or
+    /// the deadline drops the connection: `Unavailable`.
     fn exchange(&mut self, n: usize) -> Result<Vec<Value>, StoreError> {
-        if let Err(e) = self.connection() {
-            self.counters.unavailable += 1;
-            return Err(e);
-        }
-        let conn = self.conn.as_mut().expect("connected above");
-        let result = conn.req_packed_commands(&self.buf, 0, n);
-        match result {
-            Ok(values) if values.len() == n => Ok(values),
-            Ok(values) => {
-                Err(self.transport_failure(format!("expected {n} replies, got {}", values.len())))
+        if self.conn.is_none() {
+            if let Some(at) = self.retry_at.filter(|&at| Instant::now() < at) {
+                self.counters.unavailable += 1;
+                return Err(StoreError::Unavailable(format!(
+                    "not connected ({}); next attempt in {} ms",
+                    self.last_failure,
+                    (at - Instant::now()).as_millis()
+                )));
             }
-            Err(e) => Err(self.transport_failure(describe(&e))),
+            if let Err(f) = self.connect_now() {
+                return Err(self.transport_failure(f));
+            }
+        }
+        let deadline = self.deadline();
+        let conn = self.conn.as_mut().expect("connected above");
+        match round_trip(conn, &self.buf, n, deadline) {
+            Ok(values) => {
+                self.failures = 0;
+                self.retry_at = None;
+                Ok(values)
+            }
+            Err(f) => Err(self.transport_failure(f)),
         }
     }
 
-    /// Drops the connection (its stream state is unknown) and schedules the next attempt.
-    fn transport_failure(&mut self, why: String) -> StoreError {
-        self.conn = None;
-        self.schedule_retry(why.clone());
+    /// Counts a failed call. Unless nothing was sent (or attempted), drops the connection (its
+    /// stream state is unknown: a late reply must not answer the next command) and schedules
+    /// the next attempt.
+    fn transport_failure(&mut self, f: Failure) -> StoreError {
         self.counters.unavailable += 1;
-        StoreError::Unavailable(why)
+        if f.timed_out {
+            self.counters.timeouts += 1;
+        }
+        if !f.clean {
+            self.conn = None;
+            self.schedule_retry(f.why.clone());
+        }
+        StoreError::Unavailable(if f.timed_out {
+            format!(
+                "timed out after {} ms: {}",
+                self.cfg.timeout.as_millis(),
+                f.why
+            )
+        } else {
+            f.why
+        })
     }
 
     /// No attempt before `reconnect_interval * 2^(failures - 1)` (capped) from now.
@@ -479,6 +650,7 @@ impl BlockStore for RemoteStore {
     }
 
     fn put_many(&mut self, items: &[(BlockKey, u32, &[u8])]) -> Vec<Result<(), StoreError>> {
+        self.start_call(); // one deadline for all the pipelines
         let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(items.len());
         let mut start = 0;
         while start < items.len() {
@@ -548,6 +720,7 @@ impl BlockStore for RemoteStore {
         first_layer: u32,
         dst: &mut [u8],
     ) -> Result<(), StoreError> {
+        self.start_call();
         let r = if self.cfg.range_reads {
             self.range_read(key, first_layer, dst)
         } else {
@@ -558,6 +731,7 @@ impl BlockStore for RemoteStore {
     }
 
     fn contains_many(&mut self, keys: &[BlockKey]) -> Result<Vec<bool>, StoreError> {
+        self.start_call();
         self.buf.clear();
         for &k in keys {
             let rkey = self.key(k);
@@ -582,6 +756,7 @@ impl BlockStore for RemoteStore {
     }
 
     fn remove(&mut self, key: BlockKey) -> Result<(), StoreError> {
+        self.start_call();
         let rkey = self.key(key);
         self.buf.clear();
         push_command(&mut self.buf, &[b"UNLINK", rkey.as_bytes()]);
@@ -655,9 +830,147 @@ fn push_getrange(buf: &mut Vec<u8>, key: &str, start: usize, len: usize) {
     );
 }
 
-/// A one-line description of a client error, with the authentication case named.
+/// Sends `n` commands and reads their replies, one at a time, stopping at the first failure.
+/// Each wait on the socket is bounded by the time left until `deadline` (the read timeout is
+/// lowered whenever what is left falls below half of it: a setsockopt per halving, not per
+/// reply), so a hung server holds the call at most about 1.5 deadlines, and no reply is waited
+/// for once the deadline has passed. (A server that keeps taking a large pipeline's bytes
+/// slowly can stretch its write: each write, not the sum, is bounded.)
+fn round_trip(
+    conn: &mut redis::Connection,
+    commands: &[u8],
+    n: usize,
+    deadline: Instant,
+) -> Result<Vec<Value>, Failure> {
+    let mut wait = time_left(deadline).ok_or_else(Failure::late)?;
+    conn.set_write_timeout(Some(wait))?;
+    conn.set_read_timeout(Some(wait))?;
+    conn.send_packed_command(commands)?;
+    let mut replies = Vec::with_capacity(n);
+    while replies.len() < n {
+        if !replies.is_empty() {
+            let Some(left) = time_left(deadline) else {
+                return Err(Failure {
+                    why: format!("{} of {n} replies in time", replies.len()),
+                    timed_out: true,
+                    clean: false,
+                });
+            };
+            if left < wait / 2 {
+                wait = left;
+                conn.set_read_timeout(Some(wait))?;
+            }
+        }
+        replies.push(conn.recv_response()?);
+    }
+    Ok(replies)
+}
+
+/// Time until `deadline`, if any.
+fn time_left(deadline: Instant) -> Option<Duration> {
+    deadline
+        .checked_duration_since(Instant::now())
+        .filter(|d| !d.is_zero())
+}
+
+fn bad(what: &str, message: String) -> Error {
+    Error::InvalidArgument {
+        what: what.into(),
+        message,
+    }
+}
+
+/// Makes aws-lc-rs rustls's process-wide crypto provider unless one is installed already (the
+/// redis crate asks rustls for the default, and rustls panics where it cannot pick one: two
+/// providers linked into one program).
+fn install_tls_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Refuses TLS files with a plain `redis://` URL: the user asked for TLS and would not get it.
+fn tls_settings_need_tls(cfg: &RemoteConfig) -> Result<(), Error> {
+    let given = [
+        ("tls_ca", &cfg.tls_ca),
+        ("tls_cert", &cfg.tls_cert),
+        ("tls_key", &cfg.tls_key),
+    ];
+    match given.iter().find(|(_, p)| p.is_some()) {
+        Some((what, _)) => Err(bad(
+            what,
+            format!(
+                "TLS settings need a rediss:// URL, not {}",
+                redact(&cfg.url)
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The CA and client files of `cfg`, read and checked to hold PEM items.
+fn tls_certificates(cfg: &RemoteConfig) -> Result<redis::TlsCertificates, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let read = |what: &str, path: &Path| {
+        std::fs::read(path).map_err(|e| bad(what, format!("{}: {e}", path.display())))
+    };
+    let certs = |what: &str, path: &Path| {
+        let pem = read(what, path)?;
+        let n = CertificateDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(what, format!("{}: {e}", path.display())))?
+            .len();
+        if n == 0 {
+            return Err(bad(
+                what,
+                format!("{}: no PEM certificate in it", path.display()),
+            ));
+        }
+        Ok(pem)
+    };
+    let root_cert = match &cfg.tls_ca {
+        Some(p) => Some(certs("tls_ca", p)?),
+        None => None,
+    };
+    let client_tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => {
+            let client_key = read("tls_key", key)?;
+            let client_cert = certs("tls_cert", cert)?;
+            // Loading the pair now reports a key that is not the certificate's at open, not at
+            // each connection; it also does the crypto library's one-time set-up (tens of ms)
+            // here rather than within the first call's deadline.
+            let der = PrivateKeyDer::from_pem_slice(&client_key)
+                .map_err(|e| bad("tls_key", format!("{}: {e}", key.display())))?;
+            let chain = CertificateDer::pem_slice_iter(&client_cert)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| bad("tls_cert", e.to_string()))?;
+            rustls::ClientConfig::builder()
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_client_auth_cert(chain, der)
+                .map_err(|e| bad("tls_key", format!("{}: {e}", key.display())))?;
+            Some(redis::ClientTlsConfig {
+                client_cert,
+                client_key,
+            })
+        }
+        (None, None) => None,
+        (Some(_), None) => return Err(bad("tls_key", "tls_cert needs its key".into())),
+        (None, Some(_)) => return Err(bad("tls_cert", "tls_key needs its certificate".into())),
+    };
+    Ok(redis::TlsCertificates {
+        client_tls,
+        root_cert,
+    })
+}
+
+/// A one-line description of a client error, with the authentication and TLS cases named.
 fn describe(e: &RedisError) -> String {
-    if e.kind() == ErrorKind::AuthenticationFailed
+    let tls = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .and_then(|io| io.get_ref())
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    if let Some(tls) = tls {
+        format!("TLS: {tls}")
+    } else if e.kind() == ErrorKind::AuthenticationFailed
         || matches!(e.code(), Some("WRONGPASS") | Some("NOAUTH"))
     {
         format!("authentication failed: {e}")
@@ -708,7 +1021,7 @@ mod tests {
             "{err}"
         );
         let mut cfg = RemoteConfig::new("redis://127.0.0.1:1", 1);
-        cfg.io_timeout = Duration::ZERO;
+        cfg.timeout = Duration::ZERO;
         assert!(RemoteStore::open(cfg).is_err());
     }
 }

@@ -1,6 +1,7 @@
 //! Opening the real byte stores behind the disk and remote tiers from plain settings.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::disk::{DiskOptions, DiskStore};
 use super::keys::{RecordKeys, Secret};
@@ -9,10 +10,11 @@ use super::store::BlockStore;
 use crate::error::Result;
 use crate::spec::ModelSpec;
 
-/// Where the remote store is.
+/// Where the remote store is, and how to reach it (unset fields keep
+/// [`RemoteConfig::new`]'s defaults).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RemoteSetup {
-    /// `redis://[[user]:password@]host:port[/db]`.
+    /// `redis://[[user]:password@]host:port[/db]`, or `rediss://...` for TLS.
     pub url: String,
     /// ACL user name (overrides the URL's).
     pub username: Option<String>,
@@ -21,6 +23,15 @@ pub struct RemoteSetup {
     /// Key prefix (None: derived from the namespace and the secret, see
     /// [`RemoteConfig::key_prefix`]).
     pub key_prefix: Option<String>,
+    /// Deadline of each call to the store (default 50 ms): past it, a read is a miss and a
+    /// write a failed write.
+    pub timeout: Option<Duration>,
+    /// TLS: a PEM file of the CA certificates to trust (default: the bundled public roots).
+    pub tls_ca: Option<PathBuf>,
+    /// TLS: the client's certificate chain (PEM), for servers that require one.
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the client certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The real stores to open (a tier with a capacity but no store is virtual: counted, no bytes).
@@ -77,6 +88,12 @@ impl StoreSetup {
                 cfg.password = r.password.clone();
                 cfg.key_prefix = r.key_prefix.clone();
                 cfg.secret = self.secret.clone();
+                if let Some(t) = r.timeout {
+                    cfg.timeout = t;
+                }
+                cfg.tls_ca = r.tls_ca.clone();
+                cfg.tls_cert = r.tls_cert.clone();
+                cfg.tls_key = r.tls_key.clone();
                 Some(Box::new(RemoteStore::open(cfg)?))
             }
             None => None,

@@ -68,6 +68,8 @@ pub struct StoreCounters {
     pub writes_skipped_full: u64,
     /// Operations that failed because the store was unavailable.
     pub unavailable: u64,
+    /// Of those, the ones that ran past their deadline (a hung or slow server).
+    pub timeouts: u64,
     /// Other I/O errors.
     pub io_errors: u64,
 }
