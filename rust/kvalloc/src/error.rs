@@ -75,6 +75,8 @@ pub enum StaleReason {
     OutOfRange,
     /// The same handle appears twice in one batch.
     Duplicate,
+    /// The handle was issued by another arena.
+    Foreign,
 }
 
 impl fmt::Display for StaleReason {
@@ -84,6 +86,7 @@ impl fmt::Display for StaleReason {
             StaleReason::OldGeneration => "the block was freed and reallocated since",
             StaleReason::OutOfRange => "no such block in this arena",
             StaleReason::Duplicate => "handle given twice in one call",
+            StaleReason::Foreign => "the handle belongs to another arena",
         })
     }
 }
