@@ -210,12 +210,12 @@ impl PyModelSpec {
     ) -> PyResult<u64> {
         let ctx = non_negative(context_tokens, "context_tokens")?;
         let b = block_tokens_arg(block_tokens)?;
-        Ok(self.inner.kv_bytes(ctx, b))
+        self.inner.kv_bytes(ctx, b).py()
     }
     /// Bytes one sequence of `context_tokens` holds when every layer keeps every token.
     fn kv_bytes_dense(&self, context_tokens: &Bound<'_, PyAny>) -> PyResult<u64> {
         let ctx = non_negative(context_tokens, "context_tokens")?;
-        Ok(self.inner.kv_bytes_dense(ctx))
+        self.inner.kv_bytes_dense(ctx).py()
     }
     /// Block size in bytes of each group, in group order.
     #[pyo3(signature = (block_tokens = None))]
