@@ -9,8 +9,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::convert::{
-    figures, flag, non_negative, opt_non_negative, opt_positive, positive, token_ids, type_name,
-    u64_array, uint_list,
+    figures, flag, non_negative, opt_non_negative, opt_path, opt_positive, opt_text, positive,
+    text, token_ids, type_name, u64_array, uint_list,
 };
 use crate::errors::{invalid, to_py, IntoPyResult};
 use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
@@ -86,8 +86,8 @@ pub(crate) fn salt_arg(salt: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u
     let Some(s) = salt.filter(|s| !s.is_none()) else {
         return Ok(None);
     };
-    if let Ok(s) = s.cast::<PyString>() {
-        return Ok(Some(s.to_str()?.as_bytes().to_vec()));
+    if s.cast::<PyString>().is_ok() {
+        return Ok(Some(text(s, "salt")?.into_bytes()));
     }
     if let Ok(b) = s.cast::<PyBytes>() {
         return Ok(Some(b.as_bytes().to_vec()));
@@ -125,24 +125,24 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = None, watermark = None, prefault_bytes = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, write_through = None, watermark = None, prefault_bytes = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
         capacity_bytes: &Bound<'_, PyAny>,
         block_tokens: Option<&Bound<'_, PyAny>>,
-        policy: &str,
-        eviction: &str,
+        policy: Option<&Bound<'_, PyAny>>,
+        eviction: Option<&Bound<'_, PyAny>>,
         checkpoint_interval: Option<&Bound<'_, PyAny>>,
         slab_bytes: Option<&Bound<'_, PyAny>>,
         host_bytes: Option<&Bound<'_, PyAny>>,
-        disk_dir: Option<std::path::PathBuf>,
+        disk_dir: Option<&Bound<'_, PyAny>>,
         disk_bytes: Option<&Bound<'_, PyAny>>,
-        remote_url: Option<String>,
+        remote_url: Option<&Bound<'_, PyAny>>,
         remote_bytes: Option<&Bound<'_, PyAny>>,
-        remote_username: Option<String>,
-        remote_password: Option<String>,
-        remote_prefix: Option<String>,
+        remote_username: Option<&Bound<'_, PyAny>>,
+        remote_password: Option<&Bound<'_, PyAny>>,
+        remote_prefix: Option<&Bound<'_, PyAny>>,
         write_through: Option<&Bound<'_, PyAny>>,
         watermark: Option<&Bound<'_, PyAny>>,
         prefault_bytes: Option<&Bound<'_, PyAny>>,
@@ -167,8 +167,10 @@ impl PyKVCacheManager {
         let capacity = positive(capacity_bytes, "capacity_bytes")?;
         let config = ManagerConfig {
             block_tokens: block_tokens_arg(block_tokens)?,
-            policy: Policy::parse(policy).py()?,
-            eviction: Eviction::parse(eviction).py()?,
+            policy: Policy::parse(&opt_text(policy, "policy")?.unwrap_or("swa-aware".into()))
+                .py()?,
+            eviction: Eviction::parse(&opt_text(eviction, "eviction")?.unwrap_or("value".into()))
+                .py()?,
             checkpoint_interval: opt_positive(checkpoint_interval, "checkpoint_interval")?,
             slab_bytes: opt_positive(slab_bytes, "slab_bytes")?,
             lower: LowerCapacity {
@@ -184,14 +186,18 @@ impl PyKVCacheManager {
             },
             ..ManagerConfig::default()
         };
-        let stores = StoreSetup {
-            disk_dir,
-            remote: remote_url.map(|url| RemoteSetup {
+        let remote = match opt_text(remote_url, "remote_url")? {
+            Some(url) => Some(RemoteSetup {
                 url,
-                username: remote_username,
-                password: remote_password,
-                key_prefix: remote_prefix,
+                username: opt_text(remote_username, "remote_username")?,
+                password: opt_text(remote_password, "remote_password")?,
+                key_prefix: opt_text(remote_prefix, "remote_prefix")?,
             }),
+            None => None,
+        };
+        let stores = StoreSetup {
+            disk_dir: opt_path(disk_dir, "disk_dir")?,
+            remote,
         };
         let core_spec = spec.get().inner.clone();
         let m = py

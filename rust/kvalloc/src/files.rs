@@ -44,7 +44,10 @@ mod tests {
         let file = dir.join("a.txt");
         std::fs::write(&file, "hello").unwrap();
         assert_eq!(read_text(&file).unwrap(), "hello");
-        assert!(read_text(&dir).unwrap_err().to_string().contains("directory"));
+        assert!(read_text(&dir)
+            .unwrap_err()
+            .to_string()
+            .contains("directory"));
         assert!(read_text(&dir.join("missing")).is_err());
         #[cfg(unix)]
         {

@@ -1239,7 +1239,10 @@ mod tests {
         // Both arenas hand out the same slot ids and generations: only the tag differs.
         let own = a.alloc(0, 2).unwrap();
         let theirs = b.alloc(0, 2).unwrap();
-        assert_eq!(own[0] & 0xFF_FFFF_FFFF_FFFF, theirs[0] & 0xFF_FFFF_FFFF_FFFF);
+        assert_eq!(
+            own[0] & 0xFF_FFFF_FFFF_FFFF,
+            theirs[0] & 0xFF_FFFF_FFFF_FFFF
+        );
         let before = a.stats();
         for bad in [vec![theirs[0]], vec![own[1], theirs[1]]] {
             assert!(matches!(

@@ -13,6 +13,8 @@
 use std::any::Any;
 use std::fmt;
 
+use crate::error::{Error, Result};
+
 /// Copies between host memory and a device buffer.
 pub trait DeviceBuffer: Send + Sync {
     /// Size of the buffer in bytes.
@@ -75,6 +77,33 @@ impl HostBuffer {
         unsafe { HostBuffer::from_raw(ptr, len, Box::new(SendBox(v))) }
     }
 
+    /// `len` zeroed bytes of anonymous memory, reserved but not touched: a page is backed when
+    /// a copy first writes it, so a large host tier costs nothing up front (touching 8 GiB
+    /// took 27 s on the 2-core VM). Transparent huge pages are asked for, so the first touch
+    /// faults 2 MiB at a time where the system grants them. More than the system has
+    /// available now ([`available_memory`](crate::prefault::available_memory)), or a mapping
+    /// the system refuses, is an [`Error::SystemMemory`] naming `what`, never an abort.
+    pub fn anonymous(len: usize, what: &str) -> Result<Self> {
+        let refuse = |message: String| Error::SystemMemory {
+            what: what.to_string(),
+            requested_bytes: len as u64,
+            message,
+        };
+        if let Some(avail) = crate::prefault::available_memory() {
+            if len as u64 > avail {
+                return Err(refuse(format!(
+                    "the system has {avail} bytes available; give at most that"
+                )));
+            }
+        }
+        let map = Mapping::new(len).map_err(|e| refuse(format!("the system refused: {e}")))?;
+        map.advise_huge_pages();
+        let ptr = map.ptr;
+        // SAFETY: the mapping is valid for reads and writes of `len` bytes until it is
+        // dropped with the buffer, and nothing else refers to it.
+        Ok(unsafe { HostBuffer::from_raw(ptr, len, Box::new(map)) })
+    }
+
     /// Asks for transparent huge pages (fewer TLB misses in big copies; numpy does the same for
     /// its large arrays) and writes one byte per page so the memory is resident before the
     /// first copy.
@@ -114,6 +143,93 @@ impl HostBuffer {
 }
 
 struct SendBox(#[allow(dead_code)] Box<[u8]>);
+
+/// Zeroed anonymous memory of [`HostBuffer::anonymous`], unmapped (freed) on drop.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: plain memory owned by this value; access goes through the `HostBuffer` that owns it.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    /// `len` zeroed bytes (an empty mapping for 0), or the system's refusal.
+    #[cfg(unix)]
+    fn new(len: usize) -> std::io::Result<Self> {
+        if len == 0 {
+            return Ok(Mapping {
+                ptr: std::ptr::NonNull::dangling().as_ptr(),
+                len,
+            });
+        }
+        // SAFETY: a new private anonymous mapping: no file, no existing memory involved.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping { ptr: p.cast(), len })
+    }
+
+    /// `len` zeroed bytes from the allocator (zeroed lazily where it maps large blocks).
+    #[cfg(not(unix))]
+    fn new(len: usize) -> std::io::Result<Self> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), 64)
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::OutOfMemory, e))?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        if ptr.is_null() {
+            return Err(std::io::ErrorKind::OutOfMemory.into());
+        }
+        Ok(Mapping { ptr, len })
+    }
+
+    /// Transparent huge pages for the whole 2 MiB pages inside the mapping (advice only).
+    fn advise_huge_pages(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            const HUGE: usize = 2 << 20;
+            let start = (self.ptr as usize).next_multiple_of(HUGE);
+            let end = (self.ptr as usize + self.len) / HUGE * HUGE;
+            if end > start {
+                // SAFETY: the range lies inside this mapping; MADV_HUGEPAGE changes no contents.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if self.len > 0 {
+            // SAFETY: the mapping made in `new`, unmapped once.
+            unsafe {
+                libc::munmap(self.ptr.cast(), self.len);
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let layout = std::alloc::Layout::from_size_align(self.len.max(1), 64)
+                .expect("the layout of `new`");
+            // SAFETY: allocated in `new` with this layout, freed once.
+            unsafe { std::alloc::dealloc(self.ptr, layout) }
+        }
+    }
+}
 
 /// Copies `n` bytes from `src` to `dst`. Block-sized copies (hundreds of KiB to MiB) are below
 /// the size where libc switches to non-temporal stores, yet each destination block is written
@@ -213,6 +329,31 @@ impl fmt::Debug for dyn DeviceBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn anonymous_memory_is_zeroed_and_usable() {
+        let buf = HostBuffer::anonymous(3 << 20, "test").unwrap();
+        let mut back = vec![1u8; 4096];
+        buf.read((3 << 20) - 4096, &mut back);
+        assert!(back.iter().all(|&b| b == 0));
+        buf.write(12345, &[7; 300]);
+        buf.read(12345, &mut back[..300]);
+        assert_eq!(back[..300], [7; 300]);
+        assert!(HostBuffer::anonymous(0, "test").unwrap().is_empty());
+    }
+
+    #[test]
+    fn memory_the_system_does_not_have_is_an_error_not_an_abort() {
+        let avail = crate::prefault::available_memory().expect("this platform says");
+        for len in [avail + 1, 1 << 62, u64::MAX] {
+            let e = HostBuffer::anonymous(len as usize, "host_bytes").unwrap_err();
+            assert!(
+                matches!(e, Error::SystemMemory { ref what, requested_bytes, .. }
+                    if what == "host_bytes" && requested_bytes == len as u64),
+                "{e}"
+            );
+        }
+    }
 
     #[test]
     fn block_copies_of_every_shape_are_exact() {

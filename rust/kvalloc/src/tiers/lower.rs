@@ -172,16 +172,22 @@ impl LowerTiers {
     }
 
     /// Allocates L2's memory: from now on bytes move. Called when the engine registers its
-    /// device buffer.
-    pub fn materialize(&mut self) {
-        self.materialized = true;
+    /// device buffer. Memory the system cannot give is an [`Error::SystemMemory`] naming
+    /// `host_bytes`, and nothing changes.
+    ///
+    /// The memory is mapped, not touched: a page is backed when a demotion first writes it
+    /// (in 2 MiB huge pages where the system grants them), so a large tier costs nothing at
+    /// registration (touching every page of 8 GiB took 27 s) and the first demotions into
+    /// each new page pay its fault instead.
+    ///
+    /// [`Error::SystemMemory`]: crate::Error::SystemMemory
+    pub fn materialize(&mut self) -> Result<()> {
         if let (Some(a), None) = (&self.host_arena, &self.host_mem) {
-            let mem = HostMemory::zeroed(a.capacity_bytes() as usize);
-            // Touch every page now: a first-touch fault per 4 KiB in the demotion path would
-            // cost more than the copy (engines pin this memory up front for DMA anyway).
-            mem.prefault();
-            self.host_mem = Some(Arc::new(mem));
+            let len = usize::try_from(a.capacity_bytes()).unwrap_or(usize::MAX);
+            self.host_mem = Some(Arc::new(HostMemory::anonymous(len, "host_bytes")?));
         }
+        self.materialized = true;
+        Ok(())
     }
 
     /// L2's memory (for the loader), once materialized.
