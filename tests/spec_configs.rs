@@ -95,7 +95,10 @@ fn mimo_v25_pro_geometry() {
 fn kv_bytes_that_overflow_64_bits_are_an_error_not_a_saturated_count() {
     let s = ModelSpec::preset("mimo-v2.5-pro").unwrap();
     for ctx in [1 << 63, u64::MAX, 1 << 50] {
-        for e in [s.kv_bytes(ctx, 16).unwrap_err(), s.kv_bytes_dense(ctx).unwrap_err()] {
+        for e in [
+            s.kv_bytes(ctx, 16).unwrap_err(),
+            s.kv_bytes_dense(ctx).unwrap_err(),
+        ] {
             assert!(
                 matches!(e, Error::InvalidArgument { ref what, .. } if what == "context_tokens"),
                 "{e}"
@@ -106,7 +109,10 @@ fn kv_bytes_that_overflow_64_bits_are_an_error_not_a_saturated_count() {
     assert!(matches!(e, Error::InvalidArgument { ref what, .. } if what == "block_tokens"));
     // The largest context whose dense bytes fit still has an exact count.
     let most = u64::MAX / s.bytes_per_token_dense();
-    assert_eq!(s.kv_bytes_dense(most).unwrap(), most * s.bytes_per_token_dense());
+    assert_eq!(
+        s.kv_bytes_dense(most).unwrap(),
+        most * s.bytes_per_token_dense()
+    );
     assert!(s.kv_bytes_dense(most + 1).is_err());
 }
 
@@ -180,7 +186,10 @@ fn gemma_3_27b_geometry() {
     // ctx 4096, B 256: full 16 blocks x 20,971,520; sliding 16 - floor(3072/256) = 4 blocks
     // x 109,051,904.
     assert_eq!(s.block_bytes(256), [20_971_520, 109_051_904]);
-    assert_eq!(s.kv_bytes(4096, 256).unwrap(), 16 * 20_971_520 + 4 * 109_051_904);
+    assert_eq!(
+        s.kv_bytes(4096, 256).unwrap(),
+        16 * 20_971_520 + 4 * 109_051_904
+    );
 }
 
 #[test]
@@ -659,20 +668,34 @@ fn qwen3_next_without_layer_types_is_refused_not_read_as_all_full() {
         "linear_num_value_heads": 32, "linear_value_head_dim": 128,
         "max_position_embeddings": 262144, "torch_dtype": "bfloat16"
     });
-    assert_unsupported(cfg.clone(), "full_attention_interval", 0, "linear_attention");
+    assert_unsupported(
+        cfg.clone(),
+        "full_attention_interval",
+        0,
+        "linear_attention",
+    );
     // Either marker alone is enough.
     let mut only_linear_keys = cfg.clone();
     only_linear_keys
         .as_object_mut()
         .unwrap()
         .remove("full_attention_interval");
-    assert_refused(only_linear_keys, "linear_conv_kernel_dim", "linear_attention");
+    assert_refused(
+        only_linear_keys,
+        "linear_conv_kernel_dim",
+        "linear_attention",
+    );
     let mut only_interval = cfg;
     only_interval
         .as_object_mut()
         .unwrap()
         .retain(|k, _| !k.starts_with("linear_"));
-    assert_unsupported(only_interval, "full_attention_interval", 0, "linear_attention");
+    assert_unsupported(
+        only_interval,
+        "full_attention_interval",
+        0,
+        "linear_attention",
+    );
     // An interval of 1 means every layer is full attention: nothing to refuse.
     let s = spec(base_with(json!({"full_attention_interval": 1})));
     assert_eq!(s.groups[0].layers.len(), 8);
@@ -687,7 +710,9 @@ fn mamba_and_ssm_layers_are_refused_however_the_config_says_so() {
         0,
         "mamba",
     );
-    let s = spec(base_with(json!({"attn_layer_indices": [0, 1, 2, 3, 4, 5, 6, 7]})));
+    let s = spec(base_with(
+        json!({"attn_layer_indices": [0, 1, 2, 3, 4, 5, 6, 7]}),
+    ));
     assert_eq!(s.groups[0].layers.len(), 8);
     let (field, _) = config_err(base_with(json!({"attn_layer_indices": "all"})));
     assert_eq!(field, "attn_layer_indices");
@@ -741,7 +766,9 @@ fn mamba_and_ssm_layers_are_refused_however_the_config_says_so() {
         );
     }
     // Null values are unset options, not layers.
-    let s = spec(base_with(json!({"mamba_d_state": null, "linear_num_key_heads": null})));
+    let s = spec(base_with(
+        json!({"mamba_d_state": null, "linear_num_key_heads": null}),
+    ));
     assert_eq!(s.groups[0].layers.len(), 8);
 }
 

@@ -34,13 +34,13 @@ pub enum Error {
 
     /// Memory the system cannot give (a host tier's buffer, a generated trace); nothing was
     /// allocated.
-    #[error("out of memory: {what} needs {requested_bytes} bytes, {message}")]
+    #[error("out of memory: `{what}` needs {requested_bytes} bytes {message}")]
     SystemMemory {
         /// What asked for the memory, e.g. `host_bytes` or `size`.
         what: String,
         /// Bytes asked for (an estimate where the need is estimated).
         requested_bytes: u64,
-        /// What the system has, and what would fit.
+        /// What the system has, and what would fit (follows the byte count).
         message: String,
     },
 

@@ -159,8 +159,8 @@ fn check_size(kind: &str, size: u32, available: u64) -> Result<()> {
         what: "size".into(),
         requested_bytes: need as u64,
         message: format!(
-            "the estimate for a {kind} trace of {size} {unit}; the system has {available} \
-             bytes available, enough for {largest} {unit} at most"
+            "(estimated for a {kind} trace of {size} {unit}), but the system has {available} \
+             bytes available: enough for at most {largest} {unit}"
         ),
     })
 }
@@ -275,7 +275,10 @@ mod tests {
                 panic!("{e}")
             };
             assert_eq!(what, "size");
-            assert!(message.contains(&format!("{largest} ")), "{message}");
+            assert!(
+                message.contains(&format!("at most {largest} ")),
+                "{message}"
+            );
         }
         // The estimates cover what generation really takes: the tokens of a small trace stay
         // below a third of the estimate (the rest is for growth and the replay).

@@ -92,11 +92,12 @@ impl HostBuffer {
         if let Some(avail) = crate::prefault::available_memory() {
             if len as u64 > avail {
                 return Err(refuse(format!(
-                    "the system has {avail} bytes available; give at most that"
+                    "but the system has {avail} bytes available: give at most that"
                 )));
             }
         }
-        let map = Mapping::new(len).map_err(|e| refuse(format!("the system refused: {e}")))?;
+        let map =
+            Mapping::new(len).map_err(|e| refuse(format!("but the system refused them: {e}")))?;
         map.advise_huge_pages();
         let ptr = map.ptr;
         // SAFETY: the mapping is valid for reads and writes of `len` bytes until it is
