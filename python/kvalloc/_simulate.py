@@ -201,23 +201,23 @@ def _plot_problem(path: str) -> str | None:
     formats = FigureCanvasBase.get_supported_filetypes()
     suffix = p.suffix.lower().lstrip(".")
     if suffix not in formats:
-        return (f"--plot {path}: give a file name ending in an image type "
+        return (f"--plot {path!r}: give a file name ending in an image type "
                 f"({', '.join('.' + f for f in sorted(formats))})")
     try:
         st = os.stat(p)
     except FileNotFoundError:
         st = None
     except OSError as e:
-        return f"--plot {path}: {e.strerror}"
+        return f"--plot {path!r}: {e.strerror}"
     if st is not None and stat.S_ISDIR(st.st_mode):
-        return f"--plot {path}: is a directory"
+        return f"--plot {path!r}: is a directory"
     if st is not None and not stat.S_ISREG(st.st_mode):
-        return f"--plot {path}: exists and is not a regular file"
+        return f"--plot {path!r}: exists and is not a regular file"
     parent = p.parent
     if not parent.is_dir():
-        return f"--plot {path}: directory {str(parent)!r} does not exist"
+        return f"--plot {path!r}: directory {str(parent)!r} does not exist"
     if not os.access(parent, os.W_OK | os.X_OK):
-        return f"--plot {path}: directory {str(parent)!r} is not writable"
+        return f"--plot {path!r}: directory {str(parent)!r} is not writable"
     return None
 
 
@@ -226,11 +226,11 @@ def _path_problem(option: str, path: str) -> str | None:
     try:
         st = os.stat(path)
     except OSError as e:
-        return f"{option} {path}: {e.strerror}"
+        return f"{option} {path!r}: {e.strerror}"
     if stat.S_ISDIR(st.st_mode):
-        return f"{option} {path}: is a directory"
+        return f"{option} {path!r}: is a directory"
     if not stat.S_ISREG(st.st_mode):
-        return f"{option} {path}: not a regular file"
+        return f"{option} {path!r}: not a regular file"
     return None
 
 

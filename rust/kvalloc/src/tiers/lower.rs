@@ -19,7 +19,7 @@ use std::sync::Arc;
 use super::device::{DeviceBuffer, HostMemory};
 use super::index::{LowerIndex, Record, Tier, UNKNOWN_DEPTH};
 use super::store::{BlockKey, BlockStore, StoreError};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::slab::{Handle, SlabArena};
 
 /// Capacities of the lower tiers (0: the tier is absent).
@@ -116,7 +116,13 @@ impl LowerTiers {
         remote: Option<Box<dyn BlockStore>>,
     ) -> Result<Self> {
         let host_arena = if capacity.host > 0 {
-            Some(SlabArena::new(capacity.host, &shape.block_bytes, None)?)
+            // The arena's complaints about its capacity are about `host_bytes` here.
+            let arena =
+                SlabArena::new(capacity.host, &shape.block_bytes, None).map_err(|e| match e {
+                    Error::InvalidArgument { message, .. } => Error::invalid("host_bytes", message),
+                    other => other,
+                })?;
+            Some(arena)
         } else {
             None
         };
