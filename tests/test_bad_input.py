@@ -323,6 +323,29 @@ def test_indexes_out_of_every_range():
     healthy_manager(m)
 
 
+def test_counts_near_2_64_mean_what_they_say_or_are_invalid():
+    m = small_manager()
+    m.finish(1)
+    toks = np.arange(100, dtype=np.int64)
+    # A chunk limit near 2**64 is the whole prompt (it used to overflow: a panic that poisoned
+    # the manager in debug builds, a wrapped tiny limit in release ones).
+    for rid, limit in ((2, 2**64 - 1), (3, 2**63), (4, 2**64 - 97)):
+        assert m.admit(rid, toks, max_tokens=limit) == 96
+        assert m.num_tokens(rid) == 100
+        m.abort(rid)
+    m.validate()
+    assert m.admit(5, toks) == 96
+    for n in (2**32, 2**63, 2**64 - 1):
+        exactly(InvalidArgumentError, m.extend, 5, n)
+        e = exactly(InvalidArgumentError, m.step, extend_ids=[5], extend_counts=[n])
+        assert "expected integers" not in str(e), str(e)
+    for bad in ([2**64], [-1], [1.5], ["1"]):
+        exactly(InvalidArgumentError, m.step, finish=bad)
+        exactly(InvalidArgumentError, m.step, extend_ids=[5], extend_counts=bad)
+    assert m.num_tokens(5) == 100
+    healthy_manager(m)
+
+
 # ---------------------------------------------------------------------------------------------
 # 7. Checked byte counts
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +486,7 @@ def test_simulator_survives_garbage():
 
 bad_values = st.one_of(
     st.sampled_from(WEIRD),
+    st.integers(min_value=0, max_value=4),  # valid ids and indexes, so bad ones meet good ones
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
     st.text(alphabet=st.characters(categories=["Cs", "Ll", "Nd"]), max_size=4),

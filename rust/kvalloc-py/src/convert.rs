@@ -338,10 +338,7 @@ pub fn uint_list_into(obj: &Bound<'_, PyAny>, what: &str, out: &mut Vec<u64>) ->
     if let Ok(list) = obj.cast::<pyo3::types::PyList>() {
         out.reserve(list.len());
         for item in list.iter() {
-            let v = item.extract::<i64>().map_err(|_| {
-                invalid(what, format!("expected integers, got {}", type_name(&item)))
-            })?;
-            out.push(u64::try_from(v).map_err(|_| negative(what, v))?);
+            out.push(non_negative(&item, what)?);
         }
         return Ok(());
     }

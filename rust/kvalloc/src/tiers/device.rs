@@ -350,7 +350,7 @@ mod tests {
             let e = HostBuffer::anonymous(len as usize, "host_bytes").unwrap_err();
             assert!(
                 matches!(e, Error::SystemMemory { ref what, requested_bytes, .. }
-                    if what == "host_bytes" && requested_bytes == len as u64),
+                    if what == "host_bytes" && requested_bytes == len),
                 "{e}"
             );
         }
