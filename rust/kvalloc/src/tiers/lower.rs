@@ -181,16 +181,19 @@ impl LowerTiers {
     /// device buffer. Memory the system cannot give is an [`Error::SystemMemory`] naming
     /// `host_bytes`, and nothing changes.
     ///
-    /// The memory is mapped, not touched: a page is backed when a demotion first writes it
-    /// (in 2 MiB huge pages where the system grants them), so a large tier costs nothing at
-    /// registration (touching every page of 8 GiB took 27 s) and the first demotions into
-    /// each new page pay its fault instead.
+    /// The memory is mapped, not touched, and a background thread backs it front to back
+    /// ([`HostMemory::populate_in_background`]): registration returns at once (touching every
+    /// page of 8 GiB took 27 s), and demotions, which fill the tier front to back too, mostly
+    /// find their pages already there instead of faulting each one on the scheduler's path.
     ///
     /// [`Error::SystemMemory`]: crate::Error::SystemMemory
     pub fn materialize(&mut self) -> Result<()> {
         if let (Some(a), None) = (&self.host_arena, &self.host_mem) {
             let len = usize::try_from(a.capacity_bytes()).unwrap_or(usize::MAX);
-            self.host_mem = Some(Arc::new(HostMemory::anonymous(len, "host_bytes")?));
+            let mem = Arc::new(HostMemory::anonymous(len, "host_bytes")?);
+            // Detached: it ends once the tier is backed, or soon after the tier is dropped.
+            let _ = mem.populate_in_background();
+            self.host_mem = Some(mem);
         }
         self.materialized = true;
         Ok(())
