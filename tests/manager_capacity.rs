@@ -156,7 +156,7 @@ impl Workload {
     /// (the last prompt's end).
     fn footprint(&self, spec: &ModelSpec) -> u64 {
         let (_, sliding) = block_bytes_by_kind(spec);
-        let per = spec.kv_bytes(self.final_context(), B) + ckpt_blocks(spec) * sliding;
+        let per = spec.kv_bytes(self.final_context(), B).unwrap() + ckpt_blocks(spec) * sliding;
         per * self.sessions as u64
     }
 }

@@ -92,23 +92,59 @@ fn mimo_v25_pro_geometry() {
 }
 
 #[test]
+fn kv_bytes_that_overflow_64_bits_are_an_error_not_a_saturated_count() {
+    let s = ModelSpec::preset("mimo-v2.5-pro").unwrap();
+    for ctx in [1 << 63, u64::MAX, 1 << 50] {
+        for e in [
+            s.kv_bytes(ctx, 16).unwrap_err(),
+            s.kv_bytes_dense(ctx).unwrap_err(),
+        ] {
+            assert!(
+                matches!(e, Error::InvalidArgument { ref what, .. } if what == "context_tokens"),
+                "{e}"
+            );
+        }
+    }
+    let e = s.kv_bytes(100, 0).unwrap_err();
+    assert!(matches!(e, Error::InvalidArgument { ref what, .. } if what == "block_tokens"));
+    // The largest context whose dense bytes fit still has an exact count.
+    let most = u64::MAX / s.bytes_per_token_dense();
+    assert_eq!(
+        s.kv_bytes_dense(most).unwrap(),
+        most * s.bytes_per_token_dense()
+    );
+    assert!(s.kv_bytes_dense(most + 1).is_err());
+}
+
+#[test]
+fn geometry_whose_token_bytes_overflow_is_a_config_error() {
+    // 2^32 - 1 heads of 2^32 - 1 dims: the per-token bytes would wrap a u64.
+    let (field, message) = config_err(json!({
+        "num_hidden_layers": 2, "num_attention_heads": 4294967295u32,
+        "num_key_value_heads": 4294967295u32, "head_dim": 4294967295u32
+    }));
+    assert_eq!(field, "<geometry>", "{message}");
+    assert!(message.contains("implausible"), "{message}");
+}
+
+#[test]
 fn mimo_v25_pro_kv_bytes_worked_examples() {
     let s = ModelSpec::preset("mimo-v2.5-pro").unwrap();
-    assert_eq!(s.kv_bytes(0, 16), 0);
+    assert_eq!(s.kv_bytes(0, 16).unwrap(), 0);
     // ctx 100: full ceil(100/16) = 7 blocks; sliding window covers all 7.
     // 7 x 819,200 + 7 x 4,915,200 = 5,734,400 + 34,406,400.
-    assert_eq!(s.kv_bytes(100, 16), 40_140_800);
+    assert_eq!(s.kv_bytes(100, 16).unwrap(), 40_140_800);
     // ctx 1024: full 64 blocks x 819,200 = 52,428,800;
     // sliding ceil(1024/16) - floor(896/16) = 64 - 56 = 8 blocks x 4,915,200 = 39,321,600.
-    assert_eq!(s.kv_bytes(1024, 16), 52_428_800 + 39_321_600);
+    assert_eq!(s.kv_bytes(1024, 16).unwrap(), 52_428_800 + 39_321_600);
     // ctx 1030: full 65 blocks = 53,248,000; sliding 65 - floor(902/16) = 65 - 56 = 9 blocks
     // = 44,236,800 (the ceil(128/16) + 1 maximum).
-    assert_eq!(s.kv_bytes(1030, 16), 53_248_000 + 44_236_800);
+    assert_eq!(s.kv_bytes(1030, 16).unwrap(), 53_248_000 + 44_236_800);
     // Dense: every layer keeps every token: 1024 x 358,400.
-    assert_eq!(s.kv_bytes_dense(1024), 367_001_600);
-    assert_eq!(s.kv_bytes_dense(0), 0);
+    assert_eq!(s.kv_bytes_dense(1024).unwrap(), 367_001_600);
+    assert_eq!(s.kv_bytes_dense(0).unwrap(), 0);
     // 32K context: full 2048 blocks x 819,200 = 1,677,721,600; sliding 8 blocks = 39,321,600.
-    assert_eq!(s.kv_bytes(32_768, 16), 1_677_721_600 + 39_321_600);
+    assert_eq!(s.kv_bytes(32_768, 16).unwrap(), 1_677_721_600 + 39_321_600);
 }
 
 #[test]
@@ -150,7 +186,10 @@ fn gemma_3_27b_geometry() {
     // ctx 4096, B 256: full 16 blocks x 20,971,520; sliding 16 - floor(3072/256) = 4 blocks
     // x 109,051,904.
     assert_eq!(s.block_bytes(256), [20_971_520, 109_051_904]);
-    assert_eq!(s.kv_bytes(4096, 256), 16 * 20_971_520 + 4 * 109_051_904);
+    assert_eq!(
+        s.kv_bytes(4096, 256).unwrap(),
+        16 * 20_971_520 + 4 * 109_051_904
+    );
 }
 
 #[test]
@@ -286,9 +325,9 @@ fn mistral_v01_window_without_pattern_slides_every_layer() {
     // 32 layers x 8 x 256 x 2 = 131,072 per token; block of 16 = 2,097,152.
     assert_eq!(s.bytes_per_token_dense(), 131_072);
     // ctx 10,000: ceil(10000/16) - floor(5904/16) = 625 - 369 = 256 blocks.
-    assert_eq!(s.kv_bytes(10_000, 16), 256 * 2_097_152);
+    assert_eq!(s.kv_bytes(10_000, 16).unwrap(), 256 * 2_097_152);
     // ctx 100: nothing has left the window yet, ceil(100/16) = 7 blocks.
-    assert_eq!(s.kv_bytes(100, 16), 7 * 2_097_152);
+    assert_eq!(s.kv_bytes(100, 16).unwrap(), 7 * 2_097_152);
 }
 
 #[test]
@@ -608,6 +647,131 @@ fn nemotron_h_mamba_is_rejected() {
     assert_eq!(field, "hybrid_override_pattern");
 }
 
+/// A config error naming `field` and the unsupported `kind`.
+fn assert_refused(cfg: Value, want_field: &str, kind: &str) {
+    let (field, message) = config_err(cfg);
+    assert_eq!(field, want_field, "{message}");
+    assert!(message.contains(&format!("'{kind}'")), "{message}");
+    assert!(message.contains("does not support"), "{message}");
+}
+
+#[test]
+fn qwen3_next_without_layer_types_is_refused_not_read_as_all_full() {
+    // Qwen3-Next-80B-A3B's config.json as published: 48 layers, every 4th full attention, the
+    // rest Gated DeltaNet (linear attention), described by `full_attention_interval` and the
+    // `linear_*` keys, with no `layer_types`. It used to be read as 48 full-attention layers.
+    let cfg = json!({
+        "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next",
+        "num_hidden_layers": 48, "hidden_size": 2048, "num_attention_heads": 16,
+        "num_key_value_heads": 2, "head_dim": 256, "full_attention_interval": 4,
+        "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128, "linear_num_key_heads": 16,
+        "linear_num_value_heads": 32, "linear_value_head_dim": 128,
+        "max_position_embeddings": 262144, "torch_dtype": "bfloat16"
+    });
+    assert_unsupported(
+        cfg.clone(),
+        "full_attention_interval",
+        0,
+        "linear_attention",
+    );
+    // Either marker alone is enough.
+    let mut only_linear_keys = cfg.clone();
+    only_linear_keys
+        .as_object_mut()
+        .unwrap()
+        .remove("full_attention_interval");
+    assert_refused(
+        only_linear_keys,
+        "linear_conv_kernel_dim",
+        "linear_attention",
+    );
+    let mut only_interval = cfg;
+    only_interval
+        .as_object_mut()
+        .unwrap()
+        .retain(|k, _| !k.starts_with("linear_"));
+    assert_unsupported(
+        only_interval,
+        "full_attention_interval",
+        0,
+        "linear_attention",
+    );
+    // An interval of 1 means every layer is full attention: nothing to refuse.
+    let s = spec(base_with(json!({"full_attention_interval": 1})));
+    assert_eq!(s.groups[0].layers.len(), 8);
+}
+
+#[test]
+fn mamba_and_ssm_layers_are_refused_however_the_config_says_so() {
+    // Bamba / Granite 4: the layers not listed in attn_layer_indices are Mamba.
+    assert_unsupported(
+        base_with(json!({"attn_layer_indices": [2, 5]})),
+        "attn_layer_indices",
+        0,
+        "mamba",
+    );
+    let s = spec(base_with(
+        json!({"attn_layer_indices": [0, 1, 2, 3, 4, 5, 6, 7]}),
+    ));
+    assert_eq!(s.groups[0].layers.len(), 8);
+    let (field, _) = config_err(base_with(json!({"attn_layer_indices": "all"})));
+    assert_eq!(field, "attn_layer_indices");
+    // Zamba: a block type per layer.
+    let mut types = vec!["attention"; 8];
+    types[3] = "mamba";
+    assert_unsupported(
+        base_with(json!({"layers_block_type": types})),
+        "layers_block_type[3]",
+        3,
+        "mamba",
+    );
+    types[1] = "hybrid";
+    assert_unsupported(
+        base_with(json!({"layers_block_type": types})),
+        "layers_block_type[1]",
+        1,
+        "hybrid",
+    );
+    // RecurrentGemma.
+    assert_unsupported(
+        base_with(json!({"block_types": ["recurrent", "recurrent", "attention"]})),
+        "block_types[0]",
+        0,
+        "recurrent",
+    );
+    // Falcon-H1 (attention and Mamba in every layer) and Jamba: only the mamba_* keys say so.
+    assert_refused(
+        base_with(json!({"mamba_d_ssm": 1024, "mamba_n_heads": 64})),
+        "mamba_d_ssm",
+        "mamba",
+    );
+    // Nemotron-H's ssm_* keys, even with a pattern that has no 'M'.
+    assert_refused(
+        base_with(json!({"hybrid_override_pattern": "*-*E*-*E", "ssm_state_size": 128})),
+        "ssm_state_size",
+        "ssm",
+    );
+    // Pure state-space or recurrent models.
+    for (model_type, kind) in [
+        ("mamba", "mamba"),
+        ("mamba2", "mamba"),
+        ("falcon_mamba", "mamba"),
+        ("rwkv", "rwkv"),
+        ("recurrent_gemma", "recurrent"),
+    ] {
+        assert_refused(
+            base_with(json!({"model_type": model_type})),
+            "model_type",
+            kind,
+        );
+    }
+    // Null values are unset options, not layers.
+    let s = spec(base_with(
+        json!({"mamba_d_state": null, "linear_num_key_heads": null}),
+    ));
+    assert_eq!(s.groups[0].layers.len(), 8);
+}
+
 #[test]
 fn minimax_linear_attention_is_rejected() {
     assert_unsupported(
@@ -818,7 +982,7 @@ proptest! {
             .iter()
             .map(|g| brute_force_blocks(g, ctx, b) * g.block_bytes(block_tokens))
             .sum();
-        prop_assert_eq!(s.kv_bytes(ctx, block_tokens), expected);
+        prop_assert_eq!(s.kv_bytes(ctx, block_tokens).unwrap(), expected);
         // Sliding groups never hold more than ceil(W / B) + 1 blocks.
         for g in s.groups.iter().filter(|g| g.is_sliding()) {
             let w = u64::from(g.window.unwrap());
@@ -826,6 +990,6 @@ proptest! {
         }
         // With one-token blocks there is no rounding, so it never exceeds the dense count.
         // (Nor with blocks that divide every window: then E - W is block-aligned.)
-        prop_assert!(s.kv_bytes(ctx, 1) <= s.kv_bytes_dense(ctx));
+        prop_assert!(s.kv_bytes(ctx, 1).unwrap() <= s.kv_bytes_dense(ctx).unwrap());
     }
 }

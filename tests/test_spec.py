@@ -148,6 +148,30 @@ def test_unsupported_layer_kinds_name_kind_and_layer(kind, cfg):
 
 
 @pytest.mark.parametrize(
+    "kind,field,cfg",
+    [
+        # Qwen3-Next as published: no layer_types; every 4th layer full, the rest linear.
+        ("linear_attention", "full_attention_interval",
+         {"model_type": "qwen3_next", "full_attention_interval": 4, "linear_conv_kernel_dim": 4,
+          "linear_key_head_dim": 128, "linear_num_key_heads": 16, "linear_num_value_heads": 32}),
+        ("linear_attention", "linear_num_key_heads", {"linear_num_key_heads": 16}),
+        ("mamba", "attn_layer_indices", {"attn_layer_indices": [3]}),
+        ("mamba", "layers_block_type", {"layers_block_type": ["attention", "mamba", "attention", "mamba"]}),
+        ("mamba", "mamba_d_state", {"mamba_d_state": 16, "mamba_expand": 2}),
+        ("ssm", "ssm_state_size", {"ssm_state_size": 128}),
+        ("recurrent", "block_types", {"block_types": ["recurrent", "attention", "recurrent", "attention"]}),
+        ("mamba", "model_type", {"model_type": "falcon_mamba"}),
+    ],
+)
+def test_configs_with_layers_kvalloc_cannot_model_are_refused_not_read_as_attention(kind, field, cfg):
+    base = {"num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64}
+    with pytest.raises(ConfigError) as e:
+        ModelSpec.from_hf_config({**base, **cfg})
+    assert type(e.value) is ConfigError
+    assert f"`{field}" in str(e.value) and f"'{kind}'" in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize(
     "cfg,field",
     [
         ({"num_attention_heads": 8, "head_dim": 64}, "num_hidden_layers"),

@@ -77,7 +77,9 @@ class ModelSpec:
         ``_commit_hash``/``revision``); models with different ids never share lower-tier KV.
         Give one wherever two weights have the same config (a fine-tune saved in its base's
         directory). Raises ``ConfigError`` naming the field (or the layer index and kind) that
-        is missing, contradictory or unsupported."""
+        is missing, contradictory or unsupported: a model with linear-attention, Mamba/SSM or
+        recurrent layers is refused however its config says so. A path must name a regular file
+        (a directory or FIFO is a ``ConfigError``, not a hang)."""
     @staticmethod
     def preset(name: str) -> ModelSpec:
         """A built-in model; see ``kvalloc.presets()``."""
@@ -108,9 +110,11 @@ class ModelSpec:
         """A 64-bit digest of the geometry (not the name, not the model id)."""
     def kv_bytes(self, context_tokens: int, block_tokens: int | None = None) -> int:
         """Bytes one sequence holds when sliding groups keep only their window (blocks of
-        ``block_tokens``, default 16)."""
+        ``block_tokens``, default 16). Bytes that do not fit in 64 bits are an
+        ``InvalidArgumentError``, never a saturated count."""
     def kv_bytes_dense(self, context_tokens: int) -> int:
-        """Bytes one sequence holds when every layer keeps every token."""
+        """Bytes one sequence holds when every layer keeps every token (``InvalidArgumentError``
+        past 64 bits)."""
     def block_bytes(self, block_tokens: int | None = None) -> list[int]:
         """Block size in bytes of each group, in group order (blocks of ``block_tokens``, default 16)."""
 
@@ -179,7 +183,9 @@ class StepResult:
     @overload
     def __getitem__(self, index: Literal[1, -1], /) -> npt.NDArray[np.bool_]: ...
     @overload
-    def __getitem__(self, index: int, /) -> npt.NDArray[np.int64] | npt.NDArray[np.bool_]: ...
+    def __getitem__(self, index: int, /) -> npt.NDArray[np.int64] | npt.NDArray[np.bool_]:
+        """0 or -2: ``hits``; 1 or -1: ``extended``; any other int is an ``IndexError`` (as for
+        a tuple), a non-int an ``InvalidArgumentError``."""
     def __iter__(self) -> Iterator[npt.NDArray[np.int64] | npt.NDArray[np.bool_]]: ...
 
 @final
@@ -196,8 +202,8 @@ class KVCacheManager:
         spec: ModelSpec,
         capacity_bytes: int,
         block_tokens: int | None = None,
-        policy: Literal["swa-aware", "dense"] | str = "swa-aware",
-        eviction: Literal["value", "lru"] | str = "value",
+        policy: Literal["swa-aware", "dense"] | str | None = None,
+        eviction: Literal["value", "lru"] | str | None = None,
         checkpoint_interval: int | None = None,
         slab_bytes: int | None = None,
         *,
@@ -219,7 +225,8 @@ class KVCacheManager:
         secret: str | bytes | None = None,
         model_id: str | None = None,
     ) -> KVCacheManager:
-        """Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
+        """``policy`` (None: ``"swa-aware"``) and ``eviction`` (None: ``"value"``) name the
+        caching and eviction policies. Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
         ``disk_bytes`` of files under ``disk_dir`` (L3, survives restarts), ``remote_bytes`` in
         a Valkey/Redis store at ``remote_url`` (``redis://host:port/db``, or ``rediss://`` for
         TLS; optional ACL user, password and key prefix). Each call to the remote store has a
@@ -244,7 +251,10 @@ class KVCacheManager:
         the same secret of at least 16 random bytes. Without one, ids are still one-way and
         records still checked, but not authenticated. ``model_id`` overrides ``spec.model_id``
         (which weights; part of the namespace). The remote key prefix defaults to one derived
-        from the model and the secret."""
+        from the model and the secret. Every argument of the wrong type or range (a negative or
+        >= 2**64 size, a string with a lone surrogate, a path the OS cannot encode) is an
+        ``InvalidArgumentError`` naming it; ``host_bytes`` is allocated only by
+        ``register_device``."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(
@@ -325,7 +335,9 @@ class KVCacheManager:
         """Registers the engine's device buffer (writable, C-contiguous uint8, at least
         ``capacity_bytes``; group g's page p at byte ``p * block_bytes[g]``), before the first
         admission: evictions then write real bytes to the lower tiers and hits below L1 are
-        copied back into it."""
+        copied back into it. The host tier's ``host_bytes`` are mapped here, not touched (a
+        page is backed when a demotion first writes it); more than the system has available is
+        an ``OutOfMemoryError`` and nothing changes."""
     def load_handle(self, req_id: int) -> LoadHandle:
         """The loads a running request's hit waits for; call ``wait_layer(i)`` before
         computing layer i."""
@@ -366,7 +378,8 @@ class Trace:
     @staticmethod
     def generate(kind: str, seed: int | None = None, size: int | None = None) -> Trace:
         """A seeded synthetic trace: "chat", "agent" or "shared-prompt"; ``size`` is sessions
-        (requests for "shared-prompt")."""
+        (requests for "shared-prompt"). A size whose trace would not fit in the memory the
+        system has available is an ``OutOfMemoryError`` naming the largest that fits."""
     @staticmethod
     def generators() -> list[str]:
         """The generators' names."""
@@ -394,31 +407,33 @@ class Simulator:
     def run(
         self,
         device_bytes: int,
-        policy: str = "swa-aware",
-        eviction: str = "lru",
+        policy: str | None = None,
+        eviction: str | None = None,
         *,
         host_bytes: int | None = None,
         disk_bytes: int | None = None,
         remote_bytes: int | None = None,
-        prefill_tokens_per_s: float = 60_000.0,
-        decode_tokens_per_s: float = 30.0,
+        prefill_tokens_per_s: float | None = None,
+        decode_tokens_per_s: float | None = None,
         progress: Callable[[str, float], object] | None = None,
     ) -> dict[str, Any]:
-        """Replays the trace once (GIL released); returns the report as a dict."""
+        """Replays the trace once (GIL released); returns the report as a dict. None: the
+        defaults (``"swa-aware"``, ``"lru"``, 60,000 prefill tokens/s, 30 decode tokens/s)."""
     def budget_to_match(
         self,
         target_hit_rate: float,
         start_bytes: int,
-        policy: str = "dense",
-        eviction: str = "lru",
+        policy: str | None = None,
+        eviction: str | None = None,
         *,
-        rel_tol: float = 0.02,
-        prefill_tokens_per_s: float = 60_000.0,
-        decode_tokens_per_s: float = 30.0,
+        rel_tol: float | None = None,
+        prefill_tokens_per_s: float | None = None,
+        decode_tokens_per_s: float | None = None,
         progress: Callable[[str, float], object] | None = None,
     ) -> dict[str, Any]:
         """The smallest device budget at which ``policy`` reaches ``target_hit_rate``:
-        ``{"budget_bytes": int | None, "replays": int, "report": dict}``."""
+        ``{"budget_bytes": int | None, "replays": int, "report": dict}``. None: the defaults
+        (``"dense"``, ``"lru"``, ``rel_tol`` 0.02, the service rates of ``run``)."""
 
 @final
 class LoadHandle:
@@ -427,9 +442,12 @@ class LoadHandle:
 
     def wait_layer(self, layer: int, timeout: float | None = None) -> bool:
         """Blocks (GIL released) until layer ``layer``'s KV is in the device buffer; False on
-        timeout."""
+        timeout. ``timeout`` in seconds: None, ``math.inf`` or one too long for the clock wait
+        as long as it takes; NaN or a negative one is an ``InvalidArgumentError``, and so is a
+        layer the model does not have."""
     def wait_all(self, timeout: float | None = None) -> bool:
-        """Blocks until every layer is in the device buffer; False on timeout."""
+        """Blocks until every layer is in the device buffer; False on timeout (``timeout`` as
+        for ``wait_layer``)."""
     @property
     def done(self) -> bool: ...
     @property

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
+import stat
 import sys
 import time
 from importlib import resources
@@ -40,15 +43,78 @@ _UNITS = {
 }
 
 
+MAX_BYTES = (1 << 64) - 1
+
+
 def parse_size(text: str) -> int:
-    """Bytes in a size such as ``80GiB``, ``1.5TiB``, ``1PiB`` (binary) or ``100GB`` (decimal)."""
+    """Bytes in a size such as ``80GiB``, ``1.5TiB``, ``1PiB`` (binary) or ``100GB`` (decimal);
+    0 is allowed (a tier budget of 0 is no tier), a negative size or one of 2^64 bytes or more
+    is not."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: a size cannot be negative")
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
     unit = m.group(2).lower() if m else None
     if m is None or unit not in _UNITS:
         raise argparse.ArgumentTypeError(
             f"invalid size {text!r}: expected a number with a unit such as 80GiB, 1.5TiB, 100GB"
         )
-    return int(float(m.group(1)) * _UNITS[unit])
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n > MAX_BYTES:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: 2^64 bytes or more")
+    return n
+
+
+def positive_size(text: str) -> int:
+    """A :func:`parse_size` size of at least one byte (a device budget)."""
+    n = parse_size(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
+    return n
+
+
+def size_list(text: str) -> list[int]:
+    """Comma-separated positive sizes (``4GiB,16GiB``); an empty entry is an error."""
+    parts = text.split(",")
+    if any(not p.strip() for p in parts):
+        raise argparse.ArgumentTypeError(f"invalid size list {text!r}: an entry is empty")
+    return [positive_size(p) for p in parts]
+
+
+def int_in(lo: int, hi: int) -> Callable[[str], int]:
+    """An argparse type: an integer in ``[lo, hi]``."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid integer {text!r}") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{n} is out of range: expected {lo} to {hi}")
+        return n
+    parse.__name__ = "integer"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not (math.isfinite(x) and x > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number above 0")
+    return x
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number in (0, 1]."""
+    x = positive_float(text)
+    if x > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction in (0, 1]")
+    return x
+
+
+U32 = (1 << 32) - 1
+U64 = (1 << 64) - 1
 
 
 def human_bytes(n: float) -> str:
@@ -99,11 +165,11 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str) -> None:
                     "conversation trace shipped with kvalloc)")
     tr.add_argument("--generator", choices=Trace.generators(),
                     help="replay seeded synthetic traffic instead of a trace file")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    p.add_argument("--size", type=int, help="generator sessions (requests for shared-prompt)")
-    p.add_argument("--trace-block-tokens", type=int,
+    p.add_argument("--seed", type=int_in(0, U64), default=0, help="generator seed (default 0)")
+    p.add_argument("--size", type=int_in(1, U32), help="generator sessions (requests for shared-prompt)")
+    p.add_argument("--trace-block-tokens", type=int_in(1, U32),
                    help="tokens per block of a block-hash trace (default 512, Mooncake's)")
-    p.add_argument("--block-tokens", type=int, default=DEFAULT_BLOCK_TOKENS,
+    p.add_argument("--block-tokens", type=int_in(1, U32), default=DEFAULT_BLOCK_TOKENS,
                    help=f"tokens per KV block in the replay (default {DEFAULT_BLOCK_TOKENS})")
     p.add_argument("--policy", action="append", choices=DEFAULT_POLICIES,
                    help="caching policy; repeat to compare (default: swa-aware and dense)")
@@ -112,13 +178,71 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str) -> None:
     for tier in TIERS:
         p.add_argument(f"--{tier}", type=parse_size, default=0, metavar="SIZE",
                        help=f"{tier} tier budget below the device (e.g. 1TiB; virtual: counted, no bytes)")
-    p.add_argument("--prefill-tps", type=float, default=60_000.0,
+    p.add_argument("--prefill-tps", type=positive_float, default=60_000.0,
                    help="service model: prefill tokens per second, whole deployment (default 60000)")
-    p.add_argument("--decode-tps", type=float, default=30.0,
+    p.add_argument("--decode-tps", type=positive_float, default=30.0,
                    help="service model: decode tokens per second per request (default 30)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("--plot", metavar="FILE.png", help="plot hit rate against budget (needs matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="plot hit rate against budget (needs matplotlib; .png, .svg, .pdf, ...)")
     p.add_argument("--no-progress", action="store_true", help="never draw a progress bar")
+
+
+def _plot_problem(path: str) -> str | None:
+    """Why ``--plot PATH`` cannot be written, or None: checked before any replay, so that a
+    long run never ends in an error about its output."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError as e:  # optional dependency
+        return f"--plot needs matplotlib: pip install 'kvalloc[plot]' ({e})"
+    p = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = p.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        return (f"--plot {path!r}: give a file name ending in an image type "
+                f"({', '.join('.' + f for f in sorted(formats))})")
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        st = None
+    except OSError as e:
+        return f"--plot {path!r}: {e.strerror}"
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return f"--plot {path!r}: is a directory"
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return f"--plot {path!r}: exists and is not a regular file"
+    parent = p.parent
+    if not parent.is_dir():
+        return f"--plot {path!r}: directory {str(parent)!r} does not exist"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"--plot {path!r}: directory {str(parent)!r} is not writable"
+    return None
+
+
+def _path_problem(option: str, path: str) -> str | None:
+    """Why an input file cannot be read, or None."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return f"{option} {path!r}: {e.strerror}"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{option} {path!r}: is a directory"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{option} {path!r}: not a regular file"
+    return None
+
+
+def check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with a ``simulate`` or ``sweep`` command line that parsing cannot see (its
+    files), or None: checked before the trace is loaded and any replay starts."""
+    if getattr(args, "trace", None) is not None:
+        if problem := _path_problem("--trace", args.trace):
+            return problem
+    if args.plot is not None:
+        return _plot_problem(args.plot)
+    return None
 
 
 def _load_trace(args: argparse.Namespace) -> Trace:
@@ -191,12 +315,9 @@ def _print_runs(runs: Sequence[dict[str, Any]]) -> None:
 
 
 def _plot(path: str, series: dict[str, list[tuple[int, float]]], bound: float, title: str) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # optional dependency
-        raise SystemExit(f"--plot needs matplotlib: pip install 'kvalloc[plot]' ({e})") from None
+    import matplotlib  # present: check_args made sure
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for policy, pts in series.items():
         pts = sorted(pts)
@@ -292,7 +413,7 @@ def cmd_simulate(args: argparse.Namespace, load_spec: Callable[[argparse.Namespa
 def cmd_sweep(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace], ModelSpec]) -> int:
     spec, trace, sim, bar = _prepare(args, load_spec)
     policies = list(dict.fromkeys(args.policy or DEFAULT_POLICIES))
-    budgets = [parse_size(b) for b in (args.budgets.split(",") if args.budgets else DEFAULT_SWEEP)]
+    budgets = args.budgets or [parse_size(b) for b in DEFAULT_SWEEP]
     try:
         runs = _sweep_runs(sim, policies, budgets, args, bar)
     finally:
@@ -326,15 +447,16 @@ def add_parsers(sub: Any, default_model: str,
                 load_spec: Callable[[argparse.Namespace], ModelSpec]) -> None:
     sim = sub.add_parser("simulate", help="replay a trace through the manager: hit rate, capacity, TTFT")
     add_source_args(sim, default_model)
-    sim.add_argument("--device", type=parse_size, default=parse_size(DEFAULT_DEVICE), metavar="SIZE",
+    sim.add_argument("--device", type=positive_size, default=parse_size(DEFAULT_DEVICE), metavar="SIZE",
                      help=f"device (L1) budget (default {DEFAULT_DEVICE})")
     sim.add_argument("--no-capacity-search", action="store_true",
                      help="skip the search for the budget dense needs to match swa-aware")
-    sim.add_argument("--tolerance", type=float, default=0.02,
+    sim.add_argument("--tolerance", type=fraction, default=0.02,
                      help="relative precision of that budget search (default 0.02)")
     sim.set_defaults(func=lambda a: cmd_simulate(a, load_spec))
 
     sw = sub.add_parser("sweep", help="replay a trace at several budgets and policies; table and plot")
     add_source_args(sw, default_model)
-    sw.add_argument("--budgets", help=f"comma-separated device budgets (default {','.join(DEFAULT_SWEEP)})")
+    sw.add_argument("--budgets", type=size_list,
+                    help=f"comma-separated device budgets (default {','.join(DEFAULT_SWEEP)})")
     sw.set_defaults(func=lambda a: cmd_sweep(a, load_spec))

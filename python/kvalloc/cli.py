@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Sequence
 
@@ -37,10 +38,52 @@ def _layers_text(layers: Sequence[int]) -> str:
 def _load_spec(args: argparse.Namespace) -> ModelSpec:
     if args.config is not None:
         return ModelSpec.from_hf_config(args.config, dtype=args.dtype)
-    spec = ModelSpec.preset(args.model)
-    if args.dtype is not None:
-        raise SystemExit("--dtype applies to --config; presets carry their own dtype")
-    return spec
+    return ModelSpec.preset(args.model)
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with a parsed command line beyond what argparse checks (option
+    combinations, files), or None. Runs before anything is loaded or replayed."""
+    if getattr(args, "dtype", None) is not None and getattr(args, "config", None) is None:
+        return "--dtype applies to --config; presets carry their own dtype"
+    if getattr(args, "config", None) is not None:
+        if problem := _simulate._path_problem("--config", args.config):
+            return problem
+    if args.command in ("simulate", "sweep"):
+        return _simulate.check_args(args)
+    return None
+
+
+def _join_negative_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--device -5GiB`` as ``--device=-5GiB``: argparse takes a value that starts with '-'
+    and is not a plain number for an option and says "expected one argument"; joined, the
+    option's own check says what is wrong with the value."""
+    takes_value = {
+        s
+        for p in [parser, *_subparsers(parser)]
+        for a in p._actions
+        if a.option_strings and a.nargs is None and a.const is None
+        for s in a.option_strings
+    }
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in takes_value and i + 1 < len(argv) and re.match(r"-\.?\d", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    return [
+        p
+        for a in parser._actions
+        if isinstance(a, argparse._SubParsersAction)
+        for p in a.choices.values()
+    ]
 
 
 def inspect_report(spec: ModelSpec, block_tokens: int) -> dict:
@@ -141,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", default=DEFAULT_MODEL, help=f"preset name (default {DEFAULT_MODEL}); see `kvalloc presets`")
     src.add_argument("--config", help="path to a Hugging Face config.json")
     ins.add_argument("--dtype", help="KV dtype for --config (bf16, fp16, fp32, fp8); default: the config's")
-    ins.add_argument("--block-tokens", type=int, default=16, help="tokens per block (default 16)")
+    ins.add_argument("--block-tokens", type=_simulate.int_in(1, _simulate.U32), default=16,
+                     help="tokens per block (default 16)")
     ins.add_argument("--json", action="store_true", help="print one JSON object")
     ins.set_defaults(func=_cmd_inspect)
 
@@ -153,10 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Runs the command line; every problem with it is one line on stderr and exit code 2
+    (argparse's convention), found before any replay where it can be."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(_join_negative_values(parser, argv))
+    if problem := _check_args(args):
+        parser.error(problem)
     try:
         return args.func(args)
-    except KvAllocError as e:
+    except (KvAllocError, OSError) as e:
         print(f"kvalloc: error: {e}", file=sys.stderr)
         return 2
 

@@ -6,7 +6,7 @@ use numpy::{
 };
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyDict;
+use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::errors::invalid;
 
@@ -50,6 +50,92 @@ pub fn opt_positive(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Opti
     match obj.filter(|o| !o.is_none()) {
         Some(o) => Ok(Some(positive(o, what)?)),
         None => Ok(None),
+    }
+}
+
+/// A text argument (a name, a URL): a `str` that is valid Unicode. Anything else, or a string
+/// with a lone surrogate (which no UTF-8 text can hold), is an `InvalidArgumentError` naming
+/// the argument.
+pub fn text(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<String> {
+    let s = obj
+        .cast::<PyString>()
+        .map_err(|_| invalid(what, format!("expected a string, got {}", type_name(obj))))?;
+    s.to_str().map(str::to_owned).map_err(|_| {
+        invalid(
+            what,
+            "the string holds a lone surrogate (not valid Unicode)",
+        )
+    })
+}
+
+/// An optional [`text`] argument; None (or Python None) stays None.
+pub fn opt_text(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<String>> {
+    obj.filter(|o| !o.is_none())
+        .map(|o| text(o, what))
+        .transpose()
+}
+
+/// A path argument: a `str`, `bytes` or `os.PathLike`, encoded as the OS does (`os.fsencode`:
+/// on POSIX a lone surrogate from undecodable bytes is those bytes). What cannot name a path
+/// is an `InvalidArgumentError` naming the argument.
+pub fn path(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<std::path::PathBuf> {
+    let py = obj.py();
+    let not_a_path = |why: String| invalid(what, why);
+    let os = py.import("os")?;
+    let fspath = os
+        .call_method1("fspath", (obj,))
+        .map_err(|_| not_a_path(format!("expected a path, got {}", type_name(obj))))?;
+    let bytes = os
+        .call_method1("fsencode", (&fspath,))
+        .map_err(|e| not_a_path(format!("the path cannot be encoded for this system ({e})")))?;
+    let bytes = bytes
+        .cast::<PyBytes>()
+        .map_err(|_| not_a_path("os.fsencode returned no bytes".into()))?
+        .as_bytes();
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        Ok(std::ffi::OsStr::from_bytes(bytes).into())
+    }
+    #[cfg(not(unix))]
+    {
+        let s = std::str::from_utf8(bytes)
+            .map_err(|_| not_a_path("the path is not valid UTF-8".into()))?;
+        Ok(s.into())
+    }
+}
+
+/// An optional [`path`] argument.
+pub fn opt_path(
+    obj: Option<&Bound<'_, PyAny>>,
+    what: &str,
+) -> PyResult<Option<std::path::PathBuf>> {
+    obj.filter(|o| !o.is_none())
+        .map(|o| path(o, what))
+        .transpose()
+}
+
+/// A real-number argument (an int or a float, numpy's too); the caller checks its range.
+pub fn number(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<f64> {
+    if obj.is_instance_of::<pyo3::types::PyBool>() || obj.cast::<PyString>().is_ok() {
+        return Err(invalid(
+            what,
+            format!("expected a number, got {}", type_name(obj)),
+        ));
+    }
+    obj.extract::<f64>()
+        .map_err(|_| invalid(what, format!("expected a number, got {}", type_name(obj))))
+}
+
+/// An optional callable (a progress callback); None stays None.
+pub fn opt_callable(obj: Option<&Bound<'_, PyAny>>, what: &str) -> PyResult<Option<Py<PyAny>>> {
+    match obj.filter(|o| !o.is_none()) {
+        None => Ok(None),
+        Some(o) if o.is_callable() => Ok(Some(o.clone().unbind())),
+        Some(o) => Err(invalid(
+            what,
+            format!("expected a callable, got {}", type_name(o)),
+        )),
     }
 }
 
@@ -252,10 +338,7 @@ pub fn uint_list_into(obj: &Bound<'_, PyAny>, what: &str, out: &mut Vec<u64>) ->
     if let Ok(list) = obj.cast::<pyo3::types::PyList>() {
         out.reserve(list.len());
         for item in list.iter() {
-            let v = item.extract::<i64>().map_err(|_| {
-                invalid(what, format!("expected integers, got {}", type_name(&item)))
-            })?;
-            out.push(u64::try_from(v).map_err(|_| negative(what, v))?);
+            out.push(non_negative(&item, what)?);
         }
         return Ok(());
     }

@@ -123,7 +123,7 @@ pub fn to_py(e: Error) -> PyErr {
         };
         let ty = match &e {
             Error::Config { .. } => &c.config,
-            Error::OutOfMemory { .. } => &c.out_of_memory,
+            Error::OutOfMemory { .. } | Error::SystemMemory { .. } => &c.out_of_memory,
             Error::StaleHandle { .. } => &c.stale_handle,
             Error::InvalidArgument { .. } => &c.invalid_argument,
             Error::Invariant(_) => &c.invariant,

@@ -9,8 +9,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 
 use crate::convert::{
-    figures, flag, non_negative, opt_non_negative, opt_positive, positive, token_ids, type_name,
-    u64_array, uint_list,
+    figures, flag, non_negative, opt_non_negative, opt_path, opt_positive, opt_text, positive,
+    text, token_ids, type_name, u64_array, uint_list,
 };
 use crate::errors::{invalid, to_py, IntoPyResult};
 use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
@@ -86,8 +86,8 @@ pub(crate) fn salt_arg(salt: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u
     let Some(s) = salt.filter(|s| !s.is_none()) else {
         return Ok(None);
     };
-    if let Ok(s) = s.cast::<PyString>() {
-        return Ok(Some(s.to_str()?.as_bytes().to_vec()));
+    if s.cast::<PyString>().is_ok() {
+        return Ok(Some(text(s, "salt")?.into_bytes()));
     }
     if let Ok(b) = s.cast::<PyBytes>() {
         return Ok(Some(b.as_bytes().to_vec()));
@@ -148,36 +148,37 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = "swa-aware", eviction = "value", checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
         capacity_bytes: &Bound<'_, PyAny>,
         block_tokens: Option<&Bound<'_, PyAny>>,
-        policy: &str,
-        eviction: &str,
+        policy: Option<&Bound<'_, PyAny>>,
+        eviction: Option<&Bound<'_, PyAny>>,
         checkpoint_interval: Option<&Bound<'_, PyAny>>,
         slab_bytes: Option<&Bound<'_, PyAny>>,
         host_bytes: Option<&Bound<'_, PyAny>>,
-        disk_dir: Option<std::path::PathBuf>,
+        disk_dir: Option<&Bound<'_, PyAny>>,
         disk_bytes: Option<&Bound<'_, PyAny>>,
-        remote_url: Option<String>,
+        remote_url: Option<&Bound<'_, PyAny>>,
         remote_bytes: Option<&Bound<'_, PyAny>>,
-        remote_username: Option<String>,
-        remote_password: Option<String>,
-        remote_prefix: Option<String>,
+        remote_username: Option<&Bound<'_, PyAny>>,
+        remote_password: Option<&Bound<'_, PyAny>>,
+        remote_prefix: Option<&Bound<'_, PyAny>>,
         remote_timeout_ms: Option<&Bound<'_, PyAny>>,
-        remote_tls_ca: Option<std::path::PathBuf>,
-        remote_tls_cert: Option<std::path::PathBuf>,
-        remote_tls_key: Option<std::path::PathBuf>,
+        remote_tls_ca: Option<&Bound<'_, PyAny>>,
+        remote_tls_cert: Option<&Bound<'_, PyAny>>,
+        remote_tls_key: Option<&Bound<'_, PyAny>>,
         write_through: Option<&Bound<'_, PyAny>>,
         watermark: Option<&Bound<'_, PyAny>>,
         prefault_bytes: Option<&Bound<'_, PyAny>>,
         secret: Option<&Bound<'_, PyAny>>,
-        model_id: Option<String>,
+        model_id: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
         let secret = secret_arg(secret)?;
+        let model_id = opt_text(model_id, "model_id")?;
         if model_id.as_deref() == Some("") {
             return Err(invalid("model_id", "is empty; name the weights, or None"));
         }
@@ -200,8 +201,10 @@ impl PyKVCacheManager {
         let capacity = positive(capacity_bytes, "capacity_bytes")?;
         let config = ManagerConfig {
             block_tokens: block_tokens_arg(block_tokens)?,
-            policy: Policy::parse(policy).py()?,
-            eviction: Eviction::parse(eviction).py()?,
+            policy: Policy::parse(&opt_text(policy, "policy")?.unwrap_or("swa-aware".into()))
+                .py()?,
+            eviction: Eviction::parse(&opt_text(eviction, "eviction")?.unwrap_or("value".into()))
+                .py()?,
             checkpoint_interval: opt_positive(checkpoint_interval, "checkpoint_interval")?,
             slab_bytes: opt_positive(slab_bytes, "slab_bytes")?,
             lower: LowerCapacity {
@@ -218,29 +221,36 @@ impl PyKVCacheManager {
             ..ManagerConfig::default()
         };
         let remote_timeout = opt_positive(remote_timeout_ms, "remote_timeout_ms")?;
-        if remote_url.is_none() {
-            let transport = [
-                ("remote_timeout_ms", remote_timeout.is_some()),
-                ("remote_tls_ca", remote_tls_ca.is_some()),
-                ("remote_tls_cert", remote_tls_cert.is_some()),
-                ("remote_tls_key", remote_tls_key.is_some()),
-            ];
-            if let Some((what, _)) = transport.iter().find(|(_, given)| *given) {
-                return Err(invalid(what, "needs remote_url"));
-            }
-        }
-        let stores = StoreSetup {
-            disk_dir,
-            remote: remote_url.map(|url| RemoteSetup {
+        let remote_tls_ca = opt_path(remote_tls_ca, "remote_tls_ca")?;
+        let remote_tls_cert = opt_path(remote_tls_cert, "remote_tls_cert")?;
+        let remote_tls_key = opt_path(remote_tls_key, "remote_tls_key")?;
+        let remote = match opt_text(remote_url, "remote_url")? {
+            Some(url) => Some(RemoteSetup {
                 url,
-                username: remote_username,
-                password: remote_password,
-                key_prefix: remote_prefix,
+                username: opt_text(remote_username, "remote_username")?,
+                password: opt_text(remote_password, "remote_password")?,
+                key_prefix: opt_text(remote_prefix, "remote_prefix")?,
                 timeout: remote_timeout.map(std::time::Duration::from_millis),
                 tls_ca: remote_tls_ca,
                 tls_cert: remote_tls_cert,
                 tls_key: remote_tls_key,
             }),
+            None => {
+                let transport = [
+                    ("remote_timeout_ms", remote_timeout.is_some()),
+                    ("remote_tls_ca", remote_tls_ca.is_some()),
+                    ("remote_tls_cert", remote_tls_cert.is_some()),
+                    ("remote_tls_key", remote_tls_key.is_some()),
+                ];
+                if let Some((what, _)) = transport.iter().find(|(_, given)| *given) {
+                    return Err(invalid(what, "needs remote_url"));
+                }
+                None
+            }
+        };
+        let stores = StoreSetup {
+            disk_dir: opt_path(disk_dir, "disk_dir")?,
+            remote,
             secret,
         };
         let mut core_spec = spec.get().inner.clone();

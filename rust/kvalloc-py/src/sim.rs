@@ -14,7 +14,9 @@ use kvalloc::{Eviction, Policy};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::convert::{non_negative, opt_non_negative, positive, type_name};
+use crate::convert::{
+    self, non_negative, number, opt_callable, opt_non_negative, opt_text, positive, text, type_name,
+};
 use crate::errors::{invalid, IntoPyResult};
 use crate::spec::spec_arg;
 
@@ -35,9 +37,10 @@ impl PyTrace {
     #[pyo3(signature = (path, trace_block_tokens = None))]
     fn load(
         py: Python<'_>,
-        path: PathBuf,
+        path: &Bound<'_, PyAny>,
         trace_block_tokens: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let path: PathBuf = convert::path(path, "path")?;
         let tb = match trace_block_tokens.filter(|o| !o.is_none()) {
             Some(o) => Some(u32_arg(o, "trace_block_tokens")?),
             None => None,
@@ -54,10 +57,11 @@ impl PyTrace {
     #[pyo3(signature = (kind, seed = None, size = None))]
     fn generate(
         py: Python<'_>,
-        kind: &str,
+        kind: &Bound<'_, PyAny>,
         seed: Option<&Bound<'_, PyAny>>,
         size: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
+        let kind = text(kind, "kind")?;
         let seed = match seed.filter(|o| !o.is_none()) {
             Some(o) => non_negative(o, "seed")?,
             None => 0,
@@ -66,7 +70,6 @@ impl PyTrace {
             Some(o) => Some(u32_arg(o, "size")?),
             None => None,
         };
-        let kind = kind.to_string();
         let trace = py.detach(|| generate::generate(&kind, seed, size)).py()?;
         Ok(PyTrace {
             inner: Arc::new(trace),
@@ -121,17 +124,32 @@ pub struct PySimulator {
     inner: Simulator,
 }
 
-/// Settings shared by `run` and `budget_to_match`.
-#[allow(clippy::too_many_arguments)]
-/// `lower` holds the host, disk and remote budgets (None: no such tier).
+/// Settings shared by `run` and `budget_to_match`. `lower` holds the host, disk and remote
+/// budgets (None: no such tier); `service` the prefill and decode rates (None: the defaults).
 fn run_config(
     policy: &str,
     eviction: &str,
     device_bytes: &Bound<'_, PyAny>,
     lower: [Option<&Bound<'_, PyAny>>; 3],
-    prefill_tokens_per_s: f64,
-    decode_tokens_per_s: f64,
+    service: [Option<&Bound<'_, PyAny>>; 2],
 ) -> PyResult<RunConfig> {
+    let defaults = ServiceModel::default();
+    let rate = |obj: Option<&Bound<'_, PyAny>>, what: &str, default: f64| match obj
+        .filter(|o| !o.is_none())
+    {
+        Some(o) => number(o, what),
+        None => Ok(default),
+    };
+    let prefill_tokens_per_s = rate(
+        service[0],
+        "prefill_tokens_per_s",
+        defaults.prefill_tokens_per_s,
+    )?;
+    let decode_tokens_per_s = rate(
+        service[1],
+        "decode_tokens_per_s",
+        defaults.decode_tokens_per_s,
+    )?;
     let mut lower_tiers = Vec::new();
     for (tier, b) in ["host", "disk", "remote"].into_iter().zip(lower) {
         let bytes = opt_non_negative(b, &format!("{tier}_bytes"))?;
@@ -269,30 +287,31 @@ impl PySimulator {
 
     /// Replays the trace once and returns the report as a dict.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (device_bytes, policy = "swa-aware", eviction = "lru", *, host_bytes = None, disk_bytes = None, remote_bytes = None, prefill_tokens_per_s = 60_000.0, decode_tokens_per_s = 30.0, progress = None))]
+    #[pyo3(signature = (device_bytes, policy = None, eviction = None, *, host_bytes = None, disk_bytes = None, remote_bytes = None, prefill_tokens_per_s = None, decode_tokens_per_s = None, progress = None))]
     fn run<'py>(
         &self,
         py: Python<'py>,
         device_bytes: &Bound<'py, PyAny>,
-        policy: &str,
-        eviction: &str,
+        policy: Option<&Bound<'py, PyAny>>,
+        eviction: Option<&Bound<'py, PyAny>>,
         host_bytes: Option<&Bound<'py, PyAny>>,
         disk_bytes: Option<&Bound<'py, PyAny>>,
         remote_bytes: Option<&Bound<'py, PyAny>>,
-        prefill_tokens_per_s: f64,
-        decode_tokens_per_s: f64,
-        progress: Option<Py<PyAny>>,
+        prefill_tokens_per_s: Option<&Bound<'py, PyAny>>,
+        decode_tokens_per_s: Option<&Bound<'py, PyAny>>,
+        progress: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let policy = opt_text(policy, "policy")?.unwrap_or_else(|| "swa-aware".into());
+        let eviction = opt_text(eviction, "eviction")?.unwrap_or_else(|| "lru".into());
         let cfg = run_config(
-            policy,
-            eviction,
+            &policy,
+            &eviction,
             device_bytes,
             [host_bytes, disk_bytes, remote_bytes],
-            prefill_tokens_per_s,
-            decode_tokens_per_s,
+            [prefill_tokens_per_s, decode_tokens_per_s],
         )?;
-        let label = policy.to_string();
-        let r = with_progress(py, progress, |p| self.inner.run(&cfg, &label, p))?;
+        let progress = opt_callable(progress, "progress")?;
+        let r = with_progress(py, progress, |p| self.inner.run(&cfg, &policy, p))?;
         report_dict(py, &r)
     }
 
@@ -300,27 +319,34 @@ impl PySimulator {
     /// `start_bytes` by doubling then bisection to `rel_tol`. Returns
     /// `{"budget_bytes": int | None, "replays": int, "report": dict}`.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (target_hit_rate, start_bytes, policy = "dense", eviction = "lru", *, rel_tol = 0.02, prefill_tokens_per_s = 60_000.0, decode_tokens_per_s = 30.0, progress = None))]
+    #[pyo3(signature = (target_hit_rate, start_bytes, policy = None, eviction = None, *, rel_tol = None, prefill_tokens_per_s = None, decode_tokens_per_s = None, progress = None))]
     fn budget_to_match<'py>(
         &self,
         py: Python<'py>,
-        target_hit_rate: f64,
+        target_hit_rate: &Bound<'py, PyAny>,
         start_bytes: &Bound<'py, PyAny>,
-        policy: &str,
-        eviction: &str,
-        rel_tol: f64,
-        prefill_tokens_per_s: f64,
-        decode_tokens_per_s: f64,
-        progress: Option<Py<PyAny>>,
+        policy: Option<&Bound<'py, PyAny>>,
+        eviction: Option<&Bound<'py, PyAny>>,
+        rel_tol: Option<&Bound<'py, PyAny>>,
+        prefill_tokens_per_s: Option<&Bound<'py, PyAny>>,
+        decode_tokens_per_s: Option<&Bound<'py, PyAny>>,
+        progress: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        let target_hit_rate = number(target_hit_rate, "target_hit_rate")?;
+        let rel_tol = match rel_tol.filter(|o| !o.is_none()) {
+            Some(o) => number(o, "rel_tol")?,
+            None => 0.02,
+        };
+        let policy = opt_text(policy, "policy")?.unwrap_or_else(|| "dense".into());
+        let eviction = opt_text(eviction, "eviction")?.unwrap_or_else(|| "lru".into());
         let cfg = run_config(
-            policy,
-            eviction,
+            &policy,
+            &eviction,
             start_bytes,
             [None, None, None],
-            prefill_tokens_per_s,
-            decode_tokens_per_s,
+            [prefill_tokens_per_s, decode_tokens_per_s],
         )?;
+        let progress = opt_callable(progress, "progress")?;
         let m = with_progress(py, progress, |p| {
             self.inner
                 .budget_to_match(&cfg, target_hit_rate, rel_tol, p)

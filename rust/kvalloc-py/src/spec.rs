@@ -7,7 +7,7 @@ use pyo3::types::{PyDict, PyString, PyTuple};
 /// Tokens per block when the caller does not say.
 pub(crate) const DEFAULT_BLOCK_TOKENS: u32 = 16;
 
-use crate::convert::{non_negative, positive, type_name};
+use crate::convert::{non_negative, path, positive, text, type_name};
 use crate::errors::{invalid, IntoPyResult};
 
 /// One KV group: the layers of one attention kind and geometry.
@@ -101,10 +101,16 @@ fn dtype_arg(dtype: Option<&Bound<'_, PyAny>>) -> PyResult<Option<DType>> {
         return Ok(None);
     }
     // Accept "bf16", numpy/torch dtype objects (via str()) alike.
-    let s: String = if let Ok(s) = d.cast::<PyString>() {
-        s.to_string()
+    let s: String = if d.cast::<PyString>().is_ok() {
+        text(d, "dtype")?
     } else {
-        d.str()?.to_string()
+        let shown = d.str().map_err(|_| {
+            invalid(
+                "dtype",
+                format!("expected a dtype name, got {}", type_name(d)),
+            )
+        })?;
+        text(shown.as_any(), "dtype")?
     };
     Ok(Some(DType::parse(&s).py()?))
 }
@@ -138,16 +144,7 @@ impl PyModelSpec {
             py.detach(|| ModelSpec::from_hf_config_str(&json, dtype))
                 .py()?
         } else {
-            let path: std::path::PathBuf = py
-                .import("os")?
-                .call_method1("fspath", (path_or_dict,))
-                .and_then(|p| p.extract())
-                .map_err(|_| {
-                    invalid(
-                        "path_or_dict",
-                        format!("expected a path or a dict, got {}", type_name(path_or_dict)),
-                    )
-                })?;
+            let path = path(path_or_dict, "path_or_dict")?;
             py.detach(|| ModelSpec::from_hf_config_path(&path, dtype))
                 .py()?
         };
@@ -159,9 +156,9 @@ impl PyModelSpec {
 
     /// A built-in model; see `kvalloc.presets()`.
     #[staticmethod]
-    fn preset(name: &str) -> PyResult<Self> {
+    fn preset(name: &Bound<'_, PyAny>) -> PyResult<Self> {
         Ok(PyModelSpec {
-            inner: ModelSpec::preset(name).py()?,
+            inner: ModelSpec::preset(&text(name, "name")?).py()?,
         })
     }
 
@@ -224,12 +221,12 @@ impl PyModelSpec {
     ) -> PyResult<u64> {
         let ctx = non_negative(context_tokens, "context_tokens")?;
         let b = block_tokens_arg(block_tokens)?;
-        Ok(self.inner.kv_bytes(ctx, b))
+        self.inner.kv_bytes(ctx, b).py()
     }
     /// Bytes one sequence of `context_tokens` holds when every layer keeps every token.
     fn kv_bytes_dense(&self, context_tokens: &Bound<'_, PyAny>) -> PyResult<u64> {
         let ctx = non_negative(context_tokens, "context_tokens")?;
-        Ok(self.inner.kv_bytes_dense(ctx))
+        self.inner.kv_bytes_dense(ctx).py()
     }
     /// Block size in bytes of each group, in group order.
     #[pyo3(signature = (block_tokens = None))]

@@ -11,7 +11,10 @@ use numpy::{Element, PyArray1};
 use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyInt, PyTuple};
+
+use crate::convert::type_name;
+use crate::errors::invalid;
 
 /// What one `step` call did: per admission the prompt tokens served from cache (-1: refused;
 /// -2: not attempted, after an `fcfs` refusal or a refused extension with `admit_if_extended`),
@@ -91,10 +94,19 @@ impl PyStepResult {
         2
     }
 
-    fn __getitem__(&self, py: Python<'_>, index: isize) -> PyResult<Py<PyAny>> {
-        match index {
-            0 | -2 => Ok(self.hits(py).into_any().unbind()),
-            1 | -1 => Ok(self.extended(py).into_any().unbind()),
+    /// `0` (or `-2`): hits; `1` (or `-1`): extended. Any other integer, however large, is an
+    /// `IndexError` as for a tuple (the sequence protocol's own error); a non-integer is an
+    /// `InvalidArgumentError`.
+    fn __getitem__(&self, py: Python<'_>, index: &Bound<'_, PyAny>) -> PyResult<Py<PyAny>> {
+        if !index.is_instance_of::<PyInt>() && index.call_method0("__index__").is_err() {
+            return Err(invalid(
+                "index",
+                format!("expected an integer, got {}", type_name(index)),
+            ));
+        }
+        match index.extract::<i64>() {
+            Ok(0 | -2) => Ok(self.hits(py).into_any().unbind()),
+            Ok(1 | -1) => Ok(self.extended(py).into_any().unbind()),
             _ => Err(PyIndexError::new_err(format!(
                 "StepResult index {index} out of range: it holds (hits, extended)"
             ))),

@@ -6,8 +6,8 @@ use kvalloc::tiers::{HostBuffer, LoadHandle};
 use numpy::{PyReadwriteArrayDyn, PyUntypedArray};
 use pyo3::prelude::*;
 
-use crate::convert::type_name;
-use crate::errors::invalid;
+use crate::convert::{non_negative, number, type_name};
+use crate::errors::{invalid, IntoPyResult};
 
 /// Wraps a writable, C-contiguous numpy uint8 array as a device buffer. The array object is
 /// kept alive by the buffer; kvalloc copies blocks in and out of it (see the block layout in
@@ -46,15 +46,21 @@ pub struct PyLoadHandle {
     pub(crate) inner: LoadHandle,
 }
 
-fn timeout_arg(timeout: Option<f64>) -> PyResult<Option<Duration>> {
-    match timeout {
-        None => Ok(None),
-        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t))),
-        Some(t) => Err(invalid(
+/// A timeout in seconds: None or `math.inf` wait as long as it takes, and so does one too long
+/// for the clock (centuries); NaN, a negative number or a non-number is an
+/// `InvalidArgumentError`.
+fn timeout_arg(timeout: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Duration>> {
+    let Some(t) = timeout.filter(|t| !t.is_none()) else {
+        return Ok(None);
+    };
+    let secs = number(t, "timeout")?;
+    if secs.is_nan() || secs < 0.0 {
+        return Err(invalid(
             "timeout",
-            format!("must be a non-negative number of seconds, got {t}"),
-        )),
+            format!("must be a non-negative number of seconds, got {secs}"),
+        ));
     }
+    Ok(Duration::try_from_secs_f64(secs).ok())
 }
 
 #[pymethods]
@@ -62,14 +68,20 @@ impl PyLoadHandle {
     /// Blocks (without the GIL) until layer `layer`'s KV is in the device buffer; False on
     /// timeout.
     #[pyo3(signature = (layer, timeout = None))]
-    fn wait_layer(&self, py: Python<'_>, layer: usize, timeout: Option<f64>) -> PyResult<bool> {
+    fn wait_layer(
+        &self,
+        py: Python<'_>,
+        layer: &Bound<'_, PyAny>,
+        timeout: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let layer = usize::try_from(non_negative(layer, "layer")?).unwrap_or(usize::MAX);
         let t = timeout_arg(timeout)?;
-        Ok(py.detach(|| self.inner.wait_layer(layer, t)))
+        py.detach(|| self.inner.wait_layer(layer, t)).py()
     }
 
     /// Blocks (without the GIL) until every layer is in the device buffer; False on timeout.
     #[pyo3(signature = (timeout = None))]
-    fn wait_all(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+    fn wait_all(&self, py: Python<'_>, timeout: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
         let t = timeout_arg(timeout)?;
         Ok(py.detach(|| self.inner.wait_all(t)))
     }

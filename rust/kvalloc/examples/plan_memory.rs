@@ -42,8 +42,8 @@ fn main() -> Result<(), kvalloc::Error> {
     // How many 32K-token sequences fit in the budget under each holding?
     let budget = gib << 30;
     let ctx = 32 * 1024;
-    let swa = spec.kv_bytes(ctx, block_tokens);
-    let dense = spec.kv_bytes_dense(ctx);
+    let swa = spec.kv_bytes(ctx, block_tokens)?;
+    let dense = spec.kv_bytes_dense(ctx)?;
     println!(
         "\n{gib} GiB holds {} sequences of 32K tokens SWA-aware ({} MiB each) vs {} dense ({} MiB each)",
         budget / swa,

@@ -32,6 +32,18 @@ pub enum Error {
         available: usize,
     },
 
+    /// Memory the system cannot give (a host tier's buffer, a generated trace); nothing was
+    /// allocated.
+    #[error("out of memory: `{what}` needs {requested_bytes} bytes {message}")]
+    SystemMemory {
+        /// What asked for the memory, e.g. `host_bytes` or `size`.
+        what: String,
+        /// Bytes asked for (an estimate where the need is estimated).
+        requested_bytes: u64,
+        /// What the system has, and what would fit (follows the byte count).
+        message: String,
+    },
+
     /// A handle that is not live: freed already, from another arena, or never issued.
     #[error("stale or foreign handle {handle:#018x}: {reason}")]
     StaleHandle {
@@ -75,6 +87,8 @@ pub enum StaleReason {
     OutOfRange,
     /// The same handle appears twice in one batch.
     Duplicate,
+    /// The handle was issued by another arena.
+    Foreign,
 }
 
 impl fmt::Display for StaleReason {
@@ -84,6 +98,7 @@ impl fmt::Display for StaleReason {
             StaleReason::OldGeneration => "the block was freed and reallocated since",
             StaleReason::OutOfRange => "no such block in this arena",
             StaleReason::Duplicate => "handle given twice in one call",
+            StaleReason::Foreign => "the handle belongs to another arena",
         })
     }
 }

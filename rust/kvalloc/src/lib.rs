@@ -21,8 +21,8 @@
 //! assert_eq!(spec.groups[0].bytes_per_token(), 51_200); // 10 full layers, bf16
 //!
 //! // 32K tokens: sliding groups keep only their window (rounded to 16-token blocks).
-//! let swa = spec.kv_bytes(32_768, 16);
-//! let dense = spec.kv_bytes_dense(32_768);
+//! let swa = spec.kv_bytes(32_768, 16)?;
+//! let dense = spec.kv_bytes_dense(32_768)?;
 //! assert!(dense > 6 * swa);
 //!
 //! // One arena, one class per KV group; every block size divides the slab exactly.
@@ -42,6 +42,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod error;
+mod files;
 pub mod hash;
 mod hugepage;
 pub mod manager;

@@ -1328,7 +1328,8 @@ impl KVCacheManager {
             r.swa_floor[g] = first;
         }
         let end = match max_tokens {
-            Some(m) => len.min(hit + m),
+            // Saturating: a limit near 2^64 is "the whole prompt", not a wrapped small one.
+            Some(m) => len.min(hit.saturating_add(m)),
             None => len,
         };
         let mut plan = std::mem::take(&mut self.scratch_plan);

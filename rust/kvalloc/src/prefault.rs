@@ -52,6 +52,38 @@ pub(crate) fn physical_memory() -> Option<u64> {
     None
 }
 
+/// Memory this process can still get without swapping or being killed, where the system
+/// says: the kernel's estimate of available memory (`MemAvailable`), within the cgroup's
+/// limit if one is set; else the physical memory.
+pub(crate) fn available_memory() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok();
+        let available = meminfo.as_deref().and_then(|m| {
+            let line = m.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(kib * 1024)
+        });
+        let read = |f: &str| -> Option<u64> {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/{f}"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        // cgroup v2: "max" (no limit) does not parse.
+        let cgroup =
+            read("memory.max").map(|max| max.saturating_sub(read("memory.current").unwrap_or(0)));
+        if let Some(a) = match (available, cgroup) {
+            (Some(a), Some(c)) => Some(a.min(c)),
+            (a, c) => a.or(c),
+        } {
+            return Some(a);
+        }
+    }
+    physical_memory()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

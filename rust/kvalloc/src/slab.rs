@@ -12,10 +12,13 @@
 //! return to the arena. Allocations and frees in the current slab touch no ordered set.
 //!
 //! ## Handles
-//! A [`Handle`] is `generation << 32 | slot_id`, with `slot_id = slab * stride + slot`. Each slab
-//! issues generations from its own counter (31 bits, never 0), so a freed or reallocated block's
-//! old handle never matches a live one: using it is an [`Error::StaleHandle`], never an alias.
-//! (After 2^31 allocations within one slab the counter wraps; a handle kept that long could alias.)
+//! A [`Handle`] is `tag << 56 | generation << 32 | slot_id`, with `slot_id = slab * stride +
+//! slot`. Each slab issues generations from its own counter (24 bits, never 0), so a freed or
+//! reallocated block's old handle never matches a live one: using it is an
+//! [`Error::StaleHandle`], never an alias. (After 2^24 allocations within one slab the counter
+//! wraps; a handle kept that long could alias.) The tag is 8 bits of the arena's serial number,
+//! so a handle of another arena is refused too (one compare per handle; two arenas made 256
+//! apart share a tag, and their handles are told apart only by the slot's generation).
 //!
 //! ## Invariants (checked by [`SlabArena::validate`])
 //! - every slab is either free (no class, no blocks, listed once in the free-slab stack) or held by
@@ -30,7 +33,8 @@ use std::collections::BTreeSet;
 use crate::error::{Error, Result, StaleReason};
 use crate::prefault;
 
-/// An allocated block: `generation << 32 | slot_id`. Opaque to users; `0` is never valid.
+/// An allocated block: `tag << 56 | generation << 32 | slot_id`. Opaque to users; `0` is never
+/// valid (a generation is never 0), so callers may use it for "no block".
 pub type Handle = u64;
 
 /// [`SlabArena::page`] for the live handles of one class, with no per-handle lookup: a
@@ -54,8 +58,18 @@ impl PageMap {
 
 /// Marks a slot as "seen in this batch" while a batch free validates its handles.
 const PENDING_FREE: u32 = 1 << 31;
-/// Generations use the low 31 bits.
-const GEN_MASK: u32 = PENDING_FREE - 1;
+/// Generations use the low 24 bits (a handle's bits 32..56).
+const GEN_MASK: u32 = (1 << 24) - 1;
+/// A handle's arena tag: its top 8 bits.
+const TAG_SHIFT: u32 = 56;
+/// Serial numbers of arenas, whose low 8 bits tag their handles.
+static ARENA_SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The tag of a new arena's handles: the next serial number's low 8 bits, in place.
+fn next_tag() -> u64 {
+    let serial = ARENA_SERIAL.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    (serial & 0xFF) << TAG_SHIFT
+}
 /// Smallest slab we aim for when the block sizes' common multiple is tiny: small slabs make
 /// the per-slab bookkeeping dominate, large ones make memory flow in coarse steps.
 const TARGET_MIN_SLAB_BYTES: u64 = 4 << 20;
@@ -215,6 +229,8 @@ pub struct SlabArena {
     /// to a power of two (`1 << stride_shift`).
     stride: u64,
     stride_shift: u32,
+    /// This arena's handle tag (`serial << 56`), ORed into every handle it issues.
+    tag: u64,
     classes: Vec<Class>,
     slabs: Vec<Slab>,
     /// Every slot's generation and free-list link, at `slab * stride + slot`. One flat array
@@ -359,6 +375,7 @@ impl SlabArena {
             slab_bytes: slab,
             stride,
             stride_shift: stride.trailing_zeros(),
+            tag: next_tag(),
             classes,
             slabs: Vec::new(),
             // Reserved, not touched: the pages are committed as slabs materialize, and growing
@@ -486,6 +503,8 @@ impl SlabArena {
 
     /// Allocates `n` blocks of `class`, all or nothing.
     pub fn alloc(&mut self, class: usize, n: usize) -> Result<Vec<Handle>> {
+        // Checked before the vector is sized: an absurd `n` is an error, not an abort.
+        self.ensure_available(class, n)?;
         let mut out = Vec::with_capacity(n);
         self.alloc_into(class, n, &mut out)?;
         Ok(out)
@@ -547,7 +566,7 @@ impl SlabArena {
         // Slot 0; the free list is empty (its link is 0, the end).
         let base = s as usize * self.stride as usize;
         self.slots[base] = SlotMeta { gen, next: 0 };
-        (u64::from(gen) << 32) | base as u64
+        self.tag | (u64::from(gen) << 32) | base as u64
     }
 
     /// Hands out the first free slot of slab `s` (it has one) under the slab's next
@@ -563,7 +582,7 @@ impl SlabArena {
         slab.free_head = meta.next.wrapping_sub(1); // 0 - 1 = NIL
         slab.free_len -= 1;
         slab.used += 1;
-        (u64::from(meta.gen) << 32) | (base as u64 + u64::from(slot))
+        self.tag | (u64::from(meta.gen) << 32) | (base as u64 + u64::from(slot))
     }
 
     /// Counts `n` blocks of `class` taken from its slabs' free slots.
@@ -745,7 +764,7 @@ impl SlabArena {
         (
             (id >> self.stride_shift) as usize,
             (id & (self.stride - 1)) as usize,
-            (h >> 32) as u32,
+            (h >> 32) as u32 & GEN_MASK,
         )
     }
 
@@ -760,8 +779,11 @@ impl SlabArena {
     /// Checks that `h` is live and returns (slab, slot, generation).
     fn locate(&self, h: Handle) -> Result<(usize, usize, u32)> {
         let stale = |reason| Error::StaleHandle { handle: h, reason };
+        if h & !((1 << TAG_SHIFT) - 1) != self.tag {
+            return Err(stale(StaleReason::Foreign));
+        }
         let (s, slot, gen) = self.split(h);
-        if gen == 0 || gen > GEN_MASK || s >= self.slabs.len() {
+        if gen == 0 || s >= self.slabs.len() {
             return Err(stale(StaleReason::OutOfRange));
         }
         let slab = &self.slabs[s];
@@ -1183,6 +1205,69 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn absurd_counts_are_out_of_memory_and_change_nothing() {
+        // The count is checked before anything is sized: 2^32 and 2^63 blocks used to abort
+        // (a capacity reserved first) or panic with the arena half-way through a call.
+        let mut a = SlabArena::new(1 << 20, &[64, 192], None).unwrap();
+        let held = a.alloc(0, 5).unwrap();
+        let before = a.stats();
+        for n in [1usize << 32, 1 << 63, usize::MAX] {
+            for class in 0..2 {
+                let e = a.alloc(class, n).unwrap_err();
+                assert!(
+                    matches!(e, Error::OutOfMemory { requested, .. } if requested == n),
+                    "{e}"
+                );
+                let mut out = vec![7];
+                assert!(a.alloc_into(class, n, &mut out).is_err());
+                assert_eq!(out, [7]);
+            }
+            assert_eq!(a.stats(), before);
+            a.validate().unwrap();
+        }
+        assert_eq!(a.alloc(1, 1).unwrap().len(), 1);
+        a.free(&held).unwrap();
+    }
+
+    #[test]
+    fn handles_of_another_arena_are_refused() {
+        let mut a = SlabArena::new(4096, &[64], Some(1024)).unwrap();
+        let mut b = SlabArena::new(4096, &[64], Some(1024)).unwrap();
+        // Both arenas hand out the same slot ids and generations: only the tag differs.
+        let own = a.alloc(0, 2).unwrap();
+        let theirs = b.alloc(0, 2).unwrap();
+        assert_eq!(
+            own[0] & 0xFF_FFFF_FFFF_FFFF,
+            theirs[0] & 0xFF_FFFF_FFFF_FFFF
+        );
+        let before = a.stats();
+        for bad in [vec![theirs[0]], vec![own[1], theirs[1]]] {
+            assert!(matches!(
+                a.free(&bad),
+                Err(Error::StaleHandle {
+                    reason: StaleReason::Foreign,
+                    ..
+                })
+            ));
+            assert_eq!(a.stats(), before);
+            a.validate().unwrap();
+        }
+        assert!(a.offset(theirs[0]).is_err() && a.page(theirs[0]).is_err());
+        assert!(!a.is_live(theirs[0]) && a.class_of(theirs[0]).is_err());
+        a.free(&own).unwrap();
+        b.free(&theirs).unwrap();
+        a.validate().unwrap();
+        b.validate().unwrap();
+    }
+
+    #[test]
+    fn generations_wrap_within_their_bits_and_skip_zero() {
+        assert_eq!(next_gen(1), 2);
+        assert_eq!(next_gen(GEN_MASK - 1), GEN_MASK);
+        assert_eq!(next_gen(GEN_MASK), 1);
     }
 
     #[test]

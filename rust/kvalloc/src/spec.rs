@@ -293,7 +293,10 @@ impl ModelSpec {
     ///   alternate sliding/full); otherwise every layer slides if a sliding window
     ///   (`sliding_window`, `sliding_window_size` or `window_size`) is given, else every layer
     ///   is full. Linear attention, Mamba, convolution, recurrent, chunked and unknown layer
-    ///   kinds are rejected, naming the layer index and kind.
+    ///   kinds are rejected, naming the layer index and kind; so is a config that describes
+    ///   such layers any other way (a model type without attention, `full_attention_interval`,
+    ///   `attn_layer_indices`, `layers_block_type`, `block_types`, or `linear_*`, `mamba_*`,
+    ///   `ssm_*` keys), naming the key and kind.
     /// * Geometry: full layers read `num_global_key_value_heads`/`num_key_value_heads`,
     ///   `global_head_dim`/`head_dim`, `global_v_head_dim`/`v_head_dim`; sliding layers read
     ///   the `swa_*`, `sliding_window_*` and `*local*` variants first, then the plain keys.
@@ -336,7 +339,7 @@ impl ModelSpec {
     /// field is the path.
     pub fn from_hf_config_path(path: &Path, dtype: Option<DType>) -> Result<ModelSpec> {
         let shown = path.display().to_string();
-        let json = std::fs::read_to_string(path).map_err(|e| {
+        let json = crate::files::read_text(path).map_err(|e| {
             Error::config(
                 shown.clone(),
                 format!("cannot read model config '{shown}': {e}"),
@@ -373,24 +376,30 @@ impl ModelSpec {
     /// KV bytes one sequence of `context_tokens` tokens holds with blocks of `block_tokens`
     /// tokens: full groups hold `ceil(ctx / B)` blocks; a sliding group holds the blocks that
     /// overlap its window (`[max(0, E - W), ctx)` with `E = floor(ctx / B) * B`, at most
-    /// `ceil(W / B) + 1`), as a running request does in the manager. Saturates at `u64::MAX`.
+    /// `ceil(W / B) + 1`), as a running request does in the manager.
     ///
-    /// # Panics
-    ///
-    /// If `block_tokens` is 0; callers (the Python bindings) validate it first.
-    pub fn kv_bytes(&self, context_tokens: u64, block_tokens: u32) -> u64 {
-        assert!(block_tokens > 0, "block_tokens must be positive");
+    /// An [`Error::InvalidArgument`] if `block_tokens` is 0 or the bytes do not fit in 64 bits
+    /// (never a saturated or wrapped count).
+    pub fn kv_bytes(&self, context_tokens: u64, block_tokens: u32) -> Result<u64> {
+        if block_tokens == 0 {
+            return Err(Error::invalid("block_tokens", "must be positive"));
+        }
         let b = u64::from(block_tokens);
-        self.groups.iter().fold(0u64, |acc, g| {
-            let blocks = g.live_blocks(context_tokens, b);
-            acc.saturating_add(blocks.saturating_mul(g.block_bytes(block_tokens)))
-        })
+        self.groups
+            .iter()
+            .try_fold(0u64, |acc, g| {
+                let block = g.bytes_per_token().checked_mul(b)?;
+                acc.checked_add(g.live_blocks(context_tokens, b).checked_mul(block)?)
+            })
+            .ok_or_else(|| too_many_bytes(context_tokens))
     }
 
-    /// KV bytes if every layer kept every token, without block rounding (the naive cache).
-    /// Saturates at `u64::MAX`.
-    pub fn kv_bytes_dense(&self, context_tokens: u64) -> u64 {
-        context_tokens.saturating_mul(self.bytes_per_token_dense())
+    /// KV bytes if every layer kept every token, without block rounding (the naive cache). An
+    /// [`Error::InvalidArgument`] if they do not fit in 64 bits.
+    pub fn kv_bytes_dense(&self, context_tokens: u64) -> Result<u64> {
+        context_tokens
+            .checked_mul(self.bytes_per_token_dense())
+            .ok_or_else(|| too_many_bytes(context_tokens))
     }
 
     /// Sum over groups of [`KVGroup::bytes_per_token`].
@@ -440,6 +449,14 @@ impl ModelSpec {
         }
         out
     }
+}
+
+/// The error for a context whose KV bytes overflow 64 bits.
+fn too_many_bytes(context_tokens: u64) -> Error {
+    Error::invalid(
+        "context_tokens",
+        format!("the KV bytes of {context_tokens} tokens do not fit in 64 bits"),
+    )
 }
 
 // ------------------------------------------------------------------------------------------
@@ -659,8 +676,17 @@ enum LayerKind {
 }
 
 /// Decides every layer's kind. The first convention present in the config wins, in the
-/// order documented on [`ModelSpec::from_hf_config`].
+/// order documented on [`ModelSpec::from_hf_config`]; then a config that describes layers
+/// without a KV cache in any other way is refused ([`reject_unmodelled_layers`]), so that
+/// such a model is never read as attention only.
 fn layer_kinds(root: &Obj, text: &Obj, n: u32) -> Result<Vec<LayerKind>> {
+    let kinds = declared_kinds(root, text, n)?;
+    reject_unmodelled_layers(root, text, n)?;
+    Ok(kinds)
+}
+
+/// Layer kinds by the first per-layer convention present (see [`layer_kinds`]).
+fn declared_kinds(root: &Obj, text: &Obj, n: u32) -> Result<Vec<LayerKind>> {
     type Rule = fn(&Obj, u32) -> Result<Option<Vec<LayerKind>>>;
     const RULES: &[Rule] = &[
         kinds_from_layer_types,
@@ -685,6 +711,100 @@ fn layer_kinds(root: &Obj, text: &Obj, n: u32) -> Result<Vec<LayerKind>> {
     reject_chunked_attention(text)?;
     let kind = plain_attention_kind(text)?;
     Ok(vec![kind; n as usize])
+}
+
+/// Model types whose layers are all recurrent or state-space: no attention KV at all.
+const NON_KV_MODEL_TYPES: &[(&str, &str)] = &[
+    ("mamba", "mamba"),
+    ("mamba2", "mamba"),
+    ("falcon_mamba", "mamba"),
+    ("rwkv", "rwkv"),
+    ("xlstm", "xlstm"),
+    ("recurrent_gemma", "recurrent"),
+];
+
+/// Prefixes of keys that describe layers other than attention (Qwen3-Next's `linear_*`,
+/// Jamba's, Bamba's, Zamba's and Falcon-H1's `mamba_*`, Nemotron-H's `ssm_*`), with the kind
+/// they describe.
+const NON_KV_KEY_PREFIXES: &[(&str, &str)] = &[
+    ("linear_", "linear_attention"),
+    ("mamba_", "mamba"),
+    ("ssm_", "ssm"),
+];
+
+/// The error for a config that describes layers kvalloc cannot model, without saying which
+/// layers they are.
+fn unsupported_kind(field: impl Into<String>, kind: &str) -> Error {
+    Error::config(
+        field,
+        format!(
+            "the model has '{kind}' layers, which kvalloc does not support (only full and \
+             sliding-window attention have a KV cache it manages)"
+        ),
+    )
+}
+
+/// Refuses a config that has layers without a KV cache (linear attention, Mamba/SSM,
+/// recurrent) however it says so, beyond the per-layer lists the rules read: a model type
+/// without attention; Qwen3-Next's `full_attention_interval` (the other layers are linear
+/// attention); `attn_layer_indices` (Bamba, Granite 4: the other layers are Mamba);
+/// `layers_block_type` (Zamba) and `block_types` (RecurrentGemma) lists; any key with a
+/// `linear_`, `mamba_` or `ssm_` prefix (the parameters of such layers). Counting such a model
+/// as attention only would mis-state its memory, so it is an error naming the kind.
+fn reject_unmodelled_layers(root: &Obj, text: &Obj, n: u32) -> Result<()> {
+    for obj in [root, text] {
+        let model_type = get(obj, "model_type").and_then(Value::as_str);
+        if let Some(&(_, kind)) = NON_KV_MODEL_TYPES
+            .iter()
+            .find(|(t, _)| Some(*t) == model_type)
+        {
+            return Err(unsupported_kind("model_type", kind));
+        }
+    }
+    if let Some(interval) = get_positive(text, "full_attention_interval")? {
+        // Layer i is full attention iff (i + 1) % interval == 0; the others are linear.
+        if let Some(i) = (0..n).find(|i| (i + 1) % interval != 0) {
+            return Err(unsupported_layer(
+                "full_attention_interval",
+                i as usize,
+                "linear_attention",
+            ));
+        }
+    }
+    if let Some(v) = get(text, "attn_layer_indices") {
+        let listed: Vec<u64> = v
+            .as_array()
+            .and_then(|a| a.iter().map(Value::as_u64).collect())
+            .ok_or_else(|| {
+                Error::config(
+                    "attn_layer_indices",
+                    format!("expected a list of layer indices, got {v}"),
+                )
+            })?;
+        if let Some(i) = (0..u64::from(n)).find(|i| !listed.contains(i)) {
+            return Err(unsupported_layer("attn_layer_indices", i as usize, "mamba"));
+        }
+    }
+    for key in ["layers_block_type", "block_types"] {
+        let Some(list) = get(text, key).and_then(Value::as_array) else {
+            continue;
+        };
+        for (i, v) in list.iter().enumerate() {
+            let kind = v.as_str().unwrap_or("?");
+            if kind != "attention" {
+                return Err(unsupported_layer(format!("{key}[{i}]"), i, kind));
+            }
+        }
+    }
+    for (key, _) in text.iter().filter(|(_, v)| !v.is_null()) {
+        if let Some(&(_, kind)) = NON_KV_KEY_PREFIXES
+            .iter()
+            .find(|(prefix, _)| key.starts_with(prefix))
+        {
+            return Err(unsupported_kind(key.as_str(), kind));
+        }
+    }
+    Ok(())
 }
 
 /// Rule 1, `layer_types`: one string per layer (the current transformers convention).
@@ -1076,7 +1196,34 @@ fn build_groups(text: &Obj, kinds: &[LayerKind], dtype: DType) -> Result<Vec<KVG
             "no layer has a KV cache kvalloc manages",
         ));
     }
+    check_token_bytes(&groups)?;
     Ok(groups)
+}
+
+/// Bytes per token (every layer) must stay below 2^32, so that a block of up to 2^32 tokens
+/// has a size that fits in 64 bits: the byte counts derived from a spec never overflow.
+/// Real models are far below (hundreds of KiB per token).
+fn check_token_bytes(groups: &[KVGroup]) -> Result<()> {
+    const LIMIT: u128 = 1 << 32;
+    let total: u128 = groups
+        .iter()
+        .map(|g| {
+            u128::from(g.kv_heads)
+                * (u128::from(g.k_dim) + u128::from(g.v_dim))
+                * u128::from(g.dtype.bytes())
+                * g.layers.len() as u128
+        })
+        .sum();
+    if total >= LIMIT {
+        return Err(Error::config(
+            "<geometry>",
+            format!(
+                "{total} KV bytes per token over all layers is implausible (limit 2^32): \
+                 check num_key_value_heads, head_dim and num_hidden_layers"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Groups layers with equal keys; full groups first, then sliding, each by first layer.

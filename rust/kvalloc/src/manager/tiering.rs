@@ -68,7 +68,7 @@ impl KVCacheManager {
                 ));
             }
         }
-        self.lower.materialize();
+        self.lower.materialize()?;
         if let Some(host) = self.lower.host_memory() {
             self.loader = Some(Loader::start(host, device.clone()));
         }
@@ -122,7 +122,8 @@ impl KVCacheManager {
     /// What the engine waits on before computing request `req`'s first layers: the loads that
     /// fill its hit (done at once when it hit only L1).
     pub fn load_handle(&self, req: u64) -> Result<LoadHandle> {
-        Ok(LoadHandle::new(self.running(req)?.loads.clone()))
+        let layers = self.spec().num_layers as usize;
+        Ok(LoadHandle::new(self.running(req)?.loads.clone(), layers))
     }
 
     /// Demotes what an eviction took out of L1 (write on eviction), before its blocks are freed.

@@ -46,7 +46,7 @@ pub const DEFAULT_TRACE_BLOCK_TOKENS: u32 = 512;
 /// Reads a trace file; the format is detected from the first request line (`hash_ids` means
 /// Mooncake). `block_tokens`: tokens per trace block of block-id traces (default 512).
 pub fn read_trace(path: &Path, block_tokens: Option<u32>) -> Result<Trace> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::files::read_text(path)
         .map_err(|e| Error::invalid("trace", format!("cannot read {}: {e}", path.display())))?;
     let name = path.file_name().map_or_else(
         || path.display().to_string(),

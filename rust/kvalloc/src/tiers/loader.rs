@@ -14,6 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::device::{DeviceBuffer, HostMemory};
+use crate::error::{Error, Result};
 
 /// One copy: `len` bytes from host memory at `src` to the device at `dst`, for model layer
 /// `layer`.
@@ -100,7 +101,7 @@ impl LoadJob {
     }
 
     fn wait_until(&self, timeout: Option<Duration>, done: impl Fn(&JobState) -> bool) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = deadline(timeout);
         let mut s = self.state.lock().expect("job lock");
         while !done(&s) {
             match deadline {
@@ -118,16 +119,24 @@ impl LoadJob {
     }
 }
 
+/// The instant `timeout` from now; None (wait forever) without a timeout, or for one so long
+/// that the clock cannot represent its end (centuries: forever in practice, never a panic).
+fn deadline(timeout: Option<Duration>) -> Option<Instant> {
+    timeout.and_then(|t| Instant::now().checked_add(t))
+}
+
 /// What an engine waits on for one request: every load its hit depends on.
 #[derive(Debug, Clone, Default)]
 pub struct LoadHandle {
     jobs: Vec<Arc<LoadJob>>,
+    /// Layers of the model: `wait_layer` refuses any other.
+    num_layers: usize,
 }
 
 impl LoadHandle {
-    /// A handle over `jobs`.
-    pub fn new(jobs: Vec<Arc<LoadJob>>) -> Self {
-        LoadHandle { jobs }
+    /// A handle over `jobs` for a model of `num_layers` layers.
+    pub fn new(jobs: Vec<Arc<LoadJob>>, num_layers: usize) -> Self {
+        LoadHandle { jobs, num_layers }
     }
 
     /// Whether there is nothing to wait for.
@@ -135,20 +144,31 @@ impl LoadHandle {
         self.jobs.iter().all(|j| j.is_done())
     }
 
-    /// Returns once layer `layer`'s KV is in L1 (true), or false on timeout.
-    pub fn wait_layer(&self, layer: usize, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        self.jobs.iter().all(|j| {
+    /// Returns once layer `layer`'s KV is in L1 (true), or false on timeout (None: wait as
+    /// long as it takes). A layer the model does not have is an [`Error::InvalidArgument`].
+    pub fn wait_layer(&self, layer: usize, timeout: Option<Duration>) -> Result<bool> {
+        if layer >= self.num_layers {
+            return Err(Error::invalid(
+                "layer",
+                format!(
+                    "{layer} is out of range: the model has {} layers",
+                    self.num_layers
+                ),
+            ));
+        }
+        let deadline = deadline(timeout);
+        Ok(self.jobs.iter().all(|j| {
             j.wait_layer(
                 layer,
                 deadline.map(|d| d.saturating_duration_since(Instant::now())),
             )
-        })
+        }))
     }
 
-    /// Returns once every layer is in L1 (true), or false on timeout.
+    /// Returns once every layer is in L1 (true), or false on timeout (None: wait as long as it
+    /// takes).
     pub fn wait_all(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = deadline(timeout);
         self.jobs
             .iter()
             .all(|j| j.wait_all(deadline.map(|d| d.saturating_duration_since(Instant::now()))))
@@ -244,11 +264,51 @@ mod tests {
         let job = LoadJob::new(tasks, 2, &[false, true]);
         assert_eq!(job.tasks[0].layer, 1, "sliding layer first");
         loader.submit(job.clone());
-        let h = LoadHandle::new(vec![job]);
-        assert!(h.wait_layer(1, Some(Duration::from_secs(5))));
+        let h = LoadHandle::new(vec![job], 2);
+        assert!(h.wait_layer(1, Some(Duration::from_secs(5))).unwrap());
         assert!(h.wait_all(Some(Duration::from_secs(5))));
         let mut out = vec![0u8; 384];
         dev.read(512, &mut out);
         assert_eq!(out, bytes[..384]);
+    }
+
+    #[test]
+    fn a_layer_out_of_range_is_an_error_and_huge_timeouts_wait_forever() {
+        // A job that never runs (no loader): a finite timeout expires, an unrepresentable one
+        // would wait; a done handle answers any timeout at once, without panicking.
+        let pending = LoadJob::new(
+            vec![CopyTask {
+                layer: 0,
+                src: 0,
+                dst: 0,
+                len: 8,
+            }],
+            2,
+            &[false, false],
+        );
+        let h = LoadHandle::new(vec![pending], 2);
+        assert!(!h.wait_layer(0, Some(Duration::ZERO)).unwrap());
+        assert!(
+            h.wait_layer(1, Some(Duration::ZERO)).unwrap(),
+            "no copy for layer 1"
+        );
+        assert!(!h.wait_all(Some(Duration::from_millis(1))));
+        let done = LoadHandle::new(Vec::new(), 2);
+        for t in [
+            Duration::MAX,
+            Duration::from_secs(u64::MAX / 2),
+            Duration::ZERO,
+        ] {
+            assert!(done.wait_layer(1, Some(t)).unwrap());
+            assert!(done.wait_all(Some(t)));
+        }
+        for layer in [2, 1_000_000, usize::MAX] {
+            let e = done.wait_layer(layer, None).unwrap_err();
+            assert!(
+                matches!(e, Error::InvalidArgument { ref what, .. } if what == "layer"),
+                "{e}"
+            );
+        }
+        assert_eq!(deadline(Some(Duration::MAX)), None);
     }
 }

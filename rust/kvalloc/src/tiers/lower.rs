@@ -157,7 +157,13 @@ impl LowerTiers {
             keys = Some(k.clone());
         }
         let host_arena = if capacity.host > 0 {
-            Some(SlabArena::new(capacity.host, &shape.block_bytes, None)?)
+            // The arena's complaints about its capacity are about `host_bytes` here.
+            let arena =
+                SlabArena::new(capacity.host, &shape.block_bytes, None).map_err(|e| match e {
+                    Error::InvalidArgument { message, .. } => Error::invalid("host_bytes", message),
+                    other => other,
+                })?;
+            Some(arena)
         } else {
             None
         };
@@ -237,16 +243,25 @@ impl LowerTiers {
     }
 
     /// Allocates L2's memory: from now on bytes move. Called when the engine registers its
-    /// device buffer.
-    pub fn materialize(&mut self) {
-        self.materialized = true;
+    /// device buffer. Memory the system cannot give is an [`Error::SystemMemory`] naming
+    /// `host_bytes`, and nothing changes.
+    ///
+    /// The memory is mapped, not touched, and a background thread backs it front to back
+    /// ([`HostMemory::populate_in_background`]): registration returns at once (touching every
+    /// page of 8 GiB took 27 s), and demotions, which fill the tier front to back too, mostly
+    /// find their pages already there instead of faulting each one on the scheduler's path.
+    ///
+    /// [`Error::SystemMemory`]: crate::Error::SystemMemory
+    pub fn materialize(&mut self) -> Result<()> {
         if let (Some(a), None) = (&self.host_arena, &self.host_mem) {
-            let mem = HostMemory::zeroed(a.capacity_bytes() as usize);
-            // Touch every page now: a first-touch fault per 4 KiB in the demotion path would
-            // cost more than the copy (engines pin this memory up front for DMA anyway).
-            mem.prefault();
-            self.host_mem = Some(Arc::new(mem));
+            let len = usize::try_from(a.capacity_bytes()).unwrap_or(usize::MAX);
+            let mem = Arc::new(HostMemory::anonymous(len, "host_bytes")?);
+            // Detached: it ends once the tier is backed, or soon after the tier is dropped.
+            let _ = mem.populate_in_background();
+            self.host_mem = Some(mem);
         }
+        self.materialized = true;
+        Ok(())
     }
 
     /// L2's memory (for the loader), once materialized.
