@@ -765,6 +765,19 @@ fn a_later_chunk_attaches_its_checkpoint_to_nodes_another_request_linked() {
     m.validate().unwrap();
 }
 
+/// `small_spec` with window `window` and 16-token blocks (a window of a few blocks).
+fn sixteen_token_blocks(window: u32) -> (ModelSpec, ManagerConfig) {
+    let cfg = serde_json::json!({
+        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "head_dim": 8, "sliding_window": window, "hybrid_layer_pattern": [0, 1, 1, 1],
+    });
+    let config = ManagerConfig {
+        block_tokens: 16,
+        ..ManagerConfig::default()
+    };
+    (ModelSpec::from_hf_config(&cfg, None).unwrap(), config)
+}
+
 /// Issue 21's reproducer: a request preempted one token into a branch window's block must not
 /// publish that page. Request 10 matches request 5's first two nodes but no window (hit 0), so
 /// it computes the window of its branch point; preempted after one token of block 1, it had
@@ -772,15 +785,7 @@ fn a_later_chunk_attaches_its_checkpoint_to_nodes_another_request_linked() {
 /// it as cached KV (the tracking in `validate` now catches such a page too).
 #[test]
 fn a_preempted_chunk_never_publishes_a_partly_computed_page() {
-    let cfg = serde_json::json!({
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 8, "sliding_window": 32, "hybrid_layer_pattern": [0, 1, 1, 1],
-    });
-    let spec = ModelSpec::from_hf_config(&cfg, None).unwrap();
-    let config = ManagerConfig {
-        block_tokens: 16,
-        ..ManagerConfig::default()
-    };
+    let (spec, config) = sixteen_token_blocks(32);
     for preempt_by_abort in [false, true] {
         let mut m = KVCacheManager::new(spec.clone(), 96 << 10, config.clone()).unwrap();
         let shared = seq(1000, 48);
@@ -833,15 +838,7 @@ fn a_preempted_chunk_never_publishes_a_partly_computed_page() {
 /// call, as for a prefill chunk (the decode path used to release them at once).
 #[test]
 fn a_multi_token_decode_keeps_the_window_its_step_reads() {
-    let cfg = serde_json::json!({
-        "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 8, "sliding_window": 24, "hybrid_layer_pattern": [0, 1, 1, 1],
-    });
-    let spec = ModelSpec::from_hf_config(&cfg, None).unwrap();
-    let config = ManagerConfig {
-        block_tokens: 16,
-        ..ManagerConfig::default()
-    };
+    let (spec, config) = sixteen_token_blocks(24);
     let mut m = KVCacheManager::new(spec, 1 << 20, config).unwrap();
     m.admit(1, Prompt::Tokens(&seq(0, 48)), None, None)
         .unwrap()

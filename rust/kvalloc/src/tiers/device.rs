@@ -165,20 +165,7 @@ impl HostBuffer {
     /// first copy.
     pub fn prefault(&self) {
         const PAGE: usize = 4096;
-        #[cfg(target_os = "linux")]
-        {
-            // Only whole 2 MiB pages inside the range can become huge; advice, not a promise.
-            const HUGE: usize = 2 << 20;
-            let start = (self.ptr as usize).next_multiple_of(HUGE);
-            let end = (self.ptr as usize + self.len) / HUGE * HUGE;
-            if end > start {
-                // SAFETY: the range lies inside this buffer's live allocation; MADV_HUGEPAGE
-                // changes no contents.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-                }
-            }
-        }
+        advise_huge_pages(self.ptr, self.len);
         let mut o = 0;
         while o < self.len {
             // SAFETY: in bounds; called before the buffer is shared with any copy.
@@ -257,18 +244,7 @@ impl Mapping {
 
     /// Transparent huge pages for the whole 2 MiB pages inside the mapping (advice only).
     fn advise_huge_pages(&self) {
-        #[cfg(target_os = "linux")]
-        {
-            const HUGE: usize = 2 << 20;
-            let start = (self.ptr as usize).next_multiple_of(HUGE);
-            let end = (self.ptr as usize + self.len) / HUGE * HUGE;
-            if end > start {
-                // SAFETY: the range lies inside this mapping; MADV_HUGEPAGE changes no contents.
-                unsafe {
-                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-                }
-            }
-        }
+        advise_huge_pages(self.ptr, self.len);
     }
 }
 
@@ -384,6 +360,26 @@ impl fmt::Debug for dyn DeviceBuffer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "DeviceBuffer({} bytes)", self.len())
     }
+}
+
+/// Asks for transparent huge pages over the whole 2 MiB pages inside `[ptr, ptr + len)`, a live
+/// allocation (fewer TLB misses in big copies): advice, not a promise.
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = (ptr as usize).next_multiple_of(HUGE);
+        let end = (ptr as usize + len) / HUGE * HUGE;
+        if end > start {
+            // SAFETY: the range lies inside the caller's live allocation; MADV_HUGEPAGE changes
+            // no contents.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (ptr, len);
 }
 
 #[cfg(test)]
