@@ -12,10 +12,10 @@ import kvalloc
 from kvalloc.reference import byte_fuzz
 from kvalloc.reference.byte_check import ByteCheckEngine, WrongBytesError
 
-# Seeds that failed before a fix (300 operations each, with a remote server; see each fix):
-# 0, 1, 7, 12: a decode of several tokens released the window its step reads (missing KV);
-# 18, 43: a preempted chunk published a partly computed page (wrong KV).
-REGRESSION_SEEDS = [0, 1, 7, 12, 18, 43]
+# (seed, generation) of every case that failed before a fix (300 operations each, with a remote
+# server): 0, 1, 7, 12: a decode of several tokens released the window its step reads (missing
+# KV); 18, 43: a preempted chunk published a partly computed page (wrong KV).
+REGRESSION_SEEDS = [(0, 1), (1, 1), (7, 1), (12, 1), (18, 1), (43, 1)]
 
 SPEC_CONFIG = {**byte_fuzz.CONFIG}
 
@@ -66,9 +66,9 @@ def test_random_operations_with_every_tier(remote_server, seed: int) -> None:
     assert f.ops_done == 300
 
 
-@pytest.mark.parametrize("seed", REGRESSION_SEEDS)
-def test_regression_seeds(remote_server, seed: int) -> None:
-    byte_fuzz.run_case(seed, 300, remote_server.url)
+@pytest.mark.parametrize(("seed", "generation"), REGRESSION_SEEDS)
+def test_regression_seeds(remote_server, seed: int, generation: int) -> None:
+    byte_fuzz.run_case(seed, 300, remote_server.url, generation)
 
 
 def test_the_long_mode_runs_from_the_command_line(capsys: pytest.CaptureFixture[str]) -> None:

@@ -45,6 +45,13 @@ CONFIG = {
 }
 
 
+# Generations of the case generator: a seed replays the same case only under the generation it
+# was drawn with, so a regression seed keeps its generation. 2 adds write-through to the remote
+# store and deployment secrets (changed at some restarts: records under another secret must
+# read as misses).
+GENERATION = 2
+
+
 @dataclass
 class Case:
     """One seed's configuration."""
@@ -58,11 +65,14 @@ class Case:
     disk: bool
     remote: bool
     window: int
+    generation: int = GENERATION
+    write_through: bool = False
+    secret: str | None = None
 
     @staticmethod
-    def draw(seed: int, remote_url: str | None) -> Case:
+    def draw(seed: int, remote_url: str | None, generation: int = GENERATION) -> Case:
         rng = random.Random(seed)
-        return Case(
+        case = Case(
             seed=seed,
             policy=rng.choice(["swa-aware", "swa-aware", "dense"]),
             eviction=rng.choice(["lru", "value"]),
@@ -72,7 +82,12 @@ class Case:
             disk=rng.random() < 0.4,
             remote=remote_url is not None and rng.random() < 0.4,
             window=rng.choice([32, 32, 24, 40]),
+            generation=generation,
         )
+        if generation >= 2:
+            case.write_through = case.remote and rng.random() < 0.5
+            case.secret = rng.choice([None, "deployment-secret-1"])
+        return case
 
 
 @dataclass
@@ -110,6 +125,9 @@ class Fuzzer:
             kw["remote_url"] = self.remote_url
             kw["remote_bytes"] = 4 * c.capacity
             kw["remote_prefix"] = self.prefix_ns
+            kw["write_through"] = c.write_through
+        if c.generation >= 2 and (c.disk or c.remote):
+            kw["secret"] = c.secret
         m = kvalloc.KVCacheManager(
             self.spec,
             c.capacity,
@@ -233,7 +251,10 @@ class Fuzzer:
         if not (self.case.disk or (self.case.remote and self.remote_url)):
             return self.op_admit()
         flush = self.rng.random() < 0.5
-        self.log.append(f"restart flush={flush}")
+        if self.case.generation >= 2 and self.rng.random() < 0.2:
+            # Another deployment's secret: what the stores hold must read as misses.
+            self.case.secret = None if self.case.secret else "deployment-secret-2"
+        self.log.append(f"restart flush={flush} secret={self.case.secret!r}")
         if flush:
             self.engine.m.flush()
         self.engine.m.wait_loads()
@@ -276,10 +297,10 @@ def _describe(prompt: dict) -> str:
     return f"<{len(t)} tokens {t[:3]}..., salt={salt!r}>"
 
 
-def run_case(seed: int, ops: int, remote_url: str | None = None) -> Fuzzer:
+def run_case(seed: int, ops: int, remote_url: str | None = None, generation: int = GENERATION) -> Fuzzer:
     """Runs one case; raises (with the seed and the last operations in the message) on the
     first wrong byte or broken invariant."""
-    case = Case.draw(seed, remote_url)
+    case = Case.draw(seed, remote_url, generation)
     workdir = Path(tempfile.mkdtemp(prefix=f"kvalloc-fuzz-{seed}-"))
     f = None
     try:
@@ -302,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, help="run only this seed")
     ap.add_argument("--first-seed", type=int, default=1_000, help="first seed of a timed run")
     ap.add_argument("--ops", type=int, default=400, help="operations per seed (default 400)")
+    ap.add_argument("--generation", type=int, default=GENERATION, help="case generator (a regression seed's own)")
     ap.add_argument("--remote-url", help="a Valkey/Redis server for the remote tier (e.g. redis://127.0.0.1:6390/0)")
     args = ap.parse_args(argv)
     seeds = [args.seed] if args.seed is not None else None
@@ -311,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     failures = []
     while True:
         try:
-            f = run_case(seed, args.ops, args.remote_url)
+            f = run_case(seed, args.ops, args.remote_url, args.generation)
             slots += f.checked_slots
         except Exception as exc:  # noqa: BLE001 - every failure is reported with its seed
             failures.append(seed)
