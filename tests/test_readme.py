@@ -37,8 +37,18 @@ def _commands() -> list[str]:
     return out
 
 
+def _inline_commands() -> list[str]:
+    """Commands quoted inline (`kvalloc simulate`, `cargo bench --bench manager`, ...), as in
+    the performance tables: checked like the blocks' commands, never run."""
+    prose = re.sub(r"^```.*?^```", "", README, flags=re.S | re.M)
+    spans = re.findall(r"`([^`\n]+)`", prose)
+    heads = re.compile(r"^(kvalloc (?!\.)|scripts/|benches/|cargo |\.venv/bin/python -m )")
+    return [c for c in spans if heads.match(c)]
+
+
 PYTHON_BLOCKS = _blocks("python")
 COMMANDS = _commands()
+INLINE_COMMANDS = sorted(set(_inline_commands()) - set(COMMANDS))
 
 
 def test_readme_has_its_examples():
@@ -46,6 +56,7 @@ def test_readme_has_its_examples():
     assert len(PYTHON_BLOCKS) >= 3
     assert not re.search(r"^```(py|python3|sh|shell|console)\s*$", README, re.M)
     assert "scripts/run.sh" in COMMANDS and "scripts/test.sh" in COMMANDS
+    assert INLINE_COMMANDS
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))
@@ -82,7 +93,7 @@ def _cargo_targets(kind: str) -> set[str]:
 RUN = {"kvalloc presets", "kvalloc inspect --model gpt-oss-120b"}
 
 
-@pytest.mark.parametrize("cmd", COMMANDS)
+@pytest.mark.parametrize("cmd", COMMANDS + INLINE_COMMANDS)
 def test_readme_command_is_real(cmd):
     """Runs the cheap commands; for the others checks that what they name exists, so a renamed
     script, subcommand, option or target fails here rather than in a reader's shell."""
@@ -105,8 +116,8 @@ def test_readme_command_is_real(cmd):
         module = argv[2]
         if module == "pytest":
             for a in argv[3:]:
-                if not a.startswith("-"):
-                    assert (ROOT / a).exists(), a
+                if a.endswith(".py") or "/" in a:
+                    assert (ROOT / a.split("::")[0]).exists(), a
         else:
             import importlib.util
 
@@ -163,3 +174,16 @@ def test_readme_paths_exist():
     assert named
     missing = sorted(p for p in named if not (ROOT / p.rstrip("/")).exists())
     assert not missing, missing
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_links_into_docs_reach_a_heading():
+    links = re.findall(r"\]\(((?:docs)/[\w./-]+)#([\w-]+)\)", README)
+    assert links
+    for path, anchor in links:
+        headings = re.findall(r"^#+ (.+)$", (ROOT / path).read_text(), re.M)
+        assert anchor in {_slug(h) for h in headings}, f"{path}#{anchor}"
