@@ -3,7 +3,7 @@ step: 256 running requests each extended by one decode token plus 16 admissions 
 prompts sharing 96, in one `KVCacheManager.step` call (`step_workload.py`, shared with
 `test_bench_manager.py`). Run with the .venv's Python, from anywhere:
 
-    .venv/bin/python benches/step.py loop [PROMPT_TOKENS SHARED_TOKENS STEPS [THRASH_MIB]]
+    .venv/bin/python benches/step.py loop [PROMPT_TOKENS SHARED_TOKENS STEPS [THRASH_MIB]] [--build SO]
     .venv/bin/python benches/step.py ab A.so B.so [STEPS [CACHED_REQUESTS [THRASH_MIB]]]
     .venv/bin/python benches/step.py build REV OUT_DIR [--pgo]   # A.so / B.so of any revision
     .venv/bin/python benches/step.py scale [CACHED_REQUESTS STEPS [EXTENSION]]
@@ -16,11 +16,14 @@ prompts sharing 96, in one `KVCacheManager.step` call (`step_workload.py`, share
     .venv/bin/python benches/step.py remote-frozen [ADMISSIONS [TIMEOUT_MS]]
 
 `benches/step.py SUBCOMMAND --help` says what each prints. Instructions per step (the figure the
-README quotes; plain loop, counted inside `step` only):
+README quotes; plain loop, counted inside the binding's `step` only):
 
     valgrind --tool=callgrind --callgrind-out-file=/tmp/cg.out \\
-        --toggle-collect='*PyKVCacheManager*step*' \\
+        --toggle-collect='*PyKVCacheManager*__pymethod_step__*' \\
         .venv/bin/python benches/step.py loop 128 96 300     # "Collected" / 300
+
+(Name the outermost function only: a build that does not inline `PyKVCacheManager::step` into
+it would toggle collection off again on entering that one with `*PyKVCacheManager*step*`.)
 
 Absolute times on a shared VM move by 1.5-2x within minutes; `ab` (two builds in one process,
 taking turns on the same steps) measures a change, paired.
@@ -58,10 +61,16 @@ CODE_LINE = 64
 # ---- loop: the step in a plain loop ----
 
 
-def loop(length: int, shared: int, steps: int, thrash_mib: int) -> None:
+def loop(length: int, shared: int, steps: int, thrash_mib: int, build: str | None) -> None:
     """Prints min / median / mean / max and page faults per step, then the steps that took any
-    (the memory the bookkeeping first touches)."""
+    (the memory the bookkeeping first touches). `build`: another build's extension (the
+    installed one by default)."""
     import numpy as np
+
+    if build is not None:
+        from as_kvalloc import install
+
+        install(build)
 
     from step_workload import cache_thrasher, start, take_turns
 
@@ -371,7 +380,7 @@ def code_lines_run(warm: int) -> None:
             [
                 "valgrind", "--tool=callgrind", "--dump-instr=yes", "--compress-pos=no",
                 "--compress-strings=no", f"--callgrind-out-file={out}",
-                "--toggle-collect=*PyKVCacheManager*step*",
+                "--toggle-collect=*PyKVCacheManager*__pymethod_step__*",
                 sys.executable, __file__, "_code-lines-inner", str(warm),
             ],
             check=True,
@@ -510,10 +519,11 @@ def parser() -> argparse.ArgumentParser:
     def command(name: str, run: Callable[[argparse.Namespace], None], doc: str) -> argparse.ArgumentParser:
         # The listing shows the description up to its first colon.
         s = sub.add_parser(name, help=doc.split(":")[0], description=doc)
-        s.set_defaults(run=run)
+        s.set_defaults(run=run, parser=s)
         return s
 
-    s = command("loop", lambda a: loop(a.prompt_tokens, a.shared_tokens, a.steps, a.thrash_mib),
+    s = command("loop",
+                lambda a: loop(a.prompt_tokens, a.shared_tokens, a.steps, a.thrash_mib, a.build),
                 "The step in a plain loop: min / median / mean / max and page faults per step. "
                 "Between steps the 16 oldest requests finish through `finish`, so a profiler "
                 "collecting only inside `step` sees only the timed steps.")
@@ -522,6 +532,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("steps", metavar="STEPS", nargs="?", type=positive, default=3000)
     s.add_argument("thrash_mib", metavar="THRASH_MIB", nargs="?", type=nonnegative, default=0,
                    help="write an array this large between steps (cold caches)")
+    s.add_argument("--build", metavar="SO",
+                   help="another build's _core.abi3.so (`step.py build`; default: the installed one)")
 
     s = command("ab", lambda a: ab([a.a, a.b], a.steps, a.cached_requests, a.thrash_mib),
                 "Two builds side by side: both load into one process (e.g. `step.py build REV DIR`'s "
@@ -594,16 +606,18 @@ def parser() -> argparse.ArgumentParser:
 
     # The child processes of `code-lines` and `simulate-ab` (not listed: no help).
     s = sub.add_parser("_code-lines-inner")
-    s.set_defaults(run=lambda a: code_lines_inner(a.warm_steps))
+    s.set_defaults(run=lambda a: code_lines_inner(a.warm_steps), parser=s)
     s.add_argument("warm_steps", metavar="WARM_STEPS", type=nonnegative)
     s = sub.add_parser("_simulate-inner")
-    s.set_defaults(run=lambda a: simulate_inner(a.path))
+    s.set_defaults(run=lambda a: simulate_inner(a.path), parser=s)
     s.add_argument("path")
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args, extra = parser().parse_known_args(argv)
+    if extra:  # the subcommand's own usage line, not the list of subcommands
+        args.parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.run(args)
 
 

@@ -5,6 +5,7 @@ large cache, the count of a step's code lines, admissions beside a frozen remote
 subcommand explains its arguments; the set-up scripts keep stdout for the job's output."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -34,6 +35,22 @@ def test_step_loop_runs():
     out = run("loop", "128", "96", "5")
     assert re.search(r"median [\d.]+ us, mean [\d.]+ us, max [\d.]+ us over 5 steps", out), out
     assert re.search(r"^\d+ steps took page faults", out, re.M), out
+
+
+def test_step_loop_runs_on_a_given_build(tmp_path):
+    """`--build` loads that file as the extension: the installed one under another path runs,
+    a file that is not an extension does not."""
+    core = tmp_path / "_core.abi3.so"
+    core.write_bytes(Path(kvalloc._core.__file__).read_bytes())
+    out = run("loop", "128", "96", "3", "--build", str(core))
+    assert re.search(r"over 3 steps", out), out
+    bogus = tmp_path / "not_core.so"
+    bogus.write_text("no")
+    done = subprocess.run(
+        [sys.executable, str(STEP), "loop", "128", "96", "3", "--build", str(bogus)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode != 0 and "not_core.so" in done.stderr
 
 
 def test_remote_frozen_runs():
@@ -200,6 +217,17 @@ def test_pgo_build_explains_its_arguments(args):
     )
     assert done.returncode == 2
     assert "usage: scripts/pgo_build.sh [--tree DIR] [--out FILE] | --is-installed" in done.stderr
+
+
+def test_pgo_build_is_not_installed_without_its_record(tmp_path):
+    """`--is-installed` (what scripts/setup.sh asks before its plain build) says no where
+    pgo_build.sh installed nothing, and builds nothing to say it."""
+    done = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "pgo_build.sh"), "--is-installed"],
+        capture_output=True, text=True, timeout=60, env={**os.environ, "CARGO_TARGET_DIR": str(tmp_path)},
+    )
+    assert done.returncode == 1, done.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_run_sh_prints_only_the_jobs_output():
