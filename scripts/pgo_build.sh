@@ -3,8 +3,8 @@
 # scheduler step than the plain release build `scripts/setup.sh` installs (README, "Profile-
 # guided build"). Three phases: an instrumented build, a training run (scripts/pgo_train.py:
 # the scheduler step, single calls, tiers, the arena, trace replay), then the optimized build
-# with that profile, both in the `dist` profile (fat LTO, one codegen unit: Cargo.toml). About
-# 8 more minutes than the plain build on a 2-core machine.
+# with that profile, both in the release profile (fat LTO: Cargo.toml), each in a target
+# directory of its own. About twice the plain build's time, plus the training run.
 #
 #     scripts/setup.sh && scripts/pgo_build.sh    # install it into .venv (editable)
 #     scripts/pgo_build.sh --out FILE             # or copy the library to FILE instead
@@ -87,11 +87,11 @@ if [ ! -f "$profile" ]; then
   raw=$(mktemp -d)
   trap 'rm -rf "$raw"' EXIT
   (cd "$tree" && CARGO_TARGET_DIR="$target/pgo-gen" PYO3_PYTHON="$python" \
-    RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$raw" cargo build --profile dist -q -p kvalloc-py)
+    RUSTFLAGS="${RUSTFLAGS:-} -Cprofile-generate=$raw" cargo build --release -q -p kvalloc-py)
   # Only the training run's counts (build scripts and proc macros ran instrumented too).
   rm -rf "${raw:?}"/*
   log="$target/pgo/train.log"
-  if ! (cd "$tree" && "$python" scripts/pgo_train.py "$target/pgo-gen/dist/lib_core.so") \
+  if ! (cd "$tree" && "$python" scripts/pgo_train.py "$target/pgo-gen/release/lib_core.so") \
       >"$log" 2>&1; then
     tail -20 "$log" >&2
     echo "pgo_build: the training run failed (a bug: tests/test_bench_scripts.py runs it too)" >&2
@@ -107,15 +107,15 @@ echo "pgo_build: optimized build with profile $key" >&2
 flags="${RUSTFLAGS:-} -Cprofile-use=$profile"
 if [ -n "$out" ]; then
   (cd "$tree" && CARGO_TARGET_DIR="$target/pgo-use" PYO3_PYTHON="$python" RUSTFLAGS="$flags" \
-    cargo build --profile dist -q -p kvalloc-py)
+    cargo build --release -q -p kvalloc-py)
   mkdir -p "$(dirname "$out")"
-  cp "$target/pgo-use/dist/lib_core.so" "$out"
+  cp "$target/pgo-use/release/lib_core.so" "$out"
   exit
 fi
 # Installed in place (editable), as scripts/setup.sh installs the plain build; its own target
 # directory, so that switching between the two rebuilds neither.
 cd "$root"
 VIRTUAL_ENV="$root/.venv" PATH="$root/.venv/bin:$PATH" CARGO_TARGET_DIR="$target/pgo-use" \
-  RUSTFLAGS="$flags" .venv/bin/maturin develop --profile dist -q >&2
+  RUSTFLAGS="$flags" .venv/bin/maturin develop --release -q >&2
 echo "$key $(sha256sum < "$so" | cut -d' ' -f1)" > "$installed"
 echo "pgo_build: the profile-guided build is installed in .venv" >&2

@@ -33,7 +33,8 @@ fi
 # python/kvalloc is imported from the tree and the compiled _core lands next to it. A
 # profile-guided build that scripts/pgo_build.sh installed is kept while its sources are
 # unchanged.
-if scripts/pgo_build.sh --is-installed 2>/dev/null; then
+if scripts/pgo_build.sh --is-installed 2>/dev/null && .venv/bin/python -c "import kvalloc._core" 2>/dev/null
+then
   echo "setup: keeping the installed profile-guided build (scripts/pgo_build.sh)"
 else
   echo "setup: building the extension (release profile)"
