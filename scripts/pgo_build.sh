@@ -11,11 +11,10 @@
 #     scripts/pgo_build.sh --tree DIR --out FILE  # the sources in DIR (another revision's
 #                                                 # worktree) with their own training run
 #                                                 # (benches/step.py build REV OUT --pgo)
-#     scripts/pgo_build.sh --is-installed         # exit 0 when .venv holds this build of the
-#                                                 # current sources (scripts/setup.sh asks)
 #
 # scripts/setup.sh, and so scripts/run.sh and scripts/test.sh, keep the installed profile-guided
-# build while the sources it was built from are unchanged, and install a plain build otherwise.
+# build while the sources it was built from are unchanged (.venv/kvalloc-build records them),
+# and install a plain build otherwise.
 # PYTHON: the interpreter of the training run (default .venv's). Build outputs go under
 # $CARGO_TARGET_DIR (default target/): pgo-gen (instrumented), pgo-use (optimized), and
 # pgo/KEY.profdata, the profile per state of the sources, so a second run with nothing changed
@@ -24,51 +23,28 @@
 # exits non-zero and says why.
 set -euo pipefail
 usage() {
-  echo "usage: scripts/pgo_build.sh [--tree DIR] [--out FILE] | --is-installed" >&2
+  echo "usage: scripts/pgo_build.sh [--tree DIR] [--out FILE]" >&2
   exit 2
 }
 script=$(realpath "$0")
 root=$(cd "$(dirname "$script")/.." && pwd)
 tree=$root
 out=
-check=
 while [ $# -gt 0 ]; do
   case "$1" in
     --tree) [ $# -ge 2 ] || usage; tree=$(realpath "$2"); shift 2 ;;
     --out) [ $# -ge 2 ] || usage; out=$(realpath -m "$2"); shift 2 ;;
-    --is-installed) check=1; shift ;;
     *) usage ;;
   esac
 done
-if [ -n "$check" ] && { [ -n "$out" ] || [ "$tree" != "$root" ]; }; then usage; fi
 if [ "$tree" != "$root" ] && [ -z "$out" ]; then usage; fi
 target=${CARGO_TARGET_DIR:-$root/target}
 python=${PYTHON:-$root/.venv/bin/python}
-installed=$target/pgo/installed
 
-# What the profile and the build depend on: the tree's Rust and Python sources, its lockfile
-# and manifests, the training run and what it imports, this script, the compiler.
-source_key() {
-  {
-    cd "$tree"
-    find rust python/kvalloc -type f ! -name '*.so' ! -path '*/__pycache__/*' -print0 \
-      | sort -z | xargs -0 sha256sum
-    for f in Cargo.toml Cargo.lock scripts/pgo_train.py benches/step_workload.py \
-        benches/as_kvalloc.py; do
-      if [ -f "$f" ]; then sha256sum "$f"; fi
-    done
-    sha256sum "$script" | cut -d' ' -f1
-    rustc -vV
-  } | sha256sum | cut -c1-16
-}
-key=$(source_key)
+# The sources' key (scripts/source_key.sh, what scripts/setup.sh records too) and this script.
+key=$("$root/scripts/source_key.sh" "$tree")
+profile_key=$(printf '%s %s' "$key" "$(sha256sum < "$script")" | sha256sum | cut -c1-16)
 so="$root/python/kvalloc/_core.abi3.so"
-
-if [ -n "$check" ]; then
-  [ -f "$installed" ] && [ -f "$so" ] \
-    && [ "$(cat "$installed")" = "$key $(sha256sum < "$so" | cut -d' ' -f1)" ]
-  exit
-fi
 
 profdata="$(rustc --print sysroot)/lib/rustlib/$(rustc -vV | sed -n 's/^host: //p')/bin/llvm-profdata"
 if [ ! -x "$profdata" ] && command -v rustup >/dev/null; then
@@ -80,9 +56,9 @@ if [ ! -x "$profdata" ]; then
   exit 1
 fi
 
-profile="$target/pgo/$key.profdata"
+profile="$target/pgo/$profile_key.profdata"
 if [ ! -f "$profile" ]; then
-  echo "pgo_build: instrumented build and training run (profile $key)" >&2
+  echo "pgo_build: instrumented build and training run (profile $profile_key)" >&2
   mkdir -p "$target/pgo"
   raw=$(mktemp -d)
   trap 'rm -rf "$raw"' EXIT
@@ -100,10 +76,10 @@ if [ ! -f "$profile" ]; then
   "$profdata" merge -o "$profile.tmp" "$raw"
   mv "$profile.tmp" "$profile"
   # Older profiles of this target directory are of other sources.
-  find "$target/pgo" -name '*.profdata' ! -name "$key.profdata" -delete
+  find "$target/pgo" -name '*.profdata' ! -name "$profile_key.profdata" -delete
 fi
 
-echo "pgo_build: optimized build with profile $key" >&2
+echo "pgo_build: optimized build with profile $profile_key" >&2
 flags="${RUSTFLAGS:-} -Cprofile-use=$profile"
 if [ -n "$out" ]; then
   (cd "$tree" && CARGO_TARGET_DIR="$target/pgo-use" PYO3_PYTHON="$python" RUSTFLAGS="$flags" \
@@ -117,5 +93,6 @@ fi
 cd "$root"
 VIRTUAL_ENV="$root/.venv" PATH="$root/.venv/bin:$PATH" CARGO_TARGET_DIR="$target/pgo-use" \
   RUSTFLAGS="$flags" .venv/bin/maturin develop --release -q >&2
-echo "$key $(sha256sum < "$so" | cut -d' ' -f1)" > "$installed"
+# What scripts/setup.sh reads to keep this build while the sources are unchanged.
+echo "pgo $key $(sha256sum < "$so" | cut -d' ' -f1)" > "$root/.venv/kvalloc-build"
 echo "pgo_build: the profile-guided build is installed in .venv" >&2

@@ -30,14 +30,22 @@ if [ "$extras" = "test" ]; then
 fi
 
 # The release build (Cargo.toml's [profile.release]), installed in place (editable):
-# python/kvalloc is imported from the tree and the compiled _core lands next to it. A
-# profile-guided build that scripts/pgo_build.sh installed is kept while its sources are
-# unchanged.
-if scripts/pgo_build.sh --is-installed 2>/dev/null && .venv/bin/python -c "import kvalloc._core" 2>/dev/null
-then
-  echo "setup: keeping the installed profile-guided build (scripts/pgo_build.sh)"
+# python/kvalloc is imported from the tree and the compiled _core lands next to it.
+# .venv/kvalloc-build records which build is installed ("release" or, after scripts/pgo_build.sh,
+# "pgo"), of which sources (scripts/source_key.sh) and its checksum: while they match, nothing
+# is built or installed again (nor is the loaded library rewritten under a running process).
+record=.venv/kvalloc-build
+so=python/kvalloc/_core.abi3.so
+key=$(scripts/source_key.sh)
+kind=
+if [ -f "$record" ] && [ -f "$so" ] && read -r kind recorded sha < "$record" \
+    && [ "$recorded" = "$key" ] && [ "$sha" = "$(sha256sum < "$so" | cut -d' ' -f1)" ] \
+    && .venv/bin/python -c "import kvalloc._core" 2>/dev/null; then
+  echo "setup: the installed $kind build is up to date"
 else
   echo "setup: building the extension (release profile)"
+  rm -f "$record"
   VIRTUAL_ENV="$PWD/.venv" PATH="$PWD/.venv/bin:$PATH" .venv/bin/maturin develop --release -q
+  echo "release $key $(sha256sum < "$so" | cut -d' ' -f1)" > "$record"
 fi
 .venv/bin/python -c "import kvalloc; print('kvalloc', kvalloc.__version__, 'ready in .venv')"

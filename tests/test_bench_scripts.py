@@ -5,7 +5,6 @@ large cache, the count of a step's code lines, admissions beside a frozen remote
 subcommand explains its arguments; the set-up scripts keep stdout for the job's output."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -206,9 +205,7 @@ def test_step_without_a_subcommand_lists_them():
     assert "_simulate-inner" not in listing
 
 
-@pytest.mark.parametrize(
-    "args", [["--tree"], ["--out"], ["--fast"], ["--tree", "/tmp"], ["--is-installed", "--out", "x"]]
-)
+@pytest.mark.parametrize("args", [["--tree"], ["--out"], ["--fast"], ["--tree", "/tmp"]])
 def test_pgo_build_explains_its_arguments(args):
     """Anything but its documented arguments is the usage line, before any build."""
     done = subprocess.run(
@@ -216,24 +213,40 @@ def test_pgo_build_explains_its_arguments(args):
         capture_output=True, text=True, timeout=60,
     )
     assert done.returncode == 2
-    assert "usage: scripts/pgo_build.sh [--tree DIR] [--out FILE] | --is-installed" in done.stderr
+    assert "usage: scripts/pgo_build.sh [--tree DIR] [--out FILE]" in done.stderr
 
 
-def test_pgo_build_is_not_installed_without_its_record(tmp_path):
-    """`--is-installed` (what scripts/setup.sh asks before its plain build) says no where
-    pgo_build.sh installed nothing, and builds nothing to say it."""
-    done = subprocess.run(
-        ["bash", str(ROOT / "scripts" / "pgo_build.sh"), "--is-installed"],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "CARGO_TARGET_DIR": str(tmp_path)},
-    )
-    assert done.returncode == 1, done.stderr
-    assert list(tmp_path.iterdir()) == []
+def test_source_key_follows_the_sources(tmp_path):
+    """The key scripts/setup.sh records with the installed build changes with a Rust source, a
+    Python source or the manifest, and with nothing else in the tree (a bench's output)."""
+    for part in ("rust", "python/kvalloc"):
+        shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    for f in ("Cargo.toml", "Cargo.lock", "pyproject.toml"):
+        shutil.copy(ROOT / f, tmp_path / f)
+
+    def key() -> str:
+        done = subprocess.run(
+            [str(ROOT / "scripts" / "source_key.sh"), str(tmp_path)],
+            capture_output=True, text=True, timeout=60, check=True,
+        )
+        return done.stdout.strip()
+
+    first = key()
+    assert re.fullmatch(r"[0-9a-f]{16}", first)
+    (tmp_path / "bench-output.txt").write_text("not a source")
+    assert key() == first
+    seen = {first}
+    for f in ("rust/kvalloc/src/lib.rs", "python/kvalloc/cli.py", "Cargo.toml"):
+        with open(tmp_path / f, "a") as out:
+            out.write("\n")
+        seen.add(key())
+    assert len(seen) == 4
 
 
 def test_run_sh_prints_only_the_jobs_output():
     """`scripts/run.sh --json | python -m json.tool` works: set-up progress (pip, the build)
     goes to stderr, and stdout is the one JSON object of the job. Uses the .venv the tests run
-    in (scripts/setup.sh finds it set up: no install, the build up to date)."""
+    in (scripts/setup.sh finds it set up: nothing to install, the build up to date)."""
     done = subprocess.run(
         [str(ROOT / "scripts" / "run.sh"), "--json", "--no-progress", "--no-capacity-search"],
         capture_output=True, text=True, timeout=600,
