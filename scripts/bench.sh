@@ -2,8 +2,8 @@
 # Every benchmark, side by side, in one run: criterion (Rust), pytest-benchmark (Python) and the
 # scheduler step's bookkeeping committed against none, and what a page fault costs here
 # (benches/step.py prefault, page-faults). Extra arguments go to criterion.
-# Criterion builds in the `bench` profile (fat LTO, as `dist`); the Python benches measure the
-# installed extension: the plain release build, or the profile-guided one after
+# Criterion builds in the `bench` profile (the release profile's settings); the Python benches
+# measure the installed extension: the plain release build, or the profile-guided one after
 # scripts/pgo_build.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
