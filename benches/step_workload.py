@@ -1,6 +1,6 @@
 """The scheduler step of issue 3, shared by `test_bench_manager.py` (pytest-benchmark),
-`step_loop.py` (a plain loop), `step_prefault.py`, `step_ab.py`, `step_scale.py` (two managers
-side by side) and `step_cold.py` (decode steps with cold caches):
+`step.py` (its subcommands: a plain loop, two builds or two managers side by side, cold caches)
+and `scripts/pgo_train.py` (the profile-guided build's training run):
 256 running requests each extended by one decode token plus 16 admissions of prompts that share
 their first `shared` tokens, on mimo-v2.5-pro with 16-token blocks. Not a test module (pytest
 collects only test_*.py)."""
@@ -46,7 +46,7 @@ def start(
 
 
 def load_core(path: str, name: str) -> ModuleType:
-    """The extension module at `path` (a build of any revision: `scripts/build_rev.sh`), under
+    """The extension module at `path` (a build of any revision: `benches/step.py build`), under
     a name of its own, so that two builds can load into one process."""
     spec = importlib.util.spec_from_file_location(f"{name}._core", path)
     if spec is None or spec.loader is None:

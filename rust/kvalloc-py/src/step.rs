@@ -189,7 +189,7 @@ impl PyKVCacheManager {
         let admit_tokens = args.admit_tokens.filter(|o| !o.is_none());
         // numpy's own int64 arrays are read in place (`exact_tokens`), without a copy or a
         // borrow: a step's prompts can be megabytes, even the 2,048 ids of
-        // `benches/step_ab.py`'s 16 prompts cost more to copy (0.5 us warm, 2.5 us with cold
+        // `benches/step.py ab`'s 16 prompts cost more to copy (0.5 us warm, 2.5 us with cold
         // caches, measured side by side), and rust-numpy's borrow tracking costs about 700
         // instructions a call. Anything else (int32, a subclass, a strided view, a list) is
         // converted into the kept vector.
