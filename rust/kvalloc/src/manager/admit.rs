@@ -9,6 +9,7 @@ use super::request::Request;
 use super::{KVCacheManager, MAX_GROUPS, MAX_SEQUENCE_TOKENS};
 use crate::error::{Error, Result};
 use crate::hash;
+use crate::prefix::Walk;
 
 impl KVCacheManager {
     /// Checks a prompt's shape without hashing it.
@@ -177,33 +178,95 @@ impl KVCacheManager {
         // A recycled request keeps its vectors' capacity: admission allocates nothing in the
         // steady state.
         let mut r = self.request_pool.pop().unwrap_or_default();
+        if let Err(e) = self.hash_and_promote(&mut r, &prompt, seed, retry, prehashed) {
+            self.recycle(r);
+            return Err(e);
+        }
+        let len = prompt.len();
+        let max_safe = self.bm.floor(len - 1) as u32;
+        r.path.clear();
+        let walk = self.tree.walk(&r.hashes, max_safe, &mut r.path);
+        self.start_record(&mut r, prompt, seed, walk);
+        let hit = r.hit;
+        let end = match max_tokens {
+            // Saturating: a limit near 2^64 is "the whole prompt", not a wrapped small one.
+            Some(m) => len.min(hit.saturating_add(m)),
+            None => len,
+        };
+        let mut plan = std::mem::take(&mut self.scratch_plan);
+        let counts = self.plan_range(&r, r.len, end, &mut plan);
+        if let Some(need_bytes) = self.hopeless(&r, &counts)? {
+            self.scratch_plan = plan;
+            self.remember_refusal(req, &prompt, retry, max_tokens, need_bytes, &r);
+            self.recycle(r);
+            return Ok(None);
+        }
+        // Pin the matched path so eviction cannot take it while we make room.
+        for &n in &r.path {
+            self.tree.pin(n);
+        }
+        if !self.schedule_planned(&mut r, end, plan, &counts)? {
+            let mut freed = std::mem::take(&mut self.scratch);
+            for &n in &r.path {
+                self.tree.unpin(n, &mut freed);
+            }
+            self.release(&mut freed);
+            self.scratch = freed;
+            self.admissions_refused += 1;
+            self.recycle(r);
+            return Ok(None);
+        }
+        if walk.safe > 0 {
+            self.tree.record_hit(r.path[walk.safe as usize - 1]);
+        }
+        r.loads.clear();
+        if self.lower.active() {
+            self.await_loads(&mut r, walk.safe as usize);
+        }
+        self.hit_tokens += hit;
+        self.miss_tokens += len - hit;
+        self.requests.insert(req, r);
+        Ok(Some(hit))
+    }
+
+    /// Fills `r.hashes` with the prompt's chained hashes (those of the remembered refusal when
+    /// this is its retry, the step's when it computed them ahead, else hashed now), then
+    /// promotes what the lower tiers add to its hit.
+    fn hash_and_promote(
+        &mut self,
+        r: &mut Request,
+        prompt: &Prompt<'_>,
+        seed: u64,
+        retry: bool,
+        prehashed: Option<&mut Vec<u64>>,
+    ) -> Result<()> {
         r.hashes.clear();
         if retry {
             r.hashes.extend_from_slice(&self.refused.hashes);
         } else if let Some(h) = prehashed {
             std::mem::swap(&mut r.hashes, h);
-        } else if let Err(e) = self.prompt_hashes_into(&prompt, seed, None, &mut r.hashes) {
-            self.recycle(r);
-            return Err(e);
+        } else {
+            self.prompt_hashes_into(prompt, seed, None, &mut r.hashes)?;
         }
-        let len = prompt.len();
-        let b = self.b();
-        let max_safe = self.bm.floor(len - 1) as u32;
         if self.lower.active() {
+            let len = prompt.len();
             self.reap_loads();
             let hashes = std::mem::take(&mut r.hashes);
-            let promoted = self.promote(&hashes, max_safe, len);
+            let promoted = self.promote(&hashes, self.bm.floor(len - 1) as u32, len);
             r.hashes = hashes;
-            if let Err(e) = promoted {
-                self.recycle(r);
-                return Err(e);
-            }
+            promoted?;
         }
-        r.path.clear();
-        let walk = self.tree.walk(&r.hashes, max_safe, &mut r.path);
+        Ok(())
+    }
+
+    /// Fills a (recycled) record for a prompt whose walk of the tree found `walk`: its
+    /// scheduled length is the hit, its tables hold the tree's blocks below it (full groups
+    /// everywhere, sliding groups in the hit's window), and its checkpoints are planned.
+    fn start_record(&mut self, r: &mut Request, prompt: Prompt<'_>, seed: u64, walk: Walk) {
+        let len = prompt.len();
+        let b = self.b();
         let hit = u64::from(walk.safe) * b;
         let n_full = self.bm.floor(len) as u32;
-
         self.serial += 1;
         r.seed = seed;
         r.by_ids = matches!(prompt, Prompt::Tokens(_));
@@ -243,60 +306,41 @@ impl KVCacheManager {
             // Nothing below the hit's window is held: no need to scan it for release.
             r.swa_floor[g] = first;
         }
-        let end = match max_tokens {
-            // Saturating: a limit near 2^64 is "the whole prompt", not a wrapped small one.
-            Some(m) => len.min(hit.saturating_add(m)),
-            None => len,
-        };
-        let mut plan = std::mem::take(&mut self.scratch_plan);
-        let counts = self.plan_range(&r, r.len, end, &mut plan);
-        if let Some(need_bytes) = self.hopeless(&r, &counts)? {
-            self.scratch_plan = plan;
-            if !retry {
-                self.refused.remember(req, seed, &prompt, &r);
-            }
-            self.refused.max_tokens = max_tokens;
-            self.refused.need_bytes = need_bytes;
-            self.refused.version = self.tree.version();
-            self.refused.path.clear();
-            self.refused.path.extend_from_slice(&r.path);
-            self.admissions_refused += 1;
-            self.recycle(r);
-            return Ok(None);
+    }
+
+    /// Counts a hopeless admission and remembers it (see [`Refused`](super::request::Refused)),
+    /// so that its retry is refused without a walk while nothing changed.
+    fn remember_refusal(
+        &mut self,
+        req: u64,
+        prompt: &Prompt<'_>,
+        retry: bool,
+        max_tokens: Option<u64>,
+        need_bytes: u64,
+        r: &Request,
+    ) {
+        if !retry {
+            self.refused.remember(req, r.seed, prompt, r);
         }
-        // Pin the matched path so eviction cannot take it while we make room.
-        for &n in &r.path {
-            self.tree.pin(n);
-        }
-        if !self.schedule_planned(&mut r, end, plan, &counts)? {
-            let mut freed = std::mem::take(&mut self.scratch);
-            for &n in &r.path {
-                self.tree.unpin(n, &mut freed);
-            }
-            self.release(&mut freed);
-            self.scratch = freed;
-            self.admissions_refused += 1;
-            self.recycle(r);
-            return Ok(None);
-        }
-        if walk.safe > 0 {
-            self.tree.record_hit(r.path[walk.safe as usize - 1]);
-        }
-        r.loads.clear();
-        if self.lower.active() {
-            self.touch_lower(&r.hashes[..walk.safe as usize]);
-            for &n in &r.path[..walk.safe as usize] {
-                if let Some(j) = self.node_jobs.get(&n) {
-                    if !r.loads.iter().any(|x| Arc::ptr_eq(x, j)) {
-                        r.loads.push(j.clone());
-                    }
+        self.refused.max_tokens = max_tokens;
+        self.refused.need_bytes = need_bytes;
+        self.refused.version = self.tree.version();
+        self.refused.path.clear();
+        self.refused.path.extend_from_slice(&r.path);
+        self.admissions_refused += 1;
+    }
+
+    /// Marks the lower copies of an admitted request's hit (its first `safe` blocks) as used,
+    /// and lists the loads in flight that fill them: the engine waits on those.
+    fn await_loads(&mut self, r: &mut Request, safe: usize) {
+        self.touch_lower(&r.hashes[..safe]);
+        for &n in &r.path[..safe] {
+            if let Some(j) = self.node_jobs.get(&n) {
+                if !r.loads.iter().any(|x| Arc::ptr_eq(x, j)) {
+                    r.loads.push(j.clone());
                 }
             }
         }
-        self.hit_tokens += hit;
-        self.miss_tokens += len - hit;
-        self.requests.insert(req, r);
-        Ok(Some(hit))
     }
 
     /// Whether scheduling `[r.len, end)` of a request being admitted (`counts`: the blocks its

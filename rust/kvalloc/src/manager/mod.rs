@@ -244,38 +244,7 @@ impl KVCacheManager {
         disk: Option<Box<dyn BlockStore>>,
         remote: Option<Box<dyn BlockStore>>,
     ) -> Result<Self> {
-        if config.block_tokens == 0 {
-            return Err(Error::invalid("block_tokens", "must be positive"));
-        }
-        if config.checkpoint_interval == Some(0) {
-            return Err(Error::invalid(
-                "checkpoint_interval",
-                "must be positive (or None)",
-            ));
-        }
-        if let Some(a) = config.resume_granularity {
-            if a == 0 || a % u64::from(config.block_tokens) != 0 {
-                return Err(Error::invalid(
-                    "resume_granularity",
-                    format!(
-                        "{a} is not a positive multiple of block_tokens ({})",
-                        config.block_tokens
-                    ),
-                ));
-            }
-        }
-        if spec.groups.is_empty() {
-            return Err(Error::invalid("spec", "the model has no KV groups"));
-        }
-        if spec.groups.len() > MAX_GROUPS {
-            return Err(Error::invalid(
-                "spec",
-                format!(
-                    "{} KV groups; kvalloc supports at most {MAX_GROUPS}",
-                    spec.groups.len()
-                ),
-            ));
-        }
+        check_config(&spec, &config)?;
         let block_bytes = spec.block_bytes(config.block_tokens);
         let mut arena = SlabArena::new(capacity_bytes, &block_bytes, config.slab_bytes)?;
         let layout = Layout {
@@ -285,25 +254,7 @@ impl KVCacheManager {
             swa_aware: config.policy == Policy::SwaAware,
         };
         let bm = BlockMath::new(config.block_tokens);
-        let shape = crate::tiers::BlockShape {
-            block_bytes: layout.block_bytes.clone(),
-            layer_bytes: spec
-                .groups
-                .iter()
-                .map(|g| {
-                    u32::try_from(g.layer_bytes_per_token() * u64::from(config.block_tokens))
-                        .map_err(|_| {
-                            Error::invalid("block_tokens", "a layer's block exceeds 4 GiB")
-                        })
-                })
-                .collect::<Result<_>>()?,
-            full_mask: spec
-                .groups
-                .iter()
-                .enumerate()
-                .filter(|(_, g)| g.window.is_none())
-                .fold(0u16, |m, (i, _)| m | (1 << i)),
-        };
+        let shape = block_shape(&spec, &layout)?;
         if config.lower.disk == 0 && disk.is_some() || config.lower.remote == 0 && remote.is_some()
         {
             return Err(Error::invalid(
@@ -320,28 +271,7 @@ impl KVCacheManager {
             }
         }
         let mut tree = PrefixTree::new(layout, config.eviction);
-        // Every node holds a block of each full group, so those bound the tree. A model with
-        // sliding groups only has no such bound (tombstones hold nothing); its blocks serve as
-        // the estimate there (this only sizes what is committed up front).
-        let pages = |g| arena.num_pages(g).expect("a class per group");
-        let max_nodes = (0..spec.groups.len())
-            .filter(|&g| spec.groups[g].window.is_none())
-            .map(pages)
-            .min()
-            .unwrap_or_else(|| (0..spec.groups.len()).map(pages).sum());
-        if let Some(ram) = crate::prefault::physical_memory() {
-            if config.prefault_bytes > ram {
-                return Err(Error::invalid(
-                    "prefault_bytes",
-                    format!(
-                        "{} bytes is more than this machine's memory ({ram} bytes)",
-                        config.prefault_bytes
-                    ),
-                ));
-            }
-        }
-        let tree_bytes = tree.prefault(config.prefault_bytes / 2, max_nodes)?;
-        arena.prefault(config.prefault_bytes - tree_bytes)?;
+        prefault(&spec, &config, &mut arena, &mut tree)?;
         Ok(KVCacheManager {
             spec,
             config,
@@ -413,4 +343,96 @@ impl KVCacheManager {
     fn window_first(&self, end: u64, w: u32) -> u64 {
         self.bm.floor(end.saturating_sub(u64::from(w)))
     }
+}
+
+/// Checks the settings and the model's shape before anything is built.
+fn check_config(spec: &ModelSpec, config: &ManagerConfig) -> Result<()> {
+    if config.block_tokens == 0 {
+        return Err(Error::invalid("block_tokens", "must be positive"));
+    }
+    if config.checkpoint_interval == Some(0) {
+        return Err(Error::invalid(
+            "checkpoint_interval",
+            "must be positive (or None)",
+        ));
+    }
+    if let Some(a) = config.resume_granularity {
+        if a == 0 || a % u64::from(config.block_tokens) != 0 {
+            return Err(Error::invalid(
+                "resume_granularity",
+                format!(
+                    "{a} is not a positive multiple of block_tokens ({})",
+                    config.block_tokens
+                ),
+            ));
+        }
+    }
+    if spec.groups.is_empty() {
+        return Err(Error::invalid("spec", "the model has no KV groups"));
+    }
+    if spec.groups.len() > MAX_GROUPS {
+        return Err(Error::invalid(
+            "spec",
+            format!(
+                "{} KV groups; kvalloc supports at most {MAX_GROUPS}",
+                spec.groups.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// What the lower tiers store per block: each group's block and layer sizes, and which groups
+/// are full attention.
+fn block_shape(spec: &ModelSpec, layout: &Layout) -> Result<crate::tiers::BlockShape> {
+    Ok(crate::tiers::BlockShape {
+        block_bytes: layout.block_bytes.clone(),
+        layer_bytes: spec
+            .groups
+            .iter()
+            .map(|g| {
+                u32::try_from(g.layer_bytes_per_token() * u64::from(layout.block_tokens))
+                    .map_err(|_| Error::invalid("block_tokens", "a layer's block exceeds 4 GiB"))
+            })
+            .collect::<Result<_>>()?,
+        full_mask: spec
+            .groups
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| g.window.is_none())
+            .fold(0u16, |m, (i, _)| m | (1 << i)),
+    })
+}
+
+/// Commits the bookkeeping memory `config.prefault_bytes` allows: half for the tree, the rest
+/// for the arena's records.
+fn prefault(
+    spec: &ModelSpec,
+    config: &ManagerConfig,
+    arena: &mut SlabArena,
+    tree: &mut PrefixTree,
+) -> Result<()> {
+    // Every node holds a block of each full group, so those bound the tree. A model with
+    // sliding groups only has no such bound (tombstones hold nothing); its blocks serve as
+    // the estimate there (this only sizes what is committed up front).
+    let pages = |g| arena.num_pages(g).expect("a class per group");
+    let max_nodes = (0..spec.groups.len())
+        .filter(|&g| spec.groups[g].window.is_none())
+        .map(pages)
+        .min()
+        .unwrap_or_else(|| (0..spec.groups.len()).map(pages).sum());
+    if let Some(ram) = crate::prefault::physical_memory() {
+        if config.prefault_bytes > ram {
+            return Err(Error::invalid(
+                "prefault_bytes",
+                format!(
+                    "{} bytes is more than this machine's memory ({ram} bytes)",
+                    config.prefault_bytes
+                ),
+            ));
+        }
+    }
+    let tree_bytes = tree.prefault(config.prefault_bytes / 2, max_nodes)?;
+    arena.prefault(config.prefault_bytes - tree_bytes)?;
+    Ok(())
 }

@@ -151,24 +151,58 @@ impl KVCacheManager {
     ) -> Result<bool> {
         let start = r.len;
         debug_assert!(end > start);
-        let first_blk = self.bm.floor(start);
-        let end_blk = self.bm.ceil(end);
-        let n_full_prompt = self.bm.floor(r.prompt_len);
         let groups = self.spec.groups.len();
-        let span = (end_blk - first_blk) as usize;
         // 2. Make room, all or nothing.
         if !self.make_room(&counts[..groups])? {
             self.scratch_plan = plan;
             return Ok(false);
         }
         // 3. Allocate and fill the tables in block order.
+        self.fill_range(r, end, &plan, counts)?;
+        // 4. Link whole prompt blocks into the tree (in-flight sharing).
+        let whole_end = self.bm.floor(end).min(self.bm.floor(r.prompt_len));
+        self.link_range(r, end, whole_end, &plan);
+        self.scratch_plan = plan;
+        r.len = end;
+        // 5. Register planned checkpoints whose runs are complete.
+        self.register_plans(r, whole_end);
+        // 6. Release SWA blocks that left the window, except what the engine's step over
+        // `[start, end)` still reads (the window before `start`) or writes (a checkpoint's extra
+        // block below the new window): those go at the request's next call.
+        if self.swa_aware() {
+            self.window_released += release_below_window(
+                self.bm,
+                &self.spec.groups,
+                &self.tree,
+                &mut self.arena,
+                r,
+                &mut self.scratch_handles,
+                start,
+            );
+            r.last_start = start;
+        }
+        Ok(true)
+    }
+
+    /// Allocates the blocks `plan` asks for in `[r.len, end)` (room was made) and puts them in
+    /// `r`'s tables, recording which pages of the range hold a whole block.
+    fn fill_range(
+        &mut self,
+        r: &mut Request,
+        end: u64,
+        plan: &[Slot],
+        counts: &[u64; MAX_GROUPS],
+    ) -> Result<()> {
+        let first_blk = self.bm.floor(r.len);
+        let end_blk = self.bm.ceil(end);
+        let span = (end_blk - first_blk) as usize;
         for t in r.tables.iter_mut() {
             if (t.len() as u64) < end_blk {
                 t.resize(end_blk as usize, 0);
             }
         }
         let mut handles = std::mem::take(&mut self.scratch_handles);
-        for g in 0..groups {
+        for g in 0..self.spec.groups.len() {
             if counts[g] == 0 {
                 continue;
             }
@@ -196,8 +230,16 @@ impl KVCacheManager {
                 }
             }
         }
-        // 4. Link whole prompt blocks into the tree (in-flight sharing).
-        let whole_end = self.bm.floor(end).min(n_full_prompt);
+        Ok(())
+    }
+
+    /// Links `r`'s whole prompt blocks of `[r.len, end)` below `whole_end` into the tree (the
+    /// blocks `plan` sends there), and attaches the checkpoint blocks of nodes that already
+    /// existed.
+    fn link_range(&mut self, r: &mut Request, end: u64, whole_end: u64, plan: &[Slot]) {
+        let first_blk = self.bm.floor(r.len);
+        let span = (self.bm.ceil(end) - first_blk) as usize;
+        let groups = self.spec.groups.len();
         let path_before = r.path.len();
         let mut linked_shared = false;
         for i in r.path.len() as u64..whole_end {
@@ -239,9 +281,10 @@ impl KVCacheManager {
                 }
             }
         }
-        self.scratch_plan = plan;
-        r.len = end;
-        // 5. Register planned checkpoints whose runs are complete.
+    }
+
+    /// Registers `r`'s planned checkpoints whose runs end at or below `whole_end`.
+    fn register_plans(&mut self, r: &mut Request, whole_end: u64) {
         while r.plans_done < r.plans.len() && u64::from(r.plans[r.plans_done].0) <= whole_end {
             let (e, extra) = r.plans[r.plans_done];
             r.plans_done += 1;
@@ -254,22 +297,6 @@ impl KVCacheManager {
                 r.created_ckpts.push(n);
             }
         }
-        // 6. Release SWA blocks that left the window, except what the engine's step over
-        // `[start, end)` still reads (the window before `start`) or writes (a checkpoint's extra
-        // block below the new window): those go at the request's next call.
-        if self.swa_aware() {
-            self.window_released += release_below_window(
-                self.bm,
-                &self.spec.groups,
-                &self.tree,
-                &mut self.arena,
-                r,
-                &mut self.scratch_handles,
-                start,
-            );
-            r.last_start = start;
-        }
-        Ok(true)
     }
 
     /// What scheduling `[start, end)` for `r` does with each block: `plan[g * span + k]` for
