@@ -42,24 +42,26 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod error;
+pub mod eviction;
 mod files;
 pub mod hash;
-mod hugepage;
 pub mod manager;
-pub mod policy;
-mod prefault;
-mod prefetch;
+mod mem;
 pub mod prefix;
 pub mod sim;
 pub mod slab;
 pub mod spec;
 pub mod tiers;
 
+/// The eviction module's old name (`kvalloc::policy`), kept for existing users.
+#[doc(hidden)]
+pub use eviction as policy;
+
 pub use error::{Error, Result, StaleReason};
+pub use eviction::Eviction;
 pub use manager::{
     Admission, BlockResidency, Decode, Extension, GroupStats, KVCacheManager, ManagerConfig,
     ManagerStats, Policy, Prompt, Step, StepOutcome, TierStats, NULL_PAGE,
 };
-pub use policy::Eviction;
 pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};
 pub use spec::{AttentionKind, DType, KVGroup, ModelSpec};

@@ -20,41 +20,21 @@
 //!   policy every node holds every sliding block;
 //! - the eviction sets hold exactly the unpinned leaves and the unpinned interior checkpoints.
 
-mod index;
 mod min_set;
 
-pub use index::HashIndex;
+pub use crate::hash::{HashIndex, IdentityHasher};
 use min_set::MinSet;
 use std::collections::HashMap;
-use std::hash::Hasher;
 
 use crate::error::{Error, Result};
-use crate::policy::{Candidate, Eviction, EvictionOrder};
-use crate::prefault;
+use crate::eviction::{Candidate, Eviction, EvictionOrder};
+use crate::mem::prefault;
 use crate::slab::Handle;
 
 /// Node id; `NONE` marks "no node" (the parent of depth-0 nodes).
 pub type NodeId = u32;
 /// No node.
 pub const NONE: NodeId = u32::MAX;
-
-/// Keys are already uniformly distributed hashes: hashing them again is wasted work.
-#[derive(Default, Clone, Copy)]
-pub struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
 
 /// Blocks released by a tree operation: (group, handle).
 pub type Freed = Vec<(usize, Handle)>;
@@ -218,13 +198,13 @@ impl PrefixTree {
     /// An empty tree for the given layout and eviction order.
     ///
     /// # Panics
-    /// If the layout has more than 16 groups ([`crate::manager::MAX_GROUPS`]; the manager
+    /// If the layout has more than 16 groups ([`crate::spec::MAX_GROUPS`]; the manager
     /// checks this and returns an error instead).
     pub fn new(layout: Layout, eviction: Eviction) -> Self {
         assert!(
-            layout.windows.len() <= crate::manager::MAX_GROUPS,
+            layout.windows.len() <= crate::spec::MAX_GROUPS,
             "kvalloc supports at most {} KV groups",
-            crate::manager::MAX_GROUPS
+            crate::spec::MAX_GROUPS
         );
         let sliding = (0..layout.groups())
             .filter(|&g| layout.windows[g].is_some())
@@ -339,7 +319,7 @@ impl PrefixTree {
     /// and block slots, else the ends of the node arrays (a growing tree writes there, and a
     /// line not written for a while is out of cache). A hint, for a step about to admit.
     pub fn prefetch_new_nodes(&self, n: usize) {
-        use crate::prefetch::{prefetch, prefetch_range};
+        use crate::mem::prefetch::{prefetch, prefetch_range};
         let g = self.g();
         let reused = self.free_ids.len().min(n);
         for &id in self.free_ids.iter().rev().take(reused) {
@@ -528,10 +508,10 @@ impl PrefixTree {
         } else {
             debug_assert_eq!(id as usize, self.nodes.len());
             // Growth in huge pages: a large tree's arrays span tens of megabytes.
-            crate::hugepage::reserve(&mut self.nodes, 1);
-            crate::hugepage::reserve(&mut self.blocks, blocks.len());
-            crate::hugepage::reserve(&mut self.ckpt_refs, blocks.len());
-            crate::hugepage::reserve(&mut self.ckpt_start, blocks.len());
+            crate::mem::hugepage::reserve(&mut self.nodes, 1);
+            crate::mem::hugepage::reserve(&mut self.blocks, blocks.len());
+            crate::mem::hugepage::reserve(&mut self.ckpt_refs, blocks.len());
+            crate::mem::hugepage::reserve(&mut self.ckpt_start, blocks.len());
             self.nodes.push(node);
             // Pushes, not `resize` then stores: a handful of groups is cheaper than a memset call.
             for &h in blocks {
@@ -1145,7 +1125,7 @@ impl PrefixTree {
 #[cfg(test)]
 mod tests {
     use super::{Layout, PrefixTree, NONE};
-    use crate::policy::Eviction;
+    use crate::eviction::Eviction;
     use std::collections::HashMap;
 
     /// A path of five nodes over a full group and two sliding groups (windows of `window`

@@ -31,7 +31,7 @@
 use std::collections::BTreeSet;
 
 use crate::error::{Error, Result, StaleReason};
-use crate::prefault;
+use crate::mem::prefault;
 
 /// An allocated block: `tag << 56 | generation << 32 | slot_id`. Opaque to users; `0` is never
 /// valid (a generation is never 0), so callers may use it for "no block".
@@ -271,7 +271,7 @@ fn reserve_slots(num_slabs: u64, stride: u64) -> usize {
 
 /// `v`, with huge pages advised for its reserved (untouched) capacity.
 fn advised<T>(v: Vec<T>) -> Vec<T> {
-    crate::hugepage::advise(&v);
+    crate::mem::hugepage::advise(&v);
     v
 }
 
@@ -464,7 +464,7 @@ impl SlabArena {
     /// first slot's metadata): a hint for a step about to allocate, since a free slab's lines
     /// are rarely in cache.
     pub fn prefetch_free_slabs(&self, n: usize) {
-        use crate::prefetch::prefetch;
+        use crate::mem::prefetch::prefetch;
         for &s in self.free_slabs.iter().rev().take(n) {
             prefetch(self.slabs.as_ptr().wrapping_add(s as usize));
             prefetch(
@@ -655,9 +655,9 @@ impl SlabArena {
         let s = self.slabs.len() as u32;
         assert!(s < self.num_slabs, "availability was checked");
         let n = MATERIALIZE_BATCH.min(self.num_slabs - s);
-        crate::hugepage::reserve(&mut self.slabs, n as usize);
+        crate::mem::hugepage::reserve(&mut self.slabs, n as usize);
         self.slabs.resize((s + n) as usize, Slab::free());
-        crate::hugepage::reserve(&mut self.slots, n as usize * self.stride as usize);
+        crate::mem::hugepage::reserve(&mut self.slots, n as usize * self.stride as usize);
         self.slots
             .resize(self.slabs.len() * self.stride as usize, SlotMeta::default());
         self.free_slabs.extend((s + 1..s + n).rev());

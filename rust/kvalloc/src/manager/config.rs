@@ -2,7 +2,7 @@
 //! the budget.
 
 use crate::error::{Error, Result};
-use crate::policy::Eviction;
+use crate::eviction::Eviction;
 use crate::tiers::{LowerCapacity, OverlapModel};
 
 /// How sliding-window groups are cached.

@@ -81,8 +81,7 @@ use crate::spec::ModelSpec;
 use crate::tiers::loader::{LoadJob, Loader};
 use crate::tiers::{BlockStore, DeviceBuffer, LowerTiers};
 
-/// Most KV groups a model may have (real hybrid models have 2 to 4).
-pub const MAX_GROUPS: usize = 16;
+pub use crate::spec::MAX_GROUPS;
 
 /// Longest sequence a request may reach, in tokens (far beyond any model's context; it keeps a
 /// mistaken count from turning into a loop over billions of blocks).
@@ -421,7 +420,7 @@ fn prefault(
         .map(pages)
         .min()
         .unwrap_or_else(|| (0..spec.groups.len()).map(pages).sum());
-    if let Some(ram) = crate::prefault::physical_memory() {
+    if let Some(ram) = crate::mem::prefault::physical_memory() {
         if config.prefault_bytes > ram {
             return Err(Error::invalid(
                 "prefault_bytes",

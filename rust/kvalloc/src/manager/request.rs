@@ -1,32 +1,14 @@
 //! A running request's record and the sets that hold records: the running map (id -> slot),
 //! the last hopeless refusal, and a step's hashes computed ahead.
 
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use super::api::Prompt;
-use crate::prefix::{HashIndex, NodeId};
+use crate::hash::{HashIndex, ReqIdHasher};
+use crate::prefix::NodeId;
 use crate::slab::Handle;
 use crate::tiers::loader::LoadJob;
-
-/// Request ids are often sequential integers: spread them with one multiply (Fibonacci
-/// hashing) rather than SipHash, which costs more than the rest of a decode step.
-#[derive(Default, Clone, Copy)]
-pub(super) struct ReqIdHasher(u64);
-
-impl Hasher for ReqIdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
 
 pub(super) type ReqSet = std::collections::HashSet<u64, BuildHasherDefault<ReqIdHasher>>;
 

@@ -44,7 +44,7 @@ pub(super) fn check_step_extension(
     KVCacheManager::check_extension(id, r, ext)?;
     // A decode token lands in the tail: start loading that line now, so the run pass
     // (after every check) finds it in cache rather than taking a miss per request.
-    crate::prefetch::prefetch(r.tail.as_ptr_range().end);
+    crate::mem::prefetch::prefetch(r.tail.as_ptr_range().end);
     // One that starts a block (new blocks) or completes one (its hash, and the window's
     // release) reaches into more of the record's vectors: request their lines too.
     let n = match ext {
@@ -53,10 +53,10 @@ pub(super) fn check_step_extension(
     };
     let (opens, closes) = bm.boundaries(r.len, n);
     if opens || closes {
-        crate::prefetch::prefetch(r.tables.as_ptr());
-        crate::prefetch::prefetch(r.swa_floor.as_ptr());
-        crate::prefetch::prefetch(r.tail.as_ptr());
-        crate::prefetch::prefetch(r.hashes.as_ptr_range().end);
+        crate::mem::prefetch::prefetch(r.tables.as_ptr());
+        crate::mem::prefetch::prefetch(r.swa_floor.as_ptr());
+        crate::mem::prefetch::prefetch(r.tail.as_ptr());
+        crate::mem::prefetch::prefetch(r.hashes.as_ptr_range().end);
         crossing.push(slot);
         return Ok(false);
     }
@@ -180,7 +180,7 @@ impl KVCacheManager {
             .slot(id)
             .ok_or_else(|| Self::not_extensible(id))?;
         if let Some(r) = self.requests.slots[slot].as_deref() {
-            crate::prefetch::prefetch(r);
+            crate::mem::prefetch::prefetch(r);
         }
         Ok(slot)
     }
@@ -325,8 +325,8 @@ impl KVCacheManager {
             };
             let end = self.bm.floor(r.len) as usize;
             for (t, &floor) in r.tables.iter().zip(&r.swa_floor) {
-                crate::prefetch::prefetch(t.as_ptr().wrapping_add(end));
-                crate::prefetch::prefetch(t.as_ptr().wrapping_add(floor as usize));
+                crate::mem::prefetch::prefetch(t.as_ptr().wrapping_add(end));
+                crate::mem::prefetch::prefetch(t.as_ptr().wrapping_add(floor as usize));
             }
         }
     }
@@ -337,7 +337,7 @@ impl KVCacheManager {
     pub(super) fn prefetch_pooled_records(&self, admissions: usize, finished: usize) {
         let cold = admissions.saturating_sub(finished);
         for r in self.request_pool.iter().rev().take(cold) {
-            crate::prefetch::prefetch_whole::<Request>(&**r);
+            crate::mem::prefetch::prefetch_whole::<Request>(&**r);
         }
     }
 
@@ -346,7 +346,7 @@ impl KVCacheManager {
     /// running set steps ago, and its vectors' memory is cold. Called once the records' own
     /// lines (requested as the step was checked) have had time to arrive.
     pub(super) fn prefetch_pooled_vectors(&self, admissions: usize) {
-        use crate::prefetch::prefetch;
+        use crate::mem::prefetch::prefetch;
         for r in self.request_pool.iter().rev().take(admissions) {
             prefetch(r.path.as_ptr());
             prefetch(r.tail.as_ptr());

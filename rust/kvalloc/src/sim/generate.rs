@@ -34,7 +34,7 @@ pub fn generate(kind: &str, seed: u64, size: Option<u32>) -> Result<Trace> {
     if size == Some(0) {
         return Err(Error::invalid("size", "must be positive"));
     }
-    if let (Some(n), Some(avail)) = (size, crate::prefault::available_memory()) {
+    if let (Some(n), Some(avail)) = (size, crate::mem::prefault::available_memory()) {
         check_size(kind, n, avail)?;
     }
     let mut g = Gen {

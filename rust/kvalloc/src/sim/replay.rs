@@ -25,8 +25,8 @@ use super::report::{SimReport, TierTraffic};
 use super::service::ServiceModel;
 use super::trace::Trace;
 use crate::error::{Error, Result};
+use crate::eviction::Eviction;
 use crate::manager::{Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
-use crate::policy::Eviction;
 use crate::spec::ModelSpec;
 
 /// A budget for one tier below the device ("host", "disk" or "remote").

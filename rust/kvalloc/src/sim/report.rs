@@ -1,8 +1,8 @@
 //! What a replay measured.
 
 use super::bound::ratio;
+use crate::eviction::Eviction;
 use crate::manager::Policy;
-use crate::policy::Eviction;
 
 /// Bytes one tier below the device received and served during a replay.
 ///

@@ -82,7 +82,7 @@ impl HostBuffer {
     /// it is first written, or by [`populate_in_background`](Self::populate_in_background),
     /// so a large host tier costs nothing up front (touching 8 GiB took 27 s on the 2-core
     /// VM). Transparent huge pages are asked for. More than the system has available now
-    /// ([`available_memory`](crate::prefault::available_memory)), or a mapping the system
+    /// ([`available_memory`](crate::mem::prefault::available_memory)), or a mapping the system
     /// refuses, is an [`Error::SystemMemory`] naming `what`, never an abort.
     pub fn anonymous(len: usize, what: &str) -> Result<Self> {
         let refuse = |message: String| Error::SystemMemory {
@@ -90,7 +90,7 @@ impl HostBuffer {
             requested_bytes: len as u64,
             message,
         };
-        if let Some(avail) = crate::prefault::available_memory() {
+        if let Some(avail) = crate::mem::prefault::available_memory() {
             if len as u64 > avail {
                 return Err(refuse(format!(
                     "but the system has {avail} bytes available: give at most that"
@@ -431,7 +431,7 @@ mod tests {
 
     #[test]
     fn memory_the_system_does_not_have_is_an_error_not_an_abort() {
-        let avail = crate::prefault::available_memory().expect("this platform says");
+        let avail = crate::mem::prefault::available_memory().expect("this platform says");
         for len in [avail + 1, 1 << 62, u64::MAX] {
             let e = HostBuffer::anonymous(len as usize, "host_bytes").unwrap_err();
             assert!(

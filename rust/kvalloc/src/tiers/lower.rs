@@ -26,8 +26,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::device::{DeviceBuffer, HostMemory};
-use super::index::{LowerIndex, Record, Tier, UNKNOWN_DEPTH};
 use super::keys::RecordKeys;
+use super::residency::{LowerIndex, Record, Tier, UNKNOWN_DEPTH};
 use super::store::{BlockKey, BlockStore, StoreError};
 use crate::error::{Error, Result};
 use crate::slab::{Handle, SlabArena};
@@ -251,7 +251,7 @@ impl LowerTiers {
     /// page of 8 GiB took 27 s), and demotions, which fill the tier front to back too, mostly
     /// find their pages already there instead of faulting each one on the scheduler's path.
     ///
-    /// [`Error::SystemMemory`]: crate::Error::SystemMemory
+    /// [`Error::SystemMemory`]: crate::error::Error::SystemMemory
     pub fn materialize(&mut self) -> Result<()> {
         if let (Some(a), None) = (&self.host_arena, &self.host_mem) {
             let len = usize::try_from(a.capacity_bytes()).unwrap_or(usize::MAX);
@@ -835,7 +835,7 @@ impl LowerTiers {
                     if r.groups & (1 << g) != 0 {
                         host += 1;
                         if !self.host_blocks.contains_key(&(h, g as u16)) {
-                            return Err(crate::Error::Invariant(format!(
+                            return Err(crate::error::Error::Invariant(format!(
                                 "lower tiers: host record {h:#x} lacks group {g}'s block"
                             )));
                         }
@@ -844,7 +844,7 @@ impl LowerTiers {
             }
         }
         if host != self.host_blocks.len() {
-            return Err(crate::Error::Invariant(format!(
+            return Err(crate::error::Error::Invariant(format!(
                 "lower tiers: {} host blocks for {host} indexed entries",
                 self.host_blocks.len()
             )));
@@ -853,13 +853,13 @@ impl LowerTiers {
         for (&id, r) in &self.unclaimed {
             unclaimed += r.bytes;
             if r.tier != Tier::Disk || r.pins != 0 {
-                return Err(crate::Error::Invariant(format!(
+                return Err(crate::error::Error::Invariant(format!(
                     "lower tiers: unclaimed record {id:#x} is {r:?}"
                 )));
             }
         }
         if unclaimed != self.unclaimed_bytes || self.unclaimed_order.len() < self.unclaimed.len() {
-            return Err(crate::Error::Invariant(format!(
+            return Err(crate::error::Error::Invariant(format!(
                 "lower tiers: unclaimed bytes {} != recount {unclaimed}",
                 self.unclaimed_bytes
             )));

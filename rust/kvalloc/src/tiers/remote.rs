@@ -75,7 +75,7 @@ use super::store::{
     BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError, HEADER_FIXED_BYTES,
     LAYERS_OFFSET,
 };
-use crate::Error;
+use crate::error::Error;
 
 /// Settings of a [`RemoteStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]

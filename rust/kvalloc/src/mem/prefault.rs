@@ -28,7 +28,7 @@ pub(crate) fn commit<T: Clone>(v: &mut Vec<T>, additional: usize, fill: T) -> Re
             ),
         )
     })?;
-    crate::hugepage::advise(v); // before the first touch, which is what backs the pages
+    crate::mem::hugepage::advise(v); // before the first touch, which is what backs the pages
     v.resize(len + additional, fill);
     v.truncate(len);
     Ok(())

@@ -85,7 +85,7 @@ type Key = (u64, u32, u64); // (access, u32::MAX - depth, hash)
 /// The index. See the module docs.
 #[derive(Debug, Default)]
 pub struct LowerIndex {
-    records: HashMap<u64, Record, std::hash::BuildHasherDefault<crate::prefix::IdentityHasher>>,
+    records: HashMap<u64, Record, std::hash::BuildHasherDefault<crate::hash::IdentityHasher>>,
     sets: [BTreeSet<Key>; 3],
     used: [u64; 3],
     count: [u64; 3],
