@@ -14,6 +14,7 @@ use crate::convert::{
     token_ids, type_name, uint_list,
 };
 use crate::errors::{self, invalid, IntoPyResult};
+use crate::latency::ExposedLoad;
 use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
 use crate::step::{run_step, StepArgs, StepBuffers};
 use crate::step_result::PyStepResult;
@@ -22,6 +23,8 @@ use crate::step_result::PyStepResult;
 #[pyclass(frozen, name = "KVCacheManager", module = "kvalloc._core")]
 pub struct PyKVCacheManager {
     inner: Mutex<KVCacheManager>,
+    /// Its promotions' exposed load time (see `latency`).
+    exposed: ExposedLoad,
     spec: Py<PyModelSpec>,
     /// `step`'s vectors, kept for the next call (None while a step has them).
     step_buffers: Mutex<Option<Box<StepBuffers>>>,
@@ -151,6 +154,7 @@ impl PyKVCacheManager {
             .py()?;
         Ok(PyKVCacheManager {
             inner: Mutex::new(m),
+            exposed: ExposedLoad::default(),
             step_buffers: Mutex::new(None),
             spec: spec.clone().unbind(),
         })
@@ -191,9 +195,10 @@ impl PyKVCacheManager {
         let salt = salt_arg(salt)?;
         let max_tokens = opt_positive(max_tokens, "max_tokens")?;
         py.detach(|| {
-            self.lock()?
-                .admit(req, prompt.as_prompt(), salt.as_deref(), max_tokens)
-                .py()
+            let mut m = self.lock()?;
+            let hit = m.admit(req, prompt.as_prompt(), salt.as_deref(), max_tokens);
+            self.exposed.add(&m);
+            hit.py()
         })
     }
 
@@ -404,7 +409,7 @@ impl PyKVCacheManager {
             .ok()
             .and_then(|mut b| b.take())
             .unwrap_or_default();
-        let res = run_step(py, &self.inner, &args, &mut buf);
+        let res = run_step(py, &self.inner, &self.exposed, &args, &mut buf);
         buf.clear();
         if let Ok(mut b) = self.step_buffers.lock() {
             *b = Some(buf);
@@ -493,10 +498,10 @@ impl PyKVCacheManager {
                     )?,
                 )?;
             }
-            tiers.set_item(t.name, td)?;
+            tiers.set_item(t.tier.name(), td)?;
         }
         d.set_item("tiers", tiers)?;
-        d.set_item("exposed_load_seconds", s.exposed_load_seconds)?;
+        d.set_item("exposed_load_seconds", self.exposed.seconds())?;
         d.set_item("promotion_failures", s.promotion_failures)?;
         d.set_item("loads_in_flight", s.loads_in_flight)?;
         Ok(d)

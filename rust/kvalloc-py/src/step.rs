@@ -14,6 +14,7 @@ use pyo3::types::{PyList, PyTuple};
 use crate::args::{req_arg, salt_arg, OwnedAdmission, OwnedPrompt};
 use crate::convert::{exact_tokens, opt_positive, token_ids_into, type_name, uint_list_into};
 use crate::errors::{self, invalid, IntoPyResult};
+use crate::latency::ExposedLoad;
 use crate::step_result::PyStepResult;
 
 /// `step`'s arguments as Python gave them (flags already read).
@@ -166,10 +167,11 @@ fn spans_into(
 }
 
 /// One `step` call on the manager behind `manager`: converts `args` into `buf`, runs the core
-/// step detached, and returns its result.
+/// step detached (its promotions priced into `exposed`), and returns its result.
 pub(crate) fn run_step<'py>(
     py: Python<'py>,
     manager: &Mutex<KVCacheManager>,
+    exposed: &ExposedLoad,
     args: &StepArgs<'_, 'py>,
     buf: &mut StepBuffers,
 ) -> PyResult<PyStepResult> {
@@ -255,8 +257,11 @@ pub(crate) fn run_step<'py>(
                 max_tokens: None,
             });
         }
-        let res =
-            errors::lock(manager, "manager").and_then(|mut m| m.step_into(&step, outcome).py());
+        let res = errors::lock(manager, "manager").and_then(|mut m| {
+            let res = m.step_into(&step, outcome);
+            exposed.add(&m);
+            res.py()
+        });
         // The id vectors go back to the buffers.
         *finish = step.finish;
         *abort = step.abort;

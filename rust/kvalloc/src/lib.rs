@@ -61,7 +61,7 @@ pub use error::{Error, Result, StaleReason};
 pub use eviction::Eviction;
 pub use manager::{
     Admission, BlockResidency, Decode, Extension, GroupStats, KVCacheManager, ManagerConfig,
-    ManagerStats, Policy, Prompt, Step, StepOutcome, TierStats, NULL_PAGE,
+    ManagerStats, Policy, Promotion, Prompt, Step, StepOutcome, TierStats, NULL_PAGE,
 };
 pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};
 pub use spec::{AttentionKind, DType, KVGroup, ModelSpec};

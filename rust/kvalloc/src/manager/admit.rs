@@ -145,6 +145,7 @@ impl KVCacheManager {
         salt: Option<&[u8]>,
         max_tokens: Option<u64>,
     ) -> Result<Option<u64>> {
+        self.forget_promotions();
         self.admit_with(req, prompt, salt, max_tokens, None)
     }
 

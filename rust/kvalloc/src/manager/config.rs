@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::eviction::Eviction;
-use crate::tiers::{LowerCapacity, OverlapModel};
+use crate::tiers::LowerCapacity;
 
 /// How sliding-window groups are cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -55,8 +55,6 @@ pub struct ManagerConfig {
     /// Write each finished request's cached blocks through to the remote store, so other
     /// instances can use them at once.
     pub write_through: bool,
-    /// Bandwidths and compute speed for the exposed-load-time model.
-    pub overlap: OverlapModel,
     /// Prompts resume only at multiples of this many tokens (a block-hash trace whose blocks
     /// are coarser than `block_tokens`: the next turn matches up to the previous prompt's last
     /// whole trace block). The prompt-end checkpoint then goes there, without the extra block,
@@ -83,7 +81,6 @@ impl Default for ManagerConfig {
             slab_bytes: None,
             lower: LowerCapacity::default(),
             write_through: false,
-            overlap: OverlapModel::default(),
             resume_granularity: None,
             admission_reserve_bytes: 0,
             prefault_bytes: 32 << 20,

@@ -65,7 +65,7 @@ mod written;
 pub use api::{Admission, Decode, Extension, Prompt, Step, StepOutcome};
 pub use config::{ManagerConfig, Policy};
 pub use stats::{GroupStats, ManagerStats, TierStats};
-pub use tiering::{BlockResidency, TierHits};
+pub use tiering::{BlockResidency, Promotion, TierHits};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -144,7 +144,8 @@ pub struct KVCacheManager {
     /// Prompt tokens served by promotion, by the deepest tier they came from.
     promoted_tokens: [u64; 3],
     promotion_failures: u64,
-    exposed_load_seconds: f64,
+    /// What the promotions of the last `admit` or `step` call loaded (see [`Promotion`]).
+    promotions: Vec<Promotion>,
     refused: Refused,
 }
 
@@ -306,7 +307,7 @@ impl KVCacheManager {
             victims: Vec::new(),
             promoted_tokens: [0; 3],
             promotion_failures: 0,
-            exposed_load_seconds: 0.0,
+            promotions: Vec::new(),
             refused: Refused::default(),
         })
     }

@@ -52,8 +52,6 @@ pub struct ManagerStats {
     pub padding_waste_bytes: u64,
     /// The lower tiers that are configured (host, disk, remote, in that order).
     pub tiers: Vec<TierStats>,
-    /// Exposed (not hidden by compute) load seconds of all promotions, from the overlap model.
-    pub exposed_load_seconds: f64,
     /// Promotions abandoned because a lower-tier read failed (checksum, store down).
     pub promotion_failures: u64,
     /// Loads from host memory still in flight.
@@ -63,8 +61,8 @@ pub struct ManagerStats {
 /// One lower tier's accounting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierStats {
-    /// "host", "disk" or "remote".
-    pub name: &'static str,
+    /// Which tier.
+    pub tier: Tier,
     /// Capacity in bytes.
     pub capacity_bytes: u64,
     /// Payload bytes held.
@@ -122,7 +120,7 @@ impl KVCacheManager {
                 .iter()
                 .filter(|&&t| self.lower.present(t))
                 .map(|&t| TierStats {
-                    name: t.name(),
+                    tier: t,
                     capacity_bytes: match t {
                         Tier::Host => self.config.lower.host,
                         Tier::Disk => self.config.lower.disk,
@@ -137,7 +135,6 @@ impl KVCacheManager {
                     store: self.lower.store(t).map(|s| s.counters()),
                 })
                 .collect(),
-            exposed_load_seconds: self.exposed_load_seconds,
             promotion_failures: self.promotion_failures,
             loads_in_flight: self.inflight.len() as u64,
         }

@@ -77,6 +77,7 @@ impl KVCacheManager {
     pub fn step_into(&mut self, step: &Step<'_>, out: &mut StepOutcome) -> Result<()> {
         self.steps += 1;
         self.reap_loads();
+        self.forget_promotions();
         out.extensions = 0;
         out.refused.clear();
         out.admitted.clear();

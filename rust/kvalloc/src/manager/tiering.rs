@@ -35,6 +35,16 @@ struct Copies {
     deepest: Tier,
 }
 
+/// What one promotion loaded, for a latency model to price: the loader copies sliding layers
+/// first, then full layers in order, so the bytes per layer say how much compute can hide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Promotion {
+    /// Bytes per layer and tier.
+    pub load: LoadBytes,
+    /// Prompt tokens it serves from the lower tiers (the compute its load precedes).
+    pub tokens: u64,
+}
+
 /// Window-safe hit length in blocks using L1 only, then L1 plus each lower tier in turn.
 pub type TierHits = [u32; 4];
 
@@ -84,9 +94,19 @@ impl KVCacheManager {
         Ok(())
     }
 
-    /// Exposed load seconds so far (the overlap model's total over all promotions).
-    pub fn exposed_load_seconds(&self) -> f64 {
-        self.exposed_load_seconds
+    /// What each promotion of the last [`admit`](Self::admit) or [`step`](Self::step) call
+    /// loaded, in order (empty when it promoted nothing): the bytes per layer and tier a
+    /// latency model (the simulator's [`OverlapModel`](crate::sim::OverlapModel)) prices.
+    pub fn promotions(&self) -> &[Promotion] {
+        &self.promotions
+    }
+
+    /// Forgets the last call's promotions (at the start of each `admit` and `step`).
+    #[inline(always)]
+    pub(super) fn forget_promotions(&mut self) {
+        if !self.promotions.is_empty() {
+            self.promotions.clear();
+        }
     }
 
     /// Unpins what finished loads held.
@@ -398,10 +418,10 @@ impl KVCacheManager {
         self.unpin_promotion(&path, &[]);
         let new_tokens = u64::from(k - hits[0]) * u64::from(self.config.block_tokens);
         self.promoted_tokens[copies.deepest as usize] += new_tokens;
-        self.exposed_load_seconds += self
-            .config
-            .overlap
-            .exposed_seconds(&copies.load, new_tokens.max(1));
+        self.promotions.push(Promotion {
+            load: copies.load,
+            tokens: new_tokens,
+        });
         let now = self.lower.index.now();
         for &h in &hashes[..k as usize] {
             self.lower.index.touch(h, now);

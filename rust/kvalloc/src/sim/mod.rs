@@ -38,6 +38,7 @@
 pub mod bound;
 pub mod capacity;
 pub mod generate;
+pub mod overlap;
 pub mod readers;
 pub mod replay;
 pub mod report;
@@ -49,6 +50,7 @@ use std::sync::Arc;
 
 pub use bound::Bound;
 pub use capacity::BudgetMatch;
+pub use overlap::OverlapModel;
 pub use replay::{Progress, RunConfig, TierBudget};
 pub use report::{SimReport, TierTraffic};
 pub use service::ServiceModel;

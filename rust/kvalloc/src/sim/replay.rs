@@ -21,6 +21,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Instant;
 
+use super::overlap::OverlapModel;
 use super::report::{SimReport, TierTraffic};
 use super::service::ServiceModel;
 use super::trace::Trace;
@@ -28,12 +29,13 @@ use crate::error::{Error, Result};
 use crate::eviction::Eviction;
 use crate::manager::{Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
 use crate::spec::ModelSpec;
+use crate::tiers::Tier;
 
-/// A budget for one tier below the device ("host", "disk" or "remote").
+/// A budget for one tier below the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierBudget {
-    /// The tier's name.
-    pub tier: String,
+    /// The tier.
+    pub tier: Tier,
     /// Its capacity in bytes.
     pub bytes: u64,
 }
@@ -119,6 +121,10 @@ pub(crate) struct Replay<'a> {
     ttft_no_cache_sum: f64,
     queue_wait_sum: f64,
     last_time: f64,
+    /// Prices the manager's promotions (the exposed part of their loads).
+    overlap: OverlapModel,
+    /// Exposed load seconds of every promotion so far.
+    exposed_load_seconds: f64,
 }
 
 const NO_NEXT: u32 = u32::MAX;
@@ -137,16 +143,10 @@ impl<'a> Replay<'a> {
         // every byte, but no bytes move.
         let mut lower = crate::tiers::LowerCapacity::default();
         for t in &cfg.lower_tiers {
-            match t.tier.as_str() {
-                "host" => lower.host = t.bytes,
-                "disk" => lower.disk = t.bytes,
-                "remote" => lower.remote = t.bytes,
-                other => {
-                    return Err(Error::invalid(
-                        "tier",
-                        format!("unknown tier {other:?}; expected host, disk or remote"),
-                    ))
-                }
+            match t.tier {
+                Tier::Host => lower.host = t.bytes,
+                Tier::Disk => lower.disk = t.bytes,
+                Tier::Remote => lower.remote = t.bytes,
             }
         }
         // A block-id trace coarser than the replay's blocks resumes only at its own block
@@ -160,10 +160,6 @@ impl<'a> Replay<'a> {
             eviction: cfg.eviction,
             resume_granularity,
             lower,
-            overlap: crate::tiers::OverlapModel {
-                prefill_tokens_per_second: cfg.service.prefill_tokens_per_s,
-                ..crate::tiers::OverlapModel::default()
-            },
             ..ManagerConfig::default()
         };
         let m = KVCacheManager::new(spec.clone(), cfg.device_bytes, config)?;
@@ -243,7 +239,22 @@ impl<'a> Replay<'a> {
             ttft_no_cache_sum: 0.0,
             queue_wait_sum: 0.0,
             last_time: 0.0,
+            overlap: OverlapModel {
+                prefill_tokens_per_second: cfg.service.prefill_tokens_per_s,
+                ..OverlapModel::default()
+            },
+            exposed_load_seconds: 0.0,
         })
+    }
+
+    /// Prices the last admission's promotions with the overlap model: adds them to the total
+    /// and returns their exposed seconds.
+    fn price_promotions(&mut self) -> f64 {
+        let before = self.exposed_load_seconds;
+        for p in self.m.promotions() {
+            self.exposed_load_seconds += self.overlap.promotion_seconds(p);
+        }
+        self.exposed_load_seconds - before
     }
 
     fn push(&mut self, t: f64, kind: Kind, i: u32) {
@@ -316,12 +327,12 @@ impl<'a> Replay<'a> {
             .tiers
             .iter()
             .map(|t| TierTraffic {
-                tier: t.name.to_string(),
+                tier: t.tier,
                 bytes_written: t.counters.bytes_written,
                 bytes_read: t.counters.bytes_read,
             })
             .collect();
-        r.exposed_load_seconds = stats.exposed_load_seconds;
+        r.exposed_load_seconds = self.exposed_load_seconds;
         let k = self.ttfts.len().max(1) as f64;
         r.ttft_mean = self.ttfts.iter().sum::<f64>() / k;
         r.ttft_no_cache_mean = self.ttft_no_cache_sum / k;
@@ -392,13 +403,13 @@ impl<'a> Replay<'a> {
             },
             None => Prompt::Tokens(trace.prompt_token_ids(r).expect("token prompt")),
         };
-        let exposed_before = self.m.exposed_load_seconds();
         let Some(hit) = self.m.admit(u64::from(i), prompt, None, None)? else {
+            self.price_promotions();
             return Ok(false);
         };
         // A hit promoted from a lower tier delays the prefill by the part of its load that the
         // overlap model says compute cannot hide.
-        let load_delay = self.m.exposed_load_seconds() - exposed_before;
+        let load_delay = self.price_promotions();
         self.running += 1;
         self.report.peak_running = self.report.peak_running.max(self.running);
         self.admissions += 1;

@@ -47,6 +47,19 @@ impl Tier {
         }
     }
 
+    /// Parses a tier's name: "host", "disk" or "remote".
+    pub fn parse(s: &str) -> Result<Tier> {
+        match s {
+            "host" => Ok(Tier::Host),
+            "disk" => Ok(Tier::Disk),
+            "remote" => Ok(Tier::Remote),
+            _ => Err(Error::invalid(
+                "tier",
+                format!("unknown tier {s:?}; expected host, disk or remote"),
+            )),
+        }
+    }
+
     /// The next tier down.
     pub fn below(self) -> Option<Tier> {
         match self {
