@@ -131,7 +131,7 @@ impl HashIndex {
     /// names and changes nothing. One probe either way.
     ///
     /// # Panics
-    /// If `id` is [`NONE`] (it marks free slots).
+    /// If `id` is [`NONE`](crate::prefix::NONE) (it marks free slots).
     #[inline]
     pub fn get_or_insert(&mut self, key: u64, id: NodeId) -> Option<NodeId> {
         assert_ne!(id, NONE, "NONE is not a node");

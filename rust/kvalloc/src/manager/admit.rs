@@ -64,8 +64,7 @@ impl KVCacheManager {
     /// of a hash each), and the rest are hashed on from there. That many blocks are compared
     /// in one go first (prompts admitted together tend to share the same system prompt), then
     /// block by block. Returns how many hashes were taken from `prev`. Inlined: out of line, a
-    /// batched step's hashing ahead ran 1,000 more instructions (callgrind,
-    /// `benches/step_loop.py`).
+    /// batched step's hashing ahead costs more (`benches/step_loop.py` under callgrind).
     #[inline(always)]
     pub(super) fn prompt_hashes_into(
         &self,

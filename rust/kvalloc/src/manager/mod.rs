@@ -91,7 +91,25 @@ pub const MAX_SEQUENCE_TOKENS: u64 = 1 << 32;
 /// position).
 pub const NULL_PAGE: i32 = -1;
 
-/// The KV cache manager. See the module docs.
+/// The KV cache manager: one arena of blocks, the prefix tree over the cached ones, the running
+/// requests, and the lower tiers (see the module docs for what a request holds).
+///
+/// A request's lifecycle:
+/// 1. [`admit`](Self::admit) (or an admission in [`step`](Self::step)): the prompt's chained
+///    block hashes are walked in the tree (after promoting what the lower tiers add); the
+///    window-safe hit is served from cache, and the rest of the prompt (or its first chunk,
+///    `max_tokens`) gets new blocks, evicting cached ones if needed. `None` when even eviction
+///    cannot make room: nothing changed.
+/// 2. [`extend`](Self::extend) (or `extend`/`decode` in a step), any number of times: the rest
+///    of the prompt (chunked prefill) and then output tokens. Whole prompt blocks are published
+///    to the tree as soon as they are scheduled (other requests may share them in flight);
+///    sliding-window blocks leave the table as the window moves on. `false` when there is no
+///    room: nothing changed (the scheduler preempts).
+/// 3. [`finish`](Self::finish): its whole blocks enter the cache with the window at its end;
+///    or [`abort`](Self::abort): nothing of it stays.
+///
+/// Between calls the engine reads [`block_table`](Self::block_table) (or its `_into` and
+/// `_range_into` forms) for each group.
 #[derive(Debug)]
 pub struct KVCacheManager {
     spec: ModelSpec,

@@ -248,7 +248,7 @@ impl LowerTiers {
     ///
     /// The memory is mapped, not touched, and a background thread backs it front to back
     /// ([`HostMemory::populate_in_background`]): registration returns at once (touching every
-    /// page of 8 GiB took 27 s), and demotions, which fill the tier front to back too, mostly
+    /// page first would take seconds per GiB), and demotions, which fill the tier front to back too, mostly
     /// find their pages already there instead of faulting each one on the scheduler's path.
     ///
     /// [`Error::SystemMemory`]: crate::error::Error::SystemMemory
