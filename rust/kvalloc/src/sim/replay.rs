@@ -129,6 +129,71 @@ pub(crate) struct Replay<'a> {
 
 const NO_NEXT: u32 = u32::MAX;
 
+/// The manager a replay drives: the run's policy, eviction and lower tiers at the replay's
+/// block size.
+fn manager_config(cfg: &RunConfig, trace: &Trace, block_tokens: u32) -> ManagerConfig {
+    // Lower tiers are virtual here: the manager makes every placement decision and counts
+    // every byte, but no bytes move.
+    let mut lower = crate::tiers::LowerCapacity::default();
+    for t in &cfg.lower_tiers {
+        match t.tier {
+            Tier::Host => lower.host = t.bytes,
+            Tier::Disk => lower.disk = t.bytes,
+            Tier::Remote => lower.remote = t.bytes,
+        }
+    }
+    // A block-id trace coarser than the replay's blocks resumes only at its own block
+    // boundaries: checkpoint prompts there (see `trace`).
+    let t = trace.block_tokens;
+    let resume_granularity = (t > block_tokens && t % block_tokens == 0).then_some(u64::from(t));
+    ManagerConfig {
+        block_tokens,
+        policy: cfg.policy,
+        eviction: cfg.eviction,
+        resume_granularity,
+        lower,
+        ..ManagerConfig::default()
+    }
+}
+
+/// A replay's report before anything ran: the run's settings and the trace's totals.
+fn empty_report(
+    cfg: &RunConfig,
+    trace: &Trace,
+    block_tokens: u32,
+    upper_bound_hit_tokens: u64,
+) -> SimReport {
+    SimReport {
+        policy: cfg.policy,
+        eviction: cfg.eviction,
+        block_tokens,
+        device_bytes: cfg.device_bytes,
+        requests: trace.requests.len() as u64,
+        completed: 0,
+        rejected: 0,
+        preemptions: 0,
+        prompt_tokens: trace.prompt_tokens(),
+        hit_tokens: 0,
+        upper_bound_hit_tokens,
+        cached_tokens: 0,
+        cache_bytes: 0,
+        peak_running: 0,
+        admissions_refused: 0,
+        extensions_refused: 0,
+        evicted_leaves: 0,
+        evicted_checkpoints: 0,
+        ttft_mean: 0.0,
+        ttft_p50: 0.0,
+        ttft_p99: 0.0,
+        ttft_no_cache_mean: 0.0,
+        queue_wait_mean: 0.0,
+        simulated_seconds: 0.0,
+        wall_seconds: 0.0,
+        tiers: Vec::new(),
+        exposed_load_seconds: 0.0,
+    }
+}
+
 impl<'a> Replay<'a> {
     pub(crate) fn new(
         spec: &ModelSpec,
@@ -139,29 +204,7 @@ impl<'a> Replay<'a> {
         upper_bound_hit_tokens: u64,
     ) -> Result<Self> {
         cfg.service.validate()?;
-        // Lower tiers are virtual here: the manager makes every placement decision and counts
-        // every byte, but no bytes move.
-        let mut lower = crate::tiers::LowerCapacity::default();
-        for t in &cfg.lower_tiers {
-            match t.tier {
-                Tier::Host => lower.host = t.bytes,
-                Tier::Disk => lower.disk = t.bytes,
-                Tier::Remote => lower.remote = t.bytes,
-            }
-        }
-        // A block-id trace coarser than the replay's blocks resumes only at its own block
-        // boundaries: checkpoint prompts there (see `trace`).
-        let t = trace.block_tokens;
-        let resume_granularity =
-            (t > block_tokens && t % block_tokens == 0).then_some(u64::from(t));
-        let config = ManagerConfig {
-            block_tokens,
-            policy: cfg.policy,
-            eviction: cfg.eviction,
-            resume_granularity,
-            lower,
-            ..ManagerConfig::default()
-        };
+        let config = manager_config(cfg, trace, block_tokens);
         let m = KVCacheManager::new(spec.clone(), cfg.device_bytes, config)?;
         let n = trace.requests.len();
         if n >= NO_NEXT as usize {
@@ -188,35 +231,7 @@ impl<'a> Replay<'a> {
                 first_admission_done: false,
             })
             .collect();
-        let report = SimReport {
-            policy: cfg.policy,
-            eviction: cfg.eviction,
-            block_tokens,
-            device_bytes: cfg.device_bytes,
-            requests: n as u64,
-            completed: 0,
-            rejected: 0,
-            preemptions: 0,
-            prompt_tokens: trace.prompt_tokens(),
-            hit_tokens: 0,
-            upper_bound_hit_tokens,
-            cached_tokens: 0,
-            cache_bytes: 0,
-            peak_running: 0,
-            admissions_refused: 0,
-            extensions_refused: 0,
-            evicted_leaves: 0,
-            evicted_checkpoints: 0,
-            ttft_mean: 0.0,
-            ttft_p50: 0.0,
-            ttft_p99: 0.0,
-            ttft_no_cache_mean: 0.0,
-            queue_wait_mean: 0.0,
-            simulated_seconds: 0.0,
-            wall_seconds: 0.0,
-            tiers: Vec::new(),
-            exposed_load_seconds: 0.0,
-        };
+        let report = empty_report(cfg, trace, block_tokens, upper_bound_hit_tokens);
         Ok(Replay {
             trace,
             ids,

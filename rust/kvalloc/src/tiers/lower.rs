@@ -637,11 +637,51 @@ impl LowerTiers {
             });
             return;
         }
-        // Room for the new groups; an existing record is protected from its own eviction. A
-        // new record that its tier cannot take (everything there pinned, or the tier smaller
-        // than its slab classes need) goes to the next tier down rather than nowhere.
-        let mut tier = tier;
-        let mut have = have;
+        let Some((tier, have)) = self.place(hash, tier, have, new_groups) else {
+            return;
+        };
+        let written = self.write_groups(tier, hash, entries, new_groups, device);
+        if written == 0 {
+            return;
+        }
+        let bytes = self.record_bytes(written);
+        if have != 0 {
+            self.index.update(hash, |r| {
+                r.groups |= written;
+                r.bytes += bytes;
+                r.access = r.access.max(now);
+                r.ckpt_end |= ckpt_end;
+            });
+        } else {
+            self.counters[tier as usize].records_in += 1;
+            self.index.insert(
+                hash,
+                Record {
+                    tier,
+                    groups: written,
+                    depth,
+                    ckpt_end,
+                    access: now,
+                    pins: 0,
+                    bytes,
+                },
+            );
+        }
+    }
+
+    /// Makes room for `new_groups` of block `hash` in `tier` (where its record with groups
+    /// `have` is, or where a new one goes). Room for the new groups; an existing record is
+    /// protected from its own eviction. A new record that its tier cannot take (everything
+    /// there pinned, or the tier smaller than its slab classes need) goes to the next tier down
+    /// rather than nowhere. Returns the tier and the groups the record has there (0: a new
+    /// record), or None when no tier takes it.
+    fn place(
+        &mut self,
+        hash: u64,
+        mut tier: Tier,
+        mut have: u16,
+        new_groups: u16,
+    ) -> Option<(Tier, u16)> {
         while have != 0 {
             self.index.pin(hash);
             let room = self.make_room(tier, new_groups, hash);
@@ -651,19 +691,14 @@ impl LowerTiers {
             }
             // No room beside the record here: move it down whole and add the groups there.
             self.counters[tier as usize].write_failures += 1;
-            if self.next_present(tier.below()).is_none() {
-                return;
-            }
+            self.next_present(tier.below())?;
             self.move_down(hash);
             match self.index.get(hash) {
                 Some(r) => tier = r.tier,
                 None => {
                     // Dropped on the way: start a new record below.
                     have = 0;
-                    tier = match self.next_present(tier.below()) {
-                        Some(t) => t,
-                        None => return,
-                    };
+                    tier = self.next_present(tier.below())?;
                 }
             }
         }
@@ -673,12 +708,22 @@ impl LowerTiers {
                     break;
                 }
                 self.counters[tier as usize].write_failures += 1;
-                match self.next_present(tier.below()) {
-                    Some(t) => tier = t,
-                    None => return,
-                }
+                tier = self.next_present(tier.below())?;
             }
         }
+        Some((tier, have))
+    }
+
+    /// Writes the groups of `entries` in `new_groups` (their bytes read from `device` at their
+    /// L1 offsets when bytes move) into `tier` for block `hash`. Returns the groups written.
+    fn write_groups(
+        &mut self,
+        tier: Tier,
+        hash: u64,
+        entries: &[(usize, u64)],
+        new_groups: u16,
+        device: Option<&dyn DeviceBuffer>,
+    ) -> u16 {
         let mut written = 0u16;
         for &(g, off) in entries {
             if new_groups & (1 << g) == 0 {
@@ -715,32 +760,7 @@ impl LowerTiers {
                 written |= 1 << g;
             }
         }
-        if written == 0 {
-            return;
-        }
-        let bytes = self.record_bytes(written);
-        if have != 0 {
-            self.index.update(hash, |r| {
-                r.groups |= written;
-                r.bytes += bytes;
-                r.access = r.access.max(now);
-                r.ckpt_end |= ckpt_end;
-            });
-        } else {
-            self.counters[tier as usize].records_in += 1;
-            self.index.insert(
-                hash,
-                Record {
-                    tier,
-                    groups: written,
-                    depth,
-                    ckpt_end,
-                    access: now,
-                    pins: 0,
-                    bytes,
-                },
-            );
-        }
+        written
     }
 
     /// Reads group `g` of `hash` from wherever it lives below L1 straight into the device at
