@@ -6,7 +6,7 @@ mod common;
 mod support;
 
 use common::{churn, prompt_of, serve, Engine, B};
-use kvalloc::tiers::{BlockStore, DiskStore, LowerCapacity, RemoteConfig, RemoteStore};
+use kvalloc::tiers::{BlockStore, DiskStore, LowerCapacity, RemoteConfig, RemoteStore, Tier};
 use kvalloc::{Policy, Prompt};
 use proptest::prelude::*;
 use std::time::{Duration, Instant};
@@ -62,7 +62,7 @@ fn full_disk_skips_writes_and_keeps_serving() {
         e.m.validate().unwrap();
     }
     let st = e.m.stats();
-    let disk = st.tiers.iter().find(|t| t.name == "disk").unwrap();
+    let disk = st.tiers.iter().find(|t| t.tier == Tier::Disk).unwrap();
     assert!(disk.store.unwrap().writes_skipped_full > 0, "{disk:?}");
     assert!(disk.counters.write_failures > 0);
     // What did fit still serves, with the right bytes.
@@ -139,7 +139,7 @@ fn killed_remote_server_is_misses_not_errors_then_service_resumes() {
         e.m.validate().unwrap();
     }
     let st = e.m.stats();
-    let remote = st.tiers.iter().find(|t| t.name == "remote").unwrap();
+    let remote = st.tiers.iter().find(|t| t.tier == Tier::Remote).unwrap();
     assert!(remote.store.unwrap().unavailable > 0);
     server.restart();
     std::thread::sleep(std::time::Duration::from_millis(2500)); // past the reconnect back-off
@@ -195,7 +195,7 @@ fn frozen_remote_server_is_misses_then_service_resumes() {
         e.m.validate().unwrap();
     }
     let st = e.m.stats();
-    let remote = st.tiers.iter().find(|t| t.name == "remote").unwrap();
+    let remote = st.tiers.iter().find(|t| t.tier == Tier::Remote).unwrap();
     let store = remote.store.unwrap();
     assert!(
         store.timeouts > 0 && store.unavailable >= store.timeouts,
@@ -230,7 +230,7 @@ fn two_instances_share_one_remote_store() {
     assert!(st
         .tiers
         .iter()
-        .any(|t| t.name == "remote" && t.promoted_tokens > 0));
+        .any(|t| t.tier == Tier::Remote && t.promoted_tokens > 0));
 }
 
 /// A new record the host tier cannot take (here: one slab, and a checkpoint block needs a slab

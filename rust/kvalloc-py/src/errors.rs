@@ -4,6 +4,8 @@
 //! nearest builtin (`ConfigError` is a `ValueError`, `OutOfMemoryError` a `MemoryError`), which
 //! `create_exception!` cannot express (it takes one base).
 
+use std::sync::{Mutex, MutexGuard};
+
 use kvalloc::Error;
 use pyo3::exceptions::{PyException, PyLookupError, PyMemoryError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
@@ -150,4 +152,14 @@ impl<T> IntoPyResult<T> for kvalloc::Result<T> {
     fn py(self) -> PyResult<T> {
         self.map_err(to_py)
     }
+}
+
+/// Locks `m`, the `what` object's lock; a lock poisoned by an earlier panic is an
+/// `InvariantError`, never a second panic.
+pub(crate) fn lock<'a, T>(m: &'a Mutex<T>, what: &str) -> PyResult<MutexGuard<'a, T>> {
+    m.lock().map_err(|_| {
+        to_py(Error::Invariant(format!(
+            "the {what} lock is poisoned by an earlier panic"
+        )))
+    })
 }

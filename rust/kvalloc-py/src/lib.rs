@@ -5,8 +5,10 @@
 //! the interpreter detached; every core error crosses through `errors::to_py`.
 
 mod arena;
+mod args;
 mod convert;
 mod errors;
+mod latency;
 mod manager;
 mod sim;
 mod spec;
@@ -23,7 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<spec::PyKVGroup>()?;
     m.add_class::<arena::PySlabArena>()?;
     m.add_class::<manager::PyKVCacheManager>()?;
-    m.add_class::<manager::PyBlockHashes>()?;
+    m.add_class::<args::PyBlockHashes>()?;
     m.add_class::<step_result::PyStepResult>()?;
     m.add_class::<tiers::PyLoadHandle>()?;
     m.add_class::<sim::PyTrace>()?;

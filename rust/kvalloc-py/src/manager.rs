@@ -1,134 +1,30 @@
-//! `KVCacheManager` and `BlockHashes`: the scheduler-facing API.
+//! `KVCacheManager`: the scheduler-facing API.
 
 use std::sync::{Mutex, MutexGuard};
 
-use kvalloc::tiers::{LowerCapacity, RemoteSetup, Secret, StoreSetup};
-use kvalloc::{Eviction, Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
+use kvalloc::tiers::{LowerCapacity, RemoteSetup, StoreSetup};
+use kvalloc::{Eviction, Extension, KVCacheManager, ManagerConfig, Policy};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyDict, PyList, PyTuple};
 
+use crate::args::{req_arg, salt_arg, secret_arg, OwnedPrompt};
 use crate::convert::{
     figures, flag, non_negative, opt_non_negative, opt_path, opt_positive, opt_text, positive,
-    text, token_ids, type_name, u64_array, uint_list,
+    token_ids, type_name, uint_list,
 };
-use crate::errors::{invalid, to_py, IntoPyResult};
+use crate::errors::{self, invalid, IntoPyResult};
+use crate::latency::ExposedLoad;
 use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
-use crate::step::{StepArgs, StepBuffers};
+use crate::step::{run_step, StepArgs, StepBuffers};
 use crate::step_result::PyStepResult;
-
-/// A prompt given as precomputed block hashes (one per block of `block_tokens`, as traces
-/// carry them) instead of token ids.
-#[pyclass(frozen, name = "BlockHashes", module = "kvalloc._core")]
-pub struct PyBlockHashes {
-    hashes: Vec<u64>,
-    num_tokens: u64,
-}
-
-#[pymethods]
-impl PyBlockHashes {
-    /// `hashes`: uint64 array, one id per block (the partial last block's id may be included);
-    /// `num_tokens`: the prompt length in tokens.
-    #[new]
-    fn new(hashes: &Bound<'_, PyAny>, num_tokens: &Bound<'_, PyAny>) -> PyResult<Self> {
-        let arr = u64_array(hashes, "hashes")?;
-        Ok(PyBlockHashes {
-            hashes: arr.as_slice()?.to_vec(),
-            num_tokens: positive(num_tokens, "num_tokens")?,
-        })
-    }
-    #[getter]
-    fn num_tokens(&self) -> u64 {
-        self.num_tokens
-    }
-    fn __len__(&self) -> usize {
-        self.hashes.len()
-    }
-    fn __repr__(&self) -> String {
-        format!(
-            "BlockHashes({} blocks, num_tokens={})",
-            self.hashes.len(),
-            self.num_tokens
-        )
-    }
-}
-
-/// An admission extracted while attached: (request, prompt, salt, max_tokens).
-pub(crate) type OwnedAdmission = (u64, OwnedPrompt, Option<Vec<u8>>, Option<u64>);
-
-/// A prompt extracted while attached: owned, so the core can run detached.
-pub(crate) enum OwnedPrompt {
-    Tokens(Vec<i64>),
-    Hashes(Vec<u64>, u64),
-}
-
-impl OwnedPrompt {
-    pub(crate) fn extract(obj: &Bound<'_, PyAny>) -> PyResult<Self> {
-        if let Ok(bh) = obj.cast::<PyBlockHashes>() {
-            let bh = bh.get();
-            return Ok(OwnedPrompt::Hashes(bh.hashes.clone(), bh.num_tokens));
-        }
-        Ok(OwnedPrompt::Tokens(token_ids(obj, "tokens")?))
-    }
-
-    pub(crate) fn as_prompt(&self) -> Prompt<'_> {
-        match self {
-            OwnedPrompt::Tokens(t) => Prompt::Tokens(t),
-            OwnedPrompt::Hashes(h, n) => Prompt::BlockHashes {
-                hashes: h,
-                num_tokens: *n,
-            },
-        }
-    }
-}
-
-pub(crate) fn salt_arg(salt: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Vec<u8>>> {
-    let Some(s) = salt.filter(|s| !s.is_none()) else {
-        return Ok(None);
-    };
-    if s.cast::<PyString>().is_ok() {
-        return Ok(Some(text(s, "salt")?.into_bytes()));
-    }
-    if let Ok(b) = s.cast::<PyBytes>() {
-        return Ok(Some(b.as_bytes().to_vec()));
-    }
-    Err(invalid(
-        "salt",
-        format!("expected str or bytes, got {}", type_name(s)),
-    ))
-}
-
-/// The deployment secret: `secret` (str or bytes), else the `KVALLOC_SECRET` environment
-/// variable, else none. An empty one is refused: it would authenticate nothing.
-fn secret_arg(secret: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Secret>> {
-    let bytes = match salt_arg(secret).map_err(|_| {
-        invalid(
-            "secret",
-            format!(
-                "expected str or bytes, got {}",
-                secret.map_or("None".into(), type_name)
-            ),
-        )
-    })? {
-        Some(b) => b,
-        None => match std::env::var_os("KVALLOC_SECRET") {
-            Some(v) => std::os::unix::ffi::OsStringExt::into_vec(v),
-            None => return Ok(None),
-        },
-    };
-    Secret::new(bytes)
-        .map(Some)
-        .ok_or_else(|| invalid("secret", "is empty; give at least 16 random bytes, or None"))
-}
-
-pub(crate) fn req_arg(obj: &Bound<'_, PyAny>) -> PyResult<u64> {
-    non_negative(obj, "req_id")
-}
 
 /// The SWA-aware KV cache manager an engine scheduler drives.
 #[pyclass(frozen, name = "KVCacheManager", module = "kvalloc._core")]
 pub struct PyKVCacheManager {
     inner: Mutex<KVCacheManager>,
+    /// Its promotions' exposed load time (see `latency`).
+    exposed: ExposedLoad,
     spec: Py<PyModelSpec>,
     /// `step`'s vectors, kept for the next call (None while a step has them).
     step_buffers: Mutex<Option<Box<StepBuffers>>>,
@@ -136,11 +32,7 @@ pub struct PyKVCacheManager {
 
 impl PyKVCacheManager {
     pub(crate) fn lock(&self) -> PyResult<MutexGuard<'_, KVCacheManager>> {
-        self.inner.lock().map_err(|_| {
-            to_py(kvalloc::Error::Invariant(
-                "the manager lock is poisoned by an earlier panic".into(),
-            ))
-        })
+        errors::lock(&self.inner, "manager")
     }
 }
 
@@ -262,6 +154,7 @@ impl PyKVCacheManager {
             .py()?;
         Ok(PyKVCacheManager {
             inner: Mutex::new(m),
+            exposed: ExposedLoad::default(),
             step_buffers: Mutex::new(None),
             spec: spec.clone().unbind(),
         })
@@ -302,9 +195,10 @@ impl PyKVCacheManager {
         let salt = salt_arg(salt)?;
         let max_tokens = opt_positive(max_tokens, "max_tokens")?;
         py.detach(|| {
-            self.lock()?
-                .admit(req, prompt.as_prompt(), salt.as_deref(), max_tokens)
-                .py()
+            let mut m = self.lock()?;
+            let hit = m.admit(req, prompt.as_prompt(), salt.as_deref(), max_tokens);
+            self.exposed.add(&m);
+            hit.py()
         })
     }
 
@@ -515,7 +409,7 @@ impl PyKVCacheManager {
             .ok()
             .and_then(|mut b| b.take())
             .unwrap_or_default();
-        let res = self.run_step(py, &args, &mut buf);
+        let res = run_step(py, &self.inner, &self.exposed, &args, &mut buf);
         buf.clear();
         if let Ok(mut b) = self.step_buffers.lock() {
             *b = Some(buf);
@@ -604,10 +498,10 @@ impl PyKVCacheManager {
                     )?,
                 )?;
             }
-            tiers.set_item(t.name, td)?;
+            tiers.set_item(t.tier.name(), td)?;
         }
         d.set_item("tiers", tiers)?;
-        d.set_item("exposed_load_seconds", s.exposed_load_seconds)?;
+        d.set_item("exposed_load_seconds", self.exposed.seconds())?;
         d.set_item("promotion_failures", s.promotion_failures)?;
         d.set_item("loads_in_flight", s.loads_in_flight)?;
         Ok(d)

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use kvalloc::sim::{
     generate, readers, RunConfig, ServiceModel, SimReport, Simulator, TierBudget, Trace,
 };
+use kvalloc::tiers::Tier;
 use kvalloc::{Eviction, Policy};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -151,13 +152,10 @@ fn run_config(
         defaults.decode_tokens_per_s,
     )?;
     let mut lower_tiers = Vec::new();
-    for (tier, b) in ["host", "disk", "remote"].into_iter().zip(lower) {
-        let bytes = opt_non_negative(b, &format!("{tier}_bytes"))?;
+    for (tier, b) in Tier::ALL.into_iter().zip(lower) {
+        let bytes = opt_non_negative(b, &format!("{}_bytes", tier.name()))?;
         if bytes > 0 {
-            lower_tiers.push(TierBudget {
-                tier: tier.into(),
-                bytes,
-            });
+            lower_tiers.push(TierBudget { tier, bytes });
         }
     }
     Ok(RunConfig {
@@ -217,8 +215,8 @@ fn report_dict<'py>(py: Python<'py>, r: &SimReport) -> PyResult<Bound<'py, PyDic
     let written = PyDict::new(py);
     let read = PyDict::new(py);
     for t in &r.tiers {
-        written.set_item(&t.tier, t.bytes_written)?;
-        read.set_item(&t.tier, t.bytes_read)?;
+        written.set_item(t.tier.name(), t.bytes_written)?;
+        read.set_item(t.tier.name(), t.bytes_read)?;
     }
     d.set_item("tier_bytes_written", written)?;
     d.set_item("tier_bytes_read", read)?;

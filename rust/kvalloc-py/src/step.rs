@@ -5,13 +5,16 @@
 //! counts: each conversion appends to a kept vector instead of allocating, and the step's
 //! outcome is written into a kept `StepOutcome`.
 
-use kvalloc::{Admission, Decode, Extension, Prompt, Step, StepOutcome};
+use std::sync::Mutex;
+
+use kvalloc::{Admission, Decode, Extension, KVCacheManager, Prompt, Step, StepOutcome};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
+use crate::args::{req_arg, salt_arg, OwnedAdmission, OwnedPrompt};
 use crate::convert::{exact_tokens, opt_positive, token_ids_into, type_name, uint_list_into};
-use crate::errors::{invalid, IntoPyResult};
-use crate::manager::{req_arg, salt_arg, OwnedAdmission, OwnedPrompt, PyKVCacheManager};
+use crate::errors::{self, invalid, IntoPyResult};
+use crate::latency::ExposedLoad;
 use crate::step_result::PyStepResult;
 
 /// `step`'s arguments as Python gave them (flags already read).
@@ -163,168 +166,196 @@ fn spans_into(
     Ok(())
 }
 
-impl PyKVCacheManager {
-    /// One `step` call: converts `args` into `buf`, runs the core step detached, and returns
-    /// its result.
-    pub(crate) fn run_step<'py>(
-        &self,
-        py: Python<'py>,
-        args: &StepArgs<'_, 'py>,
-        buf: &mut StepBuffers,
-    ) -> PyResult<PyStepResult> {
-        ids_into(args.finish, "finish", &mut buf.finish)?;
-        ids_into(args.abort, "abort", &mut buf.abort)?;
-        ids_into(args.extend_ids, "extend_ids", &mut buf.ext_ids)?;
-        let ext_tokens = args.extend_tokens.filter(|o| !o.is_none());
-        if let Some(t) = ext_tokens {
-            token_ids_into(t, "extend_tokens", &mut buf.ext_tokens)?;
+/// One `step` call on the manager behind `manager`: converts `args` into `buf`, runs the core
+/// step detached (its promotions priced into `exposed`), and returns its result.
+pub(crate) fn run_step<'py>(
+    py: Python<'py>,
+    manager: &Mutex<KVCacheManager>,
+    exposed: &ExposedLoad,
+    args: &StepArgs<'_, 'py>,
+    buf: &mut StepBuffers,
+) -> PyResult<PyStepResult> {
+    let (admits, exact) = convert_args(args, buf)?;
+    let StepBuffers {
+        finish,
+        abort,
+        ext_ids,
+        ext_tokens: ext_token_ids,
+        ext_lens,
+        ext_counts,
+        ext_spans,
+        flat_ids,
+        flat_lens,
+        flat_tokens: flat_copied,
+        flat_spans,
+        outcome,
+    } = buf;
+    let flat_tokens: &[i64] = exact.unwrap_or(flat_copied);
+    spans_into(
+        flat_lens,
+        flat_ids.len(),
+        flat_tokens.len(),
+        ["admit_ids", "admit_lens", "admit_tokens"],
+        flat_spans,
+    )?;
+    let has_tokens = args.extend_tokens.is_some_and(|o| !o.is_none());
+    extension_spans(
+        has_tokens,
+        ext_ids,
+        ext_token_ids,
+        ext_lens,
+        ext_counts,
+        ext_spans,
+    )?;
+    let n_admits = admits.len() + flat_ids.len();
+    let one_token_each = has_tokens && ext_lens.is_empty();
+    let (fcfs, admit_if_extended) = (args.fcfs, args.admit_if_extended);
+    py.detach(|| {
+        let mut step = Step {
+            finish: std::mem::take(finish),
+            abort: std::mem::take(abort),
+            extend: Vec::new(),
+            decode: Decode::default(),
+            admit: Vec::with_capacity(n_admits),
+            fcfs,
+            admit_if_extended,
+        };
+        if one_token_each {
+            // One token each (checked above): the columns as they are.
+            step.decode = Decode {
+                ids: ext_ids,
+                tokens: ext_token_ids,
+            };
+        } else if has_tokens {
+            step.extend.extend(
+                ext_ids
+                    .iter()
+                    .zip(ext_spans.iter())
+                    .map(|(&id, &(from, to))| (id, Extension::Tokens(&ext_token_ids[from..to]))),
+            );
+        } else {
+            step.extend.extend(
+                ext_ids
+                    .iter()
+                    .zip(ext_counts.iter())
+                    .map(|(&id, &n)| (id, Extension::Count(n))),
+            );
         }
-        ids_into(args.extend_lens, "extend_lens", &mut buf.ext_lens)?;
-        ids_into(args.extend_counts, "extend_counts", &mut buf.ext_counts)?;
-        let admits = listed_admissions(args.admit)?;
-        // Admissions in flat form: ids, one token array, and each prompt's length (three
-        // conversions, whatever the number of requests).
-        ids_into(args.admit_ids, "admit_ids", &mut buf.flat_ids)?;
-        ids_into(args.admit_lens, "admit_lens", &mut buf.flat_lens)?;
-        let admit_tokens = args.admit_tokens.filter(|o| !o.is_none());
-        // numpy's own int64 arrays are read in place (`exact_tokens`), without a copy or a
-        // borrow: a step's prompts can be megabytes, even the 2,048 ids of
-        // `benches/step.py ab`'s 16 prompts cost more to copy (0.5 us warm, 2.5 us with cold
-        // caches, measured side by side), and rust-numpy's borrow tracking costs about 700
-        // instructions a call. Anything else (int32, a subclass, a strided view, a list) is
-        // converted into the kept vector.
-        let exact = admit_tokens.and_then(exact_tokens);
-        if let (Some(t), None) = (admit_tokens, exact) {
-            token_ids_into(t, "admit_tokens", &mut buf.flat_tokens)?;
+        for (req, prompt, salt, max_tokens) in &admits {
+            step.admit.push(Admission {
+                req: *req,
+                prompt: prompt.as_prompt(),
+                salt: salt.as_deref(),
+                max_tokens: *max_tokens,
+            });
         }
-        let StepBuffers {
-            finish,
-            abort,
-            ext_ids,
-            ext_tokens: ext_token_ids,
-            ext_lens,
-            ext_counts,
-            ext_spans,
-            flat_ids,
-            flat_lens,
-            flat_tokens: flat_copied,
-            flat_spans,
-            outcome,
-        } = buf;
-        let flat_tokens: &[i64] = exact.unwrap_or(flat_copied);
-        spans_into(
-            flat_lens,
-            flat_ids.len(),
-            flat_tokens.len(),
-            ["admit_ids", "admit_lens", "admit_tokens"],
-            flat_spans,
-        )?;
-        // Extensions, as slices of the flat token array.
-        match (ext_tokens.is_some(), ext_counts.is_empty()) {
-            (true, false) => {
+        for (&req, &(from, to)) in flat_ids.iter().zip(flat_spans.iter()) {
+            step.admit.push(Admission {
+                req,
+                prompt: Prompt::Tokens(&flat_tokens[from..to]),
+                salt: None,
+                max_tokens: None,
+            });
+        }
+        let res = errors::lock(manager, "manager").and_then(|mut m| {
+            let res = m.step_into(&step, outcome);
+            exposed.add(&m);
+            res.py()
+        });
+        // The id vectors go back to the buffers.
+        *finish = step.finish;
+        *abort = step.abort;
+        res
+    })?;
+    Ok(PyStepResult::new(outcome, n_admits))
+}
+
+/// Converts a step's arguments into `buf` while attached. Returns the listed admissions and
+/// the flat admissions' token ids when numpy's own int64 array holds them (read in place;
+/// anything else was copied into `buf`).
+fn convert_args<'a>(
+    args: &StepArgs<'a, '_>,
+    buf: &mut StepBuffers,
+) -> PyResult<(Vec<OwnedAdmission>, Option<&'a [i64]>)> {
+    ids_into(args.finish, "finish", &mut buf.finish)?;
+    ids_into(args.abort, "abort", &mut buf.abort)?;
+    ids_into(args.extend_ids, "extend_ids", &mut buf.ext_ids)?;
+    if let Some(t) = args.extend_tokens.filter(|o| !o.is_none()) {
+        token_ids_into(t, "extend_tokens", &mut buf.ext_tokens)?;
+    }
+    ids_into(args.extend_lens, "extend_lens", &mut buf.ext_lens)?;
+    ids_into(args.extend_counts, "extend_counts", &mut buf.ext_counts)?;
+    let admits = listed_admissions(args.admit)?;
+    // Admissions in flat form: ids, one token array, and each prompt's length (three
+    // conversions, whatever the number of requests).
+    ids_into(args.admit_ids, "admit_ids", &mut buf.flat_ids)?;
+    ids_into(args.admit_lens, "admit_lens", &mut buf.flat_lens)?;
+    let admit_tokens = args.admit_tokens.filter(|o| !o.is_none());
+    // numpy's own int64 arrays are read in place (`exact_tokens`), without a copy or a
+    // borrow: a step's prompts can be megabytes, even a few prompts' ids cost more to copy
+    // than to read in place (`benches/step.py ab`), and rust-numpy's borrow tracking costs
+    // more than the read. Anything else (int32, a subclass, a strided view, a list) is
+    // converted into the kept vector.
+    let exact = admit_tokens.and_then(exact_tokens);
+    if let (Some(t), None) = (admit_tokens, exact) {
+        token_ids_into(t, "admit_tokens", &mut buf.flat_tokens)?;
+    }
+    Ok((admits, exact))
+}
+
+/// Checks the extension columns against each other (tokens or counts, one per id or spanned
+/// by lengths) and fills `spans` when lengths split the tokens.
+fn extension_spans(
+    has_tokens: bool,
+    ids: &[u64],
+    tokens: &[i64],
+    lens: &[u64],
+    counts: &[u64],
+    spans: &mut Vec<(usize, usize)>,
+) -> PyResult<()> {
+    match (has_tokens, counts.is_empty()) {
+        (true, false) => Err(invalid(
+            "extend_counts",
+            "give extend_tokens or extend_counts, not both",
+        )),
+        // One token each (the decode step): no lengths to check, no spans to build.
+        (true, true) if lens.is_empty() => {
+            if tokens.len() != ids.len() {
+                return Err(invalid(
+                    "extend_tokens",
+                    format!(
+                        "{} tokens for {} extend_ids (one each without extend_lens)",
+                        tokens.len(),
+                        ids.len()
+                    ),
+                ));
+            }
+            Ok(())
+        }
+        (true, true) => spans_into(
+            lens,
+            ids.len(),
+            tokens.len(),
+            ["extend_ids", "extend_lens", "extend_tokens"],
+            spans,
+        ),
+        (false, false) => {
+            if counts.len() != ids.len() {
                 return Err(invalid(
                     "extend_counts",
-                    "give extend_tokens or extend_counts, not both",
-                ))
+                    format!("{} counts for {} ids", counts.len(), ids.len()),
+                ));
             }
-            // One token each (the decode step): no lengths to check, no spans to build.
-            (true, true) if ext_lens.is_empty() => {
-                if ext_token_ids.len() != ext_ids.len() {
-                    return Err(invalid(
-                        "extend_tokens",
-                        format!(
-                            "{} tokens for {} extend_ids (one each without extend_lens)",
-                            ext_token_ids.len(),
-                            ext_ids.len()
-                        ),
-                    ));
-                }
-            }
-            (true, true) => spans_into(
-                ext_lens,
-                ext_ids.len(),
-                ext_token_ids.len(),
-                ["extend_ids", "extend_lens", "extend_tokens"],
-                ext_spans,
-            )?,
-            (false, false) => {
-                if ext_counts.len() != ext_ids.len() {
-                    return Err(invalid(
-                        "extend_counts",
-                        format!("{} counts for {} ids", ext_counts.len(), ext_ids.len()),
-                    ));
-                }
-            }
-            (false, true) => {
-                if !ext_ids.is_empty() {
-                    return Err(invalid(
-                        "extend_ids",
-                        "give extend_tokens or extend_counts with extend_ids",
-                    ));
-                }
-            }
+            Ok(())
         }
-        let n_admits = admits.len() + flat_ids.len();
-        let one_token_each = ext_tokens.is_some() && ext_lens.is_empty();
-        let has_tokens = ext_tokens.is_some();
-        let (fcfs, admit_if_extended) = (args.fcfs, args.admit_if_extended);
-        py.detach(|| {
-            let mut step = Step {
-                finish: std::mem::take(finish),
-                abort: std::mem::take(abort),
-                extend: Vec::new(),
-                decode: Decode::default(),
-                admit: Vec::with_capacity(n_admits),
-                fcfs,
-                admit_if_extended,
-            };
-            if one_token_each {
-                // One token each (checked above): the columns as they are.
-                step.decode = Decode {
-                    ids: ext_ids,
-                    tokens: ext_token_ids,
-                };
-            } else if has_tokens {
-                step.extend.extend(
-                    ext_ids
-                        .iter()
-                        .zip(ext_spans.iter())
-                        .map(|(&id, &(from, to))| {
-                            (id, Extension::Tokens(&ext_token_ids[from..to]))
-                        }),
-                );
-            } else {
-                step.extend.extend(
-                    ext_ids
-                        .iter()
-                        .zip(ext_counts.iter())
-                        .map(|(&id, &n)| (id, Extension::Count(n))),
-                );
+        (false, true) => {
+            if !ids.is_empty() {
+                return Err(invalid(
+                    "extend_ids",
+                    "give extend_tokens or extend_counts with extend_ids",
+                ));
             }
-            for (req, prompt, salt, max_tokens) in &admits {
-                step.admit.push(Admission {
-                    req: *req,
-                    prompt: prompt.as_prompt(),
-                    salt: salt.as_deref(),
-                    max_tokens: *max_tokens,
-                });
-            }
-            for (&req, &(from, to)) in flat_ids.iter().zip(flat_spans.iter()) {
-                step.admit.push(Admission {
-                    req,
-                    prompt: Prompt::Tokens(&flat_tokens[from..to]),
-                    salt: None,
-                    max_tokens: None,
-                });
-            }
-            let res = self
-                .lock()
-                .and_then(|mut m| m.step_into(&step, outcome).py());
-            // The id vectors go back to the buffers.
-            *finish = step.finish;
-            *abort = step.abort;
-            res
-        })?;
-        Ok(PyStepResult::new(outcome, n_admits))
+            Ok(())
+        }
     }
 }

@@ -20,41 +20,21 @@
 //!   policy every node holds every sliding block;
 //! - the eviction sets hold exactly the unpinned leaves and the unpinned interior checkpoints.
 
-mod index;
 mod min_set;
 
-pub use index::HashIndex;
+pub use crate::hash::{HashIndex, IdentityHasher};
 use min_set::MinSet;
 use std::collections::HashMap;
-use std::hash::Hasher;
 
 use crate::error::{Error, Result};
-use crate::policy::{Candidate, Eviction, EvictionOrder};
-use crate::prefault;
+use crate::eviction::{Candidate, Eviction, EvictionOrder};
+use crate::mem::prefault;
 use crate::slab::Handle;
 
 /// Node id; `NONE` marks "no node" (the parent of depth-0 nodes).
 pub type NodeId = u32;
 /// No node.
 pub const NONE: NodeId = u32::MAX;
-
-/// Keys are already uniformly distributed hashes: hashing them again is wasted work.
-#[derive(Default, Clone, Copy)]
-pub struct IdentityHasher(u64);
-
-impl Hasher for IdentityHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = n;
-    }
-}
 
 /// Blocks released by a tree operation: (group, handle).
 pub type Freed = Vec<(usize, Handle)>;
@@ -218,13 +198,13 @@ impl PrefixTree {
     /// An empty tree for the given layout and eviction order.
     ///
     /// # Panics
-    /// If the layout has more than 16 groups ([`crate::manager::MAX_GROUPS`]; the manager
+    /// If the layout has more than 16 groups ([`crate::spec::MAX_GROUPS`]; the manager
     /// checks this and returns an error instead).
     pub fn new(layout: Layout, eviction: Eviction) -> Self {
         assert!(
-            layout.windows.len() <= crate::manager::MAX_GROUPS,
+            layout.windows.len() <= crate::spec::MAX_GROUPS,
             "kvalloc supports at most {} KV groups",
-            crate::manager::MAX_GROUPS
+            crate::spec::MAX_GROUPS
         );
         let sliding = (0..layout.groups())
             .filter(|&g| layout.windows[g].is_some())
@@ -339,7 +319,7 @@ impl PrefixTree {
     /// and block slots, else the ends of the node arrays (a growing tree writes there, and a
     /// line not written for a while is out of cache). A hint, for a step about to admit.
     pub fn prefetch_new_nodes(&self, n: usize) {
-        use crate::prefetch::{prefetch, prefetch_range};
+        use crate::mem::prefetch::{prefetch, prefetch_range};
         let g = self.g();
         let reused = self.free_ids.len().min(n);
         for &id in self.free_ids.iter().rev().take(reused) {
@@ -528,10 +508,10 @@ impl PrefixTree {
         } else {
             debug_assert_eq!(id as usize, self.nodes.len());
             // Growth in huge pages: a large tree's arrays span tens of megabytes.
-            crate::hugepage::reserve(&mut self.nodes, 1);
-            crate::hugepage::reserve(&mut self.blocks, blocks.len());
-            crate::hugepage::reserve(&mut self.ckpt_refs, blocks.len());
-            crate::hugepage::reserve(&mut self.ckpt_start, blocks.len());
+            crate::mem::hugepage::reserve(&mut self.nodes, 1);
+            crate::mem::hugepage::reserve(&mut self.blocks, blocks.len());
+            crate::mem::hugepage::reserve(&mut self.ckpt_refs, blocks.len());
+            crate::mem::hugepage::reserve(&mut self.ckpt_start, blocks.len());
             self.nodes.push(node);
             // Pushes, not `resize` then stores: a handful of groups is cheaper than a memset call.
             for &h in blocks {
@@ -790,126 +770,6 @@ impl PrefixTree {
         }
     }
 
-    /// Evicts the entry with the smallest key. Returns what kind it was, or None when nothing
-    /// is evictable.
-    pub fn evict_one(&mut self, freed: &mut Freed) -> Option<Evicted> {
-        let leaf = self.leaves.first();
-        let ckpt = self.ckpts.first();
-        let (key, n, kind) = match (leaf, ckpt) {
-            (None, None) => return None,
-            (Some((k, n)), None) => (k, n, Evicted::Leaf),
-            (None, Some((k, n))) => (k, n, Evicted::Checkpoint),
-            (Some(l), Some(c)) => {
-                if c.0 < l.0 {
-                    (c.0, c.1, Evicted::Checkpoint)
-                } else {
-                    (l.0, l.1, Evicted::Leaf)
-                }
-            }
-        };
-        self.order.evicted(key);
-        self.evicting = Some((n, self.nodes[n as usize].ckpt_end));
-        match kind {
-            Evicted::Leaf => self.remove(n, freed),
-            Evicted::Checkpoint => self.remove_checkpoint(n, freed),
-        }
-        Some(kind)
-    }
-
-    fn take_key(&mut self, n: NodeId) {
-        if let Some((kind, key)) = self.nodes[n as usize].key.take() {
-            match kind {
-                SetKind::Leaf => self.leaves.remove(&(key, n)),
-                SetKind::Ckpt => self.ckpts.remove(&(key, n)),
-            };
-        }
-    }
-
-    /// Re-files node `n` in the eviction sets after its state changed.
-    fn refresh(&mut self, n: NodeId) {
-        self.take_key(n);
-        let node = &self.nodes[n as usize];
-        if !node.alive || node.refs > 0 || node.doomed {
-            return;
-        }
-        let kind = if node.children == 0 {
-            SetKind::Leaf
-        } else if node.ckpt_end {
-            SetKind::Ckpt
-        } else {
-            return;
-        };
-        let cand = self.candidate(n, kind);
-        let key = self.order.key(&cand);
-        self.nodes[n as usize].key = Some((kind, key));
-        match kind {
-            SetKind::Leaf => self.leaves.insert((key, n)),
-            SetKind::Ckpt => self.ckpts.insert((key, n)),
-        };
-    }
-
-    fn node_bytes(&self, n: NodeId) -> u64 {
-        (0..self.g())
-            .filter(|&g| self.block(n, g) != 0)
-            .map(|g| self.layout.block_bytes[g])
-            .sum()
-    }
-
-    /// The unit a candidate stands for: see the policy docs.
-    fn candidate(&self, n: NodeId, kind: SetKind) -> Candidate {
-        let node = &self.nodes[n as usize];
-        let saved = if node.ckpt_end {
-            u64::from(node.depth + 1) * u64::from(self.layout.block_tokens)
-        } else {
-            0
-        };
-        // LRU ignores size, and a value key with nothing saved is `L` whatever the size: skip
-        // the walk in both cases (it dominates eviction otherwise).
-        let bytes = if self.order.kind() == Eviction::Lru || saved == 0 {
-            0
-        } else {
-            match kind {
-                // The checkpoint plus the prefix only it unlocks.
-                SetKind::Leaf => {
-                    let mut bytes = self.node_bytes(n);
-                    let mut p = node.parent;
-                    let mut steps = 0;
-                    while p != NONE && steps < 256 {
-                        let pn = &self.nodes[p as usize];
-                        if pn.children != 1 || pn.refs > 0 || pn.ckpt_end {
-                            break;
-                        }
-                        bytes += self.node_bytes(p);
-                        p = pn.parent;
-                        steps += 1;
-                    }
-                    bytes
-                }
-                // The SWA blocks only this checkpoint holds.
-                SetKind::Ckpt => {
-                    let mut bytes = 0;
-                    for &g in &self.sliding {
-                        let start = self.ckpt_start[self.slot(n, g)];
-                        let mut m = n;
-                        while m != NONE && self.nodes[m as usize].depth >= start {
-                            if self.ckpt_refs[self.slot(m, g)] == 1 {
-                                bytes += self.layout.block_bytes[g];
-                            }
-                            m = self.nodes[m as usize].parent;
-                        }
-                    }
-                    bytes
-                }
-            }
-        };
-        Candidate {
-            saved_tokens: saved,
-            bytes,
-            hits: node.hits,
-            last_access: node.last_access,
-        }
-    }
-
     /// Live nodes.
     pub fn num_nodes(&self) -> u64 {
         self.live_nodes
@@ -978,239 +838,9 @@ impl PrefixTree {
             .map(|&n| self.node_bytes(n))
             .sum()
     }
-
-    /// Checks the invariants in the module docs. `pins` holds, per node id, how many running
-    /// requests the manager believes pin it.
-    pub fn validate(&self, pins: &HashMap<NodeId, u32>) -> Result<()> {
-        let bad = |m: String| Err(Error::Invariant(format!("prefix tree: {m}")));
-        let g = self.g();
-        let mut children = vec![0u32; self.nodes.len()];
-        let mut live = 0u64;
-        let mut doomed = 0u64;
-        for (i, n) in self.nodes.iter().enumerate() {
-            if !n.alive {
-                continue;
-            }
-            live += 1;
-            if n.doomed {
-                doomed += 1; // unindexed (see `discard`)
-            } else if self.index.get(n.hash) != Some(i as NodeId) {
-                return bad(format!("node {i} is not indexed under its hash"));
-            }
-            if n.parent != NONE {
-                let p = &self.nodes[n.parent as usize];
-                if !p.alive || p.depth + 1 != n.depth {
-                    return bad(format!("node {i}: parent missing or at the wrong depth"));
-                }
-                children[n.parent as usize] += 1;
-            } else if n.depth != 0 {
-                return bad(format!("node {i}: no parent but depth {}", n.depth));
-            }
-            for gi in 0..g {
-                let full = self.layout.windows[gi].is_none();
-                let has = self.blocks[i * g + gi] != 0;
-                if full && !has {
-                    return bad(format!(
-                        "node {i} lacks its full-attention block (group {gi})"
-                    ));
-                }
-                if !full && !self.layout.swa_aware && !has {
-                    return bad(format!(
-                        "dense policy: node {i} lacks sliding block (group {gi})"
-                    ));
-                }
-            }
-            if n.refs != pins.get(&(i as NodeId)).copied().unwrap_or(0) {
-                return bad(format!(
-                    "node {i}: {} pins recorded, {} running requests hold it",
-                    n.refs,
-                    pins.get(&(i as NodeId)).copied().unwrap_or(0)
-                ));
-            }
-        }
-        if let Err(e) = self.index.validate() {
-            return bad(format!("hash index: {e}"));
-        }
-        if live != self.live_nodes || self.index.len() as u64 != live - doomed {
-            return bad("live-node count disagrees with the index".into());
-        }
-        // Checkpoint coverage recomputed from the registered checkpoints.
-        let mut refs = vec![0u32; self.blocks.len()];
-        let mut ckpts = 0;
-        for (i, n) in self.nodes.iter().enumerate() {
-            if !n.alive {
-                continue;
-            }
-            if children[i] != n.children {
-                return bad(format!(
-                    "node {i}: child count {} != {}",
-                    n.children, children[i]
-                ));
-            }
-            if !n.ckpt_end {
-                continue;
-            }
-            ckpts += 1;
-            for &gi in &self.sliding {
-                let start = self.ckpt_start[i * g + gi];
-                let w = self.layout.windows[gi].expect("sliding");
-                if n.depth + 1 - start < self.layout.window_blocks(n.depth + 1, w) {
-                    return bad(format!("checkpoint at node {i} is shorter than its window"));
-                }
-                let mut m = i as NodeId;
-                while m != NONE && self.nodes[m as usize].depth >= start {
-                    if self.blocks[m as usize * g + gi] == 0 {
-                        return bad(format!("checkpoint at node {i} covers a tombstone at {m}"));
-                    }
-                    refs[m as usize * g + gi] += 1;
-                    m = self.nodes[m as usize].parent;
-                }
-            }
-        }
-        let (mut held, mut pinned) = (0u64, 0u64);
-        for (i, n) in self.nodes.iter().enumerate() {
-            if n.alive {
-                let nb = self.node_bytes(i as NodeId);
-                held += nb;
-                if n.refs > 0 {
-                    pinned += nb;
-                }
-            }
-        }
-        if held != self.held_bytes || pinned != self.pinned_bytes {
-            return bad(format!(
-                "byte counters: held {} (counted {held}), pinned {} (counted {pinned})",
-                self.held_bytes, self.pinned_bytes
-            ));
-        }
-        if ckpts != self.checkpoints {
-            return bad("checkpoint count disagrees".into());
-        }
-        for (i, n) in self.nodes.iter().enumerate() {
-            if !n.alive {
-                continue;
-            }
-            for &gi in &self.sliding {
-                let s = i * g + gi;
-                if refs[s] != self.ckpt_refs[s] {
-                    return bad(format!(
-                        "node {i} group {gi}: ckpt_refs {} != {}",
-                        self.ckpt_refs[s], refs[s]
-                    ));
-                }
-                if self.layout.swa_aware && self.blocks[s] != 0 && refs[s] == 0 && n.refs == 0 {
-                    return bad(format!(
-                        "node {i} group {gi}: SWA block kept by no checkpoint"
-                    ));
-                }
-            }
-            let want = if n.refs > 0 || n.doomed {
-                None
-            } else if n.children == 0 {
-                Some(SetKind::Leaf)
-            } else if n.ckpt_end {
-                Some(SetKind::Ckpt)
-            } else {
-                None
-            };
-            let have = n.key.map(|(k, _)| k);
-            if want != have {
-                return bad(format!(
-                    "node {i}: eviction set {have:?}, expected {want:?}"
-                ));
-            }
-            if let Some((kind, key)) = n.key {
-                let set = if kind == SetKind::Leaf {
-                    &self.leaves
-                } else {
-                    &self.ckpts
-                };
-                if !set.contains(&(key, i as NodeId)) {
-                    return bad(format!("node {i}: key missing from its set"));
-                }
-            }
-        }
-        let filed = self
-            .nodes
-            .iter()
-            .filter(|n| n.alive && n.key.is_some())
-            .count();
-        if filed != self.leaves.len() + self.ckpts.len() {
-            return bad("eviction sets hold stale entries".into());
-        }
-        Ok(())
-    }
 }
 
+mod evict;
 #[cfg(test)]
-mod tests {
-    use super::{Layout, PrefixTree, NONE};
-    use crate::policy::Eviction;
-    use std::collections::HashMap;
-
-    /// A path of five nodes over a full group and two sliding groups (windows of `window`
-    /// one-token blocks): A holds an SWA block at every node, B only at the last two.
-    fn five_node_path(window: u32) -> (PrefixTree, Vec<u32>) {
-        let layout = Layout {
-            windows: vec![None, Some(window), Some(window)],
-            block_bytes: vec![1, 1, 1],
-            block_tokens: 1,
-            swa_aware: true,
-        };
-        let mut tree = PrefixTree::new(layout, Eviction::Value);
-        let (mut parent, mut path) = (NONE, Vec::new());
-        for depth in 0..5u64 {
-            let b = if depth >= 3 { 100 + depth } else { 0 };
-            parent = tree.insert(
-                (depth + 1) * 7919,
-                parent,
-                depth as u32,
-                &[10 + depth, 50 + depth, b],
-            );
-            path.push(parent);
-        }
-        (tree, path)
-    }
-
-    /// A checkpoint that one sliding group cannot cover is refused and leaves no reference
-    /// behind, in the group whose run was counted first as in the short one.
-    #[test]
-    fn a_refused_checkpoint_takes_back_every_reference() {
-        let (mut tree, path) = five_node_path(4);
-        let pins: HashMap<_, _> = path.iter().map(|&n| (n, 1)).collect();
-        // B's run (2 blocks) is short of the 4 a resume at depth 5 needs.
-        assert!(!tree.add_checkpoint(path[4], &[4, 4]));
-        tree.validate(&pins).unwrap();
-        assert!(path
-            .iter()
-            .all(|&n| !tree.ckpt_covered(n, 1) && !tree.ckpt_covered(n, 2)));
-        assert!(!tree.is_checkpoint(path[4]));
-        // With windows of two blocks both runs suffice: registered, A's run capped at 3.
-        let (mut tree, path) = five_node_path(2);
-        assert!(tree.add_checkpoint(path[4], &[3, 3]));
-        tree.validate(&pins).unwrap();
-        let covered = |g| path.iter().filter(|&&n| tree.ckpt_covered(n, g)).count();
-        assert_eq!((covered(1), covered(2)), (3, 2));
-    }
-
-    #[test]
-    fn window_blocks_is_the_capped_ceiling_for_every_block_size() {
-        for block_tokens in [1u32, 2, 3, 7, 16, 48, 64, 528] {
-            let layout = Layout {
-                windows: vec![None],
-                block_bytes: vec![1],
-                block_tokens,
-                swa_aware: true,
-            };
-            for w in (1..300).chain([4095, 4096, 4097, u32::MAX / 2]) {
-                for k in [0, 1, 5, 1000, u32::MAX] {
-                    assert_eq!(
-                        layout.window_blocks(k, w),
-                        k.min(w.div_ceil(block_tokens)),
-                        "B = {block_tokens}, w = {w}, k = {k}"
-                    );
-                }
-            }
-        }
-    }
-}
+mod tests;
+mod validate;

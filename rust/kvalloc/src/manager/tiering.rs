@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::{KVCacheManager, MAX_GROUPS};
 use crate::error::{Error, Result};
-use crate::prefix::{Link, NodeId, Victim, NONE};
+use crate::prefix::{Freed, Link, NodeId, Victim, NONE};
 use crate::slab::Handle;
 use crate::tiers::loader::{CopyTask, LoadHandle, LoadJob, Loader};
 use crate::tiers::{BlockKey, DeviceBuffer, LoadBytes, Tier};
@@ -25,6 +25,24 @@ pub(super) struct Inflight {
     job: Arc<LoadJob>,
     nodes: Vec<NodeId>,
     records: Vec<u64>,
+}
+
+/// What a promotion's copies amount to: the loader's tasks (host memory), the bytes per layer
+/// and tier, and the deepest tier read.
+struct Copies {
+    tasks: Vec<CopyTask>,
+    load: LoadBytes,
+    deepest: Tier,
+}
+
+/// What one promotion loaded, for a latency model to price: the loader copies sliding layers
+/// first, then full layers in order, so the bytes per layer say how much compute can hide.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Promotion {
+    /// Bytes per layer and tier.
+    pub load: LoadBytes,
+    /// Prompt tokens it serves from the lower tiers (the compute its load precedes).
+    pub tokens: u64,
 }
 
 /// Window-safe hit length in blocks using L1 only, then L1 plus each lower tier in turn.
@@ -76,9 +94,26 @@ impl KVCacheManager {
         Ok(())
     }
 
-    /// Exposed load seconds so far (the overlap model's total over all promotions).
-    pub fn exposed_load_seconds(&self) -> f64 {
-        self.exposed_load_seconds
+    /// What each promotion of the last [`admit`](Self::admit) or [`step`](Self::step) call
+    /// loaded, in order (empty when it promoted nothing): the bytes per layer and tier a
+    /// latency model (the simulator's [`OverlapModel`](crate::sim::OverlapModel)) prices.
+    pub fn promotions(&self) -> &[Promotion] {
+        &self.promotions
+    }
+
+    /// Forgets the last call's promotions (at the start of each `admit` and `step`): a test
+    /// inline, the clearing (drop glue) out of line, so that the step keeps its shape.
+    #[inline(always)]
+    pub(super) fn forget_promotions(&mut self) {
+        if !self.promotions.is_empty() {
+            self.clear_promotions();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn clear_promotions(&mut self) {
+        self.promotions.clear();
     }
 
     /// Unpins what finished loads held.
@@ -338,15 +373,75 @@ impl KVCacheManager {
 
     /// Promotes the lower-tier part of a prompt's best window-safe prefix into L1 (see the
     /// module docs). Doing nothing is always correct: the admission's own walk decides the hit.
+    /// In four moves: the walk (which blocks L1 lacks), the allocation (all or nothing, after
+    /// making room), the copies (disk and remote verified now, host memory queued), and the
+    /// links of the new blocks into the tree.
     pub(super) fn promote(&mut self, hashes: &[u64], max_safe: u32, prompt_len: u64) -> Result<()> {
         let (path, hits) = self.walk_tiers(hashes, max_safe);
         let k = hits[3];
         if k <= hits[0] {
             return Ok(());
         }
+        let need = self.promotion_need(&path, k);
+        let Some(counts) = self.promotion_counts(&need, k, prompt_len) else {
+            return Ok(());
+        };
+        // Every needed block must have a lower copy (the walk says so); pin the records and the
+        // L1 path while room is made.
+        let mut records: Vec<u64> = need.iter().map(|&(i, _)| hashes[i as usize]).collect();
+        records.sort_unstable();
+        records.dedup();
+        if records.iter().any(|&h| self.lower.index.get(h).is_none()) {
+            return Ok(());
+        }
+        for &h in &records {
+            self.lower.index.pin(h);
+        }
+        for &n in &path {
+            self.tree.pin(n);
+        }
+        let groups = self.spec.groups.len();
+        if !self.make_room(&counts[..groups])? {
+            self.unpin_promotion(&path, &records);
+            return Ok(());
+        }
+        let by_need = self.alloc_promotion(&need, &counts)?;
+        let Some(copies) = self.copy_promotion(hashes, &need, &by_need, &mut records) else {
+            self.arena.free(&by_need).expect("just allocated");
+            self.unpin_promotion(&path, &records);
+            self.promotion_failures += 1;
+            return Ok(());
+        };
+        // Every copy is verified or queued: the pages hold whole blocks.
+        for &h in &by_need {
+            self.written.set(h, true);
+        }
+        let mut freed = std::mem::take(&mut self.scratch);
+        let filling = self.link_promotion(hashes, &path, k, &need, &by_need, &mut freed);
+        self.start_load(copies.tasks, filling, &records, &mut freed);
+        self.release(&mut freed);
+        self.scratch = freed;
+        // The temporary pins on the L1 path.
+        self.unpin_promotion(&path, &[]);
+        let new_tokens = u64::from(k - hits[0]) * u64::from(self.config.block_tokens);
+        self.promoted_tokens[copies.deepest as usize] += new_tokens;
+        self.promotions.push(Promotion {
+            load: copies.load,
+            tokens: new_tokens,
+        });
+        let now = self.lower.index.now();
+        for &h in &hashes[..k as usize] {
+            self.lower.index.touch(h, now);
+        }
+        Ok(())
+    }
+
+    /// The (block, group) pairs L1 lacks for a hit of `k` blocks, `path` being the L1 walk's
+    /// matched nodes: every full-attention block past the path, and each sliding group's window
+    /// before block `k` where L1 has no block.
+    fn promotion_need(&self, path: &[NodeId], k: u32) -> Vec<(u32, usize)> {
         let groups = self.spec.groups.len();
         let d1 = path.len() as u32;
-        // (block, group) pairs L1 lacks for a hit of k blocks.
         let mut need: Vec<(u32, usize)> = Vec::new();
         for i in d1.min(k)..k {
             for g in 0..groups {
@@ -369,10 +464,20 @@ impl KVCacheManager {
                 }
             }
         }
-        // Promote only if the whole admission can fit: the promoted blocks plus what the rest
-        // of the prompt needs (its full blocks, a window and a checkpoint per sliding group).
-        // Otherwise the copy would be wasted and would evict other blocks for nothing.
-        // Blocks to allocate per group, as `make_room` takes them.
+        need
+    }
+
+    /// Blocks to allocate per group for `need`, as `make_room` takes them; None when the whole
+    /// admission cannot fit: the promoted blocks plus what the rest of the prompt needs (its
+    /// full blocks, a window and a checkpoint per sliding group). Otherwise the copy would be
+    /// wasted and would evict other blocks for nothing.
+    fn promotion_counts(
+        &self,
+        need: &[(u32, usize)],
+        k: u32,
+        prompt_len: u64,
+    ) -> Option<[u64; MAX_GROUPS]> {
+        let groups = self.spec.groups.len();
         let mut counts = [0u64; MAX_GROUPS];
         for (g, c) in counts.iter_mut().enumerate().take(groups) {
             *c = need.iter().filter(|x| x.1 == g).count() as u64;
@@ -390,44 +495,31 @@ impl KVCacheManager {
             };
             need_bytes += (promoted + rest) * bb;
         }
-        if need_bytes > self.arena.bytes_free() + self.tree.evictable_bytes() {
-            return Ok(());
+        (need_bytes <= self.arena.bytes_free() + self.tree.evictable_bytes()).then_some(counts)
+    }
+
+    /// Undoes a promotion's temporary pins: on the L1 `path` and on the lower `records`.
+    fn unpin_promotion(&mut self, path: &[NodeId], records: &[u64]) {
+        let mut freed = std::mem::take(&mut self.scratch);
+        for &n in path {
+            self.tree.unpin(n, &mut freed);
         }
-        // Every needed block must have a lower copy (the walk says so); pin the records and the
-        // L1 path while room is made.
-        let mut records: Vec<u64> = need.iter().map(|&(i, _)| hashes[i as usize]).collect();
-        records.sort_unstable();
-        records.dedup();
-        if records.iter().any(|&h| self.lower.index.get(h).is_none()) {
-            return Ok(());
+        self.release(&mut freed);
+        self.scratch = freed;
+        for &h in records {
+            self.lower.index.unpin(h);
         }
-        for &h in &records {
-            self.lower.index.pin(h);
-        }
-        for &n in &path {
-            self.tree.pin(n);
-        }
-        let room = self.make_room(&counts[..groups])?;
-        let undo_pins = |m: &mut KVCacheManager, path: &[NodeId], records: &[u64]| {
-            let mut freed = std::mem::take(&mut m.scratch);
-            for &n in path {
-                m.tree.unpin(n, &mut freed);
-            }
-            m.release(&mut freed);
-            m.scratch = freed;
-            for &h in records {
-                m.lower.index.unpin(h);
-            }
-        };
-        if !room {
-            undo_pins(self, &path, &records);
-            return Ok(());
-        }
-        // Allocate, then copy: disk and remote now (verified), host memory by the loader.
-        // `by_need[i]`: the L1 block for `need[i]`.
+    }
+
+    /// Allocates the L1 blocks of a promotion (room was made): `by_need[i]` holds `need[i]`.
+    fn alloc_promotion(
+        &mut self,
+        need: &[(u32, usize)],
+        counts: &[u64; MAX_GROUPS],
+    ) -> Result<Vec<Handle>> {
         let mut by_need = vec![0 as Handle; need.len()];
         let mut per_group = Vec::new();
-        for g in 0..groups {
+        for g in 0..self.spec.groups.len() {
             per_group.clear();
             self.arena
                 .alloc_into(g, counts[g] as usize, &mut per_group)?;
@@ -436,6 +528,20 @@ impl KVCacheManager {
                 by_need[idx] = h;
             }
         }
+        Ok(by_need)
+    }
+
+    /// Copies a promotion's blocks into their L1 pages: from disk and the remote store now
+    /// (each read verified), from host memory as copy tasks for the loader; without a device,
+    /// only counts. None at the first failed read, whose record is dropped from `records`
+    /// (unpinned and forgotten: it is bad).
+    fn copy_promotion(
+        &mut self,
+        hashes: &[u64],
+        need: &[(u32, usize)],
+        by_need: &[Handle],
+        records: &mut Vec<u64>,
+    ) -> Option<Copies> {
         let device = self.device.clone();
         let mut tasks = Vec::new();
         let mut load = LoadBytes {
@@ -443,7 +549,6 @@ impl KVCacheManager {
             sliding: self.layer_sliding.clone(),
         };
         let mut deepest = Tier::Host;
-        let mut failed = false;
         for (idx, &(i, g)) in need.iter().enumerate() {
             let hash = hashes[i as usize];
             let tier = self.lower.index.get(hash).expect("pinned").tier;
@@ -473,36 +578,45 @@ impl KVCacheManager {
                 }
                 (Some(dev), _) => {
                     if !self.lower.read_to_device(hash, g, dev.as_ref(), dst) {
-                        failed = true;
                         self.lower.index.unpin(hash);
                         records.retain(|&h| h != hash);
                         self.lower.forget(hash);
-                        break;
+                        return None;
                     }
                 }
                 (None, _) => self.lower.count_read(hash, g),
             }
         }
-        if failed {
-            self.arena.free(&by_need).expect("just allocated");
-            undo_pins(self, &path, &records);
-            self.promotion_failures += 1;
-            return Ok(());
-        }
-        // Every copy is verified or queued: the pages hold whole blocks.
-        for &h in &by_need {
-            self.written.set(h, true);
-        }
-        // Link the new blocks into the tree as cached nodes.
+        Some(Copies {
+            tasks,
+            load,
+            deepest,
+        })
+    }
+
+    /// Links a promotion's new blocks into the tree: nodes past the L1 `path` up to block `k`,
+    /// blocks attached to nodes on it, and a checkpoint at the new resume point. Returns the
+    /// nodes being filled (pinned: the new nodes are created pinned, the others are pinned
+    /// here).
+    fn link_promotion(
+        &mut self,
+        hashes: &[u64],
+        path: &[NodeId],
+        k: u32,
+        need: &[(u32, usize)],
+        by_need: &[Handle],
+        freed: &mut Freed,
+    ) -> Vec<NodeId> {
+        let groups = self.spec.groups.len();
+        let d1 = path.len() as u32;
         let placed: std::collections::HashMap<(u32, usize), Handle> =
             need.iter().copied().zip(by_need.iter().copied()).collect();
         let block_of = |i: u32, g: usize| -> Handle { placed.get(&(i, g)).copied().unwrap_or(0) };
         let mut created: Vec<NodeId> = Vec::new();
         let mut parent = path.last().copied().unwrap_or(NONE);
-        let mut freed = std::mem::take(&mut self.scratch);
         for i in d1..k {
             let hash = hashes[i as usize];
-            match self.tree.claim_child(hash, parent, i, &mut freed) {
+            match self.tree.claim_child(hash, parent, i, freed) {
                 Link::Absent => {}
                 _ => unreachable!("the tier walk stops at blocks the tree holds"),
             }
@@ -515,7 +629,7 @@ impl KVCacheManager {
             parent = n;
         }
         let mut attached: Vec<NodeId> = Vec::new();
-        for &(i, g) in &need {
+        for &(i, g) in need {
             if i < d1 {
                 let n = path[i as usize];
                 self.tree.attach(n, g, block_of(i, g));
@@ -533,11 +647,24 @@ impl KVCacheManager {
             self.tree.add_checkpoint(end, &max_blocks);
         }
         // Nodes being filled stay pinned until their copies land.
-        let mut pinned_nodes = created.clone();
+        let mut pinned_nodes = created;
         for &n in &attached {
             self.tree.pin(n);
             pinned_nodes.push(n);
         }
+        pinned_nodes
+    }
+
+    /// Hands a promotion's host-memory copies to the loader, keeping the `nodes` they fill and
+    /// the host records they read pinned until they land (see [`Inflight`]); the other records'
+    /// pins go now. Without copies to wait for, every pin goes now.
+    fn start_load(
+        &mut self,
+        tasks: Vec<CopyTask>,
+        nodes: Vec<NodeId>,
+        records: &[u64],
+        freed: &mut Freed,
+    ) {
         let host_records: Vec<u64> = records
             .iter()
             .copied()
@@ -549,45 +676,30 @@ impl KVCacheManager {
             })
             .collect();
         if tasks.is_empty() {
-            for &n in &pinned_nodes {
-                self.tree.unpin(n, &mut freed);
+            for &n in &nodes {
+                self.tree.unpin(n, freed);
             }
-            for &h in &records {
+            for &h in records {
                 self.lower.index.unpin(h);
             }
-        } else {
-            for &h in records.iter().filter(|h| !host_records.contains(h)) {
-                self.lower.index.unpin(h);
-            }
-            let job = LoadJob::new(tasks, self.spec.num_layers as usize, &self.layer_sliding);
-            self.loader
-                .as_ref()
-                .expect("a loader runs when L2 holds bytes")
-                .submit(job.clone());
-            for &n in &pinned_nodes {
-                self.node_jobs.insert(n, job.clone());
-            }
-            self.inflight.push(Inflight {
-                job,
-                nodes: pinned_nodes,
-                records: host_records,
-            });
+            return;
         }
-        self.release(&mut freed);
-        self.scratch = freed;
-        // The temporary pins on the L1 path.
-        undo_pins(self, &path, &[]);
-        let new_tokens = u64::from(k - hits[0]) * u64::from(self.config.block_tokens);
-        self.promoted_tokens[deepest as usize] += new_tokens;
-        self.exposed_load_seconds += self
-            .config
-            .overlap
-            .exposed_seconds(&load, new_tokens.max(1));
-        let now = self.lower.index.now();
-        for &h in &hashes[..k as usize] {
-            self.lower.index.touch(h, now);
+        for &h in records.iter().filter(|h| !host_records.contains(h)) {
+            self.lower.index.unpin(h);
         }
-        Ok(())
+        let job = LoadJob::new(tasks, self.spec.num_layers as usize, &self.layer_sliding);
+        self.loader
+            .as_ref()
+            .expect("a loader runs when L2 holds bytes")
+            .submit(job.clone());
+        for &n in &nodes {
+            self.node_jobs.insert(n, job.clone());
+        }
+        self.inflight.push(Inflight {
+            job,
+            nodes,
+            records: host_records,
+        });
     }
 
     /// Window-safe hit lengths in tokens for a prompt at each level (L1 alone, then adding host,

@@ -34,7 +34,7 @@ pub fn generate(kind: &str, seed: u64, size: Option<u32>) -> Result<Trace> {
     if size == Some(0) {
         return Err(Error::invalid("size", "must be positive"));
     }
-    if let (Some(n), Some(avail)) = (size, crate::prefault::available_memory()) {
+    if let (Some(n), Some(avail)) = (size, crate::mem::prefault::available_memory()) {
         check_size(kind, n, avail)?;
     }
     let mut g = Gen {
@@ -114,8 +114,8 @@ const SHARED_PROMPT_TOKENS: f64 = 3_000.0 + 300.0 + 200.0;
 
 /// Memory per byte of the generated trace's mean size: its vectors grow by doubling (up to
 /// twice their length), and a replay builds its own per-request state beside the trace. Peak
-/// memory of generating and replaying (`Simulator.run`) 5,000 chat sessions, 1,000 agent
-/// sessions and 20,000 shared-prompt requests was about 62%, 55% and 76% of this estimate.
+/// memory of generating and replaying (`Simulator.run`) thousands of chat and agent sessions
+/// and shared-prompt requests stayed below this estimate.
 const MEMORY_FACTOR: f64 = 2.0;
 
 /// Bytes one unit of `size` (a session, or a shared-prompt request) is expected to need, from

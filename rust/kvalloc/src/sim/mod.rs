@@ -6,6 +6,7 @@
 //! - [`readers`]: Mooncake JSONL and the generic JSONL (formats documented there);
 //! - [`generate`]: seeded synthetic traffic (multi-turn chat, agent loops, shared prompts);
 //! - [`service`]: the service model (prefill and decode throughput) that makes requests overlap;
+//! - [`overlap`]: the overlap model that prices loads from the lower tiers;
 //! - [`replay`]: the discrete-event replay that drives the manager;
 //! - [`bound`]: the trace's unbounded-cache upper bound;
 //! - [`capacity`]: the budget a policy needs to reach a hit rate (bisection over replays);
@@ -29,15 +30,18 @@
 //! # Ok::<(), kvalloc::Error>(())
 //! ```
 //!
-//! ## Where tiers plug in
-//! [`RunConfig::lower_tiers`] carries the host, disk and remote budgets; [`SimReport::tiers`]
-//! and [`SimReport::exposed_load_seconds`] carry their traffic and the overlap model's exposed
-//! load time; the service model adds that time to prefills. Until the manager has tiers, a
-//! non-zero lower-tier budget is refused rather than ignored.
+//! ## Lower tiers
+//! [`RunConfig::lower_tiers`] gives the manager host, disk and remote budgets (virtual: every
+//! placement decision is made and every byte counted, no bytes move). The manager reports what
+//! each promotion loads per layer and tier ([`KVCacheManager::promotions`](crate::KVCacheManager::promotions));
+//! the [`overlap`] model prices it (the part of the load compute cannot hide), and the service
+//! model adds that time to the prefill. [`SimReport::tiers`] and
+//! [`SimReport::exposed_load_seconds`] report the traffic and the total.
 
 pub mod bound;
 pub mod capacity;
 pub mod generate;
+pub mod overlap;
 pub mod readers;
 pub mod replay;
 pub mod report;
@@ -49,6 +53,7 @@ use std::sync::Arc;
 
 pub use bound::Bound;
 pub use capacity::BudgetMatch;
+pub use overlap::OverlapModel;
 pub use replay::{Progress, RunConfig, TierBudget};
 pub use report::{SimReport, TierTraffic};
 pub use service::ServiceModel;

@@ -21,19 +21,21 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Instant;
 
+use super::overlap::OverlapModel;
 use super::report::{SimReport, TierTraffic};
 use super::service::ServiceModel;
 use super::trace::Trace;
 use crate::error::{Error, Result};
+use crate::eviction::Eviction;
 use crate::manager::{Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
-use crate::policy::Eviction;
 use crate::spec::ModelSpec;
+use crate::tiers::Tier;
 
-/// A budget for one tier below the device ("host", "disk" or "remote").
+/// A budget for one tier below the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierBudget {
-    /// The tier's name.
-    pub tier: String,
+    /// The tier.
+    pub tier: Tier,
     /// Its capacity in bytes.
     pub bytes: u64,
 }
@@ -119,9 +121,78 @@ pub(crate) struct Replay<'a> {
     ttft_no_cache_sum: f64,
     queue_wait_sum: f64,
     last_time: f64,
+    /// Prices the manager's promotions (the exposed part of their loads).
+    overlap: OverlapModel,
+    /// Exposed load seconds of every promotion so far.
+    exposed_load_seconds: f64,
 }
 
 const NO_NEXT: u32 = u32::MAX;
+
+/// The manager a replay drives: the run's policy, eviction and lower tiers at the replay's
+/// block size.
+fn manager_config(cfg: &RunConfig, trace: &Trace, block_tokens: u32) -> ManagerConfig {
+    // Lower tiers are virtual here: the manager makes every placement decision and counts
+    // every byte, but no bytes move.
+    let mut lower = crate::tiers::LowerCapacity::default();
+    for t in &cfg.lower_tiers {
+        match t.tier {
+            Tier::Host => lower.host = t.bytes,
+            Tier::Disk => lower.disk = t.bytes,
+            Tier::Remote => lower.remote = t.bytes,
+        }
+    }
+    // A block-id trace coarser than the replay's blocks resumes only at its own block
+    // boundaries: checkpoint prompts there (see `trace`).
+    let t = trace.block_tokens;
+    let resume_granularity = (t > block_tokens && t % block_tokens == 0).then_some(u64::from(t));
+    ManagerConfig {
+        block_tokens,
+        policy: cfg.policy,
+        eviction: cfg.eviction,
+        resume_granularity,
+        lower,
+        ..ManagerConfig::default()
+    }
+}
+
+/// A replay's report before anything ran: the run's settings and the trace's totals.
+fn empty_report(
+    cfg: &RunConfig,
+    trace: &Trace,
+    block_tokens: u32,
+    upper_bound_hit_tokens: u64,
+) -> SimReport {
+    SimReport {
+        policy: cfg.policy,
+        eviction: cfg.eviction,
+        block_tokens,
+        device_bytes: cfg.device_bytes,
+        requests: trace.requests.len() as u64,
+        completed: 0,
+        rejected: 0,
+        preemptions: 0,
+        prompt_tokens: trace.prompt_tokens(),
+        hit_tokens: 0,
+        upper_bound_hit_tokens,
+        cached_tokens: 0,
+        cache_bytes: 0,
+        peak_running: 0,
+        admissions_refused: 0,
+        extensions_refused: 0,
+        evicted_leaves: 0,
+        evicted_checkpoints: 0,
+        ttft_mean: 0.0,
+        ttft_p50: 0.0,
+        ttft_p99: 0.0,
+        ttft_no_cache_mean: 0.0,
+        queue_wait_mean: 0.0,
+        simulated_seconds: 0.0,
+        wall_seconds: 0.0,
+        tiers: Vec::new(),
+        exposed_load_seconds: 0.0,
+    }
+}
 
 impl<'a> Replay<'a> {
     pub(crate) fn new(
@@ -133,39 +204,7 @@ impl<'a> Replay<'a> {
         upper_bound_hit_tokens: u64,
     ) -> Result<Self> {
         cfg.service.validate()?;
-        // Lower tiers are virtual here: the manager makes every placement decision and counts
-        // every byte, but no bytes move.
-        let mut lower = crate::tiers::LowerCapacity::default();
-        for t in &cfg.lower_tiers {
-            match t.tier.as_str() {
-                "host" => lower.host = t.bytes,
-                "disk" => lower.disk = t.bytes,
-                "remote" => lower.remote = t.bytes,
-                other => {
-                    return Err(Error::invalid(
-                        "tier",
-                        format!("unknown tier {other:?}; expected host, disk or remote"),
-                    ))
-                }
-            }
-        }
-        // A block-id trace coarser than the replay's blocks resumes only at its own block
-        // boundaries: checkpoint prompts there (see `trace`).
-        let t = trace.block_tokens;
-        let resume_granularity =
-            (t > block_tokens && t % block_tokens == 0).then_some(u64::from(t));
-        let config = ManagerConfig {
-            block_tokens,
-            policy: cfg.policy,
-            eviction: cfg.eviction,
-            resume_granularity,
-            lower,
-            overlap: crate::tiers::OverlapModel {
-                prefill_tokens_per_second: cfg.service.prefill_tokens_per_s,
-                ..crate::tiers::OverlapModel::default()
-            },
-            ..ManagerConfig::default()
-        };
+        let config = manager_config(cfg, trace, block_tokens);
         let m = KVCacheManager::new(spec.clone(), cfg.device_bytes, config)?;
         let n = trace.requests.len();
         if n >= NO_NEXT as usize {
@@ -192,35 +231,7 @@ impl<'a> Replay<'a> {
                 first_admission_done: false,
             })
             .collect();
-        let report = SimReport {
-            policy: cfg.policy,
-            eviction: cfg.eviction,
-            block_tokens,
-            device_bytes: cfg.device_bytes,
-            requests: n as u64,
-            completed: 0,
-            rejected: 0,
-            preemptions: 0,
-            prompt_tokens: trace.prompt_tokens(),
-            hit_tokens: 0,
-            upper_bound_hit_tokens,
-            cached_tokens: 0,
-            cache_bytes: 0,
-            peak_running: 0,
-            admissions_refused: 0,
-            extensions_refused: 0,
-            evicted_leaves: 0,
-            evicted_checkpoints: 0,
-            ttft_mean: 0.0,
-            ttft_p50: 0.0,
-            ttft_p99: 0.0,
-            ttft_no_cache_mean: 0.0,
-            queue_wait_mean: 0.0,
-            simulated_seconds: 0.0,
-            wall_seconds: 0.0,
-            tiers: Vec::new(),
-            exposed_load_seconds: 0.0,
-        };
+        let report = empty_report(cfg, trace, block_tokens, upper_bound_hit_tokens);
         Ok(Replay {
             trace,
             ids,
@@ -243,7 +254,22 @@ impl<'a> Replay<'a> {
             ttft_no_cache_sum: 0.0,
             queue_wait_sum: 0.0,
             last_time: 0.0,
+            overlap: OverlapModel {
+                prefill_tokens_per_second: cfg.service.prefill_tokens_per_s,
+                ..OverlapModel::default()
+            },
+            exposed_load_seconds: 0.0,
         })
+    }
+
+    /// Prices the last admission's promotions with the overlap model: adds them to the total
+    /// and returns their exposed seconds.
+    fn price_promotions(&mut self) -> f64 {
+        let before = self.exposed_load_seconds;
+        for p in self.m.promotions() {
+            self.exposed_load_seconds += self.overlap.promotion_seconds(p);
+        }
+        self.exposed_load_seconds - before
     }
 
     fn push(&mut self, t: f64, kind: Kind, i: u32) {
@@ -316,12 +342,12 @@ impl<'a> Replay<'a> {
             .tiers
             .iter()
             .map(|t| TierTraffic {
-                tier: t.name.to_string(),
+                tier: t.tier,
                 bytes_written: t.counters.bytes_written,
                 bytes_read: t.counters.bytes_read,
             })
             .collect();
-        r.exposed_load_seconds = stats.exposed_load_seconds;
+        r.exposed_load_seconds = self.exposed_load_seconds;
         let k = self.ttfts.len().max(1) as f64;
         r.ttft_mean = self.ttfts.iter().sum::<f64>() / k;
         r.ttft_no_cache_mean = self.ttft_no_cache_sum / k;
@@ -392,13 +418,13 @@ impl<'a> Replay<'a> {
             },
             None => Prompt::Tokens(trace.prompt_token_ids(r).expect("token prompt")),
         };
-        let exposed_before = self.m.exposed_load_seconds();
         let Some(hit) = self.m.admit(u64::from(i), prompt, None, None)? else {
+            self.price_promotions();
             return Ok(false);
         };
         // A hit promoted from a lower tier delays the prefill by the part of its load that the
         // overlap model says compute cannot hide.
-        let load_delay = self.m.exposed_load_seconds() - exposed_before;
+        let load_delay = self.price_promotions();
         self.running += 1;
         self.report.peak_running = self.report.peak_running.max(self.running);
         self.admissions += 1;

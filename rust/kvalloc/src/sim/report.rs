@@ -1,8 +1,9 @@
 //! What a replay measured.
 
 use super::bound::ratio;
+use crate::eviction::Eviction;
 use crate::manager::Policy;
-use crate::policy::Eviction;
+use crate::tiers::Tier;
 
 /// Bytes one tier below the device received and served during a replay.
 ///
@@ -10,8 +11,8 @@ use crate::policy::Eviction;
 /// the device tier itself has none (its traffic is the engine's own prefill and decode).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierTraffic {
-    /// The tier's name: "host", "disk" or "remote".
-    pub tier: String,
+    /// The tier.
+    pub tier: Tier,
     /// Bytes written to it (demotions, write-through).
     pub bytes_written: u64,
     /// Bytes read from it (promotions for hits).

@@ -13,8 +13,8 @@
 //!   request until memory is freed (when every running request is stalled, the one admitted
 //!   last is preempted: finished, its computed blocks left in the cache, and queued again).
 //!
-//! Tier bandwidths join here once tiers exist: a hit below the device tier adds the *exposed*
-//! part of its load time (layer-wise overlap) to the prefill.
+//! - **Lower tiers**: a hit promoted from below the device tier delays its prefill by the
+//!   *exposed* part of its load time (layer-wise overlap, [`super::overlap`]).
 
 use crate::error::{Error, Result};
 

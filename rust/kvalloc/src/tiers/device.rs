@@ -80,17 +80,16 @@ impl HostBuffer {
 
     /// `len` zeroed bytes of anonymous memory, reserved but not touched: a page is backed when
     /// it is first written, or by [`populate_in_background`](Self::populate_in_background),
-    /// so a large host tier costs nothing up front (touching 8 GiB took 27 s on the 2-core
-    /// VM). Transparent huge pages are asked for. More than the system has available now
-    /// ([`available_memory`](crate::prefault::available_memory)), or a mapping the system
-    /// refuses, is an [`Error::SystemMemory`] naming `what`, never an abort.
+    /// so a large host tier costs nothing up front (touching every page costs seconds per
+    /// GiB). Transparent huge pages are asked for. More than the system reports available
+    /// now, or a mapping the system refuses, is an [`Error::SystemMemory`] naming `what`, never an abort.
     pub fn anonymous(len: usize, what: &str) -> Result<Self> {
         let refuse = |message: String| Error::SystemMemory {
             what: what.to_string(),
             requested_bytes: len as u64,
             message,
         };
-        if let Some(avail) = crate::prefault::available_memory() {
+        if let Some(avail) = crate::mem::prefault::available_memory() {
             if len as u64 > avail {
                 return Err(refuse(format!(
                     "but the system has {avail} bytes available: give at most that"
@@ -109,7 +108,7 @@ impl HostBuffer {
     /// Backs the whole buffer with memory from a background thread, front to back, without
     /// changing its contents (Linux's `MADV_POPULATE_WRITE`, a chunk at a time), so that copies
     /// into it find their pages already there: a first-touch fault per page on the demotion
-    /// path ran L1 -> L2 copies at 0.74 GB/s instead of about 9 (`benches/test_bench_tiers.py`),
+    /// path makes L1 -> L2 copies an order of magnitude slower (`benches/test_bench_tiers.py`),
     /// while faulting them all in before returning made registration take seconds per GiB.
     /// Copies may run meanwhile: a page either side of them is faulted in once, by whichever
     /// comes first. The thread holds the buffer only during a chunk and stops once the buffer
@@ -431,7 +430,7 @@ mod tests {
 
     #[test]
     fn memory_the_system_does_not_have_is_an_error_not_an_abort() {
-        let avail = crate::prefault::available_memory().expect("this platform says");
+        let avail = crate::mem::prefault::available_memory().expect("this platform says");
         for len in [avail + 1, 1 << 62, u64::MAX] {
             let e = HostBuffer::anonymous(len as usize, "host_bytes").unwrap_err();
             assert!(

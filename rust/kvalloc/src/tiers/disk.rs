@@ -62,7 +62,7 @@ use super::store::{
     BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError, HEADER_FIXED_BYTES,
     LAYERS_OFFSET, RECORD_MAGIC, RECORD_VERSION,
 };
-use crate::Error;
+use crate::error::Error;
 
 /// Options of a [`DiskStore`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

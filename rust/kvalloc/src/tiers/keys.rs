@@ -19,7 +19,7 @@
 //! because the chain is: a wider id would not make two chains less likely to collide.
 //!
 //! BLAKE3 rather than HMAC-SHA256: one well-kept crate, a keyed mode that is a PRF by design,
-//! about 100 ns for an id (one compression) and several GB/s with SIMD for record MACs, where
+//! one compression for an id and SIMD throughput for record MACs, where
 //! HMAC costs four SHA-256 compressions per id and runs at SHA-256's speed on payloads.
 //! Ids are computed on demotion, promotion and remote lookups only: the L1 step path never
 //! touches a store.

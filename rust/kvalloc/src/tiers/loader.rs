@@ -16,6 +16,15 @@ use std::time::{Duration, Instant};
 use super::device::{DeviceBuffer, HostMemory};
 use crate::error::{Error, Result};
 
+/// Bytes one load brings per layer and tier.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LoadBytes {
+    /// `per_layer[layer][tier]`: bytes of that layer read from tier (host, disk, remote).
+    pub per_layer: Vec<[u64; 3]>,
+    /// Sliding-window layers (loaded first).
+    pub sliding: Vec<bool>,
+}
+
 /// One copy: `len` bytes from host memory at `src` to the device at `dst`, for model layer
 /// `layer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

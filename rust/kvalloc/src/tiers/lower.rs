@@ -26,8 +26,8 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use super::device::{DeviceBuffer, HostMemory};
-use super::index::{LowerIndex, Record, Tier, UNKNOWN_DEPTH};
 use super::keys::RecordKeys;
+use super::residency::{LowerIndex, Record, Tier, UNKNOWN_DEPTH};
 use super::store::{BlockKey, BlockStore, StoreError};
 use crate::error::{Error, Result};
 use crate::slab::{Handle, SlabArena};
@@ -248,10 +248,10 @@ impl LowerTiers {
     ///
     /// The memory is mapped, not touched, and a background thread backs it front to back
     /// ([`HostMemory::populate_in_background`]): registration returns at once (touching every
-    /// page of 8 GiB took 27 s), and demotions, which fill the tier front to back too, mostly
+    /// page first would take seconds per GiB), and demotions, which fill the tier front to back too, mostly
     /// find their pages already there instead of faulting each one on the scheduler's path.
     ///
-    /// [`Error::SystemMemory`]: crate::Error::SystemMemory
+    /// [`Error::SystemMemory`]: crate::error::Error::SystemMemory
     pub fn materialize(&mut self) -> Result<()> {
         if let (Some(a), None) = (&self.host_arena, &self.host_mem) {
             let len = usize::try_from(a.capacity_bytes()).unwrap_or(usize::MAX);
@@ -637,11 +637,51 @@ impl LowerTiers {
             });
             return;
         }
-        // Room for the new groups; an existing record is protected from its own eviction. A
-        // new record that its tier cannot take (everything there pinned, or the tier smaller
-        // than its slab classes need) goes to the next tier down rather than nowhere.
-        let mut tier = tier;
-        let mut have = have;
+        let Some((tier, have)) = self.place(hash, tier, have, new_groups) else {
+            return;
+        };
+        let written = self.write_groups(tier, hash, entries, new_groups, device);
+        if written == 0 {
+            return;
+        }
+        let bytes = self.record_bytes(written);
+        if have != 0 {
+            self.index.update(hash, |r| {
+                r.groups |= written;
+                r.bytes += bytes;
+                r.access = r.access.max(now);
+                r.ckpt_end |= ckpt_end;
+            });
+        } else {
+            self.counters[tier as usize].records_in += 1;
+            self.index.insert(
+                hash,
+                Record {
+                    tier,
+                    groups: written,
+                    depth,
+                    ckpt_end,
+                    access: now,
+                    pins: 0,
+                    bytes,
+                },
+            );
+        }
+    }
+
+    /// Makes room for `new_groups` of block `hash` in `tier` (where its record with groups
+    /// `have` is, or where a new one goes). Room for the new groups; an existing record is
+    /// protected from its own eviction. A new record that its tier cannot take (everything
+    /// there pinned, or the tier smaller than its slab classes need) goes to the next tier down
+    /// rather than nowhere. Returns the tier and the groups the record has there (0: a new
+    /// record), or None when no tier takes it.
+    fn place(
+        &mut self,
+        hash: u64,
+        mut tier: Tier,
+        mut have: u16,
+        new_groups: u16,
+    ) -> Option<(Tier, u16)> {
         while have != 0 {
             self.index.pin(hash);
             let room = self.make_room(tier, new_groups, hash);
@@ -651,19 +691,14 @@ impl LowerTiers {
             }
             // No room beside the record here: move it down whole and add the groups there.
             self.counters[tier as usize].write_failures += 1;
-            if self.next_present(tier.below()).is_none() {
-                return;
-            }
+            self.next_present(tier.below())?;
             self.move_down(hash);
             match self.index.get(hash) {
                 Some(r) => tier = r.tier,
                 None => {
                     // Dropped on the way: start a new record below.
                     have = 0;
-                    tier = match self.next_present(tier.below()) {
-                        Some(t) => t,
-                        None => return,
-                    };
+                    tier = self.next_present(tier.below())?;
                 }
             }
         }
@@ -673,12 +708,22 @@ impl LowerTiers {
                     break;
                 }
                 self.counters[tier as usize].write_failures += 1;
-                match self.next_present(tier.below()) {
-                    Some(t) => tier = t,
-                    None => return,
-                }
+                tier = self.next_present(tier.below())?;
             }
         }
+        Some((tier, have))
+    }
+
+    /// Writes the groups of `entries` in `new_groups` (their bytes read from `device` at their
+    /// L1 offsets when bytes move) into `tier` for block `hash`. Returns the groups written.
+    fn write_groups(
+        &mut self,
+        tier: Tier,
+        hash: u64,
+        entries: &[(usize, u64)],
+        new_groups: u16,
+        device: Option<&dyn DeviceBuffer>,
+    ) -> u16 {
         let mut written = 0u16;
         for &(g, off) in entries {
             if new_groups & (1 << g) == 0 {
@@ -715,32 +760,7 @@ impl LowerTiers {
                 written |= 1 << g;
             }
         }
-        if written == 0 {
-            return;
-        }
-        let bytes = self.record_bytes(written);
-        if have != 0 {
-            self.index.update(hash, |r| {
-                r.groups |= written;
-                r.bytes += bytes;
-                r.access = r.access.max(now);
-                r.ckpt_end |= ckpt_end;
-            });
-        } else {
-            self.counters[tier as usize].records_in += 1;
-            self.index.insert(
-                hash,
-                Record {
-                    tier,
-                    groups: written,
-                    depth,
-                    ckpt_end,
-                    access: now,
-                    pins: 0,
-                    bytes,
-                },
-            );
-        }
+        written
     }
 
     /// Reads group `g` of `hash` from wherever it lives below L1 straight into the device at
@@ -835,7 +855,7 @@ impl LowerTiers {
                     if r.groups & (1 << g) != 0 {
                         host += 1;
                         if !self.host_blocks.contains_key(&(h, g as u16)) {
-                            return Err(crate::Error::Invariant(format!(
+                            return Err(crate::error::Error::Invariant(format!(
                                 "lower tiers: host record {h:#x} lacks group {g}'s block"
                             )));
                         }
@@ -844,7 +864,7 @@ impl LowerTiers {
             }
         }
         if host != self.host_blocks.len() {
-            return Err(crate::Error::Invariant(format!(
+            return Err(crate::error::Error::Invariant(format!(
                 "lower tiers: {} host blocks for {host} indexed entries",
                 self.host_blocks.len()
             )));
@@ -853,13 +873,13 @@ impl LowerTiers {
         for (&id, r) in &self.unclaimed {
             unclaimed += r.bytes;
             if r.tier != Tier::Disk || r.pins != 0 {
-                return Err(crate::Error::Invariant(format!(
+                return Err(crate::error::Error::Invariant(format!(
                     "lower tiers: unclaimed record {id:#x} is {r:?}"
                 )));
             }
         }
         if unclaimed != self.unclaimed_bytes || self.unclaimed_order.len() < self.unclaimed.len() {
-            return Err(crate::Error::Invariant(format!(
+            return Err(crate::error::Error::Invariant(format!(
                 "lower tiers: unclaimed bytes {} != recount {unclaimed}",
                 self.unclaimed_bytes
             )));

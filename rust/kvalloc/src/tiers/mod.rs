@@ -10,22 +10,24 @@
 
 pub mod device;
 pub mod disk;
-pub mod index;
 pub mod keys;
 pub mod loader;
 pub mod lower;
-pub mod overlap;
 pub mod remote;
+pub mod residency;
 pub mod setup;
 pub mod store;
 
 pub use device::{DeviceBuffer, HostBuffer};
 pub use disk::{DiskOptions, DiskStore, RecoveryStats};
-pub use index::{LowerIndex, Record, Tier};
 pub use keys::{RecordKeys, Secret};
-pub use loader::{LoadHandle, LoadJob};
+pub use loader::{LoadBytes, LoadHandle, LoadJob};
 pub use lower::{BlockShape, LowerCapacity, LowerTiers, TierCounters};
-pub use overlap::{LoadBytes, OverlapModel};
 pub use remote::{RemoteConfig, RemoteStore};
+pub use residency::{LowerIndex, Record, Tier};
 pub use setup::{namespace, RemoteSetup, StoreSetup};
 pub use store::{BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError};
+
+/// The residency index's old path (`tiers::index`), kept for existing users.
+#[doc(hidden)]
+pub use residency as index;

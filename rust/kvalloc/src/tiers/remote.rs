@@ -64,8 +64,7 @@
 //! command on a hung server).
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use redis::{ErrorKind, IntoConnectionInfo, RedisError, Value};
@@ -75,7 +74,13 @@ use super::store::{
     BlockKey, BlockStore, RecordHeader, StoreCounters, StoreError, HEADER_FIXED_BYTES,
     LAYERS_OFFSET,
 };
-use crate::Error;
+use crate::error::Error;
+
+mod tls;
+mod wire;
+
+use tls::{install_tls_provider, tls_certificates, tls_settings_need_tls};
+use wire::{push_command, push_getrange, push_set, round_trip, time_left};
 
 /// Settings of a [`RemoteStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -800,166 +805,11 @@ fn finish_read(
     Ok(())
 }
 
-/// Appends one RESP command (an array of bulk strings).
-fn push_command(buf: &mut Vec<u8>, args: &[&[u8]]) {
-    write!(buf, "*{}\r\n", args.len()).expect("vec write");
-    for a in args {
-        write!(buf, "${}\r\n", a.len()).expect("vec write");
-        buf.extend_from_slice(a);
-        buf.extend_from_slice(b"\r\n");
-    }
-}
-
-/// `SET key (header ++ payload)`: the value is written in place, with no joined copy.
-fn push_set(buf: &mut Vec<u8>, key: &[u8], header: &[u8], payload: &[u8]) {
-    buf.reserve(key.len() + header.len() + payload.len() + 64);
-    write!(buf, "*3\r\n$3\r\nSET\r\n${}\r\n", key.len()).expect("vec write");
-    buf.extend_from_slice(key);
-    write!(buf, "\r\n${}\r\n", header.len() + payload.len()).expect("vec write");
-    buf.extend_from_slice(header);
-    buf.extend_from_slice(payload);
-    buf.extend_from_slice(b"\r\n");
-}
-
-/// `GETRANGE key start end` for `len` bytes from `start` (`end` is inclusive).
-fn push_getrange(buf: &mut Vec<u8>, key: &str, start: usize, len: usize) {
-    let (s, e) = (start.to_string(), (start + len.max(1) - 1).to_string());
-    push_command(
-        buf,
-        &[b"GETRANGE", key.as_bytes(), s.as_bytes(), e.as_bytes()],
-    );
-}
-
-/// Sends `n` commands and reads their replies, one at a time, stopping at the first failure.
-/// Each wait on the socket is bounded by the time left until `deadline` (the read timeout is
-/// lowered whenever what is left falls below half of it: a setsockopt per halving, not per
-/// reply), so a hung server holds the call at most about 1.5 deadlines, and no reply is waited
-/// for once the deadline has passed. (A server that keeps taking a large pipeline's bytes
-/// slowly can stretch its write: each write, not the sum, is bounded.)
-fn round_trip(
-    conn: &mut redis::Connection,
-    commands: &[u8],
-    n: usize,
-    deadline: Instant,
-) -> Result<Vec<Value>, Failure> {
-    let mut wait = time_left(deadline).ok_or_else(Failure::late)?;
-    conn.set_write_timeout(Some(wait))?;
-    conn.set_read_timeout(Some(wait))?;
-    conn.send_packed_command(commands)?;
-    let mut replies = Vec::with_capacity(n);
-    while replies.len() < n {
-        if !replies.is_empty() {
-            let Some(left) = time_left(deadline) else {
-                return Err(Failure {
-                    why: format!("{} of {n} replies in time", replies.len()),
-                    timed_out: true,
-                    clean: false,
-                });
-            };
-            if left < wait / 2 {
-                wait = left;
-                conn.set_read_timeout(Some(wait))?;
-            }
-        }
-        replies.push(conn.recv_response()?);
-    }
-    Ok(replies)
-}
-
-/// Time until `deadline`, if any.
-fn time_left(deadline: Instant) -> Option<Duration> {
-    deadline
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-}
-
 fn bad(what: &str, message: String) -> Error {
     Error::InvalidArgument {
         what: what.into(),
         message,
     }
-}
-
-/// Makes aws-lc-rs rustls's process-wide crypto provider unless one is installed already (the
-/// redis crate asks rustls for the default, and rustls panics where it cannot pick one: two
-/// providers linked into one program).
-fn install_tls_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
-
-/// Refuses TLS files with a plain `redis://` URL: the user asked for TLS and would not get it.
-fn tls_settings_need_tls(cfg: &RemoteConfig) -> Result<(), Error> {
-    let given = [
-        ("tls_ca", &cfg.tls_ca),
-        ("tls_cert", &cfg.tls_cert),
-        ("tls_key", &cfg.tls_key),
-    ];
-    match given.iter().find(|(_, p)| p.is_some()) {
-        Some((what, _)) => Err(bad(
-            what,
-            format!(
-                "TLS settings need a rediss:// URL, not {}",
-                redact(&cfg.url)
-            ),
-        )),
-        None => Ok(()),
-    }
-}
-
-/// The CA and client files of `cfg`, read and checked to hold PEM items.
-fn tls_certificates(cfg: &RemoteConfig) -> Result<redis::TlsCertificates, Error> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let read = |what: &str, path: &Path| {
-        std::fs::read(path).map_err(|e| bad(what, format!("{}: {e}", path.display())))
-    };
-    let certs = |what: &str, path: &Path| {
-        let pem = read(what, path)?;
-        let n = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| bad(what, format!("{}: {e}", path.display())))?
-            .len();
-        if n == 0 {
-            return Err(bad(
-                what,
-                format!("{}: no PEM certificate in it", path.display()),
-            ));
-        }
-        Ok(pem)
-    };
-    let root_cert = match &cfg.tls_ca {
-        Some(p) => Some(certs("tls_ca", p)?),
-        None => None,
-    };
-    let client_tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => {
-            let client_key = read("tls_key", key)?;
-            let client_cert = certs("tls_cert", cert)?;
-            // Loading the pair now reports a key that is not the certificate's at open, not at
-            // each connection; it also does the crypto library's one-time set-up (tens of ms)
-            // here rather than within the first call's deadline.
-            let der = PrivateKeyDer::from_pem_slice(&client_key)
-                .map_err(|e| bad("tls_key", format!("{}: {e}", key.display())))?;
-            let chain = CertificateDer::pem_slice_iter(&client_cert)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad("tls_cert", e.to_string()))?;
-            rustls::ClientConfig::builder()
-                .with_root_certificates(rustls::RootCertStore::empty())
-                .with_client_auth_cert(chain, der)
-                .map_err(|e| bad("tls_key", format!("{}: {e}", key.display())))?;
-            Some(redis::ClientTlsConfig {
-                client_cert,
-                client_key,
-            })
-        }
-        (None, None) => None,
-        (Some(_), None) => return Err(bad("tls_key", "tls_cert needs its key".into())),
-        (None, Some(_)) => return Err(bad("tls_cert", "tls_key needs its certificate".into())),
-    };
-    Ok(redis::TlsCertificates {
-        client_tls,
-        root_cert,
-    })
 }
 
 /// A one-line description of a client error, with the authentication and TLS cases named.

@@ -26,7 +26,7 @@ pub(crate) fn prefetch_whole<T>(p: *const T) {
 /// which may lie past a vector's length but must be within its allocation to be of use: a
 /// prefetch of any other address is harmless and wasted); nothing when `count` is 0. A loop
 /// over a length known at run time: for one value, [`prefetch_whole`] unrolls (the records an
-/// admission rewrites: a loop there cost 20 instructions a record).
+/// admission rewrites: a loop there costs more per record).
 #[inline(always)]
 pub(crate) fn prefetch_range<T>(p: *const T, count: usize) {
     let start = p as usize;

@@ -7,14 +7,18 @@
 //! (hundreds of thousands of nodes) a walk's first unmatched hash and a link's new one are cache
 //! misses either way; here each is one line, and a batched step
 //! [`prefetch`](HashIndex::prefetch)es the line of every hash it will look up before it needs it
-//! (`KVCacheManager::prehash`; `benches/step_scale.py` measures a step in a large cache).
-//! The table is allocated with huge pages advised (`crate::hugepage`).
+//! (`KVCacheManager::prehash`; `benches/step.py scale` measures a step in a large cache).
+//! The table is allocated with huge pages advised (`crate::mem::hugepage`).
 //!
 //! Invariants (checked by [`HashIndex::validate`]): the capacity is a power of two and at least
 //! twice the length; every entry is reachable from its home slot without crossing a free slot
 //! (linear probing; removal shifts entries back rather than leaving tombstones); keys are unique.
 
-use super::{NodeId, NONE};
+/// The ids the table maps to: the prefix tree's [`NodeId`](crate::prefix::NodeId)s, or the
+/// manager's request slots.
+type NodeId = u32;
+/// A free slot's id (the tree's [`NONE`](crate::prefix::NONE)).
+const NONE: NodeId = u32::MAX;
 
 /// One slot: a key and its node, or `id == NONE` when free.
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +60,7 @@ impl HashIndex {
         debug_assert!(slots.is_power_of_two() && slots >= MIN_SLOTS);
         // Advised before it is filled: huge pages back memory at its first touch.
         let mut lines = Vec::with_capacity(slots / 4);
-        crate::hugepage::advise(&lines);
+        crate::mem::hugepage::advise(&lines);
         lines.resize(slots / 4, Line([FREE; 4]));
         HashIndex {
             lines,
@@ -127,7 +131,7 @@ impl HashIndex {
     /// names and changes nothing. One probe either way.
     ///
     /// # Panics
-    /// If `id` is [`NONE`] (it marks free slots).
+    /// If `id` is [`NONE`](crate::prefix::NONE) (it marks free slots).
     #[inline]
     pub fn get_or_insert(&mut self, key: u64, id: NodeId) -> Option<NodeId> {
         assert_ne!(id, NONE, "NONE is not a node");
@@ -191,7 +195,7 @@ impl HashIndex {
     /// a no-op where the architecture has no stable prefetch instruction.
     #[inline(always)]
     pub fn prefetch(&self, key: u64) {
-        crate::prefetch::prefetch(&self.lines[self.home(key) >> 2]);
+        crate::mem::prefetch::prefetch(&self.lines[self.home(key) >> 2]);
     }
 
     /// Doubles the table (load factor at most 1/2 keeps a missing key's probe to about 2.5

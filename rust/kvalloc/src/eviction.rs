@@ -40,11 +40,11 @@ pub enum Eviction {
 
 impl Eviction {
     /// Parses "value" or "lru".
-    pub fn parse(s: &str) -> crate::Result<Eviction> {
+    pub fn parse(s: &str) -> crate::error::Result<Eviction> {
         match s.to_ascii_lowercase().as_str() {
             "value" | "gdsf" => Ok(Eviction::Value),
             "lru" => Ok(Eviction::Lru),
-            other => Err(crate::Error::invalid(
+            other => Err(crate::error::Error::invalid(
                 "eviction",
                 format!("unknown eviction policy {other:?}; expected \"value\" or \"lru\""),
             )),

@@ -10,6 +10,12 @@
 //! collision between two different prefixes (probability ~n^2 / 2^65 for n cached blocks) would
 //! alias their KV; engines that need adversarial resistance should put a secret in the salt.
 
+mod hashers;
+mod table;
+
+pub use hashers::{IdentityHasher, ReqIdHasher};
+pub use table::HashIndex;
+
 use xxhash_rust::xxh3::{xxh3_64, xxh3_64_with_seed};
 
 /// The hash chain's seed for a tenant salt (`None`: the shared, unsalted namespace).

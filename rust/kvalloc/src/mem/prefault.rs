@@ -1,16 +1,16 @@
 //! Committing bookkeeping memory ahead of use.
 //!
-//! A page's first touch is a page fault: 3.4-5.1 us each on the 2-core VM the benches run on
-//! (`benches/page_fault_cost.py`). A cache that grows its node and slab arrays page by page pays
-//! that on its hot path, about twice per scheduler step in `benches/step_loop.py`.
+//! A page's first touch is a page fault, microseconds each in a virtual machine
+//! (`benches/step.py page-faults`). A cache that grows its node and slab arrays page by page pays
+//! that on its hot path, about twice per scheduler step in `benches/step.py loop`.
 //! A serving engine sets its memory up once, at start (vLLM 0.33's `BlockPool` builds a
 //! `KVCacheBlock` for each of its `num_gpu_blocks` in its constructor:
 //! `vllm/v1/core/block_pool.py`, installed by `benches/peers/setup_venv.sh`), and so does
 //! kvalloc, within a budget ([`ManagerConfig::prefault_bytes`](crate::ManagerConfig::prefault_bytes)).
 //!
-//! The tree's hash index is left to grow: a version that sized it for the budget up front
-//! (commit 67d8b0b) spread a young cache's entries over megabytes of buckets, and the first 200
-//! steps of `benches/step_prefault.py` ran 8-12 us slower (median) than with nothing committed.
+//! The tree's hash index is left to grow: sized for the budget up front, it spreads a young
+//! cache's entries over megabytes of buckets, and the first steps of `benches/step.py prefault`
+//! ran slower than with nothing committed.
 
 use crate::error::{Error, Result};
 
@@ -28,7 +28,7 @@ pub(crate) fn commit<T: Clone>(v: &mut Vec<T>, additional: usize, fill: T) -> Re
             ),
         )
     })?;
-    crate::hugepage::advise(v); // before the first touch, which is what backs the pages
+    crate::mem::hugepage::advise(v); // before the first touch, which is what backs the pages
     v.resize(len + additional, fill);
     v.truncate(len);
     Ok(())

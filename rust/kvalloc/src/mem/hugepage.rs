@@ -3,11 +3,11 @@
 //! In a cache holding hundreds of thousands of blocks, a scheduler step reads and writes lines
 //! spread over tens of megabytes of index and node arrays: with 4 KiB pages nearly every such
 //! access also misses the TLB, and in a virtual machine each page walk costs several memory
-//! reads. With transparent huge pages on for the whole process, a step in a cache of 200,000
-//! requests ran 1.09x the fresh cache's median instead of 1.46x (`benches/step_scale.py`).
-//! Most systems run transparent huge pages in `madvise` mode, so kvalloc asks for its own large
-//! arrays (the tree's node arrays and index, the arena's slab records and slot metadata): with
-//! that advice alone the ratio was 1.12-1.15x.
+//! reads. With transparent huge pages on for the whole process, a step in a large cache runs
+//! nearly as fast as in a fresh one (`benches/step.py scale`). Most systems run transparent
+//! huge pages in `madvise` mode, so kvalloc asks for its own large arrays (the tree's node
+//! arrays and index, the arena's slab records and slot metadata): that advice alone recovers
+//! most of the difference.
 
 /// Arrays smaller than this are left alone: they fit a few pages' TLB entries anyway, and a huge
 /// page is only worth it once the array spans several.

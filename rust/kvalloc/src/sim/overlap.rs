@@ -1,4 +1,5 @@
-//! The overlap model: how much of a cache load the engine's compute hides.
+//! The overlap model: how much of a cache load the engine's compute hides. The manager reports
+//! what each promotion loads ([`Promotion`]); the simulator prices it here.
 //!
 //! A request that hits below L1 must load its KV before the layers that read it run. kvalloc's
 //! loader copies all sliding windows first (they are small), then the full-attention layers in
@@ -11,6 +12,9 @@
 //!
 //! The exposed load time is `end_last - layers * c`: the part of the load the compute did not
 //! hide.
+
+use crate::manager::Promotion;
+use crate::tiers::LoadBytes;
 
 /// Bandwidths and compute speed for the overlap model.
 #[derive(Debug, Clone, PartialEq)]
@@ -29,15 +33,6 @@ impl Default for OverlapModel {
             prefill_tokens_per_second: 20_000.0,
         }
     }
-}
-
-/// Bytes one load brings per layer and tier.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct LoadBytes {
-    /// `per_layer[layer][tier]`: bytes of that layer read from tier (host, disk, remote).
-    pub per_layer: Vec<[u64; 3]>,
-    /// Sliding-window layers (loaded first).
-    pub sliding: Vec<bool>,
 }
 
 impl OverlapModel {
@@ -71,6 +66,11 @@ impl OverlapModel {
             end = end.max(a) + per_layer_compute;
         }
         (end - layers as f64 * per_layer_compute).max(0.0)
+    }
+
+    /// Exposed seconds of a promotion: its load precedes computing the tokens it serves.
+    pub fn promotion_seconds(&self, p: &Promotion) -> f64 {
+        self.exposed_seconds(&p.load, p.tokens.max(1))
     }
 }
 

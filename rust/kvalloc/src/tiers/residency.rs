@@ -47,6 +47,19 @@ impl Tier {
         }
     }
 
+    /// Parses a tier's name: "host", "disk" or "remote".
+    pub fn parse(s: &str) -> Result<Tier> {
+        match s {
+            "host" => Ok(Tier::Host),
+            "disk" => Ok(Tier::Disk),
+            "remote" => Ok(Tier::Remote),
+            _ => Err(Error::invalid(
+                "tier",
+                format!("unknown tier {s:?}; expected host, disk or remote"),
+            )),
+        }
+    }
+
     /// The next tier down.
     pub fn below(self) -> Option<Tier> {
         match self {
@@ -85,7 +98,7 @@ type Key = (u64, u32, u64); // (access, u32::MAX - depth, hash)
 /// The index. See the module docs.
 #[derive(Debug, Default)]
 pub struct LowerIndex {
-    records: HashMap<u64, Record, std::hash::BuildHasherDefault<crate::prefix::IdentityHasher>>,
+    records: HashMap<u64, Record, std::hash::BuildHasherDefault<crate::hash::IdentityHasher>>,
     sets: [BTreeSet<Key>; 3],
     used: [u64; 3],
     count: [u64; 3],

@@ -1,0 +1,89 @@
+//! The manager's settings: how sliding groups are cached, and everything beyond the model and
+//! the budget.
+
+use crate::error::{Error, Result};
+use crate::eviction::Eviction;
+use crate::tiers::LowerCapacity;
+
+/// How sliding-window groups are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Policy {
+    /// SWA KV kept only as checkpoints at resume points.
+    #[default]
+    SwaAware,
+    /// Every group keeps every cached token (what a non-SWA-aware prefix cache does).
+    Dense,
+}
+
+impl Policy {
+    /// Parses "swa-aware" or "dense".
+    pub fn parse(s: &str) -> Result<Policy> {
+        match s.to_ascii_lowercase().replace('_', "-").as_str() {
+            "swa-aware" | "swa" => Ok(Policy::SwaAware),
+            "dense" => Ok(Policy::Dense),
+            other => Err(Error::invalid(
+                "policy",
+                format!("unknown policy {other:?}; expected \"swa-aware\" or \"dense\""),
+            )),
+        }
+    }
+
+    /// The policy's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Policy::SwaAware => "swa-aware",
+            Policy::Dense => "dense",
+        }
+    }
+}
+
+/// Manager settings beyond the model and the budget.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Tokens per block (the unit of allocation and hashing).
+    pub block_tokens: u32,
+    /// How sliding groups are cached.
+    pub policy: Policy,
+    /// Eviction order.
+    pub eviction: Eviction,
+    /// Also keep a checkpoint every this many tokens of a prompt (None: only at resume points).
+    pub checkpoint_interval: Option<u64>,
+    /// Slab size; chosen from the block sizes when None.
+    pub slab_bytes: Option<u64>,
+    /// Capacities of the lower tiers (host, disk, remote; 0: absent).
+    pub lower: LowerCapacity,
+    /// Write each finished request's cached blocks through to the remote store, so other
+    /// instances can use them at once.
+    pub write_through: bool,
+    /// Prompts resume only at multiples of this many tokens (a block-hash trace whose blocks
+    /// are coarser than `block_tokens`: the next turn matches up to the previous prompt's last
+    /// whole trace block). The prompt-end checkpoint then goes there, without the extra block,
+    /// instead of at the prompt's last whole block. A multiple of `block_tokens`; None: any block.
+    pub resume_granularity: Option<u64>,
+    /// An admission must leave at least this many bytes free or evictable (a watermark, as in
+    /// vLLM v0): room for the running requests' next decode blocks, so that a scheduler admitting
+    /// "whatever fits now" does not have to preempt a step later. Extensions ignore it. 0: none.
+    pub admission_reserve_bytes: u64,
+    /// Bookkeeping memory (tree nodes, slab records) committed at construction: as much as the
+    /// budget's blocks can use, up to this. Growth within it takes no page faults on the
+    /// scheduler's path (a page's first touch costs microseconds in a virtual machine); beyond
+    /// it the bookkeeping grows on demand. 0: none.
+    pub prefault_bytes: u64,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        ManagerConfig {
+            block_tokens: 16,
+            policy: Policy::SwaAware,
+            eviction: Eviction::Value,
+            checkpoint_interval: None,
+            slab_bytes: None,
+            lower: LowerCapacity::default(),
+            write_through: false,
+            resume_granularity: None,
+            admission_reserve_bytes: 0,
+            prefault_bytes: 32 << 20,
+        }
+    }
+}

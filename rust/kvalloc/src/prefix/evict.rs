@@ -1,0 +1,126 @@
+//! Eviction from the tree: the entry with the smallest key goes first (leaves and checkpoints,
+//! keyed by the tree's eviction order).
+
+use super::*;
+
+impl PrefixTree {
+    /// Evicts the entry with the smallest key. Returns what kind it was, or None when nothing
+    /// is evictable.
+    pub fn evict_one(&mut self, freed: &mut Freed) -> Option<Evicted> {
+        let leaf = self.leaves.first();
+        let ckpt = self.ckpts.first();
+        let (key, n, kind) = match (leaf, ckpt) {
+            (None, None) => return None,
+            (Some((k, n)), None) => (k, n, Evicted::Leaf),
+            (None, Some((k, n))) => (k, n, Evicted::Checkpoint),
+            (Some(l), Some(c)) => {
+                if c.0 < l.0 {
+                    (c.0, c.1, Evicted::Checkpoint)
+                } else {
+                    (l.0, l.1, Evicted::Leaf)
+                }
+            }
+        };
+        self.order.evicted(key);
+        self.evicting = Some((n, self.nodes[n as usize].ckpt_end));
+        match kind {
+            Evicted::Leaf => self.remove(n, freed),
+            Evicted::Checkpoint => self.remove_checkpoint(n, freed),
+        }
+        Some(kind)
+    }
+
+    pub(super) fn take_key(&mut self, n: NodeId) {
+        if let Some((kind, key)) = self.nodes[n as usize].key.take() {
+            match kind {
+                SetKind::Leaf => self.leaves.remove(&(key, n)),
+                SetKind::Ckpt => self.ckpts.remove(&(key, n)),
+            };
+        }
+    }
+
+    /// Re-files node `n` in the eviction sets after its state changed.
+    pub(super) fn refresh(&mut self, n: NodeId) {
+        self.take_key(n);
+        let node = &self.nodes[n as usize];
+        if !node.alive || node.refs > 0 || node.doomed {
+            return;
+        }
+        let kind = if node.children == 0 {
+            SetKind::Leaf
+        } else if node.ckpt_end {
+            SetKind::Ckpt
+        } else {
+            return;
+        };
+        let cand = self.candidate(n, kind);
+        let key = self.order.key(&cand);
+        self.nodes[n as usize].key = Some((kind, key));
+        match kind {
+            SetKind::Leaf => self.leaves.insert((key, n)),
+            SetKind::Ckpt => self.ckpts.insert((key, n)),
+        };
+    }
+
+    pub(super) fn node_bytes(&self, n: NodeId) -> u64 {
+        (0..self.g())
+            .filter(|&g| self.block(n, g) != 0)
+            .map(|g| self.layout.block_bytes[g])
+            .sum()
+    }
+
+    /// The unit a candidate stands for: see the policy docs.
+    pub(super) fn candidate(&self, n: NodeId, kind: SetKind) -> Candidate {
+        let node = &self.nodes[n as usize];
+        let saved = if node.ckpt_end {
+            u64::from(node.depth + 1) * u64::from(self.layout.block_tokens)
+        } else {
+            0
+        };
+        // LRU ignores size, and a value key with nothing saved is `L` whatever the size: skip
+        // the walk in both cases (it dominates eviction otherwise).
+        let bytes = if self.order.kind() == Eviction::Lru || saved == 0 {
+            0
+        } else {
+            match kind {
+                // The checkpoint plus the prefix only it unlocks.
+                SetKind::Leaf => {
+                    let mut bytes = self.node_bytes(n);
+                    let mut p = node.parent;
+                    let mut steps = 0;
+                    while p != NONE && steps < 256 {
+                        let pn = &self.nodes[p as usize];
+                        if pn.children != 1 || pn.refs > 0 || pn.ckpt_end {
+                            break;
+                        }
+                        bytes += self.node_bytes(p);
+                        p = pn.parent;
+                        steps += 1;
+                    }
+                    bytes
+                }
+                // The SWA blocks only this checkpoint holds.
+                SetKind::Ckpt => {
+                    let mut bytes = 0;
+                    for &g in &self.sliding {
+                        let start = self.ckpt_start[self.slot(n, g)];
+                        let mut m = n;
+                        while m != NONE && self.nodes[m as usize].depth >= start {
+                            if self.ckpt_refs[self.slot(m, g)] == 1 {
+                                bytes += self.layout.block_bytes[g];
+                            }
+                            m = self.nodes[m as usize].parent;
+                        }
+                    }
+                    bytes
+                }
+            }
+        };
+        Candidate {
+            saved_tokens: saved,
+            bytes,
+            hits: node.hits,
+            last_access: node.last_access,
+        }
+    }
+}
