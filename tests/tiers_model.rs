@@ -77,6 +77,50 @@ proptest! {
     }
 }
 
+/// The manager reports what a promotion loads (bytes per layer and tier, and the tokens it
+/// serves) until its next admission or step; the simulator's overlap model prices it.
+#[test]
+fn a_promotion_reports_its_load_until_the_next_call() {
+    let mut e = Engine::with_host(Policy::SwaAware, 1 << 20);
+    assert_eq!(e.admit(1, &prompt_of(0, 3, 0)).unwrap(), Some(0));
+    e.m.finish(1).unwrap();
+    assert!(e.m.promotions().is_empty(), "nothing below L1 yet");
+    for (id, f) in (2..12).zip(1..) {
+        if e.admit(id, &prompt_of(f, 4, 0)).unwrap().is_some() {
+            e.m.finish(id).unwrap();
+        }
+    }
+    let before = e.m.stats().tiers[0].promoted_tokens;
+    assert_eq!(e.admit(20, &prompt_of(0, 4, 0)).unwrap(), Some(160));
+    let promoted = e.m.stats().tiers[0].promoted_tokens - before;
+    let p = e.m.promotions().to_vec();
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].tokens, promoted);
+    let layers = e.m.spec().num_layers as usize;
+    assert_eq!(
+        (p[0].load.per_layer.len(), p[0].load.sliding.len()),
+        (layers, layers)
+    );
+    // Host bytes only, in every layer (full layers for the prefix, sliding ones for the
+    // checkpoint window).
+    assert!(p[0]
+        .load
+        .per_layer
+        .iter()
+        .all(|b| b[0] > 0 && b[1] == 0 && b[2] == 0));
+    let model = kvalloc::sim::OverlapModel::default();
+    assert!(model.promotion_seconds(&p[0]) >= 0.0);
+    // Finishing keeps the report; the next admission (the same prompt, now in L1) replaces it
+    // with nothing.
+    e.m.finish(20).unwrap();
+    assert_eq!(e.m.promotions().len(), 1);
+    assert_eq!(e.admit(21, &prompt_of(0, 4, 0)).unwrap(), Some(192));
+    assert!(e.m.promotions().is_empty());
+    e.m.finish(21).unwrap();
+    e.m.wait_loads();
+    e.m.validate().unwrap();
+}
+
 /// A whole conversation evicted to host memory comes back: its next turn hits the whole
 /// previous prompt, promoted from L2, with the bytes the engine wrote.
 #[test]
