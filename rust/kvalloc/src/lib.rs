@@ -132,3 +132,8 @@ pub use manager::{
 };
 pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};
 pub use spec::{AttentionKind, DType, KVGroup, ModelSpec};
+
+/// The README's Rust example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
