@@ -40,7 +40,8 @@ find_binary() {
 
 works() { "$1" --version >/dev/null 2>&1; }
 
-has_tls() { works "$1" && ldd "$1" 2>/dev/null | grep -q 'libssl'; }
+# Not `ldd | grep -q`: under pipefail grep's early exit can fail ldd with SIGPIPE.
+has_tls() { works "$1" && [[ "$(ldd "$1" 2>/dev/null)" == *libssl* ]]; }
 
 find_tls_binary() {
   if [ -n "${KVALLOC_REMOTE_TLS_SERVER:-}" ]; then echo "$KVALLOC_REMOTE_TLS_SERVER"; return 0; fi
