@@ -386,7 +386,7 @@ impl Harness {
         self.lower_positive += u64::from(lower > 0);
         self.tight += u64::from(lower == upper && upper > 0);
         prop_assert!(
-            hit % B as u64 == 0,
+            hit.is_multiple_of(B as u64),
             "{}: hit {} not block aligned",
             what,
             hit

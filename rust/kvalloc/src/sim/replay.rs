@@ -145,7 +145,8 @@ fn manager_config(cfg: &RunConfig, trace: &Trace, block_tokens: u32) -> ManagerC
     // A block-id trace coarser than the replay's blocks resumes only at its own block
     // boundaries: checkpoint prompts there (see `trace`).
     let t = trace.block_tokens;
-    let resume_granularity = (t > block_tokens && t % block_tokens == 0).then_some(u64::from(t));
+    let resume_granularity =
+        (t > block_tokens && t.is_multiple_of(block_tokens)).then_some(u64::from(t));
     ManagerConfig {
         block_tokens,
         policy: cfg.policy,
@@ -311,7 +312,7 @@ impl<'a> Replay<'a> {
                 Kind::Decode => self.decode(i, t)?,
             }
             handled += 1;
-            if handled % 4096 == 0 {
+            if handled.is_multiple_of(4096) {
                 let done = (self.report.completed + self.report.rejected) as f64;
                 if !progress(label, done / n) {
                     return Err(stopped());

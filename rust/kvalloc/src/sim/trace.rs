@@ -171,7 +171,7 @@ pub fn sim_block_ids(
     } else if t % b == 0 {
         let per = (t / b) as usize;
         out.extend((0..whole).map(|k| sub_block_id(ids[k / per], (k % per) as u64)));
-    } else if b % t == 0 {
+    } else if b.is_multiple_of(t) {
         let per = (b / t) as usize;
         out.extend(ids[..whole * per].chunks_exact(per).map(|c| {
             let bytes: Vec<u8> = c.iter().flat_map(|x| x.to_le_bytes()).collect();

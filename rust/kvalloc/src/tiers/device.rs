@@ -278,7 +278,7 @@ unsafe fn copy_block(dst: *mut u8, src: *const u8, n: usize) {
     {
         use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_sfence, _mm_stream_si128};
         const MIN_STREAM: usize = 64 << 10;
-        if n >= MIN_STREAM && (dst as usize) % 16 == 0 {
+        if n >= MIN_STREAM && (dst as usize).is_multiple_of(16) {
             let chunks = n / 64;
             // SAFETY: SSE2 is part of x86_64; every access is inside the ranges the caller
             // vouches for; `dst` is 16-byte aligned as streaming stores require.

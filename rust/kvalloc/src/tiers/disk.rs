@@ -171,9 +171,7 @@ impl DiskStore {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(root.join(".lock"))
             .map_err(|e| bad_dir("cannot open the lock file in", e))?;
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
+        if let Err(e) = lock_exclusive(&lock) {
             return Err(bad_dir(
                 "another DiskStore holds the namespace directory",
                 e,
@@ -307,7 +305,7 @@ impl DiskStore {
         layer_bytes: u32,
         data: &[u8],
     ) -> Result<(), StoreError> {
-        if layer_bytes == 0 || data.is_empty() || data.len() % layer_bytes as usize != 0 {
+        if layer_bytes == 0 || data.is_empty() || !data.len().is_multiple_of(layer_bytes as usize) {
             return Err(StoreError::Io(format!(
                 "payload of {} bytes is not a whole, non-zero number of {layer_bytes}-byte layers",
                 data.len()
@@ -478,6 +476,24 @@ impl BlockStore for DiskStore {
     fn keys(&self) -> &RecordKeys {
         &self.keys
     }
+}
+
+/// Takes the exclusive lock on an open lock file. A lock that a store just dropped can still be
+/// held for a moment by a process forked meanwhile (its copy of the descriptor lives until it
+/// execs), so a busy lock is retried for up to 200 ms before the directory counts as taken.
+fn lock_exclusive(lock: &File) -> io::Result<()> {
+    for attempt in 0.. {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || attempt == 20 {
+            return Err(e);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    unreachable!("the loop returns")
 }
 
 /// Creates `dir` and its missing parents owner-only (0700; existing ones are left as they are).

@@ -535,7 +535,7 @@ impl RemoteStore {
         let guess = self.geometry.get(&key.group).copied();
         let header_len = |layers: u32| HEADER_FIXED_BYTES + 8 * layers as usize;
         if let Some((layers, lb)) = guess {
-            let fits = dst.len() % lb as usize == 0
+            let fits = dst.len().is_multiple_of(lb as usize)
                 && first_layer as usize + dst.len() / lb as usize <= layers as usize;
             if fits {
                 let start = header_len(layers) + first_layer as usize * lb as usize;

@@ -165,7 +165,7 @@ pub const LAYERS_OFFSET: usize = 24;
 impl RecordHeader {
     /// The header for `data` (a whole number of `layer_bytes` layers) under `keys`.
     pub fn for_payload(keys: &RecordKeys, key: BlockKey, layer_bytes: u32, data: &[u8]) -> Self {
-        assert!(layer_bytes > 0 && data.len() % layer_bytes as usize == 0);
+        assert!(layer_bytes > 0 && data.len().is_multiple_of(layer_bytes as usize));
         let mut h = RecordHeader {
             namespace: keys.namespace(),
             key,
@@ -312,7 +312,7 @@ impl RecordHeader {
     /// layers only).
     pub fn check_range(&self, first_layer: u32, len: usize) -> Result<(), StoreError> {
         let lb = self.layer_bytes as usize;
-        if len % lb != 0 || first_layer as usize + len / lb > self.layers() as usize {
+        if !len.is_multiple_of(lb) || first_layer as usize + len / lb > self.layers() as usize {
             return Err(StoreError::Io(format!(
                 "read of {len} bytes from layer {first_layer} does not fit the record's {} layers of {lb} bytes",
                 self.layers()
@@ -329,7 +329,7 @@ impl RecordHeader {
         data: &[u8],
     ) -> Result<(), StoreError> {
         let lb = self.layer_bytes as usize;
-        if data.len() % lb != 0 {
+        if !data.len().is_multiple_of(lb) {
             return Err(StoreError::Io(format!(
                 "read of {} bytes is not a whole number of {lb}-byte layers",
                 data.len()
