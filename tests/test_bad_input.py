@@ -822,3 +822,18 @@ def test_cli_as_a_process_prints_no_traceback(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("kvalloc sweep: error:")
+
+
+def test_a_bool_is_not_a_request_id_or_a_size() -> None:
+    """`finish(True)` used to finish request 1 (a bool is an int to Python)."""
+    m = KVCacheManager(small_spec(), 1 << 20, block_tokens=16)
+    assert m.admit(1, np.arange(40, dtype=np.int64)) == 0
+    for call in (lambda: m.finish(True), lambda: m.abort(True), lambda: m.extend(True, 1),
+                 lambda: m.admit(False, np.arange(8, dtype=np.int64)), lambda: m.num_tokens(True),
+                 lambda: SlabArena(True, 1024)):
+        with pytest.raises(kvalloc.InvalidArgumentError, match="bool") as e:
+            call()
+        assert type(e.value) is kvalloc.InvalidArgumentError
+    assert 1 in m and 0 not in m
+    m.validate()
+    m.finish(1)

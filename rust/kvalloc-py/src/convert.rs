@@ -10,8 +10,13 @@ use pyo3::types::{PyBytes, PyDict, PyString};
 
 use crate::errors::invalid;
 
-/// A non-negative integer argument; negative values and non-integers are `InvalidArgumentError`.
+/// A non-negative integer argument; negative values and non-integers are `InvalidArgumentError`,
+/// and so is a bool (an `int` to Python, but `finish(True)` finishing request 1 is a bug in the
+/// caller, not a request id).
 pub fn non_negative(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u64> {
+    if obj.is_instance_of::<pyo3::types::PyBool>() {
+        return Err(invalid(what, "expected an integer, got bool"));
+    }
     // Fast path: an int that fits in u64 (the usual case); the rest explains the error.
     if let Ok(v) = obj.extract::<u64>() {
         return Ok(v);
