@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use kvalloc::tiers::{BlockKey, BlockStore, RemoteStore, StoreError};
-use support::{random_bytes, remote_config, RemoteServer, Rng};
+use support::{random_bytes, remote_config, retry_until_up, RemoteServer, Rng};
 
 fn key(hash: u64, group: u16) -> BlockKey {
     BlockKey { hash, group }
@@ -151,19 +151,6 @@ fn killed_server_is_unavailable_quickly_then_service_resumes() {
     s.put(k, lb, &data).unwrap();
     s.get(k, &mut out).unwrap();
     assert_eq!(out, data);
-}
-
-/// Calls `get` until the store reconnects (within its back-off cap) and returns that result.
-fn retry_until_up(s: &mut RemoteStore, k: BlockKey, out: &mut [u8]) -> Result<(), StoreError> {
-    let deadline = Instant::now() + s.config().max_reconnect_interval + Duration::from_secs(2);
-    loop {
-        match s.get(k, out) {
-            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            r => return r,
-        }
-    }
 }
 
 #[test]

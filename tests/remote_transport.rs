@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use kvalloc::tiers::{BlockKey, BlockStore, RemoteConfig, RemoteStore, StoreError};
 use kvalloc::Error;
-use support::{random_bytes, remote_config, RemoteServer};
+use support::{random_bytes, remote_config, retry_until_up, RemoteServer};
 
 fn key(hash: u64, group: u16) -> BlockKey {
     BlockKey { hash, group }
@@ -169,19 +169,6 @@ fn filled(server: &RemoteServer, timeout_ms: u64) -> (RemoteStore, Vec<(BlockKey
     cfg.timeout = Duration::from_millis(timeout_ms);
     cfg.max_reconnect_interval = Duration::from_millis(200);
     (RemoteStore::open(cfg).unwrap(), records)
-}
-
-/// Calls `get` until the store reconnects (past its back-off) and returns that result.
-fn retry_until_up(s: &mut RemoteStore, k: BlockKey, out: &mut [u8]) -> Result<(), StoreError> {
-    let deadline = Instant::now() + s.config().max_reconnect_interval + Duration::from_secs(5);
-    loop {
-        match s.get(k, out) {
-            Err(StoreError::Unavailable(_)) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
-            r => return r,
-        }
-    }
 }
 
 /// A hung server (SIGSTOP): every kind of call fails as a counted timeout within its deadline

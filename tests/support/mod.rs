@@ -308,3 +308,22 @@ impl Rng {
         self.0 % n
     }
 }
+
+/// Calls `get` until the store reconnects (past its back-off, with 5 s to spare on a busy
+/// machine) and returns that result.
+pub fn retry_until_up(
+    s: &mut kvalloc::tiers::RemoteStore,
+    k: kvalloc::tiers::BlockKey,
+    out: &mut [u8],
+) -> Result<(), kvalloc::tiers::StoreError> {
+    use kvalloc::tiers::BlockStore;
+    let deadline = Instant::now() + s.config().max_reconnect_interval + Duration::from_secs(5);
+    loop {
+        match s.get(k, out) {
+            Err(kvalloc::tiers::StoreError::Unavailable(_)) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            r => return r,
+        }
+    }
+}
