@@ -98,6 +98,8 @@ class Fuzzer:
     log: list[str] = field(default_factory=list)
     ops_done: int = 0
     checked_slots: int = 0
+    # Tokens promoted from each lower tier, over every manager of the case.
+    promoted: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0, "remote": 0})
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.case.seed * 7919 + 1)
@@ -258,7 +260,7 @@ class Fuzzer:
         if flush:
             self.engine.m.flush()
         self.engine.m.wait_loads()
-        self.checked_slots += self.engine.checked_slots
+        self._tally()
         self.engine = None  # type: ignore[assignment]
         gc.collect()
         self.engine = self._open()
@@ -280,7 +282,14 @@ class Fuzzer:
             getattr(self, self.rng.choices(names, weights)[0])()
             self.engine.m.validate()
             self.ops_done += 1
+        self._tally()
+
+    def _tally(self) -> None:
+        """Adds the current manager's figures to the case's."""
         self.checked_slots += self.engine.checked_slots
+        for tier, st in (self.engine.m.stats().get("tiers") or {}).items():
+            if st:
+                self.promoted[tier] += st["promoted_tokens"]
 
 
 def _block_id(salt: str | bytes | None, tokens: list[int]) -> int:
