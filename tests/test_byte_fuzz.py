@@ -18,7 +18,6 @@ from kvalloc.reference.byte_check import ByteCheckEngine, WrongBytesError
 REGRESSION_SEEDS = [(0, 1), (1, 1), (7, 1), (12, 1), (18, 1), (43, 1)]
 
 
-
 def test_issue_21_reproducer_is_served_the_right_bytes() -> None:
     """The issue's sequence, checking bytes: request 20's hit used to include, as its sliding
     group's block 1, the page request 10 wrote one token of before it was preempted."""
