@@ -1,7 +1,7 @@
 """Type stubs for the Rust extension module ``kvalloc._core`` (hand-written)."""
 
 import os
-from typing import Any, Callable, Iterator, Literal, Sequence, final, overload
+from typing import Any, Callable, Iterator, Literal, Mapping, Sequence, final, overload
 
 import numpy as np
 import numpy.typing as npt
@@ -80,6 +80,20 @@ class ModelSpec:
         is missing, contradictory or unsupported: a model with linear-attention, Mamba/SSM or
         recurrent layers is refused however its config says so. A path must name a regular file
         (a directory or FIFO is a ``ConfigError``, not a hang)."""
+    @staticmethod
+    def from_groups(
+        name: str,
+        groups: Sequence[Mapping[str, Any]],
+        num_layers: int | None = None,
+        model_id: str | None = None,
+    ) -> ModelSpec:
+        """A spec with exactly these groups, for engines that group layers themselves (vLLM
+        splits one attention kind into groups of equal layer counts). Each group is a dict:
+        ``kind`` ("full" or "sliding"), ``window`` (sliding only), ``layers``, ``kv_heads``,
+        ``head_dim`` (or ``k_dim`` and ``v_dim``) and ``dtype``. Groups are reordered as in
+        every spec (full first, then sliding, each by first layer). A wrong type or unknown key
+        is an ``InvalidArgumentError``, an inconsistent geometry a ``ConfigError``, each naming
+        ``groups[i].field``."""
     @staticmethod
     def preset(name: str) -> ModelSpec:
         """A built-in model; see ``kvalloc.presets()``."""
@@ -224,6 +238,7 @@ class KVCacheManager:
         prefault_bytes: int | None = None,
         secret: str | bytes | None = None,
         model_id: str | None = None,
+        prefill_reads_cache: bool | None = None,
     ) -> KVCacheManager:
         """``policy`` (None: ``"swa-aware"``) and ``eviction`` (None: ``"value"``) name the
         caching and eviction policies. Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
@@ -254,7 +269,13 @@ class KVCacheManager:
         from the model and the secret. Every argument of the wrong type or range (a negative or
         >= 2**64 size, a string with a lone surrogate, a path the OS cannot encode) is an
         ``InvalidArgumentError`` naming it; ``host_bytes`` is allocated only by
-        ``register_device``."""
+        ``register_device``.
+
+        ``prefill_reads_cache``: the engine's attention reads a chunk's own keys from the cache,
+        as paged kernels do (vLLM's, prefill included), so sliding groups hold every block of a
+        scheduled range until the next call. Without it (the default) a long chunk's early
+        sliding-window blocks are never allocated: right only for an engine whose prefill
+        attends within the chunk from its fresh tensors (SGLang's extend kernels)."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(
@@ -364,6 +385,8 @@ class KVCacheManager:
     def eviction(self) -> str: ...
     @property
     def capacity_bytes(self) -> int: ...
+    def room_bytes(self) -> int:
+        """Bytes an admission could have now: free plus evictable (held only by the cache)."""
     def num_pages(self, group: int) -> int:
         """Blocks in group ``group``'s view of the arena (the size of the engine's buffer)."""
 

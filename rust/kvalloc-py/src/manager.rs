@@ -40,7 +40,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -67,6 +67,7 @@ impl PyKVCacheManager {
         prefault_bytes: Option<&Bound<'_, PyAny>>,
         secret: Option<&Bound<'_, PyAny>>,
         model_id: Option<&Bound<'_, PyAny>>,
+        prefill_reads_cache: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
         let secret = secret_arg(secret)?;
@@ -110,6 +111,7 @@ impl PyKVCacheManager {
                 Some(p) => non_negative(p, "prefault_bytes")?,
                 None => ManagerConfig::default().prefault_bytes,
             },
+            prefill_reads_cache: flag(prefill_reads_cache, "prefill_reads_cache")?,
             ..ManagerConfig::default()
         };
         let remote_timeout = opt_positive(remote_timeout_ms, "remote_timeout_ms")?;
@@ -619,6 +621,10 @@ impl PyKVCacheManager {
     #[getter]
     fn capacity_bytes(&self) -> PyResult<u64> {
         Ok(self.lock()?.arena().capacity_bytes())
+    }
+    /// Bytes an admission could have now: free plus evictable (held only by the cache).
+    fn room_bytes(&self) -> PyResult<u64> {
+        Ok(self.lock()?.room_bytes())
     }
     /// Pages in group `group`'s view of the arena: an engine's buffer for the group holds this
     /// many blocks (block tables index into it).

@@ -1,6 +1,6 @@
 //! `ModelSpec` and `KVGroup`: a model's KV geometry.
 
-use kvalloc::{DType, KVGroup, ModelSpec};
+use kvalloc::{AttentionKind, DType, KVGroup, ModelSpec};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyString, PyTuple};
 
@@ -115,6 +115,82 @@ fn dtype_arg(dtype: Option<&Bound<'_, PyAny>>) -> PyResult<Option<DType>> {
     Ok(Some(DType::parse(&s).py()?))
 }
 
+fn u32_arg(obj: &Bound<'_, PyAny>, what: &str) -> PyResult<u32> {
+    let v = non_negative(obj, what)?;
+    u32::try_from(v).map_err(|_| invalid(what, format!("{v} does not fit in 32 bits")))
+}
+
+/// One group of `ModelSpec.from_groups`: a dict, each field named in its errors.
+fn group_arg(g: &Bound<'_, PyAny>, i: usize) -> PyResult<KVGroup> {
+    let field = |f: &str| format!("groups[{i}].{f}");
+    let d = g
+        .cast::<PyDict>()
+        .map_err(|_| invalid(&field(""), format!("expected a dict, got {}", type_name(g))))?;
+    let get = |key: &str| -> PyResult<Option<Bound<'_, PyAny>>> {
+        Ok(d.get_item(key)?.filter(|v| !v.is_none()))
+    };
+    let need = |key: &str| -> PyResult<Bound<'_, PyAny>> {
+        get(key)?.ok_or_else(|| invalid(&field(key), "is missing"))
+    };
+    for key in d.keys() {
+        let k = text(&key, &field("<key>"))?;
+        if !matches!(
+            k.as_str(),
+            "kind" | "window" | "layers" | "kv_heads" | "head_dim" | "k_dim" | "v_dim" | "dtype"
+        ) {
+            return Err(invalid(&field(&k), "is not a group field"));
+        }
+    }
+    let kind = match text(&need("kind")?, &field("kind"))?.as_str() {
+        "full" => AttentionKind::Full,
+        "sliding" => AttentionKind::Sliding,
+        other => {
+            return Err(invalid(
+                &field("kind"),
+                format!("{other:?}: expected \"full\" or \"sliding\""),
+            ))
+        }
+    };
+    let window = match get("window")? {
+        Some(w) => Some(u32_arg(&w, &field("window"))?),
+        None => None,
+    };
+    let layers_obj = need("layers")?;
+    let mut layers = Vec::new();
+    for l in layers_obj.try_iter().map_err(|_| {
+        invalid(
+            &field("layers"),
+            format!("expected a list of ints, got {}", type_name(&layers_obj)),
+        )
+    })? {
+        layers.push(u32_arg(&l?, &field("layers"))?);
+    }
+    let head_dim = match get("head_dim")? {
+        Some(h) => Some(u32_arg(&h, &field("head_dim"))?),
+        None => None,
+    };
+    let dim = |key: &str| -> PyResult<u32> {
+        match (get(key)?, head_dim) {
+            (Some(v), _) => u32_arg(&v, &field(key)),
+            (None, Some(h)) => Ok(h),
+            (None, None) => Err(invalid(
+                &field(key),
+                "is missing (give head_dim, or k_dim and v_dim)",
+            )),
+        }
+    };
+    let dtype = dtype_arg(Some(&need("dtype")?))?.expect("dtype was given");
+    Ok(KVGroup {
+        kind,
+        window,
+        layers,
+        kv_heads: u32_arg(&need("kv_heads")?, &field("kv_heads"))?,
+        k_dim: dim("k_dim")?,
+        v_dim: dim("v_dim")?,
+        dtype,
+    })
+}
+
 #[pymethods]
 impl PyModelSpec {
     /// Reads a Hugging Face `config.json` (a path or an already-loaded dict).
@@ -152,6 +228,40 @@ impl PyModelSpec {
             inner.model_id = model_id;
         }
         Ok(PyModelSpec { inner })
+    }
+
+    /// A spec with exactly these groups, for engines that group layers themselves: each a
+    /// dict with `kind` ("full" or "sliding"), `window` (sliding only), `layers`, `kv_heads`,
+    /// `head_dim` (or `k_dim` and `v_dim`) and `dtype`.
+    #[staticmethod]
+    #[pyo3(signature = (name, groups, num_layers = None, model_id = None))]
+    fn from_groups(
+        name: &Bound<'_, PyAny>,
+        groups: &Bound<'_, PyAny>,
+        num_layers: Option<&Bound<'_, PyAny>>,
+        model_id: Option<String>,
+    ) -> PyResult<Self> {
+        let name = text(name, "name")?;
+        let list = groups.try_iter().map_err(|_| {
+            invalid(
+                "groups",
+                format!("expected a list of dicts, got {}", type_name(groups)),
+            )
+        })?;
+        let mut parsed = Vec::new();
+        for (i, g) in list.enumerate() {
+            parsed.push(group_arg(&g?, i)?);
+        }
+        let num_layers = match num_layers.filter(|n| !n.is_none()) {
+            Some(n) => Some(u32_arg(n, "num_layers")?),
+            None => None,
+        };
+        if model_id.as_deref() == Some("") {
+            return Err(invalid("model_id", "is empty; name the weights, or None"));
+        }
+        Ok(PyModelSpec {
+            inner: ModelSpec::from_groups(&name, parsed, num_layers, model_id).py()?,
+        })
     }
 
     /// A built-in model; see `kvalloc.presets()`.

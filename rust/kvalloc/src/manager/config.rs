@@ -69,6 +69,13 @@ pub struct ManagerConfig {
     /// scheduler's path (a page's first touch costs microseconds in a virtual machine); beyond
     /// it the bookkeeping grows on demand. 0: none.
     pub prefault_bytes: u64,
+    /// The engine's attention reads a chunk's own keys from the cache, as paged kernels do
+    /// (vLLM's, for prefill too), rather than from the chunk's fresh tensors (SGLang's extend
+    /// kernels): a sliding group then holds every block of a scheduled range, not only the
+    /// range's last window, until the next call. Off, a long chunk's early sliding blocks are
+    /// never allocated (their keys are written to the null page), which only an engine whose
+    /// prefill attends within the chunk from its fresh tensors may do.
+    pub prefill_reads_cache: bool,
 }
 
 impl Default for ManagerConfig {
@@ -84,6 +91,7 @@ impl Default for ManagerConfig {
             resume_granularity: None,
             admission_reserve_bytes: 0,
             prefault_bytes: 32 << 20,
+            prefill_reads_cache: false,
         }
     }
 }

@@ -345,6 +345,12 @@ impl KVCacheManager {
         &self.arena
     }
 
+    /// Bytes an admission could have now: free in the arena plus held only by the cache
+    /// (evictable). An engine's admission gate compares a request's need with it.
+    pub fn room_bytes(&self) -> u64 {
+        self.arena.bytes_free() + self.tree.evictable_bytes()
+    }
+
     fn b(&self) -> u64 {
         u64::from(self.config.block_tokens)
     }

@@ -347,8 +347,11 @@ impl KVCacheManager {
                     Some(wf) if self.swa_aware() => {
                         if is_prompt_block && !node_has && self.in_plan(r, g, i) {
                             Slot::Tree // a checkpoint block
-                        } else if i >= wf {
-                            Slot::Private // the running window
+                        } else if i >= wf || self.config.prefill_reads_cache {
+                            // The running window; or, for an engine whose attention reads the
+                            // chunk from the cache, every block of the range (released by the
+                            // next call, below its window).
+                            Slot::Private
                         } else {
                             Slot::Skip
                         }

@@ -29,6 +29,7 @@ use std::fmt;
 
 use crate::error::{Error, Result};
 
+mod explicit;
 mod hf;
 mod presets;
 

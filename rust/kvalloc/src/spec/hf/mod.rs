@@ -461,7 +461,7 @@ fn build_groups(text: &Obj, kinds: &[LayerKind], dtype: DType) -> Result<Vec<KVG
 /// Bytes per token (every layer) must stay below 2^32, so that a block of up to 2^32 tokens
 /// has a size that fits in 64 bits: the byte counts derived from a spec never overflow.
 /// Real models are far below (hundreds of KiB per token).
-fn check_token_bytes(groups: &[KVGroup]) -> Result<()> {
+pub(super) fn check_token_bytes(groups: &[KVGroup]) -> Result<()> {
     const LIMIT: u128 = 1 << 32;
     let total: u128 = groups
         .iter()
