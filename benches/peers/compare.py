@@ -89,7 +89,7 @@ def make_workload(a: argparse.Namespace) -> list[workload.Request]:
             output_len=a.output_len,
         )
     if not a.trace.is_file():
-        sys.exit(f"--trace: no trace at {a.trace} (the repository ships python/kvalloc/data/mooncake_conversation.jsonl)")
+        sys.exit(f"--trace: no trace at {a.trace} (the repository's is {TRACE.relative_to(REPO)})")
     return workload.mooncake(a.trace, requests=a.requests or 300, max_output=a.output_len)
 
 
@@ -116,8 +116,8 @@ def table(runs: dict[str, list[sim.Result]]) -> str:
         h_ratio = f"{r.hit_tokens / base_hits:.3f}" if base_hits else "-"
         spread = f"{min(x.seconds for x in rs):.3f}-{max(x.seconds for x in rs):.3f}"
         lines.append(
-            f"| {r.name} | {med:.3f} | {spread} | {us:,.1f} | {r.hit_tokens:,} | {rate:.1%} | {r.preemptions:,} | {len(r.refused):,} "
-            f"| {'yes' if r.blocks_back else 'NO'} | {t_ratio} | {h_ratio} |"
+            f"| {r.name} | {med:.3f} | {spread} | {us:,.1f} | {r.hit_tokens:,} | {rate:.1%} "
+            f"| {r.preemptions:,} | {len(r.refused):,} | {'yes' if r.blocks_back else 'NO'} | {t_ratio} | {h_ratio} |"
         )
     return "\n".join(lines)
 
