@@ -1,16 +1,28 @@
 """vLLM v1's KVCacheManager with one FullAttentionSpec group and one SlidingWindowSpec group,
-prefix caching on, driven as vllm.v1.core.sched.scheduler.Scheduler drives it:
+prefix caching on, driven as `Scheduler` drives it. Every call below names the line of
+vllm/v1/core/sched/scheduler.py (vLLM 0.33.0) whose call it mirrors; the same references sit
+next to the calls.
 
-- admission: `get_computed_blocks(request)` then `allocate_slots(request, new tokens,
-  num_new_computed_tokens=hit, new_computed_blocks=blocks)`; a None ends the step's admissions;
-- decode: `allocate_slots(request, 1)` per running request in order; on None the scheduler
-  preempts `running[-1]` (`free`, status PREEMPTED, num_computed_tokens = 0) and retries;
-- after the step: `num_computed_tokens` advances and `append_output_token_ids` adds the
-  sampled token (which hashes each newly filled block: part of the prefix cache's work);
-- finish: `free(request)`; `new_step_starts()` once per step; block ids read with
-  `get_block_ids()` where the scheduler reads them.
+- step start: `new_step_starts()` (`schedule`, line 746);
+- decode, the running loop of `schedule`: `allocate_slots(request, 1)` per running request in
+  order (line 914); on None, preempt `running.pop()` (line 970) with `_preempt_request`
+  (line 1799: `free` through `_free_request_blocks` at 3089, status PREEMPTED,
+  `num_computed_tokens = 0`) and retry, until the request fits or preempted itself; the new
+  block ids are read with `get_block_ids(allow_none=True)` (line 1964);
+- admission, the waiting loop of `schedule` (only in a step that preempted nothing):
+  `get_computed_blocks(request)` (`_get_local_prefix_cache_hit`, line 674, called at 1127),
+  then `allocate_slots(request, new tokens, num_new_computed_tokens=hit,
+  new_computed_blocks=blocks, has_scheduled_reqs=bool(self.running))` (line 1435); a None
+  ends the step's admissions (line 1461); an admitted request's blocks are read with
+  `get_blocks(request_id)` (line 1566) and `.get_block_ids()` (line 1658);
+- after the step: `num_computed_tokens += scheduled` (`_update_after_schedule`, line 1858)
+  and `append_output_token_ids` (`_update_request_with_output`, line 2753; it hashes each
+  newly filled block: part of the prefix cache's work);
+- finish: `free(request)` (`_free_request` -> `_free_blocks` -> `_free_request_blocks`,
+  line 3089).
 
-Timed: every call above, plus building each `Request` (it hashes the prompt's blocks).
+Timed: each of `finish`, `decode` and `admit` from its first line, including building each
+`Request` (which hashes the prompt's blocks), as kvalloc's driver times building its arrays.
 Memory: `num_blocks = budget // (layers per group x page bytes per layer)`: in vLLM's hybrid
 layout each block id names one page in each of 18 tensors, each tensor shared by one full and
 one sliding layer (a block id belongs to one group at a time).
@@ -85,6 +97,7 @@ class VllmDriver:
         init_none_hash(hash_fn)
         self.hasher = get_request_block_hasher(geo.block_tokens, hash_fn)
         self.reqs: dict[int, VllmRequest] = {}
+        self.running = 0  # requests the last decode kept running (the scheduler's self.running)
         self.seconds = 0.0
 
     def _request(self, r: Request) -> VllmRequest:
@@ -106,17 +119,21 @@ class VllmDriver:
         for r in reqs:
             vr = self.reqs.pop(r.rid)
             vr.status = RequestStatus.FINISHED_LENGTH_CAPPED
-            self.m.free(vr)
+            self.m.free(vr)  # scheduler.py:3089 (_free_request_blocks)
         self.seconds += time.perf_counter() - t0
 
+    def refuse(self, r: Request) -> None:
+        # allocate_slots said None before taking a block; only the Request is left.
+        self.reqs.pop(r.rid, None)
+
     def _after_step(self, vr: VllmRequest, scheduled: int, token: int) -> None:
-        vr.num_computed_tokens += scheduled
-        vr.append_output_token_ids(int(token))
+        vr.num_computed_tokens += scheduled  # scheduler.py:1858 (_update_after_schedule)
+        vr.append_output_token_ids(int(token))  # scheduler.py:2753 (_update_request_with_output)
 
     def decode(self, running: list[Request]) -> list[Request]:
         m = self.m
         t0 = time.perf_counter()
-        m.new_step_starts()
+        m.new_step_starts()  # scheduler.py:746 (schedule)
         preempted: list[Request] = []
         scheduled: list[Request] = []
         i = 0
@@ -124,13 +141,14 @@ class VllmDriver:
             r = running[i]
             vr = self.reqs[r.rid]
             while True:
-                new_blocks = m.allocate_slots(vr, 1)
+                new_blocks = m.allocate_slots(vr, 1)  # scheduler.py:914
                 if new_blocks is not None:
-                    new_blocks.get_block_ids(allow_none=True)
+                    new_blocks.get_block_ids(allow_none=True)  # scheduler.py:1964
                     scheduled.append(r)
                     break
-                victim = running.pop()
+                victim = running.pop()  # scheduler.py:970
                 vv = self.reqs[victim.rid]
+                # scheduler.py:1799 (_preempt_request): free at 3089, then the request's reset
                 m.free(vv)
                 vv.status = RequestStatus.PREEMPTED
                 vv.num_computed_tokens = 0
@@ -143,6 +161,7 @@ class VllmDriver:
             i += 1
         for r in scheduled:
             self._after_step(self.reqs[r.rid], 1, r.output[r.generated])
+        self.running = len(running)
         self.seconds += time.perf_counter() - t0
         return preempted
 
@@ -153,16 +172,16 @@ class VllmDriver:
         admitted: list[tuple[VllmRequest, int, Request]] = []
         for r in reqs:
             vr = self._request(r)
-            blocks, hit, _boundary = m.get_computed_blocks(vr)
+            blocks, hit, _boundary = m.get_computed_blocks(vr)  # scheduler.py:674, via 1127
             new_tokens = vr.num_tokens - hit
-            new_blocks = m.allocate_slots(
+            new_blocks = m.allocate_slots(  # scheduler.py:1435
                 vr, new_tokens, num_new_computed_tokens=hit, new_computed_blocks=blocks,
-                has_scheduled_reqs=bool(admitted) or bool(self.reqs),
+                has_scheduled_reqs=bool(self.running + len(admitted)),  # bool(self.running), 1451
             )
             if new_blocks is None:
-                break
+                break  # scheduler.py:1461
             vr.status = RequestStatus.RUNNING
-            (blocks + new_blocks).get_block_ids()
+            m.get_blocks(vr.request_id).get_block_ids()  # scheduler.py:1566, then 1658
             admitted.append((vr, new_tokens, r))
             hits.append(hit)
         for vr, new_tokens, r in admitted:

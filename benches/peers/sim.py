@@ -11,6 +11,9 @@ A driver owns one manager and does, per step, what its engine's scheduler does w
   the preempted requests in preemption order, already removed from ``running``;
 - ``admit(reqs) -> hits``: look up and admit waiting requests in order, stopping at the first
   that does not fit; returns the hit tokens of those admitted (a prefix of ``reqs``);
+- ``refuse(req)``: drop what the driver keeps for a request the simulator refuses (one that
+  does not fit with nothing running: an engine rejects it rather than wait forever); the
+  manager itself holds nothing for it by then;
 - ``blocks_back() -> bool``: after the run, whether every block is free or cached, i.e. no
   request still holds one;
 - ``seconds``: time spent in the manager's calls, accumulated by the driver itself.
@@ -20,6 +23,11 @@ A driver whose manager serves a whole step in one call has, instead of ``decode`
 only if nothing was preempted, what ``admit(candidates)`` does (``hits`` empty otherwise). The
 candidates are chosen before the step, as they would be after a decode that preempts nothing,
 so the outcome is the same.
+
+Every run terminates: a request that a manager cannot admit with nothing running never will
+(all its memory is free or evictable then), so the simulator refuses it, counts it, and goes
+on; the next turn of a refused conversation arrives as if it had finished. Each admission
+samples a token, so a request that is admitted and then preempted still progresses.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ class Driver(Protocol):
     seconds: float
 
     def finish(self, reqs: list[Request]) -> None: ...
+    def refuse(self, req: Request) -> None: ...
     def blocks_back(self) -> bool: ...
 
 
@@ -77,12 +86,9 @@ class Result:
     prompt_tokens: int  # of first admissions
     hit_tokens: int  # prompt tokens served from cache at first admissions
     preemptions: int
+    refused: list[int]  # rids refused: they did not fit with nothing running
     steps: int
     blocks_back: bool
-
-
-class Stalled(RuntimeError):
-    """Nothing runs and the next request does not fit: the memory is too small for it."""
 
 
 def run(driver: StepwiseDriver | CombinedDriver, reqs: list[Request], max_running: int, max_prefill_tokens: int) -> Result:
@@ -99,6 +105,7 @@ def run(driver: StepwiseDriver | CombinedDriver, reqs: list[Request], max_runnin
     running: list[Request] = []
     finished: list[Request] = []
     done = admissions = prompt_tokens = hit_tokens = preemptions = steps = 0
+    refused: list[int] = []
     combined = cast(CombinedDriver, driver) if hasattr(driver, "step") else None
     stepwise = cast(StepwiseDriver, driver)
     wall = time.perf_counter()
@@ -134,10 +141,12 @@ def run(driver: StepwiseDriver | CombinedDriver, reqs: list[Request], max_runnin
                     prompt_tokens += len(r.prompt)
                     hit_tokens += hit
             if not hits and not running:
-                raise Stalled(
-                    f"{driver.name}: request {candidates[0].rid} "
-                    f"({len(candidates[0].prompt)} prompt tokens) does not fit with nothing running; raise --memory-gib"
-                )
+                # Nothing runs and the head does not fit: it never will. Refuse it.
+                r = waiting.popleft()
+                driver.refuse(r)
+                refused.append(r.rid)
+                done += 1
+                waiting.extend(dependents.pop(r.rid, ()))
 
         # The step's forward pass samples one token for every running request.
         still: list[Request] = []
@@ -161,6 +170,7 @@ def run(driver: StepwiseDriver | CombinedDriver, reqs: list[Request], max_runnin
         prompt_tokens=prompt_tokens,
         hit_tokens=hit_tokens,
         preemptions=preemptions,
+        refused=refused,
         steps=steps,
         blocks_back=driver.blocks_back(),
     )
