@@ -44,6 +44,7 @@ def main() -> None:
     ap.add_argument("--max-batched-tokens", type=int, default=None, help="chunked prefill chunk")
     ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=8, help="tokens generated per prompt")
+    ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--no-prefix-caching", action="store_true")
     ap.add_argument("--kvalloc", default="{}", help="JSON kvalloc options (additional_config)")
     ap.add_argument("--out", required=True, help="where to write the JSON result (vLLM logs to stdout)")
@@ -61,7 +62,7 @@ def main() -> None:
         enforce_eager=True,
         num_gpu_blocks_override=args.blocks,
         block_size=32,
-        max_model_len=2048,
+        max_model_len=args.max_model_len,
         gpu_memory_utilization=0.05,
         disable_log_stats=False,
     )
