@@ -109,6 +109,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod error;
+pub mod events;
 pub mod eviction;
 mod files;
 pub mod hash;
@@ -125,6 +126,7 @@ pub mod tiers;
 pub use eviction as policy;
 
 pub use error::{Error, Result, StaleReason};
+pub use events::CacheEvent;
 pub use eviction::Eviction;
 pub use manager::{
     Admission, BlockResidency, Decode, Extension, GroupStats, KVCacheManager, ManagerConfig,

@@ -69,6 +69,10 @@ pub struct ManagerConfig {
     /// scheduler's path (a page's first touch costs microseconds in a virtual machine); beyond
     /// it the bookkeeping grows on demand. 0: none.
     pub prefault_bytes: u64,
+    /// Record [`CacheEvent`](crate::CacheEvent)s (blocks stored in and removed from the prefix
+    /// cache) for [`take_events`](crate::KVCacheManager::take_events). Off: no log, one branch
+    /// where the tree changes.
+    pub events: bool,
 }
 
 impl Default for ManagerConfig {
@@ -84,6 +88,7 @@ impl Default for ManagerConfig {
             resume_granularity: None,
             admission_reserve_bytes: 0,
             prefault_bytes: 32 << 20,
+            events: false,
         }
     }
 }

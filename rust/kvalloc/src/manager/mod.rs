@@ -52,6 +52,7 @@
 mod admit;
 mod api;
 mod config;
+mod events;
 mod extend;
 mod request;
 mod schedule;
@@ -289,6 +290,7 @@ impl KVCacheManager {
             }
         }
         let mut tree = PrefixTree::new(layout, config.eviction);
+        tree.record_events(config.events);
         prefault(&spec, &config, &mut arena, &mut tree)?;
         Ok(KVCacheManager {
             spec,
