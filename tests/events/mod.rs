@@ -52,7 +52,6 @@ impl Replay {
                     self.blocks.clear();
                     self.counts[2] += 1;
                 }
-                _ => return Err(format!("event {i} {e:?}: unknown kind")),
             }
         }
         Ok(())

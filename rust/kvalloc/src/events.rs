@@ -14,11 +14,12 @@
 //! A node an aborted request leaves behind, still pinned by others, is never matched again: its
 //! blocks are reported removed when it stops being matchable, not when their memory goes.
 //!
-//! The enum is `non_exhaustive`: per-tier events and window-safe resume points are to come.
+//! New kinds (per-tier stores and removals, window-safe resume points) are to come as new
+//! variants: the crate is not 1.0, and a match without a wildcard arm then shows every consumer
+//! that needs to learn them.
 
 /// One change to what the prefix cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum CacheEvent {
     /// Group `group`'s block of a cached block position entered the tree: a new node, or a
     /// node that lacked this group's block (a sliding-window checkpoint block, a promotion
