@@ -12,6 +12,8 @@ pub struct Replay {
     pub blocks: HashSet<(usize, u64)>,
     /// Events applied so far, by kind: stored, removed, cleared.
     pub counts: [u64; 3],
+    /// `Stored` events of promotions (no request).
+    pub promoted: u64,
 }
 
 impl Replay {
@@ -41,6 +43,7 @@ impl Replay {
                         return Err(format!("event {i} {e:?}: expected publisher {publisher:?}"));
                     }
                     self.counts[0] += 1;
+                    self.promoted += u64::from(req.is_none());
                 }
                 CacheEvent::Removed { group, hash } => {
                     if !self.blocks.remove(&(group, hash)) {
