@@ -5,9 +5,7 @@
 
 use kvalloc::hash::{chain_tokens, root_seed};
 use kvalloc::tiers::LowerCapacity;
-use kvalloc::{
-    CacheEvent, Eviction, Extension, KVCacheManager, ManagerConfig, ModelSpec, Prompt,
-};
+use kvalloc::{CacheEvent, Eviction, Extension, KVCacheManager, ManagerConfig, ModelSpec, Prompt};
 
 mod events;
 use events::Replay;
@@ -90,7 +88,11 @@ fn a_prompt_stores_its_blocks_and_its_checkpoint() {
     m.admit(5, Prompt::Tokens(&prompt), None, None).unwrap();
     let events = m.take_events();
     let mut stored = stored_blocks(&events, &hashes, 5);
-    assert_eq!(stored.len(), events.len(), "an admission removes nothing here");
+    assert_eq!(
+        stored.len(),
+        events.len(),
+        "an admission removes nothing here"
+    );
     stored.sort_unstable();
     let full: Vec<u32> = stored.iter().filter(|s| s.0 == 0).map(|s| s.1).collect();
     let swa: Vec<u32> = stored.iter().filter(|s| s.0 == 1).map(|s| s.1).collect();
@@ -119,7 +121,9 @@ fn a_prompt_stores_its_blocks_and_its_checkpoint() {
     stored.sort_unstable();
     assert_eq!(stored, vec![(0, 6), (0, 7), (1, 6), (1, 7)]);
     // What the running window held in the tree and no checkpoint covers goes at the finish.
-    assert!(events.iter().all(|e| !matches!(e, CacheEvent::Removed { group: 0, .. })));
+    assert!(events
+        .iter()
+        .all(|e| !matches!(e, CacheEvent::Removed { group: 0, .. })));
     let mut replay = Replay::default();
     let mut log = Vec::new();
     m.take_events_into(&mut log);
@@ -145,7 +149,11 @@ fn evictions_are_removed_events() {
     let mut ckpt_only = 0;
     for id in 1..=12u64 {
         // Half of them continue the shared base (interior checkpoints), half are new.
-        let mut prompt = if id % 2 == 0 { base.clone() } else { Vec::new() };
+        let mut prompt = if id % 2 == 0 {
+            base.clone()
+        } else {
+            Vec::new()
+        };
         prompt.extend(seq(id as i64 * 10_000, 100));
         let before = m.cached_blocks();
         run(&mut m, &mut replay, id, &prompt, 20);
@@ -157,9 +165,15 @@ fn evictions_are_removed_events() {
             .count();
     }
     let st = m.stats();
-    assert!(st.evicted_leaves > 0 && st.evicted_checkpoints > 0, "{st:?}");
+    assert!(
+        st.evicted_leaves > 0 && st.evicted_checkpoints > 0,
+        "{st:?}"
+    );
     assert!(replay.counts[1] > 0);
-    assert!(ckpt_only > 0, "a checkpoint's eviction removed its sliding blocks only");
+    assert!(
+        ckpt_only > 0,
+        "a checkpoint's eviction removed its sliding blocks only"
+    );
     let per_group: Vec<u64> = (0..2)
         .map(|g| replay.blocks.iter().filter(|b| b.0 == g).count() as u64)
         .collect();
@@ -271,7 +285,11 @@ fn events_are_off_by_default_and_change_nothing() {
     let mut off = KVCacheManager::new(small_spec(), 256 << 10, config(false)).unwrap();
     let base = seq(0, 150);
     for id in 1..=10u64 {
-        let mut prompt = if id % 3 == 0 { Vec::new() } else { base.clone() };
+        let mut prompt = if id % 3 == 0 {
+            Vec::new()
+        } else {
+            base.clone()
+        };
         prompt.extend(seq(id as i64 * 1_000, 60 + 7 * id as usize));
         let chunk = (id % 2 == 0).then_some(64);
         for m in [&mut on, &mut off] {
@@ -284,7 +302,10 @@ fn events_are_off_by_default_and_change_nothing() {
         }
         assert_eq!(on.num_tokens(id).unwrap(), off.num_tokens(id).unwrap());
         for g in 0..2 {
-            assert_eq!(on.block_table(id, g).unwrap(), off.block_table(id, g).unwrap());
+            assert_eq!(
+                on.block_table(id, g).unwrap(),
+                off.block_table(id, g).unwrap()
+            );
         }
         if id % 4 != 1 {
             let done = id - 1;
