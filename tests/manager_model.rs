@@ -15,6 +15,9 @@
 //! swa-aware policy with unbounded memory a lower bound (the deepest promised checkpoint on the
 //! matched path).
 //!
+//! With the manager's event log on, replaying its events after every operation must give exactly
+//! the blocks it caches, each stored by the request the operation named (`events::Replay`).
+//!
 //! Debugging aids: `KVTRACE=1` prints every operation with the running requests; `KVSTATS=1`
 //! prints per case how many hits were checked, how many had a positive or tight lower bound, and
 //! the eviction and refusal counters (run with `--nocapture`).
@@ -27,6 +30,8 @@ use kvalloc::{
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
+
+mod events;
 
 const B: usize = 16;
 const MAX_PROMPT: usize = 640;
@@ -312,6 +317,8 @@ struct Harness {
     /// An abort happened while other requests ran: it may have left doomed nodes, which a later
     /// request frees when it takes their hashes over (so an abort can end below its "before").
     doomed_possible: bool,
+    /// The cache as the manager's events describe it.
+    replay: events::Replay,
 }
 
 fn err(m: String) -> TestCaseError {
@@ -323,6 +330,7 @@ impl Harness {
         let config = ManagerConfig {
             policy,
             eviction,
+            events: true,
             ..ManagerConfig::default()
         };
         Harness {
@@ -341,7 +349,30 @@ impl Harness {
             lower_positive: 0,
             tight: 0,
             doomed_possible: false,
+            replay: events::Replay::default(),
         }
+    }
+
+    /// The request whose call `op` is: the only one whose blocks it may store.
+    fn publisher(&self, op: &Op) -> Option<u64> {
+        let running = |who: usize| {
+            (!self.running.is_empty()).then(|| self.running[who % self.running.len()].id)
+        };
+        match *op {
+            Op::Admit { .. } => Some(self.next_id + 1),
+            Op::Match { .. } => None,
+            Op::Extend { who, .. } | Op::Finish { who } | Op::Abort { who } => running(who),
+        }
+    }
+
+    /// Runs `op`, then checks the manager's state and its events.
+    fn step_checked(&mut self, op: &Op, what: &str) -> Result<(), TestCaseError> {
+        let publisher = self.publisher(op);
+        self.step(op).map_err(|e| err(format!("{what}: {e}")))?;
+        self.check_state(what)?;
+        self.replay
+            .sync(&mut self.m, Some(publisher))
+            .map_err(|e| err(format!("events after {what}: {e}")))
     }
 
     fn build(&self, p: &PromptGen) -> (u8, Vec<i64>) {
@@ -646,8 +677,7 @@ impl Harness {
                 Op::Finish { who: 0 }
             };
             k += 1;
-            self.step(&op)?;
-            self.check_state("drain")?;
+            self.step_checked(&op, "drain")?;
         }
         let st = self.m.stats();
         prop_assert_eq!(st.running_requests, 0);
@@ -692,8 +722,7 @@ fn run_ops(
                 st.cached_blocks
             );
         }
-        h.step(op).map_err(|e| err(format!("op {i} {op:?}: {e}")))?;
-        h.check_state(&format!("op {i} {op:?}"))?;
+        h.step_checked(op, &format!("op {i} {op:?}"))?;
     }
     h.drain(abort_mask)?;
     if std::env::var("KVSTATS").is_ok() {

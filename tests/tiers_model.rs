@@ -2,12 +2,15 @@
 //! small lower tiers, an "engine" that writes each block's KV as a pure function of its prefix,
 //! and, after every admission, a check that every page the block tables show below the hit holds
 //! exactly the bytes that prefix produced, wherever it was served from (L1, or promoted from a
-//! lower tier). `validate()` runs after every operation.
+//! lower tier). `validate()` runs after every operation, and replaying the manager's KV cache
+//! events (promotions included) gives exactly the blocks it caches.
 
 mod common;
+mod events;
 
 use common::{prompt_of, Engine};
-use kvalloc::{Policy, Prompt};
+use kvalloc::tiers::LowerCapacity;
+use kvalloc::{ManagerConfig, Policy, Prompt};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 
@@ -28,7 +31,17 @@ fn ops() -> impl Strategy<Value = Vec<Op>> {
 }
 
 fn run(policy: Policy, ops: Vec<Op>) -> Result<(), TestCaseError> {
-    let mut e = Engine::with_host(policy, 128 << 10);
+    let cfg = ManagerConfig {
+        policy,
+        lower: LowerCapacity {
+            host: 128 << 10,
+            ..LowerCapacity::default()
+        },
+        events: true,
+        ..ManagerConfig::default()
+    };
+    let mut e = Engine::with_config(cfg, 96 << 10, None, None);
+    let mut replay = events::Replay::default();
     let mut running: Vec<u64> = Vec::new();
     let mut next = 0u64;
     for op in ops {
@@ -53,6 +66,7 @@ fn run(policy: Policy, ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
         e.m.validate()
             .map_err(|x| TestCaseError::fail(x.to_string()))?;
+        replay.sync(&mut e.m, None).map_err(TestCaseError::fail)?;
     }
     for id in running {
         e.m.finish(id).unwrap();
@@ -60,6 +74,10 @@ fn run(policy: Policy, ops: Vec<Op>) -> Result<(), TestCaseError> {
     e.m.wait_loads();
     e.m.validate()
         .map_err(|x| TestCaseError::fail(x.to_string()))?;
+    replay.sync(&mut e.m, None).map_err(TestCaseError::fail)?;
+    if std::env::var("KVSTATS").is_ok() {
+        eprintln!("STATS promoted blocks stored {}", replay.promoted);
+    }
     Ok(())
 }
 

@@ -239,6 +239,7 @@ class KVCacheManager:
         secret: str | bytes | None = None,
         model_id: str | None = None,
         prefill_reads_cache: bool | None = None,
+        events: bool | None = None,
     ) -> KVCacheManager:
         """``policy`` (None: ``"swa-aware"``) and ``eviction`` (None: ``"value"``) name the
         caching and eviction policies. Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
@@ -269,7 +270,8 @@ class KVCacheManager:
         from the model and the secret. Every argument of the wrong type or range (a negative or
         >= 2**64 size, a string with a lone surrogate, a path the OS cannot encode) is an
         ``InvalidArgumentError`` naming it; ``host_bytes`` is allocated only by
-        ``register_device``.
+        ``register_device``. ``events=True`` records KV cache events for ``take_events``
+        (None/False: no log, and no cost beyond a branch where the cache changes).
 
         ``prefill_reads_cache``: the engine's attention reads a chunk's own keys from the cache,
         as paged kernels do (vLLM's, prefill included), so sliding groups hold every block of a
@@ -352,6 +354,34 @@ class KVCacheManager:
         written and read, failures."""
     def validate(self) -> None:
         """Checks every invariant; raises ``InvariantError`` on a violation."""
+    def take_events(self) -> dict[str, npt.NDArray[Any]]:
+        """The KV cache events since the last call, oldest first, as numpy arrays of one
+        length (one entry per event, no Python object per event):
+
+        - ``kind`` (uint8): 0 stored (a group's block entered the prefix cache: a new cached
+          block, a sliding-window checkpoint block, a promotion from a lower tier), 1 removed
+          (it left: evicted, checkpoint dropped, aborted), 2 cleared (``reset_prefix_cache``
+          emptied the cache; no removed event lists those blocks);
+        - ``group`` (int32): the KV group, -1 for cleared;
+        - ``hash`` (uint64): the block's chained hash (0 for cleared);
+        - ``parent`` (uint64) and ``has_parent`` (bool): the previous block's chained hash,
+          where the block is not a sequence's first (``parent`` is 0 where ``has_parent`` is
+          False; stored events only);
+        - ``block`` (int64): the block's index in its sequence (tokens ``[block * B, (block +
+          1) * B)``), -1 where not a stored event;
+        - ``req`` (int64): the request whose call stored it, -1 for a promotion and for other
+          kinds (ids from 2**63 read negative: ``req.view(np.uint64)``).
+
+        Replaying them in order (add on stored, drop on removed, empty on cleared) gives
+        exactly ``cached_blocks()``. Without ``events=True`` the arrays are empty. The log grows
+        until drained: call this every step."""
+    def cached_blocks(self) -> dict[str, npt.NDArray[Any]]:
+        """``{"group": int32, "hash": uint64}`` arrays, sorted, of every block the prefix
+        cache holds: what replaying every event gives (a snapshot for a late consumer)."""
+    def reset_prefix_cache(self) -> bool:
+        """Empties the prefix cache (device tier; lower tiers keep their copies) and records
+        one cleared event; only when no request is running: False, changing nothing,
+        otherwise."""
     def register_device(self, buffer: npt.NDArray[np.uint8]) -> None:
         """Registers the engine's device buffer (writable, C-contiguous uint8, at least
         ``capacity_bytes``; group g's page p at byte ``p * block_bytes[g]``), before the first

@@ -64,14 +64,24 @@ impl Engine {
         remote: Option<Box<dyn BlockStore>>,
         write_through: bool,
     ) -> Engine {
-        let spec = small_spec();
-        let block_bytes = spec.block_bytes(B as u32);
         let cfg = ManagerConfig {
             policy,
             lower,
             write_through,
             ..ManagerConfig::default()
         };
+        Self::with_config(cfg, l1, disk, remote)
+    }
+
+    /// An engine over a manager with settings `cfg` (block size `B`) and `l1` bytes of L1.
+    pub fn with_config(
+        cfg: ManagerConfig,
+        l1: u64,
+        disk: Option<Box<dyn BlockStore>>,
+        remote: Option<Box<dyn BlockStore>>,
+    ) -> Engine {
+        let spec = small_spec();
+        let block_bytes = spec.block_bytes(B as u32);
         let mut m = KVCacheManager::with_stores(spec, l1, cfg, disk, remote).unwrap();
         let dev = Arc::new(HostBuffer::zeroed(l1 as usize));
         m.register_device(dev.clone() as Arc<dyn DeviceBuffer>)

@@ -8,6 +8,7 @@ mod arena;
 mod args;
 mod convert;
 mod errors;
+mod events;
 mod latency;
 mod manager;
 mod sim;

@@ -14,6 +14,7 @@ use crate::convert::{
     token_ids, type_name, uint_list,
 };
 use crate::errors::{self, invalid, IntoPyResult};
+use crate::events::EventColumns;
 use crate::latency::ExposedLoad;
 use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
 use crate::step::{run_step, StepArgs, StepBuffers};
@@ -40,7 +41,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None, events = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -68,6 +69,7 @@ impl PyKVCacheManager {
         secret: Option<&Bound<'_, PyAny>>,
         model_id: Option<&Bound<'_, PyAny>>,
         prefill_reads_cache: Option<&Bound<'_, PyAny>>,
+        events: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
         let secret = secret_arg(secret)?;
@@ -112,6 +114,7 @@ impl PyKVCacheManager {
                 None => ManagerConfig::default().prefault_bytes,
             },
             prefill_reads_cache: flag(prefill_reads_cache, "prefill_reads_cache")?,
+            events: flag(events, "events")?,
             ..ManagerConfig::default()
         };
         let remote_timeout = opt_positive(remote_timeout_ms, "remote_timeout_ms")?;
@@ -594,6 +597,31 @@ impl PyKVCacheManager {
                 None => (b.device_groups, None, 0),
             })
             .collect())
+    }
+
+    /// The KV cache events since the last call, as equal-length numpy columns (see
+    /// `events::EventColumns`); empty when the manager was made without `events=True`.
+    fn take_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let events = self.lock()?.take_events();
+        EventColumns::new(&events).into_dict(py)
+    }
+
+    /// `{"group": int32, "hash": uint64}` arrays of every block the prefix cache holds: what
+    /// replaying every event gives.
+    fn cached_blocks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let blocks = self.lock()?.cached_blocks();
+        let group: Vec<i32> = blocks.iter().map(|&(g, _)| g as i32).collect();
+        let hash: Vec<u64> = blocks.iter().map(|&(_, h)| h).collect();
+        let d = PyDict::new(py);
+        d.set_item("group", PyArray1::from_vec(py, group))?;
+        d.set_item("hash", PyArray1::from_vec(py, hash))?;
+        Ok(d)
+    }
+
+    /// Empties the prefix cache when no request runs (True); False, changing nothing, while
+    /// one does.
+    fn reset_prefix_cache(&self, py: Python<'_>) -> PyResult<bool> {
+        py.detach(|| Ok(self.lock()?.reset_prefix_cache()))
     }
 
     /// Checks every invariant; raises `InvariantError` naming the first violation.

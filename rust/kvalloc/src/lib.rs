@@ -13,11 +13,14 @@
 //!
 //! ## Modules
 //!
-//! Lowest first; nothing lower imports anything higher (`error`, `spec`, `hash`, `eviction` and
-//! the private `mem` (memory hints) and `files` (reading configs and traces) are leaves; then
+//! Lowest first; nothing lower imports anything higher (`error`, `events`, `spec`, `hash`,
+//! `eviction` and the private `mem` (memory hints) and `files` (reading configs and traces) are leaves; then
 //! `slab`, `prefix`, `tiers`, `manager`, `sim`):
 //!
 //! - [`error`]: the one error enum every fallible call returns;
+//! - [`events`]: [`CacheEvent`], what entered and left the prefix cache (for an engine's event
+//!   stream or a cache-aware router), recorded when
+//!   [`ManagerConfig::events`](manager::ManagerConfig::events) is on;
 //! - [`spec`]: a model's KV geometry ([`ModelSpec`], [`KVGroup`]), from Hugging Face configs or
 //!   bundled presets;
 //! - [`hash`]: chained block hashes (a hash names its whole prefix) and the open-addressing
@@ -109,6 +112,7 @@
 #![allow(clippy::needless_range_loop)]
 
 pub mod error;
+pub mod events;
 pub mod eviction;
 mod files;
 pub mod hash;
@@ -125,6 +129,7 @@ pub mod tiers;
 pub use eviction as policy;
 
 pub use error::{Error, Result, StaleReason};
+pub use events::CacheEvent;
 pub use eviction::Eviction;
 pub use manager::{
     Admission, BlockResidency, Decode, Extension, GroupStats, KVCacheManager, ManagerConfig,

@@ -27,6 +27,7 @@ use min_set::MinSet;
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
+use crate::events::{CacheEvent, EventLog};
 use crate::eviction::{Candidate, Eviction, EvictionOrder};
 use crate::mem::prefault;
 use crate::slab::Handle;
@@ -192,6 +193,8 @@ pub struct PrefixTree {
     victims: Option<Vec<Victim>>,
     /// The node an eviction with a log removes, and whether a checkpoint ended there.
     evicting: Option<(NodeId, bool)>,
+    /// Blocks entering and leaving matchable nodes (see [`crate::events`]); off by default.
+    events: EventLog,
 }
 
 impl PrefixTree {
@@ -229,6 +232,82 @@ impl PrefixTree {
             pinned_bytes: 0,
             victims: None,
             evicting: None,
+            events: EventLog::default(),
+        }
+    }
+
+    /// Starts (or stops) recording [`CacheEvent`]s; stopping drops the undrained ones.
+    pub fn record_events(&mut self, on: bool) {
+        self.events = EventLog::new(on);
+    }
+
+    /// Whether events are recorded.
+    pub fn events_on(&self) -> bool {
+        self.events.on()
+    }
+
+    /// Names the request whose call publishes the blocks linked or attached next (None: a
+    /// promotion), for their `Stored` events.
+    #[inline(always)]
+    pub fn set_publisher(&mut self, req: Option<u64>) {
+        self.events.set_req(req);
+    }
+
+    /// Moves the events recorded since the last drain into `out` (cleared first).
+    pub fn take_events_into(&mut self, out: &mut Vec<CacheEvent>) {
+        self.events.take_into(out);
+    }
+
+    /// Undrained events (a mark for [`replace_events_since`](Self::replace_events_since)).
+    pub fn events_len(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Replaces the events recorded after `mark` with `e` (a reset reports one `Cleared`
+    /// instead of a `Removed` per block).
+    pub fn replace_events_since(&mut self, mark: usize, e: CacheEvent) {
+        if self.events.on() {
+            self.events.truncate(mark);
+            self.events.push(e);
+        }
+    }
+
+    /// Records `Stored` for every block node `n` holds (a new node).
+    #[cold]
+    #[inline(never)]
+    fn log_node_stored(&mut self, n: NodeId) {
+        for g in 0..self.g() {
+            if self.block(n, g) != 0 {
+                self.log_stored(n, g);
+            }
+        }
+    }
+
+    /// Records `Stored` for node `n`'s block of group `g`.
+    #[cold]
+    #[inline(never)]
+    fn log_stored(&mut self, n: NodeId, g: usize) {
+        let node = &self.nodes[n as usize];
+        let parent = (node.parent != NONE).then(|| self.nodes[node.parent as usize].hash);
+        let e = CacheEvent::Stored {
+            group: g,
+            hash: node.hash,
+            parent,
+            block: node.depth,
+            req: self.events.req(),
+        };
+        self.events.push(e);
+    }
+
+    /// Records `Removed` for every block node `n` holds (it stops being matchable).
+    #[cold]
+    #[inline(never)]
+    fn log_node_removed(&mut self, n: NodeId) {
+        let hash = self.nodes[n as usize].hash;
+        for g in 0..self.g() {
+            if self.block(n, g) != 0 {
+                self.events.push(CacheEvent::Removed { group: g, hash });
+            }
         }
     }
 
@@ -528,6 +607,9 @@ impl PrefixTree {
             self.nodes[parent as usize].children += 1;
             self.refresh(parent);
         }
+        if self.events.on() {
+            self.log_node_stored(id);
+        }
     }
 
     /// Gives node `n` the SWA block `h` of sliding group `g` (it had none).
@@ -540,6 +622,10 @@ impl PrefixTree {
         self.held_bytes += bb;
         if self.nodes[n as usize].refs > 0 {
             self.pinned_bytes += bb;
+        }
+        // A doomed node's blocks were reported removed when it was doomed.
+        if self.events.on() && !self.nodes[n as usize].doomed {
+            self.log_stored(n, g);
         }
     }
 
@@ -566,6 +652,10 @@ impl PrefixTree {
                     handle: h,
                 });
             }
+        }
+        if self.events.on() && !self.nodes[n as usize].doomed {
+            let hash = self.nodes[n as usize].hash;
+            self.events.push(CacheEvent::Removed { group: g, hash });
         }
         freed.push((g, h));
     }
@@ -761,6 +851,9 @@ impl PrefixTree {
         if node.refs == 0 && node.children == 0 {
             self.remove(n, freed);
         } else {
+            if self.events.on() && !self.nodes[n as usize].doomed {
+                self.log_node_removed(n);
+            }
             self.nodes[n as usize].doomed = true;
             self.take_key(n);
             // A doomed node is never matched again: unindex it now, or a later request with the
@@ -807,6 +900,23 @@ impl PrefixTree {
             .collect();
         v.sort_by_key(|&n| std::cmp::Reverse(self.nodes[n as usize].depth));
         v
+    }
+
+    /// `(group, hash)` of every block held by a live, matchable node: what replaying the
+    /// tree's events gives (see [`crate::events`]).
+    pub fn matchable_blocks(&self) -> Vec<(usize, u64)> {
+        let g = self.g();
+        let mut out = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.alive && !node.doomed {
+                for gi in 0..g {
+                    if self.blocks[i * g + gi] != 0 {
+                        out.push((gi, node.hash));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Calls `f(group, handle)` for every block the tree holds.

@@ -182,6 +182,7 @@ impl KVCacheManager {
             self.recycle(r);
             return Err(e);
         }
+        self.tree.set_publisher(Some(req));
         let len = prompt.len();
         let max_safe = self.bm.floor(len - 1) as u32;
         r.path.clear();

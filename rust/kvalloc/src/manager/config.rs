@@ -76,6 +76,10 @@ pub struct ManagerConfig {
     /// never allocated (their keys are written to the null page), which only an engine whose
     /// prefill attends within the chunk from its fresh tensors may do.
     pub prefill_reads_cache: bool,
+    /// Record [`CacheEvent`](crate::CacheEvent)s (blocks stored in and removed from the prefix
+    /// cache) for [`take_events`](crate::KVCacheManager::take_events). Off: no log, one branch
+    /// where the tree changes.
+    pub events: bool,
 }
 
 impl Default for ManagerConfig {
@@ -92,6 +96,7 @@ impl Default for ManagerConfig {
             admission_reserve_bytes: 0,
             prefault_bytes: 32 << 20,
             prefill_reads_cache: false,
+            events: false,
         }
     }
 }

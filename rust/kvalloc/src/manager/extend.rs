@@ -202,6 +202,7 @@ impl KVCacheManager {
         if n == 0 {
             return Ok(true);
         }
+        self.tree.set_publisher(Some(req));
         if !self.schedule(r, r.len + n)? {
             return Ok(false);
         }
@@ -216,6 +217,7 @@ impl KVCacheManager {
             req,
             message: "is not running".into(),
         })?;
+        self.tree.set_publisher(Some(req));
         let b = self.b();
         let groups = self.spec.groups.len();
         let e = (r.len / b).min(r.hashes.len() as u64);

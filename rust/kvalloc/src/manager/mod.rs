@@ -52,6 +52,7 @@
 mod admit;
 mod api;
 mod config;
+mod events;
 mod extend;
 mod request;
 mod schedule;
@@ -109,7 +110,9 @@ pub const NULL_PAGE: i32 = -1;
 ///    or [`abort`](Self::abort): nothing of it stays.
 ///
 /// Between calls the engine reads [`block_table`](Self::block_table) (or its `_into` and
-/// `_range_into` forms) for each group.
+/// `_range_into` forms) for each group, and, with
+/// [`ManagerConfig::events`], drains
+/// [`take_events`](Self::take_events): the blocks that entered and left the prefix cache.
 #[derive(Debug)]
 pub struct KVCacheManager {
     spec: ModelSpec,
@@ -289,6 +292,7 @@ impl KVCacheManager {
             }
         }
         let mut tree = PrefixTree::new(layout, config.eviction);
+        tree.record_events(config.events);
         prefault(&spec, &config, &mut arena, &mut tree)?;
         Ok(KVCacheManager {
             spec,

@@ -377,6 +377,7 @@ impl KVCacheManager {
     /// making room), the copies (disk and remote verified now, host memory queued), and the
     /// links of the new blocks into the tree.
     pub(super) fn promote(&mut self, hashes: &[u64], max_safe: u32, prompt_len: u64) -> Result<()> {
+        self.tree.set_publisher(None);
         let (path, hits) = self.walk_tiers(hashes, max_safe);
         let k = hits[3];
         if k <= hits[0] {
