@@ -326,11 +326,12 @@ fn err(m: String) -> TestCaseError {
 }
 
 impl Harness {
-    fn new(spec: ModelSpec, capacity: u64, policy: Policy, eviction: Eviction) -> Self {
+    fn new(spec: ModelSpec, capacity: u64, policy: Policy, eviction: Eviction, paged: bool) -> Self {
         let config = ManagerConfig {
             policy,
             eviction,
             events: true,
+            prefill_reads_cache: paged,
             ..ManagerConfig::default()
         };
         Harness {
@@ -708,7 +709,9 @@ fn run_ops(
     ops: &[Op],
     abort_mask: u64,
 ) -> Result<(), TestCaseError> {
-    let mut h = Harness::new(spec, capacity, policy, eviction);
+    // The mask's top bit: an engine whose prefill reads the chunk from the cache.
+    let paged = abort_mask >> 63 == 1;
+    let mut h = Harness::new(spec, capacity, policy, eviction, paged);
     for (i, op) in ops.iter().enumerate() {
         if std::env::var("KVTRACE").is_ok() {
             let st = h.m.stats();

@@ -852,3 +852,36 @@ fn a_multi_token_decode_keeps_the_window_its_step_reads() {
     m.validate().unwrap();
     assert_eq!(m.block_table(1, 1).unwrap()[1], NULL_PAGE);
 }
+
+/// An engine whose prefill attention reads the chunk's own keys from the cache (vLLM's paged
+/// kernels) needs every sliding block of a scheduled range: token 20 of a 96-token chunk reads
+/// keys 0..20 from blocks 0 and 1. With `prefill_reads_cache` the range's blocks are all held
+/// until the next call, which releases those below its window; without it, only the range's
+/// last window is allocated (the vLLM plug-in's outputs changed until this held).
+#[test]
+fn prefill_reads_cache_holds_every_sliding_block_of_the_range_until_the_next_call() {
+    let (spec, mut config) = sixteen_token_blocks(24);
+    for reads_cache in [false, true] {
+        config.prefill_reads_cache = reads_cache;
+        let mut m = KVCacheManager::new(spec.clone(), 1 << 20, config.clone()).unwrap();
+        m.admit(1, Prompt::Tokens(&seq(0, 96)), None, None)
+            .unwrap()
+            .unwrap();
+        m.validate().unwrap();
+        let sliding = m.block_table(1, 1).unwrap();
+        assert_eq!(sliding.len(), 6);
+        let held = sliding.iter().filter(|&&p| p != NULL_PAGE).count();
+        if reads_cache {
+            assert_eq!(held, 6, "every block of the chunk: {sliding:?}");
+        } else {
+            assert!(held < 6, "only the last window: {sliding:?}");
+        }
+        // The next call keeps the window of token 96 (keys from 73 on: blocks 4 and 5, and
+        // block 3 for the checkpoint at 96 - 24 = 72) and releases the rest.
+        assert!(m.extend(1, Extension::Tokens(&[7])).unwrap());
+        m.validate().unwrap();
+        let after = m.block_table(1, 1).unwrap();
+        assert!(after[..3].iter().all(|&p| p == NULL_PAGE), "{after:?}");
+        assert!(after[4..].iter().all(|&p| p != NULL_PAGE), "{after:?}");
+    }
+}

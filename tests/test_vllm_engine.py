@@ -117,3 +117,16 @@ def test_unsupported_features_are_refused_at_start_up(tmp_path: Path) -> None:
     proc = subprocess.run([str(VLLM_PYTHON), "-c", script], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode != 0
     assert "does not support" in proc.stderr + proc.stdout and "speculative decoding" in proc.stderr + proc.stdout
+
+
+def test_kv_events_replay_to_the_blocks_kvalloc_holds() -> None:
+    """vLLM's BlockStored/BlockRemoved events, drained by its scheduler each step, replay to
+    exactly the blocks kvalloc caches, and every stored block's token ids are a block the run
+    computed (``benches/vllm/events_check.py``)."""
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "benches/vllm/events_check.py")], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"events: {summary}")
+    assert summary["problems"] == [] and summary["removed"] > 0

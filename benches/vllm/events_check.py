@@ -1,0 +1,99 @@
+"""Checks kvalloc's vLLM events against its cache: runs a chat workload through ``vllm.LLM`` with
+KV events on, collects every batch the scheduler drains (``take_events``), replays them, and
+compares the result with the blocks kvalloc holds (``cached_blocks``). Prints a JSON summary;
+exits non-zero on a mismatch.
+
+    .venv-vllm/bin/python benches/vllm/events_check.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from workloads import WORKLOADS  # noqa: E402
+
+
+def main() -> int:
+    from vllm import LLM, SamplingParams
+    from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
+
+    llm = LLM(
+        model=str(Path(__file__).resolve().parent / "tiny-gemma3"),
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="float32",
+        seed=0,
+        enforce_eager=True,
+        num_gpu_blocks_override=56,
+        block_size=32,
+        max_model_len=512,
+        gpu_memory_utilization=0.05,
+        scheduler_cls="kvalloc.vllm.KvallocScheduler",
+        kv_events_config={"enable_kv_cache_events": True, "publisher": "null"},
+    )
+    manager = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
+    drained = []
+    take = manager.take_events
+
+    def recording_take():
+        events = take()
+        drained.extend(events)
+        return events
+
+    manager.take_events = recording_take
+    sp = SamplingParams(max_tokens=16, temperature=0.0, detokenize=False, ignore_eos=True)
+    rounds, build = WORKLOADS["chat"](conversations=6)
+    history: list = []
+    prompts_by_round = []
+    for r in range(rounds):
+        prompts = build(r, history)
+        prompts_by_round.append(prompts)
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+        history.append([(p, list(o.outputs[0].token_ids)) for p, o in zip(prompts, outs)])
+    drained.extend(take())
+
+    replay: set[tuple[int, int]] = set()
+    problems = []
+    stored = removed = 0
+    for e in drained:
+        if isinstance(e, BlockStored):
+            stored += 1
+            key = (e.group_idx, e.block_hashes[0])
+            if key in replay:
+                problems.append(f"stored twice: {key}")
+            replay.add(key)
+            if len(e.token_ids) not in (0, e.block_size):
+                problems.append(f"stored block with {len(e.token_ids)} token ids")
+        elif isinstance(e, BlockRemoved):
+            removed += 1
+            key = (e.group_idx, e.block_hashes[0])
+            if key not in replay:
+                problems.append(f"removed but never stored: {key}")
+            replay.discard(key)
+        elif isinstance(e, AllBlocksCleared):
+            replay.clear()
+    cached = manager.kv.cached_blocks()
+    to_vllm = {k: v for v, k in enumerate(manager.geometry.kvalloc_group)}
+    held = {(to_vllm[g], h) for g, h in zip(cached["group"].tolist(), cached["hash"].tolist())}
+    if held != replay:
+        problems.append(f"replay holds {len(replay)} blocks, kvalloc {len(held)}; {len(replay ^ held)} differ")
+    with_tokens = sum(1 for e in drained if isinstance(e, BlockStored) and e.token_ids)
+    # Each stored block's token ids are a block of some prompt or output the run saw.
+    sequences = [p + o for rnd in history for p, o in rnd]
+    blocks = {tuple(s[i : i + 32]) for s in sequences for i in range(0, len(s) - 31, 32)}
+    for e in drained:
+        if isinstance(e, BlockStored) and e.token_ids and tuple(e.token_ids) not in blocks:
+            problems.append("a stored block's token ids are no block of any sequence")
+            break
+    print(json.dumps({"stored": stored, "removed": removed, "with_tokens": with_tokens, "held": len(held), "problems": problems[:10]}))
+    return 1 if problems or removed == 0 or stored == 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
