@@ -8,6 +8,13 @@ took() { echo "== $1 took $((SECONDS - start)) s" >&2; start=$SECONDS; }
 start=$SECONDS
 scripts/setup.sh test
 took "set-up"
+# vLLM for CPU and torch in their own venv (about 4 minutes and 6 GB the first time), for the
+# plug-in's engine tests and vLLM's own scheduler tests; KVALLOC_SKIP_VLLM=1 leaves them out
+# (they skip, saying why).
+if [ "${KVALLOC_SKIP_VLLM:-0}" != 1 ]; then
+  benches/vllm/setup_venv.sh
+  took "vLLM set-up"
+fi
 
 echo "== cargo test (core crate)"
 cargo test --quiet

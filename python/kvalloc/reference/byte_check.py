@@ -8,6 +8,11 @@ sliding one) through the manager's block tables and checks each slot against tha
 page handed out that another request wrote, that nobody finished writing, or that a lower tier
 brought back wrong fails the check, whatever the bookkeeping says.
 
+With ``paged=True`` the engine is a paged-attention one (vLLM's kernels): it writes the new
+tokens first and then reads every key each new token attends to through the tables, the chunk's
+own keys included, so every block of a scheduled range must have a page (the manager's
+``prefill_reads_cache=True``).
+
 A block's layout here (``block_tokens`` token slots of ``bytes_per_token`` each) is not kvalloc's
 layer-major one: the tiers move whole blocks, so any layout that fills the block works, and one
 slot per token makes a partly written block visible.
@@ -77,8 +82,11 @@ class ByteCheckEngine:
     what attention reads, then writes ``[start, end)``. ``checked_slots`` counts the token slots
     verified."""
 
-    def __init__(self, manager: kvalloc.KVCacheManager, buffer: npt.NDArray[np.uint8] | None = None) -> None:
+    def __init__(
+        self, manager: kvalloc.KVCacheManager, buffer: npt.NDArray[np.uint8] | None = None, paged: bool = False
+    ) -> None:
         self.m = manager
+        self.paged = paged
         self.b = manager.block_tokens
         spec = manager.spec
         self.block_bytes = spec.block_bytes(self.b)
@@ -236,15 +244,24 @@ class ByteCheckEngine:
         self.m.load_handle(req).wait_all()
         r.extend_prefix(end)
         tables = self._tables(req)
-        self._check_reads(req, r, tables, start)
-        self._write(r, tables, start, end)
+        if self.paged:
+            # Write first, then read what each new token attends to, its own chunk included.
+            self._write(r, tables, start, end, strict=True)
+            self._check_reads(req, r, tables, start, end)
+        else:
+            self._check_reads(req, r, tables, start, start)
+            self._write(r, tables, start, end)
         r.len = end
 
-    def _check_reads(self, req: int, r: ByteRequest, tables: list[npt.NDArray[np.int32]], start: int) -> None:
+    def _check_reads(
+        self, req: int, r: ByteRequest, tables: list[npt.NDArray[np.int32]], start: int, last: int
+    ) -> None:
+        """Checks every key the tokens ``start..max(start, last - 1)`` attend to (before ``last``;
+        a sliding group's from the window of the first of them)."""
         for g, table in enumerate(tables):
             w = self.windows[g]
             first = 0 if w is None else max(0, start - w + 1)
-            for p in range(first, start):
+            for p in range(first, last):
                 page = int(table[p // self.b])
                 if page == kvalloc.NULL_PAGE:
                     raise WrongBytesError(f"request {req}: group {g} position {p} (< {start}) has no page")
@@ -257,10 +274,14 @@ class ByteCheckEngine:
                     )
                 self.checked_slots += 1
 
-    def _write(self, r: ByteRequest, tables: list[npt.NDArray[np.int32]], start: int, end: int) -> None:
+    def _write(
+        self, r: ByteRequest, tables: list[npt.NDArray[np.int32]], start: int, end: int, strict: bool = False
+    ) -> None:
         for g, table in enumerate(tables):
             view = self.views[g]
             for p in range(start, end):
                 page = int(table[p // self.b])
                 if page != kvalloc.NULL_PAGE:
                     view[page, p % self.b] = self.word(r.prefix[p], g)
+                elif strict:
+                    raise WrongBytesError(f"group {g} position {p} (scheduled {start}..{end}) has no page to write")

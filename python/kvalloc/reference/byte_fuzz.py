@@ -48,8 +48,9 @@ CONFIG = {
 # Generations of the case generator: a seed replays the same case only under the generation it
 # was drawn with, so a regression seed keeps its generation. 2 adds write-through to the remote
 # store and deployment secrets (changed at some restarts: records under another secret must
-# read as misses).
-GENERATION = 2
+# read as misses). 3 adds paged-attention engines (half the cases: `prefill_reads_cache`, every
+# key each new token attends to read through the tables, its own chunk's included).
+GENERATION = 3
 
 
 @dataclass
@@ -68,6 +69,7 @@ class Case:
     generation: int = GENERATION
     write_through: bool = False
     secret: str | None = None
+    paged: bool = False
 
     @staticmethod
     def draw(seed: int, remote_url: str | None, generation: int = GENERATION) -> Case:
@@ -87,6 +89,8 @@ class Case:
         if generation >= 2:
             case.write_through = case.remote and rng.random() < 0.5
             case.secret = rng.choice([None, "deployment-secret-1"])
+        if generation >= 3:
+            case.paged = rng.random() < 0.5
         return case
 
 
@@ -137,9 +141,10 @@ class Fuzzer:
             policy=c.policy,
             eviction=c.eviction,
             checkpoint_interval=c.checkpoint_interval,
+            prefill_reads_cache=c.paged,
             **kw,
         )
-        return ByteCheckEngine(m)
+        return ByteCheckEngine(m, paged=c.paged)
 
     # -- operations ------------------------------------------------------------------------------
 
