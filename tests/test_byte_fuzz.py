@@ -37,6 +37,29 @@ def test_issue_21_reproducer_is_served_the_right_bytes() -> None:
         assert e.checked_slots > 0
 
 
+def test_a_paged_engine_needs_every_block_of_its_chunk() -> None:
+    """A paged-attention engine (vLLM's kernels) reads a prefill chunk's own keys from the
+    cache: with ``prefill_reads_cache`` every block of a chunk has a page and every key checks
+    out, through chunks, decode and a hit; without it the checker finds the chunk's early
+    sliding blocks missing (inside vLLM that changed every output of a long prompt)."""
+    spec = kvalloc.ModelSpec.from_hf_config(byte_fuzz.CONFIG)
+    prompt = list(range(2000, 2100))
+    for reads_cache in (True, False):
+        m = kvalloc.KVCacheManager(spec, 256 << 10, block_tokens=16, prefill_reads_cache=reads_cache)
+        e = ByteCheckEngine(m, paged=True)
+        if not reads_cache:
+            with pytest.raises(WrongBytesError, match="no page to write"):
+                e.admit(1, prompt)
+            continue
+        assert e.admit(1, prompt, max_tokens=40) == 0
+        assert e.extend(1, 60)
+        assert e.extend(1, 3, [7, 8, 9])
+        e.finish(1)
+        assert e.admit(2, prompt + [5]) == 96
+        m.validate()
+        assert e.checked_slots > 0
+
+
 def test_the_checker_sees_a_corrupted_page() -> None:
     """One flipped byte in a cached page fails the next hit on it (the check can fail)."""
     spec = kvalloc.ModelSpec.from_hf_config(byte_fuzz.CONFIG)
