@@ -18,6 +18,7 @@ import ast
 import itertools
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -524,6 +525,7 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "KVGroup.block_bytes": (lambda w, a: w.group.block_bytes(a), 1),
     "ModelSpec.from_hf_config": (lambda w, a, b: ModelSpec.from_hf_config(a, b), 2),
     "ModelSpec.preset": (lambda w, a: ModelSpec.preset(a), 1),
+    "ModelSpec.from_groups": (lambda w, a, b, c: ModelSpec.from_groups(a, b, c), 3),
     "ModelSpec.presets": (lambda w: ModelSpec.presets(), 0),
     "ModelSpec.kv_bytes": (lambda w, a, b: w.spec.kv_bytes(a, b), 2),
     "ModelSpec.kv_bytes_dense": (lambda w, a: w.spec.kv_bytes_dense(a), 1),
@@ -562,6 +564,10 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "KVCacheManager.match_prefix_tiers": (lambda w, a, b: w.m.match_prefix_tiers(a, b), 2),
     "KVCacheManager.residency": (lambda w, a, b: w.m.residency(a, b), 2),
     "KVCacheManager.num_pages": (lambda w, a: w.m.num_pages(a), 1),
+    "KVCacheManager.room_bytes": (lambda w: w.m.room_bytes(), 0),
+    "KVCacheManager.take_events": (lambda w: w.m.take_events(), 0),
+    "KVCacheManager.cached_blocks": (lambda w: w.m.cached_blocks(), 0),
+    "KVCacheManager.reset_prefix_cache": (lambda w: w.m.reset_prefix_cache(), 0),
     "Trace.load": (lambda w, a, b: Trace.load(a, b), st.tuples(bad_paths, bad_values)),
     "Trace.generate": (lambda w, a, b, c: Trace.generate(a, b, c),
                        st.tuples(st.one_of(st.sampled_from(["chat", "agent", "shared-prompt"]), bad_values), bad_values, bad_sizes)),
@@ -837,3 +843,26 @@ def test_a_bool_is_not_a_request_id_or_a_size() -> None:
     assert 1 in m and 0 not in m
     m.validate()
     m.finish(1)
+
+
+def test_model_spec_from_groups_names_the_bad_field():
+    """Each wrong group is an error naming ``groups[i].field``: a wrong type or an unknown or
+    missing key is an InvalidArgumentError, an inconsistent geometry a ConfigError."""
+    good = {"kind": "full", "layers": [0], "kv_heads": 1, "head_dim": 64, "dtype": "bf16"}
+    cases = [
+        (InvalidArgumentError, "groups", 5),
+        (InvalidArgumentError, "groups[0]", [None]),
+        (InvalidArgumentError, "groups[0].kinds", [{**good, "kinds": "full"}]),
+        (InvalidArgumentError, "groups[0].kind", [{**good, "kind": "mamba"}]),
+        (InvalidArgumentError, "groups[0].kv_heads", [{k: v for k, v in good.items() if k != "kv_heads"}]),
+        (InvalidArgumentError, "groups[0].layers", [{**good, "layers": [-1]}]),
+        (InvalidArgumentError, "groups[0].k_dim", [{k: v for k, v in good.items() if k != "head_dim"}]),
+        (ConfigError, "groups[1].layers", [good, good]),
+        (ConfigError, "groups[0].window", [{**good, "kind": "sliding"}]),
+        (ConfigError, "groups", []),
+    ]
+    for cls, field, groups in cases:
+        with pytest.raises(cls, match=re.escape(field)):
+            ModelSpec.from_groups("x", groups)
+    spec = ModelSpec.from_groups("x", [good, {**good, "kind": "sliding", "window": 8, "layers": [1]}])
+    assert [g.kind for g in spec.groups] == ["full", "sliding"]
