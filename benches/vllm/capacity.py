@@ -1,8 +1,8 @@
 """kvalloc's capacity inside vLLM: the same multi-turn workload, model and block count
 (``num_gpu_blocks_override``) with vLLM's own KV-cache manager and with kvalloc's.
 
-    .venv-vllm/bin/python benches/vllm/capacity.py            # the README's table
-    .venv-vllm/bin/python benches/vllm/capacity.py --blocks 128 256 --rounds 3
+    benches/vllm/capacity.sh --blocks 128 256 384     # the README's table
+    benches/vllm/capacity.sh --blocks 256 --rounds 3 --caching-off
 
 For each block count it reports hit (cached) tokens, prefill tokens computed, preemptions and
 generation throughput, the two managers side by side; throughput as the median of ``--rounds``
@@ -27,7 +27,7 @@ ROOT = HERE.parents[1]
 WORKLOAD = {"conversations": 16, "turns": 4, "system": 400, "user": 60, "systems": 2}
 
 
-def run(scheduler: str, blocks: int, workload: dict, max_tokens: int) -> dict | None:
+def run(scheduler: str, blocks: int, workload: dict, max_tokens: int, extra: tuple[str, ...] = ()) -> dict | None:
     """One engine's result, or None when vLLM refuses to start with so few blocks (its own
     check that one request of ``max_model_len`` fits)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -37,7 +37,7 @@ def run(scheduler: str, blocks: int, workload: dict, max_tokens: int) -> dict | 
             [
                 sys.executable, str(HERE / "engine_run.py"), "--scheduler", scheduler, "--workload", "chat",
                 "--workload-args", json.dumps(workload), "--blocks", str(blocks), "--max-model-len", "1024",
-                "--max-tokens", str(max_tokens), "--out", str(out),
+                "--max-tokens", str(max_tokens), "--out", str(out), *extra,
             ],
             capture_output=True, text=True, env=env, cwd=ROOT,
         )
@@ -84,6 +84,11 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--workload", default=json.dumps(WORKLOAD), help="JSON arguments of the chat workload")
     ap.add_argument("--no-match", action="store_true", help="skip the smallest-budget search")
+    ap.add_argument(
+        "--caching-off",
+        action="store_true",
+        help="prefix caching off for both: equal work, so throughput compares the managers' own cost",
+    )
     args = ap.parse_args()
     workload = json.loads(args.workload)
 
@@ -93,7 +98,8 @@ def main() -> None:
         runs: dict[str, list[dict]] = {"stock": [], "kvalloc": []}
         for _ in range(args.rounds):
             for name in runs:
-                result = run(name, blocks, workload, args.max_tokens)
+                extra = ("--no-prefix-caching",) if args.caching_off else ()
+                result = run(name, blocks, workload, args.max_tokens, extra)
                 if result is None:
                     raise SystemExit(f"vLLM refuses to start with {blocks} blocks: give more")
                 runs[name].append(result)
@@ -107,7 +113,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for blocks, s, k in rows:
         match = "-"
-        if not args.no_match:
+        if not args.no_match and not args.caching_off:
             if k["hits"] >= s["hits"]:
                 b = blocks_to_match(s["hits"], 32, blocks, workload, args.max_tokens, kvalloc_hits)
                 match = f"{b} ({blocks / b:.2f}x less memory)"
