@@ -6,10 +6,11 @@ Needs ``.venv-vllm`` (``benches/vllm/setup_venv.sh``: vLLM for CPU, about 4 minu
 skipped without it. Each engine runs in its own process (``benches/vllm/engine_run.py``).
 
 In float32 the outputs must be the same tokens with the same logprobs. One allowance, measured
-and reported: under preemption the three runs batch their decode steps differently, and the CPU
-kernels' matrix products round differently by batch size, so stock vLLM's own logprobs differ
-from its run without prefix caching by up to a few ulps (4.8e-7). A wrong KV byte moves them by
-1e-3 or more (seen while the plug-in was wrong), so that case is held to 2e-6.
+in the same test and reported: where vLLM's own two runs (with and without prefix caching)
+differ, because they batch steps differently (preemption, chunked prefill) and the CPU kernels'
+matrix products round differently by batch shape (by up to 4.8e-7), kvalloc is held to a few
+ulps (2e-6); where they agree to the bit, so must kvalloc. A wrong KV byte moves logprobs by 1e-3
+or more (seen while the plug-in was wrong).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ CASES = {
         "--blocks", "64", "--max-model-len", "512", "--max-tokens", "48",
     ],
 }
-PREEMPTION_NOISE = 2e-6
+KERNEL_NOISE = 2e-6
 
 
 def run_engine(tmp_path: Path, name: str, args: list[str]) -> dict:
@@ -86,9 +87,7 @@ def test_float32_outputs_match_stock_vllm_and_no_caching(case: str, tmp_path: Pa
     print(f"{case}: num_cached_tokens per output (stock, kvalloc): {cached}")
     if case == "preempt":
         assert preemptions["kvalloc"] > 0 and preemptions["stock"] > 0, "the budget must force preemption"
-        assert diff <= PREEMPTION_NOISE
-    else:
-        assert diff == 0.0
+    assert diff <= (KERNEL_NOISE if noise > 0 else 0.0), f"logprobs moved by {diff} (vLLM's own runs: {noise})"
     # More of each prompt is served from cache, never less over the workload.
     assert hits["kvalloc"] >= hits["stock"]
 
