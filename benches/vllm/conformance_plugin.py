@@ -1,0 +1,117 @@
+"""pytest plug-in that runs vLLM's own scheduler tests with kvalloc as the KV-cache manager.
+
+Loaded by ``benches/vllm/conformance.sh`` (``-p conformance_plugin``) into a run of vLLM
+0.32.0's ``tests/v1/core/test_scheduler.py``; vLLM's test files are not edited. Environment:
+
+- ``KVALLOC_CONFORMANCE=kvalloc``: every scheduler the tests build through ``create_scheduler``
+  (``tests/v1/core/utils.py``, and the test module's own ``Scheduler(...)`` calls) is a
+  ``kvalloc.vllm.KvallocScheduler``, also where a test asks for vLLM's ``AsyncScheduler``
+  (kvalloc refuses asynchronous scheduling at start-up: such tests are in the skip list).
+  A test that asks for another scheduler class (the diffusion schedulers) keeps it.
+  ``stock`` (the default) changes nothing.
+- ``KVALLOC_CONFORMANCE_SKIPS``: the skip list (``test id  reason`` per line, ``#`` comments),
+  applied in the kvalloc run only. An entry that names no collected test is an error, so the
+  list cannot go stale silently.
+- ``KVALLOC_CONFORMANCE_OUT``: a JSON file of every test's outcome, with the scheduler classes
+  the test built, for ``conformance_report.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+MODE = os.environ.get("KVALLOC_CONFORMANCE", "stock")
+_results: dict[str, dict[str, Any]] = {}
+
+
+def read_skips(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Test id (relative to vLLM's tree, as pytest prints it) -> reason."""
+    skips: dict[str, str] = {}
+    for n, raw in enumerate(Path(path).read_text().splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        test_id, _, reason = line.partition(" ")
+        if not reason.strip():
+            raise pytest.UsageError(f"{path}:{n}: skip entry {test_id!r} has no reason")
+        skips[test_id] = reason.strip()
+    return skips
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if MODE not in ("stock", "kvalloc"):
+        raise pytest.UsageError(f"KVALLOC_CONFORMANCE={MODE!r}: expected 'stock' or 'kvalloc'")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    path = os.environ.get("KVALLOC_CONFORMANCE_SKIPS")
+    if MODE != "kvalloc" or not path:
+        return
+    skips = read_skips(path)
+    seen = set()
+    for item in items:
+        reason = skips.get(item.nodeid)
+        if reason is not None:
+            seen.add(item.nodeid)
+            item.add_marker(pytest.mark.skip(reason=f"kvalloc conformance skip: {reason}"))
+    stale = sorted(set(skips) - seen)
+    # Only a run of the whole file can tell a stale entry from a deselected one.
+    if stale and not config.getoption("keyword") and not config.getoption("markexpr"):
+        raise pytest.UsageError(f"skip list entries that name no collected test: {stale}")
+
+
+def _kvalloc_create_scheduler(original: Any) -> Any:
+    from kvalloc.vllm import KvallocScheduler
+
+    def create_scheduler(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("scheduler_cls") is None:
+            kwargs["scheduler_cls"] = KvallocScheduler
+        return original(*args, **kwargs)
+
+    return create_scheduler
+
+
+@pytest.fixture(autouse=True)
+def _conformance_scheduler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Injects kvalloc's scheduler (kvalloc mode) and records which schedulers a test built."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    built: list[str] = []
+    init = Scheduler.__init__
+
+    def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Scheduler, "__init__", recording_init)
+    module = request.module
+    if MODE == "kvalloc":
+        from kvalloc.vllm import KvallocScheduler
+
+        if hasattr(module, "create_scheduler"):
+            monkeypatch.setattr(module, "create_scheduler", _kvalloc_create_scheduler(module.create_scheduler))
+        if getattr(module, "Scheduler", None) is Scheduler:
+            monkeypatch.setattr(module, "Scheduler", KvallocScheduler)
+    yield
+    _results.setdefault(request.node.nodeid, {})["built"] = sorted(set(built))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    entry = _results.setdefault(report.nodeid, {"outcome": "passed"})
+    if report.skipped:
+        entry["outcome"] = "skipped"
+        entry["reason"] = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
+    elif report.failed:
+        entry["outcome"] = "failed" if report.when == "call" else "error"
+        entry.setdefault("message", (report.longreprtext.strip().splitlines() or [""])[-1])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    out = os.environ.get("KVALLOC_CONFORMANCE_OUT")
+    if out:
+        Path(out).write_text(json.dumps({"mode": MODE, "tests": _results}, indent=1, sort_keys=True))
