@@ -36,7 +36,10 @@ if [ ! -f "$tree/.unpacked" ]; then
   mkdir -p "$WORK"
   sdist=$WORK/vllm-$VLLM_VERSION.tar.gz
   if [ ! -f "$sdist" ]; then
-    curl -sSfL -o "$sdist.part" "$SDIST_URL"
+    curl -sSfL -o "$sdist.part" "$SDIST_URL" || {
+      echo "cannot fetch vLLM's sdist ($SDIST_URL); put vllm-$VLLM_VERSION.tar.gz in $WORK/" >&2
+      exit 1
+    }
     mv "$sdist.part" "$sdist"
   fi
   echo "$SDIST_SHA256  $sdist" | sha256sum -c --quiet -

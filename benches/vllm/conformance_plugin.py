@@ -78,14 +78,15 @@ def _kvalloc_create_scheduler(original: Any) -> Any:
 
 @pytest.fixture(autouse=True)
 def _conformance_scheduler(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
-    """Injects kvalloc's scheduler (kvalloc mode) and records which schedulers a test built."""
+    """Injects kvalloc's scheduler (kvalloc mode), records which schedulers a test built, and
+    checks kvalloc's own state after the test (``kvalloc_checks``)."""
     from vllm.v1.core.sched.scheduler import Scheduler
 
-    built: list[str] = []
+    built: list[Any] = []
     init = Scheduler.__init__
 
     def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
-        built.append(type(self).__name__)
+        built.append(self)
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(Scheduler, "__init__", recording_init)
@@ -98,7 +99,24 @@ def _conformance_scheduler(request: pytest.FixtureRequest, monkeypatch: pytest.M
         if getattr(module, "Scheduler", None) is Scheduler:
             monkeypatch.setattr(module, "Scheduler", KvallocScheduler)
     yield
-    _results.setdefault(request.node.nodeid, {})["built"] = sorted(set(built))
+    _results.setdefault(request.node.nodeid, {})["built"] = sorted({type(s).__name__ for s in built})
+    for scheduler in built:
+        kvalloc_checks(scheduler)
+
+
+def kvalloc_checks(scheduler: Any) -> None:
+    """What the kvalloc run checks on top of each test, on every kvalloc manager it built: its
+    invariants (``validate``), and no blocks held once the scheduler holds no request (the
+    public-interface half of vLLM's ``assert_scheduler_empty``, which reads the stock manager's
+    internals)."""
+    from kvalloc.vllm import KvallocKVCacheManager
+
+    manager = getattr(scheduler, "kv_cache_manager", None)
+    if not isinstance(manager, KvallocKVCacheManager):
+        return
+    manager.validate()
+    if not scheduler.requests:
+        assert manager.usage == 0, f"no request left, but kvalloc's usage is {manager.usage}"
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -108,7 +126,8 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         entry["reason"] = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
     elif report.failed:
         entry["outcome"] = "failed" if report.when == "call" else "error"
-        entry.setdefault("message", (report.longreprtext.strip().splitlines() or [""])[-1])
+        crash = getattr(report.longrepr, "reprcrash", None)
+        entry.setdefault("message", crash.message if crash else report.longreprtext.strip()[-500:])
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
