@@ -9,9 +9,13 @@ Loaded by ``benches/vllm/conformance.sh`` (``-p conformance_plugin``) into a run
   (kvalloc refuses asynchronous scheduling at start-up: such tests are in the skip list).
   A test that asks for another scheduler class (the diffusion schedulers) keeps it.
   ``stock`` (the default) changes nothing.
-- ``KVALLOC_CONFORMANCE_SKIPS``: the skip list (``test id  reason`` per line, ``#`` comments),
-  applied in the kvalloc run only. An entry that names no collected test is an error, so the
-  list cannot go stale silently.
+- ``KVALLOC_CONFORMANCE_SKIPS``: the skip list, applied in the kvalloc run only: per line a
+  test id, its kind and the reason (``#`` comments). Each listed test still runs, and must fail
+  the way its kind says (a strict xfail): ``refused:`` with kvalloc's ``UnsupportedError`` (a
+  feature the plug-in refuses at start-up), ``internals:`` with an ``AttributeError`` (it reads
+  a part of vLLM's own manager that kvalloc's does not have). So a listed test that starts
+  passing, or fails some other way, fails the run; and an entry that names no collected test is
+  an error: the list cannot go stale silently.
 - ``KVALLOC_CONFORMANCE_OUT``: a JSON file of every test's outcome, with the scheduler classes
   the test built, for ``conformance_report.py``.
 """
@@ -29,18 +33,33 @@ MODE = os.environ.get("KVALLOC_CONFORMANCE", "stock")
 _results: dict[str, dict[str, Any]] = {}
 
 
-def read_skips(path: str | os.PathLike[str]) -> dict[str, str]:
-    """Test id (relative to vLLM's tree, as pytest prints it) -> reason."""
-    skips: dict[str, str] = {}
+#: Skip-list kinds: the exception a listed test must fail with.
+SKIP_KINDS = ("refused", "internals")
+
+
+def read_skips(path: str | os.PathLike[str]) -> dict[str, tuple[str, str]]:
+    """Test id (relative to vLLM's tree, as pytest prints it) -> (kind, reason)."""
+    skips: dict[str, tuple[str, str]] = {}
     for n, raw in enumerate(Path(path).read_text().splitlines(), 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        test_id, _, reason = line.partition(" ")
-        if not reason.strip():
-            raise pytest.UsageError(f"{path}:{n}: skip entry {test_id!r} has no reason")
-        skips[test_id] = reason.strip()
+        test_id, _, rest = line.partition(" ")
+        kind, _, reason = rest.strip().partition(":")
+        if kind not in SKIP_KINDS or not reason.strip():
+            raise pytest.UsageError(f"{path}:{n}: expected 'TEST_ID KIND: REASON', KIND one of {SKIP_KINDS}")
+        skips[test_id] = (kind, reason.strip())
     return skips
+
+
+def _expected_failure(kind: str, reason: str) -> pytest.MarkDecorator:
+    if kind == "refused":
+        from kvalloc.vllm import UnsupportedError
+
+        raises: type[BaseException] = UnsupportedError
+    else:
+        raises = AttributeError
+    return pytest.mark.xfail(raises=raises, strict=True, reason=f"kvalloc conformance skip, {kind}: {reason}")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -55,10 +74,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skips = read_skips(path)
     seen = set()
     for item in items:
-        reason = skips.get(item.nodeid)
-        if reason is not None:
+        entry = skips.get(item.nodeid)
+        if entry is not None:
             seen.add(item.nodeid)
-            item.add_marker(pytest.mark.skip(reason=f"kvalloc conformance skip: {reason}"))
+            item.add_marker(_expected_failure(*entry))
     stale = sorted(set(skips) - seen)
     # Only a run of the whole file can tell a stale entry from a deselected one.
     if stale and not config.getoption("keyword") and not config.getoption("markexpr"):
@@ -121,7 +140,10 @@ def kvalloc_checks(scheduler: Any) -> None:
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     entry = _results.setdefault(report.nodeid, {"outcome": "passed"})
-    if report.skipped:
+    if hasattr(report, "wasxfail"):
+        entry["outcome"] = "xfailed"
+        entry["reason"] = report.wasxfail
+    elif report.skipped:
         entry["outcome"] = "skipped"
         entry["reason"] = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else ""
     elif report.failed:
