@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # vLLM's own scheduler tests as kvalloc's conformance suite: vLLM 0.32.0's
-# tests/v1/core/test_scheduler.py, run twice (stock vLLM, then with every scheduler the tests
-# build a kvalloc.vllm.KvallocScheduler), then a summary. Exits non-zero when a test that passes
+# tests/v1/core/test_scheduler.py and three smaller scheduler test files (TESTS below), run
+# twice (stock vLLM, then with every scheduler the tests build a kvalloc.vllm.KvallocScheduler,
+# its tables checked on every call: verify), then a summary. Exits non-zero when a test that passes
 # stock fails with kvalloc and is not in benches/vllm/conformance_skips.txt.
 #
 #   benches/vllm/conformance.sh              # both runs
@@ -20,7 +21,14 @@ WORK=$HERE/.conformance
 VLLM_VERSION=0.32.0
 SDIST_URL=https://files.pythonhosted.org/packages/d5/df/5471312c76e335eaa2b8333e87ea39f0d37bfe24f10a582620e34ff12e33/vllm-0.32.0.tar.gz
 SDIST_SHA256=d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad
-TESTS=tests/v1/core/test_scheduler.py
+# vLLM's scheduler tests that drive it through the manager's public interface (test_prefix_caching.py
+# and test_single_type_kv_cache_manager.py test vLLM's own manager: not a conformance suite).
+TESTS=(
+  tests/v1/core/test_scheduler.py
+  tests/v1/core/test_priority_scheduler_random.py
+  tests/v1/core/test_priority_preemption_bug.py
+  tests/v1/core/test_worker_slot_overflow.py
+)
 
 which="${1:-both}"
 case "$which" in stock|kvalloc|both) shift || true ;; *) which=both ;; esac
@@ -70,9 +78,10 @@ run() {
     cd "$tree"
     HF_HOME="$hf" HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_LOGGING_LEVEL=WARNING \
       PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" \
+      KVALLOC_VLLM_OPTIONS='{"verify": true}' \
       KVALLOC_CONFORMANCE="$mode" KVALLOC_CONFORMANCE_SKIPS="$HERE/conformance_skips.txt" \
       KVALLOC_CONFORMANCE_OUT="$WORK/$mode.json" \
-      "$py" -m pytest -p conformance_plugin -q -p no:cacheprovider "$TESTS" "$@" > "$WORK/$mode.log" 2>&1
+      "$py" -m pytest -p conformance_plugin -q -p no:cacheprovider "${TESTS[@]}" "$@" > "$WORK/$mode.log" 2>&1
   ) || true
   echo "$mode run: $(( SECONDS - start )) s ($(tail -n 1 "$WORK/$mode.log"))" >&2
 }

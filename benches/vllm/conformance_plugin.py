@@ -4,7 +4,7 @@ Loaded by ``benches/vllm/conformance.sh`` (``-p conformance_plugin``) into a run
 0.32.0's ``tests/v1/core/test_scheduler.py``; vLLM's test files are not edited. Environment:
 
 - ``KVALLOC_CONFORMANCE=kvalloc``: every scheduler the tests build through ``create_scheduler``
-  (``tests/v1/core/utils.py``, and the test module's own ``Scheduler(...)`` calls) is a
+  (``tests/v1/core/utils.py``, and the test modules' own ``Scheduler(...)`` calls) is a
   ``kvalloc.vllm.KvallocScheduler``, also where a test asks for vLLM's ``AsyncScheduler``
   (kvalloc refuses asynchronous scheduling at start-up: such tests are in the skip list).
   A test that asks for another scheduler class (the diffusion schedulers) keeps it.
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -109,14 +110,16 @@ def _conformance_scheduler(request: pytest.FixtureRequest, monkeypatch: pytest.M
         init(self, *args, **kwargs)
 
     monkeypatch.setattr(Scheduler, "__init__", recording_init)
-    module = request.module
     if MODE == "kvalloc":
         from kvalloc.vllm import KvallocScheduler
 
-        if hasattr(module, "create_scheduler"):
-            monkeypatch.setattr(module, "create_scheduler", _kvalloc_create_scheduler(module.create_scheduler))
-        if getattr(module, "Scheduler", None) is Scheduler:
-            monkeypatch.setattr(module, "Scheduler", KvallocScheduler)
+        # Every module of vLLM's tests: helpers defined in one test file build schedulers for
+        # another (test_priority_scheduler_random.py calls test_scheduler.py's).
+        for module in [m for name, m in sys.modules.items() if name.startswith("tests.") and m is not None]:
+            if callable(getattr(module, "create_scheduler", None)):
+                monkeypatch.setattr(module, "create_scheduler", _kvalloc_create_scheduler(module.create_scheduler))
+            if getattr(module, "Scheduler", None) is Scheduler:
+                monkeypatch.setattr(module, "Scheduler", KvallocScheduler)
     yield
     _results.setdefault(request.node.nodeid, {})["built"] = sorted({type(s).__name__ for s in built})
     for scheduler in built:
