@@ -2,8 +2,9 @@
 and the plug-in's reading of the ``KVCacheConfig`` a directly built scheduler gets.
 
 Needs ``.venv-vllm`` (``benches/vllm/setup_venv.sh``: vLLM for CPU, about 4 minutes and 6 GB);
-skipped without it. The conformance run takes about 2 minutes on two cores, and fetches vLLM's
-sdist (44 MB, for its ``tests/``) from PyPI the first time.
+skipped without it. The conformance test runs only the kvalloc half of the script (224 of vLLM's
+tests; about 4.5 minutes on two busy cores), and fetches vLLM's sdist (44 MB, for its ``tests/``)
+from PyPI the first time.
 """
 
 from __future__ import annotations

@@ -116,8 +116,9 @@ def _conformance_scheduler(request: pytest.FixtureRequest, monkeypatch: pytest.M
         # Every module of vLLM's tests: helpers defined in one test file build schedulers for
         # another (test_priority_scheduler_random.py calls test_scheduler.py's).
         for module in [m for name, m in sys.modules.items() if name.startswith("tests.") and m is not None]:
-            if callable(getattr(module, "create_scheduler", None)):
-                monkeypatch.setattr(module, "create_scheduler", _kvalloc_create_scheduler(module.create_scheduler))
+            create = getattr(module, "create_scheduler", None)
+            if callable(create):
+                monkeypatch.setattr(module, "create_scheduler", _kvalloc_create_scheduler(create))
             if getattr(module, "Scheduler", None) is Scheduler:
                 monkeypatch.setattr(module, "Scheduler", KvallocScheduler)
     yield
