@@ -41,14 +41,29 @@ class VllmGeometry:
         return (self.num_blocks - 1) * self.page_bytes
 
 
-def _layer_index(name: str) -> int:
+def _layer_index(name: str) -> int | None:
     numbers = re.findall(r"\.(\d+)(?=\.|$)", name)
-    if not numbers:
-        raise UnsupportedError(f"cannot read a layer index from layer name {name!r}")
-    return int(numbers[-1])
+    return int(numbers[-1]) if numbers else None
 
 
-def _group(spec: Any, layer_names: list[str], index: int) -> dict[str, Any]:
+def _layer_indices(groups: list[Any]) -> list[list[int]]:
+    """Each group's layer indices, read from vLLM's layer names (``model.layers.3.self_attn``).
+    When a name carries no index or two names share one (a scheduler built outside a model
+    runner, e.g. vLLM's own tests, names a layer ``"layer"``), the layers are numbered in group
+    order instead: kvalloc only needs them told apart, consistently for one config."""
+    names = [list(g.layer_names) for g in groups]
+    parsed = [[_layer_index(n) for n in group] for group in names]
+    flat = [i for group in parsed for i in group]
+    if None not in flat and len(set(flat)) == len(flat):
+        return parsed  # type: ignore[return-value]
+    numbered, start = [], 0
+    for group in names:
+        numbered.append(list(range(start, start + len(group))))
+        start += len(group)
+    return numbered
+
+
+def _group(spec: Any, layers: list[int], index: int) -> dict[str, Any]:
     kind = type(spec).__name__
     if kind not in SUPPORTED_SPECS:
         raise UnsupportedError(
@@ -62,7 +77,7 @@ def _group(spec: Any, layer_names: list[str], index: int) -> dict[str, Any]:
         )
     group: dict[str, Any] = {
         "kind": "sliding" if kind == "SlidingWindowSpec" else "full",
-        "layers": sorted(_layer_index(n) for n in layer_names),
+        "layers": sorted(layers),
         "kv_heads": spec.num_kv_heads,
         "k_dim": spec.head_size,
         "v_dim": getattr(spec, "head_size_v", None) or spec.head_size,
@@ -87,10 +102,13 @@ def geometry_from_kv_cache_config(config: Any, model_id: str | None = None) -> V
     if len(block_sizes) != 1:
         raise UnsupportedError(f"KV-cache groups have different block sizes {sorted(block_sizes)}")
     block_size = block_sizes.pop()
-    hash_block_size = getattr(config, "hash_block_size", block_size)
+    # None: not resolved by an engine core (a scheduler built directly), i.e. the block size;
+    # the scheduler checks its own resolved value.
+    hash_block_size = getattr(config, "hash_block_size", None) or block_size
     if hash_block_size != block_size:
         raise UnsupportedError(f"hash_block_size {hash_block_size} differs from block_size {block_size}")
-    described = [_group(g.kv_cache_spec, list(g.layer_names), i) for i, g in enumerate(groups)]
+    layers = _layer_indices(groups)
+    described = [_group(g.kv_cache_spec, layers[i], i) for i, g in enumerate(groups)]
     spec = ModelSpec.from_groups("vllm", described, model_id=model_id)
     page = spec.block_bytes(block_size)
     if len(set(page)) != 1:
