@@ -109,6 +109,22 @@ class CoordinatorView:
     num_reprefillable_tokens: int = 0
 
 
+class BlockPoolView:
+    """What vLLM's scheduler and tests read of its block pool: free blocks (free or held only by
+    the cache, as in vLLM's free queue; the null block not counted) and usage."""
+
+    def __init__(self, manager: "KvallocKVCacheManager") -> None:
+        self._manager = manager
+        self.num_gpu_blocks = manager.geometry.num_blocks
+
+    def get_num_free_blocks(self) -> int:
+        m = self._manager
+        return m.kv.room_bytes() // m.geometry.page_bytes
+
+    def get_usage(self) -> float:
+        return self._manager.usage
+
+
 class KvallocKVCacheManager:
     """The manager interface vLLM's ``Scheduler`` calls, backed by kvalloc.
 
@@ -147,6 +163,7 @@ class KvallocKVCacheManager:
             )
         )
         self.mamba_shared_prefix_checkpoint = False
+        self.block_pool = BlockPoolView(self)
         self.kv = _core.KVCacheManager(
             geometry.spec,
             geometry.capacity_bytes,
