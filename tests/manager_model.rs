@@ -326,7 +326,13 @@ fn err(m: String) -> TestCaseError {
 }
 
 impl Harness {
-    fn new(spec: ModelSpec, capacity: u64, policy: Policy, eviction: Eviction, paged: bool) -> Self {
+    fn new(
+        spec: ModelSpec,
+        capacity: u64,
+        policy: Policy,
+        eviction: Eviction,
+        paged: bool,
+    ) -> Self {
         let config = ManagerConfig {
             policy,
             eviction,
