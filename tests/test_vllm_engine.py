@@ -129,3 +129,13 @@ def test_kv_events_replay_to_the_blocks_kvalloc_holds() -> None:
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     print(f"events: {summary}")
     assert summary["problems"] == [] and summary["removed"] > 0
+
+
+def test_cache_salts_keep_tenants_apart() -> None:
+    """The same prompt under another ``cache_salt`` (or none) is served nothing from a salted
+    request's blocks; under its own salt it is (``benches/vllm/salt_check.py``)."""
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "benches/vllm/salt_check.py")], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+    print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

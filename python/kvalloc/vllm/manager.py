@@ -452,15 +452,16 @@ class KvallocKVCacheManager:
                 request = self._requests.get(req)
                 if request is not None and block >= 0:
                     tokens = list(request.all_token_ids[block * self.block_size : (block + 1) * self.block_size])
+                lora = getattr(request, "lora_request", None)
                 events.append(
                     BlockStored(
                         block_hashes=[h],
                         parent_block_hash=parent if has_parent else None,
                         token_ids=tokens,
                         block_size=self.block_size,
-                        lora_id=None,
+                        lora_id=lora.lora_int_id if lora is not None else None,
                         medium="GPU",
-                        lora_name=None,
+                        lora_name=lora.lora_name if lora is not None else None,
                         group_idx=group_of.get(group),
                     )
                 )
