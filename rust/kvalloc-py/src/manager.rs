@@ -94,12 +94,20 @@ impl PyKVCacheManager {
             ));
         }
         let capacity = positive(capacity_bytes, "capacity_bytes")?;
+        let eviction =
+            Eviction::parse(&opt_text(eviction, "eviction")?.unwrap_or("value".into())).py()?;
+        if eviction == Eviction::Oracle {
+            // It reads the trace's future: only the simulator has one.
+            return Err(invalid(
+                "eviction",
+                "\"oracle\" is the simulator's offline reference; a manager takes \"value\" or \"lru\"",
+            ));
+        }
         let config = ManagerConfig {
             block_tokens: block_tokens_arg(block_tokens)?,
             policy: Policy::parse(&opt_text(policy, "policy")?.unwrap_or("swa-aware".into()))
                 .py()?,
-            eviction: Eviction::parse(&opt_text(eviction, "eviction")?.unwrap_or("value".into()))
-                .py()?,
+            eviction,
             checkpoint_interval: opt_positive(checkpoint_interval, "checkpoint_interval")?,
             slab_bytes: opt_positive(slab_bytes, "slab_bytes")?,
             lower: LowerCapacity {

@@ -27,6 +27,17 @@
 //!
 //! ## LRU
 //! `key = last access tick`, for comparison with what engines do today.
+//!
+//! ## Oracle (offline, simulator only)
+//! A clairvoyant reference: the simulator gives the tree a [`FutureUses`] table (for each
+//! request of the trace, the block hashes it will match) and tells it which requests were
+//! admitted; the unit whose next use is farthest away goes first (never used again: first of
+//! all), ties broken by size (larger first). On unit-size blocks with one group this is
+//! Belady's MIN; for variable-size units it is a reference, not a proof of optimality. Without
+//! a table every unit counts as never used again, so the order is by size alone.
+
+use std::collections::HashMap;
+use std::sync::Arc;
 
 /// Which eviction order to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -36,6 +47,9 @@ pub enum Eviction {
     Value,
     /// Least recently used.
     Lru,
+    /// Farthest next use first, from the trace's future: offline, for the simulator (see the
+    /// module docs).
+    Oracle,
 }
 
 impl Eviction {
@@ -44,9 +58,12 @@ impl Eviction {
         match s.to_ascii_lowercase().as_str() {
             "value" | "gdsf" => Ok(Eviction::Value),
             "lru" => Ok(Eviction::Lru),
+            "oracle" => Ok(Eviction::Oracle),
             other => Err(crate::error::Error::invalid(
                 "eviction",
-                format!("unknown eviction policy {other:?}; expected \"value\" or \"lru\""),
+                format!(
+                    "unknown eviction policy {other:?}; expected \"value\", \"lru\" or \"oracle\""
+                ),
             )),
         }
     }
@@ -56,6 +73,7 @@ impl Eviction {
         match self {
             Eviction::Value => "value",
             Eviction::Lru => "lru",
+            Eviction::Oracle => "oracle",
         }
     }
 }
@@ -71,6 +89,81 @@ pub struct Candidate {
     pub hits: u32,
     /// Logical time of the last use.
     pub last_access: u64,
+    /// Index of the next request that uses it ([`NEVER`] if none; the oracle's key).
+    pub next_use: u32,
+}
+
+/// `Candidate::next_use` of a unit no later request uses.
+pub const NEVER: u32 = u32::MAX;
+
+/// The trace's future as the oracle sees it: which block hashes each request will match.
+#[derive(Debug, Clone, Default)]
+pub struct FutureUses {
+    /// Per hash, the requests that match it, ascending.
+    uses: HashMap<u64, Vec<u32>>,
+    /// `hashes[offsets[i]..offsets[i + 1]]`: request i's matchable hashes.
+    hashes: Vec<u64>,
+    offsets: Vec<usize>,
+}
+
+impl FutureUses {
+    /// A table from each request's matchable chained block hashes, in trace order.
+    pub fn new<'a>(requests: impl IntoIterator<Item = &'a [u64]>) -> Self {
+        let mut f = FutureUses {
+            offsets: vec![0],
+            ..Default::default()
+        };
+        for (i, hs) in requests.into_iter().enumerate() {
+            for &h in hs {
+                let list = f.uses.entry(h).or_default();
+                // A prompt can repeat a hash only through a collision: count the use once.
+                if list.last() != Some(&(i as u32)) {
+                    list.push(i as u32);
+                }
+            }
+            f.hashes.extend_from_slice(hs);
+            f.offsets.push(f.hashes.len());
+        }
+        f
+    }
+
+    /// Requests in the table.
+    pub fn requests(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Request i's matchable hashes (empty past the table).
+    pub fn hashes(&self, i: usize) -> &[u64] {
+        match self.offsets.get(i + 1) {
+            Some(&end) => &self.hashes[self.offsets[i]..end],
+            None => &[],
+        }
+    }
+}
+
+/// The oracle's view of time: the table and which requests were admitted.
+#[derive(Debug, Clone)]
+struct Clairvoyance {
+    future: Arc<FutureUses>,
+    admitted: Vec<bool>,
+    /// Every request below it was admitted.
+    pending_from: u32,
+}
+
+impl Clairvoyance {
+    /// The first request not yet admitted that uses `hash`.
+    fn next_use(&self, hash: u64) -> u32 {
+        let Some(list) = self.future.uses.get(&hash) else {
+            return NEVER;
+        };
+        let from = list.partition_point(|&j| j < self.pending_from);
+        // Admissions run nearly in trace order: few admitted requests lie past `pending_from`.
+        list[from..]
+            .iter()
+            .copied()
+            .find(|&j| !self.admitted[j as usize])
+            .unwrap_or(NEVER)
+    }
 }
 
 /// Keys candidates; holds the GDSF inflation value `L`.
@@ -78,6 +171,8 @@ pub struct Candidate {
 pub struct EvictionOrder {
     kind: Eviction,
     inflation: f64,
+    /// The oracle's future (None for the online policies, or an oracle without a table).
+    future: Option<Clairvoyance>,
 }
 
 impl EvictionOrder {
@@ -86,7 +181,38 @@ impl EvictionOrder {
         EvictionOrder {
             kind,
             inflation: 0.0,
+            future: None,
         }
+    }
+
+    /// Gives the oracle its table; no request is admitted yet.
+    pub fn set_future(&mut self, future: Arc<FutureUses>) {
+        let n = future.requests();
+        self.future = Some(Clairvoyance {
+            future,
+            admitted: vec![false; n],
+            pending_from: 0,
+        });
+    }
+
+    /// Marks request i admitted (its uses are no longer ahead). Returns the hashes whose next
+    /// use changed (request i's), to be re-keyed; empty without a table.
+    pub fn admitted(&mut self, i: usize) -> Arc<FutureUses> {
+        let Some(c) = &mut self.future else {
+            return Arc::default();
+        };
+        if let Some(a) = c.admitted.get_mut(i) {
+            *a = true;
+        }
+        while c.admitted.get(c.pending_from as usize) == Some(&true) {
+            c.pending_from += 1;
+        }
+        c.future.clone()
+    }
+
+    /// The next request that uses a block with `hash` (NEVER without a table).
+    pub fn next_use(&self, hash: u64) -> u32 {
+        self.future.as_ref().map_or(NEVER, |c| c.next_use(hash))
     }
 
     /// The policy in use.
@@ -99,6 +225,12 @@ impl EvictionOrder {
     pub fn key(&self, c: &Candidate) -> u64 {
         match self.kind {
             Eviction::Lru => c.last_access,
+            // Farthest next use first, then larger first (4 KiB units).
+            Eviction::Oracle => {
+                let size = (c.bytes >> 12).min(u64::from(u32::MAX)) as u32;
+                (u64::from(u32::MAX - c.next_use) << 32)
+                    | u64::from(u32::MAX - size)
+            }
             Eviction::Value => {
                 let mib = (c.bytes.max(1) as f64) / (1u64 << 20) as f64;
                 let value = (f64::from(c.hits) + 1.0) * c.saved_tokens as f64 / mib;
@@ -130,6 +262,7 @@ mod tests {
             bytes,
             hits,
             last_access: 0,
+            next_use: NEVER,
         };
         assert!(o.key(&c(0, 1 << 20, 5)) < o.key(&c(16, 1 << 20, 0)));
         assert!(o.key(&c(1024, 64 << 20, 0)) < o.key(&c(1024, 16 << 20, 0)));
@@ -144,6 +277,7 @@ mod tests {
             bytes: 1 << 20,
             hits: 0,
             last_access: 0,
+            next_use: NEVER,
         };
         let before = o.key(&hot);
         o.evicted(o.key(&Candidate {
@@ -159,5 +293,29 @@ mod tests {
         assert_eq!(Eviction::parse("LRU").unwrap(), Eviction::Lru);
         assert_eq!(Eviction::parse("value").unwrap().name(), "value");
         assert!(Eviction::parse("fifo").is_err());
+        assert_eq!(Eviction::parse("oracle").unwrap(), Eviction::Oracle);
+    }
+
+    #[test]
+    fn oracle_evicts_farthest_next_use_then_larger() {
+        let mut o = EvictionOrder::new(Eviction::Oracle);
+        // Request 0 uses hash 1; request 1 uses 1 and 2; request 2 uses 3.
+        let reqs: [&[u64]; 3] = [&[1], &[1, 2], &[3]];
+        o.set_future(Arc::new(FutureUses::new(reqs)));
+        assert_eq!((o.next_use(1), o.next_use(3), o.next_use(9)), (0, 2, NEVER));
+        o.admitted(0);
+        assert_eq!(o.next_use(1), 1);
+        o.admitted(2);
+        assert_eq!((o.next_use(2), o.next_use(3)), (1, NEVER));
+        let c = |next_use, bytes| Candidate {
+            saved_tokens: 0,
+            bytes,
+            hits: 0,
+            last_access: 0,
+            next_use,
+        };
+        assert!(o.key(&c(NEVER, 1 << 20)) < o.key(&c(5, 1 << 30)));
+        assert!(o.key(&c(7, 1 << 20)) < o.key(&c(5, 1 << 20)));
+        assert!(o.key(&c(5, 2 << 20)) < o.key(&c(5, 1 << 20)));
     }
 }

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 
 use crate::error::{Error, Result};
 use crate::events::{CacheEvent, EventLog};
-use crate::eviction::{Candidate, Eviction, EvictionOrder};
+use crate::eviction::{Candidate, Eviction, EvictionOrder, FutureUses, NEVER};
 use crate::mem::prefault;
 use crate::slab::Handle;
 

@@ -334,6 +334,17 @@ impl KVCacheManager {
         })
     }
 
+    /// Gives [`Eviction::Oracle`](crate::Eviction::Oracle) the trace's future: request i of
+    /// `future` is the i-th request the simulator replays (its id is i).
+    pub(crate) fn set_future(&mut self, future: std::sync::Arc<crate::eviction::FutureUses>) {
+        self.tree.set_future(future);
+    }
+
+    /// Tells the oracle that request i of its future is being admitted.
+    pub(crate) fn oracle_admitted(&mut self, i: usize) {
+        self.tree.oracle_admitted(i);
+    }
+
     /// The model.
     pub fn spec(&self) -> &ModelSpec {
         &self.spec

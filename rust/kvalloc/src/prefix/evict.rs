@@ -30,6 +30,24 @@ impl PrefixTree {
         Some(kind)
     }
 
+    /// Gives the oracle order its future (see [`Eviction::Oracle`]).
+    pub fn set_future(&mut self, future: std::sync::Arc<FutureUses>) {
+        self.order.set_future(future);
+    }
+
+    /// Tells the oracle order that request i (of its future) was admitted: the cached nodes it
+    /// uses are re-keyed to their next use after it.
+    pub fn oracle_admitted(&mut self, i: usize) {
+        let future = self.order.admitted(i);
+        for &h in future.hashes(i) {
+            if let Some(n) = self.lookup(h) {
+                if self.nodes[n as usize].key.is_some() {
+                    self.refresh(n);
+                }
+            }
+        }
+    }
+
     pub(super) fn take_key(&mut self, n: NodeId) {
         if let Some((kind, key)) = self.nodes[n as usize].key.take() {
             match kind {
@@ -78,8 +96,12 @@ impl PrefixTree {
             0
         };
         // LRU ignores size, and a value key with nothing saved is `L` whatever the size: skip
-        // the walk in both cases (it dominates eviction otherwise).
-        let bytes = if self.order.kind() == Eviction::Lru || saved == 0 {
+        // the walk in both cases (it dominates eviction otherwise). The oracle breaks ties by
+        // size: the node's own blocks are enough there.
+        let kind_of_order = self.order.kind();
+        let bytes = if kind_of_order == Eviction::Oracle && saved == 0 {
+            self.node_bytes(n)
+        } else if kind_of_order == Eviction::Lru || saved == 0 {
             0
         } else {
             match kind {
@@ -121,6 +143,11 @@ impl PrefixTree {
             bytes,
             hits: node.hits,
             last_access: node.last_access,
+            next_use: if kind_of_order == Eviction::Oracle {
+                self.order.next_use(node.hash)
+            } else {
+                NEVER
+            },
         }
     }
 }

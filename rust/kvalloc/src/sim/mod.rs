@@ -9,6 +9,7 @@
 //! - [`overlap`]: the overlap model that prices loads from the lower tiers;
 //! - [`replay`]: the discrete-event replay that drives the manager;
 //! - [`bound`]: the trace's unbounded-cache upper bound;
+//! - [`oracle`]: the future the clairvoyant eviction order ([`Eviction::Oracle`](crate::Eviction::Oracle)) reads;
 //! - [`capacity`]: the budget a policy needs to reach a hit rate (bisection over replays);
 //! - [`report`]: what a replay measured.
 //!
@@ -41,6 +42,7 @@
 pub mod bound;
 pub mod capacity;
 pub mod generate;
+pub mod oracle;
 pub mod overlap;
 pub mod readers;
 pub mod replay;
@@ -49,7 +51,7 @@ pub mod rng;
 pub mod service;
 pub mod trace;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 pub use bound::Bound;
 pub use capacity::BudgetMatch;
@@ -60,6 +62,7 @@ pub use service::ServiceModel;
 pub use trace::{Content, Trace, TraceRequest};
 
 use crate::error::{Error, Result};
+use crate::eviction::{Eviction, FutureUses};
 use crate::spec::ModelSpec;
 
 /// A model, a trace and a block size, prepared for any number of replays.
@@ -73,6 +76,8 @@ pub struct Simulator {
     ids: Vec<u64>,
     offsets: Vec<usize>,
     bound: Bound,
+    /// What the oracle knows of the future, built on its first run.
+    future: OnceLock<Arc<FutureUses>>,
 }
 
 impl Simulator {
@@ -104,6 +109,7 @@ impl Simulator {
             ids,
             offsets,
             bound: Bound::default(),
+            future: OnceLock::new(),
         };
         sim.bound = bound::upper_bound(&sim.trace, block_tokens, |i| sim.block_ids(i));
         Ok(sim)
@@ -140,6 +146,16 @@ impl Simulator {
     /// Replays the trace once. `label` is passed to `progress` with the fraction done.
     pub fn run(&self, cfg: &RunConfig, label: &str, progress: Progress<'_>) -> Result<SimReport> {
         let ids = |i: usize| self.block_ids(i);
+        let future = (cfg.eviction == Eviction::Oracle).then(|| {
+            self.future
+                .get_or_init(|| {
+                    let f = oracle::future_uses(&self.trace, self.block_tokens, |i| {
+                        self.block_ids(i)
+                    });
+                    Arc::new(f)
+                })
+                .clone()
+        });
         replay::Replay::new(
             &self.spec,
             &self.trace,
@@ -148,6 +164,7 @@ impl Simulator {
             cfg,
             self.bound.hit_tokens,
         )?
+        .with_future(future)
         .run(label, progress)
     }
 }

@@ -26,7 +26,7 @@ use super::report::{SimReport, TierTraffic};
 use super::service::ServiceModel;
 use super::trace::Trace;
 use crate::error::{Error, Result};
-use crate::eviction::Eviction;
+use crate::eviction::{Eviction, FutureUses};
 use crate::manager::{Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
 use crate::spec::ModelSpec;
 use crate::tiers::Tier;
@@ -263,6 +263,14 @@ impl<'a> Replay<'a> {
         })
     }
 
+    /// Gives an oracle replay the trace's future (see `oracle`).
+    pub(crate) fn with_future(mut self, future: Option<std::sync::Arc<FutureUses>>) -> Self {
+        if let Some(f) = future {
+            self.m.set_future(f);
+        }
+        self
+    }
+
     /// Prices the last admission's promotions with the overlap model: adds them to the total
     /// and returns their exposed seconds.
     fn price_promotions(&mut self) -> f64 {
@@ -437,6 +445,8 @@ impl<'a> Replay<'a> {
         self.prefill_free = start + load_delay + service.prefill_seconds(r.prompt_tokens - hit);
         if !s.first_admission_done {
             s.first_admission_done = true;
+            // Its uses are no longer ahead (a refused try keeps them: it still waits).
+            self.m.oracle_admitted(i as usize);
             self.report.hit_tokens += hit;
             self.queue_wait_sum += t - s.arrival;
             self.no_cache_free =
