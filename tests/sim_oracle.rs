@@ -2,7 +2,6 @@
 //! computed by a small independent implementation, and no online policy beats it on the bundled
 //! conversation trace.
 
-use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -164,13 +163,12 @@ fn no_online_policy_beats_the_oracle_on_the_conversation_trace() {
         512,
     )
     .unwrap();
-    let mut rates: HashMap<(u64, &str), f64> = HashMap::new();
-    for gib in [16u64, 64] {
+    // Below 128 GiB the running requests of this burst leave almost no cache to any policy.
+    for gib in [128u64, 256] {
         let oracle = run(&sim, Policy::SwaAware, Eviction::Oracle, gib << 30);
         assert!(oracle.hit_tokens <= oracle.upper_bound_hit_tokens);
         for e in [Eviction::Lru, Eviction::Value] {
             let online = run(&sim, Policy::SwaAware, e, gib << 30);
-            rates.insert((gib, e.name()), online.hit_rate());
             assert!(
                 online.hit_tokens <= oracle.hit_tokens,
                 "{} beats the oracle at {gib} GiB: {} vs {}",
@@ -179,7 +177,5 @@ fn no_online_policy_beats_the_oracle_on_the_conversation_trace() {
                 oracle.hit_rate()
             );
         }
-        rates.insert((gib, "oracle"), oracle.hit_rate());
     }
-    eprintln!("{rates:?}");
 }
