@@ -5,7 +5,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use kvalloc::sim::{readers, Content, RunConfig, ServiceModel, SimReport, Simulator, Trace, TraceRequest};
+use kvalloc::sim::{
+    readers, Content, RunConfig, ServiceModel, SimReport, Simulator, Trace, TraceRequest,
+};
 use kvalloc::{Eviction, KVCacheManager, ManagerConfig, ModelSpec, Policy};
 
 const TRACE: &str = "python/kvalloc/data/mooncake_conversation.jsonl";

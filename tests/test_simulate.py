@@ -209,3 +209,22 @@ def test_sweep_table_json_and_plot(tmp_path, capsys):
     png = tmp_path / "sweep.png"
     assert main([*args, "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_oracle_row_is_a_reference_no_policy_beats(tmp_path, capsys):
+    trace = head_trace(tmp_path, 2000)
+    args = ["simulate", "--trace", str(trace), "--device", "256GiB", "--block-tokens", "512",
+            "--no-capacity-search", "--oracle"]
+    for eviction in ("lru", "value"):
+        assert main([*args, "--eviction", eviction, "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert [o["policy"] for o in out["oracle"]] == [r["policy"] for r in out["runs"]]
+        for r, o in zip(out["runs"], out["oracle"]):
+            assert o["eviction"] == "oracle"
+            assert r["hit_rate"] <= o["hit_rate"] <= o["upper_bound_hit_rate"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "oracle" in text and "reaches" in text
+    # A manager has no future to read: the oracle is the simulator's alone.
+    with pytest.raises(InvalidArgumentError, match="oracle"):
+        kvalloc.KVCacheManager(MIMO, 1 << 30, eviction="oracle")

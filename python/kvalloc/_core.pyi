@@ -471,7 +471,9 @@ class Simulator:
         progress: Callable[[str, float], object] | None = None,
     ) -> dict[str, Any]:
         """Replays the trace once (GIL released); returns the report as a dict. None: the
-        defaults (``"swa-aware"``, ``"lru"``, 60,000 prefill tokens/s, 30 decode tokens/s)."""
+        defaults (``"swa-aware"``, ``"lru"``, 60,000 prefill tokens/s, 30 decode tokens/s).
+        ``eviction`` ``"oracle"`` is the offline clairvoyant reference: it evicts the cached
+        unit whose next use in the trace is farthest away (a manager refuses it)."""
     def budget_to_match(
         self,
         target_hit_rate: float,

@@ -314,6 +314,15 @@ def _print_runs(runs: Sequence[dict[str, Any]]) -> None:
                   f"read {human_bytes(r['tier_bytes_read'].get(tier, 0))}")
 
 
+def _print_oracle(runs: Sequence[dict[str, Any]], oracle: Sequence[dict[str, Any]], eviction: str) -> None:
+    """One "oracle" row per policy: the clairvoyant hit rate and the share of it `eviction` reaches."""
+    print()
+    print("oracle (offline clairvoyant eviction; a reference, not an optimum for variable-size blocks):")
+    for r, o in zip(runs, oracle):
+        share = r["hit_rate"] / o["hit_rate"] if o["hit_rate"] else 0.0
+        print(f"  {'oracle':<8} {r['policy']:<10} {o['hit_rate']:>8.2%}   {eviction} reaches {share:.1%} of it")
+
+
 def _plot(path: str, series: dict[str, list[tuple[int, float]]], bound: float, title: str) -> None:
     import matplotlib  # present: check_args made sure
     matplotlib.use("Agg")
@@ -360,6 +369,9 @@ def cmd_simulate(args: argparse.Namespace, load_spec: Callable[[argparse.Namespa
     try:
         runs = [sim.run(args.device, p, args.eviction, progress=bar, **_run_kwargs(args)) for p in policies]
         out["runs"] = runs
+        if args.oracle:
+            out["oracle"] = [sim.run(args.device, p, "oracle", progress=bar, **_run_kwargs(args))
+                             for p in policies]
         by = {r["policy"]: r for r in runs}
         search = None
         if "swa-aware" in by and "dense" in by and not args.no_capacity_search:
@@ -391,6 +403,8 @@ def cmd_simulate(args: argparse.Namespace, load_spec: Callable[[argparse.Namespa
     else:
         _print_header(out, f"device budget {human_bytes(args.device)}")
         _print_runs(runs)
+        if "oracle" in out:
+            _print_oracle(runs, out["oracle"], args.eviction)
         if "capacity_multiplier" in out:
             print()
             swa_hit = by["swa-aware"]["hit_rate"]
@@ -453,6 +467,10 @@ def add_parsers(sub: Any, default_model: str,
                      help="skip the search for the budget dense needs to match swa-aware")
     sim.add_argument("--tolerance", type=fraction, default=0.02,
                      help="relative precision of that budget search (default 0.02)")
+    sim.add_argument("--oracle", action="store_true",
+                     help="also replay each policy with the clairvoyant eviction order (offline "
+                          "reference: evicts what the trace uses again farthest away) and report "
+                          "each policy's share of its hit rate")
     sim.set_defaults(func=lambda a: cmd_simulate(a, load_spec))
 
     sw = sub.add_parser("sweep", help="replay a trace at several budgets and policies; table and plot")

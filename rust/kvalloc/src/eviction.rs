@@ -228,8 +228,7 @@ impl EvictionOrder {
             // Farthest next use first, then larger first (4 KiB units).
             Eviction::Oracle => {
                 let size = (c.bytes >> 12).min(u64::from(u32::MAX)) as u32;
-                (u64::from(u32::MAX - c.next_use) << 32)
-                    | u64::from(u32::MAX - size)
+                (u64::from(u32::MAX - c.next_use) << 32) | u64::from(u32::MAX - size)
             }
             Eviction::Value => {
                 let mib = (c.bytes.max(1) as f64) / (1u64 << 20) as f64;

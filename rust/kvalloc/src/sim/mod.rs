@@ -149,9 +149,8 @@ impl Simulator {
         let future = (cfg.eviction == Eviction::Oracle).then(|| {
             self.future
                 .get_or_init(|| {
-                    let f = oracle::future_uses(&self.trace, self.block_tokens, |i| {
-                        self.block_ids(i)
-                    });
+                    let f =
+                        oracle::future_uses(&self.trace, self.block_tokens, |i| self.block_ids(i));
                     Arc::new(f)
                 })
                 .clone()
