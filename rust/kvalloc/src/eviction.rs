@@ -129,7 +129,7 @@ impl FutureUses {
 
     /// Requests in the table.
     pub fn requests(&self) -> usize {
-        self.offsets.len() - 1
+        self.offsets.len().saturating_sub(1)
     }
 
     /// Request i's matchable hashes (empty past the table).
@@ -195,19 +195,17 @@ impl EvictionOrder {
         });
     }
 
-    /// Marks request i admitted (its uses are no longer ahead). Returns the hashes whose next
-    /// use changed (request i's), to be re-keyed; empty without a table.
-    pub fn admitted(&mut self, i: usize) -> Arc<FutureUses> {
-        let Some(c) = &mut self.future else {
-            return Arc::default();
-        };
+    /// Marks request i admitted (its uses are no longer ahead). Returns the table, whose
+    /// `hashes(i)` are the ones to re-key; None without a table.
+    pub fn admitted(&mut self, i: usize) -> Option<Arc<FutureUses>> {
+        let c = self.future.as_mut()?;
         if let Some(a) = c.admitted.get_mut(i) {
             *a = true;
         }
         while c.admitted.get(c.pending_from as usize) == Some(&true) {
             c.pending_from += 1;
         }
-        c.future.clone()
+        Some(c.future.clone())
     }
 
     /// The next request that uses a block with `hash` (NEVER without a table).

@@ -38,7 +38,9 @@ impl PrefixTree {
     /// Tells the oracle order that request i (of its future) was admitted: the cached nodes it
     /// uses are re-keyed to their next use after it.
     pub fn oracle_admitted(&mut self, i: usize) {
-        let future = self.order.admitted(i);
+        let Some(future) = self.order.admitted(i) else {
+            return;
+        };
         for &h in future.hashes(i) {
             if let Some(n) = self.lookup(h) {
                 if self.nodes[n as usize].key.is_some() {
