@@ -761,6 +761,7 @@ CLI_BAD: dict[tuple[str, str], list[list[str]]] = {
     ("simulate", "--no-progress"): [[*SIM, "--no-progress=1"]],
     ("simulate", "--device"): [[*SIM, "--device", v] for v in ("-5GiB", "0", "lots", "20000000PiB", "-1")],
     ("simulate", "--no-capacity-search"): [[*SIM, "--no-capacity-search=x"]],
+    ("simulate", "--oracle"): [[*SIM, "--oracle=1"]],
     ("simulate", "--tolerance"): [[*SIM, "--tolerance", v] for v in ("0", "-0.1", "nan", "inf", "2", "x")],
     ("sweep", "--budgets"): [[*SIM, "--budgets", v] for v in ("1MiB,,2MiB", "", ",", "-1GiB", "0", "x", "1GiB,-2GiB")],
     ("sweep", "--plot"): [[*SIM, "--plot", "{dir}"], [*SIM, "--plot", "{missing_parent}"]],
