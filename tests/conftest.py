@@ -3,6 +3,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# The venv benches/vllm/setup_venv.sh makes; tests of the vLLM plug-in run in it, or skip.
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+needs_vllm = pytest.mark.skipif(
+    not VLLM_PYTHON.exists(),
+    reason="no .venv-vllm: run benches/vllm/setup_venv.sh (vLLM for CPU, ~4 min, 6 GB) to run the vLLM tests",
+)
 SHARED = ROOT.parent / "shared" / "data"
 
 

@@ -15,7 +15,7 @@ import shlex
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, VLLM_PYTHON
 
 README = (ROOT / "README.md").read_text()
 # The remote tier's example reads its server's URL from this variable (unset: no remote tier).
@@ -57,9 +57,6 @@ def test_readme_has_its_examples():
     assert not re.search(r"^```(py|python3|sh|shell|console)\s*$", README, re.M)
     assert "scripts/run.sh" in COMMANDS and "scripts/test.sh" in COMMANDS
     assert INLINE_COMMANDS
-
-
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 
 
 @pytest.mark.parametrize("index", range(len(PYTHON_BLOCKS)))

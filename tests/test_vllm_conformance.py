@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import subprocess
 import textwrap
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+from conftest import ROOT, VLLM_PYTHON, needs_vllm
+
 CONFORMANCE = ROOT / "benches" / "vllm" / "conformance.sh"
 
-pytestmark = pytest.mark.skipif(
-    not VLLM_PYTHON.exists(),
-    reason="no .venv-vllm: run benches/vllm/setup_venv.sh (vLLM for CPU, ~4 min, 6 GB) to run vLLM's scheduler tests",
-)
+pytestmark = needs_vllm
 
 
 def run_in_vllm(code: str) -> str:

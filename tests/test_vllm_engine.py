@@ -21,14 +21,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+from conftest import ROOT, VLLM_PYTHON, needs_vllm
+
 RUNNER = ROOT / "benches" / "vllm" / "engine_run.py"
 
-pytestmark = pytest.mark.skipif(
-    not VLLM_PYTHON.exists(),
-    reason="no .venv-vllm: run benches/vllm/setup_venv.sh (vLLM for CPU, ~4 min, 6 GB) to run vLLM's engine tests",
-)
+pytestmark = needs_vllm
 
 # Workloads of issue 23: chats sharing system prompts, prompts diverging inside a block,
 # chunked prefill, and a budget that forces preemption and eviction.
@@ -55,6 +52,15 @@ def run_engine(tmp_path: Path, name: str, args: list[str]) -> dict:
     )
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return json.loads(out.read_text())
+
+
+def run_check(script: str) -> dict:
+    """Runs a check script of benches/vllm/ in the vLLM venv; its JSON summary (last line)."""
+    proc = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "benches" / "vllm" / script)], capture_output=True, text=True, timeout=900, cwd=ROOT
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def max_logprob_diff(a: dict, b: dict) -> float:
@@ -122,11 +128,7 @@ def test_kv_events_replay_to_the_blocks_kvalloc_holds() -> None:
     """vLLM's BlockStored/BlockRemoved events, drained by its scheduler each step, replay to
     exactly the blocks kvalloc caches, and every stored block's token ids are a block the run
     computed (``benches/vllm/events_check.py``)."""
-    proc = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "benches/vllm/events_check.py")], capture_output=True, text=True, timeout=900, cwd=ROOT
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    summary = run_check("events_check.py")
     print(f"events: {summary}")
     assert summary["problems"] == [] and summary["removed"] > 0
 
@@ -134,8 +136,4 @@ def test_kv_events_replay_to_the_blocks_kvalloc_holds() -> None:
 def test_cache_salts_keep_tenants_apart() -> None:
     """The same prompt under another ``cache_salt`` (or none) is served nothing from a salted
     request's blocks; under its own salt it is (``benches/vllm/salt_check.py``)."""
-    proc = subprocess.run(
-        [str(VLLM_PYTHON), str(ROOT / "benches/vllm/salt_check.py")], capture_output=True, text=True, timeout=900, cwd=ROOT
-    )
-    print(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    print(f"cached tokens: {run_check('salt_check.py')}")

@@ -16,13 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tiny import llm_kwargs  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
-
-MODEL = Path(__file__).resolve().parent / "tiny-gemma3"
 
 
 def counters(llm) -> dict[str, float]:
@@ -52,18 +50,11 @@ def main() -> None:
 
     from vllm import LLM, SamplingParams
 
-    kwargs = dict(
-        model=str(MODEL),
-        load_format="dummy",
-        skip_tokenizer_init=True,
+    kwargs = llm_kwargs(
         enable_prefix_caching=not args.no_prefix_caching,
         dtype=args.dtype,
-        seed=0,
-        enforce_eager=True,
         num_gpu_blocks_override=args.blocks,
-        block_size=32,
         max_model_len=args.max_model_len,
-        gpu_memory_utilization=0.05,
         disable_log_stats=False,
     )
     if args.max_batched_tokens:

@@ -9,13 +9,12 @@ exits non-zero on a mismatch.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from tiny import llm_kwargs  # noqa: E402
 from workloads import WORKLOADS  # noqa: E402
 
 
@@ -24,18 +23,12 @@ def main() -> int:
     from vllm.distributed.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
     llm = LLM(
-        model=str(Path(__file__).resolve().parent / "tiny-gemma3"),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        dtype="float32",
-        seed=0,
-        enforce_eager=True,
-        num_gpu_blocks_override=56,
-        block_size=32,
-        max_model_len=512,
-        gpu_memory_utilization=0.05,
-        scheduler_cls="kvalloc.vllm.KvallocScheduler",
-        kv_events_config={"enable_kv_cache_events": True, "publisher": "null"},
+        **llm_kwargs(
+            num_gpu_blocks_override=56,
+            max_model_len=512,
+            scheduler_cls="kvalloc.vllm.KvallocScheduler",
+            kv_events_config={"enable_kv_cache_events": True, "publisher": "null"},
+        )
     )
     manager = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
     drained = []

@@ -9,29 +9,23 @@ when isolation or reuse fails.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tiny import llm_kwargs  # noqa: E402
 
 
 def main() -> int:
     from vllm import LLM, SamplingParams
 
     llm = LLM(
-        model=str(Path(__file__).resolve().parent / "tiny-gemma3"),
-        load_format="dummy",
-        skip_tokenizer_init=True,
-        dtype="float32",
-        seed=0,
-        enforce_eager=True,
-        num_gpu_blocks_override=128,
-        block_size=32,
-        max_model_len=1024,
-        gpu_memory_utilization=0.05,
-        scheduler_cls="kvalloc.vllm.KvallocScheduler",
-        additional_config={"kvalloc": {"verify": True}},
+        **llm_kwargs(
+            num_gpu_blocks_override=128,
+            scheduler_cls="kvalloc.vllm.KvallocScheduler",
+            additional_config={"kvalloc": {"verify": True}},
+        )
     )
     sp = SamplingParams(max_tokens=2, temperature=0.0, detokenize=False, ignore_eos=True)
     prompt = list(range(10, 300))

@@ -122,7 +122,7 @@ class BlockPoolView:
         return m.kv.room_bytes() // m.geometry.page_bytes
 
     def get_usage(self) -> float:
-        return self._manager.usage
+        return 1.0 - self.get_num_free_blocks() / (self.num_gpu_blocks - 1)
 
 
 class KvallocKVCacheManager:
@@ -370,10 +370,8 @@ class KvallocKVCacheManager:
     @property
     def usage(self) -> float:
         """Blocks held by running requests, as a share of all blocks (cached blocks nobody
-        runs are free to take, as in vLLM's pool)."""
-        stats = self.kv.stats()
-        running = sum(g["running"] for g in stats["groups"])
-        return running / (self.geometry.num_blocks - 1)
+        runs are free to take, as in vLLM's pool): one call, not a `stats()` dict per step."""
+        return self.block_pool.get_usage()
 
     # -- release -------------------------------------------------------------------------------
 
