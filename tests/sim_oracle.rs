@@ -1,12 +1,13 @@
 //! The clairvoyant reference (`Eviction::Oracle`): on a unit-size toy it equals Belady's MIN
-//! computed by a small independent implementation, and no online policy beats it on the bundled
-//! conversation trace.
+//! computed by a small independent implementation, whether the prompts are block ids (trace
+//! files) or token ids (the generators' prompts), and no online policy beats it on the bundled
+//! conversation trace nor, for the dense policy, on generated workloads.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use kvalloc::sim::{
-    readers, Content, RunConfig, ServiceModel, SimReport, Simulator, Trace, TraceRequest,
+    generate, readers, Content, RunConfig, ServiceModel, SimReport, Simulator, Trace, TraceRequest,
 };
 use kvalloc::{Eviction, KVCacheManager, ManagerConfig, ModelSpec, Policy};
 
@@ -83,7 +84,26 @@ fn toy_trace(prompts: &[Vec<u64>]) -> Trace {
         block_tokens: B,
         requests,
         streams: vec![],
+        spread: None,
     }
+}
+
+/// The same toy with token-id prompts, as the generators write them: block k of a prompt is
+/// `B` tokens derived from its id, then one token of its own. Each request has its own stream
+/// (its output is opaque).
+fn toy_stream_trace(prompts: &[Vec<u64>]) -> Trace {
+    let mut t = toy_trace(prompts);
+    for (i, (r, ids)) in t.requests.iter_mut().zip(prompts).enumerate() {
+        let mut tokens: Vec<i64> = ids
+            .iter()
+            .flat_map(|&id| (0..i64::from(B)).map(move |j| id as i64 * 100 + j))
+            .collect();
+        tokens.push(1_000_000 + i as i64);
+        r.content = Content::Stream(t.streams.len() as u32);
+        t.streams.push(tokens);
+    }
+    t.block_tokens = 0;
+    t
 }
 
 /// Belady's MIN over blocks (a block is a prefix of ids), written independently of the manager.
@@ -134,18 +154,21 @@ fn oracle_equals_belady_min_on_unit_blocks() {
         let m = KVCacheManager::new(spec.clone(), bytes, config).unwrap();
         let capacity = m.arena().available(0).unwrap() as usize;
         let prompts = toy_prompts(seed, n);
-        let sim = Simulator::new(spec.clone(), Arc::new(toy_trace(&prompts)), B).unwrap();
-        let oracle = run(&sim, Policy::Dense, Eviction::Oracle, bytes);
-        assert_eq!((oracle.completed, oracle.rejected), (n as u64, 0));
         let expected = belady_hits(&prompts, capacity);
-        assert_eq!(
-            oracle.hit_tokens,
-            expected * u64::from(B),
-            "seed {seed}, {capacity} blocks"
-        );
-        for e in [Eviction::Lru, Eviction::Value] {
-            let online = run(&sim, Policy::Dense, e, bytes);
-            assert!(online.hit_tokens <= oracle.hit_tokens, "{e:?} seed {seed}");
+        for trace in [toy_trace(&prompts), toy_stream_trace(&prompts)] {
+            let sim = Simulator::new(spec.clone(), Arc::new(trace), B).unwrap();
+            let oracle = run(&sim, Policy::Dense, Eviction::Oracle, bytes);
+            assert_eq!((oracle.completed, oracle.rejected), (n as u64, 0));
+            assert_eq!(
+                oracle.hit_tokens,
+                expected * u64::from(B),
+                "seed {seed}, {capacity} blocks, {:?}",
+                sim.trace().requests[0].content
+            );
+            for e in [Eviction::Lru, Eviction::Value] {
+                let online = run(&sim, Policy::Dense, e, bytes);
+                assert!(online.hit_tokens <= oracle.hit_tokens, "{e:?} seed {seed}");
+            }
         }
     }
 }
@@ -154,7 +177,7 @@ fn oracle_equals_belady_min_on_unit_blocks() {
 fn conversation(n: usize) -> Trace {
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(TRACE)).unwrap();
     let head: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
-    readers::parse_trace(&head, "conversation-head", None).unwrap()
+    readers::parse_trace(&head, "conversation-head", readers::ReadOptions::default()).unwrap()
 }
 
 #[test]
@@ -178,6 +201,36 @@ fn no_online_policy_beats_the_oracle_on_the_conversation_trace() {
                 online.hit_rate(),
                 oracle.hit_rate()
             );
+        }
+    }
+}
+
+#[test]
+fn no_online_policy_beats_the_dense_oracle_on_generated_workloads() {
+    // Budgets at which every request fits (no rejection reshapes the traffic), small enough
+    // that eviction decides the hit rate.
+    for (kind, size, budgets) in [("chat", 60, [8u64, 16]), ("shared-prompt", 400, [4, 8])] {
+        let trace = generate::generate(kind, 3, Some(size)).unwrap();
+        let sim = Simulator::new(
+            ModelSpec::preset("mimo-v2.5-pro").unwrap(),
+            Arc::new(trace),
+            128,
+        )
+        .unwrap();
+        for gib in budgets {
+            let oracle = run(&sim, Policy::Dense, Eviction::Oracle, gib << 30);
+            assert_eq!(oracle.rejected, 0, "{kind} at {gib} GiB");
+            assert!(oracle.hit_tokens <= oracle.upper_bound_hit_tokens);
+            for e in [Eviction::Lru, Eviction::Value] {
+                let online = run(&sim, Policy::Dense, e, gib << 30);
+                assert!(
+                    online.hit_tokens < oracle.hit_tokens,
+                    "{} reaches the oracle on {kind} at {gib} GiB: {} vs {}",
+                    e.name(),
+                    online.hit_rate(),
+                    oracle.hit_rate()
+                );
+            }
         }
     }
 }

@@ -26,7 +26,7 @@ fn unbounded(trace: &Trace) -> u64 {
 fn conversation(n: usize) -> Trace {
     let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(TRACE)).unwrap();
     let head: String = text.lines().take(n).map(|l| format!("{l}\n")).collect();
-    readers::parse_trace(&head, "conversation-head", None).unwrap()
+    readers::parse_trace(&head, "conversation-head", readers::ReadOptions::default()).unwrap()
 }
 
 fn cfg(policy: Policy, device_bytes: u64) -> RunConfig {

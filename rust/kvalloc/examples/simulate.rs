@@ -19,7 +19,7 @@ fn main() -> Result<(), kvalloc::Error> {
     let gib: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024.0);
     let block_tokens: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(128);
     let eviction = Eviction::parse(args.get(3).map_or("value", String::as_str))?;
-    let trace = readers::read_trace(&path, None)?;
+    let trace = readers::read_trace(&path, readers::ReadOptions::default())?;
     let sim = Simulator::new(
         ModelSpec::preset("mimo-v2.5-pro")?,
         trace.into(),

@@ -4,6 +4,7 @@
 //!
 //! - [`trace`]: the trace model (block-id or token-id prompts) and block-id splitting;
 //! - [`readers`]: Mooncake JSONL and the generic JSONL (formats documented there);
+//! - [`spread`]: block-id traces whose ids stand for varying numbers of tokens;
 //! - [`generate`]: seeded synthetic traffic (multi-turn chat, agent loops, shared prompts);
 //! - [`service`]: the service model (prefill and decode throughput) that makes requests overlap;
 //! - [`overlap`]: the overlap model that prices loads from the lower tiers;
@@ -49,6 +50,7 @@ pub mod replay;
 pub mod report;
 pub mod rng;
 pub mod service;
+pub mod spread;
 pub mod trace;
 
 use std::sync::{Arc, OnceLock};
@@ -59,7 +61,8 @@ pub use overlap::OverlapModel;
 pub use replay::{Progress, RunConfig, TierBudget};
 pub use report::{SimReport, TierTraffic};
 pub use service::ServiceModel;
-pub use trace::{Content, Trace, TraceRequest};
+pub use spread::SpreadStats;
+pub use trace::{Content, Span, Trace, TraceRequest};
 
 use crate::error::{Error, Result};
 use crate::eviction::{Eviction, FutureUses};
@@ -71,8 +74,8 @@ pub struct Simulator {
     spec: ModelSpec,
     trace: Arc<Trace>,
     block_tokens: u32,
-    /// Whole-block ids of block-id prompts at `block_tokens`, flat; `offsets[i]..offsets[i+1]`
-    /// is request i's (empty for token-id prompts).
+    /// Whole-block ids of block-id and spans prompts at `block_tokens`, flat;
+    /// `offsets[i]..offsets[i+1]` is request i's (empty for token-id prompts).
     ids: Vec<u64>,
     offsets: Vec<usize>,
     bound: Bound,
@@ -91,14 +94,16 @@ impl Simulator {
         let mut offsets = Vec::with_capacity(trace.requests.len() + 1);
         offsets.push(0);
         for r in &trace.requests {
-            if let Content::Blocks(b) = &r.content {
-                trace::sim_block_ids(
+            match &r.content {
+                Content::Blocks(b) => trace::sim_block_ids(
                     b,
                     trace.block_tokens,
                     r.prompt_tokens,
                     block_tokens,
                     &mut ids,
-                )?;
+                )?,
+                Content::Spans(s) => spread::block_ids(s, r.prompt_tokens, block_tokens, &mut ids),
+                Content::Stream(_) => {}
             }
             offsets.push(ids.len());
         }
@@ -115,10 +120,12 @@ impl Simulator {
         Ok(sim)
     }
 
-    /// Request i's whole-block ids (block-id prompts), else None.
+    /// Request i's whole-block ids (block-id and spans prompts), else None.
     fn block_ids(&self, i: usize) -> Option<&[u64]> {
         match self.trace.requests[i].content {
-            Content::Blocks(_) => Some(&self.ids[self.offsets[i]..self.offsets[i + 1]]),
+            Content::Blocks(_) | Content::Spans(_) => {
+                Some(&self.ids[self.offsets[i]..self.offsets[i + 1]])
+            }
             Content::Stream(_) => None,
         }
     }

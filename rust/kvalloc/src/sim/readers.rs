@@ -6,6 +6,15 @@
 //! the prompt, the last block possibly partial. Timestamps are milliseconds, as numbers or
 //! numeric strings, or date-times such as `"2024-05-01 12:00:03.250"` (UTC; seconds).
 //!
+//! ## Ids of varying token counts
+//! Some traces of this shape give each id no fixed number of tokens (`input_length /
+//! len(hash_ids)` varies within the file). Read them with [`TokensPerId::Spread`]: each prompt's
+//! tokens are spread over its ids by the rule in [`spread`](super::spread), which keeps equal id
+//! prefixes equal token prefixes. It applies to every block-id line (`hash_ids`, or the generic
+//! format's `block_hashes`); such a line then needs 1 to `input_length` ids. The default,
+//! [`TokensPerId::Exact`], checks each line against `block_tokens` and says when it does not fit.
+//! The mode is not guessed from the file: a mistyped exact trace should fail, not be spread.
+//!
 //! ## Generic JSONL
 //! One request per line:
 //!
@@ -43,21 +52,80 @@ pub enum TraceFormat {
 /// Tokens per trace block when a block-id trace does not say (Mooncake's).
 pub const DEFAULT_TRACE_BLOCK_TOKENS: u32 = 512;
 
+/// How many tokens a block id of the trace stands for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum TokensPerId {
+    /// `block_tokens` each, the last id of a prompt possibly fewer.
+    #[default]
+    Exact,
+    /// Varying: each prompt's tokens are spread over its ids (see [`spread`](super::spread)).
+    Spread,
+}
+
+impl TokensPerId {
+    /// `"exact"` or `"spread"`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "exact" => Ok(TokensPerId::Exact),
+            "spread" => Ok(TokensPerId::Spread),
+            other => Err(Error::invalid(
+                "tokens_per_id",
+                format!("unknown mode {other:?}; expected \"exact\" or \"spread\""),
+            )),
+        }
+    }
+
+    /// The name [`parse`](Self::parse) reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            TokensPerId::Exact => "exact",
+            TokensPerId::Spread => "spread",
+        }
+    }
+}
+
+/// How to read a trace file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Tokens per trace block of exact block-id traces (None: 512). Given with
+    /// [`TokensPerId::Spread`], an error.
+    pub block_tokens: Option<u32>,
+    /// What a block id stands for.
+    pub tokens_per_id: TokensPerId,
+}
+
+impl ReadOptions {
+    /// Exact ids of `block_tokens` tokens (None: 512).
+    pub fn exact(block_tokens: Option<u32>) -> Self {
+        ReadOptions {
+            block_tokens,
+            tokens_per_id: TokensPerId::Exact,
+        }
+    }
+}
+
 /// Reads a trace file; the format is detected from the first request line (`hash_ids` means
-/// Mooncake). `block_tokens`: tokens per trace block of block-id traces (default 512).
-pub fn read_trace(path: &Path, block_tokens: Option<u32>) -> Result<Trace> {
+/// Mooncake).
+pub fn read_trace(path: &Path, opts: ReadOptions) -> Result<Trace> {
     let text = crate::files::read_text(path)
         .map_err(|e| Error::invalid("trace", format!("cannot read {}: {e}", path.display())))?;
     let name = path.file_name().map_or_else(
         || path.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
-    parse_trace(&text, &name, block_tokens)
+    parse_trace(&text, &name, opts)
 }
 
 /// Parses trace text (see [`read_trace`]); `name` labels errors and reports.
-pub fn parse_trace(text: &str, name: &str, block_tokens: Option<u32>) -> Result<Trace> {
-    let block_tokens = block_tokens.unwrap_or(DEFAULT_TRACE_BLOCK_TOKENS);
+pub fn parse_trace(text: &str, name: &str, opts: ReadOptions) -> Result<Trace> {
+    let spread = opts.tokens_per_id == TokensPerId::Spread;
+    if spread && opts.block_tokens.is_some() {
+        return Err(Error::invalid(
+            "trace_block_tokens",
+            "applies to exact traces; a spread trace's ids have no fixed token count",
+        ));
+    }
+    let block_tokens = opts.block_tokens.unwrap_or(DEFAULT_TRACE_BLOCK_TOKENS);
     if block_tokens == 0 {
         return Err(Error::invalid("trace_block_tokens", "must be positive"));
     }
@@ -75,6 +143,7 @@ pub fn parse_trace(text: &str, name: &str, block_tokens: Option<u32>) -> Result<
     let mut p = Parser {
         name,
         block_tokens,
+        spread,
         format,
         trace: Trace {
             name: name.to_string(),
@@ -104,6 +173,11 @@ pub fn parse_trace(text: &str, name: &str, block_tokens: Option<u32>) -> Result<
     trace
         .requests
         .sort_by(|a, b| a.arrival.total_cmp(&b.arrival));
+    if spread {
+        // In arrival order: an id's count is fixed where it first appears.
+        trace.spread = Some(super::spread::spread(&mut trace));
+        trace.block_tokens = 0;
+    }
     trace.validate()?;
     Ok(trace)
 }
@@ -111,6 +185,8 @@ pub fn parse_trace(text: &str, name: &str, block_tokens: Option<u32>) -> Result<
 struct Parser<'a> {
     name: &'a str,
     block_tokens: u32,
+    /// Block-id lines are spread (checked for 1 to `prompt` ids), not exact.
+    spread: bool,
     format: TraceFormat,
     trace: Trace,
     sessions: HashMap<String, u64>,
@@ -304,6 +380,19 @@ impl Parser<'_> {
     }
 
     fn check_blocks(&self, n: usize, field: &str, ids: usize, prompt: u64) -> Result<()> {
+        if self.spread {
+            return match ids as u64 {
+                0 => Err(self.err(n, field, format!("no ids for a {prompt}-token prompt"))),
+                k if k > prompt => Err(self.err(
+                    n,
+                    field,
+                    format!(
+                        "{k} ids for a {prompt}-token prompt: each id covers at least one token"
+                    ),
+                )),
+                _ => Ok(()),
+            };
+        }
         let t = u64::from(self.block_tokens);
         let (whole, all) = (prompt / t, prompt.div_ceil(t));
         if (ids as u64) < whole || ids as u64 > all {
@@ -312,7 +401,8 @@ impl Parser<'_> {
                 field,
                 format!(
                     "{ids} ids for a {prompt}-token prompt; blocks of {t} tokens need {whole} \
-                     or {all} (is --trace-block-tokens right?)"
+                     or {all} (is --trace-block-tokens right? ids of varying token counts need \
+                     --trace-tokens-per-id spread)"
                 ),
             ));
         }
@@ -362,7 +452,7 @@ mod tests {
 
 {"timestamp": "1000", "input_length": 512, "output_length": 0, "hash_ids": [1]}
 "#;
-        let t = parse_trace(text, "m.jsonl", None).unwrap();
+        let t = parse_trace(text, "m.jsonl", ReadOptions::default()).unwrap();
         assert_eq!(t.requests.len(), 2);
         // Sorted by time and relative to the first: ms -> s.
         assert_eq!(t.requests[0].arrival, 0.0);
@@ -370,8 +460,61 @@ mod tests {
         assert_eq!(t.requests[1].content, Content::Blocks(vec![1, 2]));
         let dt = r#"{"timestamp": "2024-05-01 12:00:03.5", "input_length": 10, "output_length": 1, "hash_ids": ["a"]}
 {"timestamp": "2024-05-01T12:00:01Z", "input_length": 10, "output_length": 1, "hash_ids": ["b"]}"#;
-        let t = parse_trace(dt, "d.jsonl", None).unwrap();
+        let t = parse_trace(dt, "d.jsonl", ReadOptions::default()).unwrap();
         assert_eq!(t.requests[1].arrival, 2.5);
+    }
+
+    #[test]
+    fn spread_lines_fit_any_ratio_and_bad_ones_name_the_line() {
+        let spread = ReadOptions {
+            block_tokens: None,
+            tokens_per_id: TokensPerId::Spread,
+        };
+        // 6 and 106 tokens per id in one file: exact at 512 refuses it.
+        let text = r#"{"timestamp": 0, "input_length": 18, "output_length": 1, "hash_ids": [1, 2, 3]}
+{"timestamp": 1, "input_length": 212, "output_length": 1, "hash_ids": [1, 4]}"#;
+        let e = parse_trace(text, "v.jsonl", ReadOptions::default()).unwrap_err();
+        assert!(
+            e.to_string().contains("--trace-tokens-per-id spread"),
+            "{e}"
+        );
+        let t = parse_trace(text, "v.jsonl", spread).unwrap();
+        assert_eq!(t.block_tokens, 0);
+        let st = t.spread.unwrap();
+        assert_eq!((st.min_tokens_per_id, st.max_tokens_per_id), (6.0, 106.0));
+        let Content::Spans(s) = &t.requests[1].content else {
+            panic!("{:?}", t.requests[1].content)
+        };
+        assert_eq!((s[0].id, s[0].tokens, s[1].tokens), (1, 6, 206));
+        let bad = [
+            (r#""input_length": 10, "hash_ids": []"#, "no ids"),
+            (
+                r#""input_length": 2, "hash_ids": [1, 2, 3]"#,
+                "at least one token",
+            ),
+            (r#""input_length": 0, "hash_ids": [1]"#, "`input_length`"),
+            (
+                r#""input_length": 10, "hash_ids": [1, null]"#,
+                "`hash_ids[1]`",
+            ),
+        ];
+        for (fields, what) in bad {
+            let line = format!(r#"{{"timestamp": 0, "output_length": 1, {fields}}}"#);
+            let e = parse_trace(&format!("{text}\n{line}"), "v.jsonl", spread)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("v.jsonl line 3") && e.contains(what), "{e}");
+        }
+        let both = ReadOptions {
+            block_tokens: Some(16),
+            ..spread
+        };
+        assert!(parse_trace(text, "v.jsonl", both)
+            .unwrap_err()
+            .to_string()
+            .contains("exact traces"));
+        assert_eq!(TokensPerId::parse("spread").unwrap(), TokensPerId::Spread);
+        assert!(TokensPerId::parse("auto").is_err());
     }
 
     #[test]
@@ -387,7 +530,7 @@ mod tests {
         let text = r#"{"timestamp": 0, "session": "a", "tokens": [1, 2, 3], "output": [4, 5]}
 {"timestamp": 2.5, "session": "a", "tokens": [1, 2, 3, 4, 5, 6], "output_tokens": 3}
 {"timestamp": 3, "block_hashes": ["x", 9], "prompt_tokens": 20, "output_tokens": 1}"#;
-        let t = parse_trace(text, "g.jsonl", Some(16)).unwrap();
+        let t = parse_trace(text, "g.jsonl", ReadOptions::exact(Some(16))).unwrap();
         assert_eq!(t.requests.len(), 3);
         let r0 = &t.requests[0];
         assert_eq!(
@@ -401,7 +544,7 @@ mod tests {
     }
 
     fn error_of(text: &str) -> String {
-        parse_trace(text, "bad.jsonl", None)
+        parse_trace(text, "bad.jsonl", ReadOptions::default())
             .unwrap_err()
             .to_string()
     }
@@ -462,9 +605,11 @@ mod tests {
             let e = error_of(bad);
             assert!(e.contains("bad.jsonl line 1") && e.contains(field), "{e}");
         }
-        assert!(read_trace(Path::new("/nonexistent/t.jsonl"), None)
-            .unwrap_err()
-            .to_string()
-            .contains("cannot read"));
+        assert!(
+            read_trace(Path::new("/nonexistent/t.jsonl"), ReadOptions::default())
+                .unwrap_err()
+                .to_string()
+                .contains("cannot read")
+        );
     }
 }

@@ -6,6 +6,10 @@
 //!   positions after equal prefixes mean equal KV; the replay chains ids, so a match is always
 //!   on the whole sequence of ids, never on one id alone, whether or not the trace's ids are
 //!   prefix-chained already. Output tokens are opaque: nothing later can match them.
+//! - **spans** (`Content::Spans`): block ids that stand for varying numbers of tokens, each with
+//!   the count it covers in this prompt (see `spread`: how a trace's tokens are spread over its
+//!   ids). The same id always yields the same tokens, so equal id prefixes are equal token
+//!   prefixes; the replay hashes the synthesized tokens at its own block size.
 //! - **token ids** (`Content::Stream`): a prefix of a token stream shared by the turns of one
 //!   conversation, so that the next turn's prompt contains the previous turn's prompt *and*
 //!   output. When the stream is long enough, the request's output tokens are the stream's next
@@ -34,8 +38,19 @@ use crate::hash;
 pub enum Content {
     /// One id per trace block (`Trace::block_tokens` tokens; the last may be partial).
     Blocks(Vec<u64>),
+    /// Ids of varying token counts, in prompt order; the counts sum to the prompt's length.
+    Spans(Vec<Span>),
     /// Index into `Trace::streams`: the prompt is the stream's first `prompt_tokens` ids.
     Stream(u32),
+}
+
+/// A run of tokens named by one trace id: its first `tokens` tokens (see `spread::token`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// The trace's id.
+    pub id: u64,
+    /// Tokens it covers in this prompt (positive).
+    pub tokens: u64,
 }
 
 /// One request of a trace.
@@ -59,12 +74,14 @@ pub struct TraceRequest {
 pub struct Trace {
     /// Where it came from (a file name or a generator), for reports.
     pub name: String,
-    /// Tokens per block of `Content::Blocks` prompts.
+    /// Tokens per block of `Content::Blocks` prompts (0 when there are none).
     pub block_tokens: u32,
     /// The requests, sorted by arrival (ties keep their order in the source).
     pub requests: Vec<TraceRequest>,
     /// Token streams (`Content::Stream` indexes them).
     pub streams: Vec<Vec<i64>>,
+    /// How the tokens of a spread trace were assigned to its ids (None for other traces).
+    pub spread: Option<super::spread::SpreadStats>,
 }
 
 impl Trace {
@@ -122,6 +139,18 @@ impl Trace {
                         )));
                     }
                 }
+                Content::Spans(spans) => {
+                    let total = spans.iter().try_fold(0u64, |t, s| {
+                        (s.tokens > 0).then(|| t.checked_add(s.tokens)).flatten()
+                    });
+                    if total != Some(r.prompt_tokens) {
+                        return Err(bad(format!(
+                            "{} spans do not cover the {}-token prompt with positive counts",
+                            spans.len(),
+                            r.prompt_tokens
+                        )));
+                    }
+                }
                 Content::Stream(s) => match self.streams.get(*s as usize) {
                     Some(st) if st.len() as u64 >= r.prompt_tokens => {}
                     _ => {
@@ -139,7 +168,7 @@ impl Trace {
     pub fn prompt_token_ids(&self, r: &TraceRequest) -> Option<&[i64]> {
         match r.content {
             Content::Stream(s) => Some(&self.streams[s as usize][..r.prompt_tokens as usize]),
-            Content::Blocks(_) => None,
+            Content::Blocks(_) | Content::Spans(_) => None,
         }
     }
 
@@ -151,7 +180,7 @@ impl Trace {
                 let (p, o) = (r.prompt_tokens as usize, r.output_tokens as usize);
                 st.get(p..p + o)
             }
-            Content::Blocks(_) => None,
+            Content::Blocks(_) | Content::Spans(_) => None,
         }
     }
 }
@@ -230,6 +259,7 @@ mod tests {
                 content: Content::Blocks(vec![1]),
             }],
             streams: vec![],
+            spread: None,
         };
         let e = t.validate().unwrap_err().to_string();
         assert!(e.contains("request 0") && e.contains("1 block ids"), "{e}");
