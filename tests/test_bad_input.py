@@ -568,7 +568,7 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "KVCacheManager.take_events": (lambda w: w.m.take_events(), 0),
     "KVCacheManager.cached_blocks": (lambda w: w.m.cached_blocks(), 0),
     "KVCacheManager.reset_prefix_cache": (lambda w: w.m.reset_prefix_cache(), 0),
-    "Trace.load": (lambda w, a, b: Trace.load(a, b), st.tuples(bad_paths, bad_values)),
+    "Trace.load": (lambda w, a, b, c: Trace.load(a, b, c), st.tuples(bad_paths, bad_values, bad_values)),
     "Trace.generate": (lambda w, a, b, c: Trace.generate(a, b, c),
                        st.tuples(st.one_of(st.sampled_from(["chat", "agent", "shared-prompt"]), bad_values), bad_values, bad_sizes)),
     "Trace.generators": (lambda w: Trace.generators(), 0),
@@ -719,12 +719,17 @@ def paths(tmp_path) -> dict[str, str]:
     os.mkfifo(fifo_in) if hasattr(os, "mkfifo") else fifo_in.write_text("")
     bad_trace = tmp_path / "bad.jsonl"
     bad_trace.write_text('{"timestamp": "soon", "input_length": 10, "output_length": 1, "hash_ids": [1]}\n')
+    no_ids = tmp_path / "no_ids.jsonl"
+    no_ids.write_text('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": []}\n')
+    more_ids = tmp_path / "more_ids.jsonl"
+    more_ids.write_text('{"timestamp": 0, "input_length": 2, "output_length": 1, "hash_ids": [1, 2, 3]}\n')
     bad_config = tmp_path / "config.json"
     bad_config.write_text('{"num_hidden_layers": 4, "full_attention_interval": 4, "num_attention_heads": 2, "head_dim": 4}')
     (tmp_path / "dir.png").mkdir()
     return {"fifo_out": str(fifo), "fifo_in": str(fifo_in), "dir": str(tmp_path), "dir_png": str(tmp_path / "dir.png"),
             "missing_parent": str(tmp_path / "no" / "such" / "x.png"), "missing": str(tmp_path / "no.jsonl"),
-            "bad_trace": str(bad_trace), "config": str(bad_config), "no_suffix": str(tmp_path / "plot")}
+            "bad_trace": str(bad_trace), "config": str(bad_config), "no_suffix": str(tmp_path / "plot"),
+            "no_ids": str(no_ids), "more_ids": str(more_ids)}
 
 
 # Bad values for every option of every subcommand: option -> list of argv tails (with
@@ -747,6 +752,11 @@ CLI_BAD: dict[tuple[str, str], list[list[str]]] = {
     ("simulate", "--seed"): [["--generator", "chat", "--seed", v] for v in ("-1", str(2**64), "1.5", "x")],
     ("simulate", "--size"): [["--generator", "chat", "--size", v] for v in ("0", "-5", str(2**32), "10000000", "nan")],
     ("simulate", "--trace-block-tokens"): [["--trace-block-tokens", v] for v in ("0", "-1", str(2**32), "x")],
+    ("simulate", "--trace-tokens-per-id"): [["--trace-tokens-per-id", "auto"], ["--trace-tokens-per-id"],
+                                            ["--trace-tokens-per-id", "spread", "--trace-block-tokens", "16"],
+                                            [*SIM, "--trace-tokens-per-id", "spread"],
+                                            ["--trace", "{no_ids}", "--trace-tokens-per-id", "spread"],
+                                            ["--trace", "{more_ids}", "--trace-tokens-per-id", "spread"]],
     ("simulate", "--block-tokens"): [[*SIM, "--block-tokens", v] for v in ("0", "-1", str(2**32), "x")],
     ("simulate", "--policy"): [[*SIM, "--policy", "nope"]],
     ("simulate", "--eviction"): [[*SIM, "--eviction", "nope"]],
@@ -765,6 +775,7 @@ CLI_BAD: dict[tuple[str, str], list[list[str]]] = {
     ("simulate", "--tolerance"): [[*SIM, "--tolerance", v] for v in ("0", "-0.1", "nan", "inf", "2", "x")],
     ("sweep", "--budgets"): [[*SIM, "--budgets", v] for v in ("1MiB,,2MiB", "", ",", "-1GiB", "0", "x", "1GiB,-2GiB")],
     ("sweep", "--plot"): [[*SIM, "--plot", "{dir}"], [*SIM, "--plot", "{missing_parent}"]],
+    ("sweep", "--oracle"): [[*SIM, "--oracle=1"], [*SIM, "--oracle", "--budgets", "0"]],
 }
 # sweep shares simulate's source options (same code): a few of them again through sweep.
 CLI_BAD[("sweep", "simulate's options")] = [[*SIM, "--host", "-1GiB"], [*SIM, "--tolerance", "0.1"]]

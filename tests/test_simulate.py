@@ -228,3 +228,119 @@ def test_simulate_oracle_row_is_a_reference_no_policy_beats(tmp_path, capsys):
     # A manager has no future to read: the oracle is the simulator's alone.
     with pytest.raises(InvalidArgumentError, match="oracle"):
         kvalloc.KVCacheManager(MIMO, 1 << 30, eviction="oracle")
+
+
+def test_sweep_oracle_per_budget_in_table_json_and_plot(tmp_path, capsys):
+    # A generated workload: the oracle is the simulator's, whatever the trace's source.
+    args = ["sweep", "--generator", "chat", "--size", "30", "--budgets", "2GiB,8GiB", "--oracle",
+            "--policy", "dense"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [(o["policy"], o["device_bytes"], o["eviction"]) for o in out["oracle"]] == [
+        ("dense", 2 << 30, "oracle"), ("dense", 8 << 30, "oracle")]
+    for r, o in zip(out["runs"], out["oracle"]):
+        assert r["eviction"] == "lru"
+        assert r["oracle_hit_rate"] == o["hit_rate"] > 0
+        assert r["oracle_share"] == pytest.approx(r["hit_rate"] / o["hit_rate"])
+        assert r["hit_rate"] <= o["hit_rate"] <= o["upper_bound_hit_rate"]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "oracle" in text and "share" in text
+    row = next(line for line in text.splitlines() if line.strip().startswith("2 GiB"))
+    r = out["runs"][0]
+    assert f"{r['hit_rate']:.2%}" in row and f"{r['oracle_hit_rate']:.2%}" in row
+    assert f"{r['oracle_share']:.1%}" in row
+    # Without --oracle: no second replay, no oracle anywhere.
+    assert main(["sweep", "--generator", "chat", "--size", "30", "--budgets", "2GiB", "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert "oracle" not in plain and "oracle_share" not in plain["runs"][0]
+    pytest.importorskip("matplotlib")
+    # The oracle is its own dashed line per policy (matplotlib's SVG keeps each text as a comment).
+    svg = tmp_path / "sweep.svg"
+    assert main([*args, "--policy", "swa-aware", "--plot", str(svg)]) == 0
+    drawing = svg.read_text()
+    assert "dense, oracle eviction" in drawing and "swa-aware, oracle eviction" in drawing
+    assert main(["sweep", "--generator", "chat", "--size", "30", "--budgets", "2GiB,8GiB",
+                 "--plot", str(svg)]) == 0
+    assert "oracle eviction" not in svg.read_text()
+
+
+def varying_trace(path: Path) -> list[tuple[int, list[int]]]:
+    """A Mooncake-style trace whose tokens per hash id vary from 6 to 101 within the file: 8
+    conversations of 4 turns, each turn the previous turn's ids plus new ones. Returns each
+    line's (input_length, hash_ids)."""
+    import random
+
+    rng = random.Random(5)
+    lines, state = [], {s: ([], 0) for s in range(8)}
+    for turn in range(4):
+        for s in range(8):
+            ids, n = state[s]
+            new = rng.randint(1, 10)
+            per = 6 if (turn, s) == (0, 0) else 101 if (turn, s) == (0, 1) else rng.randint(6, 101)
+            ids = ids + [s * 1000 + len(ids) + k for k in range(new)]
+            n += new * per
+            state[s] = (ids, n)
+            lines.append((n, ids))
+    path.write_text("".join(
+        json.dumps({"timestamp": 10_000 * i, "input_length": n, "output_length": 2, "hash_ids": ids}) + "\n"
+        for i, (n, ids) in enumerate(lines)))
+    return lines
+
+
+def test_spread_trace_keeps_totals_and_prefix_sharing(tmp_path, capsys):
+    path = tmp_path / "varying.jsonl"
+    lines = varying_trace(path)
+    ratios = [n / len(ids) for n, ids in lines]
+    assert min(ratios) == 6 and max(ratios) == 101
+    # Exact ids of 512 tokens cannot describe it; the error says what to do.
+    with pytest.raises(InvalidArgumentError, match="--trace-tokens-per-id spread"):
+        Trace.load(path)
+    t = Trace.load(path, tokens_per_id="spread")
+    assert t.prompt_tokens == sum(n for n, _ in lines)
+    assert t.spread == {"requests": 32, "min_tokens_per_id": 6.0, "max_tokens_per_id": 101.0,
+                        "requests_disagreeing": t.spread["requests_disagreeing"],
+                        "requests_cut": 0, "requests_padded": 0}
+    # Each turn repeats its previous turn's ids: an unbounded cache hits the previous prompt's
+    # whole blocks, whatever the tokens per id.
+    for b in (16, 64):
+        prev: dict[int, int] = {}
+        expected = 0
+        for n, ids in lines:
+            s = ids[0] // 1000
+            expected += prev.get(s, 0) // b * b
+            prev[s] = n
+        r = Simulator(MIMO, t, block_tokens=b).run(1 << 40, "dense")
+        assert r["hit_tokens"] == r["upper_bound_hit_tokens"] == expected
+    assert main(["simulate", "--trace", str(path), "--trace-tokens-per-id", "spread", "--device", "1TiB",
+                 "--no-capacity-search", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["trace_tokens_per_id"] == "spread" and out["spread"]["requests"] == 32
+    assert main(["simulate", "--trace", str(path), "--trace-tokens-per-id", "spread", "--device", "1TiB",
+                 "--no-capacity-search"]) == 0
+    assert "hash ids spread over 6.0 to 101.0 tokens per id" in capsys.readouterr().out
+
+
+def test_spread_bad_arguments_and_lines_are_invalid_arguments(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"timestamp": 0, "input_length": 10, "output_length": 1, "hash_ids": [1]}\n')
+    for bad in ("auto", "", 5):
+        with pytest.raises(InvalidArgumentError, match="tokens_per_id"):
+            Trace.load(path, tokens_per_id=bad)
+    with pytest.raises(InvalidArgumentError, match="exact traces"):
+        Trace.load(path, trace_block_tokens=16, tokens_per_id="spread")
+    for fields, what in (('"input_length": 10, "hash_ids": []', "`hash_ids`: no ids"),
+                         ('"input_length": 2, "hash_ids": [1, 2, 3]', "`hash_ids`: .*at least one token"),
+                         ('"input_length": 0, "hash_ids": [1]', "`input_length`: must be positive")):
+        path.write_text('{"timestamp": 0, "output_length": 1, ' + fields + '}\n')
+        with pytest.raises(InvalidArgumentError, match=rf"t\.jsonl line 1, field {what}"):
+            Trace.load(path, tokens_per_id="spread")
+
+
+def test_exact_mode_is_the_default_and_unchanged_on_the_bundled_trace(conversation):
+    exact = Trace.load(default_trace_path(), tokens_per_id="exact")
+    assert conversation.spread is None and exact.spread is None
+    a = Simulator(MIMO, conversation, 512).run(256 << 30, "swa-aware")
+    b = Simulator(MIMO, exact, 512).run(256 << 30, "swa-aware")
+    keys = ("hit_tokens", "prompt_tokens", "upper_bound_hit_tokens", "cached_tokens", "evicted_leaves")
+    assert [a[k] for k in keys] == [b[k] for k in keys]

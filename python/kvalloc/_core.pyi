@@ -425,9 +425,19 @@ class Trace:
     """A request trace, read from a file (Mooncake or generic JSONL) or generated."""
 
     @staticmethod
-    def load(path: str | os.PathLike[str], trace_block_tokens: int | None = None) -> Trace:
+    def load(
+        path: str | os.PathLike[str],
+        trace_block_tokens: int | None = None,
+        tokens_per_id: str | None = None,
+    ) -> Trace:
         """Reads a trace; the format is detected from its first line. A malformed line raises
-        InvalidArgumentError naming the file, the line number and the field."""
+        InvalidArgumentError naming the file, the line number and the field.
+
+        ``tokens_per_id``: what a block id (``hash_ids``, ``block_hashes``) stands for.
+        ``"exact"`` (None): ``trace_block_tokens`` tokens each (default 512), the prompt's last
+        id possibly fewer. ``"spread"``: a varying number; each prompt's tokens are spread over
+        its ids, an id's count fixed where it first appears (see ``spread``);
+        ``trace_block_tokens`` must then be None."""
     @staticmethod
     def generate(kind: str, seed: int | None = None, size: int | None = None) -> Trace:
         """A seeded synthetic trace: "chat", "agent" or "shared-prompt"; ``size`` is sessions
@@ -446,6 +456,13 @@ class Trace:
     def output_tokens(self) -> int: ...
     @property
     def duration_seconds(self) -> float: ...
+    @property
+    def spread(self) -> dict[str, Any] | None:
+        """For a ``tokens_per_id="spread"`` trace, what spreading found: ``requests``,
+        ``min_tokens_per_id`` and ``max_tokens_per_id`` (prompt tokens per id of one request),
+        ``requests_disagreeing`` (an id seen before keeps a count other than the request's own
+        even share), ``requests_cut`` (ids seen before cover more than the prompt) and
+        ``requests_padded`` (fewer: the rest are the request's own). None otherwise."""
 
 @final
 class Simulator:

@@ -32,6 +32,7 @@ DEFAULT_EVICTION = "lru"
 DEFAULT_POLICIES = ("swa-aware", "dense")
 DEFAULT_SWEEP = ("64GiB", "128GiB", "256GiB", "512GiB", "1TiB", "2TiB", "4TiB")
 TIERS = ("host", "disk", "remote")
+TOKENS_PER_ID = ("exact", "spread")
 
 _UNITS = {
     "": 1, "b": 1,
@@ -168,7 +169,13 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str) -> None:
     p.add_argument("--seed", type=int_in(0, U64), default=0, help="generator seed (default 0)")
     p.add_argument("--size", type=int_in(1, U32), help="generator sessions (requests for shared-prompt)")
     p.add_argument("--trace-block-tokens", type=int_in(1, U32),
-                   help="tokens per block of a block-hash trace (default 512, Mooncake's)")
+                   help="tokens per block of an exact block-hash trace (default 512, Mooncake's)")
+    p.add_argument("--trace-tokens-per-id", choices=TOKENS_PER_ID, default="exact",
+                   help="what one hash id of a trace file stands for: exact (default): "
+                        "--trace-block-tokens tokens, the last id of a prompt possibly fewer; "
+                        "spread: a varying number (input_length / ids varies within the file); "
+                        "each prompt's tokens are spread over its ids, an id's count fixed "
+                        "where it first appears (see docs/concepts.md)")
     p.add_argument("--block-tokens", type=int_in(1, U32), default=DEFAULT_BLOCK_TOKENS,
                    help=f"tokens per KV block in the replay (default {DEFAULT_BLOCK_TOKENS})")
     p.add_argument("--policy", action="append", choices=DEFAULT_POLICIES,
@@ -182,6 +189,10 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="service model: prefill tokens per second, whole deployment (default 60000)")
     p.add_argument("--decode-tps", type=positive_float, default=30.0,
                    help="service model: decode tokens per second per request (default 30)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also replay each policy with the clairvoyant eviction order (offline "
+                        "reference: evicts what the trace uses again farthest away; one more "
+                        "replay per run) and report each policy's share of its hit rate")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE.png",
                    help="plot hit rate against budget (needs matplotlib; .png, .svg, .pdf, ...)")
@@ -240,6 +251,12 @@ def check_args(args: argparse.Namespace) -> str | None:
     if getattr(args, "trace", None) is not None:
         if problem := _path_problem("--trace", args.trace):
             return problem
+    if args.trace_tokens_per_id == "spread":
+        if args.trace_block_tokens is not None:
+            return ("--trace-block-tokens applies to exact traces: spread ids have no fixed "
+                    "token count")
+        if args.generator is not None:
+            return "--trace-tokens-per-id applies to trace files, not --generator"
     if args.plot is not None:
         return _plot_problem(args.plot)
     return None
@@ -249,7 +266,8 @@ def _load_trace(args: argparse.Namespace) -> Trace:
     if args.generator is not None:
         return Trace.generate(args.generator, seed=args.seed, size=args.size)
     path = args.trace if args.trace is not None else default_trace_path()
-    return Trace.load(path, trace_block_tokens=args.trace_block_tokens)
+    return Trace.load(path, trace_block_tokens=args.trace_block_tokens,
+                      tokens_per_id=args.trace_tokens_per_id)
 
 
 def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -276,6 +294,8 @@ def _header(spec: ModelSpec, trace: Trace, sim: Simulator, args: argparse.Namesp
                     **{t: getattr(args, t) for t in TIERS}},
         "service": {"prefill_tokens_per_s": args.prefill_tps, "decode_tokens_per_s": args.decode_tps},
         "upper_bound_hit_rate": sim.upper_bound_hit_rate,
+        "trace_tokens_per_id": None if args.generator is not None else args.trace_tokens_per_id,
+        "spread": trace.spread,
     }
 
 
@@ -289,6 +309,12 @@ def _print_header(h: dict[str, Any], budget_text: str) -> None:
         f"prefill {h['service']['prefill_tokens_per_s']:,.0f} tok/s, "
         f"decode {h['service']['decode_tokens_per_s']:,.0f} tok/s per request"
     )
+    if (sp := h["spread"]) is not None:
+        print(
+            f"hash ids spread over {sp['min_tokens_per_id']:,.1f} to {sp['max_tokens_per_id']:,.1f} "
+            f"tokens per id; {sp['requests_disagreeing']:,} requests reuse an id at another count, "
+            f"{sp['requests_cut']:,} cut, {sp['requests_padded']:,} padded"
+        )
     print(f"unbounded-cache upper bound: {h['upper_bound_hit_rate']:.2%} of prompt tokens")
     print()
 
@@ -314,24 +340,46 @@ def _print_runs(runs: Sequence[dict[str, Any]]) -> None:
                   f"read {human_bytes(r['tier_bytes_read'].get(tier, 0))}")
 
 
-def _print_oracle(runs: Sequence[dict[str, Any]], oracle: Sequence[dict[str, Any]], eviction: str) -> None:
+def _attach_oracle(runs: Sequence[dict[str, Any]], oracle: Sequence[dict[str, Any]]) -> None:
+    """Gives each run (same policy and budget, in the same order) its oracle's hit rate and the
+    share of it the run reaches (None when the oracle hits nothing)."""
+    for r, o in zip(runs, oracle, strict=True):
+        assert (r["policy"], r["device_bytes"]) == (o["policy"], o["device_bytes"])
+        r["oracle_hit_rate"] = o["hit_rate"]
+        r["oracle_share"] = r["hit_rate"] / o["hit_rate"] if o["hit_rate"] else None
+
+
+def _share_text(r: dict[str, Any]) -> str:
+    return "-" if r["oracle_share"] is None else f"{r['oracle_share']:.1%}"
+
+
+def _print_oracle(runs: Sequence[dict[str, Any]], eviction: str) -> None:
     """One "oracle" row per policy: the clairvoyant hit rate and the share of it `eviction` reaches."""
     print()
     print("oracle (offline clairvoyant eviction; a reference, not an optimum for variable-size blocks):")
-    for r, o in zip(runs, oracle):
-        share = r["hit_rate"] / o["hit_rate"] if o["hit_rate"] else 0.0
-        print(f"  {'oracle':<8} {r['policy']:<10} {o['hit_rate']:>8.2%}   {eviction} reaches {share:.1%} of it")
+    for r in runs:
+        print(f"  {'oracle':<8} {r['policy']:<10} {r['oracle_hit_rate']:>8.2%}   "
+              f"{eviction} reaches {_share_text(r)} of it")
 
 
-def _plot(path: str, series: dict[str, list[tuple[int, float]]], bound: float, title: str) -> None:
+Series = dict[str, list[tuple[int, float]]]
+
+
+def _plot(path: str, series: Series, bound: float, title: str, oracle: Series | None = None) -> None:
+    """Hit rate against budget, one solid line per policy and, with `oracle`, the same policy's
+    oracle as a dashed line of the same colour."""
     import matplotlib  # present: check_args made sure
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for policy, pts in series.items():
         pts = sorted(pts)
-        ax.plot([b / GIB for b, _ in pts], [100 * h for _, h in pts], marker="o", label=policy)
-    ax.axhline(100 * bound, color="gray", linestyle="--", label="unbounded cache")
+        (line,) = ax.plot([b / GIB for b, _ in pts], [100 * h for _, h in pts], marker="o", label=policy)
+        if oracle and policy in oracle:
+            opts = sorted(oracle[policy])
+            ax.plot([b / GIB for b, _ in opts], [100 * h for _, h in opts], marker="x", linestyle="--",
+                    color=line.get_color(), label=f"{policy}, oracle eviction")
+    ax.axhline(100 * bound, color="gray", linestyle=":", label="unbounded cache")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("device budget (GiB)")
     ax.set_ylabel("hit rate (% of prompt tokens)")
@@ -343,14 +391,26 @@ def _plot(path: str, series: dict[str, list[tuple[int, float]]], bound: float, t
     plt.close(fig)
 
 
+def _series(runs: Sequence[dict[str, Any]]) -> Series:
+    """(budget, hit rate) points per policy."""
+    out: Series = {}
+    for r in runs:
+        out.setdefault(r["policy"], []).append((r["device_bytes"], r["hit_rate"]))
+    return out
+
+
 def _sweep_runs(sim: Simulator, policies: Sequence[str], budgets: Sequence[int],
-                args: argparse.Namespace, bar: Callable[[str, float], None]) -> list[dict[str, Any]]:
+                args: argparse.Namespace, bar: Callable[[str, float], None],
+                eviction: str | None = None) -> list[dict[str, Any]]:
+    """One replay per policy and budget, policy-major, with `eviction` (default: the
+    command's)."""
+    eviction = eviction or args.eviction
     runs = []
     for policy in policies:
         for b in budgets:
             def prog(label: str, f: float, b: int = b) -> None:
                 bar(f"{label} @ {human_bytes(b)}", f)
-            runs.append(sim.run(b, policy, args.eviction, progress=prog, **_run_kwargs(args)))
+            runs.append(sim.run(b, policy, eviction, progress=prog, **_run_kwargs(args)))
     return runs
 
 
@@ -370,8 +430,8 @@ def cmd_simulate(args: argparse.Namespace, load_spec: Callable[[argparse.Namespa
         runs = [sim.run(args.device, p, args.eviction, progress=bar, **_run_kwargs(args)) for p in policies]
         out["runs"] = runs
         if args.oracle:
-            out["oracle"] = [sim.run(args.device, p, "oracle", progress=bar, **_run_kwargs(args))
-                             for p in policies]
+            out["oracle"] = _sweep_runs(sim, policies, [args.device], args, bar, "oracle")
+            _attach_oracle(runs, out["oracle"])
         by = {r["policy"]: r for r in runs}
         search = None
         if "swa-aware" in by and "dense" in by and not args.no_capacity_search:
@@ -388,7 +448,7 @@ def cmd_simulate(args: argparse.Namespace, load_spec: Callable[[argparse.Namespa
             out["capacity_multiplier"] = None if need is None else need / args.device
             out["capacity_search"] = {"replays": search["replays"], "rel_tol": args.tolerance,
                                       "target_hit_rate": swa["hit_rate"]}
-        series: dict[str, list[tuple[int, float]]] = {r["policy"]: [(args.device, r["hit_rate"])] for r in runs}
+        series: Series = {r["policy"]: [(args.device, r["hit_rate"])] for r in runs}
         if args.plot:
             budgets = [max(args.device * k // 4, 1 << 20) for k in (1, 2, 8, 16)]
             for r in _sweep_runs(sim, policies, budgets, args, bar):
@@ -404,7 +464,7 @@ def cmd_simulate(args: argparse.Namespace, load_spec: Callable[[argparse.Namespa
         _print_header(out, f"device budget {human_bytes(args.device)}")
         _print_runs(runs)
         if "oracle" in out:
-            _print_oracle(runs, out["oracle"], args.eviction)
+            _print_oracle(runs, args.eviction)
         if "capacity_multiplier" in out:
             print()
             swa_hit = by["swa-aware"]["hit_rate"]
@@ -418,21 +478,41 @@ def cmd_simulate(args: argparse.Namespace, load_spec: Callable[[argparse.Namespa
                     f"{args.tolerance:.0%} tolerance)"
                 )
     if args.plot:
-        _plot(args.plot, series, sim.upper_bound_hit_rate, f"{spec.name} on {trace.name}, {args.eviction} eviction")
+        _plot(args.plot, series, sim.upper_bound_hit_rate, f"{spec.name} on {trace.name}, {args.eviction} eviction",
+              _series(out.get("oracle", [])))
         if not args.json:
             print(f"plot written to {args.plot}")
     return 0
+
+
+def _print_sweep_table(runs: Sequence[dict[str, Any]], policies: Sequence[str], budgets: Sequence[int],
+                       eviction: str, oracle: bool) -> None:
+    print("hit rate by device budget" + (f" (oracle: clairvoyant eviction; share: what {eviction} "
+                                          "reaches of it):" if oracle else ":"))
+    header = f"{'budget':>10}" + "".join(
+        f" {p:>10}" + (f" {'oracle':>8} {'share':>6}" if oracle else "") for p in policies)
+    print(header)
+    print("-" * len(header))
+    for b in budgets:
+        row = [r for r in runs if r["device_bytes"] == b]
+        print(f"{human_bytes(b):>10}" + "".join(
+            f" {r['hit_rate']:>10.2%}"
+            + (f" {r['oracle_hit_rate']:>8.2%} {_share_text(r):>6}" if oracle else "")
+            for r in row))
 
 
 def cmd_sweep(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace], ModelSpec]) -> int:
     spec, trace, sim, bar = _prepare(args, load_spec)
     policies = list(dict.fromkeys(args.policy or DEFAULT_POLICIES))
     budgets = args.budgets or [parse_size(b) for b in DEFAULT_SWEEP]
+    out = _header(spec, trace, sim, args)
     try:
         runs = _sweep_runs(sim, policies, budgets, args, bar)
+        if args.oracle:
+            out["oracle"] = _sweep_runs(sim, policies, budgets, args, bar, "oracle")
+            _attach_oracle(runs, out["oracle"])
     finally:
         bar.close()
-    out = _header(spec, trace, sim, args)
     out["budgets"]["device"] = budgets
     out["runs"] = runs
     if args.json:
@@ -440,18 +520,10 @@ def cmd_sweep(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace]
         print()
     else:
         _print_header(out, f"device budgets {', '.join(human_bytes(b) for b in budgets)}")
-        header = f"{'budget':>10}" + "".join(f" {p:>10}" for p in policies)
-        print("hit rate by device budget:")
-        print(header)
-        print("-" * len(header))
-        for b in budgets:
-            row = [r for r in runs if r["device_bytes"] == b]
-            print(f"{human_bytes(b):>10}" + "".join(f" {r['hit_rate']:>10.2%}" for r in row))
+        _print_sweep_table(runs, policies, budgets, args.eviction, args.oracle)
     if args.plot:
-        series: dict[str, list[tuple[int, float]]] = {}
-        for r in runs:
-            series.setdefault(r["policy"], []).append((r["device_bytes"], r["hit_rate"]))
-        _plot(args.plot, series, sim.upper_bound_hit_rate, f"{spec.name} on {trace.name}, {args.eviction} eviction")
+        _plot(args.plot, _series(runs), sim.upper_bound_hit_rate,
+              f"{spec.name} on {trace.name}, {args.eviction} eviction", _series(out.get("oracle", [])))
         if not args.json:
             print(f"plot written to {args.plot}")
     return 0
@@ -467,10 +539,6 @@ def add_parsers(sub: Any, default_model: str,
                      help="skip the search for the budget dense needs to match swa-aware")
     sim.add_argument("--tolerance", type=fraction, default=0.02,
                      help="relative precision of that budget search (default 0.02)")
-    sim.add_argument("--oracle", action="store_true",
-                     help="also replay each policy with the clairvoyant eviction order (offline "
-                          "reference: evicts what the trace uses again farthest away) and report "
-                          "each policy's share of its hit rate")
     sim.set_defaults(func=lambda a: cmd_simulate(a, load_spec))
 
     sw = sub.add_parser("sweep", help="replay a trace at several budgets and policies; table and plot")

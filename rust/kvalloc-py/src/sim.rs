@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use kvalloc::sim::readers::{ReadOptions, TokensPerId};
 use kvalloc::sim::{
     generate, readers, RunConfig, ServiceModel, SimReport, Simulator, TierBudget, Trace,
 };
@@ -33,20 +34,30 @@ pub struct PyTrace {
 
 #[pymethods]
 impl PyTrace {
-    /// Reads a Mooncake or generic JSONL trace (detected from its first line).
+    /// Reads a Mooncake or generic JSONL trace (detected from its first line). `tokens_per_id`:
+    /// "exact" (default; `trace_block_tokens` per id) or "spread" (ids of varying token counts).
     #[staticmethod]
-    #[pyo3(signature = (path, trace_block_tokens = None))]
+    #[pyo3(signature = (path, trace_block_tokens = None, tokens_per_id = None))]
     fn load(
         py: Python<'_>,
         path: &Bound<'_, PyAny>,
         trace_block_tokens: Option<&Bound<'_, PyAny>>,
+        tokens_per_id: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let path: PathBuf = convert::path(path, "path")?;
-        let tb = match trace_block_tokens.filter(|o| !o.is_none()) {
+        let block_tokens = match trace_block_tokens.filter(|o| !o.is_none()) {
             Some(o) => Some(u32_arg(o, "trace_block_tokens")?),
             None => None,
         };
-        let trace = py.detach(|| readers::read_trace(&path, tb)).py()?;
+        let tokens_per_id = match opt_text(tokens_per_id, "tokens_per_id")? {
+            Some(m) => TokensPerId::parse(&m).py()?,
+            None => TokensPerId::Exact,
+        };
+        let opts = ReadOptions {
+            block_tokens,
+            tokens_per_id,
+        };
+        let trace = py.detach(|| readers::read_trace(&path, opts)).py()?;
         Ok(PyTrace {
             inner: Arc::new(trace),
         })
@@ -102,6 +113,21 @@ impl PyTrace {
     #[getter]
     fn duration_seconds(&self) -> f64 {
         self.inner.duration()
+    }
+    /// How a spread trace's tokens were assigned to its ids (None for other traces).
+    #[getter]
+    fn spread<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(st) = &self.inner.spread else {
+            return Ok(None);
+        };
+        let d = PyDict::new(py);
+        d.set_item("requests", st.requests)?;
+        d.set_item("min_tokens_per_id", st.min_tokens_per_id)?;
+        d.set_item("max_tokens_per_id", st.max_tokens_per_id)?;
+        d.set_item("requests_disagreeing", st.requests_disagreeing)?;
+        d.set_item("requests_cut", st.requests_cut)?;
+        d.set_item("requests_padded", st.requests_padded)?;
+        Ok(Some(d))
     }
 
     fn __repr__(&self) -> String {
