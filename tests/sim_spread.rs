@@ -93,7 +93,7 @@ fn spread_trace_keeps_totals_and_prefix_sharing() {
     // cache hits its whole blocks (outputs are opaque; sessions share nothing).
     let spec = ModelSpec::preset("mimo-v2.5-pro").unwrap();
     for b in [16u32, 64, 128] {
-        let mut prev = vec![0u64; 6];
+        let mut prev = [0u64; 6];
         let mut expected = 0;
         for &(s, len) in &lines {
             expected += prev[s as usize] / u64::from(b) * u64::from(b);
