@@ -513,6 +513,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("exact traces"));
+        // The generic format's block hashes are spread the same way.
+        let g = r#"{"timestamp": 0, "block_hashes": ["a", "b"], "prompt_tokens": 31, "output_tokens": 1}"#;
+        let t = parse_trace(g, "g.jsonl", spread).unwrap();
+        let Content::Spans(s) = &t.requests[0].content else {
+            panic!("{:?}", t.requests[0].content)
+        };
+        assert_eq!((s[0].tokens, s[1].tokens), (16, 15));
         assert_eq!(TokensPerId::parse("spread").unwrap(), TokensPerId::Spread);
         assert!(TokensPerId::parse("auto").is_err());
     }
