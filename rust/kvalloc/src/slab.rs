@@ -806,6 +806,29 @@ impl SlabArena {
         Ok((s, slot, gen))
     }
 
+    /// The slab that holds live handle `h` (not checked: for handles the caller knows are live).
+    #[inline]
+    pub fn slab_of(&self, h: Handle) -> u32 {
+        ((h & 0xFFFF_FFFF) >> self.stride_shift) as u32
+    }
+
+    /// Bytes of the live blocks in slab `s` (0 for a free or never used slab).
+    pub fn slab_used_bytes(&self, s: u32) -> u64 {
+        match self.slabs.get(s as usize) {
+            Some(Slab {
+                class: Some(c),
+                used,
+                ..
+            }) => u64::from(*used) * self.classes[*c as usize].block_bytes,
+            _ => 0,
+        }
+    }
+
+    /// Live blocks in slab `s` (0 for a free or never used slab).
+    pub fn slab_used(&self, s: u32) -> u32 {
+        self.slabs.get(s as usize).map_or(0, |slab| slab.used)
+    }
+
     /// Whether `h` is a live handle of this arena.
     pub fn is_live(&self, h: Handle) -> bool {
         self.locate(h).is_ok()

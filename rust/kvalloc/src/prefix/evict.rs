@@ -1,7 +1,22 @@
 //! Eviction from the tree: the entry with the smallest key goes first (leaves and checkpoints,
-//! keyed by the tree's eviction order).
+//! keyed by the tree's eviction order); a caller that needs whole slabs emptied picks units by
+//! where their blocks lie ([`PrefixTree::for_each_hold`], [`PrefixTree::evict_unit`]).
 
 use super::*;
+
+/// An evictable unit, as [`PrefixTree::for_each_hold`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unit {
+    /// The node: a leaf, or where an interior checkpoint ends.
+    pub node: NodeId,
+    /// Its eviction key (the smallest goes first).
+    pub key: u64,
+    /// A leaf that ends a checkpoint: the deepest resume point of a cached sequence. Evicting
+    /// it loses the hits there and, soon after, the full-attention prefix only it unlocked (its
+    /// ancestors become leaves that save nothing); an interior checkpoint takes only SWA blocks
+    /// and leaves the prefix to the deeper resume points.
+    pub tip: bool,
+}
 
 impl PrefixTree {
     /// Evicts the entry with the smallest key. Returns what kind it was, or None when nothing
@@ -22,12 +37,76 @@ impl PrefixTree {
             }
         };
         self.order.evicted(key);
+        self.evict_node(n, kind, freed);
+        Some(kind)
+    }
+
+    /// Evicts the unit at node `n` out of key order (a leaf, or an interior checkpoint's SWA
+    /// blocks), as [`evict_one`](Self::evict_one) would when its turn came, without moving the
+    /// order's clock: the victim was chosen for where its blocks lie, not for its key. None
+    /// (changing nothing) when `n` is not an evictable unit now.
+    pub fn evict_unit(&mut self, n: NodeId, freed: &mut Freed) -> Option<Evicted> {
+        let node = self.nodes.get(n as usize)?;
+        let kind = match node.key? {
+            (SetKind::Leaf, _) => Evicted::Leaf,
+            (SetKind::Ckpt, _) => Evicted::Checkpoint,
+        };
+        self.evict_node(n, kind, freed);
+        Some(kind)
+    }
+
+    fn evict_node(&mut self, n: NodeId, kind: Evicted, freed: &mut Freed) {
         self.evicting = Some((n, self.nodes[n as usize].ckpt_end));
         match kind {
             Evicted::Leaf => self.remove(n, freed),
             Evicted::Checkpoint => self.remove_checkpoint(n, freed),
         }
-        Some(kind)
+    }
+
+    /// Calls `f(block, unit, holders)` for every block an evictable unit would free: a leaf's
+    /// own blocks that no checkpoint covers (`holders` = 1), and each block of an unpinned node
+    /// in the run of an evictable checkpoint (`holders` = the checkpoints covering it). A block
+    /// is freed once every one of its `holders` units is evicted; blocks no evictable unit holds
+    /// (interior full blocks, pinned ones) are never listed. O(evictable units x window
+    /// blocks): for choosing victims by where their blocks lie, off the common path.
+    pub fn for_each_hold(&self, mut f: impl FnMut(Handle, Unit, u32)) {
+        for (key, n) in self.leaves.iter() {
+            let tip = self.nodes[n as usize].ckpt_end;
+            let unit = Unit { node: n, key, tip };
+            for g in 0..self.g() {
+                let s = self.slot(n, g);
+                if self.blocks[s] != 0 && self.ckpt_refs[s] == 0 {
+                    f(self.blocks[s], unit, 1);
+                }
+            }
+            if tip {
+                self.for_each_run_block(n, |h, refs| f(h, unit, refs));
+            }
+        }
+        for (key, n) in self.ckpts.iter() {
+            let unit = Unit {
+                node: n,
+                key,
+                tip: false,
+            };
+            self.for_each_run_block(n, |h, refs| f(h, unit, refs));
+        }
+    }
+
+    /// `f(block, checkpoints covering it)` for the blocks of unpinned nodes in the run of the
+    /// checkpoint ending at `end`.
+    fn for_each_run_block(&self, end: NodeId, mut f: impl FnMut(Handle, u32)) {
+        for &g in &self.sliding {
+            let start = self.ckpt_start[self.slot(end, g)];
+            let mut m = end;
+            while m != NONE && self.nodes[m as usize].depth >= start {
+                let s = self.slot(m, g);
+                if self.nodes[m as usize].refs == 0 && self.blocks[s] != 0 {
+                    f(self.blocks[s], self.ckpt_refs[s]);
+                }
+                m = self.nodes[m as usize].parent;
+            }
+        }
     }
 
     /// Gives the oracle order its future (see [`Eviction::Oracle`]).
