@@ -34,13 +34,19 @@ fn manager_with_slab(
     slab_bytes: Option<u64>,
 ) -> KVCacheManager {
     let config = ManagerConfig {
-        block_tokens: B,
         policy,
         eviction,
         slab_bytes,
-        ..ManagerConfig::default()
+        ..config()
     };
     KVCacheManager::new(spec, capacity, config).unwrap()
+}
+
+fn config() -> ManagerConfig {
+    ManagerConfig {
+        block_tokens: B,
+        ..ManagerConfig::default()
+    }
 }
 
 /// Bytes of one block of every full group, and of every sliding group.
@@ -170,7 +176,12 @@ fn round_robin(
     slab: Option<u64>,
     w: &Workload,
 ) -> (u64, u64) {
-    let mut m = manager_with_slab(spec.clone(), capacity, Policy::SwaAware, eviction, slab);
+    let m = manager_with_slab(spec.clone(), capacity, Policy::SwaAware, eviction, slab);
+    round_robin_on(m, w)
+}
+
+/// [`round_robin`] on a given manager (validated after every request).
+fn round_robin_on(mut m: KVCacheManager, w: &Workload) -> (u64, u64) {
     let mut ctx: Vec<Vec<i64>> = vec![Vec::new(); w.sessions];
     let (mut hit_tokens, mut prompt_tokens) = (0, 0);
     let mut id = 0;
@@ -195,6 +206,7 @@ fn round_robin(
                     .unwrap());
             }
             m.finish(id).unwrap();
+            m.validate().unwrap();
             c.extend_from_slice(&out);
         }
     }
@@ -374,6 +386,26 @@ fn round_robin_sessions_mimo_v2_5_pro_coarse_slabs() {
     let spec = ModelSpec::preset("mimo-v2.5-pro").unwrap();
     let failures = round_robin_at_occupancies(&spec, &SESSIONS, Slabs::PoolOver(64), 0.92);
     assert!(failures.is_empty(), "{}", failures.join("; "));
+}
+
+/// Emptying whole slabs with a host tier and events on: the victims are demoted and reported
+/// as evictions in the order are, and every invariant holds after every request.
+#[test]
+fn slab_emptying_with_a_host_tier_and_events() {
+    let spec = small_spec();
+    let capacity = (SESSIONS.footprint(&spec) as f64 / 0.9) as u64;
+    let config = ManagerConfig {
+        slab_bytes: Slabs::PoolOver(64).bytes(&spec, capacity),
+        lower: kvalloc::tiers::LowerCapacity {
+            host: capacity,
+            ..Default::default()
+        },
+        events: true,
+        ..config()
+    };
+    let m = KVCacheManager::new(spec, capacity, config).unwrap();
+    let (hit, total) = round_robin_on(m, &SESSIONS);
+    assert!(hit > 0 && hit <= total);
 }
 
 // ------------------------------------------------------------------------------------------
