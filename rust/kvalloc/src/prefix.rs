@@ -445,6 +445,11 @@ impl PrefixTree {
         self.nodes[n as usize].refs
     }
 
+    /// The parent of `n` (`NONE` at depth 0); still readable after `n` is removed.
+    pub fn parent(&self, n: NodeId) -> NodeId {
+        self.nodes[n as usize].parent
+    }
+
     /// Whether a checkpoint ends at `n`.
     pub fn is_checkpoint(&self, n: NodeId) -> bool {
         self.nodes[n as usize].ckpt_end

@@ -447,12 +447,15 @@ impl SlabArena {
 
     /// Bytes that can still be allocated (free slabs plus free blocks in held slabs), in O(classes).
     pub fn bytes_free(&self) -> u64 {
-        let in_slabs: u64 = self
-            .classes
+        self.bytes_free_in_slabs() + self.free_slab_count() * self.slab_bytes
+    }
+
+    /// Free bytes inside held slabs (usable only by each slab's own class), in O(classes).
+    pub fn bytes_free_in_slabs(&self) -> u64 {
+        self.classes
             .iter()
             .map(|c| c.free_in_partial * c.block_bytes)
-            .sum();
-        in_slabs + self.free_slab_count() * self.slab_bytes
+            .sum()
     }
 
     /// Free slabs: recycled ones plus those never used.

@@ -7,11 +7,15 @@ use super::*;
 /// An evictable unit, as [`PrefixTree::for_each_hold`] lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Unit {
-    /// The node: a leaf, or where an interior checkpoint ends.
+    /// The leaf evicted first, or where an interior checkpoint ends.
+    pub leaf: NodeId,
+    /// The last node evicted: `leaf`, or an ancestor of it that the leaf's chain reaches (each
+    /// node from `leaf` up to it goes, each a leaf by its turn).
     pub node: NodeId,
-    /// Its eviction key (the smallest goes first).
+    /// The highest eviction key among those nodes, each keyed as the leaf it becomes (the
+    /// smallest key goes first).
     pub key: u64,
-    /// A leaf that ends a checkpoint: the deepest resume point of a cached sequence. Evicting
+    /// `leaf` ends a checkpoint: the deepest resume point of a cached sequence. Evicting
     /// it loses the hits there and, soon after, the full-attention prefix only it unlocked (its
     /// ancestors become leaves that save nothing); an interior checkpoint takes only SWA blocks
     /// and leaves the prefix to the deeper resume points.
@@ -63,33 +67,60 @@ impl PrefixTree {
         }
     }
 
-    /// Calls `f(block, unit, holders)` for every block an evictable unit would free: a leaf's
-    /// own blocks that no checkpoint covers (`holders` = 1), and each block of an unpinned node
-    /// in the run of an evictable checkpoint (`holders` = the checkpoints covering it). A block
-    /// is freed once every one of its `holders` units is evicted; blocks no evictable unit holds
-    /// (interior full blocks, pinned ones) are never listed. O(evictable units x window
-    /// blocks): for choosing victims by where their blocks lie, off the common path.
+    /// Calls `f(block, unit, holders)` for every block that evicting units would free: a
+    /// leaf's own blocks that no checkpoint covers, and those of the chain below it that would
+    /// follow it (ancestors with one child, unpinned, ending no checkpoint: a leaf's eviction
+    /// makes its parent the next leaf), with `holders` = 1; and each block of an unpinned node in
+    /// the run of an evictable checkpoint, with `holders` = the checkpoints covering it. A block
+    /// is freed once every one of its `holders` units is evicted; blocks no unit reaches
+    /// (pinned ones, those under a branch) are never listed. O(evictable units x (window +
+    /// chain) blocks): for choosing victims by where their blocks lie, off the common path.
     pub fn for_each_hold(&self, mut f: impl FnMut(Handle, Unit, u32)) {
         for (key, n) in self.leaves.iter() {
             let tip = self.nodes[n as usize].ckpt_end;
-            let unit = Unit { node: n, key, tip };
-            for g in 0..self.g() {
-                let s = self.slot(n, g);
-                if self.blocks[s] != 0 && self.ckpt_refs[s] == 0 {
-                    f(self.blocks[s], unit, 1);
-                }
-            }
+            let mut unit = Unit {
+                leaf: n,
+                node: n,
+                key,
+                tip,
+            };
+            self.for_each_own_block(n, |h| f(h, unit, 1));
             if tip {
                 self.for_each_run_block(n, |h, refs| f(h, unit, refs));
+            }
+            let mut a = self.nodes[n as usize].parent;
+            while a != NONE && self.follows_leaf(a) {
+                let as_leaf = self.order.key(&self.candidate(a, SetKind::Leaf));
+                unit.node = a;
+                unit.key = unit.key.max(as_leaf);
+                self.for_each_own_block(a, |h| f(h, unit, 1));
+                a = self.nodes[a as usize].parent;
             }
         }
         for (key, n) in self.ckpts.iter() {
             let unit = Unit {
+                leaf: n,
                 node: n,
                 key,
                 tip: false,
             };
             self.for_each_run_block(n, |h, refs| f(h, unit, refs));
+        }
+    }
+
+    /// Whether interior node `a` becomes a leaf that saves nothing once its only child goes.
+    fn follows_leaf(&self, a: NodeId) -> bool {
+        let node = &self.nodes[a as usize];
+        node.children == 1 && node.refs == 0 && !node.ckpt_end && !node.doomed
+    }
+
+    /// `f(block)` for node `n`'s blocks that no checkpoint covers.
+    fn for_each_own_block(&self, n: NodeId, mut f: impl FnMut(Handle)) {
+        for g in 0..self.g() {
+            let s = self.slot(n, g);
+            if self.blocks[s] != 0 && self.ckpt_refs[s] == 0 {
+                f(self.blocks[s]);
+            }
         }
     }
 
