@@ -332,12 +332,14 @@ impl Harness {
         policy: Policy,
         eviction: Eviction,
         paged: bool,
+        slab_bytes: Option<u64>,
     ) -> Self {
         let config = ManagerConfig {
             policy,
             eviction,
             events: true,
             prefill_reads_cache: paged,
+            slab_bytes,
             ..ManagerConfig::default()
         };
         Harness {
@@ -714,10 +716,11 @@ fn run_ops(
     eviction: Eviction,
     ops: &[Op],
     abort_mask: u64,
+    slab_bytes: Option<u64>,
 ) -> Result<(), TestCaseError> {
     // The mask's top bit: an engine whose prefill reads the chunk from the cache.
     let paged = abort_mask >> 63 == 1;
-    let mut h = Harness::new(spec, capacity, policy, eviction, paged);
+    let mut h = Harness::new(spec, capacity, policy, eviction, paged, slab_bytes);
     for (i, op) in ops.iter().enumerate() {
         if std::env::var("KVTRACE").is_ok() {
             let st = h.m.stats();
@@ -751,6 +754,14 @@ fn run_ops(
     Ok(())
 }
 
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
 fn cfg(cases: u32) -> ProptestConfig {
     ProptestConfig {
         cases,
@@ -770,7 +781,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(small_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask)?;
+        run_ops(small_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask, None)?;
     }
 
     #[test]
@@ -778,7 +789,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(small_spec(), UNBOUNDED, Policy::Dense, Eviction::Value, &ops, mask)?;
+        run_ops(small_spec(), UNBOUNDED, Policy::Dense, Eviction::Value, &ops, mask, None)?;
     }
 
     #[test]
@@ -786,7 +797,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(two_window_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask)?;
+        run_ops(two_window_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask, None)?;
     }
 
     #[test]
@@ -797,11 +808,19 @@ proptest! {
         dense in proptest::bool::weighted(0.25),
         two in any::<bool>(),
         lru in any::<bool>(),
+        coarse in any::<bool>(),
     ) {
         let spec = if two { two_window_spec() } else { small_spec() };
         let policy = if dense { Policy::Dense } else { Policy::SwaAware };
         let eviction = if lru { Eviction::Lru } else { Eviction::Value };
-        run_ops(spec, cap_kib << 10, policy, eviction, &ops, mask)?;
+        // Coarse slabs (four of the largest blocks, several of every class): eviction then
+        // often has to empty whole slabs (`make_room`'s placement path).
+        let slab = coarse.then(|| {
+            let bytes = spec.block_bytes(ManagerConfig::default().block_tokens);
+            let lcm = bytes.iter().fold(1u64, |a, &b| a / gcd(a, b) * b);
+            4 * lcm
+        });
+        run_ops(spec, cap_kib << 10, policy, eviction, &ops, mask, slab)?;
     }
 }
 

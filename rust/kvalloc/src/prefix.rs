@@ -445,6 +445,11 @@ impl PrefixTree {
         self.nodes[n as usize].refs
     }
 
+    /// The parent of `n` (`NONE` at depth 0); still readable after `n` is removed.
+    pub fn parent(&self, n: NodeId) -> NodeId {
+        self.nodes[n as usize].parent
+    }
+
     /// Whether a checkpoint ends at `n`.
     pub fn is_checkpoint(&self, n: NodeId) -> bool {
         self.nodes[n as usize].ckpt_end
@@ -667,8 +672,24 @@ impl PrefixTree {
         freed: &mut Freed,
         victims: &mut Vec<Victim>,
     ) -> Option<Evicted> {
+        self.logged(victims, |t| t.evict_one(freed))
+    }
+
+    /// Like [`evict_unit`](Self::evict_unit), also listing the cached blocks it takes out (for
+    /// demotion) in `victims`.
+    pub fn evict_unit_logged(
+        &mut self,
+        n: NodeId,
+        freed: &mut Freed,
+        victims: &mut Vec<Victim>,
+    ) -> Option<Evicted> {
+        self.logged(victims, |t| t.evict_unit(n, freed))
+    }
+
+    /// Runs an eviction with its victims logged into `victims`.
+    fn logged<T>(&mut self, victims: &mut Vec<Victim>, f: impl FnOnce(&mut Self) -> T) -> T {
         self.victims = Some(std::mem::take(victims));
-        let out = self.evict_one(freed);
+        let out = f(self);
         *victims = self.victims.take().expect("log set above");
         self.evicting = None;
         out
@@ -951,6 +972,7 @@ impl PrefixTree {
 }
 
 mod evict;
+pub use evict::Unit;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -447,12 +447,15 @@ impl SlabArena {
 
     /// Bytes that can still be allocated (free slabs plus free blocks in held slabs), in O(classes).
     pub fn bytes_free(&self) -> u64 {
-        let in_slabs: u64 = self
-            .classes
+        self.bytes_free_in_slabs() + self.free_slab_count() * self.slab_bytes
+    }
+
+    /// Free bytes inside held slabs (usable only by each slab's own class), in O(classes).
+    pub fn bytes_free_in_slabs(&self) -> u64 {
+        self.classes
             .iter()
             .map(|c| c.free_in_partial * c.block_bytes)
-            .sum();
-        in_slabs + self.free_slab_count() * self.slab_bytes
+            .sum()
     }
 
     /// Free slabs: recycled ones plus those never used.
@@ -804,6 +807,29 @@ impl SlabArena {
             return Err(stale(StaleReason::OldGeneration));
         }
         Ok((s, slot, gen))
+    }
+
+    /// The slab that holds live handle `h` (not checked: for handles the caller knows are live).
+    #[inline]
+    pub fn slab_of(&self, h: Handle) -> u32 {
+        ((h & 0xFFFF_FFFF) >> self.stride_shift) as u32
+    }
+
+    /// Bytes of the live blocks in slab `s` (0 for a free or never used slab).
+    pub fn slab_used_bytes(&self, s: u32) -> u64 {
+        match self.slabs.get(s as usize) {
+            Some(Slab {
+                class: Some(c),
+                used,
+                ..
+            }) => u64::from(*used) * self.classes[*c as usize].block_bytes,
+            _ => 0,
+        }
+    }
+
+    /// Live blocks in slab `s` (0 for a free or never used slab).
+    pub fn slab_used(&self, s: u32) -> u32 {
+        self.slabs.get(s as usize).map_or(0, |slab| slab.used)
     }
 
     /// Whether `h` is a live handle of this arena.

@@ -55,6 +55,7 @@ mod config;
 mod events;
 mod extend;
 mod request;
+mod room;
 mod schedule;
 mod stats;
 mod step;

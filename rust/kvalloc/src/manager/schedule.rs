@@ -1,10 +1,11 @@
 //! Scheduling a request's range: which blocks it allocates, which go to the tree (in-flight
-//! sharing and checkpoints), making room by eviction, and releasing what leaves the window.
+//! sharing and checkpoints), and releasing what leaves the window (making room by eviction is
+//! in `room.rs`).
 
 use super::request::Request;
 use super::{BlockMath, KVCacheManager, MAX_GROUPS};
 use crate::error::Result;
-use crate::prefix::{Evicted, Freed, Linked, PrefixTree, NONE};
+use crate::prefix::{Freed, Linked, PrefixTree, NONE};
 use crate::slab::{Handle, SlabArena};
 use crate::spec::KVGroup;
 
@@ -419,73 +420,6 @@ impl KVCacheManager {
                 Some(true)
             }
         }
-    }
-
-    /// Evicts until `need` fits. False if it cannot (the pre-check keeps a hopeless request
-    /// from emptying the cache).
-    pub(super) fn make_room(&mut self, need: &[u64]) -> Result<bool> {
-        if self.arena.fits(need) {
-            return Ok(true);
-        }
-        let need_bytes: u64 = need
-            .iter()
-            .zip(&self.tree.layout().block_bytes)
-            .map(|(&n, &bb)| n * bb)
-            .sum();
-        if need_bytes > self.arena.bytes_free() + self.tree.evictable_bytes() {
-            // Blocks that loads in flight are filling cannot be evicted until their copies land:
-            // wait for them (milliseconds) rather than refuse.
-            if self.inflight.is_empty() {
-                return Ok(false);
-            }
-            self.wait_loads();
-            if need_bytes > self.arena.bytes_free() + self.tree.evictable_bytes() {
-                return Ok(false);
-            }
-        }
-        let mut freed = std::mem::take(&mut self.scratch);
-        let tiers = self.lower.active();
-        let mut victims = std::mem::take(&mut self.victims);
-        // Until the evicted bytes cover the shortfall nothing can fit: evict without giving
-        // blocks back or asking the arena, then free them in one batch.
-        let short = need_bytes.saturating_sub(self.arena.bytes_free());
-        let mut evicted_bytes = 0;
-        let ok = loop {
-            victims.clear();
-            let before = freed.len();
-            let evicted = if tiers {
-                self.tree.evict_one_logged(&mut freed, &mut victims)
-            } else {
-                self.tree.evict_one(&mut freed)
-            };
-            match evicted {
-                None => {
-                    self.release(&mut freed);
-                    break false;
-                }
-                Some(Evicted::Leaf) => self.evicted_leaves += 1,
-                Some(Evicted::Checkpoint) => self.evicted_checkpoints += 1,
-            }
-            if tiers {
-                // Before the blocks go back: their bytes are copied down first.
-                self.demote(&victims);
-            }
-            let layout = self.tree.layout();
-            evicted_bytes += freed[before..]
-                .iter()
-                .map(|&(g, _)| layout.block_bytes[g])
-                .sum::<u64>();
-            if evicted_bytes < short {
-                continue;
-            }
-            self.release(&mut freed);
-            if self.arena.fits(need) {
-                break true;
-            }
-        };
-        self.scratch = freed;
-        self.victims = victims;
-        Ok(ok)
     }
 
     pub(super) fn release(&mut self, freed: &mut Freed) {

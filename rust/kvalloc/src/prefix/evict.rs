@@ -1,7 +1,26 @@
 //! Eviction from the tree: the entry with the smallest key goes first (leaves and checkpoints,
-//! keyed by the tree's eviction order).
+//! keyed by the tree's eviction order); a caller that needs whole slabs emptied picks units by
+//! where their blocks lie ([`PrefixTree::for_each_hold`], [`PrefixTree::evict_unit`]).
 
 use super::*;
+
+/// An evictable unit, as [`PrefixTree::for_each_hold`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unit {
+    /// The leaf evicted first, or where an interior checkpoint ends.
+    pub leaf: NodeId,
+    /// The last node evicted: `leaf`, or an ancestor of it that the leaf's chain reaches (each
+    /// node from `leaf` up to it goes, each a leaf by its turn).
+    pub node: NodeId,
+    /// The highest eviction key among those nodes, each keyed as the leaf it becomes (the
+    /// smallest key goes first).
+    pub key: u64,
+    /// `leaf` ends a checkpoint: the deepest resume point of a cached sequence. Evicting
+    /// it loses the hits there and, soon after, the full-attention prefix only it unlocked (its
+    /// ancestors become leaves that save nothing); an interior checkpoint takes only SWA blocks
+    /// and leaves the prefix to the deeper resume points.
+    pub tip: bool,
+}
 
 impl PrefixTree {
     /// Evicts the entry with the smallest key. Returns what kind it was, or None when nothing
@@ -22,12 +41,103 @@ impl PrefixTree {
             }
         };
         self.order.evicted(key);
+        self.evict_node(n, kind, freed);
+        Some(kind)
+    }
+
+    /// Evicts the unit at node `n` out of key order (a leaf, or an interior checkpoint's SWA
+    /// blocks), as [`evict_one`](Self::evict_one) would when its turn came, without moving the
+    /// order's clock: the victim was chosen for where its blocks lie, not for its key. None
+    /// (changing nothing) when `n` is not an evictable unit now.
+    pub fn evict_unit(&mut self, n: NodeId, freed: &mut Freed) -> Option<Evicted> {
+        let node = self.nodes.get(n as usize)?;
+        let kind = match node.key? {
+            (SetKind::Leaf, _) => Evicted::Leaf,
+            (SetKind::Ckpt, _) => Evicted::Checkpoint,
+        };
+        self.evict_node(n, kind, freed);
+        Some(kind)
+    }
+
+    fn evict_node(&mut self, n: NodeId, kind: Evicted, freed: &mut Freed) {
         self.evicting = Some((n, self.nodes[n as usize].ckpt_end));
         match kind {
             Evicted::Leaf => self.remove(n, freed),
             Evicted::Checkpoint => self.remove_checkpoint(n, freed),
         }
-        Some(kind)
+    }
+
+    /// Calls `f(block, unit, holders)` for every block that evicting units would free: a
+    /// leaf's own blocks that no checkpoint covers, and those of the chain below it that would
+    /// follow it (ancestors with one child, unpinned, ending no checkpoint: a leaf's eviction
+    /// makes its parent the next leaf), with `holders` = 1; and each block of an unpinned node in
+    /// the run of an evictable checkpoint, with `holders` = the checkpoints covering it. A block
+    /// is freed once every one of its `holders` units is evicted; blocks no unit reaches
+    /// (pinned ones, those under a branch) are never listed. O(evictable units x (window +
+    /// chain) blocks): for choosing victims by where their blocks lie, off the common path.
+    pub fn for_each_hold(&self, mut f: impl FnMut(Handle, Unit, u32)) {
+        for (key, n) in self.leaves.iter() {
+            let tip = self.nodes[n as usize].ckpt_end;
+            let mut unit = Unit {
+                leaf: n,
+                node: n,
+                key,
+                tip,
+            };
+            self.for_each_own_block(n, |h| f(h, unit, 1));
+            if tip {
+                self.for_each_run_block(n, |h, refs| f(h, unit, refs));
+            }
+            let mut a = self.nodes[n as usize].parent;
+            while a != NONE && self.follows_leaf(a) {
+                let as_leaf = self.order.key(&self.candidate(a, SetKind::Leaf));
+                unit.node = a;
+                unit.key = unit.key.max(as_leaf);
+                self.for_each_own_block(a, |h| f(h, unit, 1));
+                a = self.nodes[a as usize].parent;
+            }
+        }
+        for (key, n) in self.ckpts.iter() {
+            let unit = Unit {
+                leaf: n,
+                node: n,
+                key,
+                tip: false,
+            };
+            self.for_each_run_block(n, |h, refs| f(h, unit, refs));
+        }
+    }
+
+    /// Whether interior node `a` becomes a leaf that saves nothing once its only child goes.
+    fn follows_leaf(&self, a: NodeId) -> bool {
+        let node = &self.nodes[a as usize];
+        node.children == 1 && node.refs == 0 && !node.ckpt_end && !node.doomed
+    }
+
+    /// `f(block)` for node `n`'s blocks that no checkpoint covers.
+    fn for_each_own_block(&self, n: NodeId, mut f: impl FnMut(Handle)) {
+        for g in 0..self.g() {
+            let s = self.slot(n, g);
+            if self.blocks[s] != 0 && self.ckpt_refs[s] == 0 {
+                f(self.blocks[s]);
+            }
+        }
+    }
+
+    /// `f(block, checkpoints covering it)` for the blocks of unpinned nodes in the run of the
+    /// checkpoint ending at `end`.
+    fn for_each_run_block(&self, end: NodeId, mut f: impl FnMut(Handle, u32)) {
+        for &g in &self.sliding {
+            let start = self.ckpt_start[self.slot(end, g)];
+            let mut m = end;
+            while m != NONE && self.nodes[m as usize].depth >= start {
+                let s = self.slot(m, g);
+                if self.nodes[m as usize].refs == 0 && self.blocks[s] != 0 {
+                    f(self.blocks[s], self.ckpt_refs[s]);
+                }
+                m = self.nodes[m as usize].parent;
+            }
+        }
     }
 
     /// Gives the oracle order its future (see [`Eviction::Oracle`]).

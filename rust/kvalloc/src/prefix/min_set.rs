@@ -69,6 +69,11 @@ impl<T: Ord + Copy> MinSet<T> {
         self.head.as_ref() == Some(x) || self.rest.contains(x)
     }
 
+    /// The elements, smallest first.
+    pub fn iter(&self) -> impl Iterator<Item = T> + '_ {
+        self.head.into_iter().chain(self.rest.iter().copied())
+    }
+
     /// Number of elements.
     pub fn len(&self) -> usize {
         self.rest.len() + usize::from(self.head.is_some())
@@ -107,6 +112,7 @@ mod tests {
                 }
                 prop_assert_eq!(s.first(), reference.first().copied());
                 prop_assert_eq!(s.len(), reference.len());
+                prop_assert!(s.iter().eq(reference.iter().copied()));
                 for y in 0u8..24 {
                     prop_assert_eq!(s.contains(&y), reference.contains(&y));
                 }
