@@ -18,7 +18,21 @@
 //! - `ckpt_refs` equals the number of registered checkpoints covering the block, and a kept SWA
 //!   block is covered by a checkpoint or its node is pinned (swa-aware policy); under the dense
 //!   policy every node holds every sliding block;
-//! - the eviction sets hold exactly the unpinned leaves and the unpinned interior checkpoints.
+//! - `retained` counts the retention pins covering the node, and the retained bytes are the
+//!   bytes of the nodes it is positive for (exact);
+//! - the eviction sets hold exactly the unheld leaves and the unheld interior checkpoints: a
+//!   node that a running request pins (`refs`) or a retention pin covers (`retained`) is in
+//!   neither, and every block it holds stays (an SWA block no checkpoint covers included).
+//!
+//! ## Two kinds of hold
+//! - `refs`: running requests whose path runs through the node (the manager checks it against
+//!   the running requests' paths); gone when the requests finish or abort.
+//! - `retained`: *retention pins*, time-bounded holds on a cached prefix that an engine asked
+//!   for (see `manager::retention`); the manager keeps the pins, the tree only counts them.
+//!
+//! Either keeps the node and every block it holds; a node neither holds is evictable as before.
+//! Eviction takes leaves first, so an unheld prefix loses its tail before its head (a pinned
+//! head with an unpinned tail loses exactly the tail).
 
 mod min_set;
 
@@ -40,6 +54,9 @@ pub const NONE: NodeId = u32::MAX;
 /// Blocks released by a tree operation: (group, handle).
 pub type Freed = Vec<(usize, Handle)>;
 
+/// A node's priority before any request finished holding it (read as 0).
+const UNSET_PRIORITY: i8 = i8::MIN;
+
 #[derive(Debug, Clone, Default)]
 struct Node {
     hash: u64,
@@ -48,8 +65,13 @@ struct Node {
     children: u32,
     /// Running requests that pin this node (their path runs through it).
     refs: u32,
+    /// Retention pins covering this node (see the module docs): not a request's pin.
+    retained: u32,
     /// Requests that resumed exactly at the end of this node.
     hits: u32,
+    /// The highest retention priority of the requests that finished holding this node
+    /// ([`UNSET_PRIORITY`] until one did; read as 0). Weighs its eviction key.
+    priority: i8,
     last_access: u64,
     /// A registered checkpoint ends at this node.
     ckpt_end: bool,
@@ -189,6 +211,8 @@ pub struct PrefixTree {
     /// evictable amount is O(1)).
     held_bytes: u64,
     pinned_bytes: u64,
+    /// Bytes of the nodes a retention pin covers (a subset of `pinned_bytes`).
+    retained_bytes: u64,
     /// While an eviction runs with a log: the blocks it takes out (see [`Victim`]).
     victims: Option<Vec<Victim>>,
     /// The node an eviction with a log removes, and whether a checkpoint ended there.
@@ -230,6 +254,7 @@ impl PrefixTree {
             checkpoints: 0,
             held_bytes: 0,
             pinned_bytes: 0,
+            retained_bytes: 0,
             victims: None,
             evicting: None,
             events: EventLog::default(),
@@ -567,7 +592,9 @@ impl PrefixTree {
             depth,
             children: 0,
             refs: 1,
+            retained: 0,
             hits: 0,
+            priority: UNSET_PRIORITY,
             last_access: tick,
             ckpt_end: false,
             doomed: false,
@@ -620,8 +647,11 @@ impl PrefixTree {
         self.blocks[s] = h;
         let bb = self.layout.block_bytes[g];
         self.held_bytes += bb;
-        if self.nodes[n as usize].refs > 0 {
+        if self.held(n) {
             self.pinned_bytes += bb;
+        }
+        if self.nodes[n as usize].retained > 0 {
+            self.retained_bytes += bb;
         }
         // A doomed node's blocks were reported removed when it was doomed.
         if self.events.on() && !self.nodes[n as usize].doomed {
@@ -637,8 +667,11 @@ impl PrefixTree {
         debug_assert_ne!(h, 0);
         let bb = self.layout.block_bytes[g];
         self.held_bytes -= bb;
-        if self.nodes[n as usize].refs > 0 {
+        if self.held(n) {
             self.pinned_bytes -= bb;
+        }
+        if self.nodes[n as usize].retained > 0 {
+            self.retained_bytes -= bb;
         }
         if let Some(log) = self.victims.as_mut() {
             let node = &self.nodes[n as usize];
@@ -689,9 +722,19 @@ impl PrefixTree {
         let node = &mut self.nodes[n as usize];
         node.refs += 1;
         if node.refs == 1 {
-            self.pinned_bytes += self.node_bytes(n);
+            if node.retained == 0 {
+                self.pinned_bytes += self.node_bytes(n);
+            }
             self.refresh(n);
         }
+    }
+
+    /// Whether a running request or a retention pin holds `n`: it keeps every block it holds
+    /// and is in no eviction set.
+    #[inline(always)]
+    pub(super) fn held(&self, n: NodeId) -> bool {
+        let node = &self.nodes[n as usize];
+        node.refs > 0 || node.retained > 0
     }
 
     /// Counts a resume at the end of `n`.
@@ -699,17 +742,25 @@ impl PrefixTree {
         self.nodes[n as usize].hits += 1;
     }
 
-    /// Unpins a node. When the last pin goes, SWA blocks no checkpoint covers are freed
-    /// (swa-aware policy), a doomed node is removed, and the node becomes evictable.
+    /// Unpins a node. When its last hold goes (no request pins it and no retention pin covers
+    /// it), SWA blocks no checkpoint covers are freed (swa-aware policy), a doomed node is
+    /// removed, and the node becomes evictable.
     pub fn unpin(&mut self, n: NodeId, freed: &mut Freed) {
         let tick = self.now();
         let node = &mut self.nodes[n as usize];
         debug_assert!(node.refs > 0);
         node.refs -= 1;
         node.last_access = tick;
-        if node.refs > 0 {
+        if node.refs > 0 || node.retained > 0 {
             return;
         }
+        self.unheld(n, freed);
+    }
+
+    /// Node `n`'s last hold (a request's pin or a retention pin) went: SWA blocks no
+    /// checkpoint covers are freed (swa-aware policy), a doomed node is removed, and the node
+    /// becomes evictable.
+    pub(super) fn unheld(&mut self, n: NodeId, freed: &mut Freed) {
         self.pinned_bytes -= self.node_bytes(n);
         if self.layout.swa_aware {
             for i in 0..self.sliding.len() {
@@ -797,7 +848,7 @@ impl PrefixTree {
             while n != NONE && self.nodes[n as usize].depth >= start {
                 let s = self.slot(n, g);
                 self.ckpt_refs[s] -= 1;
-                if self.ckpt_refs[s] == 0 && self.nodes[n as usize].refs == 0 {
+                if self.ckpt_refs[s] == 0 && !self.held(n) {
                     self.drop_block(n, g, freed);
                 }
                 n = self.nodes[n as usize].parent;
@@ -806,10 +857,10 @@ impl PrefixTree {
         self.refresh(end);
     }
 
-    /// Removes an unpinned, childless node and its blocks (its checkpoint first).
+    /// Removes an unheld, childless node and its blocks (its checkpoint first).
     fn remove(&mut self, n: NodeId, freed: &mut Freed) {
         self.touch(n);
-        debug_assert!(self.nodes[n as usize].refs == 0 && self.nodes[n as usize].children == 0);
+        debug_assert!(!self.held(n) && self.nodes[n as usize].children == 0);
         if self.nodes[n as usize].ckpt_end {
             self.remove_checkpoint(n, freed);
         }
@@ -831,7 +882,7 @@ impl PrefixTree {
         if parent != NONE {
             let p = &mut self.nodes[parent as usize];
             p.children -= 1;
-            if p.doomed && p.children == 0 && p.refs == 0 {
+            if p.doomed && p.children == 0 && p.refs == 0 && p.retained == 0 {
                 self.remove(parent, freed);
             } else {
                 self.refresh(parent);
@@ -848,7 +899,7 @@ impl PrefixTree {
             return;
         }
         node.changed = self.version;
-        if node.refs == 0 && node.children == 0 {
+        if node.refs == 0 && node.retained == 0 && node.children == 0 {
             self.remove(n, freed);
         } else {
             if self.events.on() && !self.nodes[n as usize].doomed {
@@ -940,17 +991,18 @@ impl PrefixTree {
         self.held_bytes - self.pinned_bytes
     }
 
-    /// Bytes of the nodes in `path` that no request pins: what pinning `path` would take out of
+    /// Bytes of the nodes in `path` that nothing holds: what pinning `path` would take out of
     /// [`evictable_bytes`](Self::evictable_bytes).
     pub fn unpinned_bytes(&self, path: &[NodeId]) -> u64 {
         path.iter()
-            .filter(|&&n| self.nodes[n as usize].refs == 0)
+            .filter(|&&n| !self.held(n))
             .map(|&n| self.node_bytes(n))
             .sum()
     }
 }
 
 mod evict;
+mod retain;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -63,7 +63,7 @@ impl PrefixTree {
     pub(super) fn refresh(&mut self, n: NodeId) {
         self.take_key(n);
         let node = &self.nodes[n as usize];
-        if !node.alive || node.refs > 0 || node.doomed {
+        if !node.alive || node.refs > 0 || node.retained > 0 || node.doomed {
             return;
         }
         let kind = if node.children == 0 {
@@ -114,7 +114,7 @@ impl PrefixTree {
                     let mut steps = 0;
                     while p != NONE && steps < 256 {
                         let pn = &self.nodes[p as usize];
-                        if pn.children != 1 || pn.refs > 0 || pn.ckpt_end {
+                        if pn.children != 1 || self.held(p) || pn.ckpt_end {
                             break;
                         }
                         bytes += self.node_bytes(p);
@@ -144,6 +144,7 @@ impl PrefixTree {
             saved_tokens: saved,
             bytes,
             hits: node.hits,
+            priority: self.priority(n),
             last_access: node.last_access,
             next_use: if kind_of_order == Eviction::Oracle {
                 self.order.next_use(node.hash)
