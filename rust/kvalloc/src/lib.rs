@@ -133,7 +133,8 @@ pub use events::CacheEvent;
 pub use eviction::Eviction;
 pub use manager::{
     Admission, BlockResidency, Decode, Extension, GroupStats, KVCacheManager, ManagerConfig,
-    ManagerStats, Policy, Promotion, Prompt, Retention, Step, StepOutcome, TierStats, NULL_PAGE,
+    ManagerStats, Policy, Promotion, Prompt, Retention, Step, StepOutcome, TierStats, MAX_PRIORITY,
+    NULL_PAGE,
 };
 pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};
 pub use spec::{AttentionKind, DType, KVGroup, ModelSpec};

@@ -225,7 +225,7 @@ impl KVCacheManager {
         match self.clock {
             Clock::Driven(c) if t < c => {
                 return Err(Error::invalid(
-                    "now",
+                    "clock",
                     format!(
                         "{:?} is before the clock's {:?}: it does not go backwards",
                         now,
@@ -254,7 +254,7 @@ impl KVCacheManager {
         let now = self
             .clock()
             .checked_add(by)
-            .ok_or_else(|| Error::invalid("seconds", "the clock would overflow"))?;
+            .ok_or_else(|| Error::invalid("clock", "the clock would overflow"))?;
         self.set_clock(now)
     }
 
