@@ -104,13 +104,14 @@ fn priority_keeps_a_prefix_longer_under_the_value_policy() {
 
 #[test]
 fn a_block_keeps_the_highest_priority_of_the_requests_that_finished_holding_it() {
-    // A is cached with a low priority, then read (and finished) by a high-priority request:
-    // it now outranks B.
+    // A is cached with a high priority, then read (and finished) by a low-priority request; B
+    // is cached and read at priority 0 (the same hits and the later use): A still outranks B.
     let (pa, pb) = (seq(0, 200), seq(100_000, 200));
     let mut m = manager(96 << 10, ManagerConfig::default());
-    run(&mut m, 1, &pa, priority(-3));
+    run(&mut m, 1, &pa, priority(2));
     run(&mut m, 2, &pb, Retention::default());
-    assert_eq!(run(&mut m, 3, &pa, priority(2)), 192);
+    assert_eq!(run(&mut m, 3, &pa, priority(-3)), 192);
+    assert_eq!(run(&mut m, 4, &pb, Retention::default()), 192);
     // Fill until something goes: B's blocks go before A's.
     let mut id = 10;
     while m.stats().evicted_leaves == 0 {
