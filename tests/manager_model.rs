@@ -411,12 +411,14 @@ impl Harness {
         policy: Policy,
         eviction: Eviction,
         paged: bool,
+        pin_cap: Option<u64>,
     ) -> Self {
         let config = ManagerConfig {
             policy,
             eviction,
             events: true,
             prefill_reads_cache: paged,
+            max_pinned_bytes: pin_cap,
             ..ManagerConfig::default()
         };
         let mut m = KVCacheManager::new(spec, capacity, config).unwrap();
@@ -910,10 +912,11 @@ fn run_ops(
     eviction: Eviction,
     ops: &[Op],
     abort_mask: u64,
+    pin_cap: Option<u64>,
 ) -> Result<(), TestCaseError> {
     // The mask's top bit: an engine whose prefill reads the chunk from the cache.
     let paged = abort_mask >> 63 == 1;
-    let mut h = Harness::new(spec, capacity, policy, eviction, paged);
+    let mut h = Harness::new(spec, capacity, policy, eviction, paged, pin_cap);
     for (i, op) in ops.iter().enumerate() {
         if std::env::var("KVTRACE").is_ok() {
             let st = h.m.stats();
@@ -970,7 +973,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(small_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask)?;
+        run_ops(small_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask, None)?;
     }
 
     #[test]
@@ -978,7 +981,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(small_spec(), UNBOUNDED, Policy::Dense, Eviction::Value, &ops, mask)?;
+        run_ops(small_spec(), UNBOUNDED, Policy::Dense, Eviction::Value, &ops, mask, None)?;
     }
 
     #[test]
@@ -986,7 +989,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(two_window_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask)?;
+        run_ops(two_window_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask, None)?;
     }
 
     #[test]
@@ -997,11 +1000,14 @@ proptest! {
         dense in proptest::bool::weighted(0.25),
         two in any::<bool>(),
         lru in any::<bool>(),
+        // Small caps on pinned bytes: pins clipped, and shortened when a checkpoint is laid
+        // over a pinned prefix.
+        pin_cap in prop_oneof![Just(None), Just(Some(4u64 << 10)), Just(Some(16 << 10)), Just(Some(40 << 10))],
     ) {
         let spec = if two { two_window_spec() } else { small_spec() };
         let policy = if dense { Policy::Dense } else { Policy::SwaAware };
         let eviction = if lru { Eviction::Lru } else { Eviction::Value };
-        run_ops(spec, cap_kib << 10, policy, eviction, &ops, mask)?;
+        run_ops(spec, cap_kib << 10, policy, eviction, &ops, mask, pin_cap)?;
     }
 }
 
