@@ -79,11 +79,24 @@ struct Node {
     /// removed as soon as it is unpinned and childless.
     doomed: bool,
     alive: bool,
-    /// Current key in `leaves` or `ckpts`, if the node is in one of them.
-    key: Option<(SetKind, u64)>,
+    /// Current key in `leaves` or `ckpts` (which one: `key_kind`).
+    key: u64,
+    /// The eviction set the node is in, if any. Apart from `key` (rather than an
+    /// `Option<(SetKind, u64)>`, 16 bytes) so that a node fits in one 64-byte line.
+    key_kind: Option<SetKind>,
     /// The tree's version when this node was created or last changed in a way a walk sees
     /// (blocks attached or dropped, doomed, removed): see [`PrefixTree::path_unchanged`].
     changed: u64,
+}
+
+// A walk reads one node per block: keep each node in one cache line.
+const _: () = assert!(std::mem::size_of::<Node>() <= 64);
+
+impl Node {
+    /// The eviction set the node is in and its key there, if any.
+    fn filed(&self) -> Option<(SetKind, u64)> {
+        self.key_kind.map(|k| (k, self.key))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -599,7 +612,8 @@ impl PrefixTree {
             ckpt_end: false,
             doomed: false,
             alive: true,
-            key: None,
+            key: 0,
+            key_kind: None,
             changed: self.version,
         };
         if self.free_ids.last() == Some(&id) {

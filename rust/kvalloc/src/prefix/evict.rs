@@ -43,7 +43,7 @@ impl PrefixTree {
         };
         for &h in future.hashes(i) {
             if let Some(n) = self.lookup(h) {
-                if self.nodes[n as usize].key.is_some() {
+                if self.nodes[n as usize].key_kind.is_some() {
                     self.refresh(n);
                 }
             }
@@ -51,7 +51,9 @@ impl PrefixTree {
     }
 
     pub(super) fn take_key(&mut self, n: NodeId) {
-        if let Some((kind, key)) = self.nodes[n as usize].key.take() {
+        let node = &mut self.nodes[n as usize];
+        if let Some((kind, key)) = node.filed() {
+            node.key_kind = None;
             match kind {
                 SetKind::Leaf => self.leaves.remove(&(key, n)),
                 SetKind::Ckpt => self.ckpts.remove(&(key, n)),
@@ -75,7 +77,8 @@ impl PrefixTree {
         };
         let cand = self.candidate(n, kind);
         let key = self.order.key(&cand);
-        self.nodes[n as usize].key = Some((kind, key));
+        let node = &mut self.nodes[n as usize];
+        (node.key, node.key_kind) = (key, Some(kind));
         match kind {
             SetKind::Leaf => self.leaves.insert((key, n)),
             SetKind::Ckpt => self.ckpts.insert((key, n)),

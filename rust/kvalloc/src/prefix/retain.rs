@@ -61,7 +61,7 @@ impl PrefixTree {
         let node = &mut self.nodes[n as usize];
         if node.priority == UNSET_PRIORITY || p > node.priority {
             node.priority = p;
-            if node.key.is_some() {
+            if node.key_kind.is_some() {
                 self.refresh(n);
             }
         }

@@ -179,13 +179,13 @@ impl PrefixTree {
             } else {
                 None
             };
-            let have = n.key.map(|(k, _)| k);
+            let have = n.key_kind;
             if want != have {
                 return bad(format!(
                     "node {i}: eviction set {have:?}, expected {want:?}"
                 ));
             }
-            if let Some((kind, key)) = n.key {
+            if let Some((kind, key)) = n.filed() {
                 let set = if kind == SetKind::Leaf {
                     &self.leaves
                 } else {
@@ -199,7 +199,7 @@ impl PrefixTree {
         let filed = self
             .nodes
             .iter()
-            .filter(|n| n.alive && n.key.is_some())
+            .filter(|n| n.alive && n.key_kind.is_some())
             .count();
         if filed != self.leaves.len() + self.ckpts.len() {
             return bad("eviction sets hold stale entries".into());
