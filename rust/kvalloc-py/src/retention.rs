@@ -99,7 +99,7 @@ impl Columns<'_, '_> {
     /// flat ones), or leaves it empty when no column is given (every admission's default).
     /// Each column is one value for all, or a sequence of one per admission. The core checks
     /// each retention before the step changes anything.
-    pub(crate) fn into_vec(&self, n: usize, out: &mut Vec<Retention>) -> PyResult<()> {
+    pub(crate) fn fill(&self, n: usize, out: &mut Vec<Retention>) -> PyResult<()> {
         if ![self.priority, self.pin_tokens, self.pin_seconds, self.cache]
             .into_iter()
             .any(|o| given(o).is_some())

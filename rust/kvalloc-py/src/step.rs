@@ -214,7 +214,7 @@ pub(crate) fn run_step<'py>(
         ext_spans,
     )?;
     let n_admits = admits.len() + flat_ids.len();
-    args.retention.into_vec(n_admits, retention)?;
+    args.retention.fill(n_admits, retention)?;
     let retention_of = |k: usize| retention.get(k).copied().unwrap_or_default();
     let one_token_each = has_tokens && ext_lens.is_empty();
     let (fcfs, admit_if_extended) = (args.fcfs, args.admit_if_extended);
