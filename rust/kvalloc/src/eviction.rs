@@ -109,7 +109,10 @@ pub const NEVER: u32 = u32::MAX;
 /// How much a retention priority multiplies an entry's value under the value policy:
 /// `2^priority` (priority 0: 1). The one place priority enters an eviction key.
 pub fn priority_weight(priority: i8) -> f64 {
-    2f64.powi(i32::from(priority))
+    match priority {
+        0 => 1.0, // nearly every entry: no call
+        p => 2f64.powi(i32::from(p)),
+    }
 }
 
 /// The trace's future as the oracle sees it: which block hashes each request will match.

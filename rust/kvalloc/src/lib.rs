@@ -47,6 +47,9 @@
 //!   prefix has no holes (full-attention KV leaves leaf first);
 //! - a running request holds at most its window (plus one block, plus a chunk in flight) of
 //!   private blocks per sliding group;
+//! - a cached prefix under a retention pin (see [`Retention`]) is in no eviction set, its
+//!   pinned bytes are counted exactly and never exceed
+//!   [`ManagerConfig::max_pinned_bytes`](manager::ManagerConfig::max_pinned_bytes);
 //! - bad input is an [`Error`], never a panic, and leaves the state as it was.
 //!
 //! ## Example: a request's life
