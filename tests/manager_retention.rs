@@ -446,3 +446,45 @@ fn the_clock_is_monotonic_once_driven() {
     assert_eq!(m.clock(), Duration::from_secs(1030));
     m.validate().unwrap();
 }
+
+/// A refused admission is remembered so that its retry is refused without a walk; a retry with
+/// another retention needs other blocks (a pin keeps a checkpoint at its end) and is evaluated
+/// anew.
+#[test]
+fn a_retry_with_another_retention_is_not_refused_from_memory() {
+    let p = seq(0, 1024);
+    let pinned = pin(512, 60);
+    let mut found = false;
+    for filler in (16..8192).step_by(16) {
+        let mut m = manager(256 << 10, ManagerConfig::default());
+        let quiet = Retention {
+            cache: false,
+            ..Retention::default()
+        };
+        // A running request that leaves some room, and nothing cached to evict.
+        if m.admit_with_retention(1, Prompt::Tokens(&seq(900_000, filler)), None, None, quiet)
+            .unwrap()
+            .is_none()
+        {
+            break;
+        }
+        let with_pin = m
+            .admit_with_retention(2, Prompt::Tokens(&p), None, None, pinned)
+            .unwrap();
+        if with_pin.is_some() {
+            continue;
+        }
+        let plain = m
+            .admit_with_retention(2, Prompt::Tokens(&p), None, None, Retention::default())
+            .unwrap();
+        m.validate().unwrap();
+        if plain.is_some() {
+            found = true;
+            break;
+        }
+    }
+    assert!(
+        found,
+        "no room fits the prompt without its pin's checkpoint only"
+    );
+}

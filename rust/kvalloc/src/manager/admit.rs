@@ -201,7 +201,7 @@ impl KVCacheManager {
         let counts = self.plan_range(&r, r.len, end, &mut plan);
         if let Some(need_bytes) = self.hopeless(&r, &counts)? {
             self.scratch_plan = plan;
-            self.remember_refusal(req, &prompt, retry, max_tokens, need_bytes, &r, retention);
+            self.remember_refusal(req, &prompt, retry, max_tokens, need_bytes, &r);
             self.recycle(r);
             return Ok(None);
         }
@@ -328,7 +328,6 @@ impl KVCacheManager {
 
     /// Counts a hopeless admission and remembers it (see [`Refused`](super::request::Refused)),
     /// so that its retry is refused without a walk while nothing changed.
-    #[allow(clippy::too_many_arguments)]
     fn remember_refusal(
         &mut self,
         req: u64,
@@ -337,10 +336,9 @@ impl KVCacheManager {
         max_tokens: Option<u64>,
         need_bytes: u64,
         r: &Request,
-        retention: &Retention,
     ) {
         if !retry {
-            self.refused.remember(req, r.seed, prompt, r, retention);
+            self.refused.remember(req, r.seed, prompt, r);
         }
         self.refused.max_tokens = max_tokens;
         self.refused.need_bytes = need_bytes;

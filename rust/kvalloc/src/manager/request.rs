@@ -180,16 +180,9 @@ impl Refused {
             }
     }
 
-    pub(super) fn remember(
-        &mut self,
-        req: u64,
-        seed: u64,
-        prompt: &Prompt<'_>,
-        r: &Request,
-        retention: &Retention,
-    ) {
+    pub(super) fn remember(&mut self, req: u64, seed: u64, prompt: &Prompt<'_>, r: &Request) {
         self.valid = true;
-        self.retention = *retention;
+        self.retention = r.retention;
         self.req = req;
         self.seed = seed;
         self.tokens.clear();
