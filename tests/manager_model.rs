@@ -18,15 +18,23 @@
 //! With the manager's event log on, replaying its events after every operation must give exactly
 //! the blocks it caches, each stored by the request the operation named (`events::Replay`).
 //!
+//! Retention: admissions carry a random `Retention` (priority, a timed pin, an opt-out from
+//! caching) and the clock is driven forward. An opted-out request adds nothing to the reference
+//! (nor to the manager's cache), and a pin's prefix keeps at least the hit it had when the pin
+//! was applied until the pin expires (unless the cap clipped pins since, or an abort may have
+//! doomed nodes under it); `validate()` checks the pins against the tree and the cap.
+//!
 //! Debugging aids: `KVTRACE=1` prints every operation with the running requests; `KVSTATS=1`
 //! prints per case how many hits were checked, how many had a positive or tight lower bound, and
 //! the eviction and refusal counters (run with `--nocapture`).
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::Duration;
 
 use kvalloc::{
     Eviction, Extension, KVCacheManager, ManagerConfig, ManagerStats, ModelSpec, Policy, Prompt,
+    Retention,
 };
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
@@ -102,13 +110,49 @@ struct PromptGen {
     keep_base_salt: bool,
 }
 
+/// An admission's retention: (priority, pin of (tokens, seconds), cache).
+#[derive(Debug, Clone)]
+struct RetGen {
+    priority: i8,
+    pin: Option<(u16, u8)>,
+    cache: bool,
+}
+
+impl RetGen {
+    fn retention(&self) -> Retention {
+        Retention {
+            priority: self.priority,
+            pin_tokens: self.pin.map_or(0, |(t, _)| u64::from(t)),
+            pin_for: Duration::from_secs(self.pin.map_or(0, |(_, s)| u64::from(s))),
+            cache: self.cache,
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 enum Op {
-    Admit { p: PromptGen, chunk: Option<u16> },
-    Match { p: PromptGen },
-    Extend { who: usize, n: u8 },
-    Finish { who: usize },
-    Abort { who: usize },
+    Admit {
+        p: PromptGen,
+        chunk: Option<u16>,
+        ret: RetGen,
+    },
+    /// Drives the clock this many seconds forward (pins expire).
+    Clock {
+        secs: u8,
+    },
+    Match {
+        p: PromptGen,
+    },
+    Extend {
+        who: usize,
+        n: u8,
+    },
+    Finish {
+        who: usize,
+    },
+    Abort {
+        who: usize,
+    },
 }
 
 fn prompt_gen() -> impl Strategy<Value = PromptGen> {
@@ -131,10 +175,24 @@ fn prompt_gen() -> impl Strategy<Value = PromptGen> {
         })
 }
 
+fn ret_gen() -> impl Strategy<Value = RetGen> {
+    (
+        prop_oneof![6 => Just(0i8), 1 => -3i8..=3, 1 => Just(16i8), 1 => Just(-16i8)],
+        proptest::option::weighted(0.25, (0u16..700, 1u8..=30)),
+        proptest::bool::weighted(0.85),
+    )
+        .prop_map(|(priority, pin, cache)| RetGen {
+            priority,
+            pin,
+            cache,
+        })
+}
+
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        5 => (prompt_gen(), proptest::option::weighted(0.25, 16u16..300))
-            .prop_map(|(p, chunk)| Op::Admit { p, chunk }),
+        5 => (prompt_gen(), proptest::option::weighted(0.25, 16u16..300), ret_gen())
+            .prop_map(|(p, chunk, ret)| Op::Admit { p, chunk, ret }),
+        1 => (0u8..=20).prop_map(|secs| Op::Clock { secs }),
         3 => prompt_gen().prop_map(|p| Op::Match { p }),
         5 => (any::<usize>(), 1u8..=40).prop_map(|(who, n)| Op::Extend { who, n }),
         3 => any::<usize>().prop_map(|who| Op::Finish { who }),
@@ -299,6 +357,19 @@ struct Req {
     plans_done: usize,
     /// Stats before admission when it was admitted alone and nothing else was admitted since.
     alone: Option<ManagerStats>,
+    /// What it asked of the cache.
+    retention: Retention,
+}
+
+/// A pin the manager applied: until `expires`, a prompt of `toks` (and one more token) under
+/// `salt` hits at least `hit`.
+#[derive(Debug, Clone)]
+struct PinCheck {
+    salt: u8,
+    toks: Vec<i64>,
+    keys: Vec<u64>,
+    hit: u64,
+    expires: u64,
 }
 
 struct Harness {
@@ -319,6 +390,14 @@ struct Harness {
     doomed_possible: bool,
     /// The cache as the manager's events describe it.
     replay: events::Replay,
+    /// The manager's (driven) clock in seconds.
+    now: u64,
+    /// The pins in force whose hits are checked after every operation.
+    pins: Vec<PinCheck>,
+    /// `pins_clipped` when the checks were last valid (a clip may shorten any pin).
+    clipped: u64,
+    /// Pinned prefixes checked (all operations together).
+    pins_checked: u64,
 }
 
 fn err(m: String) -> TestCaseError {
@@ -333,6 +412,7 @@ impl Harness {
         eviction: Eviction,
         paged: bool,
         slab_bytes: Option<u64>,
+        pin_cap: Option<u64>,
     ) -> Self {
         let config = ManagerConfig {
             policy,
@@ -340,10 +420,13 @@ impl Harness {
             events: true,
             prefill_reads_cache: paged,
             slab_bytes,
+            max_pinned_bytes: pin_cap,
             ..ManagerConfig::default()
         };
+        let mut m = KVCacheManager::new(spec, capacity, config).unwrap();
+        m.set_clock(Duration::ZERO).unwrap();
         Harness {
-            m: KVCacheManager::new(spec, capacity, config).unwrap(),
+            m,
             dense: policy == Policy::Dense,
             unbounded: capacity >= UNBOUNDED,
             reference: Reference {
@@ -359,6 +442,10 @@ impl Harness {
             tight: 0,
             doomed_possible: false,
             replay: events::Replay::default(),
+            now: 0,
+            pins: Vec::new(),
+            clipped: 0,
+            pins_checked: 0,
         }
     }
 
@@ -369,7 +456,7 @@ impl Harness {
         };
         match *op {
             Op::Admit { .. } => Some(self.next_id + 1),
-            Op::Match { .. } => None,
+            Op::Match { .. } | Op::Clock { .. } => None,
             Op::Extend { who, .. } | Op::Finish { who } | Op::Abort { who } => running(who),
         }
     }
@@ -462,9 +549,13 @@ impl Harness {
         Ok(())
     }
 
-    /// Mirrors a schedule call of request `idx` that started at token `start`.
+    /// Mirrors a schedule call of request `idx` that started at token `start` (an opted-out
+    /// request links and registers nothing).
     fn after_schedule(&mut self, idx: usize, start: usize) {
         let r = &mut self.running[idx];
+        if !r.retention.cache {
+            return;
+        }
         let n_full = r.prompt_len / B;
         let whole_end = (r.len / B).min(n_full);
         self.reference.link(r, whole_end, true, Some(start / B));
@@ -490,7 +581,13 @@ impl Harness {
                     .map_err(|e| err(format!("match_prefix: {e}")))?;
                 self.check_hit("match", salt, &toks, hit)?;
             }
-            Op::Admit { p, chunk } => {
+            Op::Clock { secs } => {
+                self.m
+                    .advance_clock(Duration::from_secs(u64::from(*secs)))
+                    .map_err(|e| err(format!("advance_clock: {e}")))?;
+                self.now += u64::from(*secs);
+            }
+            Op::Admit { p, chunk, ret } => {
                 let (salt, toks) = self.build(p);
                 let before = self
                     .m
@@ -498,16 +595,20 @@ impl Harness {
                 let before = before.map_err(|e| err(format!("match_prefix: {e}")))?;
                 let keys = chain_keys(salt, &toks);
                 let depth = self.reference.walk(&keys).len();
-                let snap = self.running.is_empty().then(|| self.m.stats());
+                // Alone, and no pin that could expire (and free bytes) while it runs.
+                let snap =
+                    (self.running.is_empty() && self.m.stats().pins == 0).then(|| self.m.stats());
                 self.next_id += 1;
                 let id = self.next_id;
+                let retention = ret.retention();
                 let res = self
                     .m
-                    .admit(
+                    .admit_with_retention(
                         id,
                         Prompt::Tokens(&toks),
                         SALTS[salt as usize],
                         chunk.map(u64::from),
+                        retention,
                     )
                     .map_err(|e| err(format!("admit: {e}")))?;
                 let Some(hit) = res else {
@@ -527,7 +628,7 @@ impl Harness {
                 let n_full = toks.len() / B;
                 let safe = hit as usize / B;
                 let mut plans = Vec::new();
-                if !self.dense {
+                if !self.dense && retention.cache {
                     if safe < depth && depth < n_full {
                         plans.push((depth, false));
                     }
@@ -554,6 +655,7 @@ impl Harness {
                     plans,
                     plans_done: 0,
                     alone: snap,
+                    retention,
                 });
                 let idx = self.running.len() - 1;
                 self.after_schedule(idx, hit as usize);
@@ -606,19 +708,25 @@ impl Harness {
                     return Ok(());
                 }
                 let mut r = self.running.remove(who % self.running.len());
+                let clipped = self.m.stats().pins_clipped;
                 self.m
                     .finish(r.id)
                     .map_err(|e| err(format!("finish: {e}")))?;
-                let whole = r.len / B;
-                self.reference.link(&mut r, whole, false, None);
-                // After a linking conflict the manager tries a checkpoint at the end of the
-                // linked path instead of E; its window has usually left the running window, so
-                // nothing is promised there.
-                let e = r.len / B;
-                if e > 0 && e <= r.path.len() && !self.dense {
-                    self.reference.register(&r, e, None, false);
+                if r.retention.cache {
+                    let whole = r.len / B;
+                    self.reference.link(&mut r, whole, false, None);
+                    // After a linking conflict the manager tries a checkpoint at the end of the
+                    // linked path instead of E; its window has usually left the running window,
+                    // so nothing is promised there.
+                    let e = r.len / B;
+                    if e > 0 && e <= r.path.len() && !self.dense {
+                        self.reference.register(&r, e, None, false);
+                    }
                 }
                 self.reference.finish(r.id);
+                if self.m.stats().pins_clipped == clipped {
+                    self.check_new_pin(&r)?;
+                }
                 self.history.push((r.salt, r.toks[..r.len].to_vec()));
             }
             Op::Abort { who } => {
@@ -627,6 +735,7 @@ impl Harness {
                 }
                 let r = self.running.remove(who % self.running.len());
                 self.m.abort(r.id).map_err(|e| err(format!("abort: {e}")))?;
+                self.forget_pins_under(&r);
                 self.reference.abort(&r);
                 // Another request shared or extended what this one created: it is doomed.
                 if !self.running.is_empty() || r.alone.is_none() {
@@ -664,10 +773,99 @@ impl Harness {
         Ok(())
     }
 
-    fn check_state(&self, what: &str) -> Result<(), TestCaseError> {
+    /// After request `r` finished: records the hit its pin (if any) guarantees.
+    fn check_new_pin(&mut self, r: &Req) -> Result<(), TestCaseError> {
+        // An opted-out request pins what it read; others may have cached more of its prompt
+        // than that, so its prefix's hit says nothing about its pin.
+        let want = (r.retention.pin_tokens as usize).min(r.len) / B * B;
+        if want == 0 || !r.retention.cache {
+            return Ok(());
+        }
+        // A pin stops at a doomed node (an aborted request created it), while another request
+        // may have cached the same blocks again: then the prefix's hit is not the pin's.
+        let live = if self.reference.loose {
+            !self.doomed_possible
+        } else {
+            r.path[..(want / B).min(r.path.len())]
+                .iter()
+                .all(|i| self.reference.nodes.get(&self.reference.key_of[i]) == Some(i))
+        };
+        if !live {
+            return Ok(());
+        }
+        let mut toks = r.toks[..want].to_vec();
+        toks.push(-7);
+        let hit = self
+            .m
+            .match_prefix(Prompt::Tokens(&toks), SALTS[r.salt as usize])
+            .map_err(|e| err(format!("match_prefix: {e}")))?;
+        let expires = self.now + r.retention.pin_for.as_secs();
+        if hit > 0 {
+            prop_assert!(self.m.stats().pins > 0, "a pinned prefix but no pin");
+            let keys = chain_keys(r.salt, &toks);
+            self.pins.push(PinCheck {
+                salt: r.salt,
+                toks,
+                keys,
+                hit,
+                expires,
+            });
+        }
+        Ok(())
+    }
+
+    /// An abort dooms the nodes its request created, pinned or not: the checks over them go
+    /// (all of them with bounded memory, where the reference does not know who created what).
+    fn forget_pins_under(&mut self, r: &Req) {
+        if self.reference.loose {
+            self.pins.clear();
+            return;
+        }
+        let created: Vec<u64> = r
+            .created
+            .iter()
+            .filter_map(|i| self.reference.key_of.get(i).copied())
+            .collect();
+        self.pins
+            .retain(|p| !p.keys.iter().any(|k| created.contains(k)));
+    }
+
+    /// Every pin in force still gives its prefix at least the hit it had when applied.
+    fn check_pins(&mut self, what: &str) -> Result<(), TestCaseError> {
+        let now = self.now;
+        self.pins.retain(|p| p.expires > now);
+        let clipped = self.m.stats().pins_clipped;
+        if clipped != self.clipped {
+            self.clipped = clipped;
+            self.pins.clear();
+        }
+        self.pins_checked += self.pins.len() as u64;
+        for p in &self.pins {
+            let hit = self
+                .m
+                .match_prefix(Prompt::Tokens(&p.toks), SALTS[p.salt as usize])
+                .map_err(|e| err(format!("match_prefix: {e}")))?;
+            prop_assert!(
+                hit >= p.hit,
+                "{}: a pinned prefix hits {} < {} (expires at {} s, now {} s)",
+                what,
+                hit,
+                p.hit,
+                p.expires,
+                now
+            );
+        }
+        if self.pins.is_empty() && self.m.stats().pins == 0 {
+            prop_assert_eq!(self.m.stats().pinned_bytes, 0);
+        }
+        Ok(())
+    }
+
+    fn check_state(&mut self, what: &str) -> Result<(), TestCaseError> {
         if let Err(e) = self.m.validate() {
             return Err(err(format!("validate after {what}: {e}")));
         }
+        self.check_pins(what)?;
         let st = self.m.stats();
         prop_assert!(
             st.bytes_in_use <= st.capacity_bytes,
@@ -717,10 +915,11 @@ fn run_ops(
     ops: &[Op],
     abort_mask: u64,
     slab_bytes: Option<u64>,
+    pin_cap: Option<u64>,
 ) -> Result<(), TestCaseError> {
     // The mask's top bit: an engine whose prefill reads the chunk from the cache.
     let paged = abort_mask >> 63 == 1;
-    let mut h = Harness::new(spec, capacity, policy, eviction, paged, slab_bytes);
+    let mut h = Harness::new(spec, capacity, policy, eviction, paged, slab_bytes, pin_cap);
     for (i, op) in ops.iter().enumerate() {
         if std::env::var("KVTRACE").is_ok() {
             let st = h.m.stats();
@@ -740,7 +939,8 @@ fn run_ops(
     if std::env::var("KVSTATS").is_ok() {
         let st = h.m.stats();
         eprintln!(
-            "STATS hits {} lower>0 {} tight {} evicted {}/{} refused {}/{} aborted_blocks {}",
+            "STATS hits {} lower>0 {} tight {} evicted {}/{} refused {}/{} aborted_blocks {} \
+             pins checked {} in force {} clipped {}",
             h.hits_checked,
             h.lower_positive,
             h.tight,
@@ -748,7 +948,10 @@ fn run_ops(
             st.evicted_checkpoints,
             st.admissions_refused,
             st.extensions_refused,
-            st.aborted_blocks
+            st.aborted_blocks,
+            h.pins_checked,
+            st.pins,
+            st.pins_clipped
         );
     }
     Ok(())
@@ -781,7 +984,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(small_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask, None)?;
+        run_ops(small_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask, None, None)?;
     }
 
     #[test]
@@ -789,7 +992,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(small_spec(), UNBOUNDED, Policy::Dense, Eviction::Value, &ops, mask, None)?;
+        run_ops(small_spec(), UNBOUNDED, Policy::Dense, Eviction::Value, &ops, mask, None, None)?;
     }
 
     #[test]
@@ -797,7 +1000,7 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..60),
         mask in any::<u64>(),
     ) {
-        run_ops(two_window_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask, None)?;
+        run_ops(two_window_spec(), UNBOUNDED, Policy::SwaAware, Eviction::Value, &ops, mask, None, None)?;
     }
 
     #[test]
@@ -809,6 +1012,9 @@ proptest! {
         two in any::<bool>(),
         lru in any::<bool>(),
         coarse in any::<bool>(),
+        // Small caps on pinned bytes: pins clipped, and shortened when a checkpoint is laid
+        // over a pinned prefix.
+        pin_cap in prop_oneof![Just(None), Just(Some(4u64 << 10)), Just(Some(16 << 10)), Just(Some(40 << 10))],
     ) {
         let spec = if two { two_window_spec() } else { small_spec() };
         let policy = if dense { Policy::Dense } else { Policy::SwaAware };
@@ -820,7 +1026,7 @@ proptest! {
             let lcm = bytes.iter().fold(1u64, |a, &b| a / gcd(a, b) * b);
             4 * lcm
         });
-        run_ops(spec, cap_kib << 10, policy, eviction, &ops, mask, slab)?;
+        run_ops(spec, cap_kib << 10, policy, eviction, &ops, mask, slab, pin_cap)?;
     }
 }
 

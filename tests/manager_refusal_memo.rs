@@ -84,10 +84,8 @@ fn run(ops: &[Op], capacity: u64, policy: Policy, reserve: u64) -> Result<(), Te
             let admit = queue
                 .iter()
                 .map(|(id, p)| Admission {
-                    req: *id,
-                    prompt: Prompt::Tokens(p),
-                    salt: None,
                     max_tokens: chunk,
+                    ..Admission::new(*id, Prompt::Tokens(p))
                 })
                 .collect();
             // First come, first served: after a refusal the rest are not attempted (their

@@ -355,12 +355,7 @@ fn absurd_counts_are_refused_not_looped_over() {
 fn batched_step_checks_then_serves_in_order() {
     use kvalloc::{Admission, Step};
     fn admit(req: u64, p: &[i64]) -> Admission<'_> {
-        Admission {
-            req,
-            prompt: Prompt::Tokens(p),
-            salt: None,
-            max_tokens: None,
-        }
+        Admission::new(req, Prompt::Tokens(p))
     }
     let mut m = manager(Policy::SwaAware, 1 << 20);
     let (p1, p2, big) = (seq(0, 100), seq(10_000, 60), seq(20_000, 1_000_000));
@@ -421,12 +416,7 @@ fn batched_step_checks_then_serves_in_order() {
 fn admissions_left_unattempted_are_served_right_later() {
     use kvalloc::{Admission, Step};
     fn admission(req: u64, p: &[i64]) -> Admission<'_> {
-        Admission {
-            req,
-            prompt: Prompt::Tokens(p),
-            salt: None,
-            max_tokens: None,
-        }
+        Admission::new(req, Prompt::Tokens(p))
     }
     let (shared, own) = (seq(0, 64), seq(50_000, 64));
     let follower: Vec<i64> = shared.iter().chain(&own).copied().collect();
@@ -577,12 +567,7 @@ fn decode_columns_are_one_token_extensions() {
                         tokens: &tokens,
                     },
                     multi.clone(),
-                    vec![Admission {
-                        req: 50,
-                        prompt: Prompt::Tokens(&empty),
-                        salt: None,
-                        max_tokens: None,
-                    }],
+                    vec![Admission::new(50, Prompt::Tokens(&empty))],
                 ),
             ];
             for (decode, extend, admit) in bad_steps {

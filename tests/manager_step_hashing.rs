@@ -118,10 +118,8 @@ fn run(warm: &[Gen], batch: &[Gen]) -> Result<(), TestCaseError> {
         .zip(&prompts)
         .enumerate()
         .map(|(i, (g, (t, ids, salt)))| Admission {
-            req: i as u64,
-            prompt: prompt(g, t, ids),
             salt: salt.as_deref(),
-            max_tokens: None,
+            ..Admission::new(i as u64, prompt(g, t, ids))
         })
         .collect();
     let out = stepped

@@ -407,6 +407,10 @@ def test_manager_survives_garbage():
             (m.admit, (w, np.arange(10, dtype=np.int64))),
             (m.admit, (2, w)),
             (m.admit, (2, np.arange(10, dtype=np.int64), None, w)),
+            (lambda x: m.admit(2, np.arange(10, dtype=np.int64), priority=x), (w,)),
+            (lambda x: m.admit(2, np.arange(10, dtype=np.int64), pin_tokens=x, pin_seconds=1.0), (w,)),
+            (lambda x: m.admit(2, np.arange(10, dtype=np.int64), pin_tokens=16, pin_seconds=x), (w,)),
+            (lambda x: m.admit(2, np.arange(10, dtype=np.int64), cache=x), (w,)),
             (m.extend, (1, w)),
             (m.extend, (w, np.array([1], dtype=np.int64))),
             (m.finish, (w,)),
@@ -430,6 +434,12 @@ def test_manager_survives_garbage():
             (lambda x: m.step(admit=[(3, x)]), (w,)),
             (lambda x: m.step(admit_ids=x, admit_tokens=x, admit_lens=x), (w,)),
             (lambda x: m.step(fcfs=x), (w,)),
+            (lambda x: m.step(admit=[(3, np.arange(10, dtype=np.int64))], admit_priority=x), (w,)),
+            (lambda x: m.step(admit=[(3, np.arange(10, dtype=np.int64))], admit_pin_tokens=x,
+                              admit_pin_seconds=x), (w,)),
+            (lambda x: m.step(admit=[(3, np.arange(10, dtype=np.int64))], admit_cache=x), (w,)),
+            (m.set_clock, (w,)),
+            (m.advance_clock, (w,)),
             (BlockHashes, (w, 16)),
             (BlockHashes, (np.arange(2, dtype=np.uint64), w)),
         ]:
@@ -443,7 +453,8 @@ def test_constructors_survive_garbage():
     for a, b in itertools.product(WEIRD, repeat=2):
         kvalloc_error_or_success(KVCacheManager, spec, a, b)
     keywords = ["host_bytes", "disk_bytes", "remote_bytes", "write_through", "watermark",
-                "prefault_bytes", "checkpoint_interval", "slab_bytes", "policy", "eviction"]
+                "prefault_bytes", "checkpoint_interval", "slab_bytes", "policy", "eviction",
+                "max_pinned_bytes"]
     for w in WEIRD:
         for kw in keywords:
             kvalloc_error_or_success(KVCacheManager, spec, 1 << 30, **{kw: w})
@@ -546,7 +557,8 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "StepResult.__iter__": (lambda w: list(w.result), 0),
     "KVCacheManager.__new__": (lambda w, a, b, c, d: KVCacheManager(w.spec, a, b, c, d), 4),
     "KVCacheManager.match_prefix": (lambda w, a, b: w.m.match_prefix(a, b), 2),
-    "KVCacheManager.admit": (lambda w, a, b, c, d: w.m.admit(a, b, c, d), 4),
+    "KVCacheManager.admit": (lambda w, *a: w.m.admit(*a[:4], priority=a[4], pin_tokens=a[5], pin_seconds=a[6],
+                                                     cache=a[7]), 8),
     "KVCacheManager.extend": (lambda w, a, b: w.m.extend(a, b), 2),
     "KVCacheManager.finish": (lambda w, a: w.m.finish(a), 1),
     "KVCacheManager.abort": (lambda w, a: w.m.abort(a), 1),
@@ -554,7 +566,7 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "KVCacheManager.block_tables": (lambda w, a, b, c, d: w.m.block_tables(a, b, c, d), 4),
     "KVCacheManager.num_tokens": (lambda w, a: w.m.num_tokens(a), 1),
     "KVCacheManager.__contains__": (lambda w, a: a in w.m, 1),
-    "KVCacheManager.step": (lambda w, *a: w.m.step(*a), 12),
+    "KVCacheManager.step": (lambda w, *a: w.m.step(*a), 16),
     "KVCacheManager.stats": (lambda w: w.m.stats(), 0),
     "KVCacheManager.validate": (lambda w: w.m.validate(), 0),
     "KVCacheManager.register_device": (lambda w, a: w.m.register_device(a), 1),
@@ -568,6 +580,11 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "KVCacheManager.take_events": (lambda w: w.m.take_events(), 0),
     "KVCacheManager.cached_blocks": (lambda w: w.m.cached_blocks(), 0),
     "KVCacheManager.reset_prefix_cache": (lambda w: w.m.reset_prefix_cache(), 0),
+    # Only forward from the clock's reading: the shared manager's clock must stay usable.
+    "KVCacheManager.set_clock": (lambda w, a: w.m.set_clock(a if not isinstance(a, (int, float)) else w.m.clock() + abs(a)),
+                                 1),
+    "KVCacheManager.advance_clock": (lambda w, a: w.m.advance_clock(a), 1),
+    "KVCacheManager.clock": (lambda w: w.m.clock(), 0),
     "Trace.load": (lambda w, a, b, c: Trace.load(a, b, c), st.tuples(bad_paths, bad_values, bad_values)),
     "Trace.generate": (lambda w, a, b, c: Trace.generate(a, b, c),
                        st.tuples(st.one_of(st.sampled_from(["chat", "agent", "shared-prompt"]), bad_values), bad_values, bad_sizes)),
@@ -585,6 +602,7 @@ MANAGER_KEYWORDS = {
     "write_through": bad_values, "watermark": bad_values, "prefault_bytes": bad_values,
     "disk_dir": bad_paths, "remote_url": st.sampled_from([3, b"x", "\udc80", "no scheme", None]),
     "remote_username": bad_values, "remote_password": bad_values, "remote_prefix": bad_values,
+    "max_pinned_bytes": bad_values,
 }
 
 _world: World | None = None

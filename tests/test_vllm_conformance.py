@@ -69,6 +69,24 @@ def test_geometry_of_a_config_no_engine_core_resolved() -> None:
     assert out.strip() == "[(0, 2), (1, 3)]"
 
 
+def test_vllm_priority_maps_to_retention_priority() -> None:
+    """vLLM's request priority (lower is more important) reaches kvalloc's retention priority
+    (higher is kept longer), negated and clamped."""
+    out = run_in_vllm(
+        """
+        from types import SimpleNamespace as R
+        import kvalloc
+        from kvalloc.vllm import retention_priority
+        m = kvalloc.MAX_PRIORITY
+        got = [retention_priority(R(priority=p)) for p in (0, -3, 5, -1000, 1000)]
+        assert got == [0, 3, -5, m, -m], got
+        assert retention_priority(R()) == 0
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"
+
+
 def test_vllm_scheduler_tests_pass_with_kvalloc() -> None:
     """Every test of vLLM 0.32.0's ``test_scheduler.py`` passes with ``KvallocScheduler``
     (each also checked by ``validate()`` and for blocks left held), or is in

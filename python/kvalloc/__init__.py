@@ -5,6 +5,7 @@ Python layer (CLI, presentation). Every error kvalloc raises derives from ``KvAl
 """
 
 from kvalloc._core import (
+    MAX_PRIORITY,
     NULL_PAGE,
     BlockHashes,
     ConfigError,
@@ -27,6 +28,7 @@ from kvalloc._core import (
 )
 
 __all__ = [
+    "MAX_PRIORITY",
     "NULL_PAGE",
     "BlockHashes",
     "ConfigError",

@@ -9,6 +9,9 @@ import numpy.typing as npt
 __version__: str
 NULL_PAGE: int
 """Page index marking "no block here" in a block table (-1)."""
+MAX_PRIORITY: int
+"""The highest retention priority: ``admit``'s ``priority`` lies in ``[-MAX_PRIORITY,
+MAX_PRIORITY]`` (16)."""
 
 class KvAllocError(Exception):
     """Base class of every error kvalloc raises."""
@@ -240,6 +243,7 @@ class KVCacheManager:
         model_id: str | None = None,
         prefill_reads_cache: bool | None = None,
         events: bool | None = None,
+        max_pinned_bytes: int | None = None,
     ) -> KVCacheManager:
         """``policy`` (None: ``"swa-aware"``) and ``eviction`` (None: ``"value"``) name the
         caching and eviction policies. Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
@@ -277,7 +281,11 @@ class KVCacheManager:
         as paged kernels do (vLLM's, prefill included), so sliding groups hold every block of a
         scheduled range until the next call. Without it (the default) a long chunk's early
         sliding-window blocks are never allocated: right only for an engine whose prefill
-        attends within the chunk from its fresh tensors (SGLang's extend kernels)."""
+        attends within the chunk from its fresh tensors (SGLang's extend kernels).
+
+        ``max_pinned_bytes``: the most bytes retention pins (``admit(..., pin_tokens=,
+        pin_seconds=)``) may hold; a pin that would pass it is clipped to the prefix that fits
+        (None: half of ``capacity_bytes``; 0: no pins)."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(
@@ -286,8 +294,31 @@ class KVCacheManager:
         tokens: _TokenArray | BlockHashes,
         salt: str | bytes | None = None,
         max_tokens: int | None = None,
+        *,
+        priority: int | None = None,
+        pin_tokens: int | None = None,
+        pin_seconds: float | None = None,
+        cache: bool | None = None,
     ) -> int | None:
-        """Admits a request; returns prompt tokens served from cache, or None when it does not fit."""
+        """Admits a request; returns prompt tokens served from cache, or None when it does not fit.
+
+        Retention (each None: its default):
+
+        - ``priority`` (int in ``[-MAX_PRIORITY, MAX_PRIORITY]``, default 0): with
+          ``eviction="value"``, the cached blocks this request held when it finishes count
+          ``2**priority`` times their value (a block keeps the highest priority of the requests
+          that finished holding it); higher is kept longer. LRU ignores it. Blocks past a
+          prefix's last resume point still go first: a prefix loses its tail before its head.
+        - ``pin_tokens`` with ``pin_seconds`` (positive; ``inf``: until
+          ``reset_prefix_cache``): when the request finishes, the cached blocks of its first
+          ``pin_tokens`` tokens are pinned for that long on the manager's clock (``clock()``):
+          never evicted while pinned. The pin ends at the deepest resume point within them
+          (the admission keeps a checkpoint there when it computes it) and is clipped to what
+          fits under ``max_pinned_bytes``; pins of the same prefix merge. An aborted request
+          pins nothing.
+        - ``cache=False``: nothing of this request enters the prefix cache (its blocks are
+          freed when it finishes); it still reads the cache. Its priority and pin apply to the
+          cached blocks it read."""
     def extend(self, req_id: int, tokens: _TokenArray | int) -> bool:
         """Appends token ids (decode) or continues a chunked prefill by a count; False when no room."""
     def finish(self, req_id: int) -> None:
@@ -341,19 +372,38 @@ class KVCacheManager:
         admit_lens: _IdArray | None = None,
         fcfs: bool | None = None,
         admit_if_extended: bool | None = None,
+        admit_priority: int | _IdArray | Sequence[int] | None = None,
+        admit_pin_tokens: int | _IdArray | None = None,
+        admit_pin_seconds: float | Sequence[float] | npt.NDArray[np.floating[Any]] | None = None,
+        admit_cache: bool | Sequence[bool] | npt.NDArray[np.bool_] | None = None,
     ) -> StepResult:
         """One scheduler step in one call (GIL released): finishes and aborts, then extensions,
         then admissions (the ``admit`` list of ``(req_id, tokens[, salt[, max_tokens]])``, then
         the flat ``admit_ids``/``admit_tokens``/``admit_lens`` form). With ``fcfs``, admissions
         stop at the first that does not fit; with ``admit_if_extended``, none is attempted when
-        an extension did not fit (a step that must preempt admits nothing new). Returns a
-        ``StepResult``, which also unpacks as ``hits, extended``."""
+        an extension did not fit (a step that must preempt admits nothing new).
+        ``admit_priority``, ``admit_pin_tokens``, ``admit_pin_seconds`` and ``admit_cache`` are
+        the admissions' retention (``admit``'s ``priority``, ``pin_tokens``, ``pin_seconds``,
+        ``cache``): one value for every admission, or one per admission (the listed ones, then
+        the flat ones). Returns a ``StepResult``, which also unpacks as ``hits, extended``."""
     def stats(self) -> dict[str, Any]:
-        """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes; per tier
+        """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes; retention
+        pins (``pinned_bytes``: bytes the pins hold, ``pins`` in force, ``pins_clipped`` by the
+        cap); per tier
         (``tiers["host" | "disk" | "remote"]``) capacity, records, promoted tokens, bytes
         written and read, failures."""
     def validate(self) -> None:
         """Checks every invariant; raises ``InvariantError`` on a violation."""
+    def set_clock(self, seconds: float) -> None:
+        """Drives the clock that times retention pins to ``seconds`` (from then on it moves only
+        when driven: tests and simulations need no sleeping), releasing the pins expired by
+        then. The first call may set any time (pins keep their remaining time); later ones may
+        not go back."""
+    def advance_clock(self, seconds: float) -> None:
+        """Drives the clock ``seconds`` forward (see ``set_clock``)."""
+    def clock(self) -> float:
+        """The clock in seconds: monotonic wall time since the manager was made, or the time
+        last driven."""
     def take_events(self) -> dict[str, npt.NDArray[Any]]:
         """The KV cache events since the last call, oldest first, as numpy arrays of one
         length (one entry per event, no Python object per event):

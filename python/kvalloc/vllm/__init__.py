@@ -5,7 +5,7 @@ imports it. ``benches/vllm/setup_venv.sh`` makes a venv with both.
 """
 
 from .geometry import UnsupportedError, VllmGeometry, geometry_from_kv_cache_config
-from .manager import MANAGER_OPTIONS, KvallocKVCacheManager, request_salt
+from .manager import MANAGER_OPTIONS, KvallocKVCacheManager, request_salt, retention_priority
 from .scheduler import KvallocScheduler, check_supported, kvalloc_options
 
 __all__ = [
@@ -18,4 +18,5 @@ __all__ = [
     "geometry_from_kv_cache_config",
     "kvalloc_options",
     "request_salt",
+    "retention_priority",
 ]

@@ -13,7 +13,10 @@ through the calls below; this class answers them from kvalloc. What maps onto wh
 - ``free`` is ``finish`` (the request's whole blocks stay cached) once every scheduled token
   was computed, else ``abort``: a request preempted after this step scheduled it has blocks
   the model never wrote, and those must never be served as a hit;
-- block ids are arena pages plus one (id 0 is vLLM's null block, kvalloc's ``NULL_PAGE``).
+- block ids are arena pages plus one (id 0 is vLLM's null block, kvalloc's ``NULL_PAGE``);
+- a request's ``priority`` (lower is more important, default 0) is kvalloc's retention
+  ``priority`` negated (higher is kept longer), clamped to kvalloc's range: a request vLLM
+  schedules first also keeps its cached prefix longer under ``eviction="value"``.
 
 The engine keeps its own copy of each request's block table and appends the new ids each step
 (vLLM's ``new_block_ids``), so kvalloc's tables must only grow at the end: an entry the engine
@@ -59,6 +62,13 @@ MANAGER_OPTIONS = (
 
 def _token_array(request: Any, start: int, end: int) -> np.ndarray:
     return np.asarray(request.all_token_ids[start:end], dtype=np.int64)
+
+
+def retention_priority(request: Any) -> int:
+    """kvalloc's retention priority for a vLLM request: vLLM's ``priority`` (lower is more
+    important, default 0) negated, clamped to ``[-MAX_PRIORITY, MAX_PRIORITY]``."""
+    p = -int(getattr(request, "priority", 0) or 0)
+    return max(-_core.MAX_PRIORITY, min(_core.MAX_PRIORITY, p))
 
 
 def request_salt(request: Any) -> bytes | None:
@@ -256,7 +266,8 @@ class KvallocKVCacheManager:
         private = not self.prefix_cache_lookup_enabled(request)
         salt = uuid.uuid4().bytes if private else request_salt(request)
         kid = self._next_id
-        hit = self.kv.admit(kid, _token_array(request, 0, num_tokens), salt, num_new_tokens)
+        tokens = _token_array(request, 0, num_tokens)
+        hit = self.kv.admit(kid, tokens, salt, num_new_tokens, priority=retention_priority(request))
         if hit is None:
             return None
         if hit != expected_hit:

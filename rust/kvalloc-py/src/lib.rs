@@ -11,6 +11,7 @@ mod errors;
 mod events;
 mod latency;
 mod manager;
+mod retention;
 mod sim;
 mod spec;
 mod step;
@@ -32,6 +33,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<sim::PyTrace>()?;
     m.add_class::<sim::PySimulator>()?;
     m.add("NULL_PAGE", kvalloc::NULL_PAGE)?;
+    m.add("MAX_PRIORITY", kvalloc::MAX_PRIORITY)?;
     m.add_function(wrap_pyfunction!(spec::presets, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())

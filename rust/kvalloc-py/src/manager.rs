@@ -16,6 +16,7 @@ use crate::convert::{
 use crate::errors::{self, invalid, IntoPyResult};
 use crate::events::EventColumns;
 use crate::latency::ExposedLoad;
+use crate::retention::{clock_seconds, retention_arg, Columns};
 use crate::spec::{block_tokens_arg, spec_arg, PyModelSpec};
 use crate::step::{run_step, StepArgs, StepBuffers};
 use crate::step_result::PyStepResult;
@@ -41,7 +42,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None, events = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None, events = None, max_pinned_bytes = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -70,6 +71,7 @@ impl PyKVCacheManager {
         model_id: Option<&Bound<'_, PyAny>>,
         prefill_reads_cache: Option<&Bound<'_, PyAny>>,
         events: Option<&Bound<'_, PyAny>>,
+        max_pinned_bytes: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
         let secret = secret_arg(secret)?;
@@ -123,6 +125,10 @@ impl PyKVCacheManager {
             },
             prefill_reads_cache: flag(prefill_reads_cache, "prefill_reads_cache")?,
             events: flag(events, "events")?,
+            max_pinned_bytes: max_pinned_bytes
+                .filter(|b| !b.is_none())
+                .map(|b| non_negative(b, "max_pinned_bytes"))
+                .transpose()?,
             ..ManagerConfig::default()
         };
         let remote_timeout = opt_positive(remote_timeout_ms, "remote_timeout_ms")?;
@@ -193,8 +199,10 @@ impl PyKVCacheManager {
 
     /// Admits a request: returns the prompt tokens served from cache, or None when even
     /// eviction cannot make room. `max_tokens` schedules only that many prompt tokens now
-    /// (chunked prefill; continue with `extend(req_id, n)`).
-    #[pyo3(signature = (req_id, tokens, salt = None, max_tokens = None))]
+    /// (chunked prefill; continue with `extend(req_id, n)`). Retention (the core's
+    /// `Retention`): `priority`, `pin_tokens` for `pin_seconds`, `cache`.
+    #[pyo3(signature = (req_id, tokens, salt = None, max_tokens = None, *, priority = None, pin_tokens = None, pin_seconds = None, cache = None))]
+    #[allow(clippy::too_many_arguments)] // mirrors the Python method's keyword arguments
     fn admit(
         &self,
         py: Python<'_>,
@@ -202,14 +210,25 @@ impl PyKVCacheManager {
         tokens: &Bound<'_, PyAny>,
         salt: Option<&Bound<'_, PyAny>>,
         max_tokens: Option<&Bound<'_, PyAny>>,
+        priority: Option<&Bound<'_, PyAny>>,
+        pin_tokens: Option<&Bound<'_, PyAny>>,
+        pin_seconds: Option<&Bound<'_, PyAny>>,
+        cache: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Option<u64>> {
         let req = req_arg(req_id)?;
         let prompt = OwnedPrompt::extract(tokens)?;
         let salt = salt_arg(salt)?;
         let max_tokens = opt_positive(max_tokens, "max_tokens")?;
+        let retention = retention_arg(priority, pin_tokens, pin_seconds, cache)?;
         py.detach(|| {
             let mut m = self.lock()?;
-            let hit = m.admit(req, prompt.as_prompt(), salt.as_deref(), max_tokens);
+            let hit = m.admit_with_retention(
+                req,
+                prompt.as_prompt(),
+                salt.as_deref(),
+                max_tokens,
+                retention,
+            );
             self.exposed.add(&m);
             hit.py()
         })
@@ -380,10 +399,13 @@ impl PyKVCacheManager {
     ///   rest are not attempted: a queue whose head waits costs one lookup per step);
     /// - `admit_if_extended`: admit only if every extension fit, so that a scheduler that
     ///   preempts admits nothing new in that step and decode and admissions share one call.
+    /// - `admit_priority`, `admit_pin_tokens`, `admit_pin_seconds`, `admit_cache`: each
+    ///   admission's retention (as `admit`'s keywords), one value for all or one per admission
+    ///   (the listed ones, then the flat ones).
     ///
     /// Returns a `StepResult`: int64 hits per admission (-1 where it did not fit, -2 where it
     /// was not attempted), bools per extension, and their counts.
-    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None, fcfs = None, admit_if_extended = None))]
+    #[pyo3(signature = (finish = None, abort = None, extend_ids = None, extend_tokens = None, extend_lens = None, extend_counts = None, admit = None, admit_ids = None, admit_tokens = None, admit_lens = None, fcfs = None, admit_if_extended = None, admit_priority = None, admit_pin_tokens = None, admit_pin_seconds = None, admit_cache = None))]
     #[allow(clippy::too_many_arguments)]
     fn step<'py>(
         &self,
@@ -400,6 +422,10 @@ impl PyKVCacheManager {
         admit_lens: Option<&Bound<'py, PyAny>>,
         fcfs: Option<&Bound<'py, PyAny>>,
         admit_if_extended: Option<&Bound<'py, PyAny>>,
+        admit_priority: Option<&Bound<'py, PyAny>>,
+        admit_pin_tokens: Option<&Bound<'py, PyAny>>,
+        admit_pin_seconds: Option<&Bound<'py, PyAny>>,
+        admit_cache: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<PyStepResult> {
         let args = StepArgs {
             finish,
@@ -414,6 +440,12 @@ impl PyKVCacheManager {
             admit_lens,
             fcfs: flag(fcfs, "fcfs")?,
             admit_if_extended: flag(admit_if_extended, "admit_if_extended")?,
+            retention: Columns {
+                priority: admit_priority,
+                pin_tokens: admit_pin_tokens,
+                pin_seconds: admit_pin_seconds,
+                cache: admit_cache,
+            },
         };
         // The last step's vectors (a new set while another thread's step holds them).
         let mut buf = self
@@ -447,6 +479,9 @@ impl PyKVCacheManager {
                 ("bytes_in_use", s.bytes_in_use),
                 ("capacity_bytes", s.capacity_bytes),
                 ("padding_waste_bytes", s.padding_waste_bytes),
+                ("pinned_bytes", s.pinned_bytes),
+                ("pins", s.pins),
+                ("pins_clipped", s.pins_clipped),
             ],
         )?;
         let groups = PyList::empty(py);
@@ -630,6 +665,25 @@ impl PyKVCacheManager {
     /// one does.
     fn reset_prefix_cache(&self, py: Python<'_>) -> PyResult<bool> {
         py.detach(|| Ok(self.lock()?.reset_prefix_cache()))
+    }
+
+    /// Drives the clock that times retention pins to `seconds` (from then on it moves only
+    /// when driven; the first call may set any time, later ones not go back), releasing the
+    /// pins expired by then.
+    fn set_clock(&self, py: Python<'_>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
+        let now = clock_seconds(seconds)?;
+        py.detach(|| self.lock()?.set_clock(now).py())
+    }
+
+    /// Drives the clock `seconds` forward (see `set_clock`).
+    fn advance_clock(&self, py: Python<'_>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
+        let by = clock_seconds(seconds)?;
+        py.detach(|| self.lock()?.advance_clock(by).py())
+    }
+
+    /// The clock in seconds: wall time since the manager was made, or the time last driven.
+    fn clock(&self) -> PyResult<f64> {
+        Ok(self.lock()?.clock().as_secs_f64())
     }
 
     /// Checks every invariant; raises `InvariantError` naming the first violation.

@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 
-use kvalloc::{Admission, Decode, Extension, KVCacheManager, Prompt, Step, StepOutcome};
+use kvalloc::{Admission, Decode, Extension, KVCacheManager, Prompt, Retention, Step, StepOutcome};
 use pyo3::prelude::*;
 use pyo3::types::{PyList, PyTuple};
 
@@ -15,6 +15,7 @@ use crate::args::{req_arg, salt_arg, OwnedAdmission, OwnedPrompt};
 use crate::convert::{exact_tokens, opt_positive, token_ids_into, type_name, uint_list_into};
 use crate::errors::{self, invalid, IntoPyResult};
 use crate::latency::ExposedLoad;
+use crate::retention::Columns;
 use crate::step_result::PyStepResult;
 
 /// `step`'s arguments as Python gave them (flags already read).
@@ -31,6 +32,7 @@ pub(crate) struct StepArgs<'a, 'py> {
     pub admit_lens: Option<&'a Bound<'py, PyAny>>,
     pub fcfs: bool,
     pub admit_if_extended: bool,
+    pub retention: Columns<'a, 'py>,
 }
 
 /// The vectors a step's arguments are converted into, kept by the manager between steps.
@@ -48,6 +50,8 @@ pub(crate) struct StepBuffers {
     flat_lens: Vec<u64>,
     flat_tokens: Vec<i64>,
     flat_spans: Vec<(usize, usize)>,
+    /// One per admission when a retention column was given, else empty (defaults).
+    retention: Vec<Retention>,
     outcome: StepOutcome,
 }
 
@@ -75,6 +79,7 @@ impl StepBuffers {
         empty(&mut self.flat_lens);
         empty(&mut self.flat_tokens);
         empty(&mut self.flat_spans);
+        empty(&mut self.retention);
         empty(&mut self.outcome.refused);
         empty(&mut self.outcome.admitted);
     }
@@ -188,6 +193,7 @@ pub(crate) fn run_step<'py>(
         flat_lens,
         flat_tokens: flat_copied,
         flat_spans,
+        retention,
         outcome,
     } = buf;
     let flat_tokens: &[i64] = exact.unwrap_or(flat_copied);
@@ -208,6 +214,8 @@ pub(crate) fn run_step<'py>(
         ext_spans,
     )?;
     let n_admits = admits.len() + flat_ids.len();
+    args.retention.fill(n_admits, retention)?;
+    let retention_of = |k: usize| retention.get(k).copied().unwrap_or_default();
     let one_token_each = has_tokens && ext_lens.is_empty();
     let (fcfs, admit_if_extended) = (args.fcfs, args.admit_if_extended);
     py.detach(|| {
@@ -247,14 +255,13 @@ pub(crate) fn run_step<'py>(
                 prompt: prompt.as_prompt(),
                 salt: salt.as_deref(),
                 max_tokens: *max_tokens,
+                retention: retention_of(step.admit.len()),
             });
         }
         for (&req, &(from, to)) in flat_ids.iter().zip(flat_spans.iter()) {
             step.admit.push(Admission {
-                req,
-                prompt: Prompt::Tokens(&flat_tokens[from..to]),
-                salt: None,
-                max_tokens: None,
+                retention: retention_of(step.admit.len()),
+                ..Admission::new(req, Prompt::Tokens(&flat_tokens[from..to]))
             });
         }
         let res = errors::lock(manager, "manager").and_then(|mut m| {

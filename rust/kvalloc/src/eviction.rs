@@ -25,8 +25,16 @@
 //! - `L`: the key of the last victim. New and recently used entries are keyed against the current
 //!   `L`, so an entry that is not used ages relative to the others (recency).
 //!
+//! A retention priority `p` (an engine's per-request priority, see
+//! [`Retention`](crate::manager::Retention)) weighs the value: `weight(p) x value`, with
+//! `weight(p) = 2^p` ([`priority_weight`]), so each step of priority counts as twice the value
+//! per byte. Priority 0 (the default) changes nothing, and an entry that saves nothing still
+//! goes first whatever its priority: a prefix's tail (its leaves past the last resume point)
+//! leaves before its head. It only reorders; it never keeps an entry (pins do that).
+//!
 //! ## LRU
-//! `key = last access tick`, for comparison with what engines do today.
+//! `key = last access tick`, for comparison with what engines do today. It ignores retention
+//! priority (every tick is distinct, so there are no ties for it to break).
 //!
 //! ## Oracle (offline, simulator only)
 //! A clairvoyant reference: the simulator gives the tree a [`FutureUses`] table (for each
@@ -87,6 +95,8 @@ pub struct Candidate {
     pub bytes: u64,
     /// Requests that resumed here.
     pub hits: u32,
+    /// Retention priority (0: neutral; the value policy weighs by [`priority_weight`]).
+    pub priority: i8,
     /// Logical time of the last use.
     pub last_access: u64,
     /// Index of the next request that uses it ([`NEVER`] if none; the oracle's key).
@@ -95,6 +105,15 @@ pub struct Candidate {
 
 /// `Candidate::next_use` of a unit no later request uses.
 pub const NEVER: u32 = u32::MAX;
+
+/// How much a retention priority multiplies an entry's value under the value policy:
+/// `2^priority` (priority 0: 1). The one place priority enters an eviction key.
+pub fn priority_weight(priority: i8) -> f64 {
+    match priority {
+        0 => 1.0, // nearly every entry: no call
+        p => 2f64.powi(i32::from(p)),
+    }
+}
 
 /// The trace's future as the oracle sees it: which block hashes each request will match.
 #[derive(Debug, Clone, Default)]
@@ -230,7 +249,9 @@ impl EvictionOrder {
             }
             Eviction::Value => {
                 let mib = (c.bytes.max(1) as f64) / (1u64 << 20) as f64;
-                let value = (f64::from(c.hits) + 1.0) * c.saved_tokens as f64 / mib;
+                let value =
+                    priority_weight(c.priority) * (f64::from(c.hits) + 1.0) * c.saved_tokens as f64
+                        / mib;
                 (self.inflation + value).to_bits()
             }
         }
@@ -258,6 +279,7 @@ mod tests {
             saved_tokens: saved,
             bytes,
             hits,
+            priority: 0,
             last_access: 0,
             next_use: NEVER,
         };
@@ -273,6 +295,7 @@ mod tests {
             saved_tokens: 100,
             bytes: 1 << 20,
             hits: 0,
+            priority: 0,
             last_access: 0,
             next_use: NEVER,
         };
@@ -283,6 +306,29 @@ mod tests {
         }));
         // The same entry keyed now ranks above one keyed before the eviction.
         assert!(o.key(&hot) > before);
+    }
+
+    #[test]
+    fn priority_weighs_value_but_not_a_unit_that_saves_nothing() {
+        let o = EvictionOrder::new(Eviction::Value);
+        let c = |saved, bytes, priority| Candidate {
+            saved_tokens: saved,
+            bytes,
+            hits: 0,
+            priority,
+            last_access: 0,
+            next_use: NEVER,
+        };
+        // One step of priority counts as twice the value per byte.
+        assert!(o.key(&c(1024, 1 << 20, 1)) > o.key(&c(1024, 1 << 20, 0)));
+        assert_eq!(o.key(&c(1024, 2 << 20, 1)), o.key(&c(1024, 1 << 20, 0)));
+        assert!(o.key(&c(1024, 3 << 20, 1)) < o.key(&c(1024, 1 << 20, 0)));
+        assert!(o.key(&c(1024, 1 << 20, -1)) < o.key(&c(1024, 1 << 20, 0)));
+        // A tail that saves nothing goes first at any priority.
+        assert!(o.key(&c(0, 1 << 20, 16)) < o.key(&c(16, 1 << 20, -16)));
+        // LRU ignores it.
+        let lru = EvictionOrder::new(Eviction::Lru);
+        assert_eq!(lru.key(&c(16, 1, 5)), lru.key(&c(16, 1, -5)));
     }
 
     #[test]
@@ -308,6 +354,7 @@ mod tests {
             saved_tokens: 0,
             bytes,
             hits: 0,
+            priority: 0,
             last_access: 0,
             next_use,
         };

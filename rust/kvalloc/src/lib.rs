@@ -47,6 +47,9 @@
 //!   prefix has no holes (full-attention KV leaves leaf first);
 //! - a running request holds at most its window (plus one block, plus a chunk in flight) of
 //!   private blocks per sliding group;
+//! - a cached prefix under a retention pin (see [`Retention`]) is in no eviction set, its
+//!   pinned bytes are counted exactly and never exceed
+//!   [`ManagerConfig::max_pinned_bytes`](manager::ManagerConfig::max_pinned_bytes);
 //! - bad input is an [`Error`], never a panic, and leaves the state as it was.
 //!
 //! ## Example: a request's life
@@ -133,7 +136,8 @@ pub use events::CacheEvent;
 pub use eviction::Eviction;
 pub use manager::{
     Admission, BlockResidency, Decode, Extension, GroupStats, KVCacheManager, ManagerConfig,
-    ManagerStats, Policy, Promotion, Prompt, Step, StepOutcome, TierStats, NULL_PAGE,
+    ManagerStats, Policy, Promotion, Prompt, Retention, Step, StepOutcome, TierStats, MAX_PRIORITY,
+    NULL_PAGE,
 };
 pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};
 pub use spec::{AttentionKind, DType, KVGroup, ModelSpec};

@@ -18,7 +18,21 @@
 //! - `ckpt_refs` equals the number of registered checkpoints covering the block, and a kept SWA
 //!   block is covered by a checkpoint or its node is pinned (swa-aware policy); under the dense
 //!   policy every node holds every sliding block;
-//! - the eviction sets hold exactly the unpinned leaves and the unpinned interior checkpoints.
+//! - `retained` counts the retention pins covering the node, and the retained bytes are the
+//!   bytes of the nodes it is positive for (exact);
+//! - the eviction sets hold exactly the unheld leaves and the unheld interior checkpoints: a
+//!   node that a running request pins (`refs`) or a retention pin covers (`retained`) is in
+//!   neither, and every block it holds stays (an SWA block no checkpoint covers included).
+//!
+//! ## Two kinds of hold
+//! - `refs`: running requests whose path runs through the node (the manager checks it against
+//!   the running requests' paths); gone when the requests finish or abort.
+//! - `retained`: *retention pins*, time-bounded holds on a cached prefix that an engine asked
+//!   for (see `manager::retention`); the manager keeps the pins, the tree only counts them.
+//!
+//! Either keeps the node and every block it holds; a node neither holds is evictable as before.
+//! Eviction takes leaves first, so an unheld prefix loses its tail before its head (a pinned
+//! head with an unpinned tail loses exactly the tail).
 
 mod min_set;
 
@@ -40,6 +54,9 @@ pub const NONE: NodeId = u32::MAX;
 /// Blocks released by a tree operation: (group, handle).
 pub type Freed = Vec<(usize, Handle)>;
 
+/// A node's priority before any request finished holding it (read as 0).
+const UNSET_PRIORITY: i8 = i8::MIN;
+
 #[derive(Debug, Clone, Default)]
 struct Node {
     hash: u64,
@@ -48,8 +65,13 @@ struct Node {
     children: u32,
     /// Running requests that pin this node (their path runs through it).
     refs: u32,
+    /// Retention pins covering this node (see the module docs): not a request's pin.
+    retained: u32,
     /// Requests that resumed exactly at the end of this node.
     hits: u32,
+    /// The highest retention priority of the requests that finished holding this node
+    /// ([`UNSET_PRIORITY`] until one did; read as 0). Weighs its eviction key.
+    priority: i8,
     last_access: u64,
     /// A registered checkpoint ends at this node.
     ckpt_end: bool,
@@ -57,11 +79,24 @@ struct Node {
     /// removed as soon as it is unpinned and childless.
     doomed: bool,
     alive: bool,
-    /// Current key in `leaves` or `ckpts`, if the node is in one of them.
-    key: Option<(SetKind, u64)>,
+    /// Current key in `leaves` or `ckpts` (which one: `key_kind`).
+    key: u64,
+    /// The eviction set the node is in, if any. Apart from `key` (rather than an
+    /// `Option<(SetKind, u64)>`, 16 bytes) so that a node fits in one 64-byte line.
+    key_kind: Option<SetKind>,
     /// The tree's version when this node was created or last changed in a way a walk sees
     /// (blocks attached or dropped, doomed, removed): see [`PrefixTree::path_unchanged`].
     changed: u64,
+}
+
+// A walk reads one node per block: keep each node in one cache line.
+const _: () = assert!(std::mem::size_of::<Node>() <= 64);
+
+impl Node {
+    /// The eviction set the node is in and its key there, if any.
+    fn filed(&self) -> Option<(SetKind, u64)> {
+        self.key_kind.map(|k| (k, self.key))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +224,8 @@ pub struct PrefixTree {
     /// evictable amount is O(1)).
     held_bytes: u64,
     pinned_bytes: u64,
+    /// Bytes of the nodes a retention pin covers (a subset of `pinned_bytes`).
+    retained_bytes: u64,
     /// While an eviction runs with a log: the blocks it takes out (see [`Victim`]).
     victims: Option<Vec<Victim>>,
     /// The node an eviction with a log removes, and whether a checkpoint ended there.
@@ -230,6 +267,7 @@ impl PrefixTree {
             checkpoints: 0,
             held_bytes: 0,
             pinned_bytes: 0,
+            retained_bytes: 0,
             victims: None,
             evicting: None,
             events: EventLog::default(),
@@ -572,12 +610,15 @@ impl PrefixTree {
             depth,
             children: 0,
             refs: 1,
+            retained: 0,
             hits: 0,
+            priority: UNSET_PRIORITY,
             last_access: tick,
             ckpt_end: false,
             doomed: false,
             alive: true,
-            key: None,
+            key: 0,
+            key_kind: None,
             changed: self.version,
         };
         if self.free_ids.last() == Some(&id) {
@@ -625,8 +666,11 @@ impl PrefixTree {
         self.blocks[s] = h;
         let bb = self.layout.block_bytes[g];
         self.held_bytes += bb;
-        if self.nodes[n as usize].refs > 0 {
+        if self.held(n) {
             self.pinned_bytes += bb;
+        }
+        if self.nodes[n as usize].retained > 0 {
+            self.retained_bytes += bb;
         }
         // A doomed node's blocks were reported removed when it was doomed.
         if self.events.on() && !self.nodes[n as usize].doomed {
@@ -642,8 +686,11 @@ impl PrefixTree {
         debug_assert_ne!(h, 0);
         let bb = self.layout.block_bytes[g];
         self.held_bytes -= bb;
-        if self.nodes[n as usize].refs > 0 {
+        if self.held(n) {
             self.pinned_bytes -= bb;
+        }
+        if self.nodes[n as usize].retained > 0 {
+            self.retained_bytes -= bb;
         }
         if let Some(log) = self.victims.as_mut() {
             let node = &self.nodes[n as usize];
@@ -710,9 +757,19 @@ impl PrefixTree {
         let node = &mut self.nodes[n as usize];
         node.refs += 1;
         if node.refs == 1 {
-            self.pinned_bytes += self.node_bytes(n);
+            if node.retained == 0 {
+                self.pinned_bytes += self.node_bytes(n);
+            }
             self.refresh(n);
         }
+    }
+
+    /// Whether a running request or a retention pin holds `n`: it keeps every block it holds
+    /// and is in no eviction set.
+    #[inline(always)]
+    pub(super) fn held(&self, n: NodeId) -> bool {
+        let node = &self.nodes[n as usize];
+        node.refs > 0 || node.retained > 0
     }
 
     /// Counts a resume at the end of `n`.
@@ -720,17 +777,25 @@ impl PrefixTree {
         self.nodes[n as usize].hits += 1;
     }
 
-    /// Unpins a node. When the last pin goes, SWA blocks no checkpoint covers are freed
-    /// (swa-aware policy), a doomed node is removed, and the node becomes evictable.
+    /// Unpins a node. When its last hold goes (no request pins it and no retention pin covers
+    /// it), SWA blocks no checkpoint covers are freed (swa-aware policy), a doomed node is
+    /// removed, and the node becomes evictable.
     pub fn unpin(&mut self, n: NodeId, freed: &mut Freed) {
         let tick = self.now();
         let node = &mut self.nodes[n as usize];
         debug_assert!(node.refs > 0);
         node.refs -= 1;
         node.last_access = tick;
-        if node.refs > 0 {
+        if node.refs > 0 || node.retained > 0 {
             return;
         }
+        self.unheld(n, freed);
+    }
+
+    /// Node `n`'s last hold (a request's pin or a retention pin) went: SWA blocks no
+    /// checkpoint covers are freed (swa-aware policy), a doomed node is removed, and the node
+    /// becomes evictable.
+    pub(super) fn unheld(&mut self, n: NodeId, freed: &mut Freed) {
         self.pinned_bytes -= self.node_bytes(n);
         if self.layout.swa_aware {
             for i in 0..self.sliding.len() {
@@ -818,7 +883,7 @@ impl PrefixTree {
             while n != NONE && self.nodes[n as usize].depth >= start {
                 let s = self.slot(n, g);
                 self.ckpt_refs[s] -= 1;
-                if self.ckpt_refs[s] == 0 && self.nodes[n as usize].refs == 0 {
+                if self.ckpt_refs[s] == 0 && !self.held(n) {
                     self.drop_block(n, g, freed);
                 }
                 n = self.nodes[n as usize].parent;
@@ -827,10 +892,10 @@ impl PrefixTree {
         self.refresh(end);
     }
 
-    /// Removes an unpinned, childless node and its blocks (its checkpoint first).
+    /// Removes an unheld, childless node and its blocks (its checkpoint first).
     fn remove(&mut self, n: NodeId, freed: &mut Freed) {
         self.touch(n);
-        debug_assert!(self.nodes[n as usize].refs == 0 && self.nodes[n as usize].children == 0);
+        debug_assert!(!self.held(n) && self.nodes[n as usize].children == 0);
         if self.nodes[n as usize].ckpt_end {
             self.remove_checkpoint(n, freed);
         }
@@ -852,7 +917,7 @@ impl PrefixTree {
         if parent != NONE {
             let p = &mut self.nodes[parent as usize];
             p.children -= 1;
-            if p.doomed && p.children == 0 && p.refs == 0 {
+            if p.doomed && p.children == 0 && p.refs == 0 && p.retained == 0 {
                 self.remove(parent, freed);
             } else {
                 self.refresh(parent);
@@ -869,7 +934,7 @@ impl PrefixTree {
             return;
         }
         node.changed = self.version;
-        if node.refs == 0 && node.children == 0 {
+        if node.refs == 0 && node.retained == 0 && node.children == 0 {
             self.remove(n, freed);
         } else {
             if self.events.on() && !self.nodes[n as usize].doomed {
@@ -961,17 +1026,18 @@ impl PrefixTree {
         self.held_bytes - self.pinned_bytes
     }
 
-    /// Bytes of the nodes in `path` that no request pins: what pinning `path` would take out of
+    /// Bytes of the nodes in `path` that nothing holds: what pinning `path` would take out of
     /// [`evictable_bytes`](Self::evictable_bytes).
     pub fn unpinned_bytes(&self, path: &[NodeId]) -> u64 {
         path.iter()
-            .filter(|&&n| self.nodes[n as usize].refs == 0)
+            .filter(|&&n| !self.held(n))
             .map(|&n| self.node_bytes(n))
             .sum()
     }
 }
 
 mod evict;
+mod retain;
 pub use evict::Unit;
 #[cfg(test)]
 mod tests;

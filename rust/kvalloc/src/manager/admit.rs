@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::api::Prompt;
 use super::request::Request;
+use super::retention::Retention;
 use super::{KVCacheManager, MAX_GROUPS, MAX_SEQUENCE_TOKENS};
 use crate::error::{Error, Result};
 use crate::hash;
@@ -137,6 +138,7 @@ impl KVCacheManager {
 
     /// Admits a request (see the module docs). Returns the prompt tokens served from cache, or
     /// `None` when even eviction cannot make room; then nothing changed but cache evictions.
+    /// With default retention: see [`admit_with_retention`](Self::admit_with_retention).
     pub fn admit(
         &mut self,
         req: u64,
@@ -144,18 +146,19 @@ impl KVCacheManager {
         salt: Option<&[u8]>,
         max_tokens: Option<u64>,
     ) -> Result<Option<u64>> {
-        self.forget_promotions();
-        self.admit_with(req, prompt, salt, max_tokens, None)
+        self.admit_with_retention(req, prompt, salt, max_tokens, Retention::default())
     }
 
-    /// [`admit`](Self::admit), with the prompt's chained hashes when a step computed them
-    /// ahead (`prehashed`, taken by swapping vectors; the prompt was checked then).
+    /// [`admit_with_retention`](Self::admit_with_retention) (`retention` checked), with the
+    /// prompt's chained hashes when a step computed them ahead (`prehashed`, taken by swapping
+    /// vectors; the prompt was checked then).
     pub(super) fn admit_with(
         &mut self,
         req: u64,
         prompt: Prompt<'_>,
         salt: Option<&[u8]>,
         max_tokens: Option<u64>,
+        retention: &Retention,
         prehashed: Option<&mut Vec<u64>>,
     ) -> Result<Option<u64>> {
         if self.requests.contains(req) {
@@ -168,7 +171,7 @@ impl KVCacheManager {
             return Err(Error::invalid("max_tokens", "must be positive (or None)"));
         }
         let seed = hash::root_seed(salt);
-        let retry = self.refused.same(req, seed, &prompt);
+        let retry = self.refused.same(req, seed, &prompt, retention);
         if retry && self.refused.max_tokens == max_tokens && self.refused_again() {
             // The walk is the same: the version is the tree's now.
             self.refused.version = self.tree.version();
@@ -187,7 +190,7 @@ impl KVCacheManager {
         let max_safe = self.bm.floor(len - 1) as u32;
         r.path.clear();
         let walk = self.tree.walk(&r.hashes, max_safe, &mut r.path);
-        self.start_record(&mut r, prompt, seed, walk);
+        self.start_record(&mut r, prompt, seed, walk, retention);
         let hit = r.hit;
         let end = match max_tokens {
             // Saturating: a limit near 2^64 is "the whole prompt", not a wrapped small one.
@@ -255,6 +258,8 @@ impl KVCacheManager {
             let hashes = std::mem::take(&mut r.hashes);
             let promoted = self.promote(&hashes, self.bm.floor(len - 1) as u32, len);
             r.hashes = hashes;
+            // Promoted blocks attached to pinned nodes may have taken the pins past their cap.
+            self.enforce_pin_cap();
             promoted?;
         }
         Ok(())
@@ -262,8 +267,16 @@ impl KVCacheManager {
 
     /// Fills a (recycled) record for a prompt whose walk of the tree found `walk`: its
     /// scheduled length is the hit, its tables hold the tree's blocks below it (full groups
-    /// everywhere, sliding groups in the hit's window), and its checkpoints are planned.
-    fn start_record(&mut self, r: &mut Request, prompt: Prompt<'_>, seed: u64, walk: Walk) {
+    /// everywhere, sliding groups in the hit's window), and its checkpoints are planned (none
+    /// for a request that opted out of caching; one at its pin's end for a pin).
+    fn start_record(
+        &mut self,
+        r: &mut Request,
+        prompt: Prompt<'_>,
+        seed: u64,
+        walk: Walk,
+        retention: &Retention,
+    ) {
         let len = prompt.len();
         let b = self.b();
         let hit = u64::from(walk.safe) * b;
@@ -286,7 +299,11 @@ impl KVCacheManager {
         r.swa_floor.clear();
         r.swa_floor.resize(groups, 0);
         r.plans.clear();
-        self.plan_checkpoints(walk.safe, walk.depth, n_full, &mut r.plans);
+        r.retention = *retention;
+        if retention.cache {
+            let pin_end = self.bm.floor(retention.pin_tokens).min(u64::from(n_full)) as u32;
+            self.plan_checkpoints(walk.safe, walk.depth, n_full, pin_end, &mut r.plans);
+        }
         r.plans_done = 0;
         r.serial = self.serial;
         r.stamp = 0;

@@ -65,7 +65,7 @@ pub struct Decode<'a> {
     pub tokens: &'a [i64],
 }
 
-/// One admission in a batched step.
+/// One admission in a batched step ([`Admission::new`] for one with defaults).
 #[derive(Debug, Clone, Copy)]
 pub struct Admission<'a> {
     /// Request id (unique among running requests).
@@ -76,6 +76,21 @@ pub struct Admission<'a> {
     pub salt: Option<&'a [u8]>,
     /// Schedule at most this many prompt tokens now (chunked prefill); None: all.
     pub max_tokens: Option<u64>,
+    /// Priority, pin and cache opt-out (see [`Retention`](super::Retention)).
+    pub retention: super::Retention,
+}
+
+impl<'a> Admission<'a> {
+    /// Admits `req` with `prompt`: no salt, the whole prompt now, default retention.
+    pub fn new(req: u64, prompt: Prompt<'a>) -> Self {
+        Admission {
+            req,
+            prompt,
+            salt: None,
+            max_tokens: None,
+            retention: super::Retention::default(),
+        }
+    }
 }
 
 /// A whole scheduler step: finishes and aborts first (they free memory), then extensions of

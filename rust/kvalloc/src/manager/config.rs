@@ -80,6 +80,10 @@ pub struct ManagerConfig {
     /// cache) for [`take_events`](crate::KVCacheManager::take_events). Off: no log, one branch
     /// where the tree changes.
     pub events: bool,
+    /// The most bytes retention pins may hold (see [`Retention`](super::Retention)): a pin
+    /// that would pass it is clipped to the prefix that fits. None: half of the capacity (the
+    /// rest stays free for running requests and the unpinned cache); 0: no pins.
+    pub max_pinned_bytes: Option<u64>,
 }
 
 impl Default for ManagerConfig {
@@ -97,6 +101,7 @@ impl Default for ManagerConfig {
             prefault_bytes: 32 << 20,
             prefill_reads_cache: false,
             events: false,
+            max_pinned_bytes: None,
         }
     }
 }

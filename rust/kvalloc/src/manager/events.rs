@@ -49,11 +49,13 @@ impl KVCacheManager {
     /// `reset_prefix_cache` does after a weight update. Only when no request is running (their
     /// blocks are in use): returns false, changing nothing, otherwise. Waits for loads in
     /// flight first. Records one [`CacheEvent::Cleared`] instead of a `Removed` per block.
+    /// Every retention pin goes with it.
     pub fn reset_prefix_cache(&mut self) -> bool {
         if self.requests.len() > 0 {
             return false;
         }
         self.wait_loads();
+        self.drop_pins();
         let mark = self.tree.events_len();
         let mut freed = std::mem::take(&mut self.scratch);
         // Nothing pins a node now: evicting leaves until none is left empties the tree.

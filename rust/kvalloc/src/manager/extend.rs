@@ -150,6 +150,7 @@ impl KVCacheManager {
     /// Appends tokens to a running request (see [`Extension`]). Returns false, changing
     /// nothing, when there is no room even after eviction.
     pub fn extend(&mut self, req: u64, ext: Extension<'_>) -> Result<bool> {
+        self.expire_pins();
         let slot = self.requests.slot(req).ok_or(Error::Request {
             req,
             message: "is not running".into(),
@@ -211,12 +212,35 @@ impl KVCacheManager {
     }
 
     /// Finishes a request: its computed whole blocks (prompt and output) enter the prefix cache,
-    /// with the output-end checkpoint; everything else it held is freed.
+    /// with the output-end checkpoint (unless it opted out of caching), its retention priority
+    /// and pin apply; everything else it held is freed.
     pub fn finish(&mut self, req: u64) -> Result<()> {
+        self.expire_pins();
         let mut r = self.requests.remove(req).ok_or(Error::Request {
             req,
             message: "is not running".into(),
         })?;
+        if r.retention.cache {
+            self.cache_finished(req, &mut r);
+        }
+        self.retain_finished(&r);
+        let mut freed = std::mem::take(&mut self.scratch);
+        self.collect_private(&r, &mut freed);
+        for &n in &r.path {
+            self.tree.unpin(n, &mut freed);
+        }
+        self.release(&mut freed);
+        self.scratch = freed;
+        r.loads.clear();
+        self.recycle(r);
+        self.reap_loads();
+        Ok(())
+    }
+
+    /// A finishing request's whole blocks enter the tree: output blocks are linked, the window
+    /// at its end attached as the output-end checkpoint, and (with write-through) the path is
+    /// written to the remote store.
+    fn cache_finished(&mut self, req: u64, r: &mut Request) {
         self.tree.set_publisher(Some(req));
         let b = self.b();
         let groups = self.spec.groups.len();
@@ -228,7 +252,7 @@ impl KVCacheManager {
             *t = self.window(g).is_none() || !self.swa_aware();
         }
         for i in r.path.len() as u64..e {
-            if r.path.len() as u64 != i || self.link_block(&mut r, i, &take[..groups]).is_none() {
+            if r.path.len() as u64 != i || self.link_block(r, i, &take[..groups]).is_none() {
                 break; // linking stopped at a conflict: the rest stays private
             }
         }
@@ -259,17 +283,6 @@ impl KVCacheManager {
             self.write_through(&path[..e as usize]);
             r.path = path;
         }
-        let mut freed = std::mem::take(&mut self.scratch);
-        self.collect_private(&r, &mut freed);
-        for &n in &r.path {
-            self.tree.unpin(n, &mut freed);
-        }
-        self.release(&mut freed);
-        self.scratch = freed;
-        r.loads.clear();
-        self.recycle(r);
-        self.reap_loads();
-        Ok(())
     }
 
     pub(super) fn collect_private(&self, r: &Request, freed: &mut Freed) {

@@ -55,6 +55,7 @@ mod config;
 mod events;
 mod extend;
 mod request;
+mod retention;
 mod room;
 mod schedule;
 mod stats;
@@ -66,6 +67,7 @@ mod written;
 
 pub use api::{Admission, Decode, Extension, Prompt, Step, StepOutcome};
 pub use config::{ManagerConfig, Policy};
+pub use retention::{Retention, MAX_PRIORITY};
 pub use stats::{GroupStats, ManagerStats, TierStats};
 pub use tiering::{BlockResidency, Promotion, TierHits};
 
@@ -73,6 +75,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use request::{Prehashed, Refused, ReqSet, Request, Running};
+use retention::{Clock, Pins};
 use schedule::Slot;
 use written::WrittenPages;
 
@@ -109,6 +112,10 @@ pub const NULL_PAGE: i32 = -1;
 ///    room: nothing changed (the scheduler preempts).
 /// 3. [`finish`](Self::finish): its whole blocks enter the cache with the window at its end;
 ///    or [`abort`](Self::abort): nothing of it stays.
+///
+/// A request may also say how its prefix is retained ([`Retention`]: a priority for eviction, a
+/// timed pin of its first tokens, or no caching at all) with
+/// [`admit_with_retention`](Self::admit_with_retention) or [`Admission::retention`].
 ///
 /// Between calls the engine reads [`block_table`](Self::block_table) (or its `_into` and
 /// `_range_into` forms) for each group, and, with
@@ -169,6 +176,9 @@ pub struct KVCacheManager {
     /// What the promotions of the last `admit` or `step` call loaded (see [`Promotion`]).
     promotions: Vec<Promotion>,
     refused: Refused,
+    /// Retention pins on cached prefixes, and the clock that times them (see `retention`).
+    pins: Pins,
+    clock: Clock,
 }
 
 /// Token <-> block arithmetic; a shift when the block size is a power of two (it nearly always
@@ -332,6 +342,8 @@ impl KVCacheManager {
             promotion_failures: 0,
             promotions: Vec::new(),
             refused: Refused::default(),
+            pins: Pins::new(),
+            clock: Clock::Wall(std::time::Instant::now()),
         })
     }
 

@@ -5,6 +5,7 @@ use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
 use super::api::Prompt;
+use super::retention::Retention;
 use crate::hash::{HashIndex, ReqIdHasher};
 use crate::prefix::NodeId;
 use crate::slab::Handle;
@@ -128,6 +129,8 @@ pub(super) struct Request {
     pub(super) serial: u64,
     /// Loads its hit waits for (promotions from host memory in flight at admission).
     pub(super) loads: Vec<Arc<LoadJob>>,
+    /// What it asked of the cache (priority, pin, opt-out).
+    pub(super) retention: Retention,
 }
 
 /// The last admission refused as hopeless. A scheduler retries its queue's head every step: a
@@ -141,6 +144,8 @@ pub(super) struct Refused {
     pub(super) req: u64,
     pub(super) seed: u64,
     pub(super) by_ids: bool,
+    /// Its retention (an opt-out or a pin changes what admitting it needs).
+    pub(super) retention: Retention,
     /// The prompt as given: token ids, or block ids with the length in tokens.
     pub(super) tokens: Vec<i64>,
     pub(super) ids: Vec<u64>,
@@ -156,10 +161,17 @@ pub(super) struct Refused {
 }
 
 impl Refused {
-    pub(super) fn same(&self, req: u64, seed: u64, prompt: &Prompt<'_>) -> bool {
+    pub(super) fn same(
+        &self,
+        req: u64,
+        seed: u64,
+        prompt: &Prompt<'_>,
+        retention: &Retention,
+    ) -> bool {
         self.valid
             && self.req == req
             && self.seed == seed
+            && self.retention == *retention
             && match *prompt {
                 Prompt::Tokens(t) => self.by_ids && self.tokens == t,
                 Prompt::BlockHashes { hashes, num_tokens } => {
@@ -170,6 +182,7 @@ impl Refused {
 
     pub(super) fn remember(&mut self, req: u64, seed: u64, prompt: &Prompt<'_>, r: &Request) {
         self.valid = true;
+        self.retention = r.retention;
         self.req = req;
         self.seed = seed;
         self.tokens.clear();

@@ -78,12 +78,15 @@ impl Slot {
 }
 
 impl KVCacheManager {
-    /// Planned prompt checkpoints: (end block, with the extra block).
+    /// Planned prompt checkpoints: (end block, with the extra block). `pin_end`: the block a
+    /// retention pin of the prompt ends at (0: none), kept as a resume point when this request
+    /// computes it.
     pub(super) fn plan_checkpoints(
         &self,
         safe: u32,
         depth: u32,
         n_full: u32,
+        pin_end: u32,
         plans: &mut Vec<(u32, bool)>,
     ) {
         if !self.swa_aware() || !self.spec.groups.iter().any(|g| g.window.is_some()) {
@@ -91,6 +94,10 @@ impl KVCacheManager {
         }
         if safe < depth && depth < n_full {
             plans.push((depth, false)); // branch point: this request computes the window
+        }
+        // The prompt's end has its own plan (with the extra block), which this must not replace.
+        if safe < pin_end && pin_end < n_full {
+            plans.push((pin_end, false));
         }
         if let Some(iv) = self.config.checkpoint_interval {
             let b = self.b();
@@ -160,13 +167,18 @@ impl KVCacheManager {
         }
         // 3. Allocate and fill the tables in block order.
         self.fill_range(r, end, &plan, counts)?;
-        // 4. Link whole prompt blocks into the tree (in-flight sharing).
+        // 4. Link whole prompt blocks into the tree (in-flight sharing), unless the request
+        // opted out of caching.
         let whole_end = self.bm.floor(end).min(self.bm.floor(r.prompt_len));
-        self.link_range(r, end, whole_end, &plan);
+        if r.retention.cache {
+            self.link_range(r, end, whole_end, &plan);
+        }
         self.scratch_plan = plan;
         r.len = end;
         // 5. Register planned checkpoints whose runs are complete.
         self.register_plans(r, whole_end);
+        // Blocks attached to pinned nodes may have taken the pins past their cap.
+        self.enforce_pin_cap();
         // 6. Release SWA blocks that left the window, except what the engine's step over
         // `[start, end)` still reads (the window before `start`) or writes (a checkpoint's extra
         // block below the new window): those go at the request's next call.
@@ -337,7 +349,7 @@ impl KVCacheManager {
                             .get(i as usize)
                             .is_none_or(|&n| self.tree.block(n, g) == 0);
                     let sliding = window_first.is_some() && self.swa_aware();
-                    if unpublished && (!sliding || self.in_plan(r, g, i)) {
+                    if r.retention.cache && unpublished && (!sliding || self.in_plan(r, g, i)) {
                         plan[k] = Slot::Carried;
                     }
                     continue;
@@ -357,8 +369,9 @@ impl KVCacheManager {
                             Slot::Skip
                         }
                     }
-                    // Full groups, and every group under the dense policy.
-                    _ if is_prompt_block && !node_has => Slot::Tree,
+                    // Full groups, and every group under the dense policy (a request that opted
+                    // out of caching publishes nothing: its blocks stay its own).
+                    _ if is_prompt_block && !node_has && r.retention.cache => Slot::Tree,
                     _ => Slot::Private,
                 };
                 if matches!(plan[k], Slot::Tree | Slot::Private) {

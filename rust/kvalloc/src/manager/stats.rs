@@ -56,6 +56,13 @@ pub struct ManagerStats {
     pub promotion_failures: u64,
     /// Loads from host memory still in flight.
     pub loads_in_flight: u64,
+    /// Bytes of the cached blocks retention pins hold (never evicted while pinned; at most
+    /// [`ManagerConfig::max_pinned_bytes`](super::ManagerConfig::max_pinned_bytes)).
+    pub pinned_bytes: u64,
+    /// Retention pins in force (pins of the same prefix end count once).
+    pub pins: u64,
+    /// Pins the cap on pinned bytes clipped (shortened, or dropped when nothing fit).
+    pub pins_clipped: u64,
 }
 
 /// One lower tier's accounting.
@@ -137,6 +144,9 @@ impl KVCacheManager {
                 .collect(),
             promotion_failures: self.promotion_failures,
             loads_in_flight: self.inflight.len() as u64,
+            pinned_bytes: self.tree.retained_bytes(),
+            pins: self.pins.len() as u64,
+            pins_clipped: self.pins.clipped,
         }
     }
 }

@@ -82,6 +82,7 @@ impl KVCacheManager {
         self.steps += 1;
         self.reap_loads();
         self.forget_promotions();
+        self.expire_pins();
         out.extensions = 0;
         out.refused.clear();
         out.admitted.clear();
@@ -167,6 +168,7 @@ impl KVCacheManager {
                 });
             }
             self.check_prompt(&a.prompt)?;
+            a.retention.check()?;
             match a.max_tokens {
                 Some(0) => Err(Error::invalid("max_tokens", "must be positive (or None)")),
                 _ => Ok(()),
@@ -245,15 +247,21 @@ impl KVCacheManager {
         let mut pre = std::mem::take(&mut self.prehashed);
         let mut res = Ok(());
         for (a, (list, &ready)) in step.admit.iter().zip(pre.lists.iter_mut().zip(&pre.ready)) {
-            let hit =
-                match self.admit_with(a.req, a.prompt, a.salt, a.max_tokens, ready.then_some(list))
-                {
-                    Ok(hit) => hit,
-                    Err(e) => {
-                        res = Err(e);
-                        break;
-                    }
-                };
+            let prehashed = ready.then_some(list);
+            let hit = match self.admit_with(
+                a.req,
+                a.prompt,
+                a.salt,
+                a.max_tokens,
+                &a.retention,
+                prehashed,
+            ) {
+                Ok(hit) => hit,
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            };
             out.admitted.push(hit);
             if step.fcfs && hit.is_none() {
                 break;
@@ -286,7 +294,9 @@ impl KVCacheManager {
             let (done, rest) = pre.lists.split_at_mut(k);
             let list = &mut rest[0];
             list.clear();
-            if blocks > PREHASH_MAX_BLOCKS || self.refused.same(a.req, seed, &a.prompt) {
+            if blocks > PREHASH_MAX_BLOCKS
+                || self.refused.same(a.req, seed, &a.prompt, &a.retention)
+            {
                 pre.ready.push(false);
                 continue;
             }

@@ -21,7 +21,8 @@ fn bad<T>(m: String) -> Result<T> {
 impl KVCacheManager {
     /// Checks every invariant: each live block is owned exactly once (by the tree or one
     /// request) and the arena agrees; tree invariants; pins match the running requests; running
-    /// requests' private SWA is bounded by their window.
+    /// requests' private SWA is bounded by their window; retention pins match the tree's counts
+    /// and fit under their cap.
     pub fn validate(&self) -> Result<()> {
         self.arena.validate()?;
         self.lower.validate()?;
@@ -47,7 +48,8 @@ impl KVCacheManager {
                 ));
             }
         }
-        self.tree.validate(&pins)
+        self.tree.validate(&pins)?;
+        self.validate_pins()
     }
 
     /// The tree's blocks: each held once, each on a page its owner computed whole.

@@ -51,7 +51,7 @@ impl PrefixTree {
     /// (changing nothing) when `n` is not an evictable unit now.
     pub fn evict_unit(&mut self, n: NodeId, freed: &mut Freed) -> Option<Evicted> {
         let node = self.nodes.get(n as usize)?;
-        let kind = match node.key? {
+        let kind = match node.filed()? {
             (SetKind::Leaf, _) => Evicted::Leaf,
             (SetKind::Ckpt, _) => Evicted::Checkpoint,
         };
@@ -153,7 +153,7 @@ impl PrefixTree {
         };
         for &h in future.hashes(i) {
             if let Some(n) = self.lookup(h) {
-                if self.nodes[n as usize].key.is_some() {
+                if self.nodes[n as usize].key_kind.is_some() {
                     self.refresh(n);
                 }
             }
@@ -161,7 +161,9 @@ impl PrefixTree {
     }
 
     pub(super) fn take_key(&mut self, n: NodeId) {
-        if let Some((kind, key)) = self.nodes[n as usize].key.take() {
+        let node = &mut self.nodes[n as usize];
+        if let Some((kind, key)) = node.filed() {
+            node.key_kind = None;
             match kind {
                 SetKind::Leaf => self.leaves.remove(&(key, n)),
                 SetKind::Ckpt => self.ckpts.remove(&(key, n)),
@@ -173,7 +175,7 @@ impl PrefixTree {
     pub(super) fn refresh(&mut self, n: NodeId) {
         self.take_key(n);
         let node = &self.nodes[n as usize];
-        if !node.alive || node.refs > 0 || node.doomed {
+        if !node.alive || node.refs > 0 || node.retained > 0 || node.doomed {
             return;
         }
         let kind = if node.children == 0 {
@@ -185,7 +187,8 @@ impl PrefixTree {
         };
         let cand = self.candidate(n, kind);
         let key = self.order.key(&cand);
-        self.nodes[n as usize].key = Some((kind, key));
+        let node = &mut self.nodes[n as usize];
+        (node.key, node.key_kind) = (key, Some(kind));
         match kind {
             SetKind::Leaf => self.leaves.insert((key, n)),
             SetKind::Ckpt => self.ckpts.insert((key, n)),
@@ -224,7 +227,7 @@ impl PrefixTree {
                     let mut steps = 0;
                     while p != NONE && steps < 256 {
                         let pn = &self.nodes[p as usize];
-                        if pn.children != 1 || pn.refs > 0 || pn.ckpt_end {
+                        if pn.children != 1 || self.held(p) || pn.ckpt_end {
                             break;
                         }
                         bytes += self.node_bytes(p);
@@ -254,6 +257,7 @@ impl PrefixTree {
             saved_tokens: saved,
             bytes,
             hits: node.hits,
+            priority: self.priority(n),
             last_access: node.last_access,
             next_use: if kind_of_order == Eviction::Oracle {
                 self.order.next_use(node.hash)

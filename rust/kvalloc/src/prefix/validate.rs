@@ -8,7 +8,8 @@ fn bad<T>(m: String) -> Result<T> {
 
 impl PrefixTree {
     /// Checks the invariants in the module docs. `pins` holds, per node id, how many running
-    /// requests the manager believes pin it.
+    /// requests the manager believes pin it (the retention counts are checked against the
+    /// manager's pins by [`validate_retained`](Self::validate_retained)).
     pub fn validate(&self, pins: &HashMap<NodeId, u32>) -> Result<()> {
         let children = self.validate_nodes(pins)?;
         let (refs, ckpts) = self.validate_checkpoints(&children)?;
@@ -118,22 +119,28 @@ impl PrefixTree {
         Ok((refs, ckpts))
     }
 
-    /// The held and pinned byte counters against the live nodes' bytes.
+    /// The held, pinned (a request or a retention pin holds the node) and retained byte
+    /// counters against the live nodes' bytes.
     fn validate_bytes(&self) -> Result<()> {
-        let (mut held, mut pinned) = (0u64, 0u64);
+        let (mut held, mut pinned, mut retained) = (0u64, 0u64, 0u64);
         for (i, n) in self.nodes.iter().enumerate() {
             if n.alive {
                 let nb = self.node_bytes(i as NodeId);
                 held += nb;
-                if n.refs > 0 {
+                if n.refs > 0 || n.retained > 0 {
                     pinned += nb;
+                }
+                if n.retained > 0 {
+                    retained += nb;
                 }
             }
         }
-        if held != self.held_bytes || pinned != self.pinned_bytes {
+        if held != self.held_bytes || pinned != self.pinned_bytes || retained != self.retained_bytes
+        {
             return bad(format!(
-                "byte counters: held {} (counted {held}), pinned {} (counted {pinned})",
-                self.held_bytes, self.pinned_bytes
+                "byte counters: held {} (counted {held}), pinned {} (counted {pinned}), \
+                 retained {} (counted {retained})",
+                self.held_bytes, self.pinned_bytes, self.retained_bytes
             ));
         }
         Ok(())
@@ -155,13 +162,15 @@ impl PrefixTree {
                         self.ckpt_refs[s], refs[s]
                     ));
                 }
-                if self.layout.swa_aware && self.blocks[s] != 0 && refs[s] == 0 && n.refs == 0 {
+                let held = n.refs > 0 || n.retained > 0;
+                if self.layout.swa_aware && self.blocks[s] != 0 && refs[s] == 0 && !held {
                     return bad(format!(
                         "node {i} group {gi}: SWA block kept by no checkpoint"
                     ));
                 }
             }
-            let want = if n.refs > 0 || n.doomed {
+            // Held nodes (a running request's path, a retention pin) are never evicted.
+            let want = if n.refs > 0 || n.retained > 0 || n.doomed {
                 None
             } else if n.children == 0 {
                 Some(SetKind::Leaf)
@@ -170,13 +179,13 @@ impl PrefixTree {
             } else {
                 None
             };
-            let have = n.key.map(|(k, _)| k);
+            let have = n.key_kind;
             if want != have {
                 return bad(format!(
                     "node {i}: eviction set {have:?}, expected {want:?}"
                 ));
             }
-            if let Some((kind, key)) = n.key {
+            if let Some((kind, key)) = n.filed() {
                 let set = if kind == SetKind::Leaf {
                     &self.leaves
                 } else {
@@ -190,7 +199,7 @@ impl PrefixTree {
         let filed = self
             .nodes
             .iter()
-            .filter(|n| n.alive && n.key.is_some())
+            .filter(|n| n.alive && n.key_kind.is_some())
             .count();
         if filed != self.leaves.len() + self.ckpts.len() {
             return bad("eviction sets hold stale entries".into());

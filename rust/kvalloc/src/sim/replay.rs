@@ -309,6 +309,10 @@ impl<'a> Replay<'a> {
         while let Some(Reverse((tk, _, kind, i))) = self.events.pop() {
             let t = f64::from_bits(tk);
             self.last_time = self.last_time.max(t);
+            // Retention pins are timed in simulated time (events come in time order).
+            if let Ok(now) = std::time::Duration::try_from_secs_f64(self.last_time) {
+                self.m.set_clock(now)?;
+            }
             match kind {
                 Kind::Arrive => {
                     self.st[i as usize].arrival = t;
