@@ -28,7 +28,7 @@ DEFAULT_DEVICE = "256GiB"
 # grows with the number of blocks; 128 tokens is also MiMo's sliding window, so a checkpoint
 # is one block. See the README.
 DEFAULT_BLOCK_TOKENS = 128
-DEFAULT_EVICTION = "lru"
+DEFAULT_EVICTION = "value"
 DEFAULT_POLICIES = ("swa-aware", "dense")
 DEFAULT_SWEEP = ("64GiB", "128GiB", "256GiB", "512GiB", "1TiB", "2TiB", "4TiB")
 TIERS = ("host", "disk", "remote")

@@ -3,11 +3,12 @@
 //! ```bash
 //! cargo run --release --example simulate                          # Mooncake conversation trace, 1 TiB
 //! cargo run --release --example simulate -- trace.jsonl 512 64 lru    # trace, device GiB, block tokens, eviction
+//! cargo run --release --example simulate -- gen:chat 64              # a generated workload (chat, agent, shared-prompt)
 //! ```
 
 use std::path::PathBuf;
 
-use kvalloc::sim::{readers, RunConfig, Simulator};
+use kvalloc::sim::{generate, readers, RunConfig, Simulator};
 use kvalloc::{Eviction, ModelSpec, Policy};
 
 fn main() -> Result<(), kvalloc::Error> {
@@ -19,7 +20,10 @@ fn main() -> Result<(), kvalloc::Error> {
     let gib: f64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1024.0);
     let block_tokens: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(128);
     let eviction = Eviction::parse(args.get(3).map_or("value", String::as_str))?;
-    let trace = readers::read_trace(&path, readers::ReadOptions::default())?;
+    let trace = match path.to_str().and_then(|p| p.strip_prefix("gen:")) {
+        Some(kind) => generate::generate(kind, 0, None)?,
+        None => readers::read_trace(&path, readers::ReadOptions::default())?,
+    };
     let sim = Simulator::new(
         ModelSpec::preset("mimo-v2.5-pro")?,
         trace.into(),

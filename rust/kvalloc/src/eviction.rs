@@ -12,23 +12,33 @@
 //! Greedy-Dual-Size-Frequency, with a unit's value measured in recompute avoided:
 //!
 //! ```text
-//! key = L + (hits + 1) x saved_tokens / (bytes / 1 MiB)
+//! key = L_at_last_use + (branch_hits + 1) x prior x (saved_tokens / MiB)^(1/4)
 //! ```
 //!
 //! - `saved_tokens`: the prefill tokens a hit on this entry avoids (its resume position). A leaf
-//!   that is not a resume point saves nothing on its own: its key is `L` and it goes first.
-//! - `bytes`: what evicting the unit frees. For a leaf that ends a checkpoint, that is the
+//!   that is not a resume point saves nothing on its own: its key is its `L` and it goes first.
+//! - `MiB`: what evicting the unit frees. For a leaf that ends a checkpoint, that is the
 //!   checkpoint plus the full-attention prefix that only it unlocks (the chain of single-child,
 //!   non-resume ancestors): the checkpoint and its prefix are one unit. For an interior
-//!   checkpoint, the SWA blocks only it holds.
-//! - `hits`: requests that resumed at this entry (frequency).
-//! - `L`: the key of the last victim. New and recently used entries are keyed against the current
-//!   `L`, so an entry that is not used ages relative to the others (recency).
+//!   checkpoint, the SWA blocks only it holds. The fourth root keeps size a tie-breaker among
+//!   units of similar age: a stronger size term evicts young, small units that recency says are
+//!   about to be used.
+//! - `branch_hits`: requests that resumed at this entry, counted only where requests branch
+//!   (two or more children: a system prompt, a regenerated answer). A conversation passes
+//!   through its earlier resume points; their hits describe the turns below them, and counting
+//!   them kept checkpoints the conversation had moved past ahead of its live tip.
+//! - `prior`: for a checkpoint, the share of its kind (branch point, prompt end, answer end,
+//!   interval) that later requests resumed at, learned as the workload runs, counting
+//!   checkpoints evicted unproven that a later prompt reached (see
+//!   [`crate::prefix::CheckpointKind`]); 1 for other resume points. A chat resumes at the
+//!   answer's end, a trace without answers at the prompt's end: the policy learns which.
+//! - `L`: the key of the last victim, read when the entry was last used, so an entry that
+//!   becomes evictable late (a parent whose children went) keeps its age. Entries not used
+//!   since age relative to the others (recency); equal keys go least recently used first.
 //!
 //! A retention priority `p` (an engine's per-request priority, see
 //! [`Retention`](crate::manager::Retention)) weighs the value: `weight(p) x value`, with
-//! `weight(p) = 2^p` ([`priority_weight`]), so each step of priority counts as twice the value
-//! per byte. Priority 0 (the default) changes nothing, and an entry that saves nothing still
+//! `weight(p) = 2^p` ([`priority_weight`]), so each step of priority doubles the value. Priority 0 (the default) changes nothing, and an entry that saves nothing still
 //! goes first whatever its priority: a prefix's tail (its leaves past the last resume point)
 //! leaves before its head. It only reorders; it never keeps an entry (pins do that).
 //!
@@ -97,8 +107,13 @@ pub struct Candidate {
     pub hits: u32,
     /// Retention priority (0: neutral; the value policy weighs by [`priority_weight`]).
     pub priority: i8,
+    /// Resumes expected of it beyond `hits`: its kind's record for a checkpoint not yet
+    /// resumed at (see [`crate::prefix::CheckpointKind`]), 1 otherwise.
+    pub prior: f64,
     /// Logical time of the last use.
     pub last_access: u64,
+    /// The value policy's `L` at the last use (see [`EvictionOrder::inflation`]).
+    pub base: f64,
     /// Index of the next request that uses it ([`NEVER`] if none; the oracle's key).
     pub next_use: u32,
 }
@@ -249,18 +264,28 @@ impl EvictionOrder {
             }
             Eviction::Value => {
                 let mib = (c.bytes.max(1) as f64) / (1u64 << 20) as f64;
+                // The fourth root: tokens per byte orders units, but only as far as recency
+                // agrees (see the module docs).
+                let per_byte = (c.saved_tokens as f64 / mib).sqrt().sqrt();
                 let value =
-                    priority_weight(c.priority) * (f64::from(c.hits) + 1.0) * c.saved_tokens as f64
-                        / mib;
-                (self.inflation + value).to_bits()
+                    priority_weight(c.priority) * (f64::from(c.hits) + 1.0) * c.prior * per_byte;
+                // H in the high half (an f32 compares like its bits when non-negative), the
+                // last access in the low half: equal H goes least recently used first.
+                let h = (c.base + value) as f32;
+                (u64::from(h.to_bits()) << 32) | (c.last_access & 0xffff_ffff)
             }
         }
+    }
+
+    /// The value policy's `L`: the key of the last victim (0 for the other policies).
+    pub fn inflation(&self) -> f64 {
+        self.inflation
     }
 
     /// Records that the entry with `key` was evicted (advances `L`).
     pub fn evicted(&mut self, key: u64) {
         if self.kind == Eviction::Value {
-            let k = f64::from_bits(key);
+            let k = f64::from(f32::from_bits((key >> 32) as u32));
             if k > self.inflation {
                 self.inflation = k;
             }
@@ -280,7 +305,9 @@ mod tests {
             bytes,
             hits,
             priority: 0,
+            prior: 1.0,
             last_access: 0,
+            base: 0.0,
             next_use: NEVER,
         };
         assert!(o.key(&c(0, 1 << 20, 5)) < o.key(&c(16, 1 << 20, 0)));
@@ -291,21 +318,61 @@ mod tests {
     #[test]
     fn inflation_ages_old_entries() {
         let mut o = EvictionOrder::new(Eviction::Value);
-        let hot = Candidate {
+        let old = Candidate {
             saved_tokens: 100,
             bytes: 1 << 20,
             hits: 0,
             priority: 0,
+            prior: 1.0,
             last_access: 0,
+            base: o.inflation(),
             next_use: NEVER,
         };
-        let before = o.key(&hot);
         o.evicted(o.key(&Candidate {
             saved_tokens: 1000,
-            ..hot
+            ..old
         }));
-        // The same entry keyed now ranks above one keyed before the eviction.
-        assert!(o.key(&hot) > before);
+        // The same entry used after the eviction ranks above one last used before it, and the
+        // old one keeps its key: becoming evictable later does not make it young.
+        let young = Candidate {
+            base: o.inflation(),
+            last_access: 1,
+            ..old
+        };
+        assert!(o.key(&young) > o.key(&old));
+        assert_eq!(o.key(&old), EvictionOrder::new(Eviction::Value).key(&old));
+    }
+
+    #[test]
+    fn equal_value_goes_least_recently_used_first() {
+        let o = EvictionOrder::new(Eviction::Value);
+        let c = |last_access| Candidate {
+            saved_tokens: 128,
+            bytes: 1 << 20,
+            hits: 0,
+            priority: 0,
+            prior: 1.0,
+            last_access,
+            base: 0.0,
+            next_use: NEVER,
+        };
+        assert!(o.key(&c(5)) < o.key(&c(6)));
+    }
+
+    #[test]
+    fn a_kind_rarely_resumed_at_goes_first() {
+        let o = EvictionOrder::new(Eviction::Value);
+        let c = |prior| Candidate {
+            saved_tokens: 1024,
+            bytes: 64 << 20,
+            hits: 0,
+            priority: 0,
+            prior,
+            last_access: 0,
+            base: 0.0,
+            next_use: NEVER,
+        };
+        assert!(o.key(&c(0.01)) < o.key(&c(0.8)));
     }
 
     #[test]
@@ -316,13 +383,16 @@ mod tests {
             bytes,
             hits: 0,
             priority,
+            prior: 1.0,
             last_access: 0,
+            base: 0.0,
             next_use: NEVER,
         };
-        // One step of priority counts as twice the value per byte.
+        // One step of priority doubles the value: worth 16 times the bytes (the size term is
+        // a fourth root).
         assert!(o.key(&c(1024, 1 << 20, 1)) > o.key(&c(1024, 1 << 20, 0)));
-        assert_eq!(o.key(&c(1024, 2 << 20, 1)), o.key(&c(1024, 1 << 20, 0)));
-        assert!(o.key(&c(1024, 3 << 20, 1)) < o.key(&c(1024, 1 << 20, 0)));
+        assert!(o.key(&c(1024, 8 << 20, 1)) > o.key(&c(1024, 1 << 20, 0)));
+        assert!(o.key(&c(1024, 32 << 20, 1)) < o.key(&c(1024, 1 << 20, 0)));
         assert!(o.key(&c(1024, 1 << 20, -1)) < o.key(&c(1024, 1 << 20, 0)));
         // A tail that saves nothing goes first at any priority.
         assert!(o.key(&c(0, 1 << 20, 16)) < o.key(&c(16, 1 << 20, -16)));
@@ -355,7 +425,9 @@ mod tests {
             bytes,
             hits: 0,
             priority: 0,
+            prior: 1.0,
             last_access: 0,
+            base: 0.0,
             next_use,
         };
         assert!(o.key(&c(NEVER, 1 << 20)) < o.key(&c(5, 1 << 30)));

@@ -67,14 +67,20 @@ struct Node {
     refs: u32,
     /// Retention pins covering this node (see the module docs): not a request's pin.
     retained: u32,
-    /// Requests that resumed exactly at the end of this node.
-    hits: u32,
+    /// Requests that resumed exactly at the end of this node (saturating: the value policy
+    /// needs its order of magnitude, and the node stays one cache line).
+    hits: u16,
     /// The highest retention priority of the requests that finished holding this node
     /// ([`UNSET_PRIORITY`] until one did; read as 0). Weighs its eviction key.
     priority: i8,
     last_access: u64,
+    /// The value policy's inflation `L` at the last access: the node's key is priced against
+    /// it, so a node that becomes evictable late (a parent whose children went) keeps its age.
+    base: f32,
     /// A registered checkpoint ends at this node.
     ckpt_end: bool,
+    /// Why the checkpoint ending here was placed (meaningful while `ckpt_end`).
+    ckpt_kind: CheckpointKind,
     /// Created by an aborted request while others still pinned it: never matched again and
     /// removed as soon as it is unpinned and childless.
     doomed: bool,
@@ -103,6 +109,71 @@ impl Node {
 enum SetKind {
     Leaf,
     Ckpt,
+}
+
+/// Why a checkpoint was placed. The tree counts, per kind, how many were placed and how many
+/// were resumed at, and the value policy prices an unproven checkpoint by its kind's record:
+/// where a workload resumes (a prompt's end, an answer's end, a branch) is learned as it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum CheckpointKind {
+    /// Where a request left a cached path (others are likely to branch there too).
+    Branch,
+    /// The end of a prompt.
+    PromptEnd,
+    /// The end of a finished request's output.
+    OutputEnd,
+    /// A fixed interval (`checkpoint_interval`) or a resume granularity.
+    Interval,
+    /// The end of a retention pin.
+    Pin,
+    /// Rebuilt by a promotion from a lower tier.
+    #[default]
+    Restored,
+}
+
+impl CheckpointKind {
+    const ALL: usize = 6;
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Per checkpoint kind: placed, and resumed at least once, or reached by a later prompt after
+/// it was evicted unproven (a *ghost* resume). Counting ghosts keeps the record from confirming
+/// itself: a kind evicted early because its record is poor would otherwise never be resumed
+/// at, and its record would only get worse.
+#[derive(Debug, Clone, Default)]
+struct KindRecord {
+    placed: [u64; CheckpointKind::ALL],
+    proven: [u64; CheckpointKind::ALL],
+    /// Hashes of checkpoints removed unproven, with their kind: a bounded FIFO.
+    ghosts: HashMap<u64, CheckpointKind>,
+    ghost_order: std::collections::VecDeque<u64>,
+}
+
+/// Ghosts remembered; older ones are forgotten.
+const MAX_GHOSTS: usize = 1 << 16;
+
+impl KindRecord {
+    /// The expected resumes of an unproven checkpoint of this kind, in (0, 1): the share of
+    /// its kind that was resumed at, with one success and one failure assumed (so a kind not
+    /// yet seen counts one half, and none ever counts zero).
+    fn prior(&self, k: CheckpointKind) -> f64 {
+        let i = k.index();
+        (self.proven[i] as f64 + 1.0) / (self.placed[i] as f64 + 2.0)
+    }
+
+    fn add_ghost(&mut self, hash: u64, kind: CheckpointKind) {
+        if self.ghost_order.len() == MAX_GHOSTS {
+            if let Some(old) = self.ghost_order.pop_front() {
+                self.ghosts.remove(&old);
+            }
+        }
+        if self.ghosts.insert(hash, kind).is_none() {
+            self.ghost_order.push_back(hash);
+        }
+    }
 }
 
 /// One cached block an eviction took out of the tree: where it came from, so it can be demoted
@@ -226,6 +297,8 @@ pub struct PrefixTree {
     pinned_bytes: u64,
     /// Bytes of the nodes a retention pin covers (a subset of `pinned_bytes`).
     retained_bytes: u64,
+    /// Checkpoints placed and proven, per kind (the value policy's priors).
+    kinds: KindRecord,
     /// While an eviction runs with a log: the blocks it takes out (see [`Victim`]).
     victims: Option<Vec<Victim>>,
     /// The node an eviction with a log removes, and whether a checkpoint ended there.
@@ -268,6 +341,7 @@ impl PrefixTree {
             held_bytes: 0,
             pinned_bytes: 0,
             retained_bytes: 0,
+            kinds: KindRecord::default(),
             victims: None,
             evicting: None,
             events: EventLog::default(),
@@ -614,7 +688,9 @@ impl PrefixTree {
             hits: 0,
             priority: UNSET_PRIORITY,
             last_access: tick,
+            base: self.order.inflation() as f32,
             ckpt_end: false,
+            ckpt_kind: CheckpointKind::Restored,
             doomed: false,
             alive: true,
             key: 0,
@@ -774,7 +850,11 @@ impl PrefixTree {
 
     /// Counts a resume at the end of `n`.
     pub fn record_hit(&mut self, n: NodeId) {
-        self.nodes[n as usize].hits += 1;
+        let node = &mut self.nodes[n as usize];
+        if node.hits == 0 && node.ckpt_end {
+            self.kinds.proven[node.ckpt_kind.index()] += 1;
+        }
+        node.hits = node.hits.saturating_add(1);
     }
 
     /// Unpins a node. When its last hold goes (no request pins it and no retention pin covers
@@ -782,10 +862,12 @@ impl PrefixTree {
     /// removed, and the node becomes evictable.
     pub fn unpin(&mut self, n: NodeId, freed: &mut Freed) {
         let tick = self.now();
+        let base = self.order.inflation() as f32;
         let node = &mut self.nodes[n as usize];
         debug_assert!(node.refs > 0);
         node.refs -= 1;
         node.last_access = tick;
+        node.base = base;
         if node.refs > 0 || node.retained > 0 {
             return;
         }
@@ -813,11 +895,35 @@ impl PrefixTree {
         self.refresh(n);
     }
 
-    /// Registers a checkpoint ending at node `end`: for each sliding group, the run of blocks
+    /// A prompt with these chained block hashes resumed at block `safe`: a ghost deeper than
+    /// that (a checkpoint evicted unproven, which would have served it) proves its kind.
+    pub fn note_ghost_resume(&mut self, hashes: &[u64], safe: u32) {
+        if self.kinds.ghosts.is_empty() {
+            return;
+        }
+        for &h in hashes.iter().skip(safe as usize).rev() {
+            if let Some(kind) = self.kinds.ghosts.remove(&h) {
+                self.kinds.proven[kind.index()] += 1;
+                return;
+            }
+        }
+    }
+
+    /// The value policy's prior for an unproven checkpoint of this kind (see [`CheckpointKind`]).
+    pub fn kind_prior(&self, kind: CheckpointKind) -> f64 {
+        self.kinds.prior(kind)
+    }
+
+    /// Registers a checkpoint of `kind` ending at node `end`: for each sliding group, the run of blocks
     /// holding SWA KV that ends at `end`, at most `max_blocks[g]` long. Returns false (and
     /// registers nothing) when `end` already ends a checkpoint or some group lacks the blocks a
     /// window-safe resume at `end` needs.
-    pub fn add_checkpoint(&mut self, end: NodeId, max_blocks: &[u32]) -> bool {
+    pub fn add_checkpoint(
+        &mut self,
+        end: NodeId,
+        max_blocks: &[u32],
+        kind: CheckpointKind,
+    ) -> bool {
         if !self.layout.swa_aware || self.nodes[end as usize].ckpt_end || self.sliding.is_empty() {
             return false;
         }
@@ -853,7 +959,10 @@ impl PrefixTree {
             let s = self.slot(end, self.sliding[i]);
             self.ckpt_start[s] = k - lens[i];
         }
-        self.nodes[end as usize].ckpt_end = true;
+        let node = &mut self.nodes[end as usize];
+        node.ckpt_end = true;
+        node.ckpt_kind = kind;
+        self.kinds.placed[kind.index()] += 1;
         self.checkpoints += 1;
         self.refresh(end);
         true
@@ -875,6 +984,11 @@ impl PrefixTree {
     pub fn remove_checkpoint(&mut self, end: NodeId, freed: &mut Freed) {
         debug_assert!(self.nodes[end as usize].ckpt_end);
         self.nodes[end as usize].ckpt_end = false;
+        let node = &self.nodes[end as usize];
+        if node.hits == 0 {
+            let (hash, kind) = (node.hash, node.ckpt_kind);
+            self.kinds.add_ghost(hash, kind);
+        }
         self.checkpoints -= 1;
         for i in 0..self.sliding.len() {
             let g = self.sliding[i];

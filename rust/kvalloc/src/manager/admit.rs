@@ -223,6 +223,7 @@ impl KVCacheManager {
         if walk.safe > 0 {
             self.tree.record_hit(r.path[walk.safe as usize - 1]);
         }
+        self.tree.note_ghost_resume(&r.hashes, walk.safe);
         r.loads.clear();
         if self.lower.active() {
             self.await_loads(&mut r, walk.safe as usize);

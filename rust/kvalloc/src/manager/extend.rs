@@ -8,7 +8,7 @@ use super::written::WrittenPages;
 use super::{BlockMath, KVCacheManager, MAX_GROUPS, MAX_SEQUENCE_TOKENS};
 use crate::error::{Error, Result};
 use crate::hash;
-use crate::prefix::Freed;
+use crate::prefix::{CheckpointKind, Freed};
 use crate::slab::SlabArena;
 
 /// The decode path's new blocks: one per group (the newest block is inside every window), or
@@ -275,8 +275,11 @@ impl KVCacheManager {
         }
         if e > 0 && self.swa_aware() {
             let max_blocks = self.run_lengths(e as u32, false);
-            self.tree
-                .add_checkpoint(r.path[e as usize - 1], &max_blocks);
+            self.tree.add_checkpoint(
+                r.path[e as usize - 1],
+                &max_blocks,
+                CheckpointKind::OutputEnd,
+            );
         }
         if self.config.write_through {
             let path = std::mem::take(&mut r.path);

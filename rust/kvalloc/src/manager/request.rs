@@ -7,7 +7,7 @@ use std::sync::Arc;
 use super::api::Prompt;
 use super::retention::Retention;
 use crate::hash::{HashIndex, ReqIdHasher};
-use crate::prefix::NodeId;
+use crate::prefix::{CheckpointKind, NodeId};
 use crate::slab::Handle;
 use crate::tiers::loader::LoadJob;
 
@@ -122,7 +122,7 @@ pub(super) struct Request {
     /// Checkpoints this request registered (removed again on abort).
     pub(super) created_ckpts: Vec<NodeId>,
     /// Planned prompt checkpoints: (end block, run includes one extra block), ascending.
-    pub(super) plans: Vec<(u32, bool)>,
+    pub(super) plans: Vec<(u32, bool, CheckpointKind)>,
     /// Plans registered so far.
     pub(super) plans_done: usize,
     /// Serial for synthetic output-block ids (hash mode).

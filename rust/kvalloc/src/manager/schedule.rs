@@ -5,7 +5,7 @@
 use super::request::Request;
 use super::{BlockMath, KVCacheManager, MAX_GROUPS};
 use crate::error::Result;
-use crate::prefix::{Freed, Linked, PrefixTree, NONE};
+use crate::prefix::{CheckpointKind, Freed, Linked, PrefixTree, NONE};
 use crate::slab::{Handle, SlabArena};
 use crate::spec::KVGroup;
 
@@ -87,17 +87,17 @@ impl KVCacheManager {
         depth: u32,
         n_full: u32,
         pin_end: u32,
-        plans: &mut Vec<(u32, bool)>,
+        plans: &mut Vec<(u32, bool, CheckpointKind)>,
     ) {
         if !self.swa_aware() || !self.spec.groups.iter().any(|g| g.window.is_some()) {
             return;
         }
         if safe < depth && depth < n_full {
-            plans.push((depth, false)); // branch point: this request computes the window
+            plans.push((depth, false, CheckpointKind::Branch)); // branch point: this request computes the window
         }
         // The prompt's end has its own plan (with the extra block), which this must not replace.
         if safe < pin_end && pin_end < n_full {
-            plans.push((pin_end, false));
+            plans.push((pin_end, false, CheckpointKind::Pin));
         }
         if let Some(iv) = self.config.checkpoint_interval {
             let b = self.b();
@@ -105,7 +105,7 @@ impl KVCacheManager {
             while t < u64::from(n_full) * b {
                 let e = (t / b) as u32;
                 if e > safe && e != depth {
-                    plans.push((e, false));
+                    plans.push((e, false, CheckpointKind::Interval));
                 }
                 t += iv;
             }
@@ -116,10 +116,10 @@ impl KVCacheManager {
                 let b = self.b();
                 let e = (u64::from(n_full) * b / a * a / b) as u32;
                 if e > safe {
-                    plans.push((e, false));
+                    plans.push((e, false, CheckpointKind::PromptEnd));
                 }
             }
-            None if n_full > 0 => plans.push((n_full, true)),
+            None if n_full > 0 => plans.push((n_full, true, CheckpointKind::PromptEnd)),
             None => {}
         }
         plans.sort_unstable();
@@ -129,7 +129,7 @@ impl KVCacheManager {
     /// Whether block `i` of sliding group `g` belongs to a planned checkpoint run.
     pub(super) fn in_plan(&self, r: &Request, g: usize, i: u64) -> bool {
         let w = self.window(g).expect("sliding");
-        r.plans.iter().any(|&(e, extra)| {
+        r.plans.iter().any(|&(e, extra, _)| {
             let e = u64::from(e);
             let first = self
                 .window_first(e * self.b(), w)
@@ -299,14 +299,14 @@ impl KVCacheManager {
     /// Registers `r`'s planned checkpoints whose runs end at or below `whole_end`.
     fn register_plans(&mut self, r: &mut Request, whole_end: u64) {
         while r.plans_done < r.plans.len() && u64::from(r.plans[r.plans_done].0) <= whole_end {
-            let (e, extra) = r.plans[r.plans_done];
+            let (e, extra, kind) = r.plans[r.plans_done];
             r.plans_done += 1;
             if e as usize > r.path.len() {
                 continue; // not linked (a hash conflict): no checkpoint there
             }
             let max_blocks = self.run_lengths(e, extra);
             let n = r.path[e as usize - 1];
-            if self.tree.add_checkpoint(n, &max_blocks) {
+            if self.tree.add_checkpoint(n, &max_blocks, kind) {
                 r.created_ckpts.push(n);
             }
         }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::{KVCacheManager, MAX_GROUPS};
 use crate::error::{Error, Result};
-use crate::prefix::{Freed, Link, NodeId, Victim, NONE};
+use crate::prefix::{CheckpointKind, Freed, Link, NodeId, Victim, NONE};
 use crate::slab::Handle;
 use crate::tiers::loader::{CopyTask, LoadHandle, LoadJob, Loader};
 use crate::tiers::{BlockKey, DeviceBuffer, LoadBytes, Tier};
@@ -645,7 +645,8 @@ impl KVCacheManager {
             .unwrap_or_else(|| path[k as usize - 1]);
         if self.swa_aware() {
             let max_blocks = self.run_lengths(k, false);
-            self.tree.add_checkpoint(end, &max_blocks);
+            self.tree
+                .add_checkpoint(end, &max_blocks, CheckpointKind::Restored);
         }
         // Nodes being filled stay pinned until their copies land.
         let mut pinned_nodes = created;

@@ -202,10 +202,22 @@ impl PrefixTree {
             .sum()
     }
 
+    /// Whether a request can resume at the end of `n` from the tree alone: a checkpoint ends
+    /// there, or nothing needs one (dense policy, or no sliding group).
+    pub(super) fn is_resume_point(&self, n: NodeId) -> bool {
+        !self.layout.swa_aware || self.sliding.is_empty() || self.nodes[n as usize].ckpt_end
+    }
+
     /// The unit a candidate stands for: see the policy docs.
     pub(super) fn candidate(&self, n: NodeId, kind: SetKind) -> Candidate {
         let node = &self.nodes[n as usize];
-        let saved = if node.ckpt_end {
+        let kind_of_order = self.order.kind();
+        // Where every block is a resume point (dense policy, or no sliding group), a leaf saves
+        // one block beyond its parent, which stays a resume point when the leaf goes. A
+        // checkpoint saves its whole prefix: the checkpoints above it may go first.
+        let saved = if !self.layout.swa_aware || self.sliding.is_empty() {
+            u64::from(self.layout.block_tokens)
+        } else if node.ckpt_end {
             u64::from(node.depth + 1) * u64::from(self.layout.block_tokens)
         } else {
             0
@@ -213,7 +225,6 @@ impl PrefixTree {
         // LRU ignores size, and a value key with nothing saved is `L` whatever the size: skip
         // the walk in both cases (it dominates eviction otherwise). The oracle breaks ties by
         // size: the node's own blocks are enough there.
-        let kind_of_order = self.order.kind();
         let bytes = if kind_of_order == Eviction::Oracle && saved == 0 {
             self.node_bytes(n)
         } else if kind_of_order == Eviction::Lru || saved == 0 {
@@ -227,7 +238,7 @@ impl PrefixTree {
                     let mut steps = 0;
                     while p != NONE && steps < 256 {
                         let pn = &self.nodes[p as usize];
-                        if pn.children != 1 || self.held(p) || pn.ckpt_end {
+                        if pn.children != 1 || self.held(p) || self.is_resume_point(p) {
                             break;
                         }
                         bytes += self.node_bytes(p);
@@ -256,9 +267,22 @@ impl PrefixTree {
         Candidate {
             saved_tokens: saved,
             bytes,
-            hits: node.hits,
+            // Frequency counts where requests branch (a system prompt, a regenerated answer).
+            // A node with one child was passed through: its hits were made by a conversation
+            // that went on below it, and say nothing about its own future.
+            hits: if node.children >= 2 {
+                u32::from(node.hits)
+            } else {
+                0
+            },
+            prior: if node.ckpt_end {
+                self.kinds.prior(node.ckpt_kind)
+            } else {
+                1.0
+            },
             priority: self.priority(n),
             last_access: node.last_access,
+            base: f64::from(node.base),
             next_use: if kind_of_order == Eviction::Oracle {
                 self.order.next_use(node.hash)
             } else {

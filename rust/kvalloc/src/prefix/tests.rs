@@ -1,4 +1,4 @@
-use super::{Layout, PrefixTree, NONE};
+use super::{CheckpointKind, Layout, PrefixTree, NONE};
 use crate::eviction::Eviction;
 use std::collections::HashMap;
 
@@ -33,7 +33,7 @@ fn a_refused_checkpoint_takes_back_every_reference() {
     let (mut tree, path) = five_node_path(4);
     let pins: HashMap<_, _> = path.iter().map(|&n| (n, 1)).collect();
     // B's run (2 blocks) is short of the 4 a resume at depth 5 needs.
-    assert!(!tree.add_checkpoint(path[4], &[4, 4]));
+    assert!(!tree.add_checkpoint(path[4], &[4, 4], CheckpointKind::PromptEnd));
     tree.validate(&pins).unwrap();
     assert!(path
         .iter()
@@ -41,7 +41,7 @@ fn a_refused_checkpoint_takes_back_every_reference() {
     assert!(!tree.is_checkpoint(path[4]));
     // With windows of two blocks both runs suffice: registered, A's run capped at 3.
     let (mut tree, path) = five_node_path(2);
-    assert!(tree.add_checkpoint(path[4], &[3, 3]));
+    assert!(tree.add_checkpoint(path[4], &[3, 3], CheckpointKind::PromptEnd));
     tree.validate(&pins).unwrap();
     let covered = |g| path.iter().filter(|&&n| tree.ckpt_covered(n, g)).count();
     assert_eq!((covered(1), covered(2)), (3, 2));
