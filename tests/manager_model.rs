@@ -907,6 +907,7 @@ impl Harness {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn run_ops(
     spec: ModelSpec,
     capacity: u64,
