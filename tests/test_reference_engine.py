@@ -118,15 +118,15 @@ def test_block_layout_is_layer_by_layer_k_then_v(model: TinyHybridModel) -> None
 # -- equality through the cache ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("eviction", "turns"), [("value", 5), ("lru", 4)])
+@pytest.mark.parametrize(("eviction", "n", "turns"), [("value", 4, 5), ("lru", 3, 4)])
 def test_l1_hits_with_released_windows_dropped_checkpoints_and_tombstones(
-    model: TinyHybridModel, eviction: str, turns: int
+    model: TinyHybridModel, eviction: str, n: int, turns: int
 ) -> None:
     # One request at a time in a budget that holds the running request but not every
     # conversation: the cache drops interior checkpoints (and leaves). Chunks of 20 tokens
     # release each chunk's private out-of-window blocks at the next chunk.
     m = kvalloc.KVCacheManager(model.spec, 400 << 10, block_tokens=B, eviction=eviction)
-    convs = conversations(3, turns)
+    convs = conversations(n, turns)
     engine = serve_and_check(model, m, convs, max_running=1, prefill_chunk=20)
     st = m.stats()
     hits = [h for c in convs for r in c.turns for h in r.hits]
@@ -205,7 +205,7 @@ def tier(m: kvalloc.KVCacheManager, name: str) -> dict[str, Any]:
 
 def test_host_hits_with_released_windows_dropped_checkpoints_and_tombstones(model: TinyHybridModel) -> None:
     m = kvalloc.KVCacheManager(model.spec, DEVICE, block_tokens=B, host_bytes=1 << 20)
-    convs = conversations(3, 4)
+    convs = conversations(3, 5)
     engine = serve_and_check(model, m, convs, max_running=1, prefill_chunk=20)
     st = m.stats()
     host = st["tiers"]["host"]

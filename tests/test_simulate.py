@@ -239,7 +239,7 @@ def test_sweep_oracle_per_budget_in_table_json_and_plot(tmp_path, capsys):
     assert [(o["policy"], o["device_bytes"], o["eviction"]) for o in out["oracle"]] == [
         ("dense", 2 << 30, "oracle"), ("dense", 8 << 30, "oracle")]
     for r, o in zip(out["runs"], out["oracle"]):
-        assert r["eviction"] == "lru"
+        assert r["eviction"] == "value"
         assert r["oracle_hit_rate"] == o["hit_rate"] > 0
         assert r["oracle_share"] == pytest.approx(r["hit_rate"] / o["hit_rate"])
         assert r["hit_rate"] <= o["hit_rate"] <= o["upper_bound_hit_rate"]
