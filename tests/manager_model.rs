@@ -405,6 +405,7 @@ fn err(m: String) -> TestCaseError {
 }
 
 impl Harness {
+    #[allow(clippy::too_many_arguments)]
     fn new(
         spec: ModelSpec,
         capacity: u64,
@@ -413,6 +414,7 @@ impl Harness {
         paged: bool,
         slab_bytes: Option<u64>,
         pin_cap: Option<u64>,
+        speculate: bool,
     ) -> Self {
         let config = ManagerConfig {
             policy,
@@ -421,6 +423,7 @@ impl Harness {
             prefill_reads_cache: paged,
             slab_bytes,
             max_pinned_bytes: pin_cap,
+            speculative_checkpoints: speculate,
             ..ManagerConfig::default()
         };
         let mut m = KVCacheManager::new(spec, capacity, config).unwrap();
@@ -918,9 +921,13 @@ fn run_ops(
     slab_bytes: Option<u64>,
     pin_cap: Option<u64>,
 ) -> Result<(), TestCaseError> {
-    // The mask's top bit: an engine whose prefill reads the chunk from the cache.
+    // The mask's top bit: an engine whose prefill reads the chunk from the cache; the next:
+    // speculative checkpoints.
     let paged = abort_mask >> 63 == 1;
-    let mut h = Harness::new(spec, capacity, policy, eviction, paged, slab_bytes, pin_cap);
+    let speculate = (abort_mask >> 62) & 1 == 1;
+    let mut h = Harness::new(
+        spec, capacity, policy, eviction, paged, slab_bytes, pin_cap, speculate,
+    );
     for (i, op) in ops.iter().enumerate() {
         if std::env::var("KVTRACE").is_ok() {
             let st = h.m.stats();

@@ -12,9 +12,12 @@ fn small_spec() -> ModelSpec {
     ModelSpec::from_hf_config(&cfg, None).unwrap()
 }
 
+/// Checkpoints only where the manager places them for certain (the worked example of
+/// CONTEXT.md): no speculative ones.
 fn manager(policy: Policy, capacity: u64) -> KVCacheManager {
     let config = ManagerConfig {
         policy,
+        speculative_checkpoints: false,
         ..ManagerConfig::default()
     };
     KVCacheManager::new(small_spec(), capacity, config).unwrap()
@@ -103,6 +106,55 @@ fn shared_system_prompt_reused_from_the_third_request() {
     assert_eq!(run(&mut m, 2, &with(20_000), &seq(2, 3)), 0);
     assert_eq!(run(&mut m, 3, &with(30_000), &seq(3, 3)), 288);
     assert_eq!(run(&mut m, 4, &with(40_000), &seq(4, 3)), 288);
+}
+
+/// With memory to spare, a prompt keeps its sliding-window KV at every block boundary it
+/// computes (speculative checkpoints): the second request sharing a system prompt hits it.
+#[test]
+fn shared_system_prompt_reused_from_the_second_request_while_memory_is_plentiful() {
+    let config = ManagerConfig {
+        speculative_checkpoints: true,
+        ..ManagerConfig::default()
+    };
+    let mut m = KVCacheManager::new(small_spec(), 256 << 20, config).unwrap();
+    let system = seq(0, 300);
+    let with = |user: i64| {
+        let mut p = system.clone();
+        p.extend(seq(user, 200));
+        p
+    };
+    assert_eq!(run(&mut m, 1, &with(10_000), &seq(1, 3)), 0);
+    assert_eq!(run(&mut m, 2, &with(20_000), &seq(2, 3)), 288);
+    assert_eq!(run(&mut m, 3, &with(30_000), &seq(3, 3)), 288);
+    // A prompt that leaves request 1's path anywhere resumes at the block before.
+    let mut early = with(10_000)[..450].to_vec();
+    early.extend(seq(70_000, 40));
+    assert_eq!(hit(&m, &early), 448);
+    m.validate().unwrap();
+}
+
+/// Speculative checkpoints never cost an eviction: with too little free memory a prompt
+/// keeps only its planned checkpoints, and the second request misses as before.
+#[test]
+fn no_speculative_checkpoints_without_memory_to_spare() {
+    let spec = small_spec();
+    // Room for a few prompts' full KV at every layer, not twice one more.
+    let per_token: u64 = spec.block_bytes(16).iter().sum::<u64>() / 16;
+    let config = ManagerConfig {
+        speculative_checkpoints: true,
+        ..ManagerConfig::default()
+    };
+    let mut m = KVCacheManager::new(spec, per_token * 900, config).unwrap();
+    let system = seq(0, 300);
+    let with = |user: i64| {
+        let mut p = system.clone();
+        p.extend(seq(user, 200));
+        p
+    };
+    assert_eq!(run(&mut m, 1, &with(10_000), &seq(1, 3)), 0);
+    assert_eq!(run(&mut m, 2, &with(20_000), &seq(2, 3)), 0);
+    assert_eq!(run(&mut m, 3, &with(30_000), &seq(3, 3)), 288);
+    m.validate().unwrap();
 }
 
 #[test]
@@ -758,6 +810,7 @@ fn sixteen_token_blocks(window: u32) -> (ModelSpec, ManagerConfig) {
     });
     let config = ManagerConfig {
         block_tokens: 16,
+        speculative_checkpoints: false,
         ..ManagerConfig::default()
     };
     (ModelSpec::from_hf_config(&cfg, None).unwrap(), config)

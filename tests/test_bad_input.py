@@ -454,7 +454,7 @@ def test_constructors_survive_garbage():
         kvalloc_error_or_success(KVCacheManager, spec, a, b)
     keywords = ["host_bytes", "disk_bytes", "remote_bytes", "write_through", "watermark",
                 "prefault_bytes", "checkpoint_interval", "slab_bytes", "policy", "eviction",
-                "max_pinned_bytes"]
+                "max_pinned_bytes", "speculative_checkpoints"]
     for w in WEIRD:
         for kw in keywords:
             kvalloc_error_or_success(KVCacheManager, spec, 1 << 30, **{kw: w})
@@ -602,7 +602,7 @@ MANAGER_KEYWORDS = {
     "write_through": bad_values, "watermark": bad_values, "prefault_bytes": bad_values,
     "disk_dir": bad_paths, "remote_url": st.sampled_from([3, b"x", "\udc80", "no scheme", None]),
     "remote_username": bad_values, "remote_password": bad_values, "remote_prefix": bad_values,
-    "max_pinned_bytes": bad_values,
+    "max_pinned_bytes": bad_values, "speculative_checkpoints": bad_values,
 }
 
 _world: World | None = None

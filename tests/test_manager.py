@@ -803,3 +803,31 @@ def test_threads_share_one_manager():
     assert s["running_requests"] == 0
     assert all(g["running"] == 0 for g in s["groups"])
     assert s["hit_tokens"] > 0
+
+
+def test_speculative_checkpoints_serve_the_second_request_and_are_reported():
+    """With memory to spare, request 2 hits the system prompt it shares with request 1; the
+    stats say which checkpoint kinds were placed and resumed at. Off: only from request 3."""
+    spec = kvalloc.ModelSpec.preset("mimo-v2.5-pro")
+    system = np.arange(300, dtype=np.int64)
+
+    def prompt(i):
+        return np.concatenate([system, np.arange(10_000 * i, 10_000 * i + 200, dtype=np.int64)])
+
+    def hits(**kw):
+        m = kvalloc.KVCacheManager(spec, 8 << 30, block_tokens=16, **kw)
+        out = []
+        for r in (1, 2, 3):
+            out.append(m.admit(r, prompt(r)))
+            m.finish(r)
+            m.validate()
+        return out, m.stats()["checkpoint_kinds"]
+
+    on, kinds = hits(speculative_checkpoints=True)
+    assert on == [0, 288, 288]
+    assert kinds["speculative"]["placed"] > 0 and kinds["speculative"]["resumed"] >= 1
+    assert set(kinds) == {"branch", "prompt_end", "output_end", "interval", "pin",
+                          "speculative", "restored"}
+    off, kinds = hits()
+    assert off == [0, 0, 288]
+    assert kinds["speculative"]["placed"] == 0 and kinds["branch"]["resumed"] == 1

@@ -244,6 +244,7 @@ class KVCacheManager:
         prefill_reads_cache: bool | None = None,
         events: bool | None = None,
         max_pinned_bytes: int | None = None,
+        speculative_checkpoints: bool | None = None,
     ) -> KVCacheManager:
         """``policy`` (None: ``"swa-aware"``) and ``eviction`` (None: ``"value"``) name the
         caching and eviction policies. Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
@@ -285,7 +286,13 @@ class KVCacheManager:
 
         ``max_pinned_bytes``: the most bytes retention pins (``admit(..., pin_tokens=,
         pin_seconds=)``) may hold; a pin that would pass it is clipped to the prefix that fits
-        (None: half of ``capacity_bytes``; 0: no pins)."""
+        (None: half of ``capacity_bytes``; 0: no pins).
+
+        ``speculative_checkpoints`` (None: off): while the arena's free bytes cover twice a
+        prompt's KV at every layer, the prompt keeps its sliding-window KV at every block
+        boundary it computes (swa-aware policy), so the second request sharing a system
+        prompt already hits it; the value order drops them first unless requests resume there.
+        They never cost an eviction. False: checkpoints only where requests resume or branch."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(
@@ -389,8 +396,10 @@ class KVCacheManager:
     def stats(self) -> dict[str, Any]:
         """Per-group blocks, checkpoints, hit/miss tokens, evictions by cause, bytes; retention
         pins (``pinned_bytes``: bytes the pins hold, ``pins`` in force, ``pins_clipped`` by the
-        cap); per tier
-        (``tiers["host" | "disk" | "remote"]``) capacity, records, promoted tokens, bytes
+        cap); ``checkpoint_kinds[kind]`` (``branch``, ``prompt_end``, ``output_end``,
+        ``interval``, ``pin``, ``speculative``, ``restored``): checkpoints ``placed`` and
+        ``resumed`` at later (the value order's learned record of where requests resume); per
+        tier (``tiers["host" | "disk" | "remote"]``) capacity, records, promoted tokens, bytes
         written and read, failures."""
     def validate(self) -> None:
         """Checks every invariant; raises ``InvariantError`` on a violation."""

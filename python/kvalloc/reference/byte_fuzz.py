@@ -49,8 +49,10 @@ CONFIG = {
 # was drawn with, so a regression seed keeps its generation. 2 adds write-through to the remote
 # store and deployment secrets (changed at some restarts: records under another secret must
 # read as misses). 3 adds paged-attention engines (half the cases: `prefill_reads_cache`, every
-# key each new token attends to read through the tables, its own chunk's included).
-GENERATION = 3
+# key each new token attends to read through the tables, its own chunk's included). 4 adds
+# speculative checkpoints (half the cases: every computed prompt block keeps its sliding KV
+# while memory is plentiful, and later prompts resume inside earlier ones).
+GENERATION = 4
 
 
 @dataclass
@@ -70,6 +72,7 @@ class Case:
     write_through: bool = False
     secret: str | None = None
     paged: bool = False
+    speculative: bool = False
 
     @staticmethod
     def draw(seed: int, remote_url: str | None, generation: int = GENERATION) -> Case:
@@ -91,6 +94,8 @@ class Case:
             case.secret = rng.choice([None, "deployment-secret-1"])
         if generation >= 3:
             case.paged = rng.random() < 0.5
+        if generation >= 4:
+            case.speculative = rng.random() < 0.5
         return case
 
 
@@ -142,6 +147,7 @@ class Fuzzer:
             eviction=c.eviction,
             checkpoint_interval=c.checkpoint_interval,
             prefill_reads_cache=c.paged,
+            speculative_checkpoints=c.speculative,
             **kw,
         )
         return ByteCheckEngine(m, paged=c.paged)

@@ -42,7 +42,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None, events = None, max_pinned_bytes = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None, events = None, max_pinned_bytes = None, speculative_checkpoints = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -72,6 +72,7 @@ impl PyKVCacheManager {
         prefill_reads_cache: Option<&Bound<'_, PyAny>>,
         events: Option<&Bound<'_, PyAny>>,
         max_pinned_bytes: Option<&Bound<'_, PyAny>>,
+        speculative_checkpoints: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
         let secret = secret_arg(secret)?;
@@ -129,6 +130,7 @@ impl PyKVCacheManager {
                 .filter(|b| !b.is_none())
                 .map(|b| non_negative(b, "max_pinned_bytes"))
                 .transpose()?,
+            speculative_checkpoints: flag(speculative_checkpoints, "speculative_checkpoints")?,
             ..ManagerConfig::default()
         };
         let remote_timeout = opt_positive(remote_timeout_ms, "remote_timeout_ms")?;
@@ -507,6 +509,14 @@ impl PyKVCacheManager {
             ],
         )?;
         d.set_item("evictions", evictions)?;
+        let kinds = PyDict::new(py);
+        for k in &s.checkpoint_kinds {
+            kinds.set_item(
+                k.kind.name(),
+                figures(py, &[("placed", k.placed), ("resumed", k.resumed)])?,
+            )?;
+        }
+        d.set_item("checkpoint_kinds", kinds)?;
         let tiers = PyDict::new(py);
         for t in &s.tiers {
             let c = t.counters;

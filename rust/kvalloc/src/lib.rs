@@ -135,10 +135,11 @@ pub use error::{Error, Result, StaleReason};
 pub use events::CacheEvent;
 pub use eviction::Eviction;
 pub use manager::{
-    Admission, BlockResidency, Decode, Extension, GroupStats, KVCacheManager, ManagerConfig,
-    ManagerStats, Policy, Promotion, Prompt, Retention, Step, StepOutcome, TierStats, MAX_PRIORITY,
-    NULL_PAGE,
+    Admission, BlockResidency, CheckpointKindStats, Decode, Extension, GroupStats, KVCacheManager,
+    ManagerConfig, ManagerStats, Policy, Promotion, Prompt, Retention, Step, StepOutcome,
+    TierStats, MAX_PRIORITY, NULL_PAGE,
 };
+pub use prefix::CheckpointKind;
 pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};
 pub use spec::{AttentionKind, DType, KVGroup, ModelSpec};
 

@@ -126,16 +126,45 @@ pub enum CheckpointKind {
     Interval,
     /// The end of a retention pin.
     Pin,
+    /// One of the block-boundary checkpoints a prompt left while memory was plentiful (see
+    /// `ManagerConfig::speculative_checkpoints`). Not remembered as ghosts: they are many, and
+    /// would push the other kinds' ghosts out.
+    Speculative,
     /// Rebuilt by a promotion from a lower tier.
     #[default]
     Restored,
 }
 
 impl CheckpointKind {
-    const ALL: usize = 6;
+    const ALL: usize = 7;
+
+    /// Every kind, in the order of [`CheckpointKind::index`].
+    pub const KINDS: [CheckpointKind; CheckpointKind::ALL] = [
+        CheckpointKind::Branch,
+        CheckpointKind::PromptEnd,
+        CheckpointKind::OutputEnd,
+        CheckpointKind::Interval,
+        CheckpointKind::Pin,
+        CheckpointKind::Speculative,
+        CheckpointKind::Restored,
+    ];
 
     fn index(self) -> usize {
         self as usize
+    }
+
+    /// The kind's name in stats: "branch", "prompt_end", "output_end", "interval", "pin",
+    /// "speculative", "restored".
+    pub fn name(self) -> &'static str {
+        match self {
+            CheckpointKind::Branch => "branch",
+            CheckpointKind::PromptEnd => "prompt_end",
+            CheckpointKind::OutputEnd => "output_end",
+            CheckpointKind::Interval => "interval",
+            CheckpointKind::Pin => "pin",
+            CheckpointKind::Speculative => "speculative",
+            CheckpointKind::Restored => "restored",
+        }
     }
 }
 
@@ -909,6 +938,13 @@ impl PrefixTree {
         }
     }
 
+    /// Per kind: checkpoints placed, and those later requests resumed at (or reached after
+    /// they were evicted unproven).
+    pub fn kind_record(&self, kind: CheckpointKind) -> (u64, u64) {
+        let i = kind.index();
+        (self.kinds.placed[i], self.kinds.proven[i])
+    }
+
     /// The value policy's prior for an unproven checkpoint of this kind (see [`CheckpointKind`]).
     pub fn kind_prior(&self, kind: CheckpointKind) -> f64 {
         self.kinds.prior(kind)
@@ -985,7 +1021,7 @@ impl PrefixTree {
         debug_assert!(self.nodes[end as usize].ckpt_end);
         self.nodes[end as usize].ckpt_end = false;
         let node = &self.nodes[end as usize];
-        if node.hits == 0 {
+        if node.hits == 0 && node.ckpt_kind != CheckpointKind::Speculative {
             let (hash, kind) = (node.hash, node.ckpt_kind);
             self.kinds.add_ghost(hash, kind);
         }

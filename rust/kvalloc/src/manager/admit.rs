@@ -306,6 +306,11 @@ impl KVCacheManager {
             self.plan_checkpoints(walk.safe, walk.depth, n_full, pin_end, &mut r.plans);
         }
         r.plans_done = 0;
+        r.spec_next = if retention.cache && self.speculates(walk.safe, n_full) {
+            walk.safe + 1
+        } else {
+            0
+        };
         r.serial = self.serial;
         r.stamp = 0;
         // Blocks below the hit come from the tree: full groups everywhere, sliding groups in

@@ -84,6 +84,15 @@ pub struct ManagerConfig {
     /// that would pass it is clipped to the prefix that fits. None: half of the capacity (the
     /// rest stays free for running requests and the unpinned cache); 0: no pins.
     pub max_pinned_bytes: Option<u64>,
+    /// While memory is plentiful, keep the sliding-window KV of every prompt block a request
+    /// computes, as a checkpoint at each block boundary (swa-aware policy): a later request
+    /// that shares any prefix of it (a system prompt shared by requests 1 and 2) resumes there
+    /// at once, instead of from the third request on. They are placed only when the arena's
+    /// free bytes cover twice the prompt's KV at every layer, so they never cost an eviction;
+    /// the value order drops them first unless requests resume at them (their kind's record).
+    /// Off by default: the simulator's figures and the checkpoint-only behaviour the engine
+    /// plug-ins were measured with stay as they are until it has been measured as widely.
+    pub speculative_checkpoints: bool,
 }
 
 impl Default for ManagerConfig {
@@ -102,6 +111,7 @@ impl Default for ManagerConfig {
             prefill_reads_cache: false,
             events: false,
             max_pinned_bytes: None,
+            speculative_checkpoints: false,
         }
     }
 }

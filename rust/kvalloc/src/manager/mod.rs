@@ -68,7 +68,7 @@ mod written;
 pub use api::{Admission, Decode, Extension, Prompt, Step, StepOutcome};
 pub use config::{ManagerConfig, Policy};
 pub use retention::{Retention, MAX_PRIORITY};
-pub use stats::{GroupStats, ManagerStats, TierStats};
+pub use stats::{CheckpointKindStats, GroupStats, ManagerStats, TierStats};
 pub use tiering::{BlockResidency, Promotion, TierHits};
 
 use std::collections::HashMap;

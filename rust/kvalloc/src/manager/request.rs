@@ -125,6 +125,10 @@ pub(super) struct Request {
     pub(super) plans: Vec<(u32, bool, CheckpointKind)>,
     /// Plans registered so far.
     pub(super) plans_done: usize,
+    /// Speculative checkpoints: every prompt block this request computes keeps its SWA KV, as
+    /// a checkpoint at each block boundary (see [`ManagerConfig::speculative_checkpoints`]).
+    /// The next boundary to register; 0: not speculating.
+    pub(super) spec_next: u32,
     /// Serial for synthetic output-block ids (hash mode).
     pub(super) serial: u64,
     /// Loads its hit waits for (promotions from host memory in flight at admission).

@@ -126,8 +126,27 @@ impl KVCacheManager {
         plans.dedup_by_key(|p| p.0);
     }
 
+    /// Whether a prompt computing blocks `safe..n_full` keeps their SWA KV as speculative
+    /// checkpoints: the option is on, the policy is swa-aware with a sliding group, and the
+    /// arena's free bytes cover twice those blocks at every group (they never cost an eviction).
+    pub(super) fn speculates(&self, safe: u32, n_full: u32) -> bool {
+        if !self.config.speculative_checkpoints
+            || !self.swa_aware()
+            || n_full <= safe
+            || !self.spec.groups.iter().any(|g| g.window.is_some())
+        {
+            return false;
+        }
+        let per_block: u64 = self.tree.layout().block_bytes.iter().sum();
+        let need = u64::from(n_full - safe).saturating_mul(per_block);
+        self.arena.bytes_free() / 2 >= need
+    }
+
     /// Whether block `i` of sliding group `g` belongs to a planned checkpoint run.
     pub(super) fn in_plan(&self, r: &Request, g: usize, i: u64) -> bool {
+        if r.spec_next > 0 && i + 1 >= u64::from(r.spec_next) {
+            return true; // a speculating prompt keeps every block it computes
+        }
         let w = self.window(g).expect("sliding");
         r.plans.iter().any(|&(e, extra, _)| {
             let e = u64::from(e);
@@ -308,6 +327,22 @@ impl KVCacheManager {
             let n = r.path[e as usize - 1];
             if self.tree.add_checkpoint(n, &max_blocks, kind) {
                 r.created_ckpts.push(n);
+            }
+        }
+        if r.spec_next > 0 {
+            let n_full = self.bm.floor(r.prompt_len);
+            let upto = whole_end.min(n_full).min(r.path.len() as u64) as u32;
+            while r.spec_next <= upto {
+                let e = r.spec_next;
+                r.spec_next += 1;
+                let max_blocks = self.run_lengths(e, false);
+                let n = r.path[e as usize - 1];
+                if self
+                    .tree
+                    .add_checkpoint(n, &max_blocks, CheckpointKind::Speculative)
+                {
+                    r.created_ckpts.push(n);
+                }
             }
         }
     }

@@ -2,6 +2,7 @@
 //! takes.
 
 use super::KVCacheManager;
+use crate::prefix::CheckpointKind;
 use crate::tiers::{Tier, TierCounters};
 
 /// Per-group accounting.
@@ -63,6 +64,20 @@ pub struct ManagerStats {
     pub pins: u64,
     /// Pins the cap on pinned bytes clipped (shortened, or dropped when nothing fit).
     pub pins_clipped: u64,
+    /// Per checkpoint kind (where they were placed): how many, and how many later requests
+    /// resumed at (or would have, had they not been evicted). The value policy's priors.
+    pub checkpoint_kinds: Vec<CheckpointKindStats>,
+}
+
+/// One checkpoint kind's record (see [`CheckpointKind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointKindStats {
+    /// The kind.
+    pub kind: CheckpointKind,
+    /// Checkpoints of this kind placed.
+    pub placed: u64,
+    /// Of those, resumed at by a later request (or reached by one after an eviction).
+    pub resumed: u64,
 }
 
 /// One lower tier's accounting.
@@ -147,6 +162,17 @@ impl KVCacheManager {
             pinned_bytes: self.tree.retained_bytes(),
             pins: self.pins.len() as u64,
             pins_clipped: self.pins.clipped,
+            checkpoint_kinds: CheckpointKind::KINDS
+                .iter()
+                .map(|&kind| {
+                    let (placed, resumed) = self.tree.kind_record(kind);
+                    CheckpointKindStats {
+                        kind,
+                        placed,
+                        resumed,
+                    }
+                })
+                .collect(),
         }
     }
 }
