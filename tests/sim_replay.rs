@@ -244,3 +244,41 @@ fn resume_granularity_checkpoints_the_last_trace_block_boundary() {
     };
     assert!(KVCacheManager::new(mimo(), 1 << 30, bad).is_err());
 }
+
+/// Dense's huge TTFT at a small device budget is a memory queue, not a tier artifact: the
+/// running requests' KV exceeds the device, admissions wait for memory, and lower tiers (which
+/// cannot hold running KV) do not change it; SWA-aware, holding only windows, does not wait.
+#[test]
+fn dense_ttft_at_a_small_budget_is_the_memory_queue() {
+    let sim = Simulator::new(mimo(), Arc::new(conversation(3_000)), 128).unwrap();
+    let device = 64u64 << 30;
+    let alone = run(&sim, Policy::Dense, device);
+    let mut c = cfg(Policy::Dense, device);
+    c.lower_tiers = vec![
+        TierBudget {
+            tier: Tier::Host,
+            bytes: 512 << 30,
+        },
+        TierBudget {
+            tier: Tier::Disk,
+            bytes: 4 << 40,
+        },
+    ];
+    let tiered = sim.run(&c, "x", &mut |_, _| true).unwrap();
+    let last_arrival = sim.trace().requests.last().unwrap().arrival;
+    for r in [&alone, &tiered] {
+        assert!(r.ttft_mean > 60.0, "{}", r.ttft_mean);
+        // Nearly all of it waiting for memory, and the replay runs far past the last arrival.
+        assert!(
+            r.queue_wait_mean > 0.95 * r.ttft_mean,
+            "{} {}",
+            r.queue_wait_mean,
+            r.ttft_mean
+        );
+        assert!(r.simulated_seconds > 1.5 * last_arrival);
+    }
+    let ratio = tiered.ttft_mean / alone.ttft_mean;
+    assert!((0.8..1.25).contains(&ratio), "{ratio}");
+    let swa = run(&sim, Policy::SwaAware, device);
+    assert!(swa.queue_wait_mean < 1.0, "{}", swa.queue_wait_mean);
+}
