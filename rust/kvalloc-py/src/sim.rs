@@ -193,6 +193,8 @@ fn run_config(
             prefill_tokens_per_s,
             decode_tokens_per_s,
         },
+        overlap: Default::default(),
+        load_policy: Default::default(),
     })
 }
 
