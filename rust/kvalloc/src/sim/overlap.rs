@@ -172,4 +172,27 @@ mod tests {
         };
         assert!((m.exposed_seconds(&first, 4) - 0.0005).abs() < 1e-9);
     }
+
+    #[test]
+    fn latency_delays_the_first_byte_and_bad_links_are_refused() {
+        let mut m = OverlapModel {
+            bandwidth: [1e9, 1e9, 1e9],
+            latency: [0.0, 0.002, 0.0],
+            prefill_tokens_per_second: 1000.0,
+        };
+        // A disk read needed by layer 0: the latency adds to the exposed time.
+        let first = LoadBytes {
+            per_layer: vec![[0, 500_000, 0], [0; 3]],
+            sliding: vec![false, true],
+        };
+        assert!((m.exposed_seconds(&first, 2) - 0.0025).abs() < 1e-9);
+        assert!((m.transfer_seconds(1, 500_000) - 0.0025).abs() < 1e-9);
+        assert_eq!(m.transfer_seconds(1, 0), 0.0);
+        assert!(m.validate().is_ok());
+        m.latency[2] = -1.0;
+        assert!(m.validate().is_err());
+        m.latency[2] = 0.0;
+        m.bandwidth[0] = 0.0;
+        assert!(m.validate().is_err());
+    }
 }
