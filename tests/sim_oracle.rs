@@ -32,6 +32,8 @@ fn run(sim: &Simulator, policy: Policy, eviction: Eviction, device_bytes: u64) -
         device_bytes,
         lower_tiers: vec![],
         service: ServiceModel::default(),
+        overlap: Default::default(),
+        load_policy: Default::default(),
     };
     sim.run(&cfg, eviction.name(), &mut |_, _| true).unwrap()
 }

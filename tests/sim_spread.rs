@@ -63,6 +63,8 @@ fn unbounded_run(sim: &Simulator, policy: Policy) -> kvalloc::sim::SimReport {
         device_bytes: 64 << 30,
         lower_tiers: vec![],
         service: ServiceModel::default(),
+        overlap: Default::default(),
+        load_policy: Default::default(),
     };
     sim.run(&cfg, policy.name(), &mut |_, _| true).unwrap()
 }

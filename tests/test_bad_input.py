@@ -783,6 +783,11 @@ CLI_BAD: dict[tuple[str, str], list[list[str]]] = {
     ("simulate", "--remote"): [[*SIM, "--remote", "1e9"]],
     ("simulate", "--prefill-tps"): [[*SIM, "--prefill-tps", v] for v in ("0", "-1", "nan", "inf", "x")],
     ("simulate", "--decode-tps"): [[*SIM, "--decode-tps", v] for v in ("0", "-.5", "nan")],
+    **{("simulate", f"--{t}-gbps"): [[*SIM, f"--{t}-gbps", v] for v in ("0", "-1", "nan", "inf", "x")]
+       for t in ("host", "disk", "remote")},
+    **{("simulate", f"--{t}-latency-ms"): [[*SIM, f"--{t}-latency-ms", v] for v in ("-1", "nan", "inf", "x")]
+       for t in ("disk", "remote")},
+    ("simulate", "--load-policy"): [[*SIM, "--load-policy", v] for v in ("sometimes", "")],
     ("simulate", "--json"): [[*SIM, "--json=yes"]],
     ("simulate", "--plot"): [[*SIM, "--plot", p] for p in ("{missing_parent}", "{dir}", "{dir_png}", "{no_suffix}", "{fifo_out}")]
                             + [["--trace", "{bad_trace}", "--plot", "{missing_parent}"]],

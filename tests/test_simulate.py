@@ -157,6 +157,37 @@ def test_bad_arguments():
         Simulator("mimo", t)
 
 
+def test_load_policy_declines_a_slow_disk_and_reports_it(tmp_path, capsys):
+    """A 0.5 GB/s disk: deciding recomputes what loads slower, so fewer hits and a lower mean
+    TTFT than always loading; the JSON and the text report say what was declined."""
+    trace = head_trace(tmp_path, 3000)
+    runs = {}
+    for lp in ("always", "decide"):
+        argv = ["simulate", "--trace", str(trace), "--device", "64GiB", "--host", "512GiB",
+                "--disk", "4TiB", "--disk-gbps", "0.5", "--disk-latency-ms", "0.1",
+                "--policy", "swa-aware", "--load-policy", lp, "--no-capacity-search"]
+        assert main([*argv, "--json"]) == 0
+        runs[lp] = json.loads(capsys.readouterr().out)["runs"][0]
+        assert main(argv) == 0
+        assert f"loads ({lp})" in capsys.readouterr().out
+    always, decide = runs["always"], runs["decide"]
+    assert always["load_policy"] == "always" and always["declined_tokens"] == 0
+    assert decide["declined_tokens"] > 0
+    assert decide["hit_rate"] < always["hit_rate"]
+    assert decide["ttft_mean_seconds"] < always["ttft_mean_seconds"]
+    assert decide["tier_hit_tokens"]["disk"] < always["tier_hit_tokens"]["disk"]
+    assert always["load_queue_seconds"] > 0
+
+
+def test_bad_load_settings_are_invalid_arguments():
+    sim = Simulator(MIMO, Trace.generate("chat", size=2), 16)
+    for kw in ({"host_gbps": 0}, {"disk_gbps": -1.0}, {"remote_gbps": float("nan")},
+               {"disk_latency_ms": -1}, {"remote_latency_ms": float("inf")},
+               {"load_policy": "sometimes"}, {"disk_gbps": "fast"}):
+        with pytest.raises(InvalidArgumentError, match=next(iter(kw))):
+            sim.run(1 << 30, disk_bytes=1 << 40, **kw)
+
+
 def test_parse_size():
     assert parse_size("80GiB") == 80 << 30
     assert parse_size("1PiB") == 1 << 50

@@ -544,10 +544,21 @@ class Simulator:
         remote_bytes: int | None = None,
         prefill_tokens_per_s: float | None = None,
         decode_tokens_per_s: float | None = None,
+        host_gbps: float | None = None,
+        disk_gbps: float | None = None,
+        remote_gbps: float | None = None,
+        disk_latency_ms: float | None = None,
+        remote_latency_ms: float | None = None,
+        load_policy: str | None = None,
         progress: Callable[[str, float], object] | None = None,
     ) -> dict[str, Any]:
         """Replays the trace once (GIL released); returns the report as a dict. None: the
-        defaults (``"swa-aware"``, ``"lru"``, 60,000 prefill tokens/s, 30 decode tokens/s).
+        defaults (``"swa-aware"``, ``"lru"``, 60,000 prefill tokens/s, 30 decode tokens/s;
+        lower tiers at 50, 6 and 12 GB/s with no latency; ``load_policy`` ``"decide"``: a hit
+        promoted from a lower tier, or dense's prefix of it, loads only where that beats
+        recomputing it, ``"always"`` loads every one). Bad values raise
+        ``InvalidArgumentError``. The report's ``tier_hit_tokens``, ``declined_tokens``,
+        ``exposed_load_seconds`` and ``load_queue_seconds`` say what the loads did.
         ``eviction`` ``"oracle"`` is the offline clairvoyant reference: it evicts the cached
         unit whose next use in the trace is farthest away (a manager refuses it)."""
     def budget_to_match(

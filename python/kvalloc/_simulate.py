@@ -106,6 +106,17 @@ def positive_float(text: str) -> float:
     return x
 
 
+def non_negative_float(text: str) -> float:
+    """An argparse type: a finite number, 0 or above."""
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+    if not (math.isfinite(x) and x >= 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number, 0 or above")
+    return x
+
+
 def fraction(text: str) -> float:
     """An argparse type: a number in (0, 1]."""
     x = positive_float(text)
@@ -189,6 +200,15 @@ def add_source_args(p: argparse.ArgumentParser, default_model: str) -> None:
                    help="service model: prefill tokens per second, whole deployment (default 60000)")
     p.add_argument("--decode-tps", type=positive_float, default=30.0,
                    help="service model: decode tokens per second per request (default 30)")
+    for tier, gbps in zip(TIERS, (50, 6, 12), strict=True):
+        p.add_argument(f"--{tier}-gbps", type=positive_float, metavar="GB/S",
+                       help=f"{tier} tier to device bandwidth, GB/s (default {gbps})")
+    for tier in TIERS[1:]:
+        p.add_argument(f"--{tier}-latency-ms", type=non_negative_float, metavar="MS",
+                       help=f"{tier} tier latency per load, milliseconds (default 0)")
+    p.add_argument("--load-policy", choices=("always", "decide"), default="decide",
+                   help="decide (default): load a hit from a lower tier (or, dense, its prefix) only "
+                        "where that beats recomputing it; always: load every such hit")
     p.add_argument("--oracle", action="store_true",
                    help="also replay each policy with the clairvoyant eviction order (offline "
                         "reference: evicts what the trace uses again farthest away; one more "
@@ -274,7 +294,14 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw: dict[str, Any] = {
         "prefill_tokens_per_s": args.prefill_tps,
         "decode_tokens_per_s": args.decode_tps,
+        "load_policy": args.load_policy,
     }
+    for tier in TIERS:
+        if getattr(args, f"{tier}_gbps") is not None:
+            kw[f"{tier}_gbps"] = getattr(args, f"{tier}_gbps")
+    for tier in TIERS[1:]:
+        if getattr(args, f"{tier}_latency_ms") is not None:
+            kw[f"{tier}_latency_ms"] = getattr(args, f"{tier}_latency_ms")
     for tier in TIERS:
         if getattr(args, tier):
             kw[f"{tier}_bytes"] = getattr(args, tier)
@@ -337,7 +364,12 @@ def _print_runs(runs: Sequence[dict[str, Any]]) -> None:
             print(f"  {r['policy']}: {r['rejected']:,} requests never fit, {r['preemptions']:,} preemptions")
         for tier, written in r["tier_bytes_written"].items():
             print(f"  {r['policy']}: {tier} written {human_bytes(written)}, "
-                  f"read {human_bytes(r['tier_bytes_read'].get(tier, 0))}")
+                  f"read {human_bytes(r['tier_bytes_read'].get(tier, 0))}, "
+                  f"hit tokens loaded {r['tier_hit_tokens'].get(tier, 0):,}")
+        if r["tier_bytes_written"]:
+            print(f"  {r['policy']}: loads ({r['load_policy']}): {r['declined_tokens']:,} hit tokens "
+                  f"declined as slower than recompute, {r['exposed_load_seconds']:,.1f} s exposed, "
+                  f"{r['load_queue_seconds']:,.1f} s queued")
 
 
 def _attach_oracle(runs: Sequence[dict[str, Any]], oracle: Sequence[dict[str, Any]]) -> None:

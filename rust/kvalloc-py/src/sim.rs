@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use kvalloc::sim::readers::{ReadOptions, TokensPerId};
 use kvalloc::sim::{
-    generate, readers, RunConfig, ServiceModel, SimReport, Simulator, TierBudget, Trace,
+    generate, readers, LoadPolicy, RunConfig, ServiceModel, SimReport, Simulator, TierBudget, Trace,
 };
 use kvalloc::tiers::Tier;
 use kvalloc::{Eviction, Policy};
@@ -151,6 +151,53 @@ pub struct PySimulator {
     inner: Simulator,
 }
 
+/// Lower tiers' link settings of `run`: `gbps` the host, disk and remote bandwidths in GB/s,
+/// `latency_ms` the disk and remote latencies in milliseconds (None: the defaults), and the load
+/// policy (None: decide).
+struct LoadArgs<'a, 'py> {
+    gbps: [Option<&'a Bound<'py, PyAny>>; 3],
+    latency_ms: [Option<&'a Bound<'py, PyAny>>; 2],
+    policy: Option<String>,
+}
+
+impl LoadArgs<'_, '_> {
+    /// Applies the settings to `cfg`, checking each by its argument's name.
+    fn apply(&self, cfg: &mut RunConfig) -> PyResult<()> {
+        for (k, (o, name)) in self
+            .gbps
+            .iter()
+            .zip(["host_gbps", "disk_gbps", "remote_gbps"])
+            .enumerate()
+        {
+            if let Some(o) = o.filter(|o| !o.is_none()) {
+                let x = number(o, name)?;
+                if !(x.is_finite() && x > 0.0) {
+                    return Err(invalid(name, format!("{x} is not a positive number")));
+                }
+                cfg.overlap.bandwidth[k] = x * 1e9;
+            }
+        }
+        for (k, (o, name)) in self
+            .latency_ms
+            .iter()
+            .zip(["disk_latency_ms", "remote_latency_ms"])
+            .enumerate()
+        {
+            if let Some(o) = o.filter(|o| !o.is_none()) {
+                let x = number(o, name)?;
+                if !(x.is_finite() && x >= 0.0) {
+                    return Err(invalid(name, format!("{x} is not a non-negative number")));
+                }
+                cfg.overlap.latency[k + 1] = x / 1e3;
+            }
+        }
+        if let Some(p) = &self.policy {
+            cfg.load_policy = LoadPolicy::parse(p).py()?;
+        }
+        Ok(())
+    }
+}
+
 /// Settings shared by `run` and `budget_to_match`. `lower` holds the host, disk and remote
 /// budgets (None: no such tier); `service` the prefill and decode rates (None: the defaults).
 fn run_config(
@@ -193,6 +240,8 @@ fn run_config(
             prefill_tokens_per_s,
             decode_tokens_per_s,
         },
+        overlap: Default::default(),
+        load_policy: Default::default(),
     })
 }
 
@@ -247,6 +296,14 @@ fn report_dict<'py>(py: Python<'py>, r: &SimReport) -> PyResult<Bound<'py, PyDic
     d.set_item("tier_bytes_written", written)?;
     d.set_item("tier_bytes_read", read)?;
     d.set_item("exposed_load_seconds", r.exposed_load_seconds)?;
+    d.set_item("load_policy", r.load_policy.name())?;
+    let taken = PyDict::new(py);
+    for t in &r.tiers {
+        taken.set_item(t.tier.name(), r.tier_hit_tokens[t.tier as usize])?;
+    }
+    d.set_item("tier_hit_tokens", taken)?;
+    d.set_item("declined_tokens", r.declined_tokens)?;
+    d.set_item("load_queue_seconds", r.load_queue_seconds)?;
     d.set_item("wall_seconds", r.wall_seconds)?;
     d.set_item("requests", r.requests)?;
     d.set_item("completed", r.completed)?;
@@ -311,7 +368,7 @@ impl PySimulator {
 
     /// Replays the trace once and returns the report as a dict.
     #[allow(clippy::too_many_arguments)]
-    #[pyo3(signature = (device_bytes, policy = None, eviction = None, *, host_bytes = None, disk_bytes = None, remote_bytes = None, prefill_tokens_per_s = None, decode_tokens_per_s = None, progress = None))]
+    #[pyo3(signature = (device_bytes, policy = None, eviction = None, *, host_bytes = None, disk_bytes = None, remote_bytes = None, prefill_tokens_per_s = None, decode_tokens_per_s = None, host_gbps = None, disk_gbps = None, remote_gbps = None, disk_latency_ms = None, remote_latency_ms = None, load_policy = None, progress = None))]
     fn run<'py>(
         &self,
         py: Python<'py>,
@@ -323,17 +380,29 @@ impl PySimulator {
         remote_bytes: Option<&Bound<'py, PyAny>>,
         prefill_tokens_per_s: Option<&Bound<'py, PyAny>>,
         decode_tokens_per_s: Option<&Bound<'py, PyAny>>,
+        host_gbps: Option<&Bound<'py, PyAny>>,
+        disk_gbps: Option<&Bound<'py, PyAny>>,
+        remote_gbps: Option<&Bound<'py, PyAny>>,
+        disk_latency_ms: Option<&Bound<'py, PyAny>>,
+        remote_latency_ms: Option<&Bound<'py, PyAny>>,
+        load_policy: Option<&Bound<'py, PyAny>>,
         progress: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
         let policy = opt_text(policy, "policy")?.unwrap_or_else(|| "swa-aware".into());
         let eviction = opt_text(eviction, "eviction")?.unwrap_or_else(|| "lru".into());
-        let cfg = run_config(
+        let loads = LoadArgs {
+            gbps: [host_gbps, disk_gbps, remote_gbps],
+            latency_ms: [disk_latency_ms, remote_latency_ms],
+            policy: opt_text(load_policy, "load_policy")?,
+        };
+        let mut cfg = run_config(
             &policy,
             &eviction,
             device_bytes,
             [host_bytes, disk_bytes, remote_bytes],
             [prefill_tokens_per_s, decode_tokens_per_s],
         )?;
+        loads.apply(&mut cfg)?;
         let progress = opt_callable(progress, "progress")?;
         let r = with_progress(py, progress, |p| self.inner.run(&cfg, &policy, p))?;
         report_dict(py, &r)

@@ -42,6 +42,8 @@ fn main() -> Result<(), kvalloc::Error> {
             device_bytes: (gib * (1u64 << 30) as f64) as u64,
             lower_tiers: vec![],
             service: Default::default(),
+            overlap: Default::default(),
+            load_policy: Default::default(),
         };
         let r = sim.run(&cfg, policy.name(), &mut |_, _| true)?;
         println!(

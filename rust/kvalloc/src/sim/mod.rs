@@ -26,6 +26,8 @@
 //!     device_bytes: 64 << 30,
 //!     lower_tiers: vec![],
 //!     service: Default::default(),
+//!     overlap: Default::default(),
+//!     load_policy: Default::default(),
 //! };
 //! let report = sim.run(&cfg, "swa-aware", &mut |_, _| true)?;
 //! assert!(report.hit_rate() <= report.upper_bound_hit_rate());
@@ -57,7 +59,7 @@ use std::sync::{Arc, OnceLock};
 
 pub use bound::Bound;
 pub use capacity::BudgetMatch;
-pub use overlap::OverlapModel;
+pub use overlap::{LoadPolicy, OverlapModel};
 pub use replay::{Progress, RunConfig, TierBudget};
 pub use report::{SimReport, TierTraffic};
 pub use service::ServiceModel;

@@ -13,14 +13,51 @@
 //! The exposed load time is `end_last - layers * c`: the part of the load the compute did not
 //! hide.
 
+use crate::error::{Error, Result};
 use crate::manager::Promotion;
 use crate::tiers::LoadBytes;
+
+/// Whether a replay takes every hit the manager promotes from a lower tier, or only the part
+/// that is faster to load than to recompute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadPolicy {
+    /// Load every promoted hit, however slow (the behaviour before the decision existed).
+    Always,
+    /// Load a promoted hit, or its prefix, only where that beats recomputing it.
+    #[default]
+    Decide,
+}
+
+impl LoadPolicy {
+    /// Parses `always` or `decide`.
+    pub fn parse(s: &str) -> Result<LoadPolicy> {
+        match s {
+            "always" => Ok(LoadPolicy::Always),
+            "decide" => Ok(LoadPolicy::Decide),
+            _ => Err(Error::invalid(
+                "load_policy",
+                format!("{s:?} is not one of always, decide"),
+            )),
+        }
+    }
+
+    /// The name [`LoadPolicy::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadPolicy::Always => "always",
+            LoadPolicy::Decide => "decide",
+        }
+    }
+}
 
 /// Bandwidths and compute speed for the overlap model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct OverlapModel {
     /// Bytes per second from each lower tier to L1: `[host, disk, remote]`.
     pub bandwidth: [f64; 3],
+    /// Seconds before the first byte of a load from each lower tier arrives (seek, round trip):
+    /// `[host, disk, remote]`.
+    pub latency: [f64; 3],
     /// Prefill throughput of the whole model, tokens per second.
     pub prefill_tokens_per_second: f64,
 }
@@ -30,12 +67,45 @@ impl Default for OverlapModel {
         OverlapModel {
             // PCIe 5 x16 host-to-device, an NVMe drive, a 100 Gb/s network.
             bandwidth: [50e9, 6e9, 12e9],
+            // Zero keeps the bandwidth-only results; set them to model seeks and round trips.
+            latency: [0.0; 3],
             prefill_tokens_per_second: 20_000.0,
         }
     }
 }
 
 impl OverlapModel {
+    /// Checks that bandwidths are positive and latencies non-negative, all finite.
+    pub fn validate(&self) -> Result<()> {
+        const NAMES: [&str; 3] = ["host", "disk", "remote"];
+        for (name, &bw) in NAMES.iter().zip(&self.bandwidth) {
+            if !(bw.is_finite() && bw > 0.0) {
+                return Err(Error::invalid(
+                    "bandwidth",
+                    format!("{name}: {bw} is not a positive number of bytes per second"),
+                ));
+            }
+        }
+        for (name, &l) in NAMES.iter().zip(&self.latency) {
+            if !(l.is_finite() && l >= 0.0) {
+                return Err(Error::invalid(
+                    "latency",
+                    format!("{name}: {l} is not a non-negative number of seconds"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Seconds the tier's link is busy with `bytes` (its latency plus the transfer).
+    pub fn transfer_seconds(&self, tier: usize, bytes: u64) -> f64 {
+        if bytes == 0 {
+            0.0
+        } else {
+            self.latency[tier] + bytes as f64 / self.bandwidth[tier]
+        }
+    }
+
     /// Exposed seconds of a load that precedes computing `compute_tokens` tokens.
     pub fn exposed_seconds(&self, load: &LoadBytes, compute_tokens: u64) -> f64 {
         let layers = load.per_layer.len();
@@ -52,7 +122,11 @@ impl OverlapModel {
         };
         // Arrival times: sliding layers' reads first (in layer order), then full layers'.
         let mut arrival = vec![0.0; layers];
-        let mut clock = 0.0;
+        // Every tier the load reads from starts after its latency; they run side by side.
+        let mut clock: f64 = (0..3)
+            .filter(|&k| load.per_layer.iter().any(|b| b[k] > 0))
+            .map(|k| self.latency[k])
+            .fold(0.0, f64::max);
         for pass in [true, false] {
             for i in 0..layers {
                 if load.sliding[i] == pass {
@@ -82,6 +156,7 @@ mod tests {
     fn reads_hide_behind_compute_when_fast_enough() {
         let m = OverlapModel {
             bandwidth: [1e9, 1e9, 1e9],
+            latency: [0.0; 3],
             prefill_tokens_per_second: 1000.0,
         };
         // 4 layers, 1 ms each for 4 tokens; 1 full layer of 0.5 ms read at the end.
@@ -96,5 +171,28 @@ mod tests {
             sliding: vec![false, true, true, true],
         };
         assert!((m.exposed_seconds(&first, 4) - 0.0005).abs() < 1e-9);
+    }
+
+    #[test]
+    fn latency_delays_the_first_byte_and_bad_links_are_refused() {
+        let mut m = OverlapModel {
+            bandwidth: [1e9, 1e9, 1e9],
+            latency: [0.0, 0.002, 0.0],
+            prefill_tokens_per_second: 1000.0,
+        };
+        // A disk read needed by layer 0: the latency adds to the exposed time.
+        let first = LoadBytes {
+            per_layer: vec![[0, 500_000, 0], [0; 3]],
+            sliding: vec![false, true],
+        };
+        assert!((m.exposed_seconds(&first, 2) - 0.0025).abs() < 1e-9);
+        assert!((m.transfer_seconds(1, 500_000) - 0.0025).abs() < 1e-9);
+        assert_eq!(m.transfer_seconds(1, 0), 0.0);
+        assert!(m.validate().is_ok());
+        m.latency[2] = -1.0;
+        assert!(m.validate().is_err());
+        m.latency[2] = 0.0;
+        m.bandwidth[0] = 0.0;
+        assert!(m.validate().is_err());
     }
 }

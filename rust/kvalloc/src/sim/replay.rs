@@ -21,7 +21,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Instant;
 
-use super::overlap::OverlapModel;
+use super::overlap::{LoadPolicy, OverlapModel};
 use super::report::{SimReport, TierTraffic};
 use super::service::ServiceModel;
 use super::trace::Trace;
@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::eviction::{Eviction, FutureUses};
 use crate::manager::{Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
 use crate::spec::ModelSpec;
-use crate::tiers::Tier;
+use crate::tiers::{LoadBytes, Tier};
 
 /// A budget for one tier below the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +53,10 @@ pub struct RunConfig {
     pub lower_tiers: Vec<TierBudget>,
     /// Throughputs.
     pub service: ServiceModel,
+    /// Lower tiers' bandwidths and latencies (its prefill rate is replaced by `service`'s).
+    pub overlap: OverlapModel,
+    /// Whether promoted hits are always loaded or only where loading beats recomputing.
+    pub load_policy: LoadPolicy,
 }
 
 /// Progress callback: a label for what runs and the fraction done; returning false stops the
@@ -125,6 +129,61 @@ pub(crate) struct Replay<'a> {
     overlap: OverlapModel,
     /// Exposed load seconds of every promotion so far.
     exposed_load_seconds: f64,
+    load_policy: LoadPolicy,
+    /// Splitting a hit needs every layer's KV at the split point: only dense has it.
+    can_split: bool,
+    /// When each lower tier's link finishes the loads queued on it (`[host, disk, remote]`):
+    /// a tier serves its loads one after another.
+    tier_busy: [f64; 3],
+    /// Seconds admissions' loads waited for their tier's earlier loads.
+    load_queue_seconds: f64,
+}
+
+/// What an admission does with the hit the manager promoted from the lower tiers.
+#[derive(Debug, Clone, Copy)]
+struct LoadPlan {
+    /// Promoted tokens recomputed instead of loaded.
+    declined: u64,
+    /// Promoted tokens loaded, attributed to tiers by their share of the bytes.
+    taken: [u64; 3],
+    /// Seconds the load delays the prefill (queue, latency and transfer compute did not hide).
+    delay: f64,
+    /// Seconds the load waited for its tiers' earlier loads.
+    queued: f64,
+}
+
+/// The first `num/den` of a load: full-attention bytes scale with the tokens; a sliding
+/// layer's window is whole whenever anything loads.
+fn scaled(load: &LoadBytes, num: u64, den: u64, dense: bool) -> LoadBytes {
+    let per_layer = load
+        .per_layer
+        .iter()
+        .zip(&load.sliding)
+        .map(|(b, &sliding)| {
+            if num == 0 {
+                [0; 3]
+            } else if sliding && !dense {
+                *b
+            } else {
+                b.map(|x| (u128::from(x) * u128::from(num) / u128::from(den)) as u64)
+            }
+        })
+        .collect();
+    LoadBytes {
+        per_layer,
+        sliding: load.sliding.clone(),
+    }
+}
+
+/// Bytes per tier of a load.
+fn tier_bytes(load: &LoadBytes) -> [u64; 3] {
+    let mut out = [0u64; 3];
+    for b in &load.per_layer {
+        for k in 0..3 {
+            out[k] += b[k];
+        }
+    }
+    out
 }
 
 const NO_NEXT: u32 = u32::MAX;
@@ -192,6 +251,10 @@ fn empty_report(
         wall_seconds: 0.0,
         tiers: Vec::new(),
         exposed_load_seconds: 0.0,
+        load_policy: cfg.load_policy,
+        tier_hit_tokens: [0; 3],
+        declined_tokens: 0,
+        load_queue_seconds: 0.0,
     }
 }
 
@@ -205,6 +268,7 @@ impl<'a> Replay<'a> {
         upper_bound_hit_tokens: u64,
     ) -> Result<Self> {
         cfg.service.validate()?;
+        cfg.overlap.validate()?;
         let config = manager_config(cfg, trace, block_tokens);
         let m = KVCacheManager::new(spec.clone(), cfg.device_bytes, config)?;
         let n = trace.requests.len();
@@ -257,9 +321,13 @@ impl<'a> Replay<'a> {
             last_time: 0.0,
             overlap: OverlapModel {
                 prefill_tokens_per_second: cfg.service.prefill_tokens_per_s,
-                ..OverlapModel::default()
+                ..cfg.overlap.clone()
             },
             exposed_load_seconds: 0.0,
+            load_policy: cfg.load_policy,
+            can_split: cfg.policy == Policy::Dense,
+            tier_busy: [0.0; 3],
+            load_queue_seconds: 0.0,
         })
     }
 
@@ -271,14 +339,77 @@ impl<'a> Replay<'a> {
         self
     }
 
-    /// Prices the last admission's promotions with the overlap model: adds them to the total
-    /// and returns their exposed seconds.
-    fn price_promotions(&mut self) -> f64 {
-        let before = self.exposed_load_seconds;
-        for p in self.m.promotions() {
-            self.exposed_load_seconds += self.overlap.promotion_seconds(p);
+    /// Decides what the last admission loads of the hit the manager promoted: the whole hit,
+    /// none of it (recompute), or (dense) a prefix, whichever delays its first token least.
+    /// The load starts at the admission `t` once its tiers are free; the prefill starts at
+    /// `start` and computes `miss` tokens besides any it declines. Books the chosen load on
+    /// its tiers and in the totals.
+    fn plan_loads(&mut self, t: f64, start: f64, miss: u64) -> LoadPlan {
+        let mut plan = LoadPlan {
+            declined: 0,
+            taken: [0; 3],
+            delay: 0.0,
+            queued: 0.0,
+        };
+        let promotions = self.m.promotions();
+        let tokens: u64 = promotions.iter().map(|p| p.tokens).sum();
+        if tokens == 0 {
+            return plan;
         }
-        self.exposed_load_seconds - before
+        // All promotions of one admission load together: one load, summed per layer and tier.
+        let mut load = promotions[0].load.clone();
+        for p in &promotions[1..] {
+            for (a, b) in load.per_layer.iter_mut().zip(&p.load.per_layer) {
+                for k in 0..3 {
+                    a[k] += b[k];
+                }
+            }
+        }
+        const STEPS: u64 = 16;
+        let candidates: Vec<u64> = match (self.load_policy, self.can_split) {
+            (LoadPolicy::Always, _) => vec![STEPS],
+            (LoadPolicy::Decide, true) => (0..=STEPS).rev().collect(),
+            (LoadPolicy::Decide, false) => vec![STEPS, 0],
+        };
+        let mut best: Option<(f64, u64, LoadBytes, f64)> = None;
+        for f in candidates {
+            let part = scaled(&load, f, STEPS, self.can_split);
+            let declined = tokens - tokens * f / STEPS;
+            let bytes = tier_bytes(&part);
+            let ready = (0..3)
+                .filter(|&k| bytes[k] > 0)
+                .map(|k| self.tier_busy[k])
+                .fold(t, f64::max);
+            let exposed = self.overlap.exposed_seconds(&part, miss + declined);
+            let delay = if f == 0 {
+                0.0
+            } else {
+                (ready + exposed - start).max(0.0)
+            };
+            let cost = delay + self.service.prefill_seconds(declined);
+            // Candidates come largest first: a tie keeps the larger load.
+            if best.as_ref().is_none_or(|b| cost < b.0) {
+                best = Some((cost, f, part, delay));
+            }
+        }
+        let (_, f, part, delay) = best.expect("a candidate");
+        let bytes = tier_bytes(&part);
+        let total: u64 = bytes.iter().sum();
+        let loaded = tokens * f / STEPS;
+        plan.declined = tokens - loaded;
+        plan.delay = delay;
+        for k in 0..3 {
+            if bytes[k] == 0 {
+                continue;
+            }
+            let from = self.tier_busy[k].max(t);
+            plan.queued = plan.queued.max(from - t);
+            self.tier_busy[k] = from + self.overlap.transfer_seconds(k, bytes[k]);
+            plan.taken[k] = (u128::from(loaded) * u128::from(bytes[k]) / u128::from(total)) as u64;
+        }
+        self.exposed_load_seconds += plan.delay;
+        self.load_queue_seconds += plan.queued;
+        plan
     }
 
     fn push(&mut self, t: f64, kind: Kind, i: u32) {
@@ -361,6 +492,7 @@ impl<'a> Replay<'a> {
             })
             .collect();
         r.exposed_load_seconds = self.exposed_load_seconds;
+        r.load_queue_seconds = self.load_queue_seconds;
         let k = self.ttfts.len().max(1) as f64;
         r.ttft_mean = self.ttfts.iter().sum::<f64>() / k;
         r.ttft_no_cache_mean = self.ttft_no_cache_sum / k;
@@ -432,12 +564,8 @@ impl<'a> Replay<'a> {
             None => Prompt::Tokens(trace.prompt_token_ids(r).expect("token prompt")),
         };
         let Some(hit) = self.m.admit(u64::from(i), prompt, None, None)? else {
-            self.price_promotions();
             return Ok(false);
         };
-        // A hit promoted from a lower tier delays the prefill by the part of its load that the
-        // overlap model says compute cannot hide.
-        let load_delay = self.price_promotions();
         self.running += 1;
         self.report.peak_running = self.report.peak_running.max(self.running);
         self.admissions += 1;
@@ -446,12 +574,23 @@ impl<'a> Replay<'a> {
         s.phase = Phase::Prefill;
         s.admitted_at = self.admissions;
         let start = self.prefill_free.max(t);
-        self.prefill_free = start + load_delay + service.prefill_seconds(r.prompt_tokens - hit);
+        // A hit promoted from a lower tier delays the prefill by the part of its load that the
+        // overlap model says compute cannot hide, or is recomputed where that is faster.
+        // (The manager's state is the same either way: the engine writes recomputed KV to the
+        // same blocks.)
+        let plan = self.plan_loads(t, start, r.prompt_tokens - hit);
+        let hit = hit - plan.declined;
+        self.prefill_free = start + plan.delay + service.prefill_seconds(r.prompt_tokens - hit);
+        let s = &mut self.st[i as usize];
         if !s.first_admission_done {
             s.first_admission_done = true;
             // Its uses are no longer ahead (a refused try keeps them: it still waits).
             self.m.oracle_admitted(i as usize);
             self.report.hit_tokens += hit;
+            self.report.declined_tokens += plan.declined;
+            for k in 0..3 {
+                self.report.tier_hit_tokens[k] += plan.taken[k];
+            }
             self.queue_wait_sum += t - s.arrival;
             self.no_cache_free =
                 self.no_cache_free.max(t) + service.prefill_seconds(r.prompt_tokens);

@@ -1,6 +1,7 @@
 //! What a replay measured.
 
 use super::bound::ratio;
+use super::overlap::LoadPolicy;
 use crate::eviction::Eviction;
 use crate::manager::Policy;
 use crate::tiers::Tier;
@@ -75,8 +76,19 @@ pub struct SimReport {
     /// Traffic per lower tier (empty when the replay ran on the device tier alone).
     pub tiers: Vec<TierTraffic>,
     /// Load time not hidden behind compute (layer-wise overlap), seconds; zero without lower
-    /// tiers.
+    /// tiers. Counts only the loads taken.
     pub exposed_load_seconds: f64,
+    /// Whether promoted hits were always loaded or only where faster than recomputing.
+    pub load_policy: LoadPolicy,
+    /// Hit tokens (first admissions) loaded from each lower tier, `[host, disk, remote]`; a
+    /// load reading several tiers is split by their shares of its bytes. Included in
+    /// `hit_tokens`.
+    pub tier_hit_tokens: [u64; 3],
+    /// Promoted hit tokens (first admissions) recomputed because loading them was slower; not
+    /// in `hit_tokens`.
+    pub declined_tokens: u64,
+    /// Seconds loads waited for the earlier loads of their tier, all admissions together.
+    pub load_queue_seconds: f64,
 }
 
 impl SimReport {
