@@ -96,16 +96,17 @@ fn worked_example_from_context() {
 #[test]
 fn shared_system_prompt_reused_from_the_third_request() {
     let mut m = manager(Policy::SwaAware, 256 << 20);
-    let system = seq(0, 300);
-    let with = |user: i64| {
-        let mut p = system.clone();
-        p.extend(seq(user, 200));
-        p
-    };
-    assert_eq!(run(&mut m, 1, &with(10_000), &seq(1, 3)), 0);
-    assert_eq!(run(&mut m, 2, &with(20_000), &seq(2, 3)), 0);
-    assert_eq!(run(&mut m, 3, &with(30_000), &seq(3, 3)), 288);
-    assert_eq!(run(&mut m, 4, &with(40_000), &seq(4, 3)), 288);
+    assert_eq!(run(&mut m, 1, &with_system(10_000), &seq(1, 3)), 0);
+    assert_eq!(run(&mut m, 2, &with_system(20_000), &seq(2, 3)), 0);
+    assert_eq!(run(&mut m, 3, &with_system(30_000), &seq(3, 3)), 288);
+    assert_eq!(run(&mut m, 4, &with_system(40_000), &seq(4, 3)), 288);
+}
+
+/// A 300-token system prompt every request shares, then 200 tokens of its own from `user` on.
+fn with_system(user: i64) -> Vec<i64> {
+    let mut p = seq(0, 300);
+    p.extend(seq(user, 200));
+    p
 }
 
 /// With memory to spare, a prompt keeps its sliding-window KV at every block boundary it
@@ -117,17 +118,11 @@ fn shared_system_prompt_reused_from_the_second_request_while_memory_is_plentiful
         ..ManagerConfig::default()
     };
     let mut m = KVCacheManager::new(small_spec(), 256 << 20, config).unwrap();
-    let system = seq(0, 300);
-    let with = |user: i64| {
-        let mut p = system.clone();
-        p.extend(seq(user, 200));
-        p
-    };
-    assert_eq!(run(&mut m, 1, &with(10_000), &seq(1, 3)), 0);
-    assert_eq!(run(&mut m, 2, &with(20_000), &seq(2, 3)), 288);
-    assert_eq!(run(&mut m, 3, &with(30_000), &seq(3, 3)), 288);
+    assert_eq!(run(&mut m, 1, &with_system(10_000), &seq(1, 3)), 0);
+    assert_eq!(run(&mut m, 2, &with_system(20_000), &seq(2, 3)), 288);
+    assert_eq!(run(&mut m, 3, &with_system(30_000), &seq(3, 3)), 288);
     // A prompt that leaves request 1's path anywhere resumes at the block before.
-    let mut early = with(10_000)[..450].to_vec();
+    let mut early = with_system(10_000)[..450].to_vec();
     early.extend(seq(70_000, 40));
     assert_eq!(hit(&m, &early), 448);
     m.validate().unwrap();
@@ -145,15 +140,9 @@ fn no_speculative_checkpoints_without_memory_to_spare() {
         ..ManagerConfig::default()
     };
     let mut m = KVCacheManager::new(spec, per_token * 900, config).unwrap();
-    let system = seq(0, 300);
-    let with = |user: i64| {
-        let mut p = system.clone();
-        p.extend(seq(user, 200));
-        p
-    };
-    assert_eq!(run(&mut m, 1, &with(10_000), &seq(1, 3)), 0);
-    assert_eq!(run(&mut m, 2, &with(20_000), &seq(2, 3)), 0);
-    assert_eq!(run(&mut m, 3, &with(30_000), &seq(3, 3)), 288);
+    assert_eq!(run(&mut m, 1, &with_system(10_000), &seq(1, 3)), 0);
+    assert_eq!(run(&mut m, 2, &with_system(20_000), &seq(2, 3)), 0);
+    assert_eq!(run(&mut m, 3, &with_system(30_000), &seq(3, 3)), 288);
     m.validate().unwrap();
 }
 

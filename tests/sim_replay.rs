@@ -256,16 +256,7 @@ fn dense_ttft_at_a_small_budget_is_the_memory_queue() {
     let device = 64u64 << 30;
     let alone = run(&sim, Policy::Dense, device);
     let mut c = cfg(Policy::Dense, device);
-    c.lower_tiers = vec![
-        TierBudget {
-            tier: Tier::Host,
-            bytes: 512 << 30,
-        },
-        TierBudget {
-            tier: Tier::Disk,
-            bytes: 4 << 40,
-        },
-    ];
+    c.lower_tiers = host_and_disk();
     let tiered = sim.run(&c, "x", &mut |_, _| true).unwrap();
     let last_arrival = sim.trace().requests.last().unwrap().arrival;
     for r in [&alone, &tiered] {
@@ -285,11 +276,9 @@ fn dense_ttft_at_a_small_budget_is_the_memory_queue() {
     assert!(swa.queue_wait_mean < 1.0, "{}", swa.queue_wait_mean);
 }
 
-/// A small device with host memory and a disk at `disk_gbps` GB/s, loading by `load_policy`.
-fn tiered(policy: Policy, disk_gbps: f64, load_policy: LoadPolicy) -> RunConfig {
-    let mut c = cfg(policy, 64 << 30);
-    c.eviction = Eviction::Value;
-    c.lower_tiers = vec![
+/// 512 GiB of host memory and 4 TiB of disk below the device.
+fn host_and_disk() -> Vec<TierBudget> {
+    vec![
         TierBudget {
             tier: Tier::Host,
             bytes: 512 << 30,
@@ -298,7 +287,14 @@ fn tiered(policy: Policy, disk_gbps: f64, load_policy: LoadPolicy) -> RunConfig 
             tier: Tier::Disk,
             bytes: 4 << 40,
         },
-    ];
+    ]
+}
+
+/// A small device with host memory and a disk at `disk_gbps` GB/s, loading by `load_policy`.
+fn tiered(policy: Policy, disk_gbps: f64, load_policy: LoadPolicy) -> RunConfig {
+    let mut c = cfg(policy, 64 << 30);
+    c.eviction = Eviction::Value;
+    c.lower_tiers = host_and_disk();
     c.overlap.bandwidth[1] = disk_gbps * 1e9;
     c.load_policy = load_policy;
     c
