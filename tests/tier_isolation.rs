@@ -100,7 +100,11 @@ impl Instance {
 
     /// Admits `prompt` under `salt` and waits for its loads; the hit in tokens.
     fn admit(&mut self, id: u64, prompt: Prompt<'_>, salt: Option<&[u8]>) -> u64 {
-        let hit = self.m.admit(id, prompt, salt, None).unwrap().expect("fits");
+        let hit = self
+            .m
+            .admit_waiting(id, prompt, salt, None, None)
+            .unwrap()
+            .expect("fits");
         assert!(self
             .m
             .load_handle(id)

@@ -7,7 +7,7 @@ mod support;
 
 use common::{churn, prompt_of, serve, Engine, B};
 use kvalloc::tiers::{BlockStore, DiskStore, LowerCapacity, RemoteConfig, RemoteStore, Tier};
-use kvalloc::{Policy, Prompt};
+use kvalloc::{LoadPolicy, ManagerConfig, Policy, Prompt};
 use proptest::prelude::*;
 use std::time::{Duration, Instant};
 use support::{remote_config, RemoteServer, TempDir, Tmpfs};
@@ -168,7 +168,23 @@ fn frozen_remote_server_is_misses_then_service_resumes() {
     // pipeline read did: tens of keys) would pass the hang guard below many times over.
     cfg.timeout = Duration::from_millis(500);
     cfg.max_reconnect_interval = Duration::from_millis(200);
-    let mut e = remote_engine_with(cfg, false);
+    // Loads every hit the store offers: the load-or-recompute decision would decline the
+    // remote tier for a while after the freeze (its own test is below).
+    let store: Box<dyn BlockStore> = Box::new(RemoteStore::open(cfg).unwrap());
+    let mut e = Engine::with_config(
+        ManagerConfig {
+            lower: LowerCapacity {
+                host: 32 << 10,
+                disk: 0,
+                remote: 64 << 20,
+            },
+            load_policy: LoadPolicy::Always,
+            ..ManagerConfig::default()
+        },
+        96 << 10,
+        None,
+        Some(store),
+    );
     for f in 0..6u8 {
         serve(&mut e, u64::from(f) + 1, &prompt_of(f, 3, 0));
     }

@@ -102,9 +102,10 @@ impl Engine {
 
     /// Admits, checks the hit's bytes, then "computes" the rest of the prompt.
     pub fn admit(&mut self, id: u64, prompt: &[i64]) -> Result<Option<u64>, TestCaseError> {
+        // Waits for a background load from disk or the remote store (none: admitted at once).
         let Some(hit) = self
             .m
-            .admit(id, Prompt::Tokens(prompt), None, None)
+            .admit_waiting(id, Prompt::Tokens(prompt), None, None, None)
             .unwrap()
         else {
             return Ok(None);

@@ -170,6 +170,33 @@ impl KVCacheManager {
         if max_tokens == Some(0) {
             return Err(Error::invalid("max_tokens", "must be positive (or None)"));
         }
+        // A request waiting for KV: still loading (not now), or ready (admitted below, with
+        // the pins on what it loaded released after).
+        let (held, deep_ok) = match self.take_wait(req) {
+            None => (Vec::new(), true),
+            Some(Err(())) => return Ok(None),
+            Some(Ok(w)) => w,
+        };
+        let res = self.admit_walk(req, prompt, salt, max_tokens, retention, prehashed, deep_ok);
+        if !held.is_empty() {
+            self.unpin_nodes(&held);
+        }
+        res
+    }
+
+    /// [`admit_with`](Self::admit_with) once a wait is dealt with.
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn admit_walk(
+        &mut self,
+        req: u64,
+        prompt: Prompt<'_>,
+        salt: Option<&[u8]>,
+        max_tokens: Option<u64>,
+        retention: &Retention,
+        prehashed: Option<&mut Vec<u64>>,
+        deep_ok: bool,
+    ) -> Result<Option<u64>> {
         let seed = hash::root_seed(salt);
         let retry = self.refused.same(req, seed, &prompt, retention);
         if retry && self.refused.max_tokens == max_tokens && self.refused_again() {
@@ -181,9 +208,17 @@ impl KVCacheManager {
         // A recycled request keeps its vectors' capacity: admission allocates nothing in the
         // steady state.
         let mut r = self.request_pool.pop().unwrap_or_default();
-        if let Err(e) = self.hash_and_promote(&mut r, &prompt, seed, retry, prehashed) {
-            self.recycle(r);
-            return Err(e);
+        match self.hash_and_promote(req, &mut r, &prompt, seed, retry, prehashed, deep_ok) {
+            Ok(false) => {}
+            Ok(true) => {
+                // Waiting for its KV: admitted again when the load settles.
+                self.recycle(r);
+                return Ok(None);
+            }
+            Err(e) => {
+                self.recycle(r);
+                return Err(e);
+            }
         }
         self.tree.set_publisher(Some(req));
         let len = prompt.len();
@@ -236,15 +271,19 @@ impl KVCacheManager {
 
     /// Fills `r.hashes` with the prompt's chained hashes (those of the remembered refusal when
     /// this is its retry, the step's when it computed them ahead, else hashed now), then
-    /// promotes what the lower tiers add to its hit.
+    /// promotes what the lower tiers add to its hit. True: request `req` now waits for its KV
+    /// (a background load).
+    #[allow(clippy::too_many_arguments)]
     fn hash_and_promote(
         &mut self,
+        req: u64,
         r: &mut Request,
         prompt: &Prompt<'_>,
         seed: u64,
         retry: bool,
         prehashed: Option<&mut Vec<u64>>,
-    ) -> Result<()> {
+        deep_ok: bool,
+    ) -> Result<bool> {
         r.hashes.clear();
         if retry {
             r.hashes.extend_from_slice(&self.refused.hashes);
@@ -256,14 +295,15 @@ impl KVCacheManager {
         if self.lower.active() {
             let len = prompt.len();
             self.reap_loads();
+            self.poll_loads();
             let hashes = std::mem::take(&mut r.hashes);
-            let promoted = self.promote(&hashes, self.bm.floor(len - 1) as u32, len);
+            let promoted = self.promote(req, &hashes, self.bm.floor(len - 1) as u32, len, deep_ok);
             r.hashes = hashes;
             // Promoted blocks attached to pinned nodes may have taken the pins past their cap.
             self.enforce_pin_cap();
-            promoted?;
+            return promoted;
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Fills a (recycled) record for a prompt whose walk of the tree found `walk`: its

@@ -127,9 +127,17 @@ pub struct StepOutcome {
     /// few refusals rather than a flag per extension: a decode step has hundreds of
     /// extensions and nearly always no refusal.
     pub refused: Vec<usize>,
-    /// Per admission attempted: tokens served from cache, or None when it did not fit. With
-    /// [`Step::fcfs`] it ends at the first None.
+    /// Per admission attempted: tokens served from cache, or None when it did not fit or waits
+    /// for its KV (`waiting`). With [`Step::fcfs`] it ends at the first refusal.
     pub admitted: Vec<Option<u64>>,
+    /// Positions in `admitted` of the admissions waiting for their KV to load from disk or the
+    /// remote store (see [`KVCacheManager::waiting_for_kv`](super::KVCacheManager::waiting_for_kv)):
+    /// admit them again once `ready` names them.
+    pub waiting: Vec<usize>,
+    /// Requests whose KV finished loading (or whose load failed: their hit shrinks to what
+    /// verified) since the last step or [`take_ready`](super::KVCacheManager::take_ready):
+    /// admit them again.
+    pub ready: Vec<u64>,
 }
 
 impl StepOutcome {

@@ -93,6 +93,56 @@ pub struct ManagerConfig {
     /// Off by default: the simulator's figures and the checkpoint-only behaviour the engine
     /// plug-ins were measured with stay as they are until it has been measured as widely.
     pub speculative_checkpoints: bool,
+    /// Promotions from disk and the remote store run in the background once a device buffer
+    /// is registered: an admission whose hit rests on them returns at once as waiting for KV
+    /// ([`waiting_for_kv`](crate::KVCacheManager::waiting_for_kv)), its blocks are published
+    /// only once read and verified, and the engine admits it again when it is ready. Off:
+    /// those reads are made, verified, inside the admission (a slow store stalls it).
+    pub async_loads: bool,
+    /// Whether an admission takes every hit the lower tiers offer, or only the part that is
+    /// faster to load than to recompute (see [`LoadCost`](crate::tiers::LoadCost)). Only where
+    /// bytes move (a registered device buffer): virtual tiers always promote, and the
+    /// simulator prices the choice itself.
+    pub load_policy: LoadPolicy,
+    /// What a background load may take beyond its estimate before it is given up and the
+    /// rest of the prompt recomputed (a soft deadline: the load's verified prefix is kept).
+    pub load_deadline: std::time::Duration,
+    /// The load-or-recompute estimates before anything is measured: each tier's bandwidth and
+    /// latency, and the engine's prefill rate (see [`LoadCost`](crate::tiers::LoadCost)).
+    pub load_cost: crate::tiers::LoadCost,
+}
+
+/// Whether an admission takes every hit the lower tiers offer, or only the part that is faster
+/// to load than to recompute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadPolicy {
+    /// Load every promoted hit, however slow.
+    Always,
+    /// Load a hit, or its prefix, only where that beats recomputing it.
+    #[default]
+    Decide,
+}
+
+impl LoadPolicy {
+    /// Parses `always` or `decide`.
+    pub fn parse(s: &str) -> Result<LoadPolicy> {
+        match s {
+            "always" => Ok(LoadPolicy::Always),
+            "decide" => Ok(LoadPolicy::Decide),
+            _ => Err(Error::invalid(
+                "load_policy",
+                format!("{s:?} is not one of always, decide"),
+            )),
+        }
+    }
+
+    /// The name [`LoadPolicy::parse`] reads.
+    pub fn name(self) -> &'static str {
+        match self {
+            LoadPolicy::Always => "always",
+            LoadPolicy::Decide => "decide",
+        }
+    }
 }
 
 impl Default for ManagerConfig {
@@ -112,6 +162,10 @@ impl Default for ManagerConfig {
             events: false,
             max_pinned_bytes: None,
             speculative_checkpoints: false,
+            async_loads: true,
+            load_policy: LoadPolicy::Decide,
+            load_deadline: std::time::Duration::from_millis(500),
+            load_cost: crate::tiers::LoadCost::default(),
         }
     }
 }

@@ -55,6 +55,9 @@ impl KVCacheManager {
             return false;
         }
         self.wait_loads();
+        if self.num_waiting() > 0 {
+            return false; // ready requests hold pins on what they loaded
+        }
         self.drop_pins();
         let mark = self.tree.events_len();
         let mut freed = std::mem::take(&mut self.scratch);

@@ -215,6 +215,9 @@ impl KVCacheManager {
     /// with the output-end checkpoint (unless it opted out of caching), its retention priority
     /// and pin apply; everything else it held is freed.
     pub fn finish(&mut self, req: u64) -> Result<()> {
+        if !self.requests.contains(req) && self.drop_wait(req) {
+            return Ok(()); // it was waiting for KV: nothing of it runs
+        }
         self.expire_pins();
         let mut r = self.requests.remove(req).ok_or(Error::Request {
             req,
@@ -300,6 +303,9 @@ impl KVCacheManager {
 
     /// Drops a request: nothing of it stays in the cache.
     pub fn abort(&mut self, req: u64) -> Result<()> {
+        if !self.requests.contains(req) && self.drop_wait(req) {
+            return Ok(()); // it was waiting for KV: its load goes on for the cache
+        }
         let r = self.requests.remove(req).ok_or(Error::Request {
             req,
             message: "is not running".into(),

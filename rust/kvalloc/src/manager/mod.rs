@@ -54,6 +54,7 @@ mod api;
 mod config;
 mod events;
 mod extend;
+mod fetching;
 mod request;
 mod retention;
 mod room;
@@ -66,7 +67,8 @@ mod validate;
 mod written;
 
 pub use api::{Admission, Decode, Extension, Prompt, Step, StepOutcome};
-pub use config::{ManagerConfig, Policy};
+pub use config::{LoadPolicy, ManagerConfig, Policy};
+pub use fetching::LoadStats;
 pub use retention::{Retention, MAX_PRIORITY};
 pub use stats::{CheckpointKindStats, GroupStats, ManagerStats, TierStats};
 pub use tiering::{BlockResidency, Promotion, TierHits};
@@ -179,6 +181,9 @@ pub struct KVCacheManager {
     /// Retention pins on cached prefixes, and the clock that times them (see `retention`).
     pins: Pins,
     clock: Clock,
+    /// Background loads from disk and the remote store, the requests waiting on them, and the
+    /// load-or-recompute estimates (see `fetching`). Boxed: rarely touched on the hot path.
+    fetching: Box<fetching::Fetching>,
 }
 
 /// Token <-> block arithmetic; a shift when the block size is a power of two (it nearly always
@@ -302,6 +307,7 @@ impl KVCacheManager {
                 layer_sliding[l as usize] = g.window.is_some();
             }
         }
+        let load_cost = config.load_cost;
         let mut tree = PrefixTree::new(layout, config.eviction);
         tree.record_events(config.events);
         prefault(&spec, &config, &mut arena, &mut tree)?;
@@ -344,6 +350,9 @@ impl KVCacheManager {
             refused: Refused::default(),
             pins: Pins::new(),
             clock: Clock::Wall(std::time::Instant::now()),
+            fetching: Box::new(fetching::Fetching::new(crate::tiers::LoadEstimate::new(
+                load_cost,
+            ))),
         })
     }
 
@@ -419,6 +428,7 @@ fn check_config(spec: &ModelSpec, config: &ManagerConfig) -> Result<()> {
             ));
         }
     }
+    config.load_cost.validate()?;
     if spec.groups.is_empty() {
         return Err(Error::invalid("spec", "the model has no KV groups"));
     }

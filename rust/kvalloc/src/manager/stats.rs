@@ -154,7 +154,10 @@ impl KVCacheManager {
                     real: self.lower.materialized()
                         && (t == Tier::Host || self.lower.store(t).is_some()),
                     counters: self.lower.counters(t),
-                    store: self.lower.store(t).map(|s| s.counters()),
+                    store: self
+                        .lower
+                        .store(t)
+                        .map(|s| s.counters().plus(self.fetching.reader_counters(t))),
                 })
                 .collect(),
             promotion_failures: self.promotion_failures,

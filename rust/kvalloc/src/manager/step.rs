@@ -81,17 +81,21 @@ impl KVCacheManager {
     pub fn step_into(&mut self, step: &Step<'_>, out: &mut StepOutcome) -> Result<()> {
         self.steps += 1;
         self.reap_loads();
+        self.poll_loads();
         self.forget_promotions();
         self.expire_pins();
         out.extensions = 0;
         out.refused.clear();
         out.admitted.clear();
+        out.waiting.clear();
+        out.ready.clear();
         // The slot of each extension's request, found once while checking and used to run it.
         let mut slots = std::mem::take(&mut self.scratch_slots);
         let res = self
             .check_step(step, &mut slots)
             .and_then(|()| self.run_step(step, &slots, out));
         self.scratch_slots = slots;
+        self.take_ready_into(&mut out.ready);
         res
     }
 
@@ -105,14 +109,20 @@ impl KVCacheManager {
         // The pooled records the admissions will take arrive while the step is checked.
         self.prefetch_pooled_records(step.admit.len(), step.finish.len() + step.abort.len());
         for &id in step.finish.iter().chain(&step.abort) {
-            match self.requests.slot(id).and_then(|s| self.requests.at_mut(s)) {
-                Some(r) if r.stamp != stamp => r.stamp = stamp,
-                _ => {
-                    return Err(Error::Request {
-                        req: id,
-                        message: "is not running or appears twice in finish/abort".into(),
-                    })
+            let fresh = match self.requests.slot(id).and_then(|s| self.requests.at_mut(s)) {
+                Some(r) if r.stamp != stamp => {
+                    r.stamp = stamp;
+                    true
                 }
+                Some(_) => false,
+                // A request waiting for KV may be finished or aborted too (it drops its wait).
+                None => self.fetching_waits(id),
+            };
+            if !fresh {
+                return Err(Error::Request {
+                    req: id,
+                    message: "is not running or appears twice in finish/abort".into(),
+                });
             }
         }
         let decode = step.decode;
@@ -263,7 +273,10 @@ impl KVCacheManager {
                 }
             };
             out.admitted.push(hit);
-            if step.fcfs && hit.is_none() {
+            if hit.is_none() && self.waiting_for_kv(a.req) {
+                // Not a refusal for memory: a first-come-first-served queue goes on.
+                out.waiting.push(out.admitted.len() - 1);
+            } else if step.fcfs && hit.is_none() {
                 break;
             }
         }

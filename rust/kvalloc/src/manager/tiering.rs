@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use super::{KVCacheManager, MAX_GROUPS};
+use super::fetching::FetchPlan;
+use super::{KVCacheManager, LoadPolicy, MAX_GROUPS};
 use crate::error::{Error, Result};
 use crate::prefix::{CheckpointKind, Freed, Link, NodeId, Victim, NONE};
 use crate::slab::Handle;
@@ -91,6 +92,7 @@ impl KVCacheManager {
             self.loader = Some(Loader::start(host, device.clone()));
         }
         self.device = Some(device);
+        self.start_fetchers();
         Ok(())
     }
 
@@ -141,17 +143,22 @@ impl KVCacheManager {
         self.scratch = freed;
     }
 
-    /// Waits for every load in flight (tests, shutdown).
+    /// Waits for every load in flight (tests, shutdown), and settles the background loads
+    /// from disk and the remote store (each until its deadline).
     pub fn wait_loads(&mut self) {
+        self.settle_all();
         for f in &self.inflight {
             f.job.wait_all(None);
         }
         self.reap_loads();
     }
 
-    /// Node pins held by loads in flight (for validation).
+    /// Node pins held by loads in flight and requests waiting for KV (for validation).
     pub(super) fn load_pins(&self) -> impl Iterator<Item = NodeId> + '_ {
-        self.inflight.iter().flat_map(|f| f.nodes.iter().copied())
+        self.inflight
+            .iter()
+            .flat_map(|f| f.nodes.iter().copied())
+            .chain(self.fetch_pins())
     }
 
     /// What the engine waits on before computing request `req`'s first layers: the loads that
@@ -372,20 +379,30 @@ impl KVCacheManager {
     }
 
     /// Promotes the lower-tier part of a prompt's best window-safe prefix into L1 (see the
-    /// module docs). Doing nothing is always correct: the admission's own walk decides the hit.
-    /// In four moves: the walk (which blocks L1 lacks), the allocation (all or nothing, after
-    /// making room), the copies (disk and remote verified now, host memory queued), and the
-    /// links of the new blocks into the tree.
-    pub(super) fn promote(&mut self, hashes: &[u64], max_safe: u32, prompt_len: u64) -> Result<()> {
+    /// module docs), or starts its background load (see `fetching`): then it returns true and
+    /// request `req` waits for its KV. Doing nothing is always correct: the admission's own
+    /// walk decides the hit. In four moves: the walk (which blocks L1 lacks, and which of the
+    /// hits the tiers offer is worth loading), the allocation (all or nothing, after making
+    /// room), the copies (host memory queued; disk and remote verified now, or in the
+    /// background), and the links of the new blocks into the tree. `deep_ok`: whether disk and
+    /// remote may serve (not for a request whose earlier load from them failed).
+    pub(super) fn promote(
+        &mut self,
+        req: u64,
+        hashes: &[u64],
+        max_safe: u32,
+        prompt_len: u64,
+        deep_ok: bool,
+    ) -> Result<bool> {
         self.tree.set_publisher(None);
         let (path, hits) = self.walk_tiers(hashes, max_safe);
-        let k = hits[3];
+        let k = self.choose_hit(hashes, &path, &hits, prompt_len, deep_ok);
         if k <= hits[0] {
-            return Ok(());
+            return Ok(false);
         }
         let need = self.promotion_need(&path, k);
         let Some(counts) = self.promotion_counts(&need, k, prompt_len) else {
-            return Ok(());
+            return Ok(false);
         };
         // Every needed block must have a lower copy (the walk says so); pin the records and the
         // L1 path while room is made.
@@ -393,8 +410,21 @@ impl KVCacheManager {
         records.sort_unstable();
         records.dedup();
         if records.iter().any(|&h| self.lower.index.get(h).is_none()) {
-            return Ok(());
+            return Ok(false);
         }
+        // A record a load in flight reads: wait for that load instead of reading it twice.
+        if let Some(id) = records.iter().find_map(|&h| self.fetching.reader_of(h)) {
+            self.wait_on(req, id);
+            return Ok(true);
+        }
+        let deep: Vec<Tier> = records
+            .iter()
+            .map(|&h| self.lower.index.get(h).expect("checked").tier)
+            .filter(|&t| t != Tier::Host)
+            .collect();
+        let in_background = self.device.is_some()
+            && !deep.is_empty()
+            && deep.iter().all(|&t| self.fetching.background(t));
         for &h in &records {
             self.lower.index.pin(h);
         }
@@ -404,14 +434,30 @@ impl KVCacheManager {
         let groups = self.spec.groups.len();
         if !self.make_room(&counts[..groups])? {
             self.unpin_promotion(&path, &records);
-            return Ok(());
+            return Ok(false);
+        }
+        let new_tokens = u64::from(k - hits[0]) * u64::from(self.config.block_tokens);
+        if in_background {
+            let pages = self.alloc_promotion(&need, &counts)?;
+            // The load keeps the path and the records pinned until it settles.
+            self.start_fetch(FetchPlan {
+                req,
+                hashes,
+                path,
+                k,
+                need,
+                pages,
+                records,
+                tokens: new_tokens,
+            });
+            return Ok(true);
         }
         let by_need = self.alloc_promotion(&need, &counts)?;
         let Some(copies) = self.copy_promotion(hashes, &need, &by_need, &mut records) else {
             self.arena.free(&by_need).expect("just allocated");
             self.unpin_promotion(&path, &records);
             self.promotion_failures += 1;
-            return Ok(());
+            return Ok(false);
         };
         // Every copy is verified or queued: the pages hold whole blocks.
         for &h in &by_need {
@@ -424,7 +470,6 @@ impl KVCacheManager {
         self.scratch = freed;
         // The temporary pins on the L1 path.
         self.unpin_promotion(&path, &[]);
-        let new_tokens = u64::from(k - hits[0]) * u64::from(self.config.block_tokens);
         self.promoted_tokens[copies.deepest as usize] += new_tokens;
         self.promotions.push(Promotion {
             load: copies.load,
@@ -434,7 +479,61 @@ impl KVCacheManager {
         for &h in &hashes[..k as usize] {
             self.lower.index.touch(h, now);
         }
-        Ok(())
+        Ok(false)
+    }
+
+    /// Which of the window-safe hits the tiers offer (`hits`: L1, then adding host, disk,
+    /// remote; disk and remote only if `deep_ok`) an admission of `prompt_len` tokens takes:
+    /// the deepest, or with [`LoadPolicy::Decide`] and real bytes, the one that delays the
+    /// first token least, loading against recomputing (see [`crate::tiers::cost`]). Counts the
+    /// decision.
+    fn choose_hit(
+        &mut self,
+        hashes: &[u64],
+        path: &[NodeId],
+        hits: &TierHits,
+        prompt_len: u64,
+        deep_ok: bool,
+    ) -> u32 {
+        let top = if deep_ok { hits[3] } else { hits[1] };
+        if top <= hits[0]
+            || self.device.is_none()
+            || self.config.load_policy == LoadPolicy::Always
+        {
+            return top;
+        }
+        let b = self.b();
+        let est = self.fetching.estimate.now(std::time::Instant::now());
+        let backlog = self.fetching.backlog(&est.bandwidth);
+        let compute = |k: u32| prompt_len.saturating_sub(u64::from(k) * b);
+        let mut best = (est.seconds([0; 3], backlog, compute(hits[0])), hits[0]);
+        let mut last = hits[0];
+        for &k in &hits[1..] {
+            if k <= last || k > top {
+                continue;
+            }
+            last = k;
+            let mut bytes = [0u64; 3];
+            for (i, g) in self.promotion_need(path, k) {
+                let Some(r) = self.lower.index.get(hashes[i as usize]) else {
+                    continue;
+                };
+                bytes[r.tier as usize] += self.tree.layout().block_bytes[g];
+            }
+            let cost = est.seconds(bytes, backlog, compute(k));
+            // Ascending: a tie keeps the longer hit.
+            if cost <= best.0 {
+                best = (cost, k);
+            }
+        }
+        let st = &mut self.fetching.stats;
+        match best.1 {
+            k if k == top => st.taken += 1,
+            k if k == hits[0] => st.declined += 1,
+            _ => st.split += 1,
+        }
+        st.declined_tokens += u64::from(top - best.1) * b;
+        best.1
     }
 
     /// The (block, group) pairs L1 lacks for a hit of `k` blocks, `path` being the L1 walk's

@@ -31,6 +31,15 @@ impl KVCacheManager {
             *pins.entry(n).or_default() += 1;
         }
         let mut owners = self.tree_owners()?;
+        for (g, h) in self.fetch_pages() {
+            owners.per_group[g] += 1;
+            if owners.owner.insert(h, "load").is_some() {
+                return bad(format!("block {h:#x} is held by a load and another owner"));
+            }
+            if self.written.is_whole(h) {
+                return bad(format!("block {h:#x} is recorded whole while it loads"));
+            }
+        }
         self.requests
             .validate()
             .map_err(|m| Error::Invariant(format!("running requests: {m}")))?;

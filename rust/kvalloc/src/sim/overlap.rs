@@ -17,38 +17,7 @@ use crate::error::{Error, Result};
 use crate::manager::Promotion;
 use crate::tiers::LoadBytes;
 
-/// Whether a replay takes every hit the manager promotes from a lower tier, or only the part
-/// that is faster to load than to recompute.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LoadPolicy {
-    /// Load every promoted hit, however slow (the behaviour before the decision existed).
-    Always,
-    /// Load a promoted hit, or its prefix, only where that beats recomputing it.
-    #[default]
-    Decide,
-}
-
-impl LoadPolicy {
-    /// Parses `always` or `decide`.
-    pub fn parse(s: &str) -> Result<LoadPolicy> {
-        match s {
-            "always" => Ok(LoadPolicy::Always),
-            "decide" => Ok(LoadPolicy::Decide),
-            _ => Err(Error::invalid(
-                "load_policy",
-                format!("{s:?} is not one of always, decide"),
-            )),
-        }
-    }
-
-    /// The name [`LoadPolicy::parse`] reads.
-    pub fn name(self) -> &'static str {
-        match self {
-            LoadPolicy::Always => "always",
-            LoadPolicy::Decide => "decide",
-        }
-    }
-}
+pub use crate::manager::LoadPolicy;
 
 /// Bandwidths and compute speed for the overlap model.
 #[derive(Debug, Clone, PartialEq)]

@@ -469,6 +469,24 @@ impl BlockStore for DiskStore {
         self.recovered.clone()
     }
 
+    fn reader(&self) -> Option<Box<dyn BlockStore>> {
+        // The same directory and keys; the lock's file handle is shared (the lock stays held
+        // while either lives). No recovery scan: the reader only reads.
+        let lock = self._lock.try_clone().ok()?;
+        Some(Box::new(DiskStore {
+            root: self.root.clone(),
+            keys: self.keys.clone(),
+            opts: self.opts.clone(),
+            _lock: lock,
+            counters: StoreCounters::default(),
+            recovery: RecoveryStats::default(),
+            recovered: Vec::new(),
+            tmp_seq: 0,
+            header_buf: Vec::new(),
+            probe_buf: vec![0; HEADER_PROBE_BYTES],
+        }))
+    }
+
     fn counters(&self) -> StoreCounters {
         self.counters
     }

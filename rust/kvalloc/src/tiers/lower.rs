@@ -793,6 +793,14 @@ impl LowerTiers {
         }
     }
 
+    /// Counts a read of `hash` that failed in the background (the fetcher's own store handle
+    /// counted the cause).
+    pub fn count_failed_read(&mut self, hash: u64) {
+        if let Some(t) = self.index.get(hash).map(|r| r.tier) {
+            self.counters[t as usize].read_failures += 1;
+        }
+    }
+
     /// The tier a planned shutdown writes to: disk, else remote (None: nothing survives).
     pub fn durable(&self) -> Option<Tier> {
         self.next_present(Some(Tier::Disk))

@@ -8,8 +8,10 @@
 //! [`store`] defines the byte-store interface and record format L3 and L4 share; [`keys`] what
 //! records are stored under and how they are authenticated.
 
+pub mod cost;
 pub mod device;
 pub mod disk;
+pub mod fetch;
 pub mod keys;
 pub mod loader;
 pub mod lower;
@@ -18,8 +20,10 @@ pub mod residency;
 pub mod setup;
 pub mod store;
 
+pub use cost::{LoadCost, LoadEstimate};
 pub use device::{DeviceBuffer, HostBuffer};
 pub use disk::{DiskOptions, DiskStore, RecoveryStats};
+pub use fetch::{FetchJob, FetchStatus, FetchTask, Fetcher};
 pub use keys::{RecordKeys, Secret};
 pub use loader::{LoadBytes, LoadHandle, LoadJob};
 pub use lower::{BlockShape, LowerCapacity, LowerTiers, TierCounters};

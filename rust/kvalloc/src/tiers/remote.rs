@@ -648,6 +648,11 @@ impl BlockStore for RemoteStore {
         "remote"
     }
 
+    fn reader(&self) -> Option<Box<dyn BlockStore>> {
+        // Its own connection (made on the first read), the same settings and deadline.
+        Some(Box::new(RemoteStore::new(self.cfg.clone()).ok()?))
+    }
+
     fn put(&mut self, key: BlockKey, layer_bytes: u32, data: &[u8]) -> Result<(), StoreError> {
         self.put_many(&[(key, layer_bytes, data)])
             .pop()

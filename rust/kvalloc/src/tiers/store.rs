@@ -74,6 +74,23 @@ pub struct StoreCounters {
     pub io_errors: u64,
 }
 
+impl StoreCounters {
+    /// The sum of two handles' counters (a store's and its background reader's).
+    pub fn plus(self, o: StoreCounters) -> StoreCounters {
+        StoreCounters {
+            puts: self.puts + o.puts,
+            bytes_written: self.bytes_written + o.bytes_written,
+            gets: self.gets + o.gets,
+            bytes_read: self.bytes_read + o.bytes_read,
+            checksum_failures: self.checksum_failures + o.checksum_failures,
+            writes_skipped_full: self.writes_skipped_full + o.writes_skipped_full,
+            unavailable: self.unavailable + o.unavailable,
+            timeouts: self.timeouts + o.timeouts,
+            io_errors: self.io_errors + o.io_errors,
+        }
+    }
+}
+
 /// A byte store behind a lower tier. Implementations: the disk store (files under a
 /// directory) and the remote store (Valkey/Redis). Capacity and eviction *policy* are not the
 /// store's business: the tier manager decides what to write and what to remove.
@@ -119,6 +136,13 @@ pub trait BlockStore: Send {
 
     /// Monotonic counters.
     fn counters(&self) -> StoreCounters;
+
+    /// A second handle on the same records for a background reader (its own file handles or
+    /// connection, its own counters), or None when the store has none to give; then reads
+    /// from it happen in the admission.
+    fn reader(&self) -> Option<Box<dyn BlockStore>> {
+        None
+    }
 
     /// The keys its records are checked with (namespace, secret); the tiers derive record ids
     /// from the same keys.
