@@ -438,6 +438,7 @@ fn batched_step_checks_then_serves_in_order() {
         extensions: 5,
         refused: vec![3],
         admitted: vec![Some(9)],
+        ..kvalloc::StepOutcome::default()
     };
     m.step_into(&step(true), &mut out).unwrap();
     assert_eq!(
