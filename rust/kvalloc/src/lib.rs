@@ -136,8 +136,8 @@ pub use events::CacheEvent;
 pub use eviction::Eviction;
 pub use manager::{
     Admission, BlockResidency, CheckpointKindStats, Decode, Extension, GroupStats, KVCacheManager,
-    LoadPolicy, LoadStats, ManagerConfig, ManagerStats, Policy, Promotion, Prompt, Retention,
-    Step, StepOutcome, TierStats, MAX_PRIORITY, NULL_PAGE,
+    LoadPolicy, LoadStats, ManagerConfig, ManagerStats, Policy, Promotion, Prompt, Retention, Step,
+    StepOutcome, TierStats, MAX_PRIORITY, NULL_PAGE,
 };
 pub use prefix::CheckpointKind;
 pub use slab::{ArenaStats, ClassStats, Handle, PageMap, SlabArena};

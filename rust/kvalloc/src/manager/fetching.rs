@@ -385,6 +385,8 @@ impl KVCacheManager {
             let hash = plan.hashes[i as usize];
             let tier = self.lower.index.get(hash).expect("pinned").tier;
             deepest = deepest.max(tier);
+            // A reused page may carry its last life's bit: not whole until verified.
+            self.written.set(plan.pages[x], false);
             let dst = self.arena.offset(plan.pages[x]).expect("allocated");
             let len = self.tree.layout().block_bytes[g];
             if tier == Tier::Host {
@@ -441,7 +443,8 @@ impl KVCacheManager {
         }
         // The deadline: the estimate (queue included) plus the configured slack.
         let expect = est.seconds(bytes, backlog, 0);
-        let deadline = now + Duration::from_secs_f64(expect.min(3600.0)) + self.config.load_deadline;
+        let deadline =
+            now + Duration::from_secs_f64(expect.min(3600.0)) + self.config.load_deadline;
         self.fetching.next_id += 1;
         let id = self.fetching.next_id;
         for (x, &(i, _)) in plan.need.iter().enumerate() {
@@ -644,12 +647,8 @@ impl KVCacheManager {
         let groups = self.spec.groups.len();
         let k = load.hashes.len() as u32;
         let kept = |m: &Self, g: usize| m.window(g).is_none() || !m.swa_aware();
-        let at: HashMap<(u32, usize), usize> = load
-            .need
-            .iter()
-            .enumerate()
-            .map(|(x, &p)| (p, x))
-            .collect();
+        let at: HashMap<(u32, usize), usize> =
+            load.need.iter().enumerate().map(|(x, &p)| (p, x)).collect();
         let mut used = vec![false; load.need.len()];
         self.tree.set_publisher(None);
         // The tree may have changed since the start: walk it again.
@@ -672,7 +671,10 @@ impl KVCacheManager {
                 break;
             }
             let hash = load.hashes[i as usize];
-            if !matches!(self.tree.claim_child(hash, parent, i, &mut freed), Link::Absent) {
+            if !matches!(
+                self.tree.claim_child(hash, parent, i, &mut freed),
+                Link::Absent
+            ) {
                 break;
             }
             let n = self.tree.insert(hash, parent, i, &blocks[..groups]);
@@ -731,7 +733,11 @@ impl KVCacheManager {
 
     /// Node pins and pages held by loads in flight and ready requests (for validation).
     pub(super) fn fetch_pins(&self) -> impl Iterator<Item = NodeId> + '_ {
-        let loads = self.fetching.loads.iter().flat_map(|l| l.path.iter().copied());
+        let loads = self
+            .fetching
+            .loads
+            .iter()
+            .flat_map(|l| l.path.iter().copied());
         let ready = self.fetching.waiting.values().flat_map(|w| match w {
             Wait::Ready { pins, .. } => pins.as_slice(),
             Wait::Loading(_) => &[],

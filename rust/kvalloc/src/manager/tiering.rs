@@ -496,9 +496,7 @@ impl KVCacheManager {
         deep_ok: bool,
     ) -> u32 {
         let top = if deep_ok { hits[3] } else { hits[1] };
-        if top <= hits[0]
-            || self.device.is_none()
-            || self.config.load_policy == LoadPolicy::Always
+        if top <= hits[0] || self.device.is_none() || self.config.load_policy == LoadPolicy::Always
         {
             return top;
         }

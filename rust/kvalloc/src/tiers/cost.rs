@@ -55,7 +55,10 @@ impl LoadCost {
             if !(bw.is_finite() && bw > 0.0) {
                 return Err(Error::invalid(
                     "bandwidth",
-                    format!("{}: {bw} is not a positive number of bytes per second", t.name()),
+                    format!(
+                        "{}: {bw} is not a positive number of bytes per second",
+                        t.name()
+                    ),
                 ));
             }
             let l = self.latency[t as usize];
@@ -192,7 +195,9 @@ mod tests {
         let t0 = Instant::now();
         e.record_load(Tier::Remote, 1_000, 1.0, t0); // 1 kB/s: a frozen server
         assert!((e.now(t0).bandwidth[2] - 1_000.0).abs() < 1e-3);
-        let later = e.now(t0 + Duration::from_secs_f64(20.0 * FADE_SECONDS)).bandwidth[2];
+        let later = e
+            .now(t0 + Duration::from_secs_f64(20.0 * FADE_SECONDS))
+            .bandwidth[2];
         assert!(later > 0.9 * 12e9, "{later}");
         assert_eq!(e.now(t0).bandwidth[1], 6e9, "other tiers keep their prior");
         assert!(e.record_prefill(10, 0.0).is_err());

@@ -102,6 +102,11 @@ pub struct RemoteConfig {
     pub secret: Option<Secret>,
     /// Deadline of one call, connecting and the TLS handshake included (see the module docs).
     pub timeout: Duration,
+    /// Deadline of a lookup ([`contains_many`](BlockStore::contains_many)), at most
+    /// `timeout`: the manager asks it inside an admission (which blocks another instance
+    /// wrote), so a hung server must cost the scheduler's step little; a lookup that runs out
+    /// is a miss.
+    pub lookup_timeout: Duration,
     /// Least time between two connection attempts after a failure; doubles with each
     /// consecutive failed attempt, up to [`max_reconnect_interval`](Self::max_reconnect_interval).
     pub reconnect_interval: Duration,
@@ -134,6 +139,7 @@ impl RemoteConfig {
             namespace,
             secret: None,
             timeout: Duration::from_millis(50),
+            lookup_timeout: Duration::from_millis(10),
             reconnect_interval: Duration::from_millis(100),
             max_reconnect_interval: Duration::from_secs(2),
             max_batch_bytes: 64 << 20,
@@ -158,6 +164,8 @@ pub struct RemoteStore {
     /// The current call's deadline: set by its first round trip (or connection attempt), so
     /// that it bounds the waiting on the server, not the encoding before it.
     deadline: Option<Instant>,
+    /// How long the current call may take (`timeout`, or `lookup_timeout` for a lookup).
+    call_timeout: Duration,
     /// No connection attempt before this instant (set after a failure).
     retry_at: Option<Instant>,
     /// Why the last connection failed, for the next `Unavailable` message.
@@ -353,6 +361,7 @@ impl RemoteStore {
         .map_err(|e| bad("url", e.to_string()))?;
         Ok(RemoteStore {
             deadline: None,
+            call_timeout: cfg.timeout,
             cfg,
             keys,
             prefix,
@@ -409,13 +418,19 @@ impl RemoteStore {
     /// Starts a public call (its deadline starts with its first round trip).
     fn start_call(&mut self) {
         self.deadline = None;
+        self.call_timeout = self.cfg.timeout;
+    }
+
+    /// Starts a lookup: a call under the shorter lookup deadline.
+    fn start_lookup(&mut self) {
+        self.deadline = None;
+        self.call_timeout = self.cfg.lookup_timeout.min(self.cfg.timeout);
     }
 
     /// The current call's deadline, starting it now if it has not started.
     fn deadline(&mut self) -> Instant {
-        *self
-            .deadline
-            .get_or_insert_with(|| Instant::now() + self.cfg.timeout)
+        let t = self.call_timeout;
+        *self.deadline.get_or_insert_with(|| Instant::now() + t)
     }
 
     /// Opens and authenticates a connection if there is none, within the call's deadline.
@@ -741,7 +756,7 @@ impl BlockStore for RemoteStore {
     }
 
     fn contains_many(&mut self, keys: &[BlockKey]) -> Result<Vec<bool>, StoreError> {
-        self.start_call();
+        self.start_lookup();
         self.buf.clear();
         for &k in keys {
             let rkey = self.key(k);
