@@ -57,6 +57,10 @@ class Engine:
         self.next_id += 1
         rid = self.next_id
         hit = self.m.admit(rid, prompt)
+        while hit is None and self.m.waiting_for_kv(rid):
+            # A background load from disk or the remote store: wait for it, admit again.
+            assert self.m.wait_for_kv(rid, timeout=30)
+            hit = self.m.admit(rid, prompt)
         if hit is None:
             return rid, None
         handle = self.m.load_handle(rid)

@@ -184,7 +184,16 @@ class StepResult:
     @property
     def hits(self) -> npt.NDArray[np.int64]:
         """Per admission: prompt tokens served from cache; -1 refused; -2 not attempted
-        (after an ``fcfs`` refusal, or a refused extension with ``admit_if_extended``)."""
+        (after an ``fcfs`` refusal, or a refused extension with ``admit_if_extended``); -3
+        waiting for its KV to load from disk or the remote store (admit it again once
+        ``ready`` names it; an ``fcfs`` queue goes on past it)."""
+    @property
+    def waiting(self) -> list[int]:
+        """Positions (among the step's admissions) of those waiting for their KV."""
+    @property
+    def ready(self) -> list[int]:
+        """Requests whose KV finished loading since the last step (or whose load failed or
+        passed its deadline: their hit shrinks to what verified): admit them again."""
     @property
     def extended(self) -> npt.NDArray[np.bool_]:
         """Per extension: whether it fit."""
@@ -245,6 +254,10 @@ class KVCacheManager:
         events: bool | None = None,
         max_pinned_bytes: int | None = None,
         speculative_checkpoints: bool | None = None,
+        async_loads: bool | None = None,
+        load_policy: str | None = None,
+        load_deadline_ms: int | None = None,
+        prefill_tokens_per_second: float | None = None,
     ) -> KVCacheManager:
         """``policy`` (None: ``"swa-aware"``) and ``eviction`` (None: ``"value"``) name the
         caching and eviction policies. Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
@@ -292,7 +305,19 @@ class KVCacheManager:
         prompt's KV at every layer, the prompt keeps its sliding-window KV at every block
         boundary it computes (swa-aware policy), so the second request sharing a system
         prompt already hits it; the value order drops them first unless requests resume there.
-        They never cost an eviction. False: checkpoints only where requests resume or branch."""
+        They never cost an eviction. False: checkpoints only where requests resume or branch.
+
+        Loads from disk and the remote store run in the background once a device buffer is
+        registered (``async_loads``, None: on): an admission whose hit needs them answers None
+        at once and ``waiting_for_kv(req_id)`` is True; their blocks are published only once
+        read and verified; ``take_ready()`` (or a step's ``ready``) then names the request,
+        to be admitted again (its hit is what verified; after a failed or late load the engine
+        computes the rest). ``load_policy`` (None: ``"decide"``): take a hit from a lower tier
+        only where loading it is faster than recomputing it (from each tier's measured
+        bandwidth and the prefill rate: ``prefill_tokens_per_second``, None: 20,000 until
+        ``record_prefill`` reports the engine's); ``"always"`` takes every hit.
+        ``load_deadline_ms`` (None: 500): what a background load may take beyond its estimate
+        before it is given up."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
     def admit(
@@ -307,7 +332,9 @@ class KVCacheManager:
         pin_seconds: float | None = None,
         cache: bool | None = None,
     ) -> int | None:
-        """Admits a request; returns prompt tokens served from cache, or None when it does not fit.
+        """Admits a request; returns prompt tokens served from cache, or None when it does not
+        fit or waits for its KV (``waiting_for_kv``: admit it again once ``take_ready`` names
+        it).
 
         Retention (each None: its default):
 
@@ -400,7 +427,23 @@ class KVCacheManager:
         ``interval``, ``pin``, ``speculative``, ``restored``): checkpoints ``placed`` and
         ``resumed`` at later (the value order's learned record of where requests resume); per
         tier (``tiers["host" | "disk" | "remote"]``) capacity, records, promoted tokens, bytes
-        written and read, failures."""
+        written and read, failures; ``loads``: the load-or-recompute decisions (``taken``,
+        ``split``, ``declined`` admissions, ``declined_tokens``), the background loads
+        (``started``, ``verified``, ``failed``, ``timed_out``, ``failed_records``, ``waits``,
+        ``waiting_requests``, ``load_seconds``) and the estimates they use
+        (``bandwidth_bytes_per_second`` per tier, ``prefill_tokens_per_second``)."""
+    def waiting_for_kv(self, req_id: int) -> bool:
+        """Whether the request waits for its KV to load (its admission answered None for
+        that reason, not for memory)."""
+    def take_ready(self) -> list[int]:
+        """Requests whose KV finished loading (or whose load failed or passed its deadline)
+        since the last call or step: admit them again."""
+    def wait_for_kv(self, req_id: int, timeout: float | None = None) -> bool:
+        """Blocks (the GIL released) until the load the request waits on settles, or
+        ``timeout`` seconds pass (None: up to the load's deadline); True if it is ready."""
+    def record_prefill(self, tokens: int, seconds: float) -> None:
+        """Reports that the engine computed ``tokens`` prompt tokens in ``seconds``: the
+        prefill rate the load-or-recompute decision weighs loads against."""
     def validate(self) -> None:
         """Checks every invariant; raises ``InvariantError`` on a violation."""
     def set_clock(self, seconds: float) -> None:

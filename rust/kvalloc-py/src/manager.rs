@@ -3,15 +3,15 @@
 use std::sync::{Mutex, MutexGuard};
 
 use kvalloc::tiers::{LowerCapacity, RemoteSetup, StoreSetup};
-use kvalloc::{Eviction, Extension, KVCacheManager, ManagerConfig, Policy};
+use kvalloc::{Eviction, Extension, KVCacheManager, LoadPolicy, ManagerConfig, Policy};
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList, PyTuple};
 
 use crate::args::{req_arg, salt_arg, secret_arg, OwnedPrompt};
 use crate::convert::{
-    figures, flag, non_negative, opt_non_negative, opt_path, opt_positive, opt_text, positive,
-    token_ids, type_name, uint_list,
+    figures, flag, non_negative, number, opt_non_negative, opt_path, opt_positive, opt_text,
+    positive, token_ids, type_name, uint_list,
 };
 use crate::errors::{self, invalid, IntoPyResult};
 use crate::events::EventColumns;
@@ -42,7 +42,7 @@ impl PyKVCacheManager {
 impl PyKVCacheManager {
     #[new]
     #[allow(clippy::too_many_arguments)] // mirrors the Python constructor's keyword arguments
-    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None, events = None, max_pinned_bytes = None, speculative_checkpoints = None))]
+    #[pyo3(signature = (spec, capacity_bytes, block_tokens = None, policy = None, eviction = None, checkpoint_interval = None, slab_bytes = None, *, host_bytes = None, disk_dir = None, disk_bytes = None, remote_url = None, remote_bytes = None, remote_username = None, remote_password = None, remote_prefix = None, remote_timeout_ms = None, remote_tls_ca = None, remote_tls_cert = None, remote_tls_key = None, write_through = None, watermark = None, prefault_bytes = None, secret = None, model_id = None, prefill_reads_cache = None, events = None, max_pinned_bytes = None, speculative_checkpoints = None, async_loads = None, load_policy = None, load_deadline_ms = None, prefill_tokens_per_second = None))]
     fn new(
         py: Python<'_>,
         spec: &Bound<'_, PyAny>,
@@ -73,6 +73,10 @@ impl PyKVCacheManager {
         events: Option<&Bound<'_, PyAny>>,
         max_pinned_bytes: Option<&Bound<'_, PyAny>>,
         speculative_checkpoints: Option<&Bound<'_, PyAny>>,
+        async_loads: Option<&Bound<'_, PyAny>>,
+        load_policy: Option<&Bound<'_, PyAny>>,
+        load_deadline_ms: Option<&Bound<'_, PyAny>>,
+        prefill_tokens_per_second: Option<&Bound<'_, PyAny>>,
     ) -> PyResult<Self> {
         let spec = spec_arg(spec)?;
         let secret = secret_arg(secret)?;
@@ -131,6 +135,28 @@ impl PyKVCacheManager {
                 .map(|b| non_negative(b, "max_pinned_bytes"))
                 .transpose()?,
             speculative_checkpoints: flag(speculative_checkpoints, "speculative_checkpoints")?,
+            async_loads: async_loads.is_none_or(|a| a.is_none()) || flag(async_loads, "async_loads")?,
+            load_policy: LoadPolicy::parse(
+                &opt_text(load_policy, "load_policy")?.unwrap_or("decide".into()),
+            )
+            .py()?,
+            load_deadline: match load_deadline_ms.filter(|d| !d.is_none()) {
+                Some(d) => std::time::Duration::from_millis(non_negative(d, "load_deadline_ms")?),
+                None => ManagerConfig::default().load_deadline,
+            },
+            load_cost: {
+                let mut c = ManagerConfig::default().load_cost;
+                if let Some(p) = prefill_tokens_per_second.filter(|p| !p.is_none()) {
+                    c.prefill_tokens_per_second = number(p, "prefill_tokens_per_second")?;
+                    if !(c.prefill_tokens_per_second.is_finite() && c.prefill_tokens_per_second > 0.0) {
+                        return Err(invalid(
+                            "prefill_tokens_per_second",
+                            format!("{} is not a positive rate", c.prefill_tokens_per_second),
+                        ));
+                    }
+                }
+                c
+            },
             ..ManagerConfig::default()
         };
         let remote_timeout = opt_positive(remote_timeout_ms, "remote_timeout_ms")?;
@@ -562,7 +588,71 @@ impl PyKVCacheManager {
         d.set_item("exposed_load_seconds", self.exposed.seconds())?;
         d.set_item("promotion_failures", s.promotion_failures)?;
         d.set_item("loads_in_flight", s.loads_in_flight)?;
+        let (ls, est, waiting) = {
+            let m = self.lock()?;
+            (m.load_stats(), m.load_estimates(), m.num_waiting())
+        };
+        let loads = figures(
+            py,
+            &[
+                ("taken", ls.taken),
+                ("split", ls.split),
+                ("declined", ls.declined),
+                ("declined_tokens", ls.declined_tokens),
+                ("started", ls.started),
+                ("verified", ls.verified),
+                ("failed", ls.failed),
+                ("timed_out", ls.timed_out),
+                ("failed_records", ls.failed_records),
+                ("waits", ls.waits),
+                ("waiting_requests", waiting as u64),
+            ],
+        )?;
+        loads.set_item("load_seconds", ls.load_seconds)?;
+        let bw = PyDict::new(py);
+        for (name, b) in ["host", "disk", "remote"].iter().zip(est.bandwidth) {
+            bw.set_item(name, b)?;
+        }
+        loads.set_item("bandwidth_bytes_per_second", bw)?;
+        loads.set_item("prefill_tokens_per_second", est.prefill_tokens_per_second)?;
+        d.set_item("loads", loads)?;
         Ok(d)
+    }
+
+    /// Whether the request waits for its KV to load from disk or the remote store (its
+    /// admission answered None for that reason, not for memory): admit it again once
+    /// `take_ready()` or a step's `ready` names it.
+    fn waiting_for_kv(&self, req_id: &Bound<'_, PyAny>) -> PyResult<bool> {
+        let req = req_arg(req_id)?;
+        Ok(self.lock()?.waiting_for_kv(req))
+    }
+
+    /// Requests whose KV finished loading (or whose load failed or ran past its deadline:
+    /// their hit shrinks to what verified) since the last call or step: admit them again.
+    fn take_ready(&self, py: Python<'_>) -> PyResult<Vec<u64>> {
+        py.detach(|| Ok(self.lock()?.take_ready()))
+    }
+
+    /// Blocks (the GIL released) until the load the request waits on settles, or `timeout`
+    /// seconds pass (None: up to the load's deadline); True if it is then ready to admit.
+    #[pyo3(signature = (req_id, timeout = None))]
+    fn wait_for_kv(
+        &self,
+        py: Python<'_>,
+        req_id: &Bound<'_, PyAny>,
+        timeout: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let req = req_arg(req_id)?;
+        let timeout = crate::tiers::timeout_arg(timeout)?;
+        py.detach(|| Ok(self.lock()?.wait_for_kv(req, timeout)))
+    }
+
+    /// Reports that the engine computed `tokens` prompt tokens in `seconds`: the prefill rate
+    /// the load-or-recompute decision weighs loads against.
+    fn record_prefill(&self, tokens: &Bound<'_, PyAny>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
+        let tokens = non_negative(tokens, "tokens")?;
+        let seconds = number(seconds, "seconds")?;
+        self.lock()?.record_prefill(tokens, seconds).py()
     }
 
     /// Registers the engine's device buffer: a writable, C-contiguous numpy uint8 array of at

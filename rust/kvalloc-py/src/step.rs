@@ -82,6 +82,8 @@ impl StepBuffers {
         empty(&mut self.retention);
         empty(&mut self.outcome.refused);
         empty(&mut self.outcome.admitted);
+        empty(&mut self.outcome.waiting);
+        empty(&mut self.outcome.ready);
     }
 }
 

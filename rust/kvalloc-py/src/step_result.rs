@@ -17,7 +17,8 @@ use crate::convert::type_name;
 use crate::errors::invalid;
 
 /// What one `step` call did: per admission the prompt tokens served from cache (-1: refused;
-/// -2: not attempted, after an `fcfs` refusal or a refused extension with `admit_if_extended`),
+/// -2: not attempted, after an `fcfs` refusal or a refused extension with `admit_if_extended`;
+/// -3: waiting for its KV),
 /// per extension whether it fit, and their counts.
 #[pyclass(frozen, name = "StepResult", module = "kvalloc._core")]
 pub struct PyStepResult {
@@ -55,18 +56,35 @@ fn cached_array<'py, T: Element>(
 #[pymethods]
 impl PyStepResult {
     /// int64 array, one entry per admission: prompt tokens served from cache, -1 when it did
-    /// not fit, -2 when it was not attempted.
+    /// not fit, -2 when it was not attempted, -3 when it waits for its KV to load from disk or
+    /// the remote store (admit it again once `ready` names it).
     #[getter]
     fn hits<'py>(&self, py: Python<'py>) -> Bound<'py, PyArray1<i64>> {
         cached_array(py, &self.hits_array, || {
             let admitted = &self.outcome.admitted;
-            let hits: Vec<i64> = admitted
+            let mut hits: Vec<i64> = admitted
                 .iter()
                 .map(|h| h.map_or(-1, |h| h as i64))
                 .chain(std::iter::repeat_n(-2, self.admissions - admitted.len()))
                 .collect();
+            for &k in &self.outcome.waiting {
+                hits[k] = -3;
+            }
             PyArray1::from_vec(py, hits)
         })
+    }
+
+    /// Positions (among the step's admissions) of those waiting for their KV.
+    #[getter]
+    fn waiting(&self) -> Vec<usize> {
+        self.outcome.waiting.clone()
+    }
+
+    /// Requests whose KV finished loading since the last step (or whose load failed: their
+    /// hit shrinks to what verified): admit them again.
+    #[getter]
+    fn ready(&self) -> Vec<u64> {
+        self.outcome.ready.clone()
     }
 
     /// bool array, one entry per extension: whether it fit.

@@ -49,7 +49,7 @@ pub struct PyLoadHandle {
 /// A timeout in seconds: None or `math.inf` wait as long as it takes, and so does one too long
 /// for the clock (centuries); NaN, a negative number or a non-number is an
 /// `InvalidArgumentError`.
-fn timeout_arg(timeout: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Duration>> {
+pub(crate) fn timeout_arg(timeout: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Duration>> {
     let Some(t) = timeout.filter(|t| !t.is_none()) else {
         return Ok(None);
     };
