@@ -27,6 +27,36 @@
 //! [`RemoteConfig::max_batch_bytes`]. The `redis` crate does the connection (TCP or TLS) and
 //! the reply parsing.
 //!
+//! # Cluster
+//!
+//! A `redis+cluster://[[user]:password@]host:port[,host:port...]` URL (also `valkey+cluster://`,
+//! and `rediss+cluster://` / `valkeys+cluster://` for TLS, each node with the same TLS
+//! settings) puts the store on a Valkey/Redis Cluster. The seeds are tried in order for the
+//! slot map (`CLUSTER SLOTS`, at open or at the first call that finds none); the nodes it names
+//! are reached as they are needed, each with its own connection, deadline and back-off as
+//! above. Only primaries are read from and written to. A single-server URL never routes.
+//!
+//! Keys carry a hash tag in a cluster, `<prefix>:<namespace>:{<id>}:<group>`, so the groups of
+//! one block (read together on a hit) share a slot, and blocks spread evenly over the
+//! primaries by their keyed ids. Why per block and not per prefix: a store key names a block
+//! only by its record id (a one-way function of its chain, see [`RecordKeys`]), which holds no
+//! trace of the prefix it extends, so the tiers would have to carry an anchor id (the id of
+//! the first block of the block's prefix chunk) in every key they pass down to place a prefix's
+//! blocks together. Per block, a tenant's hot prefix is spread over the nodes, and a lookup or
+//! a batched write asks every node involved at once (one pipeline per node, the nodes in
+//! parallel threads). The cost: a dead primary leaves holes in most long prefixes, and a
+//! prefix hit ends at its first hole (prefix chunks, each on one node, would lose whole
+//! chunks instead; see the crate's issues).
+//!
+//! Every batched call groups its commands per node (one pipeline each, under the call's one
+//! deadline), so a hung or dead node fails only its own records: a read of them is
+//! `Unavailable` (a miss), a write a failed write, a lookup reports them absent (a lookup
+//! fails only when no node answered). A `MOVED` reply (the slot has a new owner) updates the
+//! slot map and the command is sent on; an `ASK` reply (the slot is being migrated) sends it on
+//! once with `ASKING` first; at most three hops, within the deadline. `CLUSTERDOWN`,
+//! `TRYAGAIN` and the like are `Unavailable`. Routing is done here rather than by the redis
+//! crate's `cluster` feature for the fault model above (see `remote/cluster.rs`).
+//!
 //! # Faults
 //!
 //! - Every call (each [`BlockStore`] method, and [`ping`](RemoteStore::ping)) has one deadline,
