@@ -53,7 +53,10 @@
 //! `Unavailable` (a miss), a write a failed write, a lookup reports them absent (a lookup
 //! fails only when no node answered). A `MOVED` reply (the slot has a new owner) updates the
 //! slot map and the command is sent on; an `ASK` reply (the slot is being migrated) sends it on
-//! once with `ASKING` first; at most three hops, within the deadline. `CLUSTERDOWN`,
+//! once with `ASKING` first; at most three hops, within the deadline. A node that fails makes
+//! the slot map due for a reload (from a connected node, a reconnect interval later): a
+//! replica promoted in a dead primary's place, at its own address, is learned that way, since
+//! the dead node sends no `MOVED`. `CLUSTERDOWN`,
 //! `TRYAGAIN` and the like are `Unavailable`. Routing is done here rather than by the redis
 //! crate's `cluster` feature for the fault model above (see `remote/cluster.rs`).
 //!
@@ -75,8 +78,8 @@
 //!   [`RemoteConfig::max_reconnect_interval`]; between attempts calls fail at once, so a dead
 //!   or hung server does not slow every scheduler step. The streak of failures ends with the
 //!   first reply received, not with a connect (a hung server still accepts connections). A
-//!   failed call counts `unavailable` once (a failed `put_many` returns `Unavailable` for each
-//!   of its records).
+//!   failed call counts `unavailable` once, in a cluster once per node that failed (a failed
+//!   `put_many` returns `Unavailable` for each of its records).
 //! - A server out of memory (`OOM` reply, `maxmemory` with `noeviction`) is
 //!   [`StoreError::Full`] for that record (`writes_skipped_full`).
 //! - A wrong password or ACL user is `Unavailable` with "authentication failed" in its message;
@@ -272,8 +275,17 @@ struct Cluster {
     slots: Vec<u16>,
     /// Whether a `CLUSTER SLOTS` map has been loaded.
     loaded: bool,
+    /// Reload the map from this instant on (set when a node fails: its slots may have a new
+    /// owner, a replica promoted at another address, which only a live node can tell).
+    reload_at: Option<Instant>,
     /// How to reach a node learned from the cluster (its scheme and TLS settings).
     tls: Option<redis::TlsCertificates>,
+}
+
+impl Cluster {
+    fn needs_load(&self) -> bool {
+        !self.loaded || self.reload_at.is_some_and(|at| Instant::now() >= at)
+    }
 }
 
 const NO_NODE: u16 = u16::MAX;
@@ -405,6 +417,7 @@ impl RemoteStore {
         let cluster = seeds.map(|_| Cluster {
             slots: vec![NO_NODE; SLOTS],
             loaded: false,
+            reload_at: None,
             tls: certs,
         });
         Ok(RemoteStore {
@@ -510,7 +523,7 @@ impl RemoteStore {
             return Ok(0);
         };
         let slot = usize::from(cluster::slot_of(rkey));
-        if !c.loaded {
+        if c.needs_load() {
             let deadline = self.deadline();
             self.load_slots(deadline)?;
         }
@@ -536,16 +549,21 @@ impl RemoteStore {
         (0..seen.len()).filter(|&i| seen[i]).collect()
     }
 
-    /// Loads the slot map with `CLUSTER SLOTS` from the first node that answers (seeds first),
-    /// unless it is loaded. Each node's back-off applies; all failing is `Unavailable`.
+    /// Loads the slot map with `CLUSTER SLOTS` unless it is loaded and no reload is due: from
+    /// the first node that answers, connected nodes first (a node that just failed is tried
+    /// last, not waited for first), then the seeds and the others in order. Each node's
+    /// back-off applies. All failing is `Unavailable` when there is no map yet; a map already
+    /// loaded stays in use and the reload is tried again a reconnect interval later.
     fn load_slots(&mut self, deadline: Instant) -> Result<(), StoreError> {
-        if self.cluster.as_ref().is_none_or(|c| c.loaded) {
+        if !self.cluster.as_ref().is_some_and(Cluster::needs_load) {
             return Ok(());
         }
         let mut cmd = Vec::new();
         push_command(&mut cmd, &[b"CLUSTER", b"SLOTS"]);
         let mut why = String::new();
-        for i in 0..self.nodes.len() {
+        let mut order: Vec<usize> = (0..self.nodes.len()).collect();
+        order.sort_by_key(|&i| !self.nodes[i].is_connected());
+        for i in order {
             let backoff = self.backoff();
             let reply = self.nodes[i].exchange(&self.hello, &cmd, 1, deadline, backoff);
             let host = host_of(&self.nodes[i].addr).to_string();
@@ -565,6 +583,12 @@ impl RemoteStore {
                 }
             }
         }
+        let retry = Instant::now() + self.cfg.reconnect_interval;
+        let c = self.cluster.as_mut().expect("a cluster");
+        if c.loaded {
+            c.reload_at = Some(retry);
+            return Ok(());
+        }
         self.counters.unavailable += 1;
         Err(StoreError::Unavailable(format!(
             "no cluster node gave its slot map ({why})"
@@ -572,12 +596,19 @@ impl RemoteStore {
     }
 
     fn install_slots(&mut self, ranges: &[cluster::SlotRange]) -> Result<(), StoreError> {
+        self.cluster
+            .as_mut()
+            .expect("a cluster")
+            .slots
+            .fill(NO_NODE);
         for r in ranges {
             let n = self.node_index(&r.addr).map_err(StoreError::Unavailable)?;
             let c = self.cluster.as_mut().expect("a cluster");
             c.slots[usize::from(r.first)..=usize::from(r.last)].fill(n);
         }
-        self.cluster.as_mut().expect("a cluster").loaded = true;
+        let c = self.cluster.as_mut().expect("a cluster");
+        c.loaded = true;
+        c.reload_at = None;
         Ok(())
     }
 
@@ -705,7 +736,12 @@ impl RemoteStore {
     }
 
     /// Counts a failed round trip (the node has dropped its connection if anything was sent).
+    /// In a cluster, a node that failed makes the slot map due for a reload.
     fn transport_failure(&mut self, f: Failure) -> StoreError {
+        if let Some(c) = self.cluster.as_mut().filter(|_| !f.clean) {
+            c.reload_at
+                .get_or_insert(Instant::now() + self.cfg.reconnect_interval);
+        }
         self.counters.unavailable += 1;
         if f.timed_out {
             self.counters.timeouts += 1;
@@ -721,9 +757,10 @@ impl RemoteStore {
         })
     }
 
-    /// In a cluster, loads the slot map unless it is loaded (within the call's deadline).
+    /// In a cluster, loads the slot map unless it is loaded and no reload is due (within the
+    /// call's deadline).
     fn route_ready(&mut self) -> Result<(), StoreError> {
-        if self.cluster.as_ref().is_none_or(|c| c.loaded) {
+        if !self.cluster.as_ref().is_some_and(Cluster::needs_load) {
             return Ok(());
         }
         let deadline = self.deadline();
