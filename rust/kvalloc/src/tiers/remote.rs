@@ -1279,5 +1279,33 @@ mod tests {
         let mut cfg = RemoteConfig::new("redis://127.0.0.1:1", 1);
         cfg.timeout = Duration::ZERO;
         assert!(RemoteStore::open(cfg).is_err());
+        // Cluster seed lists: database 0 only, TLS files only with a TLS scheme, and the
+        // password redacted like a single server's.
+        assert_eq!(
+            redact("redis+cluster://u:pw@a:1,b:2"),
+            "redis+cluster://u:***@a:1,b:2"
+        );
+        for url in [
+            "redis+cluster://127.0.0.1:1/3",
+            "redis+cluster://",
+            "redis+cluster://x:y:z",
+        ] {
+            let err = RemoteStore::open(RemoteConfig::new(url, 1)).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { ref what, .. } if what == "url"),
+                "{url}: {err}"
+            );
+        }
+        let mut cfg = RemoteConfig::new("redis+cluster://127.0.0.1:1,127.0.0.1:2", 1);
+        cfg.tls_ca = Some("ca.crt".into());
+        assert!(RemoteStore::open(cfg).is_err());
+        let s = RemoteStore::open(RemoteConfig::new("valkey+cluster://127.0.0.1:1", 1)).unwrap();
+        assert!(s.is_cluster() && !s.is_connected());
+        assert!(s
+            .key(BlockKey {
+                hash: 0xab,
+                group: 3
+            })
+            .ends_with(":{00000000000000ab}:3"));
     }
 }
