@@ -195,7 +195,12 @@ fn remote(c: &mut Criterion) {
 }
 
 /// One server against a three-primary cluster on the same loopback: a batched call is one
-/// pipeline per node, the nodes in parallel.
+/// pipeline per node, the nodes in parallel. On a 2-core machine shared with other builds
+/// (load 4.6; Debian's redis-server 7.0.15), median of 10 samples, single / cluster:
+/// put_many of 16 records (40 MB) 48.7 / 43.9 ms, their 16 reads 74.2 / 69.6 ms, a lookup of
+/// 1000 keys 1.13 / 1.7-2.0 ms. Every node shares the client's two cores here, so this shows
+/// the routing's cost (a thread per node per call, three servers on two cores), not a
+/// cluster's added bandwidth.
 fn cluster(c: &mut Criterion) {
     let server = RemoteServer::start(&[]);
     let cluster = RemoteCluster::start(3);
