@@ -224,9 +224,9 @@ cluster_ready() { # ports...
   local p info
   for p in "$@"; do
     info=$(cluster_info "$p") || return 1
-    [[ "$info" == *cluster_state:ok* ]] || return 1
-    [[ "$info" == *"cluster_known_nodes:$#"* ]] || return 1
-    [[ "$info" == *cluster_slots_assigned:16384* ]] || return 1
+    grep -qx "cluster_state:ok" <<<"$info" || return 1
+    grep -qx "cluster_known_nodes:$#" <<<"$info" || return 1
+    grep -qx "cluster_slots_assigned:16384" <<<"$info" || return 1
   done
 }
 
