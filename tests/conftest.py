@@ -118,3 +118,76 @@ def remote_tls_server(tmp_path):
     server = RemoteServer(tls_dir=tmp_path / "tls")
     yield server
     server.stop()
+
+
+class RemoteCluster:
+    """A Valkey/Redis Cluster of three primaries on loopback, started, restarted and stopped by
+    ``scripts/remote-store.sh cluster`` (state in a temp dir)."""
+
+    def __init__(self, dir: Path, primaries: int = 3) -> None:
+        self.dir = dir
+        self.ports = _cluster_ports(primaries)
+        self.start()
+
+    def _script(self, *args: str) -> str:
+        import subprocess
+
+        out = subprocess.run([str(ROOT / "scripts" / "remote-store.sh"), "cluster", *args],
+                             check=True, capture_output=True, text=True, timeout=120)
+        return out.stdout.strip()
+
+    @property
+    def url(self) -> str:
+        return self._script("url", str(self.dir))
+
+    def start(self) -> None:
+        """Starts the nodes that are not running (a killed one rejoins, empty)."""
+        self._script("start", str(self.dir), *map(str, self.ports))
+
+    def stop(self) -> None:
+        self._script("stop", str(self.dir))
+
+    def kill(self, i: int) -> None:
+        """SIGKILLs node ``i`` and waits until its port refuses connections."""
+        import os
+        import signal
+        import socket
+        import time
+
+        os.kill(int((self.dir / str(self.ports[i]) / "pid").read_text()), signal.SIGKILL)
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.ports[i]), timeout=1).close()
+            except OSError:
+                return
+            time.sleep(0.02)
+
+
+def _cluster_ports(n: int) -> list[int]:
+    """Free loopback ports whose cluster bus ports (port + 10000) are free too."""
+    import os
+    import socket
+
+    def free(p: int) -> bool:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", p))
+                return True
+            except OSError:
+                return False
+
+    ports: list[int] = []
+    p = 30000 + (os.getpid() * 31) % 4000
+    while len(ports) < n:
+        if free(p) and free(p + 10000):
+            ports.append(p)
+        p += 1
+    return ports
+
+
+@pytest.fixture
+def remote_cluster(tmp_path):
+    """A fresh three-primary cluster per test (a test may kill and restart a node)."""
+    cluster = RemoteCluster(tmp_path / "cluster")
+    yield cluster
+    cluster.stop()

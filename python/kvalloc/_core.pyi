@@ -263,7 +263,8 @@ class KVCacheManager:
         caching and eviction policies. Lower tiers (each off unless given a capacity): ``host_bytes`` of host memory (L2),
         ``disk_bytes`` of files under ``disk_dir`` (L3, survives restarts), ``remote_bytes`` in
         a Valkey/Redis store at ``remote_url`` (``redis://host:port/db``, or ``rediss://`` for
-        TLS; optional ACL user, password and key prefix). Each call to the remote store has a
+        TLS; a cluster: ``redis+cluster://host:port,host:port`` listing seed nodes, or
+        ``rediss+cluster://``; optional ACL user, password and key prefix). Each call to the remote store has a
         deadline of ``remote_timeout_ms`` (None: 50 ms; connecting included): past it a read is
         a miss and a write a failed write (counted in its ``timeouts``), so a hung server
         never holds a step for long. Over TLS the server's certificate must be signed by the CA

@@ -327,3 +327,147 @@ pub fn retry_until_up(
         }
     }
 }
+
+/// A Valkey/Redis Cluster of primaries on loopback, started by `scripts/remote-store.sh cluster
+/// start` (state in a temp dir), stopped by `cluster stop` on drop.
+pub struct RemoteCluster {
+    dir: TempDir,
+    pub ports: Vec<u16>,
+}
+
+impl RemoteCluster {
+    /// Starts `primaries` nodes (at least 3) on free ports and waits for `cluster_state:ok`.
+    pub fn start(primaries: usize) -> RemoteCluster {
+        let dir = TempDir::new("cluster");
+        let ports = cluster_ports(primaries);
+        let c = RemoteCluster { dir, ports };
+        c.script("start");
+        c
+    }
+
+    fn script(&self, sub: &str) -> String {
+        let mut args: Vec<std::ffi::OsString> = vec!["cluster".into(), sub.into()];
+        args.push(self.dir.path().into());
+        if sub == "start" {
+            args.extend(self.ports.iter().map(|p| p.to_string().into()));
+        }
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        remote_store_script(&args)
+    }
+
+    /// `redis+cluster://127.0.0.1:P1,...` (every node a seed), from the script.
+    pub fn url(&self) -> String {
+        self.script("url")
+    }
+
+    /// A plain connection to node `i` (for raw commands: `CLUSTER ...`, `MIGRATE`).
+    pub fn node(&self, i: usize) -> redis::Connection {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.ports[i]))
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// The pid of node `i` (from its pidfile).
+    fn pid(&self, i: usize) -> i32 {
+        let f = self.dir.path().join(self.ports[i].to_string()).join("pid");
+        std::fs::read_to_string(&f)
+            .unwrap_or_else(|e| panic!("{}: {e}", f.display()))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// Sends `sig` to node `i` (SIGSTOP makes it hang, SIGCONT resumes it).
+    pub fn signal(&self, i: usize, sig: i32) {
+        let pid = self.pid(i);
+        // SAFETY: kill(2) on a server pid the script started; no memory is passed.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// Kills node `i` (SIGKILL) and waits until its port refuses connections.
+    pub fn kill(&self, i: usize) {
+        self.signal(i, libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.ports[i])).is_ok() {
+            assert!(Instant::now() < deadline, "node {i} still answers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the nodes that are not running (a killed one rejoins with its slots, empty) and
+    /// waits for the cluster to be ok again.
+    pub fn restart(&self) {
+        self.script("start");
+    }
+
+    /// Which node (index in `ports`) serves `key` now.
+    pub fn owner(&self, key: &str) -> usize {
+        let mut c = self.node(0);
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut c)
+            .unwrap();
+        self.slot_owner(slot as u16)
+    }
+
+    /// Which node serves `slot`, as node 0 sees it.
+    pub fn slot_owner(&self, slot: u16) -> usize {
+        let mut c = self.node(0);
+        let ranges: Vec<(i64, i64, (String, i64))> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query::<Vec<redis::Value>>(&mut c)
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let redis::Value::Array(v) = r else {
+                    panic!("{r:?}")
+                };
+                let node: Vec<redis::Value> = redis::from_redis_value(&v[2]).unwrap();
+                (
+                    redis::from_redis_value(&v[0]).unwrap(),
+                    redis::from_redis_value(&v[1]).unwrap(),
+                    (
+                        redis::from_redis_value(&node[0]).unwrap(),
+                        redis::from_redis_value(&node[1]).unwrap(),
+                    ),
+                )
+            })
+            .collect();
+        let (_, _, (_, port)) = ranges
+            .iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&i64::from(slot)))
+            .expect("slot served");
+        self.ports
+            .iter()
+            .position(|&p| i64::from(p) == *port)
+            .unwrap()
+    }
+}
+
+impl Drop for RemoteCluster {
+    fn drop(&mut self) {
+        let _ = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/remote-store.sh"))
+            .args(["cluster", "stop"])
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+/// `n` free loopback ports whose cluster bus ports (port + 10000) are free too, below the
+/// ephemeral range so that the bus port exists.
+fn cluster_ports(n: usize) -> Vec<u16> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let base = 20000 + (std::process::id() as u64 * 37) % 9000;
+    let mut ports = Vec::new();
+    while ports.len() < n {
+        let p = (base + NEXT.fetch_add(1, Ordering::Relaxed)) as u16;
+        assert!(p < 30000, "no free cluster ports");
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(p) && free(p + 10000) {
+            ports.push(p);
+        }
+    }
+    ports
+}

@@ -27,6 +27,39 @@
 //! [`RemoteConfig::max_batch_bytes`]. The `redis` crate does the connection (TCP or TLS) and
 //! the reply parsing.
 //!
+//! # Cluster
+//!
+//! A `redis+cluster://[[user]:password@]host:port[,host:port...]` URL (also `valkey+cluster://`,
+//! and `rediss+cluster://` / `valkeys+cluster://` for TLS, each node with the same TLS
+//! settings) puts the store on a Valkey/Redis Cluster. The seeds are tried in order for the
+//! slot map (`CLUSTER SLOTS`, at open or at the first call that finds none); the nodes it names
+//! are reached as they are needed, each with its own connection, deadline and back-off as
+//! above. Only primaries are read from and written to. A single-server URL never routes.
+//!
+//! Keys carry a hash tag in a cluster, `<prefix>:<namespace>:{<id>}:<group>`, so the groups of
+//! one block (read together on a hit) share a slot, and blocks spread evenly over the
+//! primaries by their keyed ids. Why per block and not per prefix: a store key names a block
+//! only by its record id (a one-way function of its chain, see [`RecordKeys`]), which holds no
+//! trace of the prefix it extends, so the tiers would have to carry an anchor id (the id of
+//! the first block of the block's prefix chunk) in every key they pass down to place a prefix's
+//! blocks together. Per block, a tenant's hot prefix is spread over the nodes, and a lookup or
+//! a batched write asks every node involved at once (one pipeline per node, the nodes in
+//! parallel threads). The cost: a dead primary leaves holes in most long prefixes, and a
+//! prefix hit ends at its first hole (prefix chunks, each on one node, would lose whole
+//! chunks instead; see the crate's issues).
+//!
+//! Every batched call groups its commands per node (one pipeline each, under the call's one
+//! deadline), so a hung or dead node fails only its own records: a read of them is
+//! `Unavailable` (a miss), a write a failed write, a lookup reports them absent (a lookup
+//! fails only when no node answered). A `MOVED` reply (the slot has a new owner) updates the
+//! slot map and the command is sent on; an `ASK` reply (the slot is being migrated) sends it on
+//! once with `ASKING` first; at most three hops, within the deadline. A node that fails makes
+//! the slot map due for a reload (from a connected node, a reconnect interval later): a
+//! replica promoted in a dead primary's place, at its own address, is learned that way, since
+//! the dead node sends no `MOVED`. `CLUSTERDOWN`,
+//! `TRYAGAIN` and the like are `Unavailable`. Routing is done here rather than by the redis
+//! crate's `cluster` feature for the fault model above (see `remote/cluster.rs`).
+//!
 //! # Faults
 //!
 //! - Every call (each [`BlockStore`] method, and [`ping`](RemoteStore::ping)) has one deadline,
@@ -45,8 +78,8 @@
 //!   [`RemoteConfig::max_reconnect_interval`]; between attempts calls fail at once, so a dead
 //!   or hung server does not slow every scheduler step. The streak of failures ends with the
 //!   first reply received, not with a connect (a hung server still accepts connections). A
-//!   failed call counts `unavailable` once (a failed `put_many` returns `Unavailable` for each
-//!   of its records).
+//!   failed call counts `unavailable` once, in a cluster once per node that failed (a failed
+//!   `put_many` returns `Unavailable` for each of its records).
 //! - A server out of memory (`OOM` reply, `maxmemory` with `noeviction`) is
 //!   [`StoreError::Full`] for that record (`writes_skipped_full`).
 //! - A wrong password or ACL user is `Unavailable` with "authentication failed" in its message;
@@ -76,17 +109,23 @@ use super::store::{
 };
 use crate::error::Error;
 
+mod cluster;
+mod node;
 mod tls;
 mod wire;
 
+use cluster::{Redirect, SLOTS};
+use node::{Backoff, Node};
 use tls::{install_tls_provider, tls_certificates, tls_settings_need_tls};
-use wire::{push_command, push_getrange, push_set, round_trip, time_left};
+use wire::{push_command, push_getrange, push_set};
 
 /// Settings of a [`RemoteStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RemoteConfig {
     /// `redis://[[user]:password@]host:port[/db]` (also `valkey://`), or `rediss://...` (also
-    /// `valkeys://`) for TLS.
+    /// `valkeys://`) for TLS. A cluster: `redis+cluster://[[user]:password@]host:port[,host:port
+    /// ...]` (also `valkey+cluster://`; `rediss+cluster://` or `valkeys+cluster://` for TLS),
+    /// listing seed nodes, one of which must answer (see the module docs).
     pub url: String,
     /// ACL user name; overrides one given in the URL.
     pub username: Option<String>,
@@ -157,8 +196,10 @@ pub struct RemoteStore {
     keys: RecordKeys,
     /// The key prefix in use (given or derived).
     prefix: String,
-    client: redis::Client,
-    conn: Option<redis::Connection>,
+    /// The server; in a cluster, the seeds first, then the nodes learned since.
+    nodes: Vec<Node>,
+    /// A cluster's routing (None: one server, `nodes[0]`).
+    cluster: Option<Cluster>,
     /// Sent on each new connection before anything else.
     hello: Hello,
     /// The current call's deadline: set by its first round trip (or connection attempt), so
@@ -166,12 +207,6 @@ pub struct RemoteStore {
     deadline: Option<Instant>,
     /// How long the current call may take (`timeout`, or `lookup_timeout` for a lookup).
     call_timeout: Duration,
-    /// No connection attempt before this instant (set after a failure).
-    retry_at: Option<Instant>,
-    /// Why the last connection failed, for the next `Unavailable` message.
-    last_failure: String,
-    /// Consecutive failures since the last reply (sets the back-off).
-    failures: u32,
     counters: StoreCounters,
     /// Layers and layer bytes last seen per group, so a range read is one round trip.
     geometry: HashMap<u16, (u32, u32)>,
@@ -185,7 +220,11 @@ impl std::fmt::Debug for RemoteStore {
         f.debug_struct("RemoteStore")
             .field("key_prefix", &self.prefix)
             .field("keys", &self.keys)
-            .field("connected", &self.conn.is_some())
+            .field(
+                "nodes",
+                &self.nodes.iter().map(|n| &n.addr).collect::<Vec<_>>(),
+            )
+            .field("connected", &self.is_connected())
             .finish_non_exhaustive()
     }
 }
@@ -238,6 +277,34 @@ impl Hello {
     }
 }
 
+/// A cluster's routing state.
+struct Cluster {
+    /// The node (index in `nodes`) serving each slot; `NO_NODE` until the map is loaded.
+    slots: Vec<u16>,
+    /// Whether a `CLUSTER SLOTS` map has been loaded.
+    loaded: bool,
+    /// Reload the map from this instant on (set when a node fails: its slots may have a new
+    /// owner, a replica promoted at another address, which only a live node can tell).
+    reload_at: Option<Instant>,
+    /// How to reach a node learned from the cluster (its scheme and TLS settings).
+    tls: Option<redis::TlsCertificates>,
+}
+
+impl Cluster {
+    fn needs_load(&self) -> bool {
+        !self.loaded || self.reload_at.is_some_and(|at| Instant::now() >= at)
+    }
+}
+
+const NO_NODE: u16 = u16::MAX;
+
+/// One command's reply, or why it could not be had (a redirection that failed).
+type Reply = Result<Value, StoreError>;
+
+/// Most redirections one command follows (a slot moving twice while in flight is rare; a loop
+/// is a misconfigured cluster).
+const MAX_HOPS: usize = 3;
+
 /// Why a connection attempt or a round trip failed.
 #[derive(Debug)]
 struct Failure {
@@ -285,8 +352,12 @@ impl RemoteStore {
     pub fn open(cfg: RemoteConfig) -> Result<RemoteStore, Error> {
         let mut store = Self::new(cfg)?;
         store.start_call();
-        if let Err(f) = store.connect_now() {
-            store.schedule_retry(f.why);
+        let deadline = store.deadline();
+        let backoff = store.backoff();
+        if store.cluster.is_some() {
+            let _ = store.load_slots(deadline); // else: loaded by a later call
+        } else {
+            store.nodes[0].try_connect(&store.hello, deadline, backoff);
         }
         Ok(store)
     }
@@ -305,38 +376,26 @@ impl RemoteStore {
 
     /// A store on `cfg`, validated, not connected.
     fn new(cfg: RemoteConfig) -> Result<RemoteStore, Error> {
-        let mut info = cfg
-            .url
-            .as_str()
-            .into_connection_info()
-            .map_err(|e| bad("url", format!("{:?}: {e}", redact(&cfg.url))))?;
-        let tls = match info.addr {
-            redis::ConnectionAddr::Tcp(..) => false,
-            redis::ConnectionAddr::TcpTls { insecure: true, .. } => {
-                return Err(bad(
-                    "url",
-                    "#insecure (TLS without certificate checks) is not supported; give the \
-                     server's CA as tls_ca instead"
-                        .into(),
-                ))
-            }
-            redis::ConnectionAddr::TcpTls { .. } => true,
-            _ => {
-                return Err(bad(
-                    "url",
-                    "only redis:// (TCP) and rediss:// (TLS) addresses are supported".into(),
-                ))
-            }
+        let seeds = match cluster::seed_urls(&cfg.url) {
+            None => None,
+            Some(Ok(seeds)) => Some(seeds),
+            Some(Err(why)) => return Err(bad("url", format!("{:?}: {why}", redact(&cfg.url)))),
         };
+        let urls = seeds.clone().unwrap_or_else(|| vec![cfg.url.clone()]);
+        let mut infos = Vec::with_capacity(urls.len());
+        for url in &urls {
+            infos.push(parse_url(url)?);
+        }
+        let tls = matches!(infos[0].addr, redis::ConnectionAddr::TcpTls { .. });
+        let mut first = infos[0].redis.clone();
         if cfg.username.is_some() {
-            info.redis.username = cfg.username.clone();
+            first.username = cfg.username.clone();
         }
         if cfg.password.is_some() {
-            info.redis.password = cfg.password.clone();
+            first.password = cfg.password.clone();
         }
         // The store authenticates and selects the database itself, under its deadline.
-        let hello = Hello::new(&info.redis);
-        info.redis = redis::RedisConnectionInfo::default();
+        let hello = Hello::new(&first);
         if cfg.timeout.is_zero() {
             return Err(bad("timeout", "must be positive".into()));
         }
@@ -351,26 +410,33 @@ impl RemoteStore {
             Some(p) => p.clone(),
             None => format!("kvalloc-{:016x}", keys.tag()),
         };
-        let client = if tls {
+        let certs = if tls {
             install_tls_provider();
-            redis::Client::build_with_tls(info, tls_certificates(&cfg)?)
+            Some(tls_certificates(&cfg)?)
         } else {
             tls_settings_need_tls(&cfg)?;
-            redis::Client::open(info)
+            None
+        };
+        let mut nodes = Vec::with_capacity(infos.len());
+        for info in infos {
+            let addr = info.addr.to_string();
+            nodes.push(Node::new(addr, client_for(info, certs.as_ref())?));
         }
-        .map_err(|e| bad("url", e.to_string()))?;
+        let cluster = seeds.map(|_| Cluster {
+            slots: vec![NO_NODE; SLOTS],
+            loaded: false,
+            reload_at: None,
+            tls: certs,
+        });
         Ok(RemoteStore {
             deadline: None,
             call_timeout: cfg.timeout,
             cfg,
             keys,
             prefix,
-            client,
-            conn: None,
+            nodes,
+            cluster,
             hello,
-            retry_at: None,
-            last_failure: String::new(),
-            failures: 0,
             counters: StoreCounters::default(),
             geometry: HashMap::new(),
             buf: Vec::new(),
@@ -379,19 +445,37 @@ impl RemoteStore {
     }
 
     /// Round trip to the server (connecting if needed).
+    /// In a cluster, every node that serves slots is pinged (in parallel), and the first
+    /// failure is the answer.
     pub fn ping(&mut self) -> Result<(), StoreError> {
         self.start_call();
-        self.buf.clear();
-        push_command(&mut self.buf, &[b"PING"]);
-        match self.exchange(1)?.pop().expect("1 reply") {
-            Value::ServerError(e) => Err(self.server_error(e.into())),
-            _ => Ok(()),
+        let targets: Vec<usize> = match &self.cluster {
+            None => vec![0],
+            Some(_) => {
+                let deadline = self.deadline();
+                self.load_slots(deadline)?;
+                self.serving_nodes()
+            }
+        };
+        let mut ping = Vec::new();
+        push_command(&mut ping, &[b"PING"]);
+        let jobs = targets.into_iter().map(|n| (n, ping.clone(), 1)).collect();
+        for (_, r) in self.run(jobs) {
+            if let Value::ServerError(e) = r?.pop().expect("1 reply")? {
+                return Err(self.server_error(e.into()));
+            }
         }
+        Ok(())
     }
 
-    /// Whether a connection is currently open.
+    /// Whether a connection is currently open (in a cluster: to any node).
     pub fn is_connected(&self) -> bool {
-        self.conn.is_some()
+        self.nodes.iter().any(Node::is_connected)
+    }
+
+    /// Whether the store routes over a cluster (a `redis+cluster://` URL).
+    pub fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
     }
 
     /// The settings.
@@ -405,9 +489,16 @@ impl RemoteStore {
     }
 
     /// The server key of a record.
+    /// In a cluster the record id is the key's hash tag, so that all groups of a block share
+    /// a slot (see the module docs).
     pub fn key(&self, key: BlockKey) -> String {
+        let (open, close) = if self.cluster.is_some() {
+            ("{", "}")
+        } else {
+            ("", "")
+        };
         format!(
-            "{}:{:016x}:{:016x}:{}",
+            "{}:{:016x}:{open}{:016x}{close}:{}",
             self.prefix,
             self.keys.namespace(),
             key.hash,
@@ -433,70 +524,247 @@ impl RemoteStore {
         *self.deadline.get_or_insert_with(|| Instant::now() + t)
     }
 
-    /// Opens and authenticates a connection if there is none, within the call's deadline.
-    /// Does not look at the back-off (see `exchange`).
-    fn connect_now(&mut self) -> Result<(), Failure> {
-        if self.conn.is_some() {
-            return Ok(());
+    fn backoff(&self) -> Backoff {
+        Backoff {
+            first: self.cfg.reconnect_interval,
+            max: self.cfg.max_reconnect_interval,
         }
-        let deadline = self.deadline();
-        let left = time_left(deadline).ok_or_else(Failure::late)?;
-        let mut conn = self.client.get_connection_with_timeout(left)?;
-        if self.hello.len() > 0 {
-            let replies = round_trip(&mut conn, &self.hello.commands, self.hello.len(), deadline)?;
-            if let Some(why) = self.hello.refusal(&replies) {
-                return Err(Failure::new(why));
+    }
+
+    /// The node serving `rkey`: the server, or in a cluster its slot's owner (loading the
+    /// slot map first if need be).
+    fn node_of(&mut self, rkey: &[u8]) -> Result<usize, StoreError> {
+        let Some(c) = &self.cluster else {
+            return Ok(0);
+        };
+        let slot = usize::from(cluster::slot_of(rkey));
+        if c.needs_load() {
+            let deadline = self.deadline();
+            self.load_slots(deadline)?;
+        }
+        match self.cluster.as_ref().map(|c| c.slots[slot]) {
+            Some(NO_NODE) | None => {
+                self.counters.unavailable += 1;
+                Err(StoreError::Unavailable(format!(
+                    "cluster slot {slot} has no node"
+                )))
+            }
+            Some(n) => Ok(usize::from(n)),
+        }
+    }
+
+    /// The nodes that serve at least one slot.
+    fn serving_nodes(&self) -> Vec<usize> {
+        let mut seen = vec![false; self.nodes.len()];
+        if let Some(c) = &self.cluster {
+            for &n in c.slots.iter().filter(|&&n| n != NO_NODE) {
+                seen[usize::from(n)] = true;
             }
         }
-        self.conn = Some(conn);
+        (0..seen.len()).filter(|&i| seen[i]).collect()
+    }
+
+    /// Loads the slot map with `CLUSTER SLOTS` unless it is loaded and no reload is due: from
+    /// the first node that answers, connected nodes first (a node that just failed is tried
+    /// last, not waited for first), then the seeds and the others in order. Each node's
+    /// back-off applies. All failing is `Unavailable` when there is no map yet; a map already
+    /// loaded stays in use and the reload is tried again a reconnect interval later.
+    fn load_slots(&mut self, deadline: Instant) -> Result<(), StoreError> {
+        if !self.cluster.as_ref().is_some_and(Cluster::needs_load) {
+            return Ok(());
+        }
+        let mut cmd = Vec::new();
+        push_command(&mut cmd, &[b"CLUSTER", b"SLOTS"]);
+        let mut why = String::new();
+        let mut order: Vec<usize> = (0..self.nodes.len()).collect();
+        order.sort_by_key(|&i| !self.nodes[i].is_connected());
+        for i in order {
+            let backoff = self.backoff();
+            let reply = self.nodes[i].exchange(&self.hello, &cmd, 1, deadline, backoff);
+            let host = host_of(&self.nodes[i].addr).to_string();
+            match reply.map(|mut v| v.pop().expect("1 reply")) {
+                Ok(Value::ServerError(e)) => {
+                    why = format!("{}: {}", self.nodes[i].addr, describe(&e.into()))
+                }
+                Ok(v) => match cluster::parse_slots(v, &host) {
+                    Ok(ranges) => return self.install_slots(&ranges),
+                    Err(e) => why = format!("{}: {e}", self.nodes[i].addr),
+                },
+                Err(f) => {
+                    why = format!("{}: {}", self.nodes[i].addr, f.why);
+                    if f.timed_out {
+                        self.counters.timeouts += 1;
+                    }
+                }
+            }
+        }
+        let retry = Instant::now() + self.cfg.reconnect_interval;
+        let c = self.cluster.as_mut().expect("a cluster");
+        if c.loaded {
+            c.reload_at = Some(retry);
+            return Ok(());
+        }
+        self.counters.unavailable += 1;
+        Err(StoreError::Unavailable(format!(
+            "no cluster node gave its slot map ({why})"
+        )))
+    }
+
+    fn install_slots(&mut self, ranges: &[cluster::SlotRange]) -> Result<(), StoreError> {
+        self.cluster
+            .as_mut()
+            .expect("a cluster")
+            .slots
+            .fill(NO_NODE);
+        for r in ranges {
+            let n = self.node_index(&r.addr).map_err(StoreError::Unavailable)?;
+            let c = self.cluster.as_mut().expect("a cluster");
+            c.slots[usize::from(r.first)..=usize::from(r.last)].fill(n);
+        }
+        let c = self.cluster.as_mut().expect("a cluster");
+        c.loaded = true;
+        c.reload_at = None;
         Ok(())
     }
 
-    /// Sends the `n` commands in `self.buf` and returns their replies (server errors as
-    /// `Value::ServerError`), connecting first if the back-off allows. A transport failure or
-    /// the deadline drops the connection: `Unavailable`.
-    fn exchange(&mut self, n: usize) -> Result<Vec<Value>, StoreError> {
-        if self.conn.is_none() {
-            if let Some(at) = self.retry_at.filter(|&at| Instant::now() < at) {
-                self.counters.unavailable += 1;
-                return Err(StoreError::Unavailable(format!(
-                    "not connected ({}); next attempt in {} ms",
-                    self.last_failure,
-                    (at - Instant::now()).as_millis()
-                )));
-            }
-            if let Err(f) = self.connect_now() {
-                return Err(self.transport_failure(f));
-            }
+    /// The index of the node at `addr` (`host:port`), added if new.
+    fn node_index(&mut self, addr: &str) -> Result<u16, String> {
+        if let Some(i) = self.nodes.iter().position(|n| n.addr == addr) {
+            return Ok(i as u16);
         }
-        let deadline = self.deadline();
-        let conn = self.conn.as_mut().expect("connected above");
-        match round_trip(conn, &self.buf, n, deadline) {
-            Ok(values) => {
-                self.failures = 0;
-                self.retry_at = None;
-                Ok(values)
-            }
-            Err(f) => Err(self.transport_failure(f)),
+        if self.nodes.len() >= usize::from(NO_NODE) {
+            return Err(format!("too many cluster nodes to add {addr}"));
         }
+        let c = self
+            .cluster
+            .as_ref()
+            .expect("nodes are learned in a cluster only");
+        let scheme = if c.tls.is_some() { "rediss" } else { "redis" };
+        let info = parse_url(&format!("{scheme}://{addr}")).map_err(|e| e.to_string())?;
+        let client = client_for(info, c.tls.as_ref()).map_err(|e| e.to_string())?;
+        self.nodes.push(Node::new(addr.to_string(), client));
+        Ok((self.nodes.len() - 1) as u16)
     }
 
-    /// Counts a failed call. Unless nothing was sent (or attempted), drops the connection (its
-    /// stream state is unknown: a late reply must not answer the next command) and schedules
-    /// the next attempt.
+    /// Sends the `n` commands in `self.buf`, all on the key `rkey`, to its node and returns
+    /// their replies, following redirections. A transport failure is `Unavailable`.
+    fn exchange(&mut self, rkey: &str, n: usize) -> Result<Vec<Value>, StoreError> {
+        let node = self.node_of(rkey.as_bytes())?;
+        let buf = std::mem::take(&mut self.buf);
+        let (buf, replies) = self.run(vec![(node, buf, n)]).pop().expect("one job");
+        self.buf = buf;
+        replies?.into_iter().collect()
+    }
+
+    /// Runs pipelines, one per job `(node, commands, count)` (at most one job per node), on
+    /// their nodes in parallel under the call's deadline, then follows the redirections in
+    /// their replies. Returns each job's buffer and replies (a failed job is `Unavailable`,
+    /// counted once; so is a redirected command that could not be sent on), in order.
+    #[allow(clippy::type_complexity)]
+    fn run(
+        &mut self,
+        jobs: Vec<(usize, Vec<u8>, usize)>,
+    ) -> Vec<(Vec<u8>, Result<Vec<Reply>, StoreError>)> {
+        let deadline = self.deadline();
+        let backoff = self.backoff();
+        let hello = &self.hello;
+        let mut results: Vec<Option<Result<Vec<Value>, Failure>>> = Vec::new();
+        results.resize_with(jobs.len(), || None);
+        if let [(node, buf, n)] = &jobs[..] {
+            results[0] = Some(self.nodes[*node].exchange(hello, buf, *n, deadline, backoff));
+        } else {
+            // One thread per node: a hung node holds its own thread to the deadline, not the
+            // others' replies.
+            let mut by_node: Vec<Option<&mut Node>> = self.nodes.iter_mut().map(Some).collect();
+            std::thread::scope(|s| {
+                for ((node, buf, n), out) in jobs.iter().zip(results.iter_mut()) {
+                    let node = by_node[*node].take().expect("one job per node");
+                    s.spawn(move || *out = Some(node.exchange(hello, buf, *n, deadline, backoff)));
+                }
+            });
+        }
+        let mut out = Vec::with_capacity(jobs.len());
+        for ((_, buf, _), r) in jobs.into_iter().zip(results) {
+            let r = match r.expect("every job ran") {
+                Ok(replies) => Ok(self.follow_redirects(&buf, replies, deadline)),
+                Err(f) => Err(self.transport_failure(f)),
+            };
+            out.push((buf, r));
+        }
+        out
+    }
+
+    /// Replaces each `MOVED`/`ASK` reply in `replies` (to the commands of `buf`) by the reply
+    /// of the node it names: `MOVED` also updates the slot map; `ASK` sends `ASKING` first. A
+    /// node that cannot be reached, or too many hops, is `Unavailable` for that command.
+    fn follow_redirects(
+        &mut self,
+        buf: &[u8],
+        replies: Vec<Value>,
+        deadline: Instant,
+    ) -> Vec<Reply> {
+        if !replies.iter().any(|r| Redirect::of(r).is_some()) {
+            return replies.into_iter().map(Ok).collect();
+        }
+        let commands = cluster::split_commands(buf);
+        replies
+            .into_iter()
+            .zip(commands)
+            .map(|(reply, range)| self.follow(&buf[range], reply, deadline))
+            .collect()
+    }
+
+    /// Follows `reply`'s redirections of the command `cmd`, if any.
+    fn follow(&mut self, cmd: &[u8], mut reply: Value, deadline: Instant) -> Reply {
+        let mut hops = 0;
+        while let Some(to) = Redirect::of(&reply) {
+            if hops == MAX_HOPS || self.cluster.is_none() {
+                self.counters.unavailable += 1;
+                return Err(StoreError::Unavailable(format!(
+                    "{} redirections, the last to {}",
+                    hops + 1,
+                    to.addr
+                )));
+            }
+            hops += 1;
+            let node = self.node_index(&to.addr).map_err(|why| {
+                self.counters.unavailable += 1;
+                StoreError::Unavailable(why)
+            })?;
+            let mut send = Vec::with_capacity(cmd.len() + 16);
+            if to.ask {
+                push_command(&mut send, &[b"ASKING"]);
+            } else if let Some(c) = self.cluster.as_mut() {
+                c.slots[usize::from(to.slot)] = node;
+            }
+            send.extend_from_slice(cmd);
+            let n = 1 + usize::from(to.ask);
+            let backoff = self.backoff();
+            let r =
+                self.nodes[usize::from(node)].exchange(&self.hello, &send, n, deadline, backoff);
+            reply = match r {
+                Ok(mut v) => v.pop().expect("replies"),
+                Err(f) => return Err(self.transport_failure(f)),
+            };
+        }
+        Ok(reply)
+    }
+
+    /// Counts a failed round trip (the node has dropped its connection if anything was sent).
+    /// In a cluster, a node that failed makes the slot map due for a reload.
     fn transport_failure(&mut self, f: Failure) -> StoreError {
+        if let Some(c) = self.cluster.as_mut().filter(|_| !f.clean) {
+            c.reload_at
+                .get_or_insert(Instant::now() + self.cfg.reconnect_interval);
+        }
         self.counters.unavailable += 1;
         if f.timed_out {
             self.counters.timeouts += 1;
         }
-        if !f.clean {
-            self.conn = None;
-            self.schedule_retry(f.why.clone());
-        }
         StoreError::Unavailable(if f.timed_out {
             format!(
                 "timed out after {} ms: {}",
-                self.cfg.timeout.as_millis(),
+                self.call_timeout.as_millis(),
                 f.why
             )
         } else {
@@ -504,20 +772,32 @@ impl RemoteStore {
         })
     }
 
-    /// No attempt before `reconnect_interval * 2^(failures - 1)` (capped) from now.
-    fn schedule_retry(&mut self, why: String) {
-        let backoff = self
-            .cfg
-            .reconnect_interval
-            .saturating_mul(1 << self.failures.min(16))
-            .min(
-                self.cfg
-                    .max_reconnect_interval
-                    .max(self.cfg.reconnect_interval),
-            );
-        self.failures = self.failures.saturating_add(1);
-        self.retry_at = Some(Instant::now() + backoff);
-        self.last_failure = why;
+    /// In a cluster, loads the slot map unless it is loaded and no reload is due (within the
+    /// call's deadline).
+    fn route_ready(&mut self) -> Result<(), StoreError> {
+        if !self.cluster.as_ref().is_some_and(Cluster::needs_load) {
+            return Ok(());
+        }
+        let deadline = self.deadline();
+        self.load_slots(deadline)
+    }
+
+    /// The result of one `SET` of `bytes` payload bytes, counted.
+    fn set_reply(&mut self, v: Value, bytes: usize) -> Result<(), StoreError> {
+        match v {
+            Value::Okay | Value::SimpleString(_) => {
+                self.counters.puts += 1;
+                self.counters.bytes_written += bytes as u64;
+                Ok(())
+            }
+            Value::ServerError(e) => Err(self.server_error(e.into())),
+            other => {
+                self.counters.io_errors += 1;
+                Err(StoreError::Io(format!(
+                    "unexpected reply to SET: {other:?}"
+                )))
+            }
+        }
     }
 
     /// Classifies one command's server error reply.
@@ -530,6 +810,13 @@ impl RemoteStore {
             Some("NOAUTH") | Some("WRONGPASS") | Some("NOPERM") => {
                 self.counters.unavailable += 1;
                 StoreError::Unavailable(format!("authentication failed: {}", describe(&e)))
+            }
+            // A cluster without a quorum or a slot's owner, a failover or a migration under
+            // way, a redirection loop: that node's records are unreachable for now.
+            Some("CLUSTERDOWN") | Some("TRYAGAIN") | Some("MASTERDOWN") | Some("LOADING")
+            | Some("MOVED") | Some("ASK") => {
+                self.counters.unavailable += 1;
+                StoreError::Unavailable(describe(&e))
             }
             _ => {
                 self.counters.io_errors += 1;
@@ -557,7 +844,7 @@ impl RemoteStore {
                 self.buf.clear();
                 push_getrange(&mut self.buf, &rkey, 0, header_len(layers));
                 push_getrange(&mut self.buf, &rkey, start, dst.len());
-                let mut replies = self.exchange(2)?.into_iter();
+                let mut replies = self.exchange(&rkey, 2)?.into_iter();
                 let head = self.bulk(replies.next().expect("2 replies"))?;
                 // A record of another geometry than the guess (its header may be longer than
                 // what was fetched) falls through to the exact path below.
@@ -572,7 +859,7 @@ impl RemoteStore {
         }
         self.buf.clear();
         push_getrange(&mut self.buf, &rkey, 0, header_len(PROBE_LAYERS));
-        let head = self.single_bulk()?;
+        let head = self.single_bulk(&rkey)?;
         let mut header = self.decode_header(&head, key);
         if let Err(StoreError::Corrupt(_)) = header {
             // Over PROBE_LAYERS layers: fetch the exact header length.
@@ -582,7 +869,7 @@ impl RemoteStore {
                     u32::from_le_bytes(head[at..at + 4].try_into().expect("4")).min(1 << 16);
                 self.buf.clear();
                 push_getrange(&mut self.buf, &rkey, 0, header_len(layers));
-                let head = self.single_bulk()?;
+                let head = self.single_bulk(&rkey)?;
                 header = self.decode_header(&head, key);
             }
         }
@@ -596,7 +883,7 @@ impl RemoteStore {
             header.encoded_len() + first_layer as usize * lb,
             dst.len(),
         );
-        let body = self.single_bulk()?;
+        let body = self.single_bulk(&rkey)?;
         finish_read(&self.keys, &header, first_layer, &body, dst)
     }
 
@@ -610,7 +897,7 @@ impl RemoteStore {
         let rkey = self.key(key);
         self.buf.clear();
         push_command(&mut self.buf, &[b"GET", rkey.as_bytes()]);
-        let value = self.single_bulk()?;
+        let value = self.single_bulk(&rkey)?;
         let header = self.decode_header(&value, key)?;
         header.check_range(first_layer, dst.len())?;
         let start = header.encoded_len() + first_layer as usize * header.layer_bytes as usize;
@@ -618,8 +905,8 @@ impl RemoteStore {
         finish_read(&self.keys, &header, first_layer, body, dst)
     }
 
-    fn single_bulk(&mut self) -> Result<Vec<u8>, StoreError> {
-        let reply = self.exchange(1)?.pop().expect("1 reply");
+    fn single_bulk(&mut self, rkey: &str) -> Result<Vec<u8>, StoreError> {
+        let reply = self.exchange(rkey, 1)?.pop().expect("1 reply");
         self.bulk(reply)
     }
 
@@ -676,67 +963,67 @@ impl BlockStore for RemoteStore {
 
     fn put_many(&mut self, items: &[(BlockKey, u32, &[u8])]) -> Vec<Result<(), StoreError>> {
         self.start_call(); // one deadline for all the pipelines
-        let mut results: Vec<Result<(), StoreError>> = Vec::with_capacity(items.len());
+        let mut results: Vec<Option<Result<(), StoreError>>> = vec![None; items.len()];
+        if let Err(e) = self.route_ready() {
+            return vec![Err(e); items.len()];
+        }
         let mut start = 0;
         while start < items.len() {
-            // One pipeline: records until the byte budget (at least one).
-            self.buf.clear();
+            // One round: records until the byte budget (at least one), one pipeline per node.
+            let mut round = Round::new(std::mem::take(&mut self.buf));
             let mut end = start;
-            let mut batch_ok = Vec::new();
             while end < items.len()
-                && (end == start || self.buf.len() + items[end].2.len() <= self.cfg.max_batch_bytes)
+                && (end == start || round.bytes + items[end].2.len() <= self.cfg.max_batch_bytes)
             {
                 let (key, lb, data) = items[end];
                 end += 1;
                 if lb == 0 || data.is_empty() || data.len() % lb as usize != 0 {
-                    batch_ok.push(Some(StoreError::Io(format!(
+                    results[end - 1] = Some(Err(StoreError::Io(format!(
                         "payload of {} bytes is not a whole, non-zero number of {lb}-byte layers",
                         data.len()
                     ))));
                     self.counters.io_errors += 1;
                     continue;
                 }
+                let rkey = self.key(key);
+                let node = match self.node_of(rkey.as_bytes()) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        results[end - 1] = Some(Err(e));
+                        continue;
+                    }
+                };
                 let header = RecordHeader::for_payload(&self.keys, key, lb, data);
                 self.header_buf.clear();
                 header.encode(&mut self.header_buf);
-                let rkey = self.key(key);
-                push_set(&mut self.buf, rkey.as_bytes(), &self.header_buf, data);
-                batch_ok.push(None);
+                round.push(node, end - 1, |buf| {
+                    push_set(buf, rkey.as_bytes(), &self.header_buf, data)
+                });
             }
-            let sent = batch_ok.iter().filter(|e| e.is_none()).count();
-            let mut replies = if sent > 0 {
-                match self.exchange(sent) {
-                    Ok(v) => Ok(v.into_iter()),
-                    Err(e) => Err(e),
+            let members = std::mem::take(&mut round.members);
+            let done = self.run(round.jobs);
+            for (j, ((buf, replies), members)) in done.into_iter().zip(members).enumerate() {
+                if j == 0 {
+                    self.buf = buf; // reused by the next round and call
                 }
-            } else {
-                Ok(Vec::new().into_iter())
-            };
-            for (i, pre) in batch_ok.into_iter().enumerate() {
-                let item = &items[start + i];
-                let r = match (pre, &mut replies) {
-                    (Some(e), _) => Err(e),
-                    (None, Err(e)) => Err(e.clone()),
-                    (None, Ok(it)) => match it.next().expect("one reply per SET") {
-                        Value::Okay | Value::SimpleString(_) => {
-                            self.counters.puts += 1;
-                            self.counters.bytes_written += item.2.len() as u64;
-                            Ok(())
+                match replies {
+                    Err(e) => members
+                        .iter()
+                        .for_each(|&i| results[i] = Some(Err(e.clone()))),
+                    Ok(replies) => {
+                        for (i, v) in members.into_iter().zip(replies) {
+                            let r = v.and_then(|v| self.set_reply(v, items[i].2.len()));
+                            results[i] = Some(r);
                         }
-                        Value::ServerError(e) => Err(self.server_error(e.into())),
-                        other => {
-                            self.counters.io_errors += 1;
-                            Err(StoreError::Io(format!(
-                                "unexpected reply to SET: {other:?}"
-                            )))
-                        }
-                    },
-                };
-                results.push(r);
+                    }
+                }
             }
             start = end;
         }
         results
+            .into_iter()
+            .map(|r| r.expect("every item has a result"))
+            .collect()
     }
 
     fn get_layers(
@@ -755,29 +1042,66 @@ impl BlockStore for RemoteStore {
         r
     }
 
+    /// In a cluster, the keys of a node that cannot be reached are reported absent (misses,
+    /// counted `unavailable`); the call fails only when no node answered.
     fn contains_many(&mut self, keys: &[BlockKey]) -> Result<Vec<bool>, StoreError> {
         self.start_lookup();
-        self.buf.clear();
-        for &k in keys {
-            let rkey = self.key(k);
-            push_command(&mut self.buf, &[b"EXISTS", rkey.as_bytes()]);
-        }
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        self.exchange(keys.len())?
-            .into_iter()
-            .map(|v| match v {
-                Value::Int(n) => Ok(n > 0),
-                Value::ServerError(e) => Err(self.server_error(e.into())),
-                other => {
-                    self.counters.io_errors += 1;
-                    Err(StoreError::Io(format!(
-                        "unexpected reply to EXISTS: {other:?}"
-                    )))
+        self.route_ready()?;
+        let mut round = Round::new(std::mem::take(&mut self.buf));
+        let mut found = vec![false; keys.len()];
+        let mut last_failure = None;
+        for (i, &k) in keys.iter().enumerate() {
+            let rkey = self.key(k);
+            match self.node_of(rkey.as_bytes()) {
+                Ok(node) => round.push(node, i, |buf| {
+                    push_command(buf, &[b"EXISTS", rkey.as_bytes()])
+                }),
+                Err(e) => last_failure = Some(e),
+            }
+        }
+        let members = std::mem::take(&mut round.members);
+        let mut answered = false;
+        for (j, ((buf, replies), members)) in
+            self.run(round.jobs).into_iter().zip(members).enumerate()
+        {
+            if j == 0 {
+                self.buf = buf;
+            }
+            let replies = match replies {
+                Ok(r) => r,
+                Err(e) => {
+                    last_failure = Some(e);
+                    continue;
                 }
-            })
-            .collect()
+            };
+            answered = true;
+            for (i, v) in members.into_iter().zip(replies) {
+                found[i] = match v {
+                    Err(_) => false, // counted where it failed
+                    Ok(Value::Int(n)) => n > 0,
+                    Ok(Value::ServerError(e)) => {
+                        let e = self.server_error(e.into());
+                        if self.cluster.is_none() {
+                            return Err(e);
+                        }
+                        false
+                    }
+                    Ok(other) => {
+                        self.counters.io_errors += 1;
+                        return Err(StoreError::Io(format!(
+                            "unexpected reply to EXISTS: {other:?}"
+                        )));
+                    }
+                };
+            }
+        }
+        match last_failure {
+            Some(e) if !answered => Err(e),
+            _ => Ok(found),
+        }
     }
 
     fn remove(&mut self, key: BlockKey) -> Result<(), StoreError> {
@@ -785,7 +1109,7 @@ impl BlockStore for RemoteStore {
         let rkey = self.key(key);
         self.buf.clear();
         push_command(&mut self.buf, &[b"UNLINK", rkey.as_bytes()]);
-        match self.exchange(1)?.pop().expect("1 reply") {
+        match self.exchange(&rkey, 1)?.pop().expect("1 reply") {
             Value::ServerError(e) => Err(self.server_error(e.into())),
             _ => Ok(()),
         }
@@ -797,6 +1121,48 @@ impl BlockStore for RemoteStore {
 
     fn keys(&self) -> &RecordKeys {
         &self.keys
+    }
+}
+
+/// The pipelines of one round of a batched call: one job per node, and which of the call's
+/// items each job's commands are, in order.
+struct Round {
+    jobs: Vec<(usize, Vec<u8>, usize)>,
+    members: Vec<Vec<usize>>,
+    /// Bytes of commands in all jobs.
+    bytes: usize,
+    /// A reused buffer for the first job.
+    spare: Option<Vec<u8>>,
+}
+
+impl Round {
+    fn new(mut spare: Vec<u8>) -> Round {
+        spare.clear();
+        Round {
+            jobs: Vec::new(),
+            members: Vec::new(),
+            bytes: 0,
+            spare: Some(spare),
+        }
+    }
+
+    /// Appends item `item`'s command (written by `write`) to `node`'s pipeline.
+    fn push(&mut self, node: usize, item: usize, write: impl FnOnce(&mut Vec<u8>)) {
+        let j = match self.jobs.iter().position(|j| j.0 == node) {
+            Some(j) => j,
+            None => {
+                let buf = self.spare.take().unwrap_or_default();
+                self.jobs.push((node, buf, 0));
+                self.members.push(Vec::new());
+                self.jobs.len() - 1
+            }
+        };
+        let job = &mut self.jobs[j];
+        let before = job.1.len();
+        write(&mut job.1);
+        self.bytes += job.1.len() - before;
+        job.2 += 1;
+        self.members[j].push(item);
     }
 }
 
@@ -823,6 +1189,46 @@ fn finish_read(
     header.verify_layers(keys, first_layer, body)?;
     dst.copy_from_slice(body);
     Ok(())
+}
+
+/// One server's URL, parsed and checked: TCP or TLS with certificate checks only.
+fn parse_url(url: &str) -> Result<redis::ConnectionInfo, Error> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| bad("url", format!("{:?}: {e}", redact(url))))?;
+    match info.addr {
+        redis::ConnectionAddr::Tcp(..) => Ok(info),
+        redis::ConnectionAddr::TcpTls { insecure: true, .. } => Err(bad(
+            "url",
+            "#insecure (TLS without certificate checks) is not supported; give the \
+             server's CA as tls_ca instead"
+                .into(),
+        )),
+        redis::ConnectionAddr::TcpTls { .. } => Ok(info),
+        _ => Err(bad(
+            "url",
+            "only redis:// (TCP) and rediss:// (TLS) addresses are supported".into(),
+        )),
+    }
+}
+
+/// A client of one server; the store sends `AUTH` and `SELECT` itself (see [`Hello`]).
+fn client_for(
+    mut info: redis::ConnectionInfo,
+    tls: Option<&redis::TlsCertificates>,
+) -> Result<redis::Client, Error> {
+    info.redis = redis::RedisConnectionInfo::default();
+    match tls {
+        Some(certs) => redis::Client::build_with_tls(info, certs.clone()),
+        None => redis::Client::open(info),
+    }
+    .map_err(|e| bad("url", e.to_string()))
+}
+
+/// The host of `host:port` (brackets of an IPv6 host removed).
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 fn bad(what: &str, message: String) -> Error {
@@ -893,5 +1299,33 @@ mod tests {
         let mut cfg = RemoteConfig::new("redis://127.0.0.1:1", 1);
         cfg.timeout = Duration::ZERO;
         assert!(RemoteStore::open(cfg).is_err());
+        // Cluster seed lists: database 0 only, TLS files only with a TLS scheme, and the
+        // password redacted like a single server's.
+        assert_eq!(
+            redact("redis+cluster://u:pw@a:1,b:2"),
+            "redis+cluster://u:***@a:1,b:2"
+        );
+        for url in [
+            "redis+cluster://127.0.0.1:1/3",
+            "redis+cluster://",
+            "redis+cluster://x:y:z",
+        ] {
+            let err = RemoteStore::open(RemoteConfig::new(url, 1)).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument { ref what, .. } if what == "url"),
+                "{url}: {err}"
+            );
+        }
+        let mut cfg = RemoteConfig::new("redis+cluster://127.0.0.1:1,127.0.0.1:2", 1);
+        cfg.tls_ca = Some("ca.crt".into());
+        assert!(RemoteStore::open(cfg).is_err());
+        let s = RemoteStore::open(RemoteConfig::new("valkey+cluster://127.0.0.1:1", 1)).unwrap();
+        assert!(s.is_cluster() && !s.is_connected());
+        assert!(s
+            .key(BlockKey {
+                hash: 0xab,
+                group: 3
+            })
+            .ends_with(":{00000000000000ab}:3"));
     }
 }
