@@ -142,6 +142,8 @@ fn a_prompt_stores_its_blocks_and_its_checkpoint() {
     assert!(log.is_empty());
     replay.blocks = m.cached_blocks().into_iter().collect();
     replay.resume = m.resume_points().into_iter().collect();
+    replay.view.blocks = replay.blocks.clone();
+    replay.view.resume = replay.resume.clone();
     replay.sync(&mut m, None).unwrap();
 }
 

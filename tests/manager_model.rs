@@ -565,6 +565,10 @@ impl Harness {
         let mut hashes = Vec::new();
         chain_tokens(root_seed(SALTS[salt as usize]), toks, B, &mut hashes);
         let est = events::router_hit(&self.replay.resume, &hashes, toks.len(), B);
+        let view = &self.replay.view;
+        prop_assert_eq!(view.resume_hit(&hashes, toks.len() as u64, B as u64), est);
+        // A naive router (stored blocks taken at face value) never finds less.
+        prop_assert!(view.stored_hit(&hashes, toks.len() as u64, B as u64, 0) >= hit);
         prop_assert!(est <= hit, "router estimate {} > hit {}", est, hit);
         let at_point = hit == 0
             || self

@@ -4,6 +4,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use kvalloc::events::CacheView;
+use kvalloc::tiers::Tier;
 use kvalloc::{CacheEvent, KVCacheManager};
 
 /// The `(group, hash)` blocks a stream of events says are cached.
@@ -12,10 +14,15 @@ pub struct Replay {
     pub blocks: HashSet<(usize, u64)>,
     /// The resume points the events say there are: chained hash -> block.
     pub resume: HashMap<u64, u32>,
-    /// Events applied so far, by kind: stored, removed, cleared, resumable, not resumable.
-    pub counts: [u64; 5],
+    /// The `(tier, group, hash)` blocks the events say the lower tiers hold.
+    pub tiers: HashSet<(Tier, usize, u64)>,
+    /// Events applied so far, by kind: stored, removed, cleared, resumable, not resumable,
+    /// tier stored, tier removed.
+    pub counts: [u64; 7],
     /// `Stored` events of promotions (no request).
     pub promoted: u64,
+    /// The crate's own consumer, fed the same events: must agree with the strict replay.
+    pub view: CacheView,
 }
 
 impl Replay {
@@ -26,6 +33,7 @@ impl Replay {
         events: &[CacheEvent],
         publisher: Option<Option<u64>>,
     ) -> Result<(), String> {
+        self.view.apply(events);
         for (i, e) in events.iter().enumerate() {
             match *e {
                 CacheEvent::Stored {
@@ -77,6 +85,23 @@ impl Replay {
                     }
                     self.counts[4] += 1;
                 }
+                CacheEvent::TierStored {
+                    tier,
+                    group,
+                    hash,
+                    block: _,
+                } => {
+                    if !self.tiers.insert((tier, group, hash)) {
+                        return Err(format!("event {i} {e:?}: stored twice in the tier"));
+                    }
+                    self.counts[5] += 1;
+                }
+                CacheEvent::TierRemoved { tier, group, hash } => {
+                    if !self.tiers.remove(&(tier, group, hash)) {
+                        return Err(format!("event {i} {e:?}: removed but not in the tier"));
+                    }
+                    self.counts[6] += 1;
+                }
             }
         }
         Ok(())
@@ -105,6 +130,19 @@ impl Replay {
                  not reported {missing:?}, reported but gone {extra:?}",
                 cached.len(),
                 self.blocks.len()
+            ));
+        }
+        let view = &self.view;
+        if (&view.blocks, &view.resume, &view.lower) != (&self.blocks, &self.resume, &self.tiers) {
+            return Err("CacheView disagrees with the replay".into());
+        }
+        let mut tiers: Vec<_> = self.tiers.iter().copied().collect();
+        tiers.sort_unstable();
+        if tiers != m.lower_blocks() {
+            return Err(format!(
+                "replayed tier events disagree with the lower tiers: {} replayed, {} held",
+                tiers.len(),
+                m.lower_blocks().len()
             ));
         }
         let mut resume: Vec<(u64, u32)> = self.resume.iter().map(|(&h, &b)| (h, b)).collect();

@@ -476,10 +476,11 @@ class KvallocKVCacheManager:
                 )
             elif kind == 1:
                 events.append(BlockRemoved(block_hashes=[h], medium="GPU", group_idx=group_of.get(group)))
-            else:
+            elif kind == 2:
                 from vllm.distributed.kv_events import AllBlocksCleared
 
                 events.append(AllBlocksCleared())
+            # Kinds 3-6 (resume points, lower tiers) have no vLLM event: see kvalloc.kv_events.
         running = set(self._ids.values())
         self._requests = {k: r for k, r in self._requests.items() if k in running}
         return events
