@@ -199,6 +199,25 @@ impl PyKVCacheManager {
         })
     }
 
+    /// uint64 array: the chained hashes of a prompt's whole blocks (token ids or
+    /// `BlockHashes`) under `salt`, as the KV events name them; changes nothing.
+    #[pyo3(signature = (tokens, salt = None))]
+    fn block_hashes<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        salt: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let prompt = OwnedPrompt::extract(tokens)?;
+        let salt = salt_arg(salt)?;
+        let hashes = py.detach(|| {
+            self.lock()?
+                .block_hashes(prompt.as_prompt(), salt.as_deref())
+                .py()
+        })?;
+        Ok(PyArray1::from_vec(py, hashes))
+    }
+
     /// Admits a request: returns the prompt tokens served from cache, or None when even
     /// eviction cannot make room. `max_tokens` schedules only that many prompt tokens now
     /// (chunked prefill; continue with `extend(req_id, n)`). Retention (the core's
