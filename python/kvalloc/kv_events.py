@@ -97,7 +97,7 @@ def vllm_events(
     batch: Mapping[str, np.ndarray],
     *,
     block_size: int,
-    tokens: Mapping[int, Sequence[int]] | None = None,
+    tokens: Mapping[int, Sequence[int] | np.ndarray] | None = None,
     group_idx: Sequence[int | None] | None = None,
     group_specs: Sequence[tuple[str, int | None]] | None = None,
 ) -> list[dict[str, Any]]:
@@ -198,10 +198,14 @@ def extension_events(
 def encode_batch(events: list[dict[str, Any]], ts: float, data_parallel_rank: int | None = 0) -> bytes:
     """msgpack of vLLM's ``KVEventBatch``: ``[ts, events, data_parallel_rank]`` (the rank left
     out when None, as msgspec omits a default)."""
-    import msgpack
-
     fields: list[Any] = [ts, events] if data_parallel_rank is None else [ts, events, data_parallel_rank]
-    return msgpack.packb(fields, use_bin_type=True)
+    try:
+        import msgpack  # type: ignore[import-untyped]
+    except ImportError:  # inside vLLM, whose msgspec writes the same bytes
+        import msgspec  # type: ignore[import-not-found]
+
+        return bytes(msgspec.msgpack.encode(fields))
+    return bytes(msgpack.packb(fields, use_bin_type=True))
 
 
 def group_specs_of(groups: Sequence[Any]) -> list[tuple[str, int | None]]:
@@ -209,7 +213,9 @@ def group_specs_of(groups: Sequence[Any]) -> list[tuple[str, int | None]]:
     return [("sliding_window", g.window) if g.kind == "sliding" else ("full_attention", None) for g in groups]
 
 
-def resume_hit(resume: Mapping[int, int], hashes: Sequence[int], num_tokens: int, block_size: int) -> int:
+def resume_hit(
+    resume: Mapping[int, int], hashes: Sequence[int] | np.ndarray, num_tokens: int, block_size: int
+) -> int:
     """A router's hit estimate for a prompt of ``num_tokens`` tokens whose chained block hashes
     are ``hashes``, from the resume points it replayed (hash -> block index): the deepest one on
     the chain, at most ``num_tokens - 1`` tokens. Never more than the instance's
@@ -236,8 +242,9 @@ class KVEventPublisher:
     """Publishes drained event batches in vLLM's wire format (see the module docs).
 
     ``endpoint``: the vLLM-format socket (``tcp://*:5557`` binds, as vLLM's default;
-    ``tcp://127.0.0.1:*`` binds a free port: read :attr:`endpoint`); ``extensions_endpoint``:
-    the socket for kvalloc's own events (None: not published). ``block_size``: the manager's
+    ``tcp://127.0.0.1:*`` binds a free port: read :attr:`endpoint`; None: none, where vLLM's
+    own publisher sends those events); ``extensions_endpoint``: the socket for kvalloc's own
+    events (None: not published). ``block_size``: the manager's
     ``block_tokens``. ``groups``: the model's groups (``spec.groups``), to tag stored blocks
     with vLLM's spec kind and window. Sends on the caller's thread (a PUB socket never blocks:
     past ``hwm`` queued messages per subscriber it drops, as vLLM's does). Not thread-safe:
@@ -245,7 +252,7 @@ class KVEventPublisher:
 
     def __init__(
         self,
-        endpoint: str = "tcp://*:5557",
+        endpoint: str | None = "tcp://*:5557",
         *,
         block_size: int,
         topic: str = "",
@@ -264,8 +271,8 @@ class KVEventPublisher:
         self.data_parallel_rank = data_parallel_rank
         self._group_specs = group_specs_of(groups) if groups is not None else None
         self._group_idx = list(group_idx) if group_idx is not None else None
-        self._ctx = zmq.Context.instance()
-        self._main = self._socket(endpoint, hwm)
+        self._ctx: Any = zmq.Context.instance()
+        self._main = self._socket(endpoint, hwm) if endpoint else None
         self._ext = self._socket(extensions_endpoint, hwm) if extensions_endpoint else None
         self._topics = (topic.encode(), extensions_topic.encode())
         self._seq = [0, 0]
@@ -286,9 +293,9 @@ class KVEventPublisher:
         return s
 
     @property
-    def endpoint(self) -> str:
-        """The vLLM-format socket's endpoint (the port a ``*`` port bound, resolved)."""
-        return _last_endpoint(self._main)
+    def endpoint(self) -> str | None:
+        """The vLLM-format socket's endpoint (the port a ``*`` port bound, resolved), or None."""
+        return None if self._main is None else _last_endpoint(self._main)
 
     @property
     def extensions_endpoint(self) -> str | None:
@@ -300,7 +307,7 @@ class KVEventPublisher:
         the next batch reaches it; False after ``timeout`` seconds."""
         sock = self._ext if extensions else self._main
         if sock is None:
-            raise ValueError("no extensions_endpoint was given")
+            raise ValueError(f"no {'extensions_' if extensions else ''}endpoint was given")
         if sock.poll(int(timeout * 1000)):
             sock.recv()  # b"\x01" + the topic subscribed to
             return True
@@ -310,7 +317,7 @@ class KVEventPublisher:
         self,
         batch: Mapping[str, np.ndarray] | None,
         *,
-        tokens: Mapping[int, Sequence[int]] | None = None,
+        tokens: Mapping[int, Sequence[int] | np.ndarray] | None = None,
         ts: float | None = None,
     ) -> tuple[int, int]:
         """Sends one drained batch (``take_events()`` or ``StepResult.events``; None sends
@@ -320,9 +327,11 @@ class KVEventPublisher:
         if batch is None or len(batch["kind"]) == 0:
             return 0, 0
         ts = time.time() if ts is None else ts
-        main = vllm_events(batch, block_size=self.block_size, tokens=tokens, group_idx=self._group_idx,
-                           group_specs=self._group_specs)
-        self._send(0, main, ts)
+        main: list[dict[str, Any]] = []
+        if self._main is not None:
+            main = vllm_events(batch, block_size=self.block_size, tokens=tokens, group_idx=self._group_idx,
+                               group_specs=self._group_specs)
+            self._send(0, main, ts)
         ext: list[dict[str, Any]] = []
         if self._ext is not None:
             ext = extension_events(batch, block_size=self.block_size, group_idx=self._group_idx)
