@@ -20,7 +20,8 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 deps=("maturin>=1.7,<2" "numpy>=1.24")
 if [ "$extras" = "test" ]; then
-  deps+=("pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" "mypy>=1.10" "matplotlib>=3.7")
+  deps+=("pytest>=8" "hypothesis>=6.100" "pytest-benchmark>=4" "mypy>=1.10" "matplotlib>=3.7"
+         "pyzmq>=25" "msgpack>=1.0")
 fi
 # One resolver run for all of them; a no-op when they are installed.
 .venv/bin/python -m pip install -q "${deps[@]}"

@@ -579,6 +579,9 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "KVCacheManager.room_bytes": (lambda w: w.m.room_bytes(), 0),
     "KVCacheManager.take_events": (lambda w: w.m.take_events(), 0),
     "KVCacheManager.cached_blocks": (lambda w: w.m.cached_blocks(), 0),
+    "KVCacheManager.resume_points": (lambda w: w.m.resume_points(), 0),
+    "KVCacheManager.block_hashes": (lambda w, a, b: w.m.block_hashes(a, b), 2),
+    "KVCacheManager.lower_blocks": (lambda w: w.m.lower_blocks(), 0),
     "KVCacheManager.reset_prefix_cache": (lambda w: w.m.reset_prefix_cache(), 0),
     # Only forward from the clock's reading: the shared manager's clock must stay usable.
     "KVCacheManager.set_clock": (lambda w, a: w.m.set_clock(a if not isinstance(a, (int, float)) else w.m.clock() + abs(a)),

@@ -1,6 +1,8 @@
-"""KV cache events through Python: one batch of numpy columns per drain, replayed against the
-blocks the manager caches (``cached_blocks``, ``stats``, ``residency``), the whole-cache reset,
-and events off by default, changing nothing."""
+"""KV cache events through Python: one batch of numpy columns per drain (or per ``step``),
+replayed against the blocks the manager caches (``cached_blocks``, ``stats``, ``residency``),
+its resume points (``resume_points``, and a router's estimate against ``match_prefix``) and its
+lower tiers (``lower_blocks``); the whole-cache reset, and events off by default, changing
+nothing."""
 
 import numpy as np
 import pytest
@@ -15,9 +17,10 @@ COLUMNS = {
     "parent": np.uint64,
     "has_parent": np.bool_,
     "block": np.int64,
+    "tier": np.int8,
     "req": np.int64,
 }
-STORED, REMOVED, CLEARED = 0, 1, 2
+STORED, REMOVED, CLEARED, RESUMABLE, NOT_RESUMABLE, TIER_STORED, TIER_REMOVED = range(7)
 
 
 def small_spec() -> ModelSpec:
@@ -39,44 +42,76 @@ def check_batch(ev: dict) -> int:
     for name, dtype in COLUMNS.items():
         assert ev[name].dtype == dtype, name
         assert ev[name].shape == (n,), name
-    stored = ev["kind"] == STORED
+    kind = ev["kind"]
+    assert np.all(kind <= TIER_REMOVED)
+    stored = kind == STORED
     assert np.all(ev["has_parent"][stored] == (ev["block"][stored] > 0))
     assert not ev["has_parent"][~stored].any()
-    assert np.all(ev["block"][~stored] == -1) and np.all(ev["req"][~stored] == -1)
-    assert np.all((ev["group"] == -1) == (ev["kind"] == CLEARED))
+    with_block = stored | (kind == RESUMABLE)
+    assert np.all(ev["block"][with_block] >= 0)
+    assert np.all(ev["block"][~with_block & (kind != TIER_STORED)] == -1)
+    assert np.all(ev["req"][~stored] == -1)
+    assert np.all((ev["group"] == -1) == np.isin(kind, [CLEARED, RESUMABLE, NOT_RESUMABLE]))
+    assert np.all((ev["tier"] == -1) == (kind < TIER_STORED))
     return n
 
 
 class Replay:
-    """The (group, hash) blocks the events say are cached."""
+    """What the events say: the (group, hash) blocks cached, the resume points (hash ->
+    block), the (tier, group, hash) blocks in the lower tiers."""
 
     def __init__(self) -> None:
         self.blocks: set[tuple[int, int]] = set()
-        self.counts = [0, 0, 0]
+        self.resume: dict[int, int] = {}
+        self.tiers: set[tuple[int, int, int]] = set()
+        self.counts = [0] * 7
 
     def apply(self, ev: dict, req: int | None = None) -> None:
         check_batch(ev)
         if req is not None:  # the request whose call this was stored every block
             assert np.all(ev["req"][ev["kind"] == STORED] == req)
-        for kind, group, h in zip(ev["kind"].tolist(), ev["group"].tolist(), ev["hash"].tolist()):
+        for kind, group, h, block, tier in zip(ev["kind"].tolist(), ev["group"].tolist(),
+                                               ev["hash"].tolist(), ev["block"].tolist(),
+                                               ev["tier"].tolist()):
             self.counts[kind] += 1
             if kind == STORED:
                 assert (group, h) not in self.blocks, "stored twice"
                 self.blocks.add((group, h))
             elif kind == REMOVED:
                 self.blocks.remove((group, h))
-            else:
+            elif kind == CLEARED:
                 self.blocks.clear()
+                self.resume.clear()
+            elif kind == RESUMABLE:
+                assert h not in self.resume and (0, h) in self.blocks
+                self.resume[h] = block
+            elif kind == NOT_RESUMABLE:
+                del self.resume[h]
+            elif kind == TIER_STORED:
+                assert (tier, group, h) not in self.tiers
+                self.tiers.add((tier, group, h))
+            else:
+                self.tiers.remove((tier, group, h))
 
     def sync(self, m: KVCacheManager, req: int | None = None) -> None:
         self.apply(m.take_events(), req)
+        self.check(m)
+
+    def check(self, m: KVCacheManager) -> None:
         cached = m.cached_blocks()
         assert cached["group"].dtype == np.int32 and cached["hash"].dtype == np.uint64
         assert set(zip(cached["group"].tolist(), cached["hash"].tolist())) == self.blocks
+        points = m.resume_points()
+        assert points["hash"].dtype == np.uint64 and points["block"].dtype == np.int64
+        assert dict(zip(points["hash"].tolist(), points["block"].tolist())) == self.resume
+        lower = m.lower_blocks()
+        assert lower["tier"].dtype == np.int8 and lower["group"].dtype == np.int32
+        assert set(zip(lower["tier"].tolist(), lower["group"].tolist(), lower["hash"].tolist())) == self.tiers
         if m.stats()["running_requests"] == 0:
             # Nothing running: no node an abort left behind, so the counts agree too.
-            per_group = [sum(1 for g, _ in self.blocks if g == i) for i in range(2)]
-            assert per_group == [g["cached"] for g in m.stats()["groups"]]
+            groups = [g["cached"] for g in m.stats()["groups"]]
+            per_group = [sum(1 for g, _ in self.blocks if g == i) for i in range(len(groups))]
+            assert per_group == groups
 
 
 def test_events_are_off_by_default_and_empty():
@@ -101,7 +136,13 @@ def test_a_prompt_stores_what_residency_shows():
     assert m.admit(9, prompt) == 0
     ev = m.take_events()
     assert check_batch(ev) > 0
-    assert np.all(ev["kind"] == STORED) and np.all(ev["req"] == 9)
+    # The blocks, then the checkpoint's two resume points: 96 tokens, and 80 (the block it
+    # keeps beyond the window).
+    assert ev["kind"].tolist() == [STORED] * 9 + [RESUMABLE] * 2
+    assert ev["block"][-2:].tolist() == [5, 4]
+    assert ev["hash"][-2:].tolist() == m.block_hashes(prompt)[[5, 4]].tolist()
+    ev = {k: v[:-2] for k, v in ev.items()}
+    assert np.all(ev["req"] == 9)
     stored = set(zip(ev["group"].tolist(), ev["block"].tolist()))
     assert {b for g, b in stored if g == 0} == set(range(6))
     assert {b for g, b in stored if g == 1} == {3, 4, 5}  # the window before 96, plus a block
@@ -136,10 +177,10 @@ def test_admit_finish_evict_and_abort_replay_to_the_cache():
             m.finish(rid)
         replay.sync(m, rid)
         m.validate()
-    # Batched steps publish too.
-    m.step(admit=[(100, base), (101, seq(900_000, 90))])
+    # Batched steps publish too, into their result (the step drains the log).
+    replay.apply(m.step(admit=[(100, base), (101, seq(900_000, 90))]).events)
     replay.sync(m)
-    m.step(finish=[100], abort=[101])
+    replay.apply(m.step(finish=[100], abort=[101]).events, 100)
     replay.sync(m, 100)
     stats = m.stats()
     assert stats["evictions"]["leaf"] > 0 and stats["evictions"]["checkpoint"] > 0
@@ -192,3 +233,110 @@ def test_events_change_nothing_else():
         assert on.stats() == off.stats()
     assert len(on.take_events()["kind"]) > 0
     assert len(off.take_events()["kind"]) == 0
+
+
+def full_only_spec() -> ModelSpec:
+    # No sliding layers: every cached block is a resume point.
+    return ModelSpec.from_hf_config(
+        {"num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    )
+
+
+def router_hit(resume: dict[int, int], hashes: np.ndarray, n: int) -> int:
+    """A router's estimate from the replayed resume points: the deepest one on the prompt's
+    chain, at least one token short of its end (written here apart from kvalloc.kv_events)."""
+    best = 0
+    for k in range(1, min((n - 1) // B, len(hashes)) + 1):
+        if resume.get(int(hashes[k - 1])) == k - 1:
+            best = k * B
+    return best
+
+
+def test_step_returns_the_events_it_drained():
+    m = KVCacheManager(small_spec(), 1 << 20, events=True)
+    replay = Replay()
+    first = seq(0, 100)
+    m.admit(1, first)  # recorded before the step: the step's batch carries it
+    second = np.concatenate([first, seq(5_000, 60)])
+    r = m.step(finish=[1], admit=[(2, second)])
+    ev = r.events
+    assert ev is not None and ev is r.events  # made once
+    replay.apply(ev)
+    assert len(m.take_events()["kind"]) == 0  # the step drained the log
+    replay.check(m)
+    hashes = m.block_hashes(second)
+    assert hashes.dtype == np.uint64 and len(hashes) == len(second) // B
+    stored = ev["kind"] == STORED
+    for h, b, req in zip(ev["hash"][stored].tolist(), ev["block"][stored].tolist(), ev["req"][stored].tolist()):
+        assert req in (1, 2) and h == int(hashes[b])
+        assert req == 2 or b < len(first) // B
+    res = ev["kind"] == RESUMABLE
+    assert res.any()
+    for h, b in zip(ev["hash"][res].tolist(), ev["block"][res].tolist()):
+        assert h == int(hashes[b])
+    # Request 1's prompt-end checkpoint (96 tokens: blocks 4 and 5) and request 2's.
+    assert {5, 4} <= set(ev["block"][res].tolist())
+    assert KVCacheManager(small_spec(), 1 << 20).step(admit=[(1, first)]).events is None
+
+
+@pytest.mark.parametrize("kind", ["swa-aware", "dense", "full-only"])
+def test_a_router_trusting_resume_points_never_overestimates(kind):
+    spec = full_only_spec() if kind == "full-only" else small_spec()
+    policy = "dense" if kind == "dense" else None
+    m = KVCacheManager(spec, 160 << 10, policy=policy, events=True)
+    replay = Replay()
+    rng = np.random.default_rng(7)
+    bases = [seq(100_000 * i, int(n)) for i, n in enumerate(rng.integers(40, 300, 6))]
+    history: list[np.ndarray] = []
+    exact = short = 0
+    for rid in range(1, 60):
+        base = bases[rng.integers(len(bases))]
+        cut = int(rng.integers(0, len(base) + 1))
+        prompt = np.concatenate([base[:cut], seq(10_000_000 + rid * 1_000, int(rng.integers(1, 90)))])
+        history.append(prompt)
+        if m.admit(rid, prompt) is not None:
+            rest = len(prompt) - m.num_tokens(rid)
+            if rest:
+                m.extend(rid, rest)
+            m.extend(rid, np.arange(5, 5 + int(rng.integers(0, 40)), dtype=np.int64))
+            if rng.random() < 0.15:
+                m.abort(rid)
+            else:
+                m.finish(rid)
+        replay.sync(m)
+        for _ in range(4):
+            old = history[rng.integers(len(history))]
+            probe = np.concatenate([old[: int(rng.integers(1, len(old) + 1))], seq(-1_000_000, int(rng.integers(0, 30)))])
+            hit = m.match_prefix(probe)
+            hashes = m.block_hashes(probe)
+            est = router_hit(replay.resume, hashes, len(probe))
+            assert est <= hit
+            at_point = hit == 0 or int(hashes[hit // B - 1]) in replay.resume
+            assert (est == hit) == at_point
+            if kind != "swa-aware":
+                assert est == hit  # every cached block is a resume point
+            exact += est == hit and hit > 0
+            short += est < hit
+    assert exact > 10, (exact, short)
+    assert replay.counts[NOT_RESUMABLE] > 0
+
+
+def test_lower_tier_events_replay_to_lower_blocks():
+    m = KVCacheManager(small_spec(), 64 << 10, host_bytes=64 << 10, events=True)
+    replay = Replay()
+    chains: dict[int, int] = {}
+    for rid in range(1, 30):
+        prompt = np.concatenate([seq(0, 48), seq(rid % 7 * 10_000, 150)])
+        chains.update({int(h): i for i, h in enumerate(m.block_hashes(prompt))})
+        if m.admit(rid, prompt) is not None:
+            m.finish(rid)
+        m.wait_loads()
+        ev = m.take_events()
+        replay.apply(ev)
+        replay.check(m)
+        tier_stored = ev["kind"] == TIER_STORED
+        for h, b, t in zip(ev["hash"][tier_stored].tolist(), ev["block"][tier_stored].tolist(),
+                           ev["tier"][tier_stored].tolist()):
+            assert t == 0 and b == chains[h]  # host memory; the block's own index
+    assert replay.counts[TIER_STORED] > 0 and replay.counts[TIER_REMOVED] > 0
+    assert m.stats()["groups"][0]["cached"] > 0

@@ -1,7 +1,9 @@
 """Checks kvalloc's vLLM events against its cache: runs a chat workload through ``vllm.LLM`` with
 KV events on, collects every batch the scheduler drains (``take_events``), replays them, and
-compares the result with the blocks kvalloc holds (``cached_blocks``). Prints a JSON summary;
-exits non-zero on a mismatch.
+compares the result with the blocks kvalloc holds (``cached_blocks``). kvalloc's own events,
+published by the plug-in on its ``events_endpoint`` socket, are received by a plain ZeroMQ
+subscriber and replayed to its resume points (``resume_points``). Prints a JSON summary; exits
+non-zero on a mismatch.
 
     .venv-vllm/bin/python benches/vllm/events_check.py
 """
@@ -28,9 +30,17 @@ def main() -> int:
             max_model_len=512,
             scheduler_cls="kvalloc.vllm.KvallocScheduler",
             kv_events_config={"enable_kv_cache_events": True, "publisher": "null"},
+            additional_config={"kvalloc": {"events_endpoint": "tcp://127.0.0.1:*"}},
         )
     )
     manager = llm.llm_engine.engine_core.engine_core.scheduler.kv_cache_manager
+    import msgspec
+    import zmq
+
+    sub = zmq.Context.instance().socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kvalloc")
+    sub.connect(manager.events_publisher.extensions_endpoint)
+    assert manager.events_publisher.wait_for_subscriber(extensions=True)
     drained = []
     take = manager.take_events
 
@@ -71,6 +81,25 @@ def main() -> int:
             replay.discard(key)
         elif isinstance(e, AllBlocksCleared):
             replay.clear()
+    resume: dict[int, int] = {}
+    kinds: set[str] = set()
+    seqs = []
+    while sub.poll(2000):
+        topic, seq, payload = sub.recv_multipart()
+        seqs.append(int.from_bytes(seq, "big"))
+        for ev in msgspec.msgpack.decode(payload)[1]:
+            kinds.add(ev["type"])
+            if ev["type"] == "Resumable":
+                resume[ev["block_hash"]] = ev["block_index"]
+            elif ev["type"] == "NotResumable":
+                del resume[ev["block_hash"]]
+            elif ev["type"] == "AllBlocksCleared":
+                resume.clear()
+    points = manager.kv.resume_points()
+    if resume != dict(zip(points["hash"].tolist(), points["block"].tolist())) or not resume:
+        problems.append(f"resume points replayed {len(resume)}, kvalloc holds {len(points['hash'])}")
+    if seqs != list(range(len(seqs))):
+        problems.append("extension batches out of sequence")
     cached = manager.kv.cached_blocks()
     to_vllm = {k: v for v, k in enumerate(manager.geometry.kvalloc_group)}
     held = {(to_vllm[g], h) for g, h in zip(cached["group"].tolist(), cached["hash"].tolist())}
@@ -84,7 +113,8 @@ def main() -> int:
         if isinstance(e, BlockStored) and e.token_ids and tuple(e.token_ids) not in blocks:
             problems.append("a stored block's token ids are no block of any sequence")
             break
-    print(json.dumps({"stored": stored, "removed": removed, "with_tokens": with_tokens, "held": len(held), "problems": problems[:10]}))
+    print(json.dumps({"stored": stored, "removed": removed, "with_tokens": with_tokens, "held": len(held),
+                      "resume_points": len(resume), "extension_kinds": sorted(kinds), "problems": problems[:10]}))
     return 1 if problems or removed == 0 or stored == 0 else 0
 
 

@@ -203,6 +203,11 @@ class StepResult:
     @property
     def refused_extensions(self) -> int:
         """Extensions that did not fit (0: every one did)."""
+    @property
+    def events(self) -> dict[str, npt.NDArray[Any]] | None:
+        """The KV cache events recorded up to the end of this step and not drained before, as
+        ``KVCacheManager.take_events`` returns them (the step drains the log); None when the
+        manager was made without ``events=True``."""
     def __len__(self) -> int: ...
     @overload
     def __getitem__(self, index: Literal[0, -2], /) -> npt.NDArray[np.int64]: ...
@@ -321,6 +326,11 @@ class KVCacheManager:
         before it is given up."""
     def match_prefix(self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None) -> int:
         """Window-safe hit length in tokens for a prompt; changes nothing."""
+    def block_hashes(
+        self, tokens: _TokenArray | BlockHashes, salt: str | bytes | None = None
+    ) -> npt.NDArray[np.uint64]:
+        """The chained hashes of the prompt's whole blocks under ``salt``, as the KV events
+        name them (what a router looks a prompt up by); changes nothing."""
     def admit(
         self,
         req_id: int,
@@ -464,23 +474,43 @@ class KVCacheManager:
         - ``kind`` (uint8): 0 stored (a group's block entered the prefix cache: a new cached
           block, a sliding-window checkpoint block, a promotion from a lower tier), 1 removed
           (it left: evicted, checkpoint dropped, aborted), 2 cleared (``reset_prefix_cache``
-          emptied the cache; no removed event lists those blocks);
-        - ``group`` (int32): the KV group, -1 for cleared;
+          emptied the cache; no removed or not-resumable event lists what went), 3 resumable
+          (a request whose prompt's chained hashes run through ``hash`` can resume after its
+          block ``block`` here: a window-safe checkpoint; every cached block of a model
+          without sliding layers or under ``policy="dense"``), 4 not resumable (that resume
+          point is gone), 5 tier stored (group ``group``'s block of ``hash`` entered lower
+          tier ``tier``), 6 tier removed (it left that tier; a move down reports the tier
+          below's 5 first);
+        - ``group`` (int32): the KV group, -1 for kinds 2-4;
         - ``hash`` (uint64): the block's chained hash (0 for cleared);
         - ``parent`` (uint64) and ``has_parent`` (bool): the previous block's chained hash,
           where the block is not a sequence's first (``parent`` is 0 where ``has_parent`` is
           False; stored events only);
         - ``block`` (int64): the block's index in its sequence (tokens ``[block * B, (block +
-          1) * B)``), -1 where not a stored event;
+          1) * B)``) for kinds 0, 3 and 5 (-1 for a 5 whose tier does not know it yet), -1
+          for the others;
+        - ``tier`` (int8): -1 for kinds 0-4 (the prefix cache, L1), else 0 host, 1 disk, 2
+          remote;
         - ``req`` (int64): the request whose call stored it, -1 for a promotion and for other
           kinds (ids from 2**63 read negative: ``req.view(np.uint64)``).
 
-        Replaying them in order (add on stored, drop on removed, empty on cleared) gives
-        exactly ``cached_blocks()``. Without ``events=True`` the arrays are empty. The log grows
-        until drained: call this every step."""
+        Replaying them in order gives exactly ``cached_blocks()`` (kinds 0-2),
+        ``resume_points()`` (kinds 2-4) and ``lower_blocks()`` (kinds 5-6; a reset keeps the
+        lower tiers). A drain lists the prefix cache's events first, then the lower tiers'.
+        A router's hit estimate for a prompt, the deepest resume point on its chain at least
+        one token short of its end, never exceeds ``match_prefix``. Without ``events=True``
+        the arrays are empty. The log grows until drained: call this every step (``step``
+        drains it into ``StepResult.events``)."""
     def cached_blocks(self) -> dict[str, npt.NDArray[Any]]:
         """``{"group": int32, "hash": uint64}`` arrays, sorted, of every block the prefix
         cache holds: what replaying every event gives (a snapshot for a late consumer)."""
+    def resume_points(self) -> dict[str, npt.NDArray[Any]]:
+        """``{"hash": uint64, "block": int64}`` arrays, sorted by hash, of every resume point the
+        prefix cache holds: what replaying the resumable and not-resumable events gives."""
+    def lower_blocks(self) -> dict[str, npt.NDArray[Any]]:
+        """``{"tier": int8, "group": int32, "hash": uint64}`` arrays, sorted, of every block
+        the lower tiers hold (tier 0 host, 1 disk, 2 remote): what replaying the tier events
+        gives."""
     def reset_prefix_cache(self) -> bool:
         """Empties the prefix cache (device tier; lower tiers keep their copies) and records
         one cleared event; only when no request is running: False, changing nothing,

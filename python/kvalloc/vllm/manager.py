@@ -152,12 +152,17 @@ class KvallocKVCacheManager:
         enable_kv_cache_events: bool = False,
         watermark: float = 0.0,
         options: dict[str, Any] | None = None,
+        data_parallel_rank: int = 0,
     ) -> None:
         options = dict(options or {})
         self.verify = bool(options.pop("verify", False))
+        # Where kvalloc's own events (resume points, lower tiers) go, beside vLLM's stream.
+        events_endpoint = options.pop("events_endpoint", None)
         unknown = sorted(set(options) - set(MANAGER_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown kvalloc option(s) {unknown}; known: {list(MANAGER_OPTIONS)} and 'verify'")
+            raise ValueError(
+                f"unknown kvalloc option(s) {unknown}; known: {list(MANAGER_OPTIONS)}, 'verify' and 'events_endpoint'"
+            )
         self.geometry = geometry
         self.max_model_len = max_model_len
         self.enable_caching = enable_caching
@@ -185,6 +190,19 @@ class KvallocKVCacheManager:
             **({"events": True} if enable_kv_cache_events else {}),
             **options,
         )
+        self.events_publisher: Any = None
+        if enable_kv_cache_events and events_endpoint:
+            from kvalloc.kv_events import KVEventPublisher
+
+            to_vllm = {k: v for v, k in enumerate(geometry.kvalloc_group)}
+            self.events_publisher = KVEventPublisher(
+                None,
+                block_size=geometry.block_size,
+                extensions_endpoint=str(events_endpoint),
+                data_parallel_rank=data_parallel_rank,
+                groups=geometry.spec.groups,
+                group_idx=[to_vllm.get(g) for g in range(len(geometry.spec.groups))],
+            )
         # One block object per id, as vLLM's block pool keeps them: the scheduler and the model
         # runner read only `block_id` (and `is_null`).
         self._blocks = [KVCacheBlock(block_id=i) for i in range(geometry.num_blocks)]
@@ -441,10 +459,14 @@ class KvallocKVCacheManager:
 
     def take_events(self) -> list[KVCacheEvent]:
         """vLLM's BlockStored and BlockRemoved events for the blocks kvalloc caches and evicts
-        (one event per block; hashes are kvalloc's 64-bit chained block hashes)."""
+        (one event per block; hashes are kvalloc's 64-bit chained block hashes), which vLLM's
+        own publisher sends. With the ``events_endpoint`` option, kvalloc's own events (resume
+        points, lower tiers) of the same drain go to that socket (``kvalloc.kv_events``)."""
         if not self.enable_kv_cache_events:
             return []
         batch = self.kv.take_events()
+        if self.events_publisher is not None:
+            self.events_publisher.publish(batch)
         events: list[KVCacheEvent] = []
         group_of = {k: v for v, k in enumerate(self.geometry.kvalloc_group)}
         for kind, group, h, parent, has_parent, block, req in zip(
@@ -476,10 +498,11 @@ class KvallocKVCacheManager:
                 )
             elif kind == 1:
                 events.append(BlockRemoved(block_hashes=[h], medium="GPU", group_idx=group_of.get(group)))
-            else:
+            elif kind == 2:
                 from vllm.distributed.kv_events import AllBlocksCleared
 
                 events.append(AllBlocksCleared())
+            # Kinds 3-6 (resume points, lower tiers) have no vLLM event: see kvalloc.kv_events.
         running = set(self._ids.values())
         self._requests = {k: r for k, r in self._requests.items() if k in running}
         return events

@@ -3,7 +3,14 @@
 ``LLM(..., scheduler_cls="kvalloc.vllm.KvallocScheduler")``. Options go in vLLM's
 ``additional_config={"kvalloc": {...}}`` (or the ``KVALLOC_VLLM_OPTIONS`` environment variable,
 JSON), e.g. ``{"eviction": "lru", "checkpoint_interval": 4}``: the keyword arguments of
-``kvalloc.KVCacheManager`` listed in ``MANAGER_OPTIONS``, plus ``verify``.
+``kvalloc.KVCacheManager`` listed in ``MANAGER_OPTIONS``, plus ``verify`` and
+``events_endpoint``.
+
+KV events: with vLLM's ``kv_events_config`` on, vLLM's own publisher sends kvalloc's device-cache
+events (BlockStored, BlockRemoved, AllBlocksCleared); ``events_endpoint`` (e.g.
+``"tcp://*:5558"``) also publishes kvalloc's own events (window-safe resume points, lower-tier
+residency) on a second socket in the same format (``kvalloc.kv_events``; needs pyzmq and
+msgpack, the ``kvalloc[events]`` extra).
 
 What vLLM could ask of it that kvalloc would not do right is refused here, at start-up, with an
 error naming it: KV connectors, speculative decoding, encoder-decoder models, Mamba and other
@@ -75,4 +82,10 @@ class KvallocScheduler(Scheduler):
             enable_kv_cache_events=self.enable_kv_cache_events,
             watermark=self.scheduler_config.watermark,
             options=kvalloc_options(self.vllm_config),
+            data_parallel_rank=self.vllm_config.parallel_config.data_parallel_rank,
         )
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        if self.kv_cache_manager.events_publisher is not None:
+            self.kv_cache_manager.events_publisher.close()

@@ -1,4 +1,9 @@
 //! KV cache events as one batch of numpy columns (no Python object per event).
+//!
+//! Columns (equal lengths): `kind` (uint8, the codes below), `group` (int32; -1 where none),
+//! `hash` (uint64), `parent` (uint64) and `has_parent` (bool), `block` (int64; -1 where none
+//! or unknown), `tier` (int8: -1 for L1, else 0 host, 1 disk, 2 remote), `req` (int64; -1
+//! where none).
 
 use kvalloc::CacheEvent;
 use numpy::PyArray1;
@@ -9,6 +14,13 @@ use pyo3::types::PyDict;
 const STORED: u8 = 0;
 const REMOVED: u8 = 1;
 const CLEARED: u8 = 2;
+const RESUMABLE: u8 = 3;
+const NOT_RESUMABLE: u8 = 4;
+const TIER_STORED: u8 = 5;
+const TIER_REMOVED: u8 = 6;
+
+/// The `tier` column's value for L1 (the prefix cache) events.
+const L1: i8 = -1;
 
 /// A batch of events as equal-length columns; -1 where a field does not apply.
 #[derive(Debug, Default)]
@@ -19,6 +31,7 @@ pub(crate) struct EventColumns {
     parent: Vec<u64>,
     has_parent: Vec<bool>,
     block: Vec<i64>,
+    tier: Vec<i8>,
     req: Vec<i64>,
 }
 
@@ -32,6 +45,7 @@ impl EventColumns {
         c.parent.reserve(n);
         c.has_parent.reserve(n);
         c.block.reserve(n);
+        c.tier.reserve(n);
         c.req.reserve(n);
         for e in events {
             c.push(e);
@@ -50,7 +64,26 @@ impl EventColumns {
             } => (STORED, group as i32, hash, parent, i64::from(block), req),
             CacheEvent::Removed { group, hash } => (REMOVED, group as i32, hash, None, -1, None),
             CacheEvent::Cleared => (CLEARED, -1, 0, None, -1, None),
+            CacheEvent::Resumable { hash, block } => {
+                (RESUMABLE, -1, hash, None, i64::from(block), None)
+            }
+            CacheEvent::NotResumable { hash } => (NOT_RESUMABLE, -1, hash, None, -1, None),
+            CacheEvent::TierStored {
+                group, hash, block, ..
+            } => {
+                let block = block.map_or(-1, i64::from);
+                (TIER_STORED, group as i32, hash, None, block, None)
+            }
+            CacheEvent::TierRemoved { group, hash, .. } => {
+                (TIER_REMOVED, group as i32, hash, None, -1, None)
+            }
         };
+        self.tier.push(match *e {
+            CacheEvent::TierStored { tier, .. } | CacheEvent::TierRemoved { tier, .. } => {
+                tier as i8
+            }
+            _ => L1,
+        });
         self.kind.push(kind);
         self.group.push(group);
         self.hash.push(hash);
@@ -62,7 +95,8 @@ impl EventColumns {
         self.req.push(req.map_or(-1, |r| r as i64));
     }
 
-    /// `{"kind", "group", "hash", "parent", "has_parent", "block", "req"}`: numpy arrays.
+    /// `{"kind", "group", "hash", "parent", "has_parent", "block", "tier", "req"}`: numpy
+    /// arrays (see the module docs).
     pub(crate) fn into_dict(self, py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
         let d = PyDict::new(py);
         d.set_item("kind", PyArray1::from_vec(py, self.kind))?;
@@ -71,6 +105,7 @@ impl EventColumns {
         d.set_item("parent", PyArray1::from_vec(py, self.parent))?;
         d.set_item("has_parent", PyArray1::from_vec(py, self.has_parent))?;
         d.set_item("block", PyArray1::from_vec(py, self.block))?;
+        d.set_item("tier", PyArray1::from_vec(py, self.tier))?;
         d.set_item("req", PyArray1::from_vec(py, self.req))?;
         Ok(d)
     }

@@ -225,6 +225,25 @@ impl PyKVCacheManager {
         })
     }
 
+    /// uint64 array: the chained hashes of a prompt's whole blocks (token ids or
+    /// `BlockHashes`) under `salt`, as the KV events name them; changes nothing.
+    #[pyo3(signature = (tokens, salt = None))]
+    fn block_hashes<'py>(
+        &self,
+        py: Python<'py>,
+        tokens: &Bound<'py, PyAny>,
+        salt: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyArray1<u64>>> {
+        let prompt = OwnedPrompt::extract(tokens)?;
+        let salt = salt_arg(salt)?;
+        let hashes = py.detach(|| {
+            self.lock()?
+                .block_hashes(prompt.as_prompt(), salt.as_deref())
+                .py()
+        })?;
+        Ok(PyArray1::from_vec(py, hashes))
+    }
+
     /// Admits a request: returns the prompt tokens served from cache, or None when even
     /// eviction cannot make room. `max_tokens` schedules only that many prompt tokens now
     /// (chunked prefill; continue with `extend(req_id, n)`). Retention (the core's
@@ -756,6 +775,33 @@ impl PyKVCacheManager {
         let group: Vec<i32> = blocks.iter().map(|&(g, _)| g as i32).collect();
         let hash: Vec<u64> = blocks.iter().map(|&(_, h)| h).collect();
         let d = PyDict::new(py);
+        d.set_item("group", PyArray1::from_vec(py, group))?;
+        d.set_item("hash", PyArray1::from_vec(py, hash))?;
+        Ok(d)
+    }
+
+    /// `{"hash": uint64, "block": int64}` arrays of every resume point the prefix cache holds,
+    /// sorted by hash: what replaying the RESUMABLE and NOT_RESUMABLE events gives.
+    fn resume_points<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let points = self.lock()?.resume_points();
+        let hash: Vec<u64> = points.iter().map(|&(h, _)| h).collect();
+        let block: Vec<i64> = points.iter().map(|&(_, b)| i64::from(b)).collect();
+        let d = PyDict::new(py);
+        d.set_item("hash", PyArray1::from_vec(py, hash))?;
+        d.set_item("block", PyArray1::from_vec(py, block))?;
+        Ok(d)
+    }
+
+    /// `{"tier": int8, "group": int32, "hash": uint64}` arrays of every block the lower tiers
+    /// hold (tier 0 host, 1 disk, 2 remote): what replaying the TIER_STORED and TIER_REMOVED
+    /// events gives.
+    fn lower_blocks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let blocks = self.lock()?.lower_blocks();
+        let tier: Vec<i8> = blocks.iter().map(|&(t, _, _)| t as i8).collect();
+        let group: Vec<i32> = blocks.iter().map(|&(_, g, _)| g as i32).collect();
+        let hash: Vec<u64> = blocks.iter().map(|&(_, _, h)| h).collect();
+        let d = PyDict::new(py);
+        d.set_item("tier", PyArray1::from_vec(py, tier))?;
         d.set_item("group", PyArray1::from_vec(py, group))?;
         d.set_item("hash", PyArray1::from_vec(py, hash))?;
         Ok(d)

@@ -220,6 +220,8 @@ pub(crate) fn run_step<'py>(
     let retention_of = |k: usize| retention.get(k).copied().unwrap_or_default();
     let one_token_each = has_tokens && ext_lens.is_empty();
     let (fcfs, admit_if_extended) = (args.fcfs, args.admit_if_extended);
+    // The step's events, drained under the same lock (when the manager records them).
+    let mut events = None;
     py.detach(|| {
         let mut step = Step {
             finish: std::mem::take(finish),
@@ -269,6 +271,11 @@ pub(crate) fn run_step<'py>(
         let res = errors::lock(manager, "manager").and_then(|mut m| {
             let res = m.step_into(&step, outcome);
             exposed.add(&m);
+            if res.is_ok() && m.config().events {
+                let mut batch = Vec::new();
+                m.take_events_into(&mut batch);
+                events = Some(batch);
+            }
             res.py()
         });
         // The id vectors go back to the buffers.
@@ -276,7 +283,7 @@ pub(crate) fn run_step<'py>(
         *abort = step.abort;
         res
     })?;
-    Ok(PyStepResult::new(outcome, n_admits))
+    Ok(PyStepResult::new(outcome, n_admits, events))
 }
 
 /// Converts a step's arguments into `buf` while attached. Returns the listed admissions and

@@ -6,15 +6,16 @@
 //! and `.all()` on a small array more still). It unpacks like the `(hits, extended)` tuple
 //! `step` returned before.
 
-use kvalloc::StepOutcome;
+use kvalloc::{CacheEvent, StepOutcome};
 use numpy::{Element, PyArray1};
 use pyo3::exceptions::PyIndexError;
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyInt, PyTuple};
+use pyo3::types::{PyDict, PyInt, PyTuple};
 
 use crate::convert::type_name;
 use crate::errors::invalid;
+use crate::events::EventColumns;
 
 /// What one `step` call did: per admission the prompt tokens served from cache (-1: refused;
 /// -2: not attempted, after an `fcfs` refusal or a refused extension with `admit_if_extended`;
@@ -30,16 +31,22 @@ pub struct PyStepResult {
     // Made on first read, then the same array on every read.
     hits_array: PyOnceLock<Py<PyArray1<i64>>>,
     extended_array: PyOnceLock<Py<PyArray1<bool>>>,
+    /// The events the step drained (None: the manager records none); made into columns on
+    /// first read.
+    events: Option<Vec<CacheEvent>>,
+    events_dict: PyOnceLock<Py<PyDict>>,
 }
 
 impl PyStepResult {
-    /// The result of a step of `admissions` admissions.
-    pub fn new(outcome: &StepOutcome, admissions: usize) -> Self {
+    /// The result of a step of `admissions` admissions, with the events it drained.
+    pub fn new(outcome: &StepOutcome, admissions: usize, events: Option<Vec<CacheEvent>>) -> Self {
         PyStepResult {
             outcome: outcome.clone(),
             admissions,
             hits_array: PyOnceLock::new(),
             extended_array: PyOnceLock::new(),
+            events,
+            events_dict: PyOnceLock::new(),
         }
     }
 }
@@ -93,6 +100,23 @@ impl PyStepResult {
         cached_array(py, &self.extended_array, || {
             PyArray1::from_vec(py, self.outcome.extended())
         })
+    }
+
+    /// The KV cache events recorded up to the end of this step and not drained before (the
+    /// step drains the log: a later `take_events` starts after it), as `take_events` returns
+    /// them; None when the manager was made without `events=True`.
+    #[getter]
+    fn events<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(events) = &self.events else {
+            return Ok(None);
+        };
+        if let Some(d) = self.events_dict.get(py) {
+            return Ok(Some(d.bind(py).clone()));
+        }
+        let d = EventColumns::new(events).into_dict(py)?.unbind();
+        Ok(Some(
+            self.events_dict.get_or_init(py, || d).bind(py).clone(),
+        ))
     }
 
     /// Admissions that got in (with `fcfs`, they are the first `admitted` of the step's).

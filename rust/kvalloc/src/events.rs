@@ -1,6 +1,7 @@
 //! KV cache events: which blocks entered and left the prefix cache, in order, for an engine's
 //! event stream or a cache-aware router (what vLLM calls BlockStored, BlockRemoved and
-//! AllBlocksCleared).
+//! AllBlocksCleared), and where a request can resume: the window-safe positions a router should
+//! count as hits.
 //!
 //! The log is opt-in ([`ManagerConfig::events`](crate::ManagerConfig::events)): off, recording
 //! costs one predictable branch where a block enters or leaves the tree and nothing on the
@@ -14,9 +15,85 @@
 //! A node an aborted request leaves behind, still pinned by others, is never matched again: its
 //! blocks are reported removed when it stops being matchable, not when their memory goes.
 //!
-//! New kinds (per-tier stores and removals, window-safe resume points) are to come as new
-//! variants: the crate is not 1.0, and a match without a wildcard arm then shows every consumer
-//! that needs to learn them.
+//! ## Resume points: what a router should trust
+//! A block being stored does not mean a request can resume after it: for a hybrid model a
+//! resume needs each sliding group's window before the position, which kvalloc keeps only as
+//! checkpoints. [`CacheEvent::Resumable`] and [`CacheEvent::NotResumable`] report the *resume
+//! points*: the nodes a registered checkpoint makes window-safe on its own (its end, and the
+//! nodes above it whose windows its runs still cover: the block it keeps beyond W makes the
+//! end's parent one too). Where no position needs a checkpoint (a model without sliding layers,
+//! or the dense policy), every cached node is one, and each new node's `Stored` events are
+//! followed by its `Resumable`: a router treats every model the same way.
+//!
+//! Replaying them (insert on `Resumable`, remove on `NotResumable`, empty on `Cleared`) gives
+//! exactly [`KVCacheManager::resume_points`](crate::KVCacheManager::resume_points). A
+//! `Resumable` follows the `Stored` events of its blocks, and a `NotResumable` comes before the
+//! `Removed` events of the blocks it loses.
+//!
+//! A router estimates a prompt's hit as the deepest resume point on its chain of block hashes,
+//! capped one token short of the prompt (as the manager caps hits):
+//! `max { (k) * B : k <= (len - 1) / B, hashes[k - 1] resumable }`. That estimate never
+//! exceeds [`match_prefix`](crate::KVCacheManager::match_prefix), because every resume point is
+//! window-safe and reachable (a node under one an aborted request doomed is none). It equals
+//! `match_prefix` whenever the hit ends at a resume point, which includes every hit where no
+//! position needs a checkpoint. It falls short only where the window before the hit is held by
+//! the union of two checkpoints' runs (a checkpoint whose run meets an older one), or by blocks
+//! a running request holds outside any checkpoint: those positions come and go with steps the
+//! events do not follow, and an estimate short of the hit is the safe side.
+//!
+//! ## Lower tiers
+//! [`CacheEvent::TierStored`] and [`CacheEvent::TierRemoved`] report what the lower tiers (host
+//! memory, disk, the remote store) hold, per `(tier, group, hash)`: what an instance could
+//! promote instead of recomputing. They are variants of their own rather than a `tier` field
+//! on `Stored`/`Removed`, so that a consumer written for the L1 events (whose replay must
+//! give the device cache) cannot count a host copy as a device block by accident: a match
+//! with a wildcard arm skips them, one without is shown them by the compiler. Replaying them
+//! gives [`KVCacheManager::lower_blocks`](crate::KVCacheManager::lower_blocks). A record
+//! moving down reports the blocks stored below before it reports them removed above; a
+//! promotion keeps the lower copy (no `TierRemoved`). [`CacheEvent::Cleared`] concerns L1
+//! only: a reset keeps the lower tiers' copies, and their events go on.
+//!
+//! ## Consuming the events from Rust
+//! Turn [`ManagerConfig::events`](crate::ManagerConfig::events) on and drain the log once per
+//! engine step with [`KVCacheManager::take_events_into`](crate::KVCacheManager::take_events_into)
+//! (a reused buffer: no allocation in the steady state), then hand the batch to the service's
+//! transport. A consumer starting late takes a snapshot first
+//! ([`cached_blocks`](crate::KVCacheManager::cached_blocks),
+//! [`resume_points`](crate::KVCacheManager::resume_points),
+//! [`lower_blocks`](crate::KVCacheManager::lower_blocks)) and applies the events drained after
+//! it. A drain returns the L1 events in order, then the lower tiers' in order. [`CacheView`]
+//! is such a consumer: the sets the events describe, and a router's estimates from them. The Python
+//! package's `kvalloc.kv_events` publishes the same events in vLLM's ZeroMQ wire format.
+//!
+//! ```
+//! use kvalloc::events::CacheView;
+//! use kvalloc::hash::{chain_tokens, root_seed};
+//! use kvalloc::{KVCacheManager, ManagerConfig, ModelSpec, Prompt};
+//! let spec = ModelSpec::preset("mimo-v2.5-pro")?;
+//! let config = ManagerConfig { events: true, ..ManagerConfig::default() };
+//! let mut m = KVCacheManager::new(spec, 1 << 30, config)?;
+//! let mut view = CacheView::default(); // what a router knows of this instance
+//! let mut batch = Vec::new();
+//! let prompt: Vec<i64> = (0..100).collect();
+//! m.admit(1, Prompt::Tokens(&prompt), None, None)?;
+//! m.finish(1)?;
+//! m.take_events_into(&mut batch); // once per step, sent to the router
+//! view.apply(&batch);
+//! // The router's estimate for a prompt: its chained block hashes (the salt's seed, B = 16).
+//! let mut hashes = Vec::new();
+//! chain_tokens(root_seed(None), &prompt, 16, &mut hashes);
+//! let est = view.resume_hit(&hashes, prompt.len() as u64, 16);
+//! assert_eq!(est, m.match_prefix(Prompt::Tokens(&prompt), None)?); // 96 here
+//! assert_eq!(view.blocks.len(), m.cached_blocks().len());
+//! # Ok::<(), kvalloc::Error>(())
+//! ```
+//!
+//! New kinds are added as new variants: the crate is not 1.0, and a match without a wildcard
+//! arm then shows every consumer that needs to learn them.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::tiers::Tier;
 
 /// One change to what the prefix cache holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,18 +123,136 @@ pub enum CacheEvent {
     },
     /// Every cached block left the tree at once
     /// ([`reset_prefix_cache`](crate::KVCacheManager::reset_prefix_cache)); no `Removed`
-    /// event lists them.
+    /// event lists them, and no `NotResumable` lists the resume points that went with them.
     Cleared,
+    /// A request whose prompt's chained block hashes run through `hash` (its block `block`)
+    /// can resume at token `(block + 1) * B` here: a window-safe checkpoint (full KV of every
+    /// block up to it, each sliding group's window before it).
+    Resumable {
+        /// The chained hash of the block the resume point ends.
+        hash: u64,
+        /// That block's index in the sequence.
+        block: u32,
+    },
+    /// The resume point at the end of `hash`'s block is gone (checkpoint dropped or evicted).
+    NotResumable {
+        /// The chained hash of the block the resume point ended.
+        hash: u64,
+    },
+    /// Group `group`'s block of the chained hash `hash` entered lower tier `tier`: a demotion
+    /// from L1, a move down from the tier above, a write-through, a record found in the
+    /// remote store or recovered from disk. Independent of the L1 events: a block can be in L1
+    /// and in one lower tier at once.
+    TierStored {
+        /// The lower tier that holds it now.
+        tier: Tier,
+        /// KV group.
+        group: usize,
+        /// The block's chained hash.
+        hash: u64,
+        /// Block index in the sequence; None when the tier does not know it yet (a record
+        /// recovered from disk or found in the remote store, before a walk reaches it).
+        block: Option<u32>,
+    },
+    /// Group `group`'s block of `hash` left lower tier `tier` (moved down: a `TierStored` for
+    /// the tier below came first; or dropped).
+    TierRemoved {
+        /// The lower tier that held it.
+        tier: Tier,
+        /// KV group.
+        group: usize,
+        /// The block's chained hash.
+        hash: u64,
+    },
+}
+
+/// What a consumer of one manager's events knows: the sets they describe, replayed in order
+/// (the state a cache-aware router keeps per instance).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CacheView {
+    /// `(group, hash)` blocks in the prefix cache (L1).
+    pub blocks: HashSet<(usize, u64)>,
+    /// Resume points: chained hash -> block index.
+    pub resume: HashMap<u64, u32>,
+    /// `(tier, group, hash)` blocks in the lower tiers.
+    pub lower: HashSet<(Tier, usize, u64)>,
+}
+
+impl CacheView {
+    /// Applies a drained batch, in order.
+    pub fn apply(&mut self, events: &[CacheEvent]) {
+        for e in events {
+            match *e {
+                CacheEvent::Stored { group, hash, .. } => {
+                    self.blocks.insert((group, hash));
+                }
+                CacheEvent::Removed { group, hash } => {
+                    self.blocks.remove(&(group, hash));
+                }
+                CacheEvent::Cleared => {
+                    self.blocks.clear();
+                    self.resume.clear();
+                }
+                CacheEvent::Resumable { hash, block } => {
+                    self.resume.insert(hash, block);
+                }
+                CacheEvent::NotResumable { hash } => {
+                    self.resume.remove(&hash);
+                }
+                CacheEvent::TierStored {
+                    tier, group, hash, ..
+                } => {
+                    self.lower.insert((tier, group, hash));
+                }
+                CacheEvent::TierRemoved { tier, group, hash } => {
+                    self.lower.remove(&(tier, group, hash));
+                }
+            }
+        }
+    }
+
+    /// The hit a router trusting the resume points estimates for a prompt of `len` tokens
+    /// whose chained block hashes are `hashes` (blocks of `block_tokens`): the deepest resume
+    /// point on the chain, at least one token short of the prompt's end, in tokens. Never more
+    /// than the manager's `match_prefix` (see the module docs).
+    pub fn resume_hit(&self, hashes: &[u64], len: u64, block_tokens: u64) -> u64 {
+        let max_safe = (len.saturating_sub(1) / block_tokens).min(hashes.len() as u64);
+        (1..=max_safe)
+            .rev()
+            .find(|&k| self.resume.get(&hashes[k as usize - 1]) == Some(&(k as u32 - 1)))
+            .map_or(0, |k| k * block_tokens)
+    }
+
+    /// The hit a naive router estimates from the block events alone: the leading blocks whose
+    /// `group` block (a full-attention group) is stored, as many as `resume_hit` allows. For a
+    /// hybrid model this over-estimates where a sliding group's window is gone.
+    pub fn stored_hit(&self, hashes: &[u64], len: u64, block_tokens: u64, group: usize) -> u64 {
+        let max_safe = (len.saturating_sub(1) / block_tokens).min(hashes.len() as u64);
+        let run = hashes
+            .iter()
+            .take(max_safe as usize)
+            .take_while(|&&h| self.blocks.contains(&(group, h)))
+            .count() as u64;
+        run * block_tokens
+    }
 }
 
 /// The tree's event log: off, or the events since the last drain plus the request whose call
-/// is publishing.
+/// is publishing, and what the resume points' events need to know per node.
 #[derive(Debug, Default)]
 pub(crate) struct EventLog {
     on: bool,
     /// The request publishing now (set by the manager before it links or attaches blocks).
     req: Option<u64>,
     events: Vec<CacheEvent>,
+    /// Per node id: the checkpoints that make the node a resume point (1 for every node where
+    /// none is needed). Grown on demand; 0 for a removed node.
+    resume_refs: Vec<u32>,
+    /// Per node id: reported `Resumable`, not since `NotResumable` (`resume_refs` positive and
+    /// the node reachable by a walk).
+    resumable: Vec<bool>,
+    /// Live doomed nodes: while there is none, a walk reaches every live node.
+    pub(crate) doomed: u64,
 }
 
 impl EventLog {
@@ -96,6 +291,47 @@ impl EventLog {
     /// Forgets the events after the first `n` (a reset replaces them with one `Cleared`).
     pub(crate) fn truncate(&mut self, n: usize) {
         self.events.truncate(n);
+    }
+
+    /// Counts one more reason for node `n` to be a resume point; true when it is the first.
+    pub(crate) fn add_resume_ref(&mut self, n: u32) -> bool {
+        let i = n as usize;
+        if i >= self.resume_refs.len() {
+            self.resume_refs.resize(i + 1, 0);
+            self.resumable.resize(i + 1, false);
+        }
+        self.resume_refs[i] += 1;
+        self.resume_refs[i] == 1
+    }
+
+    /// Takes back one reason for node `n` to be a resume point; true when it was the last.
+    pub(crate) fn sub_resume_ref(&mut self, n: u32) -> bool {
+        let r = &mut self.resume_refs[n as usize];
+        debug_assert!(*r > 0);
+        *r -= 1;
+        *r == 0
+    }
+
+    /// The reasons node `n` is a resume point (0 for a node never counted).
+    pub(crate) fn resume_refs(&self, n: u32) -> u32 {
+        self.resume_refs.get(n as usize).copied().unwrap_or(0)
+    }
+
+    /// Whether node `n` was last reported `Resumable`.
+    pub(crate) fn is_resumable(&self, n: u32) -> bool {
+        self.resumable.get(n as usize).copied().unwrap_or(false)
+    }
+
+    /// Marks node `n` reported `Resumable` (true) or `NotResumable` (false); counted first.
+    pub(crate) fn set_resumable(&mut self, n: u32, on: bool) {
+        self.resumable[n as usize] = on;
+    }
+
+    /// Node ids last reported `Resumable`.
+    pub(crate) fn resumable_nodes(&self) -> Vec<u32> {
+        (0..self.resumable.len() as u32)
+            .filter(|&n| self.resumable[n as usize])
+            .collect()
     }
 
     /// Moves the recorded events into `out` (cleared first), keeping both buffers' capacity.

@@ -132,7 +132,7 @@ pub mod tiers;
 pub use eviction as policy;
 
 pub use error::{Error, Result, StaleReason};
-pub use events::CacheEvent;
+pub use events::{CacheEvent, CacheView};
 pub use eviction::Eviction;
 pub use manager::{
     Admission, BlockResidency, CheckpointKindStats, Decode, Extension, GroupStats, KVCacheManager,

@@ -52,6 +52,13 @@ impl KVCacheManager {
         Ok(())
     }
 
+    /// The chained hashes of a prompt's whole blocks under a tenant salt, as the prefix cache
+    /// keys them and the KV events name them: what a router looks a prompt up by (the
+    /// hashes themselves for a `BlockHashes` prompt). Changes nothing.
+    pub fn block_hashes(&self, prompt: Prompt<'_>, salt: Option<&[u8]>) -> Result<Vec<u64>> {
+        self.prompt_hashes(&prompt, hash::root_seed(salt))
+    }
+
     pub(super) fn prompt_hashes(&self, prompt: &Prompt<'_>, seed: u64) -> Result<Vec<u64>> {
         let mut out = Vec::new();
         self.prompt_hashes_into(prompt, seed, None, &mut out)?;

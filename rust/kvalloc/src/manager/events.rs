@@ -2,6 +2,7 @@
 
 use super::KVCacheManager;
 use crate::events::CacheEvent;
+use crate::tiers::Tier;
 
 impl KVCacheManager {
     /// The events recorded since the last drain, oldest first (empty when
@@ -26,14 +27,25 @@ impl KVCacheManager {
     /// ```
     pub fn take_events(&mut self) -> Vec<CacheEvent> {
         let mut out = Vec::new();
-        self.tree.take_events_into(&mut out);
+        self.take_events_into(&mut out);
         out
     }
 
     /// [`take_events`](Self::take_events) into `out` (cleared first), swapping buffers so that
     /// a caller draining every step allocates nothing in the steady state.
+    ///
+    /// The prefix cache's (L1) events come first, in order, then the lower tiers'
+    /// ([`CacheEvent::TierStored`], [`CacheEvent::TierRemoved`]), in order: the two describe
+    /// independent sets, so each replays on its own.
     pub fn take_events_into(&mut self, out: &mut Vec<CacheEvent>) {
         self.tree.take_events_into(out);
+        self.lower.index.take_events_into(out);
+    }
+
+    /// `(tier, group, chained hash)` of every block the lower tiers hold, sorted: the set
+    /// that replaying every `TierStored` and `TierRemoved` event since construction gives.
+    pub fn lower_blocks(&self) -> Vec<(Tier, usize, u64)> {
+        self.lower.index.blocks()
     }
 
     /// `(group, chained hash)` of every block the prefix cache holds in a matchable node,
@@ -41,6 +53,16 @@ impl KVCacheManager {
     /// consumer that starts listening late.
     pub fn cached_blocks(&self) -> Vec<(usize, u64)> {
         let mut v = self.tree.matchable_blocks();
+        v.sort_unstable();
+        v
+    }
+
+    /// `(chained hash, block)` of every resume point the prefix cache holds, sorted by hash:
+    /// the set that replaying every `Resumable` and `NotResumable` event since construction
+    /// gives (a `Cleared` empties it). See [`crate::events`] for what a resume point is and
+    /// how it relates to [`match_prefix`](Self::match_prefix).
+    pub fn resume_points(&self) -> Vec<(u64, u32)> {
+        let mut v = self.tree.resume_points();
         v.sort_unstable();
         v
     }

@@ -300,7 +300,8 @@ impl KVCacheManager {
             ));
         }
         let namespace = crate::tiers::namespace(&spec, config.block_tokens);
-        let lower = LowerTiers::new(shape, config.lower, namespace, disk, remote)?;
+        let mut lower = LowerTiers::new(shape, config.lower, namespace, disk, remote)?;
+        lower.index.record_events(config.events);
         let mut layer_sliding = vec![false; spec.num_layers as usize];
         for g in &spec.groups {
             for &l in &g.layers {

@@ -22,6 +22,7 @@
 use std::collections::{BTreeSet, HashMap};
 
 use crate::error::{Error, Result};
+use crate::events::CacheEvent;
 
 /// The lower tiers, in demotion order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -95,6 +96,11 @@ pub struct Record {
 
 type Key = (u64, u32, u64); // (access, u32::MAX - depth, hash)
 
+/// The groups whose bits `mask` sets, lowest first.
+fn groups(mask: u16) -> impl Iterator<Item = usize> {
+    (0..16).filter(move |g| mask >> g & 1 == 1)
+}
+
 /// The index. See the module docs.
 #[derive(Debug, Default)]
 pub struct LowerIndex {
@@ -103,6 +109,9 @@ pub struct LowerIndex {
     used: [u64; 3],
     count: [u64; 3],
     clock: u64,
+    /// Residency changes since the last drain ([`CacheEvent::TierStored`],
+    /// [`CacheEvent::TierRemoved`]), when the manager records events.
+    events: Option<Vec<CacheEvent>>,
 }
 
 fn key(hash: u64, r: &Record) -> Key {
@@ -136,8 +145,59 @@ impl LowerIndex {
         self.count[t as usize]
     }
 
+    /// Starts (or stops) recording the residency changes, on an empty index.
+    pub fn record_events(&mut self, on: bool) {
+        debug_assert!(self.records.is_empty());
+        self.events = on.then(Vec::new);
+    }
+
+    /// Appends the residency changes recorded since the last call to `out`.
+    pub fn take_events_into(&mut self, out: &mut Vec<CacheEvent>) {
+        if let Some(log) = self.events.as_mut() {
+            out.append(log);
+        }
+    }
+
+    /// `(tier, group, hash)` of every block the lower tiers hold, sorted: what replaying the
+    /// tier events gives.
+    pub fn blocks(&self) -> Vec<(Tier, usize, u64)> {
+        let mut v: Vec<(Tier, usize, u64)> = self
+            .records
+            .iter()
+            .flat_map(|(&h, r)| groups(r.groups).map(move |g| (r.tier, g, h)))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Records `TierStored` (`stored`) or `TierRemoved` for the groups in `mask` of record
+    /// `hash` in tier `tier`.
+    fn log(&mut self, stored: bool, hash: u64, tier: Tier, mask: u16, depth: u32) {
+        let Some(log) = self.events.as_mut() else {
+            return;
+        };
+        for group in groups(mask) {
+            log.push(if stored {
+                let block = (depth != UNKNOWN_DEPTH).then_some(depth);
+                CacheEvent::TierStored {
+                    tier,
+                    group,
+                    hash,
+                    block,
+                }
+            } else {
+                CacheEvent::TierRemoved { tier, group, hash }
+            });
+        }
+    }
+
     /// Adds a new record (its hash must be absent).
     pub fn insert(&mut self, hash: u64, rec: Record) {
+        self.log(true, hash, rec.tier, rec.groups, rec.depth);
+        self.insert_quiet(hash, rec);
+    }
+
+    fn insert_quiet(&mut self, hash: u64, rec: Record) {
         debug_assert!(!self.records.contains_key(&hash));
         let t = rec.tier as usize;
         self.used[t] += rec.bytes;
@@ -150,6 +210,12 @@ impl LowerIndex {
 
     /// Removes a record and returns it.
     pub fn remove(&mut self, hash: u64) -> Option<Record> {
+        let rec = self.remove_quiet(hash)?;
+        self.log(false, hash, rec.tier, rec.groups, rec.depth);
+        Some(rec)
+    }
+
+    fn remove_quiet(&mut self, hash: u64) -> Option<Record> {
         let rec = self.records.remove(&hash)?;
         let t = rec.tier as usize;
         self.used[t] -= rec.bytes;
@@ -160,13 +226,25 @@ impl LowerIndex {
         Some(rec)
     }
 
-    /// Changes a record through `f`, keeping sets and counters exact.
+    /// Changes a record through `f`, keeping sets and counters exact. A move to another tier
+    /// is recorded as the blocks stored there, then removed from the old one (a router never
+    /// sees them nowhere); groups added or dropped in place as stored or removed.
     pub fn update(&mut self, hash: u64, f: impl FnOnce(&mut Record)) -> bool {
-        let Some(mut rec) = self.remove(hash) else {
+        let Some(mut rec) = self.remove_quiet(hash) else {
             return false;
         };
+        let (tier, mask) = (rec.tier, rec.groups);
         f(&mut rec);
-        self.insert(hash, rec);
+        if self.events.is_some() && (rec.tier, rec.groups) != (tier, mask) {
+            let kept = if rec.tier == tier {
+                mask & rec.groups
+            } else {
+                0
+            };
+            self.log(true, hash, rec.tier, rec.groups & !kept, rec.depth);
+            self.log(false, hash, tier, mask & !kept, rec.depth);
+        }
+        self.insert_quiet(hash, rec);
         true
     }
 
