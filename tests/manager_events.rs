@@ -88,9 +88,21 @@ fn a_prompt_stores_its_blocks_and_its_checkpoint() {
     m.admit(5, Prompt::Tokens(&prompt), None, None).unwrap();
     let events = m.take_events();
     let mut stored = stored_blocks(&events, &hashes, 5);
+    // The checkpoint makes its end (block 5, token 96) and the block before it (the one it
+    // keeps beyond the window) resume points, after their blocks are stored.
+    let resumable: Vec<CacheEvent> = events[stored.len()..].to_vec();
     assert_eq!(
-        stored.len(),
-        events.len(),
+        resumable,
+        vec![
+            CacheEvent::Resumable {
+                hash: hashes[5],
+                block: 5
+            },
+            CacheEvent::Resumable {
+                hash: hashes[4],
+                block: 4
+            },
+        ],
         "an admission removes nothing here"
     );
     stored.sort_unstable();
@@ -129,6 +141,7 @@ fn a_prompt_stores_its_blocks_and_its_checkpoint() {
     m.take_events_into(&mut log);
     assert!(log.is_empty());
     replay.blocks = m.cached_blocks().into_iter().collect();
+    replay.resume = m.resume_points().into_iter().collect();
     replay.sync(&mut m, None).unwrap();
 }
 

@@ -32,6 +32,7 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
+use kvalloc::hash::{chain_tokens, root_seed};
 use kvalloc::{
     Eviction, Extension, KVCacheManager, ManagerConfig, ManagerStats, ModelSpec, Policy, Prompt,
     Retention,
@@ -382,6 +383,9 @@ struct Harness {
     next_id: u64,
     next_tok: i64,
     hits_checked: u64,
+    /// Probes a router from the events found exactly (a positive hit), and short of the hit.
+    router_exact: u64,
+    router_short: u64,
     /// Hits whose promised lower bound was positive / equal to the upper bound.
     lower_positive: u64,
     tight: u64,
@@ -441,6 +445,8 @@ impl Harness {
             next_id: 0,
             next_tok: 1_000_000,
             hits_checked: 0,
+            router_exact: 0,
+            router_short: 0,
             lower_positive: 0,
             tight: 0,
             doomed_possible: false,
@@ -552,6 +558,29 @@ impl Harness {
         Ok(())
     }
 
+    /// A router that knows only the replayed events (synced after the last operation) never
+    /// estimates more than the hit `match_prefix` reports, and finds it exactly when the hit
+    /// ends at a resume point (always, where every node is one: the dense policy).
+    fn check_router(&mut self, salt: u8, toks: &[i64], hit: u64) -> Result<(), TestCaseError> {
+        let mut hashes = Vec::new();
+        chain_tokens(root_seed(SALTS[salt as usize]), toks, B, &mut hashes);
+        let est = events::router_hit(&self.replay.resume, &hashes, toks.len(), B);
+        prop_assert!(est <= hit, "router estimate {} > hit {}", est, hit);
+        let at_point = hit == 0
+            || self
+                .replay
+                .resume
+                .contains_key(&hashes[hit as usize / B - 1]);
+        prop_assert_eq!(est == hit, at_point, "estimate {} hit {}", est, hit);
+        prop_assert!(
+            !self.dense || est == hit,
+            "dense: every node is a resume point"
+        );
+        self.router_exact += u64::from(est == hit && hit > 0);
+        self.router_short += u64::from(est < hit);
+        Ok(())
+    }
+
     /// Mirrors a schedule call of request `idx` that started at token `start` (an opted-out
     /// request links and registers nothing).
     fn after_schedule(&mut self, idx: usize, start: usize) {
@@ -583,6 +612,7 @@ impl Harness {
                     .match_prefix(Prompt::Tokens(&toks), SALTS[salt as usize])
                     .map_err(|e| err(format!("match_prefix: {e}")))?;
                 self.check_hit("match", salt, &toks, hit)?;
+                self.check_router(salt, &toks, hit)?;
             }
             Op::Clock { secs } => {
                 self.m
@@ -948,7 +978,7 @@ fn run_ops(
         let st = h.m.stats();
         eprintln!(
             "STATS hits {} lower>0 {} tight {} evicted {}/{} refused {}/{} aborted_blocks {} \
-             pins checked {} in force {} clipped {}",
+             pins checked {} in force {} clipped {} router exact {} short {}",
             h.hits_checked,
             h.lower_positive,
             h.tight,
@@ -959,7 +989,9 @@ fn run_ops(
             st.aborted_blocks,
             h.pins_checked,
             st.pins,
-            st.pins_clipped
+            st.pins_clipped,
+            h.router_exact,
+            h.router_short
         );
     }
     Ok(())

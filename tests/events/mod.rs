@@ -2,7 +2,7 @@
 //! blocks they describe and checks it against what the manager holds.
 #![allow(dead_code)]
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use kvalloc::{CacheEvent, KVCacheManager};
 
@@ -10,8 +10,10 @@ use kvalloc::{CacheEvent, KVCacheManager};
 #[derive(Debug, Default)]
 pub struct Replay {
     pub blocks: HashSet<(usize, u64)>,
-    /// Events applied so far, by kind: stored, removed, cleared.
-    pub counts: [u64; 3],
+    /// The resume points the events say there are: chained hash -> block.
+    pub resume: HashMap<u64, u32>,
+    /// Events applied so far, by kind: stored, removed, cleared, resumable, not resumable.
+    pub counts: [u64; 5],
     /// `Stored` events of promotions (no request).
     pub promoted: u64,
 }
@@ -53,15 +55,40 @@ impl Replay {
                 }
                 CacheEvent::Cleared => {
                     self.blocks.clear();
+                    self.resume.clear();
                     self.counts[2] += 1;
+                }
+                CacheEvent::Resumable { hash, block } => {
+                    if self.resume.insert(hash, block).is_some() {
+                        return Err(format!("event {i} {e:?}: resumable twice"));
+                    }
+                    // A resume point is a cached node: its full-attention block is there.
+                    if !self.holds(hash) {
+                        return Err(format!("event {i} {e:?}: resumable before stored"));
+                    }
+                    self.counts[3] += 1;
+                }
+                CacheEvent::NotResumable { hash } => {
+                    if self.resume.remove(&hash).is_none() {
+                        return Err(format!("event {i} {e:?}: not resumable but never was"));
+                    }
+                    if !self.holds(hash) {
+                        return Err(format!("event {i} {e:?}: blocks removed before it"));
+                    }
+                    self.counts[4] += 1;
                 }
             }
         }
         Ok(())
     }
 
-    /// Drains `m`'s events, applies them, and checks that the set equals the manager's cached
-    /// blocks.
+    /// Whether some group's block of the node `hash` is cached.
+    fn holds(&self, hash: u64) -> bool {
+        (0..kvalloc::spec::MAX_GROUPS).any(|g| self.blocks.contains(&(g, hash)))
+    }
+
+    /// Drains `m`'s events, applies them, and checks that the sets equal the manager's cached
+    /// blocks and resume points.
     pub fn sync(
         &mut self,
         m: &mut KVCacheManager,
@@ -80,6 +107,26 @@ impl Replay {
                 self.blocks.len()
             ));
         }
+        let mut resume: Vec<(u64, u32)> = self.resume.iter().map(|(&h, &b)| (h, b)).collect();
+        resume.sort_unstable();
+        if resume != m.resume_points() {
+            return Err(format!(
+                "replayed resume points disagree with the cache: {} replayed, {} in the tree",
+                resume.len(),
+                m.resume_points().len()
+            ));
+        }
         Ok(())
     }
+}
+
+/// The hit a router that trusts the resume points (`hash -> block`) estimates for a prompt of
+/// `len` tokens with these chained block hashes: the deepest resume point on its path, at
+/// least one token short of its end (as the manager's hits are), in tokens.
+pub fn router_hit(resume: &HashMap<u64, u32>, hashes: &[u64], len: usize, b: usize) -> u64 {
+    let max_safe = (len.saturating_sub(1) / b).min(hashes.len());
+    (1..=max_safe)
+        .rev()
+        .find(|&k| resume.get(&hashes[k - 1]) == Some(&(k as u32 - 1)))
+        .map_or(0, |k| (k * b) as u64)
 }

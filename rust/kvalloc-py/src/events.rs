@@ -9,6 +9,8 @@ use pyo3::types::PyDict;
 const STORED: u8 = 0;
 const REMOVED: u8 = 1;
 const CLEARED: u8 = 2;
+const RESUMABLE: u8 = 3;
+const NOT_RESUMABLE: u8 = 4;
 
 /// A batch of events as equal-length columns; -1 where a field does not apply.
 #[derive(Debug, Default)]
@@ -50,6 +52,10 @@ impl EventColumns {
             } => (STORED, group as i32, hash, parent, i64::from(block), req),
             CacheEvent::Removed { group, hash } => (REMOVED, group as i32, hash, None, -1, None),
             CacheEvent::Cleared => (CLEARED, -1, 0, None, -1, None),
+            CacheEvent::Resumable { hash, block } => {
+                (RESUMABLE, -1, hash, None, i64::from(block), None)
+            }
+            CacheEvent::NotResumable { hash } => (NOT_RESUMABLE, -1, hash, None, -1, None),
         };
         self.kind.push(kind);
         self.group.push(group);

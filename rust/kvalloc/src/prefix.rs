@@ -377,8 +377,13 @@ impl PrefixTree {
         }
     }
 
-    /// Starts (or stops) recording [`CacheEvent`]s; stopping drops the undrained ones.
+    /// Starts (or stops) recording [`CacheEvent`]s on a new tree; stopping drops the undrained
+    /// ones.
     pub fn record_events(&mut self, on: bool) {
+        debug_assert!(
+            !on || self.live_nodes == 0,
+            "resume points are counted from the start"
+        );
         self.events = EventLog::new(on);
     }
 
@@ -760,6 +765,9 @@ impl PrefixTree {
         }
         if self.events.on() {
             self.log_node_stored(id);
+            if self.every_node_resumes() {
+                self.resume_ref(id);
+            }
         }
     }
 
@@ -1001,6 +1009,9 @@ impl PrefixTree {
         self.kinds.placed[kind.index()] += 1;
         self.checkpoints += 1;
         self.refresh(end);
+        if self.events.on() {
+            self.log_checkpoint(end, true);
+        }
         true
     }
 
@@ -1019,6 +1030,10 @@ impl PrefixTree {
     /// checkpoint whose nodes are unpinned.
     pub fn remove_checkpoint(&mut self, end: NodeId, freed: &mut Freed) {
         debug_assert!(self.nodes[end as usize].ckpt_end);
+        // Before its blocks go: a router stops counting on it first.
+        if self.events.on() {
+            self.log_checkpoint(end, false);
+        }
         self.nodes[end as usize].ckpt_end = false;
         let node = &self.nodes[end as usize];
         if node.hits == 0 && node.ckpt_kind != CheckpointKind::Speculative {
@@ -1048,6 +1063,13 @@ impl PrefixTree {
         debug_assert!(!self.held(n) && self.nodes[n as usize].children == 0);
         if self.nodes[n as usize].ckpt_end {
             self.remove_checkpoint(n, freed);
+        }
+        if self.events.on() {
+            if self.every_node_resumes() {
+                self.resume_unref(n);
+            }
+            debug_assert_eq!(self.events.resume_refs(n), 0);
+            self.events.doomed -= u64::from(self.nodes[n as usize].doomed);
         }
         self.take_key(n);
         for g in 0..self.g() {
@@ -1087,10 +1109,12 @@ impl PrefixTree {
         if node.refs == 0 && node.retained == 0 && node.children == 0 {
             self.remove(n, freed);
         } else {
-            if self.events.on() && !self.nodes[n as usize].doomed {
+            let was_doomed = std::mem::replace(&mut self.nodes[n as usize].doomed, true);
+            if self.events.on() && !was_doomed {
+                // Resume points first, then the blocks (as a checkpoint's removal reports).
+                self.log_doomed(n);
                 self.log_node_removed(n);
             }
-            self.nodes[n as usize].doomed = true;
             self.take_key(n);
             // A doomed node is never matched again: unindex it now, or a later request with the
             // same prefix would insert a second node under the same hash (the index keeps one).
@@ -1187,6 +1211,7 @@ impl PrefixTree {
 }
 
 mod evict;
+mod resume;
 mod retain;
 pub use evict::Unit;
 #[cfg(test)]

@@ -45,6 +45,16 @@ impl KVCacheManager {
         v
     }
 
+    /// `(chained hash, block)` of every resume point the prefix cache holds, sorted by hash:
+    /// the set that replaying every `Resumable` and `NotResumable` event since construction
+    /// gives (a `Cleared` empties it). See [`crate::events`] for what a resume point is and
+    /// how it relates to [`match_prefix`](Self::match_prefix).
+    pub fn resume_points(&self) -> Vec<(u64, u32)> {
+        let mut v = self.tree.resume_points();
+        v.sort_unstable();
+        v
+    }
+
     /// Empties the prefix cache (L1; lower tiers keep their copies), as vLLM's
     /// `reset_prefix_cache` does after a weight update. Only when no request is running (their
     /// blocks are in use): returns false, changing nothing, otherwise. Waits for loads in

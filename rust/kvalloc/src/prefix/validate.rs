@@ -17,7 +17,8 @@ impl PrefixTree {
         if ckpts != self.checkpoints {
             return bad("checkpoint count disagrees".into());
         }
-        self.validate_eviction_sets(&refs)
+        self.validate_eviction_sets(&refs)?;
+        self.validate_resume()
     }
 
     /// Each live node: indexed under its hash, under a live parent one level up, holding its
