@@ -143,6 +143,12 @@ impl Router {
                 let set = &mut self.resumable[k];
                 for e in events {
                     match *e {
+                        CacheEvent::Resumable { hash, .. } => {
+                            set.insert(hash);
+                        }
+                        CacheEvent::NotResumable { hash } => {
+                            set.remove(&hash);
+                        }
                         CacheEvent::Cleared => set.clear(),
                         CacheEvent::Stored { .. } | CacheEvent::Removed { .. } => {}
                     }
@@ -162,6 +168,7 @@ impl Router {
                             }
                         }
                         CacheEvent::Cleared => map.clear(),
+                        CacheEvent::Resumable { .. } | CacheEvent::NotResumable { .. } => {}
                     }
                 }
             }
