@@ -47,8 +47,13 @@ fn host(bytes: u64) -> Vec<TierBudget> {
 }
 
 fn fleet(sim: &Simulator, cfg: &RunConfig, n: u32, router: RouterKind) -> FleetReport {
-    sim.run_fleet(cfg, &FleetConfig::new(n, router), router.name(), &mut |_, _| true)
-        .unwrap()
+    sim.run_fleet(
+        cfg,
+        &FleetConfig::new(n, router),
+        router.name(),
+        &mut |_, _| true,
+    )
+    .unwrap()
 }
 
 /// Everything a replay measures that does not depend on the wall clock.
@@ -186,7 +191,12 @@ fn bad_fleets_are_errors() {
     let c = cfg(16 << 30, vec![]);
     for n in [0, 4097] {
         let e = sim
-            .run_fleet(&c, &FleetConfig::new(n, RouterKind::RoundRobin), "x", &mut |_, _| true)
+            .run_fleet(
+                &c,
+                &FleetConfig::new(n, RouterKind::RoundRobin),
+                "x",
+                &mut |_, _| true,
+            )
             .unwrap_err();
         assert!(
             matches!(&e, Error::InvalidArgument { what, .. } if what == "instances"),

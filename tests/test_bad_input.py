@@ -799,6 +799,17 @@ CLI_BAD: dict[tuple[str, str], list[list[str]]] = {
     ("sweep", "--budgets"): [[*SIM, "--budgets", v] for v in ("1MiB,,2MiB", "", ",", "-1GiB", "0", "x", "1GiB,-2GiB")],
     ("sweep", "--plot"): [[*SIM, "--plot", "{dir}"], [*SIM, "--plot", "{missing_parent}"]],
     ("sweep", "--oracle"): [[*SIM, "--oracle=1"], [*SIM, "--oracle", "--budgets", "0"]],
+    ("simulate", "--instances"): [[*SIM, "--instances", v] for v in ("0", "-1", "4097", "1.5", "x", "")]
+                                 + [[*SIM, "--instances", "2", "--oracle"],
+                                    [*SIM, "--instances", "2", "--plot", "{dir}/fleet.png"]],
+    ("simulate", "--router"): [[*SIM, "--instances", "2", "--router", v] for v in ("nope", "", "\udc80")]
+                              + [[*SIM, "--router", "prefix"]],
+    ("simulate", "--no-write-through"): [[*SIM, "--no-write-through"], [*SIM, "--instances", "2", "--no-write-through=1"]],
+    ("simulate", "--overlap-weight"): [[*SIM, "--instances", "2", "--overlap-weight", v]
+                                       for v in ("-1", "nan", "inf", "x")] + [[*SIM, "--overlap-weight", "2"]],
+    ("sweep", "--instances"): [[*SIM, "--instances", v] for v in ("1,,2", "", ",", "0", "1,4097", "x", "2,-1")]
+                              + [[*SIM, "--instances", "1,2", "--oracle"]],
+    ("sweep", "--router"): [[*SIM, "--instances", "1,2", "--router", "nope"], [*SIM, "--router", "prefix"]],
 }
 # sweep shares simulate's source options (same code): a few of them again through sweep.
 CLI_BAD[("sweep", "simulate's options")] = [[*SIM, "--host", "-1GiB"], [*SIM, "--tolerance", "0.1"]]

@@ -601,8 +601,8 @@ class Simulator:
         ``mean_error_tokens``, ``mean_over_tokens``, ``over_tokens`` and ``error_percentiles``
         ``p1``/``p10``/``p50``/``p90``/``p99``/``max`` of estimated minus real hit tokens per
         request) and ``shared_remote`` (``records``, ``bytes``, ``evicted``, ``bytes_written``,
-        ``bytes_read``; None without a remote tier). One instance with any router reports what
-        ``run`` reports. An instance count out of range, an unknown router or a bad weight is
+        ``bytes_read``; None without a remote tier). One instance with any router and no remote
+        tier reports what ``run`` reports. An instance count out of range, an unknown router or a bad weight is
         an ``InvalidArgumentError``; the oracle eviction order is for one instance only."""
     def budget_to_match(
         self,

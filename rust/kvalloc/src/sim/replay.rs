@@ -334,11 +334,14 @@ fn managers(
     });
     let mut out = Vec::with_capacity(fleet.instances as usize);
     for _ in 0..fleet.instances {
-        let remote = shared
-            .clone()
-            .map(|s| Box::new(s) as Box<dyn BlockStore>);
-        let m =
-            KVCacheManager::with_stores(spec.clone(), cfg.device_bytes, config.clone(), None, remote)?;
+        let remote = shared.clone().map(|s| Box::new(s) as Box<dyn BlockStore>);
+        let m = KVCacheManager::with_stores(
+            spec.clone(),
+            cfg.device_bytes,
+            config.clone(),
+            None,
+            remote,
+        )?;
         out.push(m);
     }
     Ok((out, shared))
@@ -820,7 +823,8 @@ impl<'a> Replay<'a> {
                 self.report.tier_hit_tokens[x] += plan.taken[x];
             }
             self.queue_wait_sum += t - s.arrival;
-            inst.no_cache_free = inst.no_cache_free.max(t) + service.prefill_seconds(r.prompt_tokens);
+            inst.no_cache_free =
+                inst.no_cache_free.max(t) + service.prefill_seconds(r.prompt_tokens);
             self.ttft_no_cache_sum += inst.no_cache_free - s.arrival;
             self.ttfts.push(inst.prefill_free - s.arrival);
             if self.learns {
