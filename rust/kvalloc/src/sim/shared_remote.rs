@@ -182,3 +182,39 @@ impl BlockStore for SharedRemote {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(hash: u64, group: u16) -> BlockKey {
+        BlockKey { hash, group }
+    }
+
+    #[test]
+    fn handles_share_one_store_that_evicts_the_least_recently_used() {
+        let mut a = SharedRemote::new(300, vec![100, 50], 7);
+        let mut b = a.clone();
+        a.put(key(1, 0), 1, &[]).unwrap();
+        b.put(key(2, 0), 1, &[]).unwrap();
+        assert_eq!(
+            b.contains_many(&[key(1, 0), key(2, 0), key(1, 1)]).unwrap(),
+            vec![true, true, false]
+        );
+        // A read makes record 1 the most recent: the next overflow evicts record 2.
+        b.get(key(1, 0), &mut []).unwrap();
+        a.put(key(3, 0), 1, &[]).unwrap();
+        a.put(key(3, 1), 1, &[]).unwrap();
+        assert_eq!(b.get(key(2, 0), &mut []), Err(StoreError::Missing));
+        let s = a.stats();
+        assert_eq!((s.records, s.bytes, s.evicted), (3, 250, 1));
+        assert_eq!(s.counters.bytes_read, 100);
+        b.remove(key(1, 0)).unwrap();
+        assert_eq!(a.stats().bytes, 150);
+        // A record larger than the whole store is refused, not stored.
+        let mut tiny = SharedRemote::new(60, vec![100, 50], 7);
+        assert!(tiny.put(key(9, 0), 1, &[]).is_err());
+        assert!(tiny.put(key(9, 1), 1, &[]).is_ok());
+        assert!(tiny.is_virtual() && !a.keys().authenticated());
+    }
+}

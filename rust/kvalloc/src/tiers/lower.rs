@@ -11,7 +11,10 @@
 //!   fails its checksum is a miss and is counted. Nothing fails the caller.
 //!
 //! Without a registered device buffer ("virtual" tiers, used by the simulator) the same
-//! decisions are made and the same bytes are counted, but no bytes move.
+//! decisions are made and the same bytes are counted, but no bytes move. A store that keeps
+//! residency without bytes ([`BlockStore::is_virtual`]: the simulator's remote tier shared by a
+//! fleet) is still told what is written and removed, asked what other instances wrote, and
+//! checked on each read (a record it evicted is a miss).
 //!
 //! Records are indexed by chained block hash, and stored under their record id
 //! ([`RecordKeys::record_id`], a keyed one-way function of the chain). Records the disk store
