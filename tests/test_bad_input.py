@@ -592,6 +592,12 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "Simulator.__new__": (lambda w, a, b: Simulator(w.spec, w.trace, a) if b is None else Simulator(a, b), 2),
     "Simulator.run": (lambda w, *a: w.sim.run(*a[:3], host_bytes=a[3], prefill_tokens_per_s=a[4], progress=a[5]), 6),
     "Simulator.budget_to_match": (lambda w, *a: w.sim.budget_to_match(*a[:4], rel_tol=a[4], decode_tokens_per_s=a[5]), 6),
+    # A real router now and then, so that the other arguments' checks are reached too.
+    "Simulator.run_fleet": (lambda w, *a: w.sim.run_fleet(a[0], a[1], instances=a[2], router=a[3],
+                                                          write_through=a[4], overlap_weight=a[5]),
+                            st.tuples(bad_values, bad_values, bad_values,
+                                      st.one_of(bad_values, st.sampled_from(["prefix", "round-robin"])),
+                                      bad_values, bad_values)),
     "LoadHandle.wait_layer": (lambda w, a, b: w.load.wait_layer(a, b), 2),
     "LoadHandle.wait_all": (lambda w, a: w.load.wait_all(a), 1),
 }
