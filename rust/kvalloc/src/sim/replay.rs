@@ -12,9 +12,10 @@
 //!   enter the prefix cache).
 //!
 //! After every arrival and finish, the instance's stalled decodes are retried first, then its
-//! queued admissions in order (head-of-line: a refused head waits for memory). A head refused while nothing runs can
-//! never fit and is rejected. When every running request is stalled, the one admitted last is
-//! preempted (see `service`).
+//! queued admissions in order (head-of-line: a refused head waits for memory). A head refused
+//! while nothing runs on its instance can never fit and is rejected. When every request running
+//! on an instance is stalled, the one admitted last is preempted (see `service`) and waits on
+//! the same instance.
 //!
 //! Hit rates count each request's first admission only (a preempted request's re-admission
 //! is recompute, not traffic), so they compare directly with the trace's upper bound.
