@@ -167,7 +167,7 @@ fn the_window_safe_router_never_over_estimates_and_the_naive_one_does() {
     let (s, n) = (safe.estimate.unwrap(), naive.estimate.unwrap());
     assert_eq!(s.requests, 600);
     assert_eq!(s.over, 0, "{s:?}");
-    // It knows of most of the hits (the rest are resume points made while a request waited).
+    // And it knows of the hits: the events describe what the device holds.
     assert!(s.estimated_tokens * 10 >= s.real_tokens * 9, "{s:?}");
     assert!(n.over > 0, "{n:?}");
     assert!(n.mean_over_tokens >= 128.0);
