@@ -1,7 +1,8 @@
 //! The fleet simulator (`kvalloc::sim::fleet`): one instance replays exactly as the plain
 //! replay, routers spread or concentrate load as they say, the shared remote tier serves one
 //! instance's blocks to another, and the prefix-aware routers' estimates against the real hits
-//! (the window-safe one never over-estimates; the naive one does, on a sliding-window model).
+//! (the window-safe one never over-estimates, even when its score credits stored blocks; the
+//! naive one does, on a sliding-window model).
 //! Runs on a prefix of the Mooncake conversation trace or a small generated workload.
 
 use std::path::Path;
@@ -171,6 +172,46 @@ fn the_window_safe_router_never_over_estimates_and_the_naive_one_does() {
     assert!(s.estimated_tokens * 10 >= s.real_tokens * 9, "{s:?}");
     assert!(n.over > 0, "{n:?}");
     assert!(n.mean_over_tokens >= 128.0);
+    // Crediting stored blocks past the resume point moves requests (at 1, to where the naive
+    // router sends them) without moving the estimate off the resume point.
+    assert_ne!(safe.per_instance, naive.per_instance);
+    for credit in [0.5, 1.0] {
+        let mut f = FleetConfig::new(8, RouterKind::Prefix);
+        f.stored_credit = credit;
+        let r = sim.run_fleet(&c, &f, "credit", &mut |_, _| true).unwrap();
+        let e = r.estimate.unwrap();
+        assert_eq!(e.over, 0, "credit {credit}: {e:?}");
+        assert!(e.estimated_tokens * 10 >= e.real_tokens * 9, "{e:?}");
+        if credit == 1.0 {
+            assert_eq!(r.per_instance, naive.per_instance);
+            assert_eq!(r.report.hit_tokens, naive.report.hit_tokens);
+        }
+    }
+}
+
+#[test]
+fn a_tie_seed_moves_only_the_scoring_routers_and_replays_the_same() {
+    let sim = Simulator::new(mimo(), Arc::new(conversation(300)), 128).unwrap();
+    let c = cfg(16 << 30, vec![]);
+    let run = |router, seed| {
+        let mut f = FleetConfig::new(8, router);
+        f.tie_seed = seed;
+        sim.run_fleet(&c, &f, "ties", &mut |_, _| true).unwrap()
+    };
+    let rr = run(RouterKind::RoundRobin, None);
+    assert_eq!(
+        run(RouterKind::RoundRobin, Some(3)).per_instance,
+        rr.per_instance
+    );
+    let a = run(RouterKind::LeastLoaded, Some(3));
+    assert_eq!(
+        run(RouterKind::LeastLoaded, Some(3)).per_instance,
+        a.per_instance
+    );
+    assert_ne!(
+        run(RouterKind::LeastLoaded, None).per_instance,
+        a.per_instance
+    );
 }
 
 #[test]
@@ -208,6 +249,15 @@ fn bad_fleets_are_errors() {
     let mut f = FleetConfig::new(2, RouterKind::Prefix);
     f.overlap_weight = f64::NAN;
     assert!(sim.run_fleet(&c, &f, "x", &mut |_, _| true).is_err());
+    for credit in [-0.5, f64::INFINITY] {
+        let mut f = FleetConfig::new(2, RouterKind::Prefix);
+        f.stored_credit = credit;
+        let e = sim.run_fleet(&c, &f, "x", &mut |_, _| true).unwrap_err();
+        assert!(
+            matches!(&e, Error::InvalidArgument { what, .. } if what == "stored_credit"),
+            "{e:?}"
+        );
+    }
     let mut oracle = c.clone();
     oracle.eviction = Eviction::Oracle;
     let f = FleetConfig::new(2, RouterKind::RoundRobin);

@@ -68,6 +68,16 @@ pub struct FleetConfig {
     /// The prefix-aware routers' weight on the prefill blocks an instance would compute
     /// (Dynamo's `overlap_score_weight`; 1 by default): higher favours cache hits over load.
     pub overlap_weight: f64,
+    /// The window-safe router's credit, in its score, for the blocks an instance stores past
+    /// the prompt's deepest resume point there (0 by default: resume points only). At `c`, such
+    /// a run of `r` blocks counts as `c * r` cached blocks against the load: a locality signal
+    /// (the prompt's family lives there, and its next resume points will), never part of the
+    /// estimate the router reports, which stays the resume point. 1 routes as the naive router.
+    pub stored_credit: f64,
+    /// The scoring routers break ties from a random start seeded by this (None, the default: a
+    /// rotating start; round-robin always rotates). Replays under a few seeds show how much a
+    /// figure owes to tie-breaking.
+    pub tie_seed: Option<u64>,
 }
 
 impl FleetConfig {
@@ -79,6 +89,8 @@ impl FleetConfig {
             router,
             write_through: true,
             overlap_weight: 1.0,
+            stored_credit: 0.0,
+            tie_seed: None,
         }
     }
 
@@ -95,7 +107,7 @@ impl FleetConfig {
         *self != FleetConfig::single()
     }
 
-    /// Checks the instance count and the weight.
+    /// Checks the instance count and the weights.
     pub fn validate(&self) -> Result<()> {
         if !(1..=MAX_INSTANCES).contains(&self.instances) {
             return Err(Error::invalid(
@@ -110,6 +122,12 @@ impl FleetConfig {
             return Err(Error::invalid(
                 "overlap_weight",
                 format!("{} is not a finite number, 0 or above", self.overlap_weight),
+            ));
+        }
+        if !(self.stored_credit.is_finite() && self.stored_credit >= 0.0) {
+            return Err(Error::invalid(
+                "stored_credit",
+                format!("{} is not a finite number, 0 or above", self.stored_credit),
             ));
         }
         Ok(())

@@ -402,7 +402,7 @@ impl<'a> Replay<'a> {
             b: u64::from(block_tokens),
             inst: ms.into_iter().map(Instance::new).collect(),
             at: vec![0; n],
-            router: Router::new(fleet.router, instances, fleet.overlap_weight),
+            router: Router::new(fleet.router, instances, fleet),
             learns: prefix_aware,
             event_buf: Vec::new(),
             hash_buf: Vec::new(),

@@ -12,6 +12,12 @@
 //!   On a sliding-window model a full-attention block without the window before it is no
 //!   resume point, so this over-estimates.
 //!
+//! The window-safe router may also keep the stored blocks, as a locality signal only
+//! ([`FleetConfig::stored_credit`](super::fleet::FleetConfig::stored_credit)): its score then
+//! credits the stored full-attention run past the deepest resume point, at that weight, as the
+//! resume points later requests of the same prefix would find there; its estimate (the hit it
+//! reports, and what the over-estimation figures measure) stays the deepest resume point.
+//!
 //! Both estimates stop at the prompt's last whole block before its last token (the rule every
 //! hit obeys: at least one token is computed), so the two differ only by what the events say.
 //!
@@ -22,13 +28,18 @@
 //! [`FleetConfig::overlap_weight`](super::fleet::FleetConfig::overlap_weight)) plus the blocks
 //! of the requests it holds. Least-loaded is the same score with no credit for cached blocks.
 //! Ties go to the first instance at or after a rotating start, so an idle fleet is filled
-//! round robin rather than from instance 0.
+//! round robin rather than from instance 0, or, with
+//! [`FleetConfig::tie_seed`](super::fleet::FleetConfig::tie_seed), after a seeded random start
+//! (to measure how much a figure owes to tie-breaking).
 
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Result};
 use crate::events::CacheEvent;
 use crate::hash::IdentityHasher;
+
+use super::fleet::FleetConfig;
+use super::rng::Rng;
 
 type Set = HashSet<u64, std::hash::BuildHasherDefault<IdentityHasher>>;
 type Counts = HashMap<u64, u16, std::hash::BuildHasherDefault<IdentityHasher>>;
@@ -105,20 +116,30 @@ pub(crate) struct Router {
     kind: RouterKind,
     next: usize,
     weight: f64,
+    /// Window-safe: the weight of the stored run past the deepest resume point in the score.
+    stored_credit: f64,
+    /// Seeded tie-breaking (None: rotation).
+    ties: Option<Rng>,
     /// Window-safe: resume points per instance.
     resumable: Vec<Set>,
-    /// Naive: groups stored per block, per instance.
+    /// Naive, and window-safe with a stored credit: groups stored per block, per instance.
     stored: Vec<Counts>,
 }
 
 impl Router {
-    pub(crate) fn new(kind: RouterKind, instances: usize, weight: f64) -> Self {
+    /// A router over `instances` instances with the fleet's weights and tie-breaking.
+    pub(crate) fn new(kind: RouterKind, instances: usize, fleet: &FleetConfig) -> Self {
+        let stored_credit = if kind == RouterKind::Prefix {
+            fleet.stored_credit
+        } else {
+            0.0
+        };
         let resumable = if kind == RouterKind::Prefix {
             vec![Set::default(); instances]
         } else {
             Vec::new()
         };
-        let stored = if kind == RouterKind::PrefixNaive {
+        let stored = if kind == RouterKind::PrefixNaive || stored_credit > 0.0 {
             vec![Counts::default(); instances]
         } else {
             Vec::new()
@@ -126,7 +147,9 @@ impl Router {
         Router {
             kind,
             next: 0,
-            weight,
+            weight: fleet.overlap_weight,
+            stored_credit,
+            ties: fleet.tie_seed.map(Rng::new),
             resumable,
             stored,
         }
@@ -153,25 +176,11 @@ impl Router {
                         CacheEvent::Stored { .. } | CacheEvent::Removed { .. } => {}
                     }
                 }
-            }
-            RouterKind::PrefixNaive => {
-                let map = &mut self.stored[k];
-                for e in events {
-                    match *e {
-                        CacheEvent::Stored { hash, .. } => *map.entry(hash).or_insert(0) += 1,
-                        CacheEvent::Removed { hash, .. } => {
-                            if let Some(c) = map.get_mut(&hash) {
-                                *c -= 1;
-                                if *c == 0 {
-                                    map.remove(&hash);
-                                }
-                            }
-                        }
-                        CacheEvent::Cleared => map.clear(),
-                        CacheEvent::Resumable { .. } | CacheEvent::NotResumable { .. } => {}
-                    }
+                if let Some(map) = self.stored.get_mut(k) {
+                    observe_stored(map, events);
                 }
             }
+            RouterKind::PrefixNaive => observe_stored(&mut self.stored[k], events),
             RouterKind::RoundRobin | RouterKind::LeastLoaded => {}
         }
     }
@@ -188,12 +197,26 @@ impl Router {
                     .rposition(|h| set.contains(h))
                     .map_or(0, |i| i + 1)
             }
-            RouterKind::PrefixNaive => {
-                let map = &self.stored[k];
-                hashes.iter().take_while(|h| map.contains_key(h)).count()
-            }
+            RouterKind::PrefixNaive => self.stored_run(k, hashes),
             RouterKind::RoundRobin | RouterKind::LeastLoaded => 0,
         }
+    }
+
+    /// The longest run of blocks stored (in any group) on instance `k` from the start of
+    /// `hashes` (already capped).
+    fn stored_run(&self, k: usize, hashes: &[u64]) -> usize {
+        let map = &self.stored[k];
+        hashes.iter().take_while(|h| map.contains_key(h)).count()
+    }
+
+    /// The blocks the score credits instance `k` with: the estimate `est`, plus, for the
+    /// window-safe router with a stored credit, that share of the stored run past it.
+    fn credit(&self, k: usize, hashes: &[u64], max_safe: usize, est: usize) -> f64 {
+        if self.stored_credit == 0.0 {
+            return est as f64;
+        }
+        let run = self.stored_run(k, &hashes[..max_safe.min(hashes.len())]);
+        est as f64 + self.stored_credit * run.saturating_sub(est) as f64
     }
 
     /// Picks the instance for a prompt of `prompt_blocks` blocks (chained hashes `hashes`,
@@ -209,21 +232,44 @@ impl Router {
         block_tokens: f64,
     ) -> (usize, usize) {
         let n = loads.len();
-        let start = self.next % n;
+        let mut start = self.next % n;
         self.next = (self.next + 1) % n;
         if self.kind == RouterKind::RoundRobin {
             return (start, 0);
+        }
+        if let Some(rng) = self.ties.as_mut() {
+            start = rng.range(0, n as u64) as usize;
         }
         let mut best = (f64::INFINITY, start, 0usize);
         for j in 0..n {
             let k = (start + j) % n;
             let est = self.estimate(k, hashes, max_safe);
-            let prefill = loads[k].prefill_tokens / block_tokens + prompt_blocks - est as f64;
+            let credit = self.credit(k, hashes, max_safe, est);
+            let prefill = loads[k].prefill_tokens / block_tokens + prompt_blocks - credit;
             let cost = self.weight * prefill + loads[k].active_blocks;
             if cost < best.0 {
                 best = (cost, k, est);
             }
         }
         (best.1, best.2)
+    }
+}
+
+/// Applies `events` to the blocks `map` counts as stored (in how many groups).
+fn observe_stored(map: &mut Counts, events: &[CacheEvent]) {
+    for e in events {
+        match *e {
+            CacheEvent::Stored { hash, .. } => *map.entry(hash).or_insert(0) += 1,
+            CacheEvent::Removed { hash, .. } => {
+                if let Some(c) = map.get_mut(&hash) {
+                    *c -= 1;
+                    if *c == 0 {
+                        map.remove(&hash);
+                    }
+                }
+            }
+            CacheEvent::Cleared => map.clear(),
+            CacheEvent::Resumable { .. } | CacheEvent::NotResumable { .. } => {}
+        }
     }
 }
