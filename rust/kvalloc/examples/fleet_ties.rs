@@ -5,7 +5,7 @@
 //!
 //! ```bash
 //! cargo run --release --example fleet_ties                      # N = 4, 16, 64; 8 seeds; credits 0, 0.5
-//! cargo run --release --example fleet_ties -- 4,16 12 0,0.25,1  # instances, seeds, window-safe stored credits
+//! cargo run --release --example fleet_ties -- 4,16 12 0,0.25,1 4  # instances, seeds, window-safe stored credits, overlap weight
 //! ```
 
 use std::path::Path;
@@ -23,6 +23,7 @@ fn main() -> Result<(), kvalloc::Error> {
     let counts: Vec<u32> = list(args.first(), "4,16,64");
     let seeds: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(8);
     let credits: Vec<f64> = list(args.get(2), "0,0.5");
+    let weight: f64 = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(1.0);
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("python/kvalloc/data/mooncake_conversation.jsonl");
     let trace = readers::read_trace(&path, readers::ReadOptions::default())?;
@@ -47,6 +48,7 @@ fn main() -> Result<(), kvalloc::Error> {
             let run = |seed: Option<u64>| -> Result<(f64, u64), kvalloc::Error> {
                 let mut f = FleetConfig::new(n, *kind);
                 f.stored_credit = *credit;
+                f.overlap_weight = weight;
                 f.tie_seed = seed;
                 let r = sim.run_fleet(&cfg, &f, name, &mut |_, _| true)?;
                 Ok((
