@@ -595,6 +595,12 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "Simulator.__new__": (lambda w, a, b: Simulator(w.spec, w.trace, a) if b is None else Simulator(a, b), 2),
     "Simulator.run": (lambda w, *a: w.sim.run(*a[:3], host_bytes=a[3], prefill_tokens_per_s=a[4], progress=a[5]), 6),
     "Simulator.budget_to_match": (lambda w, *a: w.sim.budget_to_match(*a[:4], rel_tol=a[4], decode_tokens_per_s=a[5]), 6),
+    # A real router now and then, so that the other arguments' checks are reached too.
+    "Simulator.run_fleet": (lambda w, *a: w.sim.run_fleet(a[0], a[1], instances=a[2], router=a[3],
+                                                          write_through=a[4], overlap_weight=a[5]),
+                            st.tuples(bad_values, bad_values, bad_values,
+                                      st.one_of(bad_values, st.sampled_from(["prefix", "round-robin"])),
+                                      bad_values, bad_values)),
     "LoadHandle.wait_layer": (lambda w, a, b: w.load.wait_layer(a, b), 2),
     "LoadHandle.wait_all": (lambda w, a: w.load.wait_all(a), 1),
 }
@@ -802,6 +808,17 @@ CLI_BAD: dict[tuple[str, str], list[list[str]]] = {
     ("sweep", "--budgets"): [[*SIM, "--budgets", v] for v in ("1MiB,,2MiB", "", ",", "-1GiB", "0", "x", "1GiB,-2GiB")],
     ("sweep", "--plot"): [[*SIM, "--plot", "{dir}"], [*SIM, "--plot", "{missing_parent}"]],
     ("sweep", "--oracle"): [[*SIM, "--oracle=1"], [*SIM, "--oracle", "--budgets", "0"]],
+    ("simulate", "--instances"): [[*SIM, "--instances", v] for v in ("0", "-1", "4097", "1.5", "x", "")]
+                                 + [[*SIM, "--instances", "2", "--oracle"],
+                                    [*SIM, "--instances", "2", "--plot", "{dir}/fleet.png"]],
+    ("simulate", "--router"): [[*SIM, "--instances", "2", "--router", v] for v in ("nope", "", "\udc80")]
+                              + [[*SIM, "--router", "prefix"]],
+    ("simulate", "--no-write-through"): [[*SIM, "--no-write-through"], [*SIM, "--instances", "2", "--no-write-through=1"]],
+    ("simulate", "--overlap-weight"): [[*SIM, "--instances", "2", "--overlap-weight", v]
+                                       for v in ("-1", "nan", "inf", "x")] + [[*SIM, "--overlap-weight", "2"]],
+    ("sweep", "--instances"): [[*SIM, "--instances", v] for v in ("1,,2", "", ",", "0", "1,4097", "x", "2,-1")]
+                              + [[*SIM, "--instances", "1,2", "--oracle"]],
+    ("sweep", "--router"): [[*SIM, "--instances", "1,2", "--router", "nope"], [*SIM, "--router", "prefix"]],
 }
 # sweep shares simulate's source options (same code): a few of them again through sweep.
 CLI_BAD[("sweep", "simulate's options")] = [[*SIM, "--host", "-1GiB"], [*SIM, "--tolerance", "0.1"]]

@@ -635,6 +635,49 @@ class Simulator:
         ``exposed_load_seconds`` and ``load_queue_seconds`` say what the loads did.
         ``eviction`` ``"oracle"`` is the offline clairvoyant reference: it evicts the cached
         unit whose next use in the trace is farthest away (a manager refuses it)."""
+    def run_fleet(
+        self,
+        device_bytes: int,
+        policy: str | None = None,
+        eviction: str | None = None,
+        *,
+        instances: int,
+        router: str,
+        host_bytes: int | None = None,
+        disk_bytes: int | None = None,
+        remote_bytes: int | None = None,
+        prefill_tokens_per_s: float | None = None,
+        decode_tokens_per_s: float | None = None,
+        host_gbps: float | None = None,
+        disk_gbps: float | None = None,
+        remote_gbps: float | None = None,
+        disk_latency_ms: float | None = None,
+        remote_latency_ms: float | None = None,
+        load_policy: str | None = None,
+        write_through: bool | None = None,
+        overlap_weight: float | None = None,
+        progress: Callable[[str, float], object] | None = None,
+    ) -> dict[str, Any]:
+        """Replays the trace over a fleet of ``instances`` (1 to 4096) instances behind
+        ``router``: ``"round-robin"``, ``"least-loaded"``, ``"prefix"`` (window-safe: learns the
+        resume points each instance publishes as ``Resumable`` events) or ``"prefix-naive"``
+        (learns from ``Stored``/``Removed`` events, a stored block taken at face value); the
+        prefix-aware ones score instances as Dynamo's KV router does, with ``overlap_weight``
+        (default 1) on the blocks to prefill. ``device_bytes``, ``host_bytes`` and ``disk_bytes``
+        are per instance; ``remote_bytes`` is one remote tier shared by the fleet (virtual: an
+        index of what every instance wrote, its own budget, LRU); ``prefill_tokens_per_s`` is
+        the whole fleet's, split evenly. ``write_through`` (default True): finished requests
+        write through to the shared remote tier. Returns ``run``'s report for the whole fleet
+        plus ``router``, ``instances``, ``per_instance`` (``requests``, ``prompt_tokens``,
+        ``hit_tokens`` each), ``request_imbalance`` and ``token_imbalance`` (max over mean),
+        ``estimate`` (prefix-aware routers, else None: ``requests``, ``estimated_tokens``,
+        ``real_tokens``, ``over``/``exact``/``under`` counts, ``over_share``,
+        ``mean_error_tokens``, ``mean_over_tokens``, ``over_tokens`` and ``error_percentiles``
+        ``p1``/``p10``/``p50``/``p90``/``p99``/``max`` of estimated minus real hit tokens per
+        request) and ``shared_remote`` (``records``, ``bytes``, ``evicted``, ``bytes_written``,
+        ``bytes_read``; None without a remote tier). One instance with any router and no remote
+        tier reports what ``run`` reports. An instance count out of range, an unknown router or a bad weight is
+        an ``InvalidArgumentError``; the oracle eviction order is for one instance only."""
     def budget_to_match(
         self,
         target_hit_rate: float,

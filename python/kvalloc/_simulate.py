@@ -33,6 +33,12 @@ DEFAULT_POLICIES = ("swa-aware", "dense")
 DEFAULT_SWEEP = ("64GiB", "128GiB", "256GiB", "512GiB", "1TiB", "2TiB", "4TiB")
 TIERS = ("host", "disk", "remote")
 TOKENS_PER_ID = ("exact", "spread")
+ROUTERS = ("round-robin", "least-loaded", "prefix", "prefix-naive")
+PREFIX_ROUTERS = ("prefix", "prefix-naive")
+MAX_INSTANCES = 4096
+# A fleet's default per-instance device budget in `sweep --instances` (one 8-GPU node's share
+# of KV memory; see the README's fleet table).
+DEFAULT_FLEET_DEVICE = "64GiB"
 
 _UNITS = {
     "": 1, "b": 1,
@@ -71,6 +77,14 @@ def positive_size(text: str) -> int:
     if n == 0:
         raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
     return n
+
+
+def instance_list(text: str) -> list[int]:
+    """Comma-separated instance counts (``1,2,4,8``), each 1 to 4096."""
+    parts = text.split(",")
+    if any(not p.strip() for p in parts):
+        raise argparse.ArgumentTypeError(f"invalid instance list {text!r}: an entry is empty")
+    return [int_in(1, MAX_INSTANCES)(p.strip()) for p in parts]
 
 
 def size_list(text: str) -> list[int]:
@@ -277,8 +291,25 @@ def check_args(args: argparse.Namespace) -> str | None:
                     "token count")
         if args.generator is not None:
             return "--trace-tokens-per-id applies to trace files, not --generator"
+    if problem := _fleet_problem(args):
+        return problem
     if args.plot is not None:
         return _plot_problem(args.plot)
+    return None
+
+
+def _fleet_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the fleet options of a command line, or None."""
+    if args.instances is None:
+        if args.router is not None:
+            return "--router applies to --instances (a fleet)"
+        if args.write_through is not None or args.overlap_weight is not None:
+            return "--no-write-through and --overlap-weight apply to --instances (a fleet)"
+        return None
+    if args.oracle:
+        return "--oracle replays one instance; it does not apply to --instances"
+    if args.command == "simulate" and args.plot is not None:
+        return "--plot with --instances: use `kvalloc sweep --instances 1,2,4,... --plot FILE`"
     return None
 
 
@@ -305,6 +336,15 @@ def _run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     for tier in TIERS:
         if getattr(args, tier):
             kw[f"{tier}_bytes"] = getattr(args, tier)
+    return kw
+
+
+def _fleet_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw = _run_kwargs(args)
+    if args.write_through is not None:
+        kw["write_through"] = args.write_through
+    if args.overlap_weight is not None:
+        kw["overlap_weight"] = args.overlap_weight
     return kw
 
 
@@ -455,6 +495,8 @@ def _prepare(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace],
 
 
 def cmd_simulate(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace], ModelSpec]) -> int:
+    if args.instances is not None:
+        return cmd_fleet(args, load_spec)
     spec, trace, sim, bar = _prepare(args, load_spec)
     policies = list(dict.fromkeys(args.policy or DEFAULT_POLICIES))
     out = _header(spec, trace, sim, args)
@@ -534,6 +576,8 @@ def _print_sweep_table(runs: Sequence[dict[str, Any]], policies: Sequence[str], 
 
 
 def cmd_sweep(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace], ModelSpec]) -> int:
+    if args.instances is not None:
+        return cmd_fleet_sweep(args, load_spec)
     spec, trace, sim, bar = _prepare(args, load_spec)
     policies = list(dict.fromkeys(args.policy or DEFAULT_POLICIES))
     budgets = args.budgets or [parse_size(b) for b in DEFAULT_SWEEP]
@@ -561,6 +605,190 @@ def cmd_sweep(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace]
     return 0
 
 
+# ---- fleets: `simulate --instances N` and `sweep --instances 1,2,4,...` ----
+
+def _fleet_runs(sim: Simulator, policies: Sequence[str], routers: Sequence[str], budgets: Sequence[int],
+                counts: Sequence[int], args: argparse.Namespace,
+                bar: Callable[[str, float], None]) -> list[dict[str, Any]]:
+    """One fleet replay per policy, budget, instance count and router."""
+    runs = []
+    for policy in policies:
+        for b in budgets:
+            for n in counts:
+                for router in routers:
+                    def prog(label: str, f: float, b: int = b) -> None:
+                        bar(f"{label} @ {human_bytes(b)}", f)
+                    runs.append(sim.run_fleet(b, policy, args.eviction, instances=n, router=router,
+                                              progress=prog, **_fleet_kwargs(args)))
+    return runs
+
+
+def _fleet_header(spec: ModelSpec, trace: Trace, sim: Simulator, args: argparse.Namespace,
+                  budgets: Sequence[int]) -> dict[str, Any]:
+    out = _header(spec, trace, sim, args)
+    out["budgets"]["device"] = list(budgets)
+    out["fleet"] = {
+        "per_instance": ["device", "host", "disk"],
+        "shared": ["remote"],
+        "prefill_tokens_per_s": "whole fleet, split evenly",
+        "write_through": True if args.write_through is None else args.write_through,
+        "overlap_weight": 1.0 if args.overlap_weight is None else args.overlap_weight,
+    }
+    return out
+
+
+def _est_text(r: dict[str, Any]) -> str:
+    e = r["estimate"]
+    if e is None:
+        return f"{'-':>7} {'-':>9} {'-':>9}"
+    return (f"{e['over_share']:>7.1%} {e['mean_over_tokens']:>9,.0f} "
+            f"{e['mean_error_tokens']:>+9,.0f}")
+
+
+def _print_fleet_runs(runs: Sequence[dict[str, Any]]) -> None:
+    header = (f"{'policy':<10} {'N':>4} {'router':<13} {'hit rate':>8} {'of bound':>8} {'req max/mean':>12} "
+              f"{'tok max/mean':>12} {'TTFT mean':>9} {'p50':>7} {'p99':>7} {'remote read':>11} "
+              f"{'written':>9} {'over-est':>7} {'mean over':>9} {'mean err':>9} {'wall':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        bound = r["upper_bound_hit_rate"]
+        print(
+            f"{r['policy']:<10} {r['instances']:>4} {r['router']:<13} {r['hit_rate']:>8.2%} "
+            f"{r['hit_rate'] / bound if bound else 0:>8.1%} {r['request_imbalance']:>12.2f} "
+            f"{r['token_imbalance']:>12.2f} {r['ttft_mean_seconds']:>7.2f} s {r['ttft_p50_seconds']:>5.2f} s "
+            f"{r['ttft_p99_seconds']:>5.2f} s {human_bytes(r['tier_bytes_read'].get('remote', 0)):>11} "
+            f"{human_bytes(r['tier_bytes_written'].get('remote', 0)):>9} {_est_text(r)} "
+            f"{r['wall_seconds']:>5.1f}s"
+        )
+    print()
+    print("over-est: share of requests whose hit the router over-estimated; mean over: by how many "
+          "tokens, among them; mean err: estimated minus real hit tokens, all requests")
+    for r in runs:
+        if r["rejected"] or r["preemptions"]:
+            print(f"  {r['policy']} {r['router']} x{r['instances']}: {r['rejected']:,} requests never fit, "
+                  f"{r['preemptions']:,} preemptions")
+
+
+def cmd_fleet(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace], ModelSpec]) -> int:
+    """`simulate --instances N`: every router (or those named) at one budget and count."""
+    spec, trace, sim, bar = _prepare(args, load_spec)
+    policies = list(dict.fromkeys(args.policy or ["swa-aware"]))
+    routers = list(dict.fromkeys(args.router or ROUTERS))
+    out = _fleet_header(spec, trace, sim, args, [args.device])
+    try:
+        out["runs"] = _fleet_runs(sim, policies, routers, [args.device], [args.instances], args, bar)
+    finally:
+        bar.close()
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        _print_header(out, f"{args.instances} instances, each with device {human_bytes(args.device)}"
+                      + "".join(f", {t} {human_bytes(getattr(args, t))}" for t in ("host", "disk") if getattr(args, t))
+                      + (f", one shared remote {human_bytes(args.remote)}" if args.remote else ""))
+        _print_fleet_runs(out["runs"])
+    return 0
+
+
+def _plot_fleet(path: str, runs: Sequence[dict[str, Any]], bound: float, title: str) -> None:
+    """Hit rate against instance count, one line per router (and policy, budget where several),
+    beside the prefix-aware routers' share of over-estimated requests."""
+    import matplotlib  # present: check_args made sure
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    keys = list(dict.fromkeys((r["policy"], r["device_bytes"], r["router"]) for r in runs))
+    several = len({k[:2] for k in keys}) > 1
+    for key in keys:
+        pts = sorted((r["instances"], r) for r in runs if (r["policy"], r["device_bytes"], r["router"]) == key)
+        label = key[2] + (f", {key[0]} @ {human_bytes(key[1])}" if several else "")
+        xs = [n for n, _ in pts]
+        (line,) = ax.plot(xs, [100 * r["hit_rate"] for _, r in pts], marker="o", label=label)
+        if key[2] in PREFIX_ROUTERS:
+            ax2.plot(xs, [100 * r["estimate"]["over_share"] for _, r in pts], marker="o",
+                     color=line.get_color(), label=label)
+    ax.axhline(100 * bound, color="gray", linestyle=":", label="unbounded cache")
+    for a in (ax, ax2):
+        a.set_xscale("log", base=2)
+        a.set_xlabel("instances")
+        a.grid(True, which="both", alpha=0.3)
+    ax.set_ylabel("fleet hit rate (% of prompt tokens)")
+    ax2.set_ylabel("requests whose hit was over-estimated (%)")
+    ax.set_title(title, fontsize=9)
+    ax2.set_title("prefix-aware routers' estimates", fontsize=9)
+    ax.legend(fontsize=8)
+    if ax2.lines:
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _print_fleet_sweep(runs: Sequence[dict[str, Any]], routers: Sequence[str]) -> None:
+    print("fleet hit rate by instance count (over-est: share of requests over-estimated, "
+          "prefix-aware routers):")
+    keys = list(dict.fromkeys((r["policy"], r["device_bytes"]) for r in runs))
+    for policy, budget in keys:
+        rows = [r for r in runs if (r["policy"], r["device_bytes"]) == (policy, budget)]
+        print(f"{policy}, device {human_bytes(budget)} per instance:")
+        header = f"{'N':>5}" + "".join(
+            f" {x:>13}" + (f" {'over-est':>8}" if x in PREFIX_ROUTERS else "") for x in routers)
+        print(header)
+        print("-" * len(header))
+        for n in dict.fromkeys(r["instances"] for r in rows):
+            line = f"{n:>5}"
+            for x in routers:
+                r = next(r for r in rows if r["instances"] == n and r["router"] == x)
+                line += f" {r['hit_rate']:>13.2%}"
+                if x in PREFIX_ROUTERS:
+                    line += f" {r['estimate']['over_share']:>8.1%}"
+            print(line)
+
+
+def cmd_fleet_sweep(args: argparse.Namespace, load_spec: Callable[[argparse.Namespace], ModelSpec]) -> int:
+    """`sweep --instances 1,2,4,...`: every router (or those named) at each count and budget."""
+    spec, trace, sim, bar = _prepare(args, load_spec)
+    policies = list(dict.fromkeys(args.policy or ["swa-aware"]))
+    routers = list(dict.fromkeys(args.router or ROUTERS))
+    budgets = args.budgets or [parse_size(DEFAULT_FLEET_DEVICE)]
+    counts = list(dict.fromkeys(args.instances))
+    out = _fleet_header(spec, trace, sim, args, budgets)
+    out["instances"] = counts
+    try:
+        out["runs"] = _fleet_runs(sim, policies, routers, budgets, counts, args, bar)
+    finally:
+        bar.close()
+    if args.json:
+        json.dump(out, sys.stdout, indent=2)
+        print()
+    else:
+        _print_header(out, f"instances {', '.join(map(str, counts))}; device "
+                      f"{', '.join(human_bytes(b) for b in budgets)} per instance"
+                      + "".join(f", {t} {human_bytes(getattr(args, t))}" for t in ("host", "disk") if getattr(args, t))
+                      + (f", one shared remote {human_bytes(args.remote)}" if args.remote else ""))
+        _print_fleet_sweep(out["runs"], routers)
+    if args.plot:
+        _plot_fleet(args.plot, out["runs"], sim.upper_bound_hit_rate,
+                    f"{spec.name} on {trace.name}, {args.eviction} eviction")
+        if not args.json:
+            print(f"plot written to {args.plot}")
+    return 0
+
+
+def add_fleet_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--router", action="append", choices=ROUTERS,
+                   help="fleet router; repeat to compare (default: all four): round-robin, "
+                        "least-loaded, prefix (window-safe: kvalloc's Resumable events), "
+                        "prefix-naive (block-stored events at face value)")
+    p.add_argument("--no-write-through", dest="write_through", action="store_const", const=False,
+                   default=None,
+                   help="fleet: finished requests do not write through to the shared remote tier")
+    p.add_argument("--overlap-weight", type=non_negative_float, metavar="W",
+                   help="fleet: the prefix-aware routers' weight on blocks to prefill against "
+                        "load (Dynamo's overlap_score_weight; default 1)")
+
+
 def add_parsers(sub: Any, default_model: str,
                 load_spec: Callable[[argparse.Namespace], ModelSpec]) -> None:
     sim = sub.add_parser("simulate", help="replay a trace through the manager: hit rate, capacity, TTFT")
@@ -571,10 +799,20 @@ def add_parsers(sub: Any, default_model: str,
                      help="skip the search for the budget dense needs to match swa-aware")
     sim.add_argument("--tolerance", type=fraction, default=0.02,
                      help="relative precision of that budget search (default 0.02)")
+    sim.add_argument("--instances", type=int_in(1, MAX_INSTANCES), metavar="N",
+                     help="replay over a fleet of N instances behind --router (device, host and disk "
+                          "budgets per instance; --remote one tier shared by all; --prefill-tps the "
+                          "whole fleet's)")
+    add_fleet_args(sim)
     sim.set_defaults(func=lambda a: cmd_simulate(a, load_spec))
 
     sw = sub.add_parser("sweep", help="replay a trace at several budgets and policies; table and plot")
     add_source_args(sw, default_model)
     sw.add_argument("--budgets", type=size_list,
-                    help=f"comma-separated device budgets (default {','.join(DEFAULT_SWEEP)})")
+                    help=f"comma-separated device budgets (default {','.join(DEFAULT_SWEEP)}; "
+                         f"with --instances, {DEFAULT_FLEET_DEVICE} per instance)")
+    sw.add_argument("--instances", type=instance_list, metavar="N,N,...",
+                    help="sweep fleets of these sizes (e.g. 1,2,4,8,16,32,64) instead of budgets: "
+                         "each --router at each size and budget")
+    add_fleet_args(sw)
     sw.set_defaults(func=lambda a: cmd_sweep(a, load_spec))

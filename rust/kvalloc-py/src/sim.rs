@@ -9,12 +9,13 @@ use std::sync::Arc;
 
 use kvalloc::sim::readers::{ReadOptions, TokensPerId};
 use kvalloc::sim::{
-    generate, readers, LoadPolicy, RunConfig, ServiceModel, SimReport, Simulator, TierBudget, Trace,
+    generate, readers, FleetConfig, FleetReport, LoadPolicy, RouterKind, RunConfig, ServiceModel,
+    SimReport, Simulator, TierBudget, Trace,
 };
 use kvalloc::tiers::Tier;
 use kvalloc::{Eviction, Policy};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use crate::convert::{
     self, non_negative, number, opt_callable, opt_non_negative, opt_text, positive, text, type_name,
@@ -329,6 +330,65 @@ fn report_dict<'py>(py: Python<'py>, r: &SimReport) -> PyResult<Bound<'py, PyDic
     Ok(d)
 }
 
+/// A fleet replay's report: the fleet's figures as `run` reports them, plus the router, the
+/// load per instance, the router's estimates against the real hits and the shared store.
+fn fleet_dict<'py>(py: Python<'py>, r: &FleetReport) -> PyResult<Bound<'py, PyDict>> {
+    let d = report_dict(py, &r.report)?;
+    d.set_item("router", r.router.name())?;
+    d.set_item("instances", r.instances)?;
+    let per = PyList::empty(py);
+    for x in &r.per_instance {
+        let e = PyDict::new(py);
+        e.set_item("requests", x.requests)?;
+        e.set_item("prompt_tokens", x.prompt_tokens)?;
+        e.set_item("hit_tokens", x.hit_tokens)?;
+        per.append(e)?;
+    }
+    d.set_item("per_instance", per)?;
+    d.set_item("request_imbalance", r.request_imbalance())?;
+    d.set_item("token_imbalance", r.token_imbalance())?;
+    match &r.estimate {
+        Some(s) => {
+            let e = PyDict::new(py);
+            e.set_item("requests", s.requests)?;
+            e.set_item("estimated_tokens", s.estimated_tokens)?;
+            e.set_item("real_tokens", s.real_tokens)?;
+            e.set_item("over", s.over)?;
+            e.set_item("exact", s.exact)?;
+            e.set_item("under", s.under)?;
+            e.set_item("over_share", s.over_share())?;
+            e.set_item("mean_error_tokens", s.mean_error_tokens)?;
+            e.set_item("mean_over_tokens", s.mean_over_tokens)?;
+            e.set_item("over_tokens", s.over_tokens)?;
+            let q = PyDict::new(py);
+            for &(p, v) in &s.percentiles {
+                let key = if p >= 1.0 {
+                    "max".to_string()
+                } else {
+                    format!("p{}", (p * 100.0).round() as u32)
+                };
+                q.set_item(key, v)?;
+            }
+            e.set_item("error_percentiles", q)?;
+            d.set_item("estimate", e)?;
+        }
+        None => d.set_item("estimate", py.None())?,
+    }
+    match &r.shared_remote {
+        Some(s) => {
+            let e = PyDict::new(py);
+            e.set_item("records", s.records)?;
+            e.set_item("bytes", s.bytes)?;
+            e.set_item("evicted", s.evicted)?;
+            e.set_item("bytes_written", s.counters.bytes_written)?;
+            e.set_item("bytes_read", s.counters.bytes_read)?;
+            d.set_item("shared_remote", e)?;
+        }
+        None => d.set_item("shared_remote", py.None())?,
+    }
+    Ok(d)
+}
+
 #[pymethods]
 impl PySimulator {
     #[new]
@@ -406,6 +466,68 @@ impl PySimulator {
         let progress = opt_callable(progress, "progress")?;
         let r = with_progress(py, progress, |p| self.inner.run(&cfg, &policy, p))?;
         report_dict(py, &r)
+    }
+
+    /// Replays the trace over a fleet of `instances` instances behind `router` ("round-robin",
+    /// "least-loaded", "prefix" or "prefix-naive") and returns the report as a dict (see
+    /// `fleet_dict`). Device, host and disk budgets are per instance; the remote budget is the
+    /// shared store's; the prefill rate is the whole fleet's.
+    #[allow(clippy::too_many_arguments)]
+    #[pyo3(signature = (device_bytes, policy = None, eviction = None, *, instances, router, host_bytes = None, disk_bytes = None, remote_bytes = None, prefill_tokens_per_s = None, decode_tokens_per_s = None, host_gbps = None, disk_gbps = None, remote_gbps = None, disk_latency_ms = None, remote_latency_ms = None, load_policy = None, write_through = None, overlap_weight = None, progress = None))]
+    fn run_fleet<'py>(
+        &self,
+        py: Python<'py>,
+        device_bytes: &Bound<'py, PyAny>,
+        policy: Option<&Bound<'py, PyAny>>,
+        eviction: Option<&Bound<'py, PyAny>>,
+        instances: &Bound<'py, PyAny>,
+        router: &Bound<'py, PyAny>,
+        host_bytes: Option<&Bound<'py, PyAny>>,
+        disk_bytes: Option<&Bound<'py, PyAny>>,
+        remote_bytes: Option<&Bound<'py, PyAny>>,
+        prefill_tokens_per_s: Option<&Bound<'py, PyAny>>,
+        decode_tokens_per_s: Option<&Bound<'py, PyAny>>,
+        host_gbps: Option<&Bound<'py, PyAny>>,
+        disk_gbps: Option<&Bound<'py, PyAny>>,
+        remote_gbps: Option<&Bound<'py, PyAny>>,
+        disk_latency_ms: Option<&Bound<'py, PyAny>>,
+        remote_latency_ms: Option<&Bound<'py, PyAny>>,
+        load_policy: Option<&Bound<'py, PyAny>>,
+        write_through: Option<&Bound<'py, PyAny>>,
+        overlap_weight: Option<&Bound<'py, PyAny>>,
+        progress: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let policy = opt_text(policy, "policy")?.unwrap_or_else(|| "swa-aware".into());
+        let eviction = opt_text(eviction, "eviction")?.unwrap_or_else(|| "lru".into());
+        let loads = LoadArgs {
+            gbps: [host_gbps, disk_gbps, remote_gbps],
+            latency_ms: [disk_latency_ms, remote_latency_ms],
+            policy: opt_text(load_policy, "load_policy")?,
+        };
+        let mut cfg = run_config(
+            &policy,
+            &eviction,
+            device_bytes,
+            [host_bytes, disk_bytes, remote_bytes],
+            [prefill_tokens_per_s, decode_tokens_per_s],
+        )?;
+        loads.apply(&mut cfg)?;
+        let n = non_negative(instances, "instances")?;
+        let router = RouterKind::parse(&text(router, "router")?).py()?;
+        let mut fleet = FleetConfig::new(u32::try_from(n).unwrap_or(u32::MAX), router);
+        if let Some(o) = write_through.filter(|o| !o.is_none()) {
+            fleet.write_through = convert::flag(Some(o), "write_through")?;
+        }
+        if let Some(o) = overlap_weight.filter(|o| !o.is_none()) {
+            fleet.overlap_weight = number(o, "overlap_weight")?;
+        }
+        fleet.validate().py()?;
+        let progress = opt_callable(progress, "progress")?;
+        let label = format!("{policy}, {} x{n}", router.name());
+        let r = with_progress(py, progress, |p| {
+            self.inner.run_fleet(&cfg, &fleet, &label, p)
+        })?;
+        fleet_dict(py, &r)
     }
 
     /// The smallest device budget at which `policy` reaches `target_hit_rate`, searched from

@@ -256,7 +256,9 @@ impl KVCacheManager {
     /// Asks the remote store which of the prompt's blocks past `from` it holds (blocks another
     /// instance wrote) and indexes them.
     fn discover_remote(&mut self, hashes: &[u64], from: usize) {
-        if !self.lower.present(Tier::Remote) || !self.lower.materialized() || from >= hashes.len() {
+        // Without bytes, only a virtual store (the simulator's shared remote) can be asked.
+        let askable = self.lower.materialized() || self.lower.has_virtual_store(Tier::Remote);
+        if !self.lower.present(Tier::Remote) || !askable || from >= hashes.len() {
             return;
         }
         let groups = self.spec.groups.len();
@@ -682,7 +684,16 @@ impl KVCacheManager {
                         return None;
                     }
                 }
-                (None, _) => self.lower.count_read(hash, g),
+                (None, Tier::Host) => self.lower.count_read(hash, g),
+                (None, _) => {
+                    // Virtual: a shared virtual store may have lost the record meanwhile.
+                    if !self.lower.virtual_read(hash, g) {
+                        self.lower.index.unpin(hash);
+                        records.retain(|&h| h != hash);
+                        self.lower.forget(hash);
+                        return None;
+                    }
+                }
             }
         }
         Some(Copies {

@@ -9,6 +9,8 @@
 //! - [`service`]: the service model (prefill and decode throughput) that makes requests overlap;
 //! - [`overlap`]: the overlap model that prices loads from the lower tiers;
 //! - [`replay`]: the discrete-event replay that drives the manager;
+//! - [`fleet`]: the same replay over N instances behind a [`router`], sharing one virtual
+//!   remote tier ([`shared_remote`]);
 //! - [`bound`]: the trace's unbounded-cache upper bound;
 //! - [`oracle`]: the future the clairvoyant eviction order ([`Eviction::Oracle`](crate::Eviction::Oracle)) reads;
 //! - [`capacity`]: the budget a policy needs to reach a hit rate (bisection over replays);
@@ -44,6 +46,7 @@
 
 pub mod bound;
 pub mod capacity;
+pub mod fleet;
 pub mod generate;
 pub mod oracle;
 pub mod overlap;
@@ -51,7 +54,9 @@ pub mod readers;
 pub mod replay;
 pub mod report;
 pub mod rng;
+pub mod router;
 pub mod service;
+pub mod shared_remote;
 pub mod spread;
 pub mod trace;
 
@@ -59,6 +64,7 @@ use std::sync::{Arc, OnceLock};
 
 pub use bound::Bound;
 pub use capacity::BudgetMatch;
+pub use fleet::{EstimateStats, FleetConfig, FleetReport, InstanceReport, RouterKind};
 pub use overlap::{LoadPolicy, OverlapModel};
 pub use replay::{Progress, RunConfig, TierBudget};
 pub use report::{SimReport, TierTraffic};
@@ -155,15 +161,7 @@ impl Simulator {
     /// Replays the trace once. `label` is passed to `progress` with the fraction done.
     pub fn run(&self, cfg: &RunConfig, label: &str, progress: Progress<'_>) -> Result<SimReport> {
         let ids = |i: usize| self.block_ids(i);
-        let future = (cfg.eviction == Eviction::Oracle).then(|| {
-            self.future
-                .get_or_init(|| {
-                    let f =
-                        oracle::future_uses(&self.trace, self.block_tokens, |i| self.block_ids(i));
-                    Arc::new(f)
-                })
-                .clone()
-        });
+        let future = self.oracle_future(cfg);
         replay::Replay::new(
             &self.spec,
             &self.trace,
@@ -171,8 +169,23 @@ impl Simulator {
             &ids,
             cfg,
             self.bound.hit_tokens,
+            &FleetConfig::single(),
         )?
         .with_future(future)
         .run(label, progress)
+    }
+
+    /// What the oracle eviction order knows of the future (built on its first run); None for
+    /// the other orders.
+    fn oracle_future(&self, cfg: &RunConfig) -> Option<Arc<FutureUses>> {
+        (cfg.eviction == Eviction::Oracle).then(|| {
+            self.future
+                .get_or_init(|| {
+                    let f =
+                        oracle::future_uses(&self.trace, self.block_tokens, |i| self.block_ids(i));
+                    Arc::new(f)
+                })
+                .clone()
+        })
     }
 }

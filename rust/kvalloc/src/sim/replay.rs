@@ -1,18 +1,21 @@
 //! The replay: a discrete-event simulation of one deployment serving a trace through a real
-//! [`KVCacheManager`], under the [`ServiceModel`].
+//! [`KVCacheManager`], under the [`ServiceModel`]; or of a fleet of instances, each with its own
+//! manager, queues and share of the prefill throughput, behind a router (see [`super::fleet`]).
 //!
 //! Events, in time order (ties in the order they were scheduled):
-//! - *arrive*: the request joins the admission queue; a session's next turn arrives no earlier
-//!   than its previous turn's finish;
+//! - *arrive*: the request is routed to an instance (the only one, in a single deployment) and
+//!   joins its admission queue; a session's next turn arrives no earlier than its previous
+//!   turn's finish;
 //! - *prefill done*: the first token is out (TTFT); decoding starts;
 //! - *decode*: the request's output reaches the next block boundary, so it asks the manager for
 //!   the next block (`extend`); or its output is complete and it finishes (`finish`: its blocks
 //!   enter the prefix cache).
 //!
-//! After every arrival and finish, stalled decodes are retried first, then queued admissions in
-//! order (head-of-line: a refused head waits for memory). A head refused while nothing runs can
-//! never fit and is rejected. When every running request is stalled, the one admitted last is
-//! preempted (see `service`).
+//! After every arrival and finish, the instance's stalled decodes are retried first, then its
+//! queued admissions in order (head-of-line: a refused head waits for memory). A head refused
+//! while nothing runs on its instance can never fit and is rejected. When every request running
+//! on an instance is stalled, the one admitted last is preempted (see `service`) and waits on
+//! the same instance.
 //!
 //! Hit rates count each request's first admission only (a preempted request's re-admission
 //! is recompute, not traffic), so they compare directly with the trace's upper bound.
@@ -21,15 +24,19 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Instant;
 
+use super::fleet::{EstimateStats, FleetConfig, FleetReport, InstanceReport};
 use super::overlap::{LoadPolicy, OverlapModel};
 use super::report::{SimReport, TierTraffic};
+use super::router::{Load, Router};
 use super::service::ServiceModel;
+use super::shared_remote::SharedRemote;
 use super::trace::Trace;
 use crate::error::{Error, Result};
+use crate::events::CacheEvent;
 use crate::eviction::{Eviction, FutureUses};
 use crate::manager::{Extension, KVCacheManager, ManagerConfig, Policy, Prompt};
 use crate::spec::ModelSpec;
-use crate::tiers::{LoadBytes, Tier};
+use crate::tiers::{BlockStore, LoadBytes, Tier};
 
 /// A budget for one tier below the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,24 +108,69 @@ fn time_key(t: f64) -> u64 {
     t.max(0.0).to_bits()
 }
 
+/// One instance of the deployment: its manager, its queues and its prefill line.
+struct Instance {
+    m: KVCacheManager,
+    queue: VecDeque<u32>,
+    stalled: VecDeque<u32>,
+    running: u64,
+    prefill_free: f64,
+    no_cache_free: f64,
+    /// When each lower tier's link finishes the loads queued on it (`[host, disk, remote]`):
+    /// a tier serves its loads one after another.
+    tier_busy: [f64; 3],
+    /// Prompt tokens of its queued requests (the router's view of its prefill backlog).
+    queued_tokens: f64,
+    /// Prompt blocks of the requests routed here and not done (the router's active blocks).
+    active_blocks: f64,
+    /// Requests routed here, their prompt tokens and their hit tokens.
+    routed: InstanceReport,
+}
+
+impl Instance {
+    fn new(m: KVCacheManager) -> Self {
+        Instance {
+            m,
+            queue: VecDeque::new(),
+            stalled: VecDeque::new(),
+            running: 0,
+            prefill_free: 0.0,
+            no_cache_free: 0.0,
+            tier_busy: [0.0; 3],
+            queued_tokens: 0.0,
+            active_blocks: 0.0,
+            routed: InstanceReport::default(),
+        }
+    }
+}
+
 /// The per-run state of the event loop.
 pub(crate) struct Replay<'a> {
     trace: &'a Trace,
     /// Whole-block ids per request at the replay's block size (block-id prompts).
     ids: &'a dyn Fn(usize) -> Option<&'a [u64]>,
+    /// Throughputs of one instance (its share of the deployment's prefill).
     service: ServiceModel,
     b: u64,
-    m: KVCacheManager,
+    inst: Vec<Instance>,
+    /// The instance each request was routed to.
+    at: Vec<u32>,
+    router: Router,
+    /// Whether the router learns from the managers' events (they are drained after each call).
+    learns: bool,
+    event_buf: Vec<CacheEvent>,
+    hash_buf: Vec<u64>,
+    /// The router's estimate of each request's hit (tokens), for the prefix-aware routers.
+    estimates: Vec<u64>,
+    /// Estimated and real hit tokens, per first admission (prefix-aware routers).
+    estimate_pairs: Vec<(u64, u64)>,
+    shared_remote: Option<SharedRemote>,
     st: Vec<ReqState>,
     next_in_session: Vec<u32>,
     events: BinaryHeap<Reverse<(u64, u64, Kind, u32)>>,
     seq: u64,
-    queue: VecDeque<u32>,
-    stalled: VecDeque<u32>,
     running: u64,
     admissions: u64,
-    prefill_free: f64,
-    no_cache_free: f64,
     scratch: Vec<i64>,
     report: SimReport,
     ttfts: Vec<f64>,
@@ -132,9 +184,6 @@ pub(crate) struct Replay<'a> {
     load_policy: LoadPolicy,
     /// Splitting a hit needs every layer's KV at the split point: only dense has it.
     can_split: bool,
-    /// When each lower tier's link finishes the loads queued on it (`[host, disk, remote]`):
-    /// a tier serves its loads one after another.
-    tier_busy: [f64; 3],
     /// Seconds admissions' loads waited for their tier's earlier loads.
     load_queue_seconds: f64,
 }
@@ -258,6 +307,47 @@ fn empty_report(
     }
 }
 
+/// The fleet's managers: each instance's own device, host and disk budgets; the remote tier,
+/// where there is one, shared by all of them through one [`SharedRemote`] (its budget is the
+/// whole fleet's). A single deployment keeps the plain virtual remote tier.
+fn managers(
+    spec: &ModelSpec,
+    trace: &Trace,
+    block_tokens: u32,
+    cfg: &RunConfig,
+    fleet: &FleetConfig,
+) -> Result<(Vec<KVCacheManager>, Option<SharedRemote>)> {
+    let mut config = manager_config(cfg, trace, block_tokens);
+    if !fleet.is_fleet() {
+        let m = KVCacheManager::new(spec.clone(), cfg.device_bytes, config)?;
+        return Ok((vec![m], None));
+    }
+    config.events = fleet.router.prefix_aware();
+    config.write_through = fleet.write_through;
+    // Many arenas at once: no bookkeeping committed up front (it changes no decision).
+    config.prefault_bytes = 0;
+    let shared = (config.lower.remote > 0).then(|| {
+        SharedRemote::new(
+            config.lower.remote,
+            spec.block_bytes(block_tokens),
+            crate::tiers::namespace(spec, block_tokens),
+        )
+    });
+    let mut out = Vec::with_capacity(fleet.instances as usize);
+    for _ in 0..fleet.instances {
+        let remote = shared.clone().map(|s| Box::new(s) as Box<dyn BlockStore>);
+        let m = KVCacheManager::with_stores(
+            spec.clone(),
+            cfg.device_bytes,
+            config.clone(),
+            None,
+            remote,
+        )?;
+        out.push(m);
+    }
+    Ok((out, shared))
+}
+
 impl<'a> Replay<'a> {
     pub(crate) fn new(
         spec: &ModelSpec,
@@ -266,11 +356,18 @@ impl<'a> Replay<'a> {
         ids: &'a dyn Fn(usize) -> Option<&'a [u64]>,
         cfg: &RunConfig,
         upper_bound_hit_tokens: u64,
+        fleet: &FleetConfig,
     ) -> Result<Self> {
         cfg.service.validate()?;
         cfg.overlap.validate()?;
-        let config = manager_config(cfg, trace, block_tokens);
-        let m = KVCacheManager::new(spec.clone(), cfg.device_bytes, config)?;
+        fleet.validate()?;
+        let (ms, shared_remote) = managers(spec, trace, block_tokens, cfg, fleet)?;
+        let instances = ms.len();
+        // Each instance computes its share of the deployment's prefill throughput.
+        let service = ServiceModel {
+            prefill_tokens_per_s: cfg.service.prefill_tokens_per_s / instances as f64,
+            ..cfg.service
+        };
         let n = trace.requests.len();
         if n >= NO_NEXT as usize {
             return Err(Error::invalid("trace", format!("{n} requests is too many")));
@@ -297,22 +394,27 @@ impl<'a> Replay<'a> {
             })
             .collect();
         let report = empty_report(cfg, trace, block_tokens, upper_bound_hit_tokens);
+        let prefix_aware = fleet.router.prefix_aware();
         Ok(Replay {
             trace,
             ids,
-            service: cfg.service,
+            service,
             b: u64::from(block_tokens),
-            m,
+            inst: ms.into_iter().map(Instance::new).collect(),
+            at: vec![0; n],
+            router: Router::new(fleet.router, instances, fleet),
+            learns: prefix_aware,
+            event_buf: Vec::new(),
+            hash_buf: Vec::new(),
+            estimates: if prefix_aware { vec![0; n] } else { Vec::new() },
+            estimate_pairs: Vec::new(),
+            shared_remote,
             st,
             next_in_session,
             events: BinaryHeap::new(),
             seq: 0,
-            queue: VecDeque::new(),
-            stalled: VecDeque::new(),
             running: 0,
             admissions: 0,
-            prefill_free: 0.0,
-            no_cache_free: 0.0,
             scratch: Vec::new(),
             report,
             ttfts: Vec::with_capacity(n),
@@ -320,13 +422,12 @@ impl<'a> Replay<'a> {
             queue_wait_sum: 0.0,
             last_time: 0.0,
             overlap: OverlapModel {
-                prefill_tokens_per_second: cfg.service.prefill_tokens_per_s,
+                prefill_tokens_per_second: service.prefill_tokens_per_s,
                 ..cfg.overlap.clone()
             },
             exposed_load_seconds: 0.0,
             load_policy: cfg.load_policy,
             can_split: cfg.policy == Policy::Dense,
-            tier_busy: [0.0; 3],
             load_queue_seconds: 0.0,
         })
     }
@@ -334,9 +435,69 @@ impl<'a> Replay<'a> {
     /// Gives an oracle replay the trace's future (see `oracle`).
     pub(crate) fn with_future(mut self, future: Option<std::sync::Arc<FutureUses>>) -> Self {
         if let Some(f) = future {
-            self.m.set_future(f);
+            for inst in &mut self.inst {
+                inst.m.set_future(f.clone());
+            }
         }
         self
+    }
+
+    /// Hands instance `k`'s new events to the router (prefix-aware routers only).
+    fn drain(&mut self, k: usize) {
+        if self.learns {
+            self.inst[k].m.take_events_into(&mut self.event_buf);
+            self.router.observe(k, &self.event_buf);
+        }
+    }
+
+    /// Request i's chained block hashes, as its manager computes them, into `hash_buf`.
+    fn prompt_hashes(&mut self, i: usize) {
+        self.hash_buf.clear();
+        let seed = crate::hash::root_seed(None);
+        let r = &self.trace.requests[i];
+        match (self.ids)(i) {
+            Some(ids) => {
+                let whole = (r.prompt_tokens / self.b) as usize;
+                crate::hash::chain_ids(seed, &ids[..whole.min(ids.len())], &mut self.hash_buf);
+            }
+            None => {
+                let tokens = self.trace.prompt_token_ids(r).expect("token prompt");
+                crate::hash::chain_tokens(seed, tokens, self.b as usize, &mut self.hash_buf);
+            }
+        }
+    }
+
+    /// Picks request i's instance at time t (the only one in a single deployment).
+    fn route(&mut self, i: u32, t: f64) -> usize {
+        if self.inst.len() == 1 && !self.learns {
+            return 0;
+        }
+        let r = &self.trace.requests[i as usize];
+        let prompt_tokens = r.prompt_tokens;
+        let max_safe = (prompt_tokens.saturating_sub(1) / self.b) as usize;
+        if self.learns {
+            self.prompt_hashes(i as usize);
+        } else {
+            self.hash_buf.clear();
+        }
+        let rate = self.service.prefill_tokens_per_s;
+        let loads: Vec<Load> = self
+            .inst
+            .iter()
+            .map(|x| Load {
+                prefill_tokens: (x.prefill_free - t).max(0.0) * rate + x.queued_tokens,
+                active_blocks: x.active_blocks,
+            })
+            .collect();
+        let b = self.b as f64;
+        let blocks = (prompt_tokens as f64 / b).ceil();
+        let (k, est) = self
+            .router
+            .route(&loads, &self.hash_buf, max_safe, blocks, b);
+        if self.learns {
+            self.estimates[i as usize] = est as u64 * self.b;
+        }
+        k
     }
 
     /// Decides what the last admission loads of the hit the manager promoted: the whole hit,
@@ -344,14 +505,15 @@ impl<'a> Replay<'a> {
     /// The load starts at the admission `t` once its tiers are free; the prefill starts at
     /// `start` and computes `miss` tokens besides any it declines. Books the chosen load on
     /// its tiers and in the totals.
-    fn plan_loads(&mut self, t: f64, start: f64, miss: u64) -> LoadPlan {
+    fn plan_loads(&mut self, k: usize, t: f64, start: f64, miss: u64) -> LoadPlan {
         let mut plan = LoadPlan {
             declined: 0,
             taken: [0; 3],
             delay: 0.0,
             queued: 0.0,
         };
-        let promotions = self.m.promotions();
+        let inst = &mut self.inst[k];
+        let promotions = inst.m.promotions();
         let tokens: u64 = promotions.iter().map(|p| p.tokens).sum();
         if tokens == 0 {
             return plan;
@@ -377,8 +539,8 @@ impl<'a> Replay<'a> {
             let declined = tokens - tokens * f / STEPS;
             let bytes = tier_bytes(&part);
             let ready = (0..3)
-                .filter(|&k| bytes[k] > 0)
-                .map(|k| self.tier_busy[k])
+                .filter(|&x| bytes[x] > 0)
+                .map(|x| inst.tier_busy[x])
                 .fold(t, f64::max);
             let exposed = self.overlap.exposed_seconds(&part, miss + declined);
             let delay = if f == 0 {
@@ -398,14 +560,14 @@ impl<'a> Replay<'a> {
         let loaded = tokens * f / STEPS;
         plan.declined = tokens - loaded;
         plan.delay = delay;
-        for k in 0..3 {
-            if bytes[k] == 0 {
+        for x in 0..3 {
+            if bytes[x] == 0 {
                 continue;
             }
-            let from = self.tier_busy[k].max(t);
+            let from = inst.tier_busy[x].max(t);
             plan.queued = plan.queued.max(from - t);
-            self.tier_busy[k] = from + self.overlap.transfer_seconds(k, bytes[k]);
-            plan.taken[k] = (u128::from(loaded) * u128::from(bytes[k]) / u128::from(total)) as u64;
+            inst.tier_busy[x] = from + self.overlap.transfer_seconds(x, bytes[x]);
+            plan.taken[x] = (u128::from(loaded) * u128::from(bytes[x]) / u128::from(total)) as u64;
         }
         self.exposed_load_seconds += plan.delay;
         self.load_queue_seconds += plan.queued;
@@ -418,7 +580,12 @@ impl<'a> Replay<'a> {
     }
 
     /// Runs the replay to the end.
-    pub(crate) fn run(mut self, label: &str, progress: Progress<'_>) -> Result<SimReport> {
+    pub(crate) fn run(self, label: &str, progress: Progress<'_>) -> Result<SimReport> {
+        Ok(self.run_fleet(label, progress)?.report)
+    }
+
+    /// Runs the replay to the end; the report with the fleet's parts.
+    pub(crate) fn run_fleet(mut self, label: &str, progress: Progress<'_>) -> Result<FleetReport> {
         let start = Instant::now();
         // A session's later turns arrive when the earlier one finishes.
         let mut later = vec![false; self.st.len()];
@@ -442,15 +609,12 @@ impl<'a> Replay<'a> {
             self.last_time = self.last_time.max(t);
             // Retention pins are timed in simulated time (events come in time order).
             if let Ok(now) = std::time::Duration::try_from_secs_f64(self.last_time) {
-                self.m.set_clock(now)?;
+                for inst in &mut self.inst {
+                    inst.m.set_clock(now)?;
+                }
             }
             match kind {
-                Kind::Arrive => {
-                    self.st[i as usize].arrival = t;
-                    self.st[i as usize].phase = Phase::Queued;
-                    self.queue.push_back(i);
-                    self.pump(t)?;
-                }
+                Kind::Arrive => self.arrive(i, t)?,
                 Kind::PrefillDone => self.prefill_done(i, t)?,
                 Kind::Decode => self.decode(i, t)?,
             }
@@ -472,28 +636,15 @@ impl<'a> Replay<'a> {
                 .collect::<Vec<_>>()
         );
         if cfg!(debug_assertions) {
-            self.m.validate()?;
+            for inst in &self.inst {
+                inst.m.validate()?;
+            }
         }
-        let stats = self.m.stats();
+        self.totals();
+        let k = self.ttfts.len().max(1) as f64;
         let r = &mut self.report;
-        r.cached_tokens = stats.cached_blocks * self.b;
-        r.cache_bytes = stats.bytes_in_use;
-        r.admissions_refused = stats.admissions_refused;
-        r.extensions_refused = stats.extensions_refused;
-        r.evicted_leaves = stats.evicted_leaves;
-        r.evicted_checkpoints = stats.evicted_checkpoints;
-        r.tiers = stats
-            .tiers
-            .iter()
-            .map(|t| TierTraffic {
-                tier: t.tier,
-                bytes_written: t.counters.bytes_written,
-                bytes_read: t.counters.bytes_read,
-            })
-            .collect();
         r.exposed_load_seconds = self.exposed_load_seconds;
         r.load_queue_seconds = self.load_queue_seconds;
-        let k = self.ttfts.len().max(1) as f64;
         r.ttft_mean = self.ttfts.iter().sum::<f64>() / k;
         r.ttft_no_cache_mean = self.ttft_no_cache_sum / k;
         r.queue_wait_mean = self.queue_wait_sum / k;
@@ -502,58 +653,134 @@ impl<'a> Replay<'a> {
         r.simulated_seconds = self.last_time;
         r.wall_seconds = start.elapsed().as_secs_f64();
         progress(label, 1.0);
-        Ok(self.report)
+        let estimate = self
+            .learns
+            .then(|| EstimateStats::from_pairs(&self.estimate_pairs));
+        Ok(FleetReport {
+            report: self.report,
+            router: self.router.kind(),
+            instances: self.inst.len() as u32,
+            per_instance: self.inst.iter().map(|x| x.routed).collect(),
+            estimate,
+            shared_remote: self.shared_remote.as_ref().map(SharedRemote::stats),
+        })
     }
 
-    /// Retries stalled decodes, then admits queued requests, while memory allows.
-    fn pump(&mut self, t: f64) -> Result<()> {
+    /// The managers' end-of-run statistics, summed over the instances, into the report.
+    fn totals(&mut self) {
+        let r = &mut self.report;
+        let mut tiers: Vec<TierTraffic> = Vec::new();
+        for inst in &self.inst {
+            let stats = inst.m.stats();
+            r.cached_tokens += stats.cached_blocks * self.b;
+            r.cache_bytes += stats.bytes_in_use;
+            r.admissions_refused += stats.admissions_refused;
+            r.extensions_refused += stats.extensions_refused;
+            r.evicted_leaves += stats.evicted_leaves;
+            r.evicted_checkpoints += stats.evicted_checkpoints;
+            for t in &stats.tiers {
+                match tiers.iter_mut().find(|x| x.tier == t.tier) {
+                    Some(x) => {
+                        x.bytes_written += t.counters.bytes_written;
+                        x.bytes_read += t.counters.bytes_read;
+                    }
+                    None => tiers.push(TierTraffic {
+                        tier: t.tier,
+                        bytes_written: t.counters.bytes_written,
+                        bytes_read: t.counters.bytes_read,
+                    }),
+                }
+            }
+        }
+        r.tiers = tiers;
+    }
+
+    /// Routes an arriving request (its first arrival; a preempted request stays where it is)
+    /// and queues it there.
+    fn arrive(&mut self, i: u32, t: f64) -> Result<()> {
+        let k = self.route(i, t);
+        self.at[i as usize] = k as u32;
+        let prompt = self.trace.requests[i as usize].prompt_tokens;
+        let inst = &mut self.inst[k];
+        inst.routed.requests += 1;
+        inst.routed.prompt_tokens += prompt;
+        inst.active_blocks += (prompt as f64 / self.b as f64).ceil();
+        self.st[i as usize].arrival = t;
+        self.enqueue(k, i, false);
+        self.pump(k, t)
+    }
+
+    /// Puts request i in instance k's admission queue (at its head: a preempted request).
+    fn enqueue(&mut self, k: usize, i: u32, front: bool) {
+        let inst = &mut self.inst[k];
+        inst.queued_tokens += self.trace.requests[i as usize].prompt_tokens as f64;
+        self.st[i as usize].phase = Phase::Queued;
+        if front {
+            inst.queue.push_front(i);
+        } else {
+            inst.queue.push_back(i);
+        }
+    }
+
+    /// Takes instance k's queue head out of its queue.
+    fn dequeue(&mut self, k: usize) -> u32 {
+        let inst = &mut self.inst[k];
+        let i = inst.queue.pop_front().expect("a queued request");
+        inst.queued_tokens -= self.trace.requests[i as usize].prompt_tokens as f64;
+        i
+    }
+
+    /// Retries instance k's stalled decodes, then admits its queued requests, while memory
+    /// allows.
+    fn pump(&mut self, k: usize, t: f64) -> Result<()> {
         loop {
-            while let Some(&j) = self.stalled.front() {
+            while let Some(&j) = self.inst[k].stalled.front() {
                 if !self.try_extend(j, t)? {
                     break;
                 }
-                self.stalled.pop_front();
+                self.inst[k].stalled.pop_front();
             }
-            while let Some(&i) = self.queue.front() {
-                if self.try_admit(i, t)? {
-                    self.queue.pop_front();
-                } else if self.running == 0 {
+            while let Some(&i) = self.inst[k].queue.front() {
+                if self.try_admit(k, i, t)? {
+                    self.dequeue(k);
+                } else if self.inst[k].running == 0 {
                     // Nothing will ever free memory for it: it cannot fit in this budget.
-                    self.queue.pop_front();
+                    self.dequeue(k);
                     self.report.rejected += 1;
                     self.done(i, t);
                 } else {
                     break;
                 }
             }
-            if self.stalled.is_empty() || self.stalled.len() as u64 != self.running {
+            let inst = &self.inst[k];
+            if inst.stalled.is_empty() || inst.stalled.len() as u64 != inst.running {
                 return Ok(());
             }
             // Every running request waits for memory only another could free: preempt the
             // latest admitted. If it was the only one, its output can never fit: it ends.
-            let (pos, &j) = self
+            let (pos, &j) = inst
                 .stalled
                 .iter()
                 .enumerate()
                 .max_by_key(|(_, &j)| self.st[j as usize].admitted_at)
                 .expect("non-empty");
-            self.stalled.remove(pos);
-            self.m.finish(u64::from(j))?;
+            self.inst[k].stalled.remove(pos);
+            self.inst[k].m.finish(u64::from(j))?;
+            self.drain(k);
+            self.inst[k].running -= 1;
             self.running -= 1;
-            if self.running == 0 {
+            if self.inst[k].running == 0 {
                 self.report.rejected += 1;
                 self.done(j, t);
             } else {
                 self.report.preemptions += 1;
-                let s = &mut self.st[j as usize];
-                s.phase = Phase::Queued;
-                s.generated = 0;
-                self.queue.push_front(j);
+                self.st[j as usize].generated = 0;
+                self.enqueue(k, j, true);
             }
         }
     }
 
-    fn try_admit(&mut self, i: u32, t: f64) -> Result<bool> {
+    fn try_admit(&mut self, k: usize, i: u32, t: f64) -> Result<bool> {
         let trace = self.trace;
         let r = &trace.requests[i as usize];
         let prompt = match (self.ids)(i as usize) {
@@ -563,41 +790,51 @@ impl<'a> Replay<'a> {
             },
             None => Prompt::Tokens(trace.prompt_token_ids(r).expect("token prompt")),
         };
-        let Some(hit) = self.m.admit(u64::from(i), prompt, None, None)? else {
+        let admitted = self.inst[k].m.admit(u64::from(i), prompt, None, None)?;
+        self.drain(k);
+        let Some(hit) = admitted else {
             return Ok(false);
         };
         self.running += 1;
+        self.inst[k].running += 1;
         self.report.peak_running = self.report.peak_running.max(self.running);
         self.admissions += 1;
         let service = self.service;
         let s = &mut self.st[i as usize];
         s.phase = Phase::Prefill;
         s.admitted_at = self.admissions;
-        let start = self.prefill_free.max(t);
+        let start = self.inst[k].prefill_free.max(t);
         // A hit promoted from a lower tier delays the prefill by the part of its load that the
         // overlap model says compute cannot hide, or is recomputed where that is faster.
         // (The manager's state is the same either way: the engine writes recomputed KV to the
         // same blocks.)
-        let plan = self.plan_loads(t, start, r.prompt_tokens - hit);
-        let hit = hit - plan.declined;
-        self.prefill_free = start + plan.delay + service.prefill_seconds(r.prompt_tokens - hit);
+        let plan = self.plan_loads(k, t, start, r.prompt_tokens - hit);
+        let served = hit - plan.declined;
+        let inst = &mut self.inst[k];
+        inst.prefill_free = start + plan.delay + service.prefill_seconds(r.prompt_tokens - served);
         let s = &mut self.st[i as usize];
         if !s.first_admission_done {
             s.first_admission_done = true;
             // Its uses are no longer ahead (a refused try keeps them: it still waits).
-            self.m.oracle_admitted(i as usize);
-            self.report.hit_tokens += hit;
+            inst.m.oracle_admitted(i as usize);
+            inst.routed.hit_tokens += served;
+            self.report.hit_tokens += served;
             self.report.declined_tokens += plan.declined;
-            for k in 0..3 {
-                self.report.tier_hit_tokens[k] += plan.taken[k];
+            for x in 0..3 {
+                self.report.tier_hit_tokens[x] += plan.taken[x];
             }
             self.queue_wait_sum += t - s.arrival;
-            self.no_cache_free =
-                self.no_cache_free.max(t) + service.prefill_seconds(r.prompt_tokens);
-            self.ttft_no_cache_sum += self.no_cache_free - s.arrival;
-            self.ttfts.push(self.prefill_free - s.arrival);
+            inst.no_cache_free =
+                inst.no_cache_free.max(t) + service.prefill_seconds(r.prompt_tokens);
+            self.ttft_no_cache_sum += inst.no_cache_free - s.arrival;
+            self.ttfts.push(inst.prefill_free - s.arrival);
+            if self.learns {
+                // What the router believed against what the instance had (before any load
+                // was declined: that is the service model's choice, not the cache's).
+                self.estimate_pairs.push((self.estimates[i as usize], hit));
+            }
         }
-        let done = self.prefill_free;
+        let done = inst.prefill_free;
         self.push(done, Kind::PrefillDone, i);
         Ok(true)
     }
@@ -611,19 +848,22 @@ impl<'a> Replay<'a> {
 
     /// Takes the next output block, or finishes when the output is complete.
     fn decode(&mut self, i: u32, t: f64) -> Result<()> {
+        let k = self.at[i as usize] as usize;
         let out = self.trace.requests[i as usize].output_tokens;
         if self.st[i as usize].generated >= out {
-            self.m.finish(u64::from(i))?;
+            self.inst[k].m.finish(u64::from(i))?;
+            self.drain(k);
+            self.inst[k].running -= 1;
             self.running -= 1;
             self.report.completed += 1;
             self.done(i, t);
-            return self.pump(t);
+            return self.pump(k, t);
         }
         if !self.try_extend(i, t)? {
             self.st[i as usize].phase = Phase::Stalled;
-            self.stalled.push_back(i);
+            self.inst[k].stalled.push_back(i);
             // This may have been the last request able to move: check for a deadlock.
-            return self.pump(t);
+            return self.pump(k, t);
         }
         Ok(())
     }
@@ -631,13 +871,15 @@ impl<'a> Replay<'a> {
     /// Schedules request i's tokens up to its next block boundary (or its output's end).
     /// Returns false when the manager has no room.
     fn try_extend(&mut self, i: u32, t: f64) -> Result<bool> {
+        let k = self.at[i as usize] as usize;
         let trace = self.trace;
         let r = &trace.requests[i as usize];
         let s = self.st[i as usize];
         let len = r.prompt_tokens + s.generated;
         let n = (self.b - len % self.b).min(r.output_tokens - s.generated);
+        let m = &mut self.inst[k].m;
         let ok = match trace.prompt_token_ids(r) {
-            None => self.m.extend(u64::from(i), Extension::Count(n))?,
+            None => m.extend(u64::from(i), Extension::Count(n))?,
             Some(_) => {
                 let from = s.generated as usize..(s.generated + n) as usize;
                 let ids = match trace.output_token_ids(r) {
@@ -651,9 +893,10 @@ impl<'a> Replay<'a> {
                         &self.scratch[..]
                     }
                 };
-                self.m.extend(u64::from(i), Extension::Tokens(ids))?
+                m.extend(u64::from(i), Extension::Tokens(ids))?
             }
         };
+        self.drain(k);
         if !ok {
             return Ok(false);
         }
@@ -667,9 +910,13 @@ impl<'a> Replay<'a> {
         Ok(true)
     }
 
-    /// Marks request i done and lets its session's next turn arrive.
+    /// Marks request i done, takes it off its instance's load, and lets its session's next
+    /// turn arrive.
     fn done(&mut self, i: u32, t: f64) {
         self.st[i as usize].phase = Phase::Done;
+        let k = self.at[i as usize] as usize;
+        let prompt = self.trace.requests[i as usize].prompt_tokens as f64;
+        self.inst[k].active_blocks -= (prompt / self.b as f64).ceil();
         let nx = self.next_in_session[i as usize];
         if nx != NO_NEXT {
             let at = self.st[nx as usize].arrival.max(t);

@@ -11,7 +11,10 @@
 //!   fails its checksum is a miss and is counted. Nothing fails the caller.
 //!
 //! Without a registered device buffer ("virtual" tiers, used by the simulator) the same
-//! decisions are made and the same bytes are counted, but no bytes move.
+//! decisions are made and the same bytes are counted, but no bytes move. A store that keeps
+//! residency without bytes ([`BlockStore::is_virtual`]: the simulator's remote tier shared by a
+//! fleet) is still told what is written and removed, asked what other instances wrote, and
+//! checked on each read (a record it evicted is a miss).
 //!
 //! Records are indexed by chained block hash, and stored under their record id
 //! ([`RecordKeys::record_id`], a keyed one-way function of the chain). Records the disk store
@@ -457,6 +460,7 @@ impl LowerTiers {
                 self.counters[rec.tier as usize].bytes_read += self.shape.block_bytes[g];
                 self.count_write(t2, g);
                 self.alloc_host_block(t2, hash, g);
+                self.virtual_put(t2, hash, g);
             }
             moved.push(g);
         }
@@ -753,6 +757,7 @@ impl LowerTiers {
                 None => {
                     self.alloc_host_block(tier, hash, g);
                     self.count_write(tier, g);
+                    self.virtual_put(tier, hash, g);
                     true
                 }
             };
@@ -783,6 +788,53 @@ impl LowerTiers {
             device.write(dst, &buf);
         }
         self.staging = buf;
+        ok
+    }
+
+    /// The store behind tier `t` if it keeps residency without bytes ([`BlockStore::is_virtual`]).
+    fn virtual_store(&mut self, t: Tier) -> Option<&mut (dyn BlockStore + 'static)> {
+        self.stores[t as usize]
+            .as_deref_mut()
+            .filter(|s| s.is_virtual())
+    }
+
+    /// Whether tier `t` is backed by a store that keeps residency without bytes.
+    pub fn has_virtual_store(&self, t: Tier) -> bool {
+        self.stores[t as usize]
+            .as_deref()
+            .is_some_and(|s| s.is_virtual())
+    }
+
+    /// Tells a virtual store (if tier `t` has one) that group `g` of `hash` was written.
+    fn virtual_put(&mut self, t: Tier, hash: u64, g: usize) {
+        let key = self.store_key(hash, g);
+        let lb = self.shape.layer_bytes[g];
+        if let Some(s) = self.virtual_store(t) {
+            if s.put(key, lb, &[]).is_err() {
+                self.counters[t as usize].write_failures += 1;
+            }
+        }
+    }
+
+    /// A read of group `g` of `hash` without bytes (no device buffer): counted, and checked
+    /// against the tier's virtual store where it has one (another instance may have evicted the
+    /// record there). False on a miss, counted as a failed read; the caller drops the record
+    /// with [`forget`](Self::forget), as after a real failed read.
+    pub fn virtual_read(&mut self, hash: u64, g: usize) -> bool {
+        let Some(t) = self.index.get(hash).map(|r| r.tier) else {
+            return false;
+        };
+        let key = self.store_key(hash, g);
+        let ok = match self.virtual_store(t) {
+            Some(s) => s.get(key, &mut []).is_ok(),
+            None => true,
+        };
+        let c = &mut self.counters[t as usize];
+        if ok {
+            c.bytes_read += self.shape.block_bytes[g];
+        } else {
+            c.read_failures += 1;
+        }
         ok
     }
 

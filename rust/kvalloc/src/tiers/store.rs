@@ -144,6 +144,15 @@ pub trait BlockStore: Send {
         None
     }
 
+    /// Whether the store keeps residency but no bytes (the simulator's shared remote tier,
+    /// [`crate::sim::fleet`]). Virtual tiers (no device buffer registered) tell such a store
+    /// what they write (`put` with an empty payload) and remove, read it (`get` into an empty
+    /// buffer: a miss when the record is gone) and ask it what other instances wrote; they never
+    /// talk to a store that keeps bytes, since they have none to give it.
+    fn is_virtual(&self) -> bool {
+        false
+    }
+
     /// The keys its records are checked with (namespace, secret); the tiers derive record ids
     /// from the same keys.
     fn keys(&self) -> &RecordKeys;
