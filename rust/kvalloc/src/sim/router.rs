@@ -173,7 +173,11 @@ impl Router {
                             set.remove(&hash);
                         }
                         CacheEvent::Cleared => set.clear(),
-                        CacheEvent::Stored { .. } | CacheEvent::Removed { .. } => {}
+                        // Device residency only: lower-tier copies are not resume points here.
+                        CacheEvent::Stored { .. }
+                        | CacheEvent::Removed { .. }
+                        | CacheEvent::TierStored { .. }
+                        | CacheEvent::TierRemoved { .. } => {}
                     }
                 }
                 if let Some(map) = self.stored.get_mut(k) {
@@ -269,7 +273,10 @@ fn observe_stored(map: &mut Counts, events: &[CacheEvent]) {
                 }
             }
             CacheEvent::Cleared => map.clear(),
-            CacheEvent::Resumable { .. } | CacheEvent::NotResumable { .. } => {}
+            CacheEvent::Resumable { .. }
+            | CacheEvent::NotResumable { .. }
+            | CacheEvent::TierStored { .. }
+            | CacheEvent::TierRemoved { .. } => {}
         }
     }
 }
