@@ -135,7 +135,8 @@ impl PyKVCacheManager {
                 .map(|b| non_negative(b, "max_pinned_bytes"))
                 .transpose()?,
             speculative_checkpoints: flag(speculative_checkpoints, "speculative_checkpoints")?,
-            async_loads: async_loads.is_none_or(|a| a.is_none()) || flag(async_loads, "async_loads")?,
+            async_loads: async_loads.is_none_or(|a| a.is_none())
+                || flag(async_loads, "async_loads")?,
             load_policy: LoadPolicy::parse(
                 &opt_text(load_policy, "load_policy")?.unwrap_or("decide".into()),
             )
@@ -148,7 +149,9 @@ impl PyKVCacheManager {
                 let mut c = ManagerConfig::default().load_cost;
                 if let Some(p) = prefill_tokens_per_second.filter(|p| !p.is_none()) {
                     c.prefill_tokens_per_second = number(p, "prefill_tokens_per_second")?;
-                    if !(c.prefill_tokens_per_second.is_finite() && c.prefill_tokens_per_second > 0.0) {
+                    if !(c.prefill_tokens_per_second.is_finite()
+                        && c.prefill_tokens_per_second > 0.0)
+                    {
                         return Err(invalid(
                             "prefill_tokens_per_second",
                             format!("{} is not a positive rate", c.prefill_tokens_per_second),
@@ -668,7 +671,11 @@ impl PyKVCacheManager {
 
     /// Reports that the engine computed `tokens` prompt tokens in `seconds`: the prefill rate
     /// the load-or-recompute decision weighs loads against.
-    fn record_prefill(&self, tokens: &Bound<'_, PyAny>, seconds: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn record_prefill(
+        &self,
+        tokens: &Bound<'_, PyAny>,
+        seconds: &Bound<'_, PyAny>,
+    ) -> PyResult<()> {
         let tokens = non_negative(tokens, "tokens")?;
         let seconds = number(seconds, "seconds")?;
         self.lock()?.record_prefill(tokens, seconds).py()

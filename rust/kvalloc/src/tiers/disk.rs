@@ -476,7 +476,7 @@ impl BlockStore for DiskStore {
         Some(Box::new(DiskStore {
             root: self.root.clone(),
             keys: self.keys.clone(),
-            opts: self.opts.clone(),
+            opts: self.opts,
             _lock: lock,
             counters: StoreCounters::default(),
             recovery: RecoveryStats::default(),
