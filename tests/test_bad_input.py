@@ -440,6 +440,10 @@ def test_manager_survives_garbage():
             (lambda x: m.step(admit=[(3, np.arange(10, dtype=np.int64))], admit_cache=x), (w,)),
             (m.set_clock, (w,)),
             (m.advance_clock, (w,)),
+            (m.waiting_for_kv, (w,)),
+            (m.wait_for_kv, (1, w)),
+            (m.record_prefill, (w, 1.0)),
+            (m.record_prefill, (1, w)),
             (BlockHashes, (w, 16)),
             (BlockHashes, (np.arange(2, dtype=np.uint64), w)),
         ]:
@@ -454,7 +458,8 @@ def test_constructors_survive_garbage():
         kvalloc_error_or_success(KVCacheManager, spec, a, b)
     keywords = ["host_bytes", "disk_bytes", "remote_bytes", "write_through", "watermark",
                 "prefault_bytes", "checkpoint_interval", "slab_bytes", "policy", "eviction",
-                "max_pinned_bytes", "speculative_checkpoints"]
+                "max_pinned_bytes", "speculative_checkpoints", "async_loads", "load_policy",
+                "load_deadline_ms", "prefill_tokens_per_second"]
     for w in WEIRD:
         for kw in keywords:
             kvalloc_error_or_success(KVCacheManager, spec, 1 << 30, **{kw: w})
@@ -572,6 +577,10 @@ FUZZ: dict[str, tuple[Callable[..., Any], Any]] = {
     "KVCacheManager.register_device": (lambda w, a: w.m.register_device(a), 1),
     "KVCacheManager.load_handle": (lambda w, a: w.m.load_handle(a), 1),
     "KVCacheManager.wait_loads": (lambda w: w.m.wait_loads(), 0),
+    "KVCacheManager.waiting_for_kv": (lambda w, a: w.m.waiting_for_kv(a), 1),
+    "KVCacheManager.take_ready": (lambda w: w.m.take_ready(), 0),
+    "KVCacheManager.wait_for_kv": (lambda w, a, b: w.m.wait_for_kv(a, b), 2),
+    "KVCacheManager.record_prefill": (lambda w, a, b: w.m.record_prefill(a, b), 2),
     "KVCacheManager.flush": (lambda w: w.m.flush(), 0),
     "KVCacheManager.match_prefix_tiers": (lambda w, a, b: w.m.match_prefix_tiers(a, b), 2),
     "KVCacheManager.residency": (lambda w, a, b: w.m.residency(a, b), 2),
@@ -612,6 +621,8 @@ MANAGER_KEYWORDS = {
     "disk_dir": bad_paths, "remote_url": st.sampled_from([3, b"x", "\udc80", "no scheme", None]),
     "remote_username": bad_values, "remote_password": bad_values, "remote_prefix": bad_values,
     "max_pinned_bytes": bad_values, "speculative_checkpoints": bad_values,
+    "async_loads": bad_values, "load_policy": bad_values, "load_deadline_ms": bad_values,
+    "prefill_tokens_per_second": bad_values,
 }
 
 _world: World | None = None

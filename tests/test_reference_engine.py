@@ -347,6 +347,151 @@ def test_remote_hits_from_another_instance(model: TinyHybridModel, remote_server
     assert all(c.turns[2].hits[0] == (c.turns[2].prompt_len - 14) // B * B for c in convs)
 
 
+# -- faults while loading from disk or a remote store --------------------------------------------
+
+
+class HookEngine(Engine):
+    """Calls ``hook`` once, at the first step in which an admission waits for its KV (a
+    background load from disk or a remote store is in flight), right after scheduling it."""
+
+    def __init__(self, *args: Any, hook: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.hook = hook
+        self.fired = False
+
+    def _schedule(self) -> list[tuple[Request, int, int]]:
+        scheduled = super()._schedule()
+        if not self.fired and self.stats.kv_waits > 0:
+            self.fired = True
+            self.hook()  # before the step computes, or waits, for anything
+        return scheduled
+
+
+def remote_reader(
+    model: TinyHybridModel, server: Any, hook: Any = None, **kw: Any
+) -> tuple[list[Conversation], kvalloc.KVCacheManager, HookEngine]:
+    """Conversations served once by a writer that writes everything through to the remote
+    store, and a second instance (``kw``: its settings; its engine calls ``hook`` at its first
+    wait for KV) that has seen the records (a lookup indexed them) but holds nothing itself:
+    its next turns must load from the store."""
+    def manager(**more: Any) -> kvalloc.KVCacheManager:
+        return kvalloc.KVCacheManager(
+            model.spec, 1 << 20, block_tokens=B, remote_url=server.url, remote_bytes=16 << 20, **more
+        )
+
+    writer = manager(write_through=True)
+    convs = conversations(2, 2)
+    serve_and_check(model, writer, convs)
+    reader = manager(**kw)
+    engine = HookEngine(model, reader, validate=True, hook=hook or (lambda: None))
+    for c, p in zip(convs, next_prompts(convs)):
+        assert reader.match_prefix_tiers(p)["remote"] == (len(c.history) // B) * B
+    more_turns(convs, 1)
+    return convs, reader, engine
+
+
+def test_a_frozen_store_mid_load_recomputes_bit_exact(model: TinyHybridModel, remote_server: Any) -> None:
+    """The server hangs (SIGSTOP) with the loads in flight: each passes its deadline, the
+    request computes what did not verify, and every logit matches the cache-free model."""
+    import signal
+
+    convs, m, engine = remote_reader(model, remote_server, remote_timeout_ms=5000, load_deadline_ms=50)
+    remote_server.signal(signal.SIGSTOP)
+    try:
+        serve_and_check(model, m, convs, engine)
+    finally:
+        remote_server.signal(signal.SIGCONT)
+    loads = m.stats()["loads"]
+    assert loads["started"] > 0 and loads["timed_out"] > 0 and loads["verified"] == 0, loads
+    assert engine.stats.kv_waits > 0
+    assert all(c.turns[2].hits[0] < (c.turns[2].prompt_len - 14) // B * B for c in convs)
+
+
+def test_a_store_killed_mid_load_recomputes_bit_exact(model: TinyHybridModel, remote_server: Any) -> None:
+    """The server is killed while the loads wait on it: the reads fail, nothing is served
+    from them, every logit matches."""
+    import signal
+
+    convs, m, engine = remote_reader(
+        model, remote_server, remote_server.kill, remote_timeout_ms=5000, load_deadline_ms=5000
+    )
+    remote_server.signal(signal.SIGSTOP)  # holds the loads in flight until the kill
+    serve_and_check(model, m, convs, engine)
+    assert engine.fired
+    loads = m.stats()["loads"]
+    assert loads["started"] > 0 and loads["failed"] > 0 and loads["verified"] == 0, loads
+    assert m.stats()["tiers"]["remote"]["store"]["unavailable"] > 0
+
+
+def test_a_load_slower_than_its_deadline_recomputes_bit_exact(model: TinyHybridModel, remote_server: Any) -> None:
+    """The server answers, but only after the loads' deadline: they are given up (the late
+    replies are dropped, never written over pages reused since), every logit matches."""
+    import signal
+    import threading
+
+    thaw = threading.Timer(0.4, remote_server.signal, (signal.SIGCONT,))
+    convs, m, engine = remote_reader(model, remote_server, thaw.start, remote_timeout_ms=5000, load_deadline_ms=100)
+    remote_server.signal(signal.SIGSTOP)
+    try:
+        serve_and_check(model, m, convs, engine)
+    finally:
+        thaw.join()
+    loads = m.stats()["loads"]
+    assert engine.fired and loads["timed_out"] > 0, loads
+
+
+def test_torn_disk_records_recompute_bit_exact(model: TinyHybridModel, tmp_path: Path) -> None:
+    """Every record on disk is damaged after a restart: the background reads fail their
+    checks, the requests compute instead, every logit matches."""
+    def manager() -> kvalloc.KVCacheManager:
+        return kvalloc.KVCacheManager(
+            model.spec, DEVICE, block_tokens=B, host_bytes=256 << 10, disk_dir=str(tmp_path), disk_bytes=16 << 20
+        )
+
+    first = manager()
+    convs = conversations(3, 2)
+    serve_and_check(model, first, convs, max_running=1, prefill_chunk=20)
+    first.flush()
+    del first
+    gc.collect()
+    records = sorted(tmp_path.rglob("*.kvb"))
+    assert records
+    for i, f in enumerate(records):
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2 + i % 7] ^= 0x5A  # a torn or rotten payload
+        f.write_bytes(bytes(data))
+    m = manager()
+    more_turns(convs, 1)
+    engine = Engine(model, m, validate=True, max_running=1, prefill_chunk=20)
+    serve_and_check(model, m, convs, engine)
+    loads = m.stats()["loads"]
+    assert loads["started"] > 0 and loads["failed"] > 0 and loads["verified"] == 0, loads
+    assert m.stats()["tiers"]["disk"]["store"]["checksum_failures"] > 0
+
+
+def test_background_disk_loads_serve_bit_exact(model: TinyHybridModel, tmp_path: Path) -> None:
+    """The same without damage: the requests wait for their KV, then resume from disk."""
+    def manager() -> kvalloc.KVCacheManager:
+        return kvalloc.KVCacheManager(
+            model.spec, DEVICE, block_tokens=B, host_bytes=256 << 10, disk_dir=str(tmp_path), disk_bytes=16 << 20
+        )
+
+    first = manager()
+    convs = conversations(3, 2)
+    serve_and_check(model, first, convs, max_running=1, prefill_chunk=20)
+    first.flush()
+    del first
+    gc.collect()
+    m = manager()
+    more_turns(convs, 1)
+    engine = Engine(model, m, validate=True, max_running=1, prefill_chunk=20)
+    serve_and_check(model, m, convs, engine)
+    loads = m.stats()["loads"]
+    assert loads["verified"] > 0 and loads["failed"] == loads["timed_out"] == 0, loads
+    assert engine.stats.kv_waits > 0
+    assert all(c.turns[2].hits[0] == (c.turns[2].prompt_len - 14) // B * B for c in convs)
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 

@@ -9,7 +9,10 @@ Each engine step does what a real scheduler does, in this order:
    holds, and ``max_tokens`` caps the first chunk);
 2. for each admitted request whose hit came from below the device (host memory, disk, a remote
    store), take its load handle (``m.load_handle``): kvalloc copies those blocks into the
-   registered device buffer, in the background for host memory;
+   registered device buffer, in the background for host memory. An admission whose hit needs
+   disk or remote records answers "waiting for KV" (hit -3): kvalloc reads and verifies them in
+   the background and the request stays queued, admitted again in a later step (its hit is
+   then what verified); the engine computes other requests meanwhile;
 3. compute each scheduled request layer by layer: before layer i, ``handle.wait_layer(i)``
    (the loads of later layers overlap this layer's compute); write the new tokens' K and V
    where the block table (``m.block_table``) has a page, attend to cached positions through
@@ -86,6 +89,10 @@ class EngineStats:
     tier_loads: int = 0
     """Admissions whose hit was loaded from below the device (they waited layer by layer)."""
     layer_waits: int = 0
+    kv_waits: int = 0
+    """Admissions answered "waiting for KV" (a background load from disk or a remote store)."""
+    idle_waits: int = 0
+    """Steps with nothing to compute but loads to wait for (the engine blocked on one)."""
 
 
 LOAD_TIMEOUT_S = 60.0
@@ -125,6 +132,7 @@ class Engine:
         self._running: dict[int, Request] = {}
         self._finish_next: list[Request] = []
         self._loads: dict[int, kvalloc.LoadHandle] = {}
+        self._kv_waiting: set[int] = set()
         self._next_id = 1
 
     # -- submission -------------------------------------------------------------------------
@@ -152,6 +160,10 @@ class Engine:
         scheduled = self._schedule()
         if self.validate:
             self.m.validate()
+        if not scheduled and self._kv_waiting and not self._running:
+            # Nothing to compute until a load settles: block on one rather than spin.
+            self.stats.idle_waits += 1
+            self.m.wait_for_kv(next(iter(self._kv_waiting)), timeout=LOAD_TIMEOUT_S)
         # Compute, in scheduling order.
         completed = []
         for r, start, end in scheduled:
@@ -201,9 +213,12 @@ class Engine:
         )
         hits = res.hits
         extended(ext, ends, res.extended)
+        # Admissions waiting for KV stay queued; they are offered again each step.
+        self._kv_waiting = {admit[k].req_id for k in res.waiting}
+        self.stats.kv_waits += len(res.waiting)
         if refused:
             self._preempt(refused)
-        elif admit and hits[0] < 0 and not self._running and not finishing:
+        elif admit and hits[0] == -1 and not self._running and not finishing:
             r = admit[0]
             raise EngineError(f"request {r.req_id} ({len(r.tokens)} tokens) cannot fit in the budget")
         for r, hit in zip(admit, hits.tolist()):
