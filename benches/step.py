@@ -14,6 +14,7 @@ prompts sharing 96, in one `KVCacheManager.step` call (`step_workload.py`, share
     .venv/bin/python benches/step.py code-lines [WARM_STEPS]            # needs valgrind
     .venv/bin/python benches/step.py simulate-ab A.so B.so [ROUNDS]
     .venv/bin/python benches/step.py remote-frozen [ADMISSIONS [TIMEOUT_MS]]
+    .venv/bin/python benches/step.py frozen-step [ROUNDS [TIMEOUT_MS]]
 
 `benches/step.py SUBCOMMAND --help` says what each prints. Instructions per step (the figure the
 README quotes; plain loop, counted inside the binding's `step` only):
@@ -492,6 +493,73 @@ def remote_frozen(n: int, timeout_ms: int) -> None:
         store_script("stop", port)
 
 
+# ---- frozen-step: the scheduler step beside a frozen remote store, against a healthy one ----
+
+
+def frozen_step(rounds: int, timeout_ms: int) -> None:
+    """Two managers, each over its own real server (scripts/remote-store.sh), filled alike:
+    conversations pushed down to the remote store. Then one server is frozen (SIGSTOP) and
+    both serve the same rounds, taking turns: each round is one `step` per manager that
+    finishes the requests admitted two rounds before and admits two (a conversation resuming
+    from the remote store, a new one) plus those whose KV became ready. Prints each manager's
+    median, p90 and largest step and the ratio of the medians (frozen / healthy), and what the
+    loads did."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tier_engine import Engine, conversation
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(str(sock.getsockname()[1]))
+    for port in ports:
+        store_script("start", port)
+    try:
+        engines = [Engine(host_bytes=32 << 10, remote_url=f"redis://127.0.0.1:{port}",
+                          remote_bytes=64 << 20, remote_timeout_ms=timeout_ms) for port in ports]
+        for e in engines:
+            for f in range(40):
+                e.serve(conversation(f, 3))
+            e.churn(range(1000, 1030))
+        frozen_pid = int((ROOT / ".remote-store" / f"server-{ports[1]}.pid").read_text())
+        os.kill(frozen_pid, signal.SIGSTOP)
+        times: list[list[float]] = [[], []]
+        try:
+            state = [{"running": [], "waiting": {}} for _ in engines]
+            for i in range(rounds):
+                order = (0, 1) if i % 2 == 0 else (1, 0)  # interleaved: neither always goes first
+                for k in order:
+                    e, st = engines[k], state[k]
+                    admit = [(200_000 + 2 * i, conversation(i % 40, 4)),
+                             (200_001 + 2 * i, conversation(5000 + i, 3))]
+                    admit += list(st["waiting"].items())
+                    finish = [rid for rid, at in st["running"] if at <= i - 2]
+                    t = time.perf_counter()
+                    res = e.m.step(finish=finish, admit=admit)
+                    times[k].append(time.perf_counter() - t)
+                    st["running"] = [(rid, at) for rid, at in st["running"] if at > i - 2]
+                    st["waiting"] = {}
+                    for (rid, prompt), hit in zip(admit, res.hits.tolist()):
+                        if hit >= 0:
+                            st["running"].append((rid, i))
+                        elif hit == -3:
+                            st["waiting"][rid] = prompt
+        finally:
+            os.kill(frozen_pid, signal.SIGCONT)
+        names = ("healthy", "frozen")
+        medians = []
+        for k in range(2):
+            ms = sorted(1e3 * t for t in times[k])
+            medians.append(statistics.median(ms))
+            print(f"{names[k]:8s} server: {len(ms)} steps, median {medians[-1]:.3f} ms, "
+                  f"p90 {ms[int(0.9 * (len(ms) - 1))]:.3f} ms, max {ms[-1]:.1f} ms")
+            print(f"  loads: {engines[k].m.stats()['loads']}")
+        print(f"frozen / healthy, medians: {medians[1] / medians[0]:.2f}x")
+    finally:
+        for port in ports:
+            store_script("stop", port)
+
+
 # ---- the command line ----
 
 
@@ -597,6 +665,12 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("a", metavar="A.so")
     s.add_argument("b", metavar="B.so")
     s.add_argument("rounds", metavar="ROUNDS", nargs="?", type=positive, default=3)
+
+    s = command("frozen-step", lambda a: frozen_step(a.rounds, a.timeout_ms),
+                "The scheduler step beside a frozen remote store against a healthy one: two "
+                "managers over two real servers, one frozen, stepping in turns; medians and ratio.")
+    s.add_argument("rounds", metavar="ROUNDS", nargs="?", type=positive, default=400)
+    s.add_argument("timeout_ms", metavar="TIMEOUT_MS", nargs="?", type=positive, default=50)
 
     s = command("remote-frozen", lambda a: remote_frozen(a.admissions, a.timeout_ms),
                 "Admissions beside a frozen remote store: a real server, SIGSTOPped; median and "
