@@ -12,6 +12,12 @@
 //!
 //! The exposed load time is `end_last - layers * c`: the part of the load the compute did not
 //! hide.
+//!
+//! Only host-memory copies overlap compute that way. Disk and remote records are read and
+//! verified in the background before the request is scheduled at all (see
+//! [`crate::tiers::fetch`]): the first layer starts once the slower of those two tiers has
+//! delivered everything (they read side by side), as the manager's own load-or-recompute choice
+//! ([`crate::tiers::LoadCost`]) counts it.
 
 use crate::error::{Error, Result};
 use crate::manager::Promotion;
@@ -83,28 +89,26 @@ impl OverlapModel {
         }
         let per_layer_compute =
             compute_tokens.max(1) as f64 / self.prefill_tokens_per_second / layers as f64;
-        let secs = |b: &[u64; 3]| -> f64 {
-            b.iter()
-                .zip(&self.bandwidth)
-                .map(|(&x, &bw)| x as f64 / bw)
-                .sum()
-        };
-        // Arrival times: sliding layers' reads first (in layer order), then full layers'.
-        let mut arrival = vec![0.0; layers];
-        // Every tier the load reads from starts after its latency; they run side by side.
-        let mut clock: f64 = (0..3)
-            .filter(|&k| load.per_layer.iter().any(|b| b[k] > 0))
-            .map(|k| self.latency[k])
+        // Disk and remote: everything, side by side, before the first layer runs.
+        let deep = (1..3)
+            .map(|k| self.transfer_seconds(k, load.per_layer.iter().map(|b| b[k]).sum()))
             .fold(0.0, f64::max);
+        // Host memory: sliding layers' copies first (in layer order), then full layers'.
+        let mut arrival = vec![0.0; layers];
+        let mut clock = if load.per_layer.iter().any(|b| b[0] > 0) {
+            self.latency[0]
+        } else {
+            0.0
+        };
         for pass in [true, false] {
             for i in 0..layers {
                 if load.sliding[i] == pass {
-                    clock += secs(&load.per_layer[i]);
+                    clock += load.per_layer[i][0] as f64 / self.bandwidth[0];
                     arrival[i] = clock;
                 }
             }
         }
-        let mut end: f64 = 0.0;
+        let mut end: f64 = deep;
         for &a in &arrival {
             end = end.max(a) + per_layer_compute;
         }
