@@ -52,6 +52,14 @@ def test_step_loop_runs_on_a_given_build(tmp_path):
     assert done.returncode != 0 and "not_core.so" in done.stderr
 
 
+def test_frozen_step_runs():
+    """Both managers step; the frozen one's loads fail or are declined, never hang."""
+    out = run("frozen-step", "6")
+    assert re.search(r"^healthy  server: 6 steps, median [\d.]+ ms", out, re.M), out
+    assert re.search(r"^frozen   server: 6 steps, median [\d.]+ ms", out, re.M), out
+    assert re.search(r"^frozen / healthy, medians: [\d.]+x", out, re.M), out
+
+
 def test_remote_frozen_runs():
     out = run("remote-frozen", "4")
     assert re.search(r"frozen server: 4 admissions, median [\d.]+ ms, max [\d.]+ ms", out), out
@@ -170,6 +178,7 @@ USAGE = {
     "code-lines": ["-1"],
     "simulate-ab": ["only-one.so"],
     "remote-frozen": ["4", "ms"],
+    "frozen-step": ["0"],
 }
 
 
