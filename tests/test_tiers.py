@@ -203,6 +203,58 @@ def test_remote_frozen_server_does_not_hold_the_steps(remote_server):
     assert e.serve(nxt) == resume(first), "served from the remote store again, bytes checked"
 
 
+def test_a_thread_waiting_for_kv_does_not_hold_the_manager(remote_server):
+    """One thread waits for a load held by a frozen server (up to its deadline); another
+    steps the manager meanwhile, and the load settles ready for the first."""
+    import signal
+    import threading
+    import time
+
+    e = Engine(remote_url=remote_server.url, remote_bytes=64 << 20, remote_timeout_ms=5000,
+               load_deadline_ms=3000)
+    for f in range(4):
+        e.serve(conversation(f, 3))
+    e.churn(range(100, 130))
+    nxt = conversation(0, 4)
+    assert e.m.match_prefix_tiers(nxt)["remote"] == resume(conversation(0, 3))
+    remote_server.signal(signal.SIGSTOP)
+    try:
+        assert e.m.admit(999, nxt) is None and e.m.waiting_for_kv(999)
+        ready = []
+        waiter = threading.Thread(target=lambda: ready.append(e.m.wait_for_kv(999)))
+        waiter.start()
+        time.sleep(0.05)
+        t = time.perf_counter()
+        e.m.step()                          # not behind the waiting thread
+        e.m.validate()
+        assert waiter.is_alive()
+        assert time.perf_counter() - t < 2.0  # a hang guard, not a timing target
+    finally:
+        remote_server.signal(signal.SIGCONT)
+    waiter.join(timeout=30)
+    assert ready == [True]
+    assert 999 in e.m.take_ready()
+    assert e.m.admit(999, nxt) is not None
+    e.m.validate()
+
+
+def test_load_settings_are_checked():
+    for kw in ({"load_policy": "sometimes"}, {"load_deadline_ms": -1},
+               {"prefill_tokens_per_second": 0}, {"prefill_tokens_per_second": float("nan")},
+               {"async_loads": "yes"}):
+        with pytest.raises(kvalloc.InvalidArgumentError):
+            kvalloc.KVCacheManager(spec(), 1 << 20, block_tokens=16, **kw)
+    m = kvalloc.KVCacheManager(spec(), 1 << 20, block_tokens=16)
+    with pytest.raises(kvalloc.InvalidArgumentError):
+        m.record_prefill(100, 0.0)
+    with pytest.raises(kvalloc.InvalidArgumentError):
+        m.wait_for_kv(1, timeout=-1)
+    m.record_prefill(1000, 0.5)
+    assert m.stats()["loads"]["prefill_tokens_per_second"] == 2000.0
+    assert not m.waiting_for_kv(1) and m.take_ready() == [] and m.wait_for_kv(1) is False
+    m.validate()
+
+
 def test_remote_tls_round_trip(remote_tls_server):
     s = remote_tls_server
     assert s.url.startswith("rediss://")

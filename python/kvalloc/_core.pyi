@@ -450,8 +450,9 @@ class KVCacheManager:
         """Requests whose KV finished loading (or whose load failed or passed its deadline)
         since the last call or step: admit them again."""
     def wait_for_kv(self, req_id: int, timeout: float | None = None) -> bool:
-        """Blocks (the GIL released) until the load the request waits on settles, or
-        ``timeout`` seconds pass (None: up to the load's deadline); True if it is ready."""
+        """Blocks (the GIL and the manager's lock released: other threads keep stepping)
+        until the load the request waits on settles, or ``timeout`` seconds pass (None: up to
+        the load's deadline); True if it is ready."""
     def record_prefill(self, tokens: int, seconds: float) -> None:
         """Reports that the engine computed ``tokens`` prompt tokens in ``seconds``: the
         prefill rate the load-or-recompute decision weighs loads against."""

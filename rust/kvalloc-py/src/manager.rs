@@ -655,8 +655,9 @@ impl PyKVCacheManager {
         py.detach(|| Ok(self.lock()?.take_ready()))
     }
 
-    /// Blocks (the GIL released) until the load the request waits on settles, or `timeout`
-    /// seconds pass (None: up to the load's deadline); True if it is then ready to admit.
+    /// Blocks (the GIL and the manager's lock released) until the load the request waits on
+    /// settles, or `timeout` seconds pass (None: up to the load's deadline); True if it is then
+    /// ready to admit.
     #[pyo3(signature = (req_id, timeout = None))]
     fn wait_for_kv(
         &self,
@@ -666,7 +667,16 @@ impl PyKVCacheManager {
     ) -> PyResult<bool> {
         let req = req_arg(req_id)?;
         let timeout = crate::tiers::timeout_arg(timeout)?;
-        py.detach(|| Ok(self.lock()?.wait_for_kv(req, timeout)))
+        py.detach(|| {
+            // Waits without the manager's lock: other threads keep stepping meanwhile.
+            let wait = self.lock()?.kv_wait(req);
+            if let Some(w) = wait {
+                w.wait(timeout);
+            }
+            let mut m = self.lock()?;
+            m.settle_loads();
+            Ok(m.kv_ready(req))
+        })
     }
 
     /// Reports that the engine computed `tokens` prompt tokens in `seconds`: the prefill rate

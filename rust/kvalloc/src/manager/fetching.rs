@@ -180,6 +180,37 @@ impl Drop for Fetching {
     }
 }
 
+/// A load to wait on outside the manager (see [`KVCacheManager::kv_wait`]): done when its
+/// copies and reads are, or at its deadline; the next `admit`, `step` or
+/// [`take_ready`](KVCacheManager::take_ready) then settles it.
+#[derive(Debug, Clone)]
+pub struct KvWait {
+    host: Option<Arc<LoadJob>>,
+    jobs: Vec<Arc<FetchJob>>,
+    deadline: Instant,
+}
+
+impl KvWait {
+    /// Blocks until the load is done or past its deadline, or `timeout` passes (None: up to
+    /// the deadline); true unless `timeout` ran out first.
+    pub fn wait(&self, timeout: Option<Duration>) -> bool {
+        let until = match timeout.and_then(|t| Instant::now().checked_add(t)) {
+            Some(d) => d.min(self.deadline),
+            None => self.deadline,
+        };
+        let left = || until.saturating_duration_since(Instant::now());
+        if let Some(h) = &self.host {
+            h.wait_all(Some(left()));
+        }
+        for j in &self.jobs {
+            j.wait(Some(left()));
+        }
+        Instant::now() >= self.deadline
+            || (self.host.as_ref().is_none_or(|h| h.is_done())
+                && self.jobs.iter().all(|j| j.is_done()))
+    }
+}
+
 /// What `start_fetch` is given: a promotion whose pages are allocated.
 pub(super) struct FetchPlan<'a> {
     pub(super) req: u64,
@@ -217,6 +248,12 @@ impl KVCacheManager {
         self.fetching.is_loading(req)
     }
 
+    /// Settles the loads that finished (or passed their deadline); the requests they make
+    /// ready stay listed for [`take_ready`](Self::take_ready) and the next step.
+    pub fn settle_loads(&mut self) {
+        self.poll_loads();
+    }
+
     /// Settles the loads that finished (or passed their deadline) and returns the requests
     /// that became ready since the last call, to be admitted again.
     pub fn take_ready(&mut self) -> Vec<u64> {
@@ -228,23 +265,29 @@ impl KVCacheManager {
     /// long as it takes); true if `req` is then ready. For engines that have nothing else to
     /// do, and tests.
     pub fn wait_for_kv(&mut self, req: u64, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
-        if let Some(Wait::Loading(id)) = self.fetching.waiting.get(&req) {
-            if let Some(l) = self.fetching.loads.iter().find(|l| l.id == *id) {
-                let until = match deadline {
-                    Some(d) => d.min(l.deadline),
-                    None => l.deadline,
-                };
-                let left = || until.saturating_duration_since(Instant::now());
-                if let Some(h) = &l.host {
-                    h.wait_all(Some(left()));
-                }
-                for j in l.jobs.iter().flatten() {
-                    j.wait(Some(left()));
-                }
-            }
+        if let Some(w) = self.kv_wait(req) {
+            w.wait(timeout);
         }
         self.poll_loads();
+        self.kv_ready(req)
+    }
+
+    /// What request `req`'s load is made of, to wait on without holding the manager (a
+    /// binding releases its lock meanwhile); None if it is not loading.
+    pub fn kv_wait(&self, req: u64) -> Option<KvWait> {
+        let Some(Wait::Loading(id)) = self.fetching.waiting.get(&req) else {
+            return None;
+        };
+        let l = self.fetching.loads.iter().find(|l| l.id == *id)?;
+        Some(KvWait {
+            host: l.host.clone(),
+            jobs: l.jobs.iter().flatten().cloned().collect(),
+            deadline: l.deadline,
+        })
+    }
+
+    /// Whether `req` is ready to be admitted again (its load settled).
+    pub fn kv_ready(&self, req: u64) -> bool {
         matches!(self.fetching.waiting.get(&req), Some(Wait::Ready { .. }))
     }
 

@@ -68,7 +68,7 @@ mod written;
 
 pub use api::{Admission, Decode, Extension, Prompt, Step, StepOutcome};
 pub use config::{LoadPolicy, ManagerConfig, Policy};
-pub use fetching::LoadStats;
+pub use fetching::{KvWait, LoadStats};
 pub use retention::{Retention, MAX_PRIORITY};
 pub use stats::{CheckpointKindStats, GroupStats, ManagerStats, TierStats};
 pub use tiering::{BlockResidency, Promotion, TierHits};
