@@ -440,9 +440,12 @@ def test_a_load_slower_than_its_deadline_recomputes_bit_exact(model: TinyHybridM
     assert engine.fired and loads["timed_out"] > 0, loads
 
 
-def test_torn_disk_records_recompute_bit_exact(model: TinyHybridModel, tmp_path: Path) -> None:
-    """Every record on disk is damaged after a restart: the background reads fail their
-    checks, the requests compute instead, every logit matches."""
+def served_then_restarted(
+    model: TinyHybridModel, tmp_path: Path, tear: bool
+) -> tuple[list[Conversation], kvalloc.KVCacheManager, Engine]:
+    """Conversations served once and flushed to disk (every record damaged if ``tear``), then
+    a restarted manager (host memory and a disk tier on the same directory) and its engine,
+    with one more turn per conversation to serve: its hits must come from disk."""
     def manager() -> kvalloc.KVCacheManager:
         return kvalloc.KVCacheManager(
             model.spec, DEVICE, block_tokens=B, host_bytes=256 << 10, disk_dir=str(tmp_path), disk_bytes=16 << 20
@@ -456,13 +459,20 @@ def test_torn_disk_records_recompute_bit_exact(model: TinyHybridModel, tmp_path:
     gc.collect()
     records = sorted(tmp_path.rglob("*.kvb"))
     assert records
-    for i, f in enumerate(records):
-        data = bytearray(f.read_bytes())
-        data[len(data) // 2 + i % 7] ^= 0x5A  # a torn or rotten payload
-        f.write_bytes(bytes(data))
+    if tear:
+        for i, f in enumerate(records):
+            data = bytearray(f.read_bytes())
+            data[len(data) // 2 + i % 7] ^= 0x5A  # a torn or rotten payload
+            f.write_bytes(bytes(data))
     m = manager()
     more_turns(convs, 1)
-    engine = Engine(model, m, validate=True, max_running=1, prefill_chunk=20)
+    return convs, m, Engine(model, m, validate=True, max_running=1, prefill_chunk=20)
+
+
+def test_torn_disk_records_recompute_bit_exact(model: TinyHybridModel, tmp_path: Path) -> None:
+    """Every record on disk is damaged after a restart: the background reads fail their
+    checks, the requests compute instead, every logit matches."""
+    convs, m, engine = served_then_restarted(model, tmp_path, tear=True)
     serve_and_check(model, m, convs, engine)
     loads = m.stats()["loads"]
     assert loads["started"] > 0 and loads["failed"] > 0 and loads["verified"] == 0, loads
@@ -471,20 +481,7 @@ def test_torn_disk_records_recompute_bit_exact(model: TinyHybridModel, tmp_path:
 
 def test_background_disk_loads_serve_bit_exact(model: TinyHybridModel, tmp_path: Path) -> None:
     """The same without damage: the requests wait for their KV, then resume from disk."""
-    def manager() -> kvalloc.KVCacheManager:
-        return kvalloc.KVCacheManager(
-            model.spec, DEVICE, block_tokens=B, host_bytes=256 << 10, disk_dir=str(tmp_path), disk_bytes=16 << 20
-        )
-
-    first = manager()
-    convs = conversations(3, 2)
-    serve_and_check(model, first, convs, max_running=1, prefill_chunk=20)
-    first.flush()
-    del first
-    gc.collect()
-    m = manager()
-    more_turns(convs, 1)
-    engine = Engine(model, m, validate=True, max_running=1, prefill_chunk=20)
+    convs, m, engine = served_then_restarted(model, tmp_path, tear=False)
     serve_and_check(model, m, convs, engine)
     loads = m.stats()["loads"]
     assert loads["verified"] > 0 and loads["failed"] == loads["timed_out"] == 0, loads

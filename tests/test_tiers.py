@@ -109,6 +109,27 @@ def test_remote_round_trip(remote_server):
     assert st["real"] and st["promoted_tokens"] > 0 and st["store"]["puts"] > 0
 
 
+def step_admissions(e: Engine, ids: range, turns: int, families: int | None = None) -> None:
+    """Admits one conversation per id through ``step`` (family ``id % families``, or the id;
+    finishing each that got in): no exception reaches the engine whatever the store does."""
+    for f in ids:
+        out = e.m.step(admit=[(10_000 + f, conversation(f % families if families else f, turns))])
+        assert len(out[0]) == 1
+        if out[0][0] >= 0:
+            e.m.finish(10_000 + f)
+
+
+def assert_service_resumes(e: Engine, family: int) -> None:
+    """Past the reconnect back-off, a conversation pushed down to the store resumes from it."""
+    import time
+
+    time.sleep(0.3)
+    first = conversation(family, 3)
+    e.serve(first)
+    e.churn(range(40, 60))
+    assert e.serve(conversation(family, 4)) == resume(first), "service resumes with the store back"
+
+
 def test_remote_cluster_round_trip_and_a_killed_primary(remote_cluster):
     """A ``redis+cluster://`` URL: records spread over three primaries; one killed mid-run is
     misses (every hit's bytes still checked), and once restarted the tier serves again."""
@@ -123,22 +144,12 @@ def test_remote_cluster_round_trip_and_a_killed_primary(remote_cluster):
     assert hits["remote"] == resume(first) > hits["device"], hits
     assert e.serve(nxt) == resume(first)
     remote_cluster.kill(1)
-    for f in range(30, 60):
-        out = e.m.step(admit=[(10_000 + f, conversation(f % 12, 3))])
-        assert len(out[0]) == 1
-        if out[0][0] >= 0:
-            e.m.finish(10_000 + f)
+    step_admissions(e, range(30, 60), 3, families=12)
     e.m.validate()
     st = e.m.stats()["tiers"]["remote"]
     assert st["store"]["unavailable"] > 0, st
     remote_cluster.start()
-    import time
-
-    time.sleep(0.3)  # past the reconnect back-off
-    again = conversation(99, 3)
-    e.serve(again)
-    e.churn(range(40, 60))
-    assert e.serve(conversation(99, 4)) == resume(again), "service resumes with the node back"
+    assert_service_resumes(e, 99)
 
 
 @pytest.mark.parametrize("end", ["stop", "kill"])
@@ -146,23 +157,12 @@ def test_remote_killed_mid_run_then_back(remote_server, end):
     e = Engine(remote_url=remote_server.url, remote_bytes=64 << 20)
     e.churn(range(0, 10))
     getattr(remote_server, end)()  # SIGTERM, or SIGKILL
-    # No exception reaches the engine's step; evictions that cannot be written are counted.
-    for f in range(10, 30):
-        out = e.m.step(admit=[(10_000 + f, conversation(f, 2))])
-        assert len(out[0]) == 1
-        if out[0][0] >= 0:
-            e.m.finish(10_000 + f)
+    step_admissions(e, range(10, 30), 2)  # evictions that cannot be written are counted
     st = e.m.stats()["tiers"]["remote"]
     assert st["store"]["unavailable"] > 0 or st["write_failures"] > 0
     e.m.validate()
     remote_server.start()
-    import time
-
-    time.sleep(0.3)  # past the reconnect back-off
-    first = conversation(99, 3)
-    e.serve(first)
-    e.churn(range(40, 60))
-    assert e.serve(conversation(99, 4)) == resume(first), "service resumes once the store is back"
+    assert_service_resumes(e, 99)
 
 
 def test_remote_frozen_server_does_not_hold_the_steps(remote_server):

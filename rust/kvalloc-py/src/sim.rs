@@ -201,6 +201,23 @@ impl LoadArgs<'_, '_> {
 
 /// Settings shared by `run` and `budget_to_match`. `lower` holds the host, disk and remote
 /// budgets (None: no such tier); `service` the prefill and decode rates (None: the defaults).
+/// The settings `run` and `run_fleet` share: the policy's name (default "swa-aware") and the
+/// replay's configuration with its budgets, service rates and load settings.
+fn replay_config<'py>(
+    policy: Option<&Bound<'py, PyAny>>,
+    eviction: Option<&Bound<'py, PyAny>>,
+    device_bytes: &Bound<'py, PyAny>,
+    budgets: [Option<&Bound<'py, PyAny>>; 3],
+    rates: [Option<&Bound<'py, PyAny>>; 2],
+    loads: LoadArgs<'_, 'py>,
+) -> PyResult<(String, RunConfig)> {
+    let policy = opt_text(policy, "policy")?.unwrap_or_else(|| "swa-aware".into());
+    let eviction = opt_text(eviction, "eviction")?.unwrap_or_else(|| "lru".into());
+    let mut cfg = run_config(&policy, &eviction, device_bytes, budgets, rates)?;
+    loads.apply(&mut cfg)?;
+    Ok((policy, cfg))
+}
+
 fn run_config(
     policy: &str,
     eviction: &str,
@@ -448,21 +465,18 @@ impl PySimulator {
         load_policy: Option<&Bound<'py, PyAny>>,
         progress: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let policy = opt_text(policy, "policy")?.unwrap_or_else(|| "swa-aware".into());
-        let eviction = opt_text(eviction, "eviction")?.unwrap_or_else(|| "lru".into());
-        let loads = LoadArgs {
-            gbps: [host_gbps, disk_gbps, remote_gbps],
-            latency_ms: [disk_latency_ms, remote_latency_ms],
-            policy: opt_text(load_policy, "load_policy")?,
-        };
-        let mut cfg = run_config(
-            &policy,
-            &eviction,
+        let (policy, cfg) = replay_config(
+            policy,
+            eviction,
             device_bytes,
             [host_bytes, disk_bytes, remote_bytes],
             [prefill_tokens_per_s, decode_tokens_per_s],
+            LoadArgs {
+                gbps: [host_gbps, disk_gbps, remote_gbps],
+                latency_ms: [disk_latency_ms, remote_latency_ms],
+                policy: opt_text(load_policy, "load_policy")?,
+            },
         )?;
-        loads.apply(&mut cfg)?;
         let progress = opt_callable(progress, "progress")?;
         let r = with_progress(py, progress, |p| self.inner.run(&cfg, &policy, p))?;
         report_dict(py, &r)
@@ -497,21 +511,18 @@ impl PySimulator {
         overlap_weight: Option<&Bound<'py, PyAny>>,
         progress: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyDict>> {
-        let policy = opt_text(policy, "policy")?.unwrap_or_else(|| "swa-aware".into());
-        let eviction = opt_text(eviction, "eviction")?.unwrap_or_else(|| "lru".into());
-        let loads = LoadArgs {
-            gbps: [host_gbps, disk_gbps, remote_gbps],
-            latency_ms: [disk_latency_ms, remote_latency_ms],
-            policy: opt_text(load_policy, "load_policy")?,
-        };
-        let mut cfg = run_config(
-            &policy,
-            &eviction,
+        let (policy, cfg) = replay_config(
+            policy,
+            eviction,
             device_bytes,
             [host_bytes, disk_bytes, remote_bytes],
             [prefill_tokens_per_s, decode_tokens_per_s],
+            LoadArgs {
+                gbps: [host_gbps, disk_gbps, remote_gbps],
+                latency_ms: [disk_latency_ms, remote_latency_ms],
+                policy: opt_text(load_policy, "load_policy")?,
+            },
         )?;
-        loads.apply(&mut cfg)?;
         let n = non_negative(instances, "instances")?;
         let router = RouterKind::parse(&text(router, "router")?).py()?;
         let mut fleet = FleetConfig::new(u32::try_from(n).unwrap_or(u32::MAX), router);

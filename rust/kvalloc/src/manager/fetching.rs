@@ -292,6 +292,7 @@ impl KVCacheManager {
     }
 
     /// [`take_ready`](Self::take_ready) into `out` (a step's outcome).
+    #[inline(always)]
     pub(super) fn take_ready_into(&mut self, out: &mut Vec<u64>) {
         if !self.fetching.ready.is_empty() {
             out.append(&mut self.fetching.ready);
@@ -515,11 +516,18 @@ impl KVCacheManager {
         self.wait_on(plan.req, id);
     }
 
-    /// Settles every load whose reads are done or whose deadline passed.
+    /// Settles every load whose reads are done or whose deadline passed. Inline: every step
+    /// calls it, and nearly always no load is in flight.
+    #[inline(always)]
     pub(super) fn poll_loads(&mut self) {
-        if self.fetching.loads.is_empty() {
-            return;
+        if !self.fetching.loads.is_empty() {
+            self.settle_finished();
         }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn settle_finished(&mut self) {
         let now = Instant::now();
         let mut i = 0;
         while i < self.fetching.loads.len() {
